@@ -1,0 +1,3 @@
+from perfusion.cli import entry
+
+entry()

@@ -1,0 +1,127 @@
+"""The ``perfusion`` command line: thin typer commands; the one place errors become exit codes.
+
+Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch),
+4 bad input, 5 output or disk.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import EXIT_INTERNAL, PerfusionError
+
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), "
+    "4 bad input, 5 output or disk."
+)
+
+app = typer.Typer(
+    name="perfusion",
+    help="DSC-MRI perfusion maps and lesion scoring. For research and decision support only; "
+         "not a medical device and not a diagnosis.\n\n" + EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
+)
+
+
+def _guard(fn):
+    """Turn every failure of a command into one line on stderr and an exit code, never a traceback
+    (tracebacks can carry patient data in local variables)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except PerfusionError as exc:
+            typer.echo(f"perfusion: error: {exc}", err=True)
+            raise typer.Exit(code=exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("perfusion: interrupted; the output folder was left as it was", err=True)
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
+        except Exception as exc:  # a bug
+            typer.echo(f"perfusion: internal error ({type(exc).__name__}: {exc}); "
+                       "please report it with the command you ran", err=True)
+            raise typer.Exit(code=EXIT_INTERNAL) from None
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def analyze(
+    dsc: Annotated[Path, typer.Argument(help="4-D DSC series (.nii or .nii.gz); TE/TR from its BIDS sidecar.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")],
+    mask: Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")] = None,
+    aif: Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")] = "auto",
+    reference: Annotated[Optional[Path], typer.Option(help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")] = None,
+    roi: Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")] = None,
+    method: Annotated[str, typer.Option(help="Deconvolution: osvd (default), csvd or ssvd.")] = "osvd",
+    threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
+    oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
+    leakage: Annotated[str, typer.Option(help="Leakage correction: none (the only choice in this version).")] = "none",
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s (overrides the sidecar).")] = None,
+    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s (overrides sidecar and header).")] = None,
+    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
+    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
+    aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by the automatic AIF.")] = 10,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
+    from .commands import run_analyze
+
+    run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
+                threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
+                rcbv_high=rcbv_high, aif_voxels=aif_voxels, force=force, quiet=quiet)
+
+
+@app.command()
+@_guard
+def phantom(
+    out: Annotated[Path, typer.Argument(help="Output folder for the phantom case.")],
+    snr: Annotated[float, typer.Option(help="Baseline signal-to-noise ratio (S0 / noise SD).")] = 150.0,
+    seed: Annotated[int, typer.Option(help="Random seed of the noise.")] = 0,
+    tr: Annotated[float, typer.Option(help="Repetition time in s (a multiple of 0.01).")] = 1.5,
+    te: Annotated[float, typer.Option(help="Echo time in s.")] = 0.025,
+    frames: Annotated[int, typer.Option(help="Number of frames.")] = 80,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
+) -> None:
+    """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
+    from .commands import run_phantom
+
+    run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, force=force)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from . import __version__
+
+    typer.echo(f"perfusion {__version__}")
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the command line with ``args`` (default: sys.argv[1:]) and return the exit code."""
+    try:
+        app(args=args, prog_name="perfusion")
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

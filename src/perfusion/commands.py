@@ -1,0 +1,124 @@
+"""Plain functions behind the CLI commands: they take typed values, raise PerfusionError and print
+only through ``rich`` when not quiet. Tests call them directly or through the CLI."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .errors import InputError, OutputError, UsageError
+
+
+def _console():
+    import sys
+
+    from rich.console import Console
+
+    # rich wraps at 80 columns when stdout is not a terminal; logs read better unwrapped
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+
+
+def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
+                te: float | None, tr: float | None):
+    """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings."""
+    from .io import load_mask, load_series, stem
+    from .pipeline import Inputs
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        series = load_series(dsc, te=te, tr=tr)
+    paths: dict[str, Path] = {"dsc": Path(dsc)}
+    brain = load_mask(mask, series, what="brain mask") if mask else None
+    if mask:
+        paths["brain"] = Path(mask)
+    aif_mask = None
+    if aif != "auto":
+        aif_mask = load_mask(Path(aif), series, what="AIF mask")
+        paths["aif"] = Path(aif)
+    ref = load_mask(reference, series, what="reference mask") if reference else None
+    if reference:
+        paths["reference"] = Path(reference)
+    roi_masks = {}
+    for p in rois:
+        name = stem(p)
+        if name in roi_masks:
+            raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
+        roi_masks[name] = load_mask(p, series, what="ROI")
+        paths[f"roi:{name}"] = Path(p)
+    inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, rois=roi_masks, paths=paths)
+    return inputs, [str(w.message) for w in caught]
+
+
+def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
+                rois: list[Path] = (), method: str = "osvd", threshold: float | None = None,
+                oi_target: float | None = None, leakage: str = "none", te: float | None = None,
+                tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
+                force: bool = False, quiet: bool = False):
+    """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
+    from .io import check_output_folder, staged_output
+    from .pipeline import Config, analyze, write_result
+
+    config = Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
+                    rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
+    out = Path(out)
+    check_output_folder(out, force=force)
+    dsc_dir = Path(dsc).resolve().parent
+    if out.resolve() == dsc_dir:
+        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = analyze(inputs, config)
+    result.warnings.extend(load_warnings + [str(w.message) for w in caught])
+    with staged_output(out, force=force) as stage:
+        write_result(result, inputs, stage)
+    if not quiet:
+        print_summary(result, out)
+    return result
+
+
+def print_summary(result, out: Path) -> None:
+    from rich.table import Table
+
+    from . import DISCLAIMER
+    from .report import VERDICT_LABEL
+
+    con = _console()
+    ref = result.reference_info
+    con.print(f"AIF: {result.aif_info['n_voxels']} voxels ({result.aif_info['source']}), "
+              f"peak {result.aif_info['peak_delta_r2s_per_s']:.1f} 1/s at {result.aif_info['peak_time_s']:.1f} s")
+    con.print(f"Reference: {ref['n_voxels']} voxels, median CBV {ref['cbv_median']:.2f} mL/100 g ({ref['source']})")
+    if result.rois:
+        table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
+        for col in ("ROI", "voxels", "volume mL", "median rCBV", "FTB low / mid / high", "verdict"):
+            table.add_column(col, no_wrap=True)
+        for r in result.rois:
+            table.add_row(r.name, str(r.n_voxels), f"{r.volume_ml:.2f}", f"{r.rcbv_median:.2f}",
+                          f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}", VERDICT_LABEL[r.verdict])
+        con.print(table)
+        for r in result.rois:
+            con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}). {r.next_step}")
+    else:
+        con.print("No --roi given: maps only, no verdict.")
+    for w in result.warnings:
+        con.print(f"warning: {w}")
+    con.print(f"Maps and report.json written to {out}")
+    con.print(DISCLAIMER)
+
+
+def run_phantom(*, out: Path, snr: float = 150.0, seed: int = 0, tr: float = 1.5, te: float = 0.025,
+                frames: int = 80, force: bool = False, quiet: bool = False) -> dict:
+    from .io import staged_output
+    from .phantom import PhantomSpec, make_phantom, write_phantom
+
+    if snr <= 0 or frames < 30 or tr <= 0 or te <= 0:
+        raise UsageError("phantom: need --snr > 0, --frames >= 30, --tr > 0 and --te > 0")
+    try:
+        ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames))
+    except ValueError as exc:
+        raise UsageError(f"phantom: {exc}") from None
+    with staged_output(Path(out), force=force) as stage:
+        paths = write_phantom(ph, stage)
+    if not quiet:
+        _console().print(f"Phantom written to {out} (series {paths['dsc'].name}, truth.json, masks, truth/)")
+    return {k: Path(out) / v.relative_to(stage) for k, v in paths.items()}

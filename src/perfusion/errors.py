@@ -1,0 +1,38 @@
+"""Errors that the command line turns into exit codes.
+
+Exit codes (documented in the README and ``perfusion --help``):
+0 ok, 1 internal error (a bug), 2 usage, 3 partial (batch), 4 bad input, 5 output or disk.
+Library code raises these; only ``cli.py`` exits.
+"""
+
+
+class PerfusionError(Exception):
+    """Base class: a problem the user can fix. The message is one line naming the file and the fix."""
+
+    exit_code = 1
+
+
+class UsageError(PerfusionError):
+    """Options that do not fit together."""
+
+    exit_code = 2
+
+
+class InputError(PerfusionError):
+    """An input file that cannot be used as it is."""
+
+    exit_code = 4
+
+
+class OutputError(PerfusionError):
+    """The output folder cannot be written."""
+
+    exit_code = 5
+
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_PARTIAL = 3
+EXIT_INPUT = 4
+EXIT_OUTPUT = 5

@@ -1,0 +1,337 @@
+"""Files in and out: the only module that touches nibabel (and, later, SimpleITK).
+
+Units are fixed here and nowhere else: TE and TR leave this module in seconds whatever the
+file said, and every map written carries a JSON sidecar with its ``Units``.
+Arrays are ``(x, y, z, t)``, time last, as nibabel returns them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import InputError, OutputError
+from .units import MAX_TE_S, MAX_TR_S, NIFTI_TIME_UNIT_TO_S
+
+#: Fewest frames a DSC series may have: a baseline of a few frames, the bolus and its tail.
+MIN_FRAMES = 15
+
+#: Affines of masks and series must agree to this (mm), element-wise, after float32 storage.
+AFFINE_ATOL_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Series:
+    """A DSC series with its timing. ``data`` is signal (a.u.), float32, shape (x, y, z, t)."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    path: Path
+    te: float  # s
+    tr: float  # s
+    te_source: str
+    tr_source: str
+    sidecar_path: Path | None = None
+    sidecar: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape3d(self) -> tuple[int, int, int]:
+        return tuple(self.data.shape[:3])  # type: ignore[return-value]
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.data.shape[3])
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Voxel volume in mL (the affine's determinant is in mm^3)."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+
+def _nib():
+    import nibabel
+
+    return nibabel
+
+
+def sidecar_path_for(path: Path) -> Path:
+    """The BIDS JSON sidecar next to a .nii or .nii.gz file."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    return path.with_suffix(".json")
+
+
+def stem(path: Path) -> str:
+    """File name without .nii / .nii.gz: the name of an ROI."""
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _load_image(path: Path, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found; check the path")
+    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+        raise InputError(f"{path}: {what} must be a NIfTI file (.nii or .nii.gz)")
+    nib = _nib()
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj)
+    except Exception as exc:  # nibabel raises many types for broken files
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"{path}: not a readable NIfTI file ({reason}); re-export the {what} as .nii or .nii.gz"
+        ) from None
+    return img, data
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: sidecar is not valid JSON ({exc}); fix or remove it") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: sidecar must hold a JSON object; fix or remove it")
+    return obj
+
+
+def _check_time(value: Any, *, name: str, flag: str, limit: float, source: str, path: Path) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: {name} {value!r} from {source} is not a number; pass {flag} SECONDS") from None
+    if not np.isfinite(value) or value <= 0:
+        raise InputError(f"{path}: {name} {value} from {source} must be positive; pass {flag} SECONDS")
+    if value > limit:
+        raise InputError(
+            f"{path}: {name} {value} from {source} looks like milliseconds; "
+            f"give seconds (e.g. {flag} {value / 1000:g})"
+        )
+    return value
+
+
+def load_series(path: Path, *, te: float | None = None, tr: float | None = None) -> Series:
+    """Load a 4-D DSC NIfTI and its timing in seconds.
+
+    TE: ``te`` if given, else the sidecar's ``EchoTime`` (s). TR: ``tr`` if given, else the
+    sidecar's ``RepetitionTime`` (s), else the header's 4th pixdim converted from its time unit.
+    """
+    path = Path(path)
+    img, raw = _load_image(path, "DSC series")
+    if raw.ndim == 5 and raw.shape[3] == 1:
+        raw = raw[:, :, :, 0, :]
+    if raw.ndim != 4:
+        raise InputError(f"{path}: DSC series must be 4-D (x, y, z, time), got shape {raw.shape}; give the dynamic series")
+    if raw.shape[3] < MIN_FRAMES:
+        raise InputError(
+            f"{path}: only {raw.shape[3]} frames; a DSC series needs at least {MIN_FRAMES} (baseline, bolus, tail)"
+        )
+    try:
+        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(raw.shape)
+    except Exception as exc:
+        raise InputError(f"{path}: cannot read the image data ({exc}); the file may be truncated") from None
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{path}: contains NaN or Inf values; re-export the series without them")
+
+    sc_path = sidecar_path_for(path)
+    sidecar = _read_sidecar(sc_path) if sc_path.is_file() else {}
+    sc_name = f"sidecar {sc_path.name}"
+
+    if te is not None:
+        te_s = _check_time(te, name="TE", flag="--te", limit=MAX_TE_S, source="--te", path=path)
+        te_source = "option --te"
+    elif "EchoTime" in sidecar:
+        te_s = _check_time(sidecar["EchoTime"], name="EchoTime", flag="--te", limit=MAX_TE_S, source=sc_name, path=path)
+        te_source = f"{sc_name} EchoTime"
+    else:
+        where = f"no EchoTime in {sc_path}" if sidecar else f"no sidecar {sc_path.name}"
+        raise InputError(f"{path}: echo time unknown ({where}); pass --te SECONDS (e.g. --te 0.03)")
+
+    header_tr = _header_tr(img)
+    if tr is not None:
+        tr_s = _check_time(tr, name="TR", flag="--tr", limit=MAX_TR_S, source="--tr", path=path)
+        tr_source = "option --tr"
+    elif "RepetitionTime" in sidecar:
+        tr_s = _check_time(sidecar["RepetitionTime"], name="RepetitionTime", flag="--tr", limit=MAX_TR_S, source=sc_name, path=path)
+        tr_source = f"{sc_name} RepetitionTime"
+    elif header_tr is not None:
+        tr_s = _check_time(header_tr, name="TR", flag="--tr", limit=MAX_TR_S, source="NIfTI header", path=path)
+        tr_source = "NIfTI header pixdim[4]"
+    else:
+        raise InputError(
+            f"{path}: repetition time unknown (no RepetitionTime in a sidecar and no time unit in the header); "
+            "pass --tr SECONDS"
+        )
+    if header_tr is not None and tr_source != "NIfTI header pixdim[4]" and abs(header_tr - tr_s) > 0.01 * tr_s:
+        warnings.warn(
+            f"{path}: header TR {header_tr:g} s differs from the TR used ({tr_s:g} s, {tr_source})",
+            stacklevel=2,
+        )
+    return Series(
+        data=data,
+        affine=np.asarray(img.affine, dtype=np.float64),
+        path=path,
+        te=te_s,
+        tr=tr_s,
+        te_source=te_source,
+        tr_source=tr_source,
+        sidecar_path=sc_path if sidecar else None,
+        sidecar=sidecar,
+    )
+
+
+def _header_tr(img) -> float | None:
+    """TR in s from the header, or None where pixdim[4] or its unit is not set."""
+    zooms = img.header.get_zooms()
+    if len(zooms) < 4 or not zooms[3] or zooms[3] <= 0:
+        return None
+    _, time_unit = img.header.get_xyzt_units()
+    factor = NIFTI_TIME_UNIT_TO_S.get(time_unit)
+    if factor is None:
+        return None
+    return float(zooms[3]) * factor
+
+
+def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
+    """Load a 3-D mask on the grid of ``like``; non-zero voxels are in. Returns bool (x, y, z)."""
+    path = Path(path)
+    img, raw = _load_image(path, what)
+    data = np.asarray(raw)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.shape != like.shape3d:
+        raise InputError(
+            f"{path}: {what} shape {data.shape} differs from the DSC series {like.path.name} {like.shape3d}; "
+            "resample the mask onto the DSC grid"
+        )
+    if not np.allclose(img.affine, like.affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
+        raise InputError(
+            f"{path}: {what} affine differs from the DSC series {like.path.name}; "
+            "resample the mask onto the DSC grid"
+        )
+    mask = np.isfinite(data) & (data != 0)
+    if not mask.any():
+        raise InputError(f"{path}: {what} is empty (no non-zero voxel); give a mask with at least one voxel")
+    return mask
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, description: str = "", tr: float | None = None,
+                dtype=np.float32) -> None:
+    """Write a NIfTI-1 file; spatial unit mm, time unit s (``tr`` in s for 4-D data)."""
+    nib = _nib()
+    arr = np.asarray(data)
+    img = nib.Nifti1Image(arr.astype(dtype, copy=False), affine)
+    img.header.set_xyzt_units("mm", "sec")
+    if tr is not None and arr.ndim == 4:
+        zooms = list(img.header.get_zooms())
+        zooms[3] = tr
+        img.header.set_zooms(zooms)
+    img.header["descrip"] = description[:79].encode("ascii", "replace")
+    img.set_sform(affine, code=1)
+    img.set_qform(affine, code=1)
+    nib.save(img, str(path))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, units: str, description: str,
+              parameters: dict[str, Any] | None = None, dtype=np.float32) -> Path:
+    """Write ``name``.nii.gz and its JSON sidecar (``Units``, ``Description``, the parameters)."""
+    folder = Path(folder)
+    out = folder / f"{name}.nii.gz"
+    write_nifti(out, data, affine, description=f"{name} [{units}]", dtype=dtype)
+    sidecar = {"Units": units, "Description": description}
+    if parameters:
+        sidecar["Parameters"] = parameters
+    write_json(folder / f"{name}.json", sidecar)
+    return out
+
+
+def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:
+    names = list(columns)
+    rows = zip(*(np.asarray(columns[n]) for n in names))
+    lines = ["\t".join(names)] + ["\t".join(f"{v:.6g}" for v in row) for row in rows]
+    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def check_output_folder(out: Path, *, force: bool) -> None:
+    """Refuse a non-empty output folder without ``force``, and a path that is not a folder."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"{out}: folder is not empty; pass --force to write into it or choose another --out")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a private staging folder; on success move its files into ``out``, on failure remove it.
+
+    A run that fails leaves ``out`` as it was. Each file lands by an atomic rename.
+    """
+    out = Path(out)
+    check_output_folder(out, force=force)
+    parent = out if out.is_dir() else out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(stage, 0o777 & ~mask)  # mkdtemp makes 0700; the results follow the user's umask
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot write here ({exc.strerror}); choose another --out") from None
+    try:
+        yield stage
+        if not out.exists():
+            os.rename(stage, out)
+        else:
+            for item in stage.iterdir():
+                target = out / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+            stage.rmdir()
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise OutputError(f"{out}: writing the results failed ({exc.strerror or exc}); check free space and permissions") from None
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise

@@ -1,0 +1,53 @@
+"""report.json and the terminal summary, built from a Result. No numerics here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from . import DISCLAIMER, __version__
+from .io import sha256
+from .roi import NEXT_STEP, THRESHOLD_SOURCE
+
+if TYPE_CHECKING:
+    from .pipeline import Inputs, Result
+
+
+def build_report(result: "Result", inputs: "Inputs") -> dict:
+    s = inputs.series
+    hashed = {str(p): sha256(p) for p in inputs.paths.values() if p is not None}
+    if s.sidecar_path is not None:
+        hashed[str(s.sidecar_path)] = sha256(s.sidecar_path)
+    cfg = result.config
+    return {
+        "software": {"name": "perfusion", "version": __version__},
+        "disclaimer": DISCLAIMER,
+        "inputs": hashed,
+        "acquisition": {
+            "te": s.te, "te_units": "s", "te_source": s.te_source,
+            "tr": s.tr, "tr_units": "s", "tr_source": s.tr_source,
+            "n_frames": s.n_frames, "n_frames_source": "NIfTI header dim[4]",
+            "shape": list(s.data.shape), "voxel_volume_ml": s.voxel_volume_ml,
+            "flip_angle_deg": s.sidecar.get("FlipAngle"),
+            "field_strength_t": s.sidecar.get("MagneticFieldStrength"),
+        },
+        "parameters": cfg.as_dict(),
+        "baseline": result.baseline.as_dict(s.tr),
+        "brain": {"n_voxels": int(result.brain.sum()),
+                  "source": str(inputs.paths["brain"]) if "brain" in inputs.paths else "automatic"},
+        "aif": {**result.aif_info},
+        "reference": {**result.reference_info},
+        "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE},
+        "rois": [score.as_dict() for score in result.rois],
+        "next_steps": NEXT_STEP,
+        "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
+                  "volume_ml": "mL", "time": "s"},
+        "warnings": list(result.warnings),
+        "seconds": result.seconds,
+    }
+
+
+VERDICT_LABEL = {
+    "likely_recurrence": "likely recurrence",
+    "likely_treatment_effect": "likely treatment effect",
+    "indeterminate": "indeterminate",
+}

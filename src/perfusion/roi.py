@@ -1,0 +1,145 @@
+"""Reference tissue, rCBV and per-ROI scores with their verdict rules and sources."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import ndimage
+
+#: rCBV thresholds of the verdict and of the fractional tumour burden (FTB) classes: below LOW
+#: treatment effect is likely, above HIGH recurrence is likely, in between indeterminate.
+RCBV_LOW = 1.0
+RCBV_HIGH = 1.75
+THRESHOLD_SOURCE = (
+    "rCBV thresholds 1.0 and 1.75 (normalised to normal-appearing white matter) as used for fractional "
+    "tumour burden by Hu et al. 2012, Neuro-Oncology 14:919 (doi:10.1093/neuonc/nos112) and Iv et al. 2019, "
+    "AJNR 40:1649; published cut-offs range from about 0.7 to 2.6 across protocols and software"
+)
+
+VERDICTS = ("likely_recurrence", "likely_treatment_effect", "indeterminate")
+
+NEXT_STEP = {
+    "likely_recurrence": "High blood volume favours tumour recurrence: refer to neuro-oncology / tumour board.",
+    "likely_treatment_effect": (
+        "Low blood volume favours treatment effect (pseudoprogression or radiation necrosis): "
+        "short-interval follow-up MRI in 6-8 weeks."
+    ),
+    "indeterminate": (
+        "Equivocal blood volume: consider MR spectroscopy or FDG-PET, biopsy if the stakes are high; "
+        "compare with prior scans."
+    ),
+}
+
+#: ROIs with fewer valid voxels than this get a warning: a median over a handful of voxels is noise.
+MIN_ROI_VOXELS = 10
+
+
+def _neighbour_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Median over the 8 in-plane neighbours of each voxel, the voxel itself left out; NaN where any
+    neighbour is invalid."""
+    v = np.where(valid, values, np.nan)
+    padded = np.pad(v, ((1, 1), (1, 1), (0, 0)), constant_values=np.nan)
+    nx, ny = v.shape[:2]
+    stack = [padded[1 + dx: 1 + dx + nx, 1 + dy: 1 + dy + ny, :]
+             for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)]
+    stack = np.stack(stack, axis=0)
+    out = np.median(stack, axis=0)  # NaN where any neighbour is NaN
+    return out
+
+
+def auto_reference(cbv: np.ndarray, brain: np.ndarray, exclude: np.ndarray, *, band=(10.0, 40.0)) -> np.ndarray:
+    """Automatic reference tissue (a normal-appearing white-matter proxy), bool (x, y, z).
+
+    Candidates: brain voxels (mask eroded by one voxel in-plane), at least 2 voxels from ``exclude``
+    (ROIs, arterial voxels), with a positive CBV. Each candidate's in-plane 8-neighbour median CBV,
+    which leaves the voxel itself out so its own noise does not bias the choice, must lie within the
+    ``band`` percentiles of that neighbour-median map: the low, homogeneous, non-vascular tissue that
+    white matter dominates. Returns an empty mask where no voxel qualifies.
+    """
+    st = np.zeros((3, 3, 3), bool)
+    st[:, :, 1] = True
+    inner = ndimage.binary_erosion(brain, structure=st)
+    away = ~ndimage.binary_dilation(exclude, structure=np.ones((5, 5, 5), bool)) if exclude.any() else np.ones_like(brain)
+    cand = inner & away & np.isfinite(cbv) & (cbv > 0)
+    if not cand.any():
+        return cand
+    nmed = _neighbour_median(cbv, cand)
+    ok = cand & np.isfinite(nmed)
+    if not ok.any():
+        return ok
+    lo, hi = np.percentile(nmed[ok], band)
+    return ok & (nmed >= lo) & (nmed <= hi)
+
+
+@dataclass(frozen=True)
+class RoiScore:
+    name: str
+    n_voxels: int
+    n_valid: int
+    volume_ml: float
+    rcbv_mean: float
+    rcbv_median: float
+    rcbv_p90: float
+    ftb_low: float  # fraction of valid voxels with rCBV < low
+    ftb_mid: float
+    ftb_high: float  # fraction with rCBV > high
+    verdict: str
+    reasons: tuple[str, ...]
+    next_step: str
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["reasons"] = list(self.reasons)
+        return d
+
+
+def verdict_for(median_rcbv: float, *, low: float = RCBV_LOW, high: float = RCBV_HIGH) -> str:
+    """Verdict from the median rCBV: > high recurrence, < low treatment effect, else indeterminate."""
+    if not np.isfinite(median_rcbv):
+        return "indeterminate"
+    if median_rcbv > high:
+        return "likely_recurrence"
+    if median_rcbv < low:
+        return "likely_treatment_effect"
+    return "indeterminate"
+
+
+def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxels: int,
+              low: float = RCBV_LOW, high: float = RCBV_HIGH) -> RoiScore:
+    """Score one ROI from its rCBV values (ratio; NaN for voxels that could not be fitted)."""
+    r = np.asarray(rcbv_in_roi, dtype=np.float64)
+    valid = r[np.isfinite(r)]
+    reasons: list[str] = []
+    if valid.size == 0:
+        reasons.append("no voxel of the ROI has a valid CBV (outside the analysed brain or unfittable)")
+        nan = float("nan")
+        return RoiScore(name, n_voxels, 0, n_voxels * voxel_volume_ml, nan, nan, nan, nan, nan, nan,
+                        "indeterminate", tuple(reasons), NEXT_STEP["indeterminate"])
+    med = float(np.median(valid))
+    verdict = verdict_for(med, low=low, high=high)
+    if verdict == "likely_recurrence":
+        reasons.append(f"median rCBV {med:.2f} is above {high:g}")
+    elif verdict == "likely_treatment_effect":
+        reasons.append(f"median rCBV {med:.2f} is below {low:g}")
+    else:
+        reasons.append(f"median rCBV {med:.2f} lies between {low:g} and {high:g}")
+    if valid.size < n_voxels:
+        reasons.append(f"{n_voxels - valid.size} of {n_voxels} voxels have no valid CBV and were left out")
+    if valid.size < MIN_ROI_VOXELS:
+        reasons.append(f"only {valid.size} valid voxels: the median is unreliable")
+    return RoiScore(
+        name=name,
+        n_voxels=n_voxels,
+        n_valid=int(valid.size),
+        volume_ml=n_voxels * voxel_volume_ml,
+        rcbv_mean=float(np.mean(valid)),
+        rcbv_median=med,
+        rcbv_p90=float(np.percentile(valid, 90)),
+        ftb_low=float(np.mean(valid < low)),
+        ftb_mid=float(np.mean((valid >= low) & (valid <= high))),
+        ftb_high=float(np.mean(valid > high)),
+        verdict=verdict,
+        reasons=tuple(reasons),
+        next_step=NEXT_STEP[verdict],
+    )

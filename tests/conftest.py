@@ -1,0 +1,44 @@
+"""Shared fixtures. Tolerances used across the suite, each named once with its reason:
+
+- KERNEL_RTOL 1e-10: a numba kernel against its numpy twin; only summation order differs.
+- Phantom tolerances are set in test_phantom.py beside the numbers they guard.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+KERNEL_RTOL = 1e-10
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def phantom_case(tmp_path_factory):
+    """The default phantom (SNR 150, TR 1.5 s, seed 0) written once as a case folder."""
+    from perfusion.commands import run_phantom
+
+    out = tmp_path_factory.mktemp("phantom") / "case"
+    paths = run_phantom(out=out, quiet=True)
+    return paths
+
+
+@pytest.fixture
+def case_copy(phantom_case, tmp_path):
+    """A private copy of the phantom case folder, for tests that alter files."""
+    src = phantom_case["dsc"].parent
+    dst = tmp_path / "case"
+    shutil.copytree(src, dst)
+    return {k: dst / Path(v).relative_to(src) for k, v in phantom_case.items()}
+
+
+def shared_dir(name: str) -> Path:
+    path = SHARED / name
+    if not path.is_dir():
+        pytest.skip(f"reference data {path} not present (it lives in ../shared/reference-data)")
+    return path

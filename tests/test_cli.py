@@ -1,0 +1,143 @@
+"""The command line with real files in temp folders: the output contract, --force, bad input.
+
+Each run goes through perfusion.cli.main (the console script's entry) and checks the files
+written, the exit code and the one-line message, not only stdout.
+"""
+
+import json
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from perfusion.cli import main
+
+MAPS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
+        "brain_mask": "mask", "aif_mask": "mask"}
+
+
+def _analyze(case, out, *extra):
+    return main(["analyze", str(case["dsc"]), "--out", str(out), "--roi", str(case["lesion_hyper"]),
+                 "--roi", str(case["lesion_hypo"]), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def analyzed(phantom_case, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out"
+    assert _analyze(phantom_case, out) == 0
+    return out
+
+
+def test_output_contract(analyzed, phantom_case):
+    for name, unit in MAPS.items():
+        img = nib.load(analyzed / f"{name}.nii.gz")
+        assert img.shape == phantom_case_shape(phantom_case)
+        side = json.loads((analyzed / f"{name}.json").read_text())
+        assert side["Units"] == unit and side["Description"]
+    assert "method" in json.loads((analyzed / "cbv.json").read_text())["Parameters"]
+    header, *rows = (analyzed / "aif.tsv").read_text().splitlines()
+    assert header.split("\t") == ["time_s", "delta_r2s"]
+    assert len(rows) >= 70
+    rep = json.loads((analyzed / "report.json").read_text())
+    assert rep["software"]["name"] == "perfusion" and rep["software"]["version"]
+    assert str(phantom_case["dsc"]) in rep["inputs"] and len(rep["inputs"][str(phantom_case["dsc"])]) == 64
+    acq = rep["acquisition"]
+    assert acq["te"] == pytest.approx(0.025) and acq["tr"] == pytest.approx(1.5) and acq["n_frames"] == 80
+    assert "sidecar" in acq["te_source"] and "sidecar" in acq["tr_source"]
+    assert rep["parameters"]["method"] == "osvd"
+    assert rep["aif"]["source"] == "automatic" and rep["aif"]["n_voxels"] >= 1 and rep["aif"]["peak_time_s"] > 0
+    assert rep["reference"]["n_voxels"] > 0 and rep["reference"]["cbv_median"] > 0
+    assert "Hu et al. 2012" in rep["thresholds"]["source"]
+    rois = {r["name"]: r for r in rep["rois"]}
+    assert set(rois) == {"roi-lesion_hyper", "roi-lesion_hypo"}
+    for r in rois.values():
+        for key in ("n_voxels", "volume_ml", "rcbv_mean", "rcbv_median", "rcbv_p90", "verdict", "reasons"):
+            assert key in r
+    assert rois["roi-lesion_hyper"]["verdict"] == "likely_recurrence"
+    assert rois["roi-lesion_hypo"]["verdict"] == "likely_treatment_effect"
+    assert isinstance(rep["warnings"], list)
+    assert "not a medical device" in rep["disclaimer"]
+    # rcbv.nii.gz is CBV over the reference median
+    cbv = np.asarray(nib.load(analyzed / "cbv.nii.gz").dataobj)
+    rcbv = np.asarray(nib.load(analyzed / "rcbv.nii.gz").dataobj)
+    np.testing.assert_allclose(rcbv, cbv / rep["reference"]["cbv_median"], rtol=1e-6)  # float32 storage
+
+
+def phantom_case_shape(case):
+    return nib.load(case["dsc"]).shape[:3]
+
+
+def test_terminal_prints_verdicts_and_disclaimer(phantom_case, tmp_path):
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "perfusion", "analyze", str(phantom_case["dsc"]), "--out", str(out),
+                           "--roi", str(phantom_case["lesion_hyper"])], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "likely recurrence" in proc.stdout
+    assert "not a medical device" in proc.stdout
+
+
+def test_refuses_non_empty_folder_without_force(phantom_case, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _analyze(phantom_case, out) == 5
+    err = capsys.readouterr().err.strip()
+    assert "--force" in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert _analyze(phantom_case, out, "--force") == 0
+    assert (out / "cbv.nii.gz").is_file() and (out / "keep.txt").read_text() == "mine"
+    assert not [p for p in out.iterdir() if ".partial-" in p.name]
+
+
+def test_missing_te_is_a_clear_error(case_copy, tmp_path, capsys):
+    sidecar = case_copy["dsc"].with_name("sub-phantom_dsc.json")
+    side = json.loads(sidecar.read_text())
+    del side["EchoTime"]
+    sidecar.write_text(json.dumps(side))
+    out = tmp_path / "out"
+    assert _analyze(case_copy, out) == 4
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert str(case_copy["dsc"]) in err and "--te" in err
+    assert not out.exists()
+    assert _analyze(case_copy, out, "--te", "0.025") == 0
+
+
+def test_te_in_milliseconds_is_refused(phantom_case, tmp_path, capsys):
+    assert _analyze(phantom_case, tmp_path / "o", "--te", "25") == 4
+    assert "milliseconds" in capsys.readouterr().err
+
+
+def test_mask_shape_mismatch_names_both_files(phantom_case, tmp_path, capsys):
+    bad = tmp_path / "small.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((10, 10, 5), np.uint8), np.eye(4)), bad)
+    out = tmp_path / "o"
+    code = main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "--roi", str(bad), "-q"])
+    assert code == 4
+    err = capsys.readouterr().err.strip()
+    assert str(bad) in err and phantom_case["dsc"].name in err and len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_unknown_method_is_usage_error(phantom_case, tmp_path, capsys):
+    assert _analyze(phantom_case, tmp_path / "o", "--method", "magic") == 2
+    assert "--method" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["ssvd", "csvd"])
+def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
+    out = tmp_path / method
+    assert _analyze(phantom_case, out, "--method", method, "--aif", str(phantom_case["aif"]),
+                    "--reference", str(phantom_case["nawm"]), "--mask", str(phantom_case["brain"])) == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["parameters"]["method"] == method
+    assert rep["aif"]["source"] == str(phantom_case["aif"]) and rep["aif"]["n_voxels"] == 40
+    assert rep["reference"]["source"] == str(phantom_case["nawm"])
+
+
+def test_help_lists_exit_codes():
+    proc = subprocess.run([sys.executable, "-m", "perfusion", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "4 bad input" in " ".join(proc.stdout.split())

@@ -1,0 +1,81 @@
+"""numba kernels against their numpy twins (tests/naive.py) at KERNEL_RTOL."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from conftest import KERNEL_RTOL
+from naive import osvd_search, oscillation_index
+from perfusion import _kernels
+from perfusion.deconvolution import aif_matrix
+
+
+def _operator(n=40, tr=1.5, seed=0):
+    t = np.arange(n) * tr
+    aif = np.where(t > 10, (t - 10) ** 3 * np.exp(-(t - 10) / 1.5), 0.0)
+    u, s, vt = np.linalg.svd(aif_matrix(aif, tr=tr, method="csvd"))
+    return u, s, vt
+
+
+def _run(x, s, vt, k_max, target):
+    out_b = np.empty((x.shape[0], x.shape[1]))
+    out_k = np.empty(x.shape[0], dtype=np.int64)
+    _kernels._osvd_search(x, s, vt, k_max, target, out_b, out_k)
+    return out_b, out_k
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_oscillation_index_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    for b in (rng.standard_normal(80), np.abs(rng.standard_normal(3)), np.linspace(1, 0, 50)):
+        assert_allclose(_kernels._oscillation_index(b), oscillation_index(b), rtol=KERNEL_RTOL)
+
+
+def test_oscillation_index_non_positive_max_is_inf():
+    assert _kernels._oscillation_index(np.zeros(10)) == np.inf
+    assert _kernels._oscillation_index(-np.ones(10)) == np.inf
+    assert oscillation_index(np.zeros(10)) == np.inf
+
+
+@pytest.mark.parametrize("target", [0.01, 0.035, 0.095, 1.0])
+def test_osvd_search_matches_numpy_on_random_curves(target):
+    u, s, vt = _operator()
+    rng = np.random.default_rng(3)
+    t = np.arange(80)
+    tissue = np.exp(-((t - 20) / 6.0) ** 2)[None, :] * rng.uniform(0.1, 2, (25, 1))
+    tissue = tissue + 0.02 * rng.standard_normal(tissue.shape)
+    x = tissue @ u
+    k_max = int(np.sum(s >= 0.005 * s[0]))
+    b, k = _run(x, s, vt, k_max, target)
+    b_ref, k_ref = osvd_search(x, s, vt, k_max, target)
+    assert_array_equal(k, k_ref)
+    assert_allclose(b, b_ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * np.abs(b_ref).max())
+    assert np.all((k >= 1) & (k <= k_max))
+
+
+def test_osvd_search_edge_cases():
+    """NaN voxel -> NaN residue and k 0; all-zero voxel -> zero residue (k 1); a single voxel;
+    float32 input."""
+    u, s, vt = _operator()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 80)) * 0.1
+    x[1, 7] = np.nan
+    x[2] = 0.0
+    k_max = 30
+    b, k = _run(x, s, vt, k_max, 0.095)
+    b_ref, k_ref = osvd_search(x, s, vt, k_max, 0.095)
+    assert np.all(np.isnan(b[1])) and k[1] == 0
+    assert_array_equal(b[2], 0.0)
+    assert k[2] == 1
+    assert_array_equal(k, k_ref)
+    assert_allclose(b, b_ref, rtol=KERNEL_RTOL, atol=1e-14)
+
+    b1, k1 = _run(x[:1].copy(), s, vt, k_max, 0.095)
+    assert_allclose(b1, b_ref[:1], rtol=KERNEL_RTOL, atol=1e-14)
+    assert k1[0] == k_ref[0]
+
+    x32 = x[[0, 3]].astype(np.float32)
+    b32, k32 = _run(x32, s, vt, k_max, 0.095)
+    b32_ref, k32_ref = osvd_search(x32, s, vt, k_max, 0.095)
+    assert_array_equal(k32, k32_ref)
+    assert_allclose(b32, b32_ref, rtol=KERNEL_RTOL, atol=1e-14)
