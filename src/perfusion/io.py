@@ -310,6 +310,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     out = Path(out)
     check_output_folder(out, force=force)
     parent = out if out.is_dir() else out.parent
+    created = [p for p in (parent, *parent.parents) if not p.exists()]  # removed again on failure
     try:
         parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=parent))
@@ -330,8 +331,18 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
                 os.replace(item, target)
             stage.rmdir()
     except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
+        _discard(stage, created)
         raise OutputError(f"{out}: writing the results failed ({exc.strerror or exc}); check free space and permissions") from None
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        _discard(stage, created)
         raise
+
+
+def _discard(stage: Path, created: list[Path]) -> None:
+    """Remove a staging folder and the (empty) parent folders made for it."""
+    shutil.rmtree(stage, ignore_errors=True)
+    for folder in created:  # innermost first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
