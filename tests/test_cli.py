@@ -126,7 +126,7 @@ def test_unknown_method_is_usage_error(phantom_case, tmp_path, capsys):
     assert "--method" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["ssvd", "csvd"])
+@pytest.mark.parametrize("method", ["ssvd", "csvd", "model"])
 def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
     out = tmp_path / method
     assert _analyze(phantom_case, out, "--method", method, "--aif", str(phantom_case["aif"]),

@@ -67,7 +67,7 @@ def analyze(
     aif: Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")] = "auto",
     reference: Annotated[Optional[Path], typer.Option(help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")] = None,
     roi: Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")] = None,
-    method: Annotated[str, typer.Option(help="Deconvolution: osvd (default), csvd or ssvd.")] = "osvd",
+    method: Annotated[str, typer.Option(help="Deconvolution: osvd (default), csvd, ssvd, or model (exponential-residue fit with delay).")] = "osvd",
     threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
     oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
     leakage: Annotated[str, typer.Option(help="Leakage correction: none (the only choice in this version).")] = "none",

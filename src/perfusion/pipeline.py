@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from . import aif as aif_mod
-from . import deconvolution, maps, roi, signal
+from . import deconvolution, maps, modelfit, roi, signal
 from .errors import InputError, UsageError
 from .io import Series
-from .units import KH, RHO_BRAIN_G_PER_ML
+from .units import KH, RHO_BRAIN_G_PER_ML, cbf_scale
 
 LEAKAGE_METHODS = ("none",)
+
+#: Every --method: the SVD family and Tikhonov (deconvolution.py) and the model fit (modelfit.py).
+METHODS = (*deconvolution.METHODS, "model")
 
 MAP_UNITS = {
     "cbv": ("mL/100 g", "Cerebral blood volume: kH/rho * area(tissue delta R2*) / area(AIF) * 100"),
@@ -47,8 +50,8 @@ class Config:
     chunk_voxels: int = 65536
 
     def validate(self) -> "Config":
-        if self.method not in deconvolution.METHODS:
-            raise UsageError(f"--method {self.method}: choose one of {', '.join(deconvolution.METHODS)}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
         if self.leakage not in LEAKAGE_METHODS:
             raise UsageError(f"--leakage {self.leakage}: choose one of {', '.join(LEAKAGE_METHODS)}")
         if not 0 < self.rcbv_low < self.rcbv_high:
@@ -194,8 +197,13 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
 
     # -- deconvolution and maps, chunk by chunk
     try:
-        op = deconvolution.prepare(aif_curve, tr=s.tr, method=config.method, threshold=config.threshold,
-                                   oi_target=config.oi_target)
+        if config.method == "model":
+            if not np.any(aif_curve > 0):
+                raise ValueError("the AIF has no positive value")
+            op = modelfit.prepare(aif_curve, tr=s.tr)
+        else:
+            op = deconvolution.prepare(aif_curve, tr=s.tr, method=config.method, threshold=config.threshold,
+                                       oi_target=config.oi_target)
     except ValueError as exc:
         raise InputError(f"{_where(inputs.paths.get('aif'), str(s.path))}: unusable AIF ({exc}); "
                          "give arterial voxels with --aif MASK") from None
@@ -203,15 +211,22 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     for lo in range(0, n_vox, config.chunk_voxels):
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
         c = dr2s[sl].astype(np.float64)
-        res = deconvolution.deconvolve(op, c)
-        f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
         v = maps.cbv(c, aif_curve, tr=s.tr, kh=config.kh, rho=config.rho)
-        ok = np.isfinite(f) & (f > 0)
+        if config.method == "model":
+            fit = modelfit.fit(op, c)
+            f = fit.flow * cbf_scale(config.kh, config.rho)
+            ok = fit.valid
+            mtt_s, tmax_s = fit.mtt, fit.delay  # the exponential residue peaks at the delay
+        else:
+            res = deconvolution.deconvolve(op, c)
+            f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
+            ok = np.isfinite(f) & (f > 0)
+            mtt_s, tmax_s = maps.mtt(v, f), maps.tmax(res.residue, tr=s.tr, n_t=n_t)
         out["cbv"][sl] = v
         out["cbf"][sl] = np.where(ok, f, np.nan)
-        out["mtt"][sl] = np.where(ok, maps.mtt(v, f), np.nan)
+        out["mtt"][sl] = np.where(ok, mtt_s, np.nan)
         out["ttp"][sl] = maps.ttp(c, tr=s.tr) + base.start * s.tr
-        out["tmax"][sl] = np.where(ok, maps.tmax(res.residue, tr=s.tr, n_t=n_t), np.nan)
+        out["tmax"][sl] = np.where(ok, tmax_s, np.nan)
     volumes = {}
     for k, vals in out.items():
         vol = np.full(shape, np.nan, np.float32)
@@ -267,7 +282,12 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
     params = {"method": result.config.method, **{k: v for k, v in result.config.as_dict().items()
                                                  if k in ("threshold", "oi_target", "kh", "rho")},
               "te_s": s.te, "tr_s": s.tr, "aif": result.aif_info["source"], "leakage": result.config.leakage}
+    model_desc = {"mtt": "Mean transit time: fitted MTT of the exponential residue (model fit)",
+                  "tmax": "Time of the residue maximum: the fitted tissue delay (model fit)",
+                  "cbf": "Cerebral blood flow: kH/rho * fitted flow F of the exponential-residue model * 6000"}
     for name, (unit, desc) in MAP_UNITS.items():
+        if result.config.method == "model":
+            desc = model_desc.get(name, desc)
         p = dict(params)
         if name == "rcbv":
             p["reference"] = result.reference_info["source"]
