@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 KERNEL_RTOL = 1e-10
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference-data"
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "src" / "perfusion" / "data"  # package data (OSIPI CSV)
 
 
 @pytest.fixture(scope="session")

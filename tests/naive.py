@@ -26,58 +26,172 @@ def osvd_search(x, s, vt, k_max, oi_target):
     return out_b, out_k
 
 
-# --- exponential-residue model fit
+
+# --- Tikhonov / GCV
 
 
-def expfit_model(aif, tr, mtt, tau):
-    """Unit-flow model curve, written as the plain recursion on the delayed, linearly interpolated AIF."""
-    n = aif.size
-    t = np.arange(n) * tr
-    a = np.interp(t - tau, t, aif, left=0.0, right=aif[-1])
-    if tau == 0:
-        a = np.asarray(aif, np.float64).copy()
-    e = np.exp(-tr / mtt)
-    i0 = mtt * (1 - e)
-    i1 = tr * i0 - mtt ** 2 * (1 - e * (1 + tr / mtt))
-    out = np.zeros(n)
-    for k in range(1, n):
-        out[k] = e * out[k - 1] + a[k - 1] * i0 + (a[k] - a[k - 1]) / tr * i1
-    return out
+def tikhonov_gcv(x, s, vt, mus):
+    """For each voxel, the Tikhonov residue at the grid mu of least GCV (first on a tie), and that mu."""
+    n_vox, length = x.shape
+    out_b = np.full((n_vox, length), np.nan)
+    out_mu = np.full(n_vox, np.nan)
+    s = np.asarray(s, np.float64)
+    nz = s != 0
+    for v in range(n_vox):
+        xv = np.asarray(x[v], np.float64)
+        if not np.all(np.isfinite(xv)):
+            continue
+        best, best_mu = np.inf, None
+        for mu in mus:
+            # 1 - f_i with f_i = s_i^2 / (s_i^2 + mu^2), and f_i = 0 where s_i = 0
+            one_minus_f = np.where(nz, mu ** 2 / np.where(nz, s ** 2 + mu ** 2, 1.0), 1.0)
+            gcv = np.sum((one_minus_f * xv) ** 2) / np.sum(one_minus_f) ** 2  # sum(1 - f) = L - sum(f)
+            if gcv < best:
+                best, best_mu = gcv, mu
+        if best_mu is None:
+            continue
+        phi = np.where(nz, s / np.where(nz, s ** 2 + best_mu ** 2, 1.0), 0.0)  # s / (s^2 + mu^2)
+        out_b[v] = vt.T @ (phi * xv)
+        out_mu[v] = best_mu
+    return out_b, out_mu
 
 
-def expfit_sse(c, aif, tr, logm, tau):
-    y = expfit_model(aif, tr, np.exp(logm), tau)
+# --- gamma-residue model refinement
+
+
+def gamma_model_sse(c, aif, tr, table, t0, dt_table, il, logm, tau):
+    """Flow and residual of the unit-flow model, written plainly: interpolated weights, delayed AIF,
+    np.convolve."""
+    n = c.size
+    x = (logm - t0) / dt_table
+    j = int(np.clip(np.floor(x), 0, table.shape[1] - 2))
+    f = float(np.clip(x - j, 0.0, 1.0))
+    w = table[il, j] * (1 - f) + table[il, j + 1] * f
+    xs = np.arange(n) - tau / tr
+    a = np.array([0.0 if v < 0 else aif[-1] if v >= n - 1 else
+                  aif[int(np.floor(v))] * (1 - (v - np.floor(v))) + aif[int(np.floor(v)) + 1] * (v - np.floor(v))
+                  for v in xs])
+    y = np.convolve(a, w)[:n]
     yy, yc, cc = y @ y, y @ c, c @ c
     if yy <= 0 or yc <= 0:
-        return cc, 0.0
-    f = yc / yy
-    return cc - f * yc, f
+        return 0.0, cc
+    return yc / yy, cc - yc / yy * yc
 
 
-def expfit_refine(c, aif, tr, logm0, tau0, h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds):
-    out = []
+def gamma_refine(c, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau, lo_logm, hi_logm,
+                 lo_tau, hi_tau, rounds):
+    log_m, tau, flow, sse = (np.array(v, dtype=np.float64) for v in (log_m, tau, flow, sse))
     for v in range(c.shape[0]):
-        x = [logm0[v], tau0[v]]
-        f0, flow = expfit_sse(c[v], aif, tr, x[0], x[1])
         h = [h_logm, h_tau]
         lo, hi = [lo_logm, lo_tau], [hi_logm, hi_tau]
         for _ in range(rounds):
             for d in range(2):
+                x = [log_m[v], tau[v]]
                 xm, xp = list(x), list(x)
                 xm[d] = max(x[d] - h[d], lo[d])
                 xp[d] = min(x[d] + h[d], hi[d])
-                fm = expfit_sse(c[v], aif, tr, *xm)[0]
-                fp = expfit_sse(c[v], aif, tr, *xp)[0]
-                denom = fm - 2 * f0 + fp
-                if denom > 0:
-                    step = float(np.clip(0.5 * h[d] * (fm - fp) / denom, -h[d], h[d]))
-                else:
-                    step = h[d] if fp < fm else -h[d]
+                sm = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xm)[1]
+                sp = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xp)[1]
+                denom = sm - 2 * sse[v] + sp
+                step = float(np.clip(0.5 * (sm - sp) / denom, -1, 1)) if denom > 0 else 0.0
                 xn = list(x)
-                xn[d] = min(max(x[d] + step, lo[d]), hi[d])
-                fn, fl = expfit_sse(c[v], aif, tr, *xn)
-                if fn < f0:
-                    f0, flow, x = fn, fl, xn
-            h = [h[0] * 0.5, h[1] * 0.5]
-        out.append((flow, np.exp(x[0]), x[1], f0))
-    return np.array(out)
+                xn[d] = min(max(x[d] + h[d] * step, lo[d]), hi[d])
+                fn, sn = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xn)
+                if sn < sse[v]:
+                    sse[v], flow[v], log_m[v], tau[v] = sn, fn, xn[0], xn[1]
+            h = [h[0] / 2, h[1] / 2]
+    return log_m, tau, flow, sse
+
+
+# --- gamma-variate fit
+
+from perfusion._kernels import (  # noqa: E402  (the same damping rules and tolerances as the kernel)
+    GV_DIAG_FLOOR, GV_FTOL, GV_LAM0, GV_LAM_MAX, GV_LAM_MIN, GV_SSE_FLOOR, GV_SSE_ROUND, GV_XTOL,
+)
+
+
+def gamma_model(t, p):
+    """A (x/m)^alpha exp(alpha (1 - x/m)) for x = t - t0 > 0, else 0; p = (A, t0, m, alpha)."""
+    amp, t0, m, alpha = p
+    x = np.asarray(t, dtype=np.float64) - t0
+    u = np.where(x > 0, x / m, 1.0)
+    return np.where(x > 0, amp * np.exp(alpha * (np.log(u) + 1.0 - u)), 0.0)
+
+
+def gamma_jacobian(t, p):
+    """(n, 4): derivatives of gamma_model by A, t0, m, alpha; 0 where t <= t0."""
+    amp, t0, m, alpha = p
+    x = np.asarray(t, dtype=np.float64) - t0
+    u = np.where(x > 0, x / m, 1.0)
+    lg = np.log(u) + 1.0 - u
+    e = np.exp(alpha * lg)
+    f = amp * e
+    jac = np.stack([e, f * alpha * (1.0 - 1.0 / u) / m, f * alpha * (u - 1.0) / m, f * lg], axis=1)
+    return np.where((x > 0)[:, None], jac, 0.0)
+
+
+def gamma_fit(curves, t, lo, hi, p0, lower, upper, max_iter):
+    """Bounded Levenberg-Marquardt per voxel, the twin of _kernels._gamma_fit. Each trial step is one
+    iteration: solve (H + lam D) delta = g (parameters on a bound that g pushes out are held), clip
+    to the bounds; take it unless the SSE rises beyond rounding (Nielsen's lam update, J
+    recomputed, stop on MINPACK's step and predicted-decrease tests or an SSE at rounding), else
+    lam *= nu, nu *= 2."""
+    n_vox = curves.shape[0]
+    out_p = np.full((n_vox, 4), np.nan)
+    out_sse = np.full(n_vox, np.nan)
+    out_iter = np.zeros(n_vox, dtype=np.int64)
+    out_status = np.full(n_vox, -1, dtype=np.int64)
+    for v in range(n_vox):
+        y = np.asarray(curves[v, lo[v]:hi[v]], dtype=np.float64)
+        tt = t[lo[v]:hi[v]]
+        keep = np.isfinite(y)
+        y, tt = y[keep], tt[keep]
+        if y.size <= 4:
+            continue
+        p = np.clip(p0[v], lower[v], upper[v]).astype(np.float64)
+        sse = np.sum((y - gamma_model(tt, p)) ** 2)
+        scale = np.sum(y ** 2) + sse  # of the rounding floor
+        lam, nu, status, it, need_j = GV_LAM0, 2.0, 0, 0, True
+        while it < max_iter:
+            it += 1
+            if need_j:
+                jac = gamma_jacobian(tt, p)
+                h = jac.T @ jac
+                g = jac.T @ (y - gamma_model(tt, p))
+                need_j = False
+            diag = np.maximum(np.diag(h), GV_DIAG_FLOOR * np.diag(h).max())
+            a, b = h + lam * np.diag(diag), g.copy()
+            active = ((p <= lower[v]) & (g < 0)) | ((p >= upper[v]) & (g > 0))  # on a bound, pushed out
+            a[active, :] = 0.0
+            a[:, active] = 0.0
+            a[active, active] = 1.0
+            b[active] = 0.0
+            try:
+                delta = np.linalg.solve(a, b)
+            except np.linalg.LinAlgError:
+                status = -2
+                break
+            if not np.all(np.isfinite(delta)):
+                status = -2
+                break
+            p_new = np.clip(p + delta, lower[v], upper[v])
+            sse_new = np.sum((y - gamma_model(tt, p_new)) ** 2)
+            if sse_new <= sse + GV_SSE_ROUND * np.sqrt(sse * scale):
+                step = p_new - p
+                pred = step @ (2.0 * g - h @ step)  # the decrease the linear model predicts
+                rho = np.clip((sse - sse_new) / pred, 0.0, 1.0) if pred > 0 else 0.0
+                small = np.all(np.abs(step) <= GV_XTOL * np.array([abs(p[0]), p[2], p[2], p[3]]))
+                p, sse = p_new, sse_new
+                lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), GV_LAM_MIN)
+                nu, need_j = 2.0, True
+                if small or pred <= GV_FTOL * sse or sse <= GV_SSE_FLOOR * scale:
+                    status = 1
+                    break
+            else:
+                lam *= nu
+                nu *= 2.0
+                if lam > GV_LAM_MAX:
+                    status = 2
+                    break
+        out_p[v], out_sse[v], out_iter[v], out_status[v] = p, sse, it, status
+    return out_p, out_sse, out_iter, out_status

@@ -46,8 +46,9 @@ def test_output_contract(analyzed, phantom_case):
     acq = rep["acquisition"]
     assert acq["te"] == pytest.approx(0.025) and acq["tr"] == pytest.approx(1.5) and acq["n_frames"] == 80
     assert "sidecar" in acq["te_source"] and "sidecar" in acq["tr_source"]
-    assert rep["parameters"]["method"] == "osvd"
-    assert rep["aif"]["source"] == "automatic" and rep["aif"]["n_voxels"] >= 1 and rep["aif"]["peak_time_s"] > 0
+    assert rep["parameters"]["method"] == "model"  # the default, chosen by measurement (README)
+    assert rep["aif"]["source"] == "automatic (cluster)" and 0 <= rep["aif"]["quality_score"] <= 1
+    assert rep["aif"]["n_voxels"] >= 1 and rep["aif"]["peak_time_s"] > 0
     assert rep["reference"]["n_voxels"] > 0 and rep["reference"]["cbv_median"] > 0
     assert "Hu et al. 2012" in rep["thresholds"]["source"]
     rois = {r["name"]: r for r in rep["rois"]}
@@ -126,7 +127,7 @@ def test_unknown_method_is_usage_error(phantom_case, tmp_path, capsys):
     assert "--method" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["ssvd", "csvd", "model"])
+@pytest.mark.parametrize("method", ["ssvd", "csvd", "osvd", "tikhonov"])
 def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
     out = tmp_path / method
     assert _analyze(phantom_case, out, "--method", method, "--aif", str(phantom_case["aif"]),

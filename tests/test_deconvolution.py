@@ -85,7 +85,7 @@ def _osipi_rows():
 
 @pytest.mark.parametrize("method", ["osvd", "csvd", "ssvd"])
 def test_osipi_dsc_reference(method, capsys):
-    """OSIPI CodeCollection DSC test (tests/data/README.md): every case within OSIPI's tolerances,
+    """OSIPI CodeCollection DSC test (src/perfusion/data/README.md): every case within OSIPI's tolerances,
     |err| <= 1 + 0.1 ref for CBV and <= 15 + 0.1 ref for CBF, with kH = rho = 1 as the DRO has none.
     Our own tighter check from the data's README: CBV within 10 % of nominal + CBF TR / 120 (the
     left-Riemann convolution of the simulator adds CBF TR / 120 to the area ratio)."""

@@ -4,7 +4,8 @@ Tolerances (issue 2), each with its reason:
 - CBV_TOL 0.05: median over sweep blocks of |block median CBV / truth - 1|. The area ratio is exact
   in theory; what remains is finite-window truncation (about -2 %, largest at long MTT) and noise.
 - RCBV_TOL 0.10: each lesion's median rCBV against truth with the NAWM reference.
-- AUTO_AIF_TOL 0.10: median CBV with the automatic AIF against the true-AIF-mask result.
+- AUTO_AIF_CBV_TOL 0.05 / AUTO_AIF_CBF_TOL 0.10: median CBV / CBF with the automatic AIF against the
+  true-AIF-mask result (issue 3; issue 2 asked 10 % on CBV).
 """
 
 import json
@@ -20,7 +21,8 @@ from perfusion.units import KH, RHO_BRAIN_G_PER_ML
 
 CBV_TOL = 0.05
 RCBV_TOL = 0.10
-AUTO_AIF_TOL = 0.10
+AUTO_AIF_CBV_TOL = 0.05  # issue 3
+AUTO_AIF_CBF_TOL = 0.10  # issue 3
 
 
 def _inputs(case, *, aif="true", reference=True):
@@ -104,16 +106,50 @@ def test_circulant_tmax_tracks_delay(true_aif_result, truth):
     assert abs((med[2.0] - med[0.0]) - 2.0) <= 1.5
 
 
-def test_auto_aif_close_to_true_aif(phantom_case, true_aif_result, capsys):
-    auto = analyze(_inputs(phantom_case, aif="auto"), Config(method="osvd"))
-    # the chosen voxels are the phantom's pure arterial voxels
-    truth_aif = true_aif_result.aif_mask
-    assert (auto.aif_mask & truth_aif).sum() == auto.aif_mask.sum()
-    brain = truth_aif | np.isfinite(true_aif_result.maps["cbv"])
-    ratio = np.nanmedian(auto.maps["cbv"][brain] / true_aif_result.maps["cbv"][brain])
+def test_auto_aif_close_to_true_aif(phantom_case, capsys):
+    """Issue 3 target: the automatic (clustered) AIF gives CBV within 5 % and CBF within 10 % of the
+    result with the true AIF mask, with the default method; the voxels it picks are pure arteries."""
+    true = analyze(_inputs(phantom_case), Config())
+    auto = analyze(_inputs(phantom_case, aif="auto"), Config())
+    assert auto.aif_mask.any() and (auto.aif_mask & true.aif_mask).sum() == auto.aif_mask.sum()
+    both = np.isfinite(auto.maps["cbf"]) & np.isfinite(true.maps["cbf"])
+    cbv_ratio = np.median(auto.maps["cbv"][both] / true.maps["cbv"][both])
+    cbf_ratio = np.median(auto.maps["cbf"][both] / true.maps["cbf"][both])
     with capsys.disabled():
-        print(f"\nauto AIF / true AIF CBV median ratio {ratio:.4f}")
-    assert abs(ratio - 1) <= AUTO_AIF_TOL
+        print(f"\nauto AIF / true AIF median ratio: CBV {cbv_ratio:.4f}, CBF {cbf_ratio:.4f}; "
+              f"AIF quality score {auto.aif_info['quality_score']:.2f}")
+    assert abs(cbv_ratio - 1) <= AUTO_AIF_CBV_TOL
+    assert abs(cbf_ratio - 1) <= AUTO_AIF_CBF_TOL
+    assert auto.aif_info["quality_score"] >= 0.8
+
+
+def test_vof_scaling_restores_partial_volume_aif(phantom_case, tmp_path):
+    """An AIF taken from partial-volume voxels (the ring around the phantom's arteries, 30 % artery)
+    has too small an area and inflates CBV; scaling it to the automatic VOF brings the median CBV back
+    within 5 % of the true-AIF result (measured: see the printed ratio)."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    true_aif = np.asarray(nib.load(phantom_case["aif"]).dataobj) > 0
+    st = np.zeros((3, 3, 3), bool)
+    st[:, :, 1] = True
+    ring = ndimage.binary_dilation(true_aif, structure=st) & ~true_aif
+    img = nib.load(phantom_case["aif"])
+    ring_path = tmp_path / "ring.nii.gz"
+    nib.save(nib.Nifti1Image(ring.astype(np.uint8), img.affine), ring_path)
+    inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(ring_path), reference=phantom_case["nawm"],
+                         rois=[], te=None, tr=None)[0]
+    true = analyze(_inputs(phantom_case), Config())
+    unscaled = analyze(inputs, Config())
+    scaled = analyze(inputs, Config(vof="auto"))
+    ok = np.isfinite(true.maps["cbv"]) & true.brain
+    r_unscaled = np.median(unscaled.maps["cbv"][ok] / true.maps["cbv"][ok])
+    r_scaled = np.median(scaled.maps["cbv"][ok] / true.maps["cbv"][ok])
+    print(f"partial-volume AIF: CBV ratio {r_unscaled:.3f} unscaled, {r_scaled:.3f} with VOF scaling "
+          f"(factor {scaled.aif_info['vof']['scale_factor']:.3f})")
+    assert r_unscaled > 1.5  # the ring's AIF area is far too small
+    assert abs(r_scaled - 1) <= 0.05
+    assert scaled.aif_info["vof"]["source"] == "automatic" and scaled.aif_info["vof"]["n_voxels"] > 0
 
 
 def test_auto_reference_and_verdicts(phantom_case, truth):

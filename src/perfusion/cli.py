@@ -67,7 +67,7 @@ def analyze(
     aif: Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")] = "auto",
     reference: Annotated[Optional[Path], typer.Option(help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")] = None,
     roi: Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")] = None,
-    method: Annotated[str, typer.Option(help="Deconvolution: osvd (default), csvd, ssvd, or model (exponential-residue fit with delay).")] = "osvd",
+    method: Annotated[str, typer.Option(help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")] = "model",
     threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
     oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
     leakage: Annotated[str, typer.Option(help="Leakage correction: none (the only choice in this version).")] = "none",
@@ -75,7 +75,9 @@ def analyze(
     tr: Annotated[Optional[float], typer.Option(help="Repetition time in s (overrides sidecar and header).")] = None,
     rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
     rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
-    aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by the automatic AIF.")] = 10,
+    aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank.")] = 10,
+    aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")] = "cluster",
+    vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: none, auto or a mask.")] = "none",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
@@ -84,7 +86,7 @@ def analyze(
 
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
-                rcbv_high=rcbv_high, aif_voxels=aif_voxels, force=force, quiet=quiet)
+                rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof, force=force, quiet=quiet)
 
 
 @app.command()
@@ -102,6 +104,20 @@ def phantom(
     from .commands import run_phantom
 
     run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, force=force)
+
+
+@app.command()
+@_guard
+def validate(
+    data: Annotated[Optional[Path], typer.Option(help="Reference-data folder holding bezier-dsc-dro/ (default: shared/reference-data or ../shared/reference-data if present).")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write rows and summary as JSON here.")] = Path("validation.json"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller phantom (48 x 48) for a fast check.")] = False,
+) -> None:
+    """Run the accuracy suite (phantom sweep, OSIPI DRO, Bezier DRO) and print CBV/CBF/MTT errors per method."""
+    from .commands import run_validate
+
+    run_validate(data=data, methods=methods.split(",") if methods else None, json_path=json_path, quick=quick)
 
 
 @app.command()

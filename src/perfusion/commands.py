@@ -19,7 +19,7 @@ def _console():
 
 
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
-                te: float | None, tr: float | None):
+                te: float | None, tr: float | None, vof: str = "none"):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings."""
     from .io import load_mask, load_series, stem
     from .pipeline import Inputs
@@ -38,6 +38,10 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
     ref = load_mask(reference, series, what="reference mask") if reference else None
     if reference:
         paths["reference"] = Path(reference)
+    vof_mask = None
+    if vof not in ("none", "auto"):
+        vof_mask = load_mask(Path(vof), series, what="VOF mask")
+        paths["vof"] = Path(vof)
     roi_masks = {}
     for p in rois:
         name = stem(p)
@@ -45,27 +49,29 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
             raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
         roi_masks[name] = load_mask(p, series, what="ROI")
         paths[f"roi:{name}"] = Path(p)
-    inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, rois=roi_masks, paths=paths)
+    inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
     return inputs, [str(w.message) for w in caught]
 
 
 def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                rois: list[Path] = (), method: str = "osvd", threshold: float | None = None,
+                rois: list[Path] = (), method: str = "model", threshold: float | None = None,
                 oi_target: float | None = None, leakage: str = "none", te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
-                force: bool = False, quiet: bool = False):
+                aif_selection: str = "cluster", vof: str = "none", force: bool = False, quiet: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
     from .io import check_output_folder, staged_output
     from .pipeline import Config, analyze, write_result
 
     config = Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
+                    aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
                     rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
     out = Path(out)
     check_output_folder(out, force=force)
     dsc_dir = Path(dsc).resolve().parent
     if out.resolve() == dsc_dir:
         raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
-    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr)
+    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
+                                        vof=vof)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = analyze(inputs, config)
@@ -122,3 +128,75 @@ def run_phantom(*, out: Path, snr: float = 150.0, seed: int = 0, tr: float = 1.5
     if not quiet:
         _console().print(f"Phantom written to {out} (series {paths['dsc'].name}, truth.json, masks, truth/)")
     return {k: Path(out) / v.relative_to(stage) for k, v in paths.items()}
+
+
+def run_validate(*, data: Path | None = None, methods: list[str] | None = None, json_path: Path | None = None,
+                 quick: bool = False, quiet: bool = False) -> dict:
+    """Run the accuracy suite; print the table; write the JSON (rows and summary) atomically."""
+    import json
+    import os
+    import tempfile
+
+    from . import __version__, validate
+    from .pipeline import METHODS
+
+    methods = list(methods or METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"--methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
+    ref = validate.find_reference_data(data)
+    if data is not None and not Path(data).is_dir():
+        raise InputError(f"{data}: reference data folder not found; pass --data DIR or leave it out")
+    rows = validate.validate_osipi(methods)
+    skipped = []
+    bezier = ref / "bezier-dsc-dro" if ref else None
+    if bezier is not None and (bezier / "ground_truth.json").is_file():
+        rows += validate.validate_bezier(bezier, methods)
+    else:
+        skipped.append("bezier (no bezier-dsc-dro folder; pass --data with the reference-data folder)")
+    spec = validate.PhantomSpec(matrix=48) if quick else validate.PhantomSpec()
+    rows += validate.validate_phantom(methods, spec=spec)
+    summary = validate.summarize(rows)
+    report = {"software": {"name": "perfusion", "version": __version__}, "methods": methods,
+              "reference_data": str(ref) if ref else None, "skipped": skipped,
+              "error_definition": "estimate / truth - 1 against the nominal truth; median_abs and p90_abs of |error|, "
+                                  "bias the median signed error",
+              "summary": summary,
+              "rows": [{"dataset": r.dataset, "group": r.group, "method": r.method, "item": r.item,
+                        "truth": r.truth, "estimate": r.estimate} for r in rows]}
+    if json_path is not None:
+        json_path = Path(json_path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", dir=json_path.parent if str(json_path.parent) else ".")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(report, fh, indent=1, default=float)
+            os.replace(tmp, json_path)
+        except OSError as exc:
+            raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
+    if not quiet:
+        print_validation(summary, skipped, json_path)
+    return report
+
+
+def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None) -> None:
+    from rich.table import Table
+
+    con = _console()
+
+    def cell(e):
+        if e is None:
+            return "-"
+        return f"{100 * e['median_abs']:.1f} / {100 * e['p90_abs']:.1f} ({100 * e['bias']:+.1f})"
+
+    for dataset in dict.fromkeys(e["dataset"] for e in summary):
+        table = Table(title=f"{dataset}: |estimate / truth - 1| in %, median / 90th percentile (median bias)")
+        for col in ("subset", "method", "n", "CBV", "CBF", "MTT"):
+            table.add_column(col, no_wrap=True)
+        for e in summary:
+            if e["dataset"] == dataset:
+                table.add_row(e["group"], e["method"], str(e["n"]), cell(e["cbv"]), cell(e["cbf"]), cell(e["mtt"]))
+        con.print(table)
+    for s in skipped:
+        con.print(f"skipped: {s}")
+    if json_path is not None:
+        con.print(f"JSON written to {json_path}")

@@ -230,6 +230,12 @@ def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
     return mask
 
 
+def load_array(path: Path, *, what: str = "image") -> np.ndarray:
+    """The data of a NIfTI file as float64, scaling applied (for reference data and tests)."""
+    img, _ = _load_image(Path(path), what)
+    return np.asarray(img.get_fdata(dtype=np.float64))
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

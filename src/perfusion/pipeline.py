@@ -38,10 +38,12 @@ MAP_UNITS = {
 class Config:
     """Analysis options. Units: s for times; kh and rho dimensionless and g/mL."""
 
-    method: str = "osvd"
+    method: str = "model"
     threshold: float | None = None  # fixed relative SVD threshold P (ssvd, csvd)
     oi_target: float | None = None  # oSVD oscillation-index target
     leakage: str = "none"
+    aif_selection: str = "cluster"  # "cluster" (Mouridsen 2006 k-means) or "rank" (peak/width ranking)
+    vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     aif_voxels: int = aif_mod.DEFAULT_N_VOXELS
     rcbv_low: float = roi.RCBV_LOW
     rcbv_high: float = roi.RCBV_HIGH
@@ -56,6 +58,10 @@ class Config:
             raise UsageError(f"--leakage {self.leakage}: choose one of {', '.join(LEAKAGE_METHODS)}")
         if not 0 < self.rcbv_low < self.rcbv_high:
             raise UsageError(f"rCBV thresholds must satisfy 0 < low < high, got {self.rcbv_low} and {self.rcbv_high}")
+        if self.aif_selection not in ("cluster", "rank"):
+            raise UsageError(f"--aif-selection {self.aif_selection}: choose cluster or rank")
+        if self.vof not in ("none", "auto", "mask"):
+            raise UsageError(f"--vof {self.vof}: choose none, auto or a mask file")
         if self.aif_voxels < 1:
             raise UsageError("--aif-voxels must be at least 1")
         return self
@@ -69,7 +75,7 @@ class Config:
             d["oi_target"] = deconvolution.DEFAULT_OI_TARGET
         if self.method != "osvd":
             d.pop("oi_target")
-        else:
+        if self.method not in op_defaults:
             d.pop("threshold")
         return d
 
@@ -82,6 +88,7 @@ class Inputs:
     brain: np.ndarray | None = None
     aif: np.ndarray | None = None
     reference: np.ndarray | None = None
+    vof: np.ndarray | None = None
     rois: dict[str, np.ndarray] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
 
@@ -103,6 +110,108 @@ class Result:
     warnings: list[str]
     config: Config
     seconds: float
+
+
+def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
+    """Mean delta R2* of vessel voxels with the baseline re-checked on their own mean signal: arteries
+    fill before the tissue, so the whole-brain baseline may already hold their first bolus frames."""
+    own_bl = bl
+    try:
+        own = signal.find_baseline(signal_rows.mean(axis=0), tr=tr)
+        if own.stop < bl.stop:
+            own_bl = slice(0, max(own.stop, signal.MIN_BASELINE_FRAMES))
+    except signal.BaselineError:
+        pass
+    d, _ = signal.to_delta_r2s(signal_rows, te=te, baseline=own_bl)
+    return np.nanmean(d, axis=0), own_bl
+
+
+def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd, idx, brain_rows, flat, keep, bl,
+                    base, tissue_peak_frame):
+    """The AIF curve (1/s), its rows in the analysed voxels, the report entry and warnings."""
+    s = inputs.series
+    feats = None
+    if inputs.aif is not None:
+        aif_rows = np.flatnonzero(inputs.aif.ravel()[idx])
+        source = str(inputs.paths.get("aif"))
+        steps: dict = {}
+        if not np.all(np.isfinite(dr2s[aif_rows]), axis=1).any():
+            raise InputError(f"{inputs.paths.get('aif')}: no voxel of the AIF mask has a usable signal; check the mask")
+    else:
+        brain_idx = np.flatnonzero(brain_rows)
+        feats = aif_mod.curve_features(dr2s[brain_idx], ratio_min[brain_idx], ratio_sd[brain_idx], baseline=bl, tr=s.tr)
+        try:
+            if config.aif_selection == "cluster":
+                chosen, steps = aif_mod.cluster_aif(dr2s[brain_idx], feats, tr=s.tr)
+            else:
+                chosen, steps = aif_mod.select_aif(feats, n_voxels=config.aif_voxels)
+        except aif_mod.AifError as exc:
+            raise InputError(f"{s.path}: {exc}; give arterial voxels with --aif MASK") from None
+        aif_rows = brain_idx[chosen]
+        source = f"automatic ({config.aif_selection})"
+    curve, aif_bl = _own_baseline_curve(flat[idx[aif_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
+    t0 = base.start * s.tr
+    tissue_curve = np.nanmean(dr2s[brain_rows], axis=0)
+    info = {"source": source, "n_voxels": int(aif_rows.size), "selection_steps": steps,
+            "baseline_frames": aif_bl.stop - aif_bl.start,
+            **aif_mod.aif_quality(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame, t0=t0)}
+    notes = info.pop("warnings")
+    quality = aif_mod.aif_quality_score(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame,
+                                        tissue_peak=float(np.nanmax(tissue_curve)), t0=t0)
+    info["quality_score"] = quality["score"]
+    info["quality"] = {k: v for k, v in quality.items() if k not in ("warnings",)}
+    notes += [w for w in quality["warnings"] if w not in notes]
+
+    info["vof"] = {"source": "none"}
+    if config.vof != "none":
+        if inputs.vof is not None:
+            vof_rows = np.flatnonzero(inputs.vof.ravel()[idx])
+            vof_source = str(inputs.paths.get("vof"))
+        else:
+            brain_idx = np.flatnonzero(brain_rows)
+            if feats is None:
+                feats = aif_mod.curve_features(dr2s[brain_idx], ratio_min[brain_idx], ratio_sd[brain_idx],
+                                               baseline=bl, tr=s.tr)
+            art_t = steps.get("first_moment_s") if isinstance(steps, dict) else None
+            vof_rows = brain_idx[aif_mod.auto_vof(dr2s[brain_idx], feats, tr=s.tr, arterial_time_s=art_t)]
+            vof_source = "automatic"
+        if vof_rows.size == 0:
+            notes.append("no venous voxel found for --vof; the AIF was not scaled")
+        else:
+            vof_curve, _ = _own_baseline_curve(flat[idx[vof_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
+            curve, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
+            info["vof"] = {"source": vof_source, "n_voxels": int(vof_rows.size), "scale_factor": float(factor)}
+            if not 0.8 <= factor <= 5.0:
+                notes.append(f"the VOF scaling factor {factor:.2f} is implausible (expected 1-3); check the venous voxels")
+    return curve, aif_rows, info, notes
+
+
+def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
+    """The deconvolution operator of ``config.method`` for an AIF (1/s, (n_t,)); raises ValueError."""
+    if config.method == "model":
+        if not np.any(np.asarray(aif_curve) > 0):
+            raise ValueError("the AIF has no positive value")
+        return modelfit.prepare(aif_curve, tr=tr)
+    return deconvolution.prepare(aif_curve, tr=tr, method=config.method, threshold=config.threshold,
+                                 oi_target=config.oi_target)
+
+
+def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config: Config) -> dict[str, np.ndarray]:
+    """CBV, CBF, MTT and Tmax of tissue curves (delta R2*, 1/s, (n_vox, n_t)); NaN where no valid flow."""
+    c = np.asarray(curves, dtype=np.float64)
+    v = maps.cbv(c, aif_curve, tr=tr, kh=config.kh, rho=config.rho)
+    if config.method == "model":
+        fit = modelfit.fit(op, c)
+        f = fit.flow * cbf_scale(config.kh, config.rho)
+        ok = fit.valid
+        mtt_s, tmax_s = fit.mtt, fit.delay  # the exponential residue peaks at the delay
+    else:
+        res = deconvolution.deconvolve(op, c)
+        f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
+        ok = np.isfinite(f) & (f > 0)
+        mtt_s, tmax_s = maps.mtt(v, f), maps.tmax(res.residue, tr=tr, n_t=c.shape[1])
+    return {"cbv": v, "cbf": np.where(ok, f, np.nan), "mtt": np.where(ok, mtt_s, np.nan),
+            "tmax": np.where(ok, tmax_s, np.nan)}
 
 
 def _where(path: Path | None, what: str) -> str:
@@ -127,7 +236,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         if brain.sum() < 10:
             raise InputError(f"{s.path}: the automatic brain mask is empty; give a mask with --mask")
     analysis = brain.copy()
-    for extra in [inputs.aif, inputs.reference, *inputs.rois.values()]:
+    for extra in [inputs.aif, inputs.reference, inputs.vof, *inputs.rois.values()]:
         if extra is not None:
             analysis |= extra
     idx = np.flatnonzero(analysis.ravel())
@@ -159,51 +268,18 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             ratio_sd[sl] = np.std(r[:, bl], axis=1, ddof=1)
     tissue_peak_frame = int(np.argmax(np.nanmean(dr2s[brain_rows], axis=0)))
 
-    # -- AIF
-    if inputs.aif is not None:
-        aif_rows = np.flatnonzero(inputs.aif.ravel()[idx])
-        aif_source = str(inputs.paths.get("aif"))
-        steps = {}
-        bad = ~np.all(np.isfinite(dr2s[aif_rows]), axis=1)
-        if bad.all():
-            raise InputError(f"{inputs.paths.get('aif')}: no voxel of the AIF mask has a usable signal; check the mask")
-    else:
-        feats = aif_mod.curve_features(dr2s[brain_rows], ratio_min[brain_rows], ratio_sd[brain_rows],
-                                       baseline=bl, tr=s.tr)
-        try:
-            chosen, steps = aif_mod.select_aif(feats, n_voxels=config.aif_voxels)
-        except aif_mod.AifError as exc:
-            raise InputError(f"{s.path}: {exc}; give arterial voxels with --aif MASK") from None
-        aif_rows = np.flatnonzero(brain_rows)[chosen]
-        aif_source = "automatic"
-    # arteries fill before the tissue: re-check the baseline on the arterial signal itself
-    aif_signal = flat[idx[aif_rows], keep].astype(np.float64)
-    aif_bl = bl
-    try:
-        own = signal.find_baseline(aif_signal.mean(axis=0), tr=s.tr)
-        if own.stop < bl.stop:
-            aif_bl = slice(0, max(own.stop, signal.MIN_BASELINE_FRAMES))
-    except signal.BaselineError:
-        pass
-    aif_d, _ = signal.to_delta_r2s(aif_signal, te=s.te, baseline=aif_bl)
-    aif_curve = np.nanmean(aif_d, axis=0)
-    aif_info = {"source": aif_source, "n_voxels": int(aif_rows.size), "selection_steps": steps,
-                "baseline_frames": aif_bl.stop - aif_bl.start,
-                **aif_mod.aif_quality(aif_curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame,
-                                       t0=base.start * s.tr)}
-    notes += aif_info.pop("warnings")
+    # -- AIF (and VOF scaling)
+    aif_curve, aif_rows, aif_info, aif_notes = _arterial_input(inputs, config, dr2s=dr2s, ratio_min=ratio_min,
+                                                              ratio_sd=ratio_sd, idx=idx, brain_rows=brain_rows,
+                                                              flat=flat, keep=keep, bl=bl, base=base,
+                                                              tissue_peak_frame=tissue_peak_frame)
+    notes += aif_notes
     aif_mask = np.zeros(shape, bool)
     aif_mask.ravel()[idx[aif_rows]] = True
 
     # -- deconvolution and maps, chunk by chunk
     try:
-        if config.method == "model":
-            if not np.any(aif_curve > 0):
-                raise ValueError("the AIF has no positive value")
-            op = modelfit.prepare(aif_curve, tr=s.tr)
-        else:
-            op = deconvolution.prepare(aif_curve, tr=s.tr, method=config.method, threshold=config.threshold,
-                                       oi_target=config.oi_target)
+        op = prepare_operator(aif_curve, tr=s.tr, config=config)
     except ValueError as exc:
         raise InputError(f"{_where(inputs.paths.get('aif'), str(s.path))}: unusable AIF ({exc}); "
                          "give arterial voxels with --aif MASK") from None
@@ -211,22 +287,9 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     for lo in range(0, n_vox, config.chunk_voxels):
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
         c = dr2s[sl].astype(np.float64)
-        v = maps.cbv(c, aif_curve, tr=s.tr, kh=config.kh, rho=config.rho)
-        if config.method == "model":
-            fit = modelfit.fit(op, c)
-            f = fit.flow * cbf_scale(config.kh, config.rho)
-            ok = fit.valid
-            mtt_s, tmax_s = fit.mtt, fit.delay  # the exponential residue peaks at the delay
-        else:
-            res = deconvolution.deconvolve(op, c)
-            f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
-            ok = np.isfinite(f) & (f > 0)
-            mtt_s, tmax_s = maps.mtt(v, f), maps.tmax(res.residue, tr=s.tr, n_t=n_t)
-        out["cbv"][sl] = v
-        out["cbf"][sl] = np.where(ok, f, np.nan)
-        out["mtt"][sl] = np.where(ok, mtt_s, np.nan)
+        for key, values in quantify(op, c, aif_curve, tr=s.tr, config=config).items():
+            out[key][sl] = values
         out["ttp"][sl] = maps.ttp(c, tr=s.tr) + base.start * s.tr
-        out["tmax"][sl] = np.where(ok, tmax_s, np.nan)
     volumes = {}
     for k, vals in out.items():
         vol = np.full(shape, np.nan, np.float32)
