@@ -27,6 +27,15 @@ def _oscillation_index(b):
     return acc / (n * fmax)
 
 
+@njit(cache=True, nogil=True)
+def _row_finite(row):
+    """True when every value of a 1-D row is finite."""
+    for i in range(row.shape[0]):
+        if not np.isfinite(row[i]):
+            return False
+    return True
+
+
 @njit(cache=True, parallel=True)
 def _osvd_search(x, s, vt, k_max, oi_target, out_b, out_k):
     """Per-voxel oSVD truncation search.
@@ -40,12 +49,7 @@ def _osvd_search(x, s, vt, k_max, oi_target, out_b, out_k):
     """
     n_vox, length = x.shape
     for v in prange(n_vox):
-        finite = True
-        for i in range(length):
-            if not np.isfinite(x[v, i]):
-                finite = False
-                break
-        if not finite:
+        if not _row_finite(x[v]):
             for i in range(length):
                 out_b[v, i] = np.nan
             out_k[v] = 0
@@ -191,11 +195,7 @@ def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
             acc += g[j, i]
         den[j] = acc * acc
     for v in prange(n_vox):
-        finite = True
-        for i in range(length):
-            if not np.isfinite(x[v, i]):
-                finite = False
-                break
+        finite = _row_finite(x[v])
         best = np.inf
         jbest = -1
         if finite:

@@ -78,6 +78,7 @@ def analyze(
     aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank.")] = 10,
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: none, auto or a mask.")] = "none",
+    recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
@@ -86,7 +87,8 @@ def analyze(
 
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
-                rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof, force=force, quiet=quiet)
+                rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
+                recirculation=recirculation, force=force, quiet=quiet)
 
 
 @app.command()

@@ -57,13 +57,14 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 rois: list[Path] = (), method: str = "model", threshold: float | None = None,
                 oi_target: float | None = None, leakage: str = "none", te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
-                aif_selection: str = "cluster", vof: str = "none", force: bool = False, quiet: bool = False):
+                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep", force: bool = False,
+                quiet: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
     from .io import check_output_folder, staged_output
     from .pipeline import Config, analyze, write_result
 
     config = Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
-                    aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
+                    aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask", recirculation=recirculation,
                     rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
     out = Path(out)
     check_output_folder(out, force=force)

@@ -231,9 +231,18 @@ def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
 
 
 def load_array(path: Path, *, what: str = "image") -> np.ndarray:
-    """The data of a NIfTI file as float64, scaling applied (for reference data and tests)."""
-    img, _ = _load_image(Path(path), what)
-    return np.asarray(img.get_fdata(dtype=np.float64))
+    """The data of a NIfTI file as float64, scaling applied (for reference data and tests). nibabel's
+    log notes on unset pixdims (common in DROs) are silenced."""
+    import logging
+
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        img, _ = _load_image(Path(path), what)
+        return np.asarray(img.get_fdata(dtype=np.float64))
+    finally:
+        logger.setLevel(level)
 
 
 def sha256(path: Path) -> str:

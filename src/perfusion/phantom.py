@@ -84,11 +84,9 @@ def aif_curve(t: np.ndarray, spec: PhantomSpec) -> np.ndarray:
     first = gamma_variate(t, t0=spec.aif_t0, alpha=spec.aif_alpha, beta=spec.aif_beta)
     first *= spec.aif_peak / first.max()
     recirc = gamma_variate(t, t0=spec.aif_t0 + 8.0, alpha=spec.aif_alpha, beta=2.0 * spec.aif_beta)
-    dt = t[1] - t[0]
     recirc *= spec.recirculation_fraction * first.sum() / recirc.sum()
     x = np.clip(t - spec.aif_t0, 0.0, None)
     plateau = spec.plateau_fraction * spec.aif_peak * (1 - np.exp(-x / 6.0)) * np.exp(-x / 150.0)
-    del dt
     return first + recirc + np.where(t > spec.aif_t0, plateau, 0.0)
 
 
