@@ -59,26 +59,23 @@ def tikhonov_gcv(x, s, vt, mus):
 # --- gamma-residue model refinement
 
 
-def gamma_model_sse(c, aif, tr, table, t0, dt_table, il, logm, tau):
-    """Flow and residual of the unit-flow model, written plainly: interpolated weights, delayed AIF,
-    np.convolve."""
+def gamma_model_sse(c, tr, table, t0, dt_table, il, logm, tau):
+    """Flow and residual of the unit-flow model, written plainly: the response interpolated in log MTT,
+    then read at t_k - tau with np.interp (0 before the first sample)."""
     n = c.size
     x = (logm - t0) / dt_table
     j = int(np.clip(np.floor(x), 0, table.shape[1] - 2))
     f = float(np.clip(x - j, 0.0, 1.0))
-    w = table[il, j] * (1 - f) + table[il, j + 1] * f
+    resp = table[il, j] * (1 - f) + table[il, j + 1] * f
     xs = np.arange(n) - tau / tr
-    a = np.array([0.0 if v < 0 else aif[-1] if v >= n - 1 else
-                  aif[int(np.floor(v))] * (1 - (v - np.floor(v))) + aif[int(np.floor(v)) + 1] * (v - np.floor(v))
-                  for v in xs])
-    y = np.convolve(a, w)[:n]
+    y = np.where(xs < 0, 0.0, np.interp(xs, np.arange(resp.size), resp))
     yy, yc, cc = y @ y, y @ c, c @ c
     if yy <= 0 or yc <= 0:
         return 0.0, cc
     return yc / yy, cc - yc / yy * yc
 
 
-def gamma_refine(c, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau, lo_logm, hi_logm,
+def gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau, lo_logm, hi_logm,
                  lo_tau, hi_tau, rounds):
     log_m, tau, flow, sse = (np.array(v, dtype=np.float64) for v in (log_m, tau, flow, sse))
     for v in range(c.shape[0]):
@@ -90,13 +87,13 @@ def gamma_refine(c, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_l
                 xm, xp = list(x), list(x)
                 xm[d] = max(x[d] - h[d], lo[d])
                 xp[d] = min(x[d] + h[d], hi[d])
-                sm = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xm)[1]
-                sp = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xp)[1]
+                sm = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xm)[1]
+                sp = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xp)[1]
                 denom = sm - 2 * sse[v] + sp
                 step = float(np.clip(0.5 * (sm - sp) / denom, -1, 1)) if denom > 0 else 0.0
                 xn = list(x)
                 xn[d] = min(max(x[d] + h[d] * step, lo[d]), hi[d])
-                fn, sn = gamma_model_sse(c[v], aif, tr, table, t0, dt_table, il[v], *xn)
+                fn, sn = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xn)
                 if sn < sse[v]:
                     sse[v], flow[v], log_m[v], tau[v] = sn, fn, xn[0], xn[1]
             h = [h[0] / 2, h[1] / 2]

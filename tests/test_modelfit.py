@@ -91,26 +91,25 @@ def _refine_inputs(seed=0):
 
 def test_gamma_model_kernel_matches_twin():
     aif, op, c, cc, il, log_m, tau, *_rest, t0, dt_t = _refine_inputs()
-    buf = [np.empty(aif.size) for _ in range(3)]
     for v in range(4):
-        got = _kernels._gamma_model_sse(c[v], cc[v], aif, TR, op.table, t0, dt_t, il[v], log_m[v], tau[v], *buf)
-        ref = gamma_model_sse(c[v], aif, TR, op.table, t0, dt_t, il[v], log_m[v], tau[v])
+        got = _kernels._gamma_model_sse(c[v], cc[v], TR, op.table, t0, dt_t, il[v], log_m[v], tau[v])
+        ref = gamma_model_sse(c[v], TR, op.table, t0, dt_t, il[v], log_m[v], tau[v])
         assert_allclose(got, ref, rtol=KERNEL_RTOL, atol=1e-15)
 
 
 def test_gamma_refine_kernel_matches_twin():
     aif, op, c, cc, il, log_m, tau, flow, sse, t0, dt_t = _refine_inputs()
     args = (0.1, 0.4, np.log(1.0), np.log(40.0), -3.0, 12.0, 3)
-    ref = gamma_refine(c, aif, TR, op.table, t0, dt_t, il, log_m, tau, flow, sse, *args)
+    ref = gamma_refine(c, TR, op.table, t0, dt_t, il, log_m, tau, flow, sse, *args)
     got = [log_m.copy(), tau.copy(), flow.copy(), sse.copy()]
-    _kernels._gamma_refine(c, cc, aif, TR, op.table, t0, dt_t, il, *got[:2], got[2], got[3], *args)
+    _kernels._gamma_refine(c, cc, TR, op.table, t0, dt_t, il, *got[:2], got[2], got[3], *args)
     for g, r in zip(got, ref):
         assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
     # single voxel, float32 curves
     one = [log_m[:1].copy(), tau[:1].copy(), flow[:1].copy(), sse[:1].copy()]
     c32 = c[:1].astype(np.float32)
-    _kernels._gamma_refine(c32, cc[:1], aif, TR, op.table, t0, dt_t, il[:1], *one[:2], one[2], one[3], *args)
-    ref1 = gamma_refine(c32.astype(np.float64), aif, TR, op.table, t0, dt_t, il[:1], log_m[:1], tau[:1], flow[:1],
+    _kernels._gamma_refine(c32, cc[:1], TR, op.table, t0, dt_t, il[:1], *one[:2], one[2], one[3], *args)
+    ref1 = gamma_refine(c32.astype(np.float64), TR, op.table, t0, dt_t, il[:1], log_m[:1], tau[:1], flow[:1],
                         sse[:1], *args)
     for g, r in zip(one, ref1):
         # float32 input: the kernel multiplies float32 samples, the twin float64 copies; a parabolic

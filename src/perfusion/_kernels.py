@@ -72,12 +72,13 @@ def _osvd_search(x, s, vt, k_max, oi_target, out_b, out_k):
 
 
 @njit(cache=True, nogil=True)
-def _gamma_model_sse(c, cc, aif, tr, table, t0, dt_table, il, logm, tau, w, a, y):
-    """Flow F >= 0 (projected) and residual of the unit-flow model at (shape il, log MTT, tau):
-    residue weights interpolated linearly in log MTT from ``table`` (uniform grid t0 + k dt_table),
-    the AIF delayed by linear interpolation, causal convolution. w, a, y are work buffers (N,)."""
+def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
+    """Flow F >= 0 (projected) and residual of the unit-flow model at (shape il, log MTT, tau): the
+    unit response Y interpolated linearly in log MTT from ``table`` (uniform grid t0 + k dt_table),
+    read at t_k - tau by linear interpolation in time (0 before the first sample). O(N)."""
     n = c.shape[0]
     size = table.shape[1]
+    m = table.shape[2]
     x = (logm - t0) / dt_table
     j = int(np.floor(x))
     if j < 0:
@@ -89,26 +90,24 @@ def _gamma_model_sse(c, cc, aif, tr, table, t0, dt_table, il, logm, tau, w, a, y
         f = 0.0
     elif f > 1.0:
         f = 1.0
-    for k in range(n):
-        w[k] = table[il, j, k] * (1.0 - f) + table[il, j + 1, k] * f
-        xs = k - tau / tr
-        if xs < 0.0:
-            a[k] = 0.0
-        elif xs >= n - 1:
-            a[k] = aif[n - 1]
-        else:
-            i = int(np.floor(xs))
-            g = xs - i
-            a[k] = aif[i] * (1.0 - g) + aif[i + 1] * g
     yy = 0.0
     yc = 0.0
+    shift = tau / tr
     for k in range(n):
-        acc = 0.0
-        for i in range(k + 1):
-            acc += a[i] * w[k - i]
-        y[k] = acc
-        yy += acc * acc
-        yc += acc * c[k]
+        xs = k - shift
+        if xs < 0.0:
+            continue
+        i = int(np.floor(xs))
+        if i > m - 2:
+            i = m - 2
+        g = xs - i
+        if g > 1.0:
+            g = 1.0
+        lo = table[il, j, i] * (1.0 - f) + table[il, j + 1, i] * f
+        hi = table[il, j, i + 1] * (1.0 - f) + table[il, j + 1, i + 1] * f
+        y = lo * (1.0 - g) + hi * g
+        yy += y * y
+        yc += y * c[k]
     if yy <= 0.0 or yc <= 0.0:
         return 0.0, cc
     flow = yc / yy
@@ -116,15 +115,12 @@ def _gamma_model_sse(c, cc, aif, tr, table, t0, dt_table, il, logm, tau, w, a, y
 
 
 @njit(cache=True, parallel=True)
-def _gamma_refine(c, cc, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
+def _gamma_refine(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
                   lo_logm, hi_logm, lo_tau, hi_tau, rounds):
     """Per voxel, ``rounds`` rounds of parabolic steps in log MTT then tau (steps h, halved each round)
     on the exact model; a step is kept only if it lowers the residual. Updates log_m, tau, flow, sse."""
-    n_vox, n = c.shape
+    n_vox = c.shape[0]
     for v in prange(n_vox):
-        w = np.empty(n)
-        a = np.empty(n)
-        y = np.empty(n)
         h0 = h_logm
         h1 = h_tau
         for r in range(rounds):
@@ -136,11 +132,11 @@ def _gamma_refine(c, cc, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse
                 xm = max(xc - h, lo)
                 xp = min(xc + h, hi)
                 if d == 0:
-                    _, sm = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], xm, tau[v], w, a, y)
-                    _, sp = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], xp, tau[v], w, a, y)
+                    _, sm = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xm, tau[v])
+                    _, sp = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xp, tau[v])
                 else:
-                    _, sm = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], log_m[v], xm, w, a, y)
-                    _, sp = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], log_m[v], xp, w, a, y)
+                    _, sm = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xm)
+                    _, sp = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xp)
                 denom = sm - 2.0 * sse[v] + sp
                 step = 0.0
                 if denom > 0.0:
@@ -151,9 +147,9 @@ def _gamma_refine(c, cc, aif, tr, table, t0, dt_table, il, log_m, tau, flow, sse
                         step = -1.0
                 xn = min(max(xc + h * step, lo), hi)
                 if d == 0:
-                    fn, sn = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], xn, tau[v], w, a, y)
+                    fn, sn = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xn, tau[v])
                 else:
-                    fn, sn = _gamma_model_sse(c[v], cc[v], aif, tr, table, t0, dt_table, il[v], log_m[v], xn, w, a, y)
+                    fn, sn = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xn)
                 if sn < sse[v]:
                     sse[v] = sn
                     flow[v] = fn

@@ -44,8 +44,8 @@ DELAY_BOUNDS_S = (-3.0, 12.0)
 N_GRID_MTT = 20
 DELAY_STEP_TR = 0.5
 
-#: Entries of the residue-weight table per shape (log-MTT spacing 0.007: linear interpolation error
-#: about 1e-5 relative).
+#: Entries of the unit-response table per shape (log-MTT spacing 0.007: linear interpolation error
+#: about 1e-5 relative). With it every model evaluation in the refinement costs O(N), not a convolution.
 TABLE_SIZE = 512
 
 #: Rounds of exact parabolic refinement after the grid step (each halves the step).
@@ -104,10 +104,41 @@ def causal_convolve(a: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.fft.irfft(np.fft.rfft(a, size) * np.fft.rfft(w, size), size)[..., :n]
 
 
+def extension(tr: float) -> int:
+    """Samples appended after the last frame (the AIF held at its last value) so that a negative delay
+    down to DELAY_BOUNDS_S[0] can be read off the unit response."""
+    return int(np.ceil(-DELAY_BOUNDS_S[0] / tr)) + 2
+
+
+def unit_response(aif: np.ndarray, *, tr: float, mtt, lam) -> np.ndarray:
+    """Y = a * R at the sample times, over N + extension(tr) samples (the AIF held at its last value
+    beyond the series); mtt and lam broadcast."""
+    aif = np.asarray(aif, dtype=np.float64)
+    ext = extension(tr)
+    a_ext = np.concatenate([aif, np.full(ext, aif[-1])])
+    return causal_convolve(a_ext, residue_weights(mtt, lam, tr=tr, n=a_ext.size))
+
+
+def delay_response(y_ext: np.ndarray, *, tr: float, tau, n: int) -> np.ndarray:
+    """y_tau(t_k) = Y(t_k - tau) for k < n, Y read by linear interpolation from its samples (0 before
+    the first). Convolution commutes with the shift, so this equals convolving the AIF delayed by
+    linear interpolation (up to the AIF's first samples, its baseline, which a negative delay drops).
+    ``y_ext``: (..., M) with leading shape equal to tau's (or 1-D with a scalar tau)."""
+    y_ext = np.asarray(y_ext, dtype=np.float64)
+    tau = np.asarray(tau, dtype=np.float64)
+    x = np.arange(n) - tau[..., None] / tr
+    j = np.clip(np.floor(x).astype(np.int64), 0, y_ext.shape[-1] - 2)
+    g = np.clip(x - j, 0.0, 1.0)
+    lo = np.take_along_axis(y_ext, j, axis=-1)
+    hi = np.take_along_axis(y_ext, j + 1, axis=-1)
+    return np.where(x < 0, 0.0, lo * (1.0 - g) + hi * g)
+
+
 def model_curves(aif: np.ndarray, *, tr: float, mtt, lam, tau) -> np.ndarray:
     """Unit-flow model curves int a(u - tau) R(t - u) du at the sample times; parameters broadcast."""
     n = np.asarray(aif).size
-    return causal_convolve(delayed(aif, tr=tr, tau=tau), residue_weights(mtt, lam, tr=tr, n=n))
+    mtt_b, lam_b, tau_b = np.broadcast_arrays(np.asarray(mtt, float), np.asarray(lam, float), np.asarray(tau, float))
+    return delay_response(unit_response(aif, tr=tr, mtt=mtt_b, lam=lam_b), tr=tr, tau=tau_b, n=n)
 
 
 def exp_convolution(a: np.ndarray, *, tr: float, mtt) -> np.ndarray:
@@ -141,11 +172,11 @@ class ModelOperator:
     norms2: np.ndarray  # (G,)
     curves32: np.ndarray  # float32 copy for scoring
     norms2_32: np.ndarray
-    table_log_mtt: np.ndarray  # (T,) fine log-MTT grid of the weight table
-    table: np.ndarray  # (G_l, T, N) residue weights, interpolated linearly in log MTT
+    table_log_mtt: np.ndarray  # (T,) uniform fine log-MTT grid of the response table
+    table: np.ndarray  # (G_l, T, N + extension) unit responses Y = a * R, interpolated linearly in log MTT
 
-    def weights(self, il: np.ndarray, log_mtt: np.ndarray) -> np.ndarray:
-        """Residue weights (n_vox, N) for shape indices ``il`` and log MTT values, from the table."""
+    def response(self, il: np.ndarray, log_mtt: np.ndarray) -> np.ndarray:
+        """Unit responses (n_vox, N + extension) for shape indices ``il`` and log MTT values."""
         x = np.interp(log_mtt, self.table_log_mtt, np.arange(self.table_log_mtt.size))
         j = np.clip(np.floor(x).astype(np.int64), 0, self.table_log_mtt.size - 2)
         w = (x - j)[:, None]
@@ -161,7 +192,7 @@ def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
     curves = curves.reshape(-1, aif.size)
     norms2 = np.einsum("gn,gn->g", curves, curves)
     table_log_mtt = np.linspace(np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]), TABLE_SIZE)
-    table = residue_weights(np.exp(table_log_mtt)[None, :], lams[:, None], tr=tr, n=aif.size)
+    table = unit_response(aif, tr=tr, mtt=np.exp(table_log_mtt)[None, :], lam=lams[:, None])
     return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, curves=curves, norms2=norms2,
                          curves32=curves.astype(np.float32), norms2_32=norms2.astype(np.float32),
                          table_log_mtt=table_log_mtt, table=table)
@@ -244,7 +275,7 @@ def _refine(op: ModelOperator, c, cc, proj, il, best):
     sse = np.where(use, s_ref, s0)
     # further rounds on the exact model (numba): parabolic steps of half the previous size, kept if better
     t0, t1 = op.table_log_mtt[0], op.table_log_mtt[1]
-    _kernels._gamma_refine(c, cc, op.aif, op.tr, op.table, t0, t1 - t0, il.astype(np.int64), log_m, tau, flow, sse,
+    _kernels._gamma_refine(c, cc, op.tr, op.table, t0, t1 - t0, il.astype(np.int64), log_m, tau, flow, sse,
                            0.5 * np.log(op.mtts[1] / op.mtts[0]), 0.5 * (op.taus[1] - op.taus[0]),
                            np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]), DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1],
                            N_EXACT_ROUNDS)
@@ -253,7 +284,7 @@ def _refine(op: ModelOperator, c, cc, proj, il, best):
 
 def _exact(op: ModelOperator, c, cc, il, log_m, tau):
     """Flow (projected, >= 0) and residual of the model at (shape il, log MTT, tau) per voxel."""
-    y = causal_convolve(delayed(op.aif, tr=op.tr, tau=tau), op.weights(il, log_m))
+    y = delay_response(op.response(il, log_m), tr=op.tr, tau=tau, n=c.shape[1])
     yy = np.einsum("vn,vn->v", y, y)
     yc = np.einsum("vn,vn->v", y, c)
     with np.errstate(divide="ignore", invalid="ignore"):
