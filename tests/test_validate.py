@@ -5,8 +5,8 @@ Guards (each fails if a method regresses), measured values in the README table:
   |CBF error| <= 25 % (measured 15 %: the DRO's left-Riemann convolution biases it up by about
   CBF TR / (2 MTT), see src/perfusion/data/README.md).
 - Bezier DRO, no delay/dispersion (when ../shared holds it): model median |CBF error| <= 15 %
-  (measured 9.5 %) and better than osvd (26.5 %); residue-shape files (lambda 1, 5, 100): model within
-  10 % on CBF for each (measured 2.7-2.9 %).
+  (measured 12.5 %) and better than osvd (26.5 %); residue-shape files (lambda 1, 5, 100): model within
+  10 % on CBF for each (measured 0.7-3.0 %).
 """
 
 import json
