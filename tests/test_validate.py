@@ -3,7 +3,7 @@
 Guards (each fails if a method regresses), measured values in the README table:
 - OSIPI DRO (14 curves, package data): every method inside OSIPI's own rule; the model's median
   |CBF error| <= 25 % (measured 15 %: the DRO's left-Riemann convolution biases it up by about
-  CBF TR / (2 MTT), see src/perfusion/data/README.md).
+  CBF TR / (2 MTT); the DRO README in ../shared/reference-data explains its left-Riemann convolution).
 - Bezier DRO, no delay/dispersion (when ../shared holds it): model median |CBF error| <= 15 %
   (measured 12.5 %) and better than osvd (26.5 %); residue-shape files (lambda 1, 5, 100): model within
   10 % on CBF for each (measured 0.7-3.0 %).
