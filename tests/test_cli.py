@@ -16,7 +16,7 @@ from perfusion.cli import main
 
 MAPS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
         "brain_mask": "mask", "aif_mask": "mask", "gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s",
-        "gv_quality": "ratio"}
+        "gv_quality": "ratio", "ftb": "label"}
 
 
 def _analyze(case, out, *extra):
@@ -55,8 +55,10 @@ def test_output_contract(analyzed, phantom_case):
     rois = {r["name"]: r for r in rep["rois"]}
     assert set(rois) == {"roi-lesion_hyper", "roi-lesion_hypo"}
     for r in rois.values():
-        for key in ("n_voxels", "volume_ml", "rcbv_mean", "rcbv_median", "rcbv_p90", "verdict", "reasons"):
+        for key in ("n_voxels", "volume_ml", "rcbv_mean", "rcbv_median", "rcbv_p90", "verdict", "reasons",
+                    "ftb_low", "ftb_mid", "ftb_high", "psr_percent", "relative_peak_height", "rule"):
             assert key in r
+        assert 0 <= r["psr_percent"] <= 120 and r["relative_peak_height"] > 0
     assert rois["roi-lesion_hyper"]["verdict"] == "likely_recurrence"
     assert rois["roi-lesion_hypo"]["verdict"] == "likely_treatment_effect"
     assert isinstance(rep["warnings"], list)
@@ -159,3 +161,23 @@ def test_recirculation_remove_uses_first_passes(phantom_case, tmp_path):
     rep = json.loads((out / "report.json").read_text())
     assert rep["parameters"]["recirculation"] == "remove"
     assert rep["aif"]["gamma_variate"]["default_cbv"] == "gamma-variate first pass"
+
+
+def test_ftb_map_and_weeks_since_radiation(phantom_case, tmp_path):
+    out = tmp_path / "w"
+    assert _analyze(phantom_case, out, "--weeks-since-radiation", "8") == 0
+    ftb = np.asarray(nib.load(out / "ftb.nii.gz").dataobj)
+    hyper = np.asarray(nib.load(phantom_case["lesion_hyper"]).dataobj) > 0
+    hypo = np.asarray(nib.load(phantom_case["lesion_hypo"]).dataobj) > 0
+    assert set(np.unique(ftb[~(hyper | hypo)])) == {0}
+    rep = json.loads((out / "report.json").read_text())
+    rois = {r["name"]: r for r in rep["rois"]}
+    # the map's class fractions are the report's FTB fractions
+    for name, m in (("roi-lesion_hyper", hyper), ("roi-lesion_hypo", hypo)):
+        valid = ftb[m] > 0
+        assert np.mean(ftb[m][valid] == 3) == pytest.approx(rois[name]["ftb_high"])
+        assert np.mean(ftb[m][valid] == 1) == pytest.approx(rois[name]["ftb_low"])
+        assert any("pseudoprogression" in x for x in rois[name]["reasons"])
+    # relative peak height (ROI median gamma-variate peak / reference median): truth 3.0 and 0.6 in
+    # CBV; peaks scale with CBV / MTT-dependent spread, so only the side of 1 is asserted
+    assert rois["roi-lesion_hyper"]["relative_peak_height"] > 1.5 > 1 > rois["roi-lesion_hypo"]["relative_peak_height"]

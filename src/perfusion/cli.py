@@ -79,6 +79,7 @@ def analyze(
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: none, auto or a mask.")] = "none",
     recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
+    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 the report warns of pseudoprogression.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
@@ -88,7 +89,7 @@ def analyze(
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
-                recirculation=recirculation, force=force, quiet=quiet)
+                recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, force=force, quiet=quiet)
 
 
 @app.command()

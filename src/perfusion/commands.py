@@ -57,14 +57,15 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 rois: list[Path] = (), method: str = "model", threshold: float | None = None,
                 oi_target: float | None = None, leakage: str = "none", te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
-                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep", force: bool = False,
-                quiet: bool = False):
+                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
+                weeks_since_radiation: float | None = None, force: bool = False, quiet: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
     from .io import check_output_folder, staged_output
     from .pipeline import Config, analyze, write_result
 
     config = Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
                     aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask", recirculation=recirculation,
+                    weeks_since_radiation=weeks_since_radiation,
                     rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
     out = Path(out)
     check_output_folder(out, force=force)
@@ -104,7 +105,10 @@ def print_summary(result, out: Path) -> None:
                           f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}", VERDICT_LABEL[r.verdict])
         con.print(table)
         for r in result.rois:
-            con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}). {r.next_step}")
+            con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, PSR {r.psr_percent:.0f} %). "
+                      f"{r.next_step}")
+            for reason in r.reasons[1:]:
+                con.print(f"  - {reason}")
     else:
         con.print("No --roi given: maps only, no verdict.")
     for w in result.warnings:

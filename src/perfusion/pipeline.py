@@ -37,6 +37,7 @@ MAP_UNITS = {
     "gv_ttp": ("s", "Time to peak of the fitted gamma variate, from the first frame"),
     "gv_fwhm": ("s", "Full width at half maximum of the fitted gamma variate"),
     "gv_quality": ("ratio", "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
+    "ftb": ("label", "Fractional tumour burden class inside the ROIs: 1 rCBV < low, 2 between, 3 > high, 0 outside"),
 }
 
 #: Why cbv.nii.gz is the trapezoid ratio and not the fitted first pass (measured, issue 3).
@@ -59,6 +60,7 @@ class Config:
     aif_selection: str = "cluster"  # "cluster" (Mouridsen 2006 k-means) or "rank" (peak/width ranking)
     vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
+    weeks_since_radiation: float | None = None  # context for the verdict (pseudoprogression window)
     aif_voxels: int = aif_mod.DEFAULT_N_VOXELS
     rcbv_low: float = roi.RCBV_LOW
     rcbv_high: float = roi.RCBV_HIGH
@@ -204,6 +206,24 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
             if not 0.8 <= factor <= 5.0:
                 notes.append(f"the VOF scaling factor {factor:.2f} is implausible (expected 1-3); check the venous voxels")
     return curve, aif_rows, info, notes
+
+
+def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, aif_quality):
+    """One ROI's score with signal recovery, relative peak height and the context reasons."""
+    s = inputs.series
+    score = roi.score_roi(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
+                          low=config.rcbv_low, high=config.rcbv_high)
+    mean_signal = s.data[m][:, keep].mean(axis=0, dtype=np.float64)
+    peaks = volumes["gv_peak"][m]
+    rph = float(np.nanmedian(peaks) / ref_peak) if np.isfinite(peaks).any() and ref_peak > 0 else float("nan")
+    k2 = volumes.get("k2")
+    k2_med = float(np.nanmedian(k2[m])) if k2 is not None and np.isfinite(k2[m]).any() else float("nan")
+    score = replace(score, psr_percent=roi.percentage_signal_recovery(mean_signal, baseline=bl),
+                    relative_peak_height=rph, k2_median_per_s=k2_med)
+    extra = roi.context_reasons(score, weeks_since_radiation=config.weeks_since_radiation, aif_quality=aif_quality,
+                                outside_brain=int((m & ~brain).sum()),
+                                k2_abs_high=bool(np.isfinite(k2_med) and abs(k2_med) > roi.STRONG_K2_PER_S))
+    return replace(score, reasons=score.reasons + extra)
 
 
 def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
@@ -372,14 +392,17 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
                       "cbv_iqr": [float(q) for q in np.percentile(volumes["cbv"][ref_mask], [25, 75])]}
 
     # -- ROIs
-    scores = []
-    for name, m in inputs.rois.items():
-        score = roi.score_roi(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
-                              low=config.rcbv_low, high=config.rcbv_high)
-        outside = int((m & ~brain).sum())
-        if outside:
-            score = replace(score, reasons=score.reasons + (f"{outside} voxels lie outside the brain mask",))
-        scores.append(score)
+    ref_peak = float(np.nanmedian(volumes["gv_peak"][ref_mask])) if np.isfinite(volumes["gv_peak"][ref_mask]).any() else np.nan
+    scores = [_score_roi(name, m, volumes, inputs, config, brain=brain, keep=keep, bl=bl, ref_peak=ref_peak,
+                         aif_quality=aif_info.get("quality_score")) for name, m in inputs.rois.items()]
+    if inputs.rois:
+        ftb = np.zeros(shape, np.uint8)
+        for m in inputs.rois.values():
+            r = volumes["rcbv"]
+            ftb[m & (r < config.rcbv_low)] = 1
+            ftb[m & (r >= config.rcbv_low) & (r <= config.rcbv_high)] = 2
+            ftb[m & (r > config.rcbv_high)] = 3
+        volumes["ftb"] = ftb
 
     return Result(maps=volumes, brain=brain, aif_mask=aif_mask, reference_mask=ref_mask, aif_curve=aif_curve,
                   time_s=(base.start + np.arange(n_t)) * s.tr, baseline=base, aif_info=aif_info,
@@ -400,13 +423,18 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
                   "tmax": "Time of the residue maximum: the fitted tissue delay (model fit)",
                   "cbf": "Cerebral blood flow: kH/rho * fitted flow F of the exponential-residue model * 6000"}
     for name, (unit, desc) in MAP_UNITS.items():
+        if name not in result.maps:
+            continue  # ftb only with ROIs
         if result.config.method == "model":
             desc = model_desc.get(name, desc)
         p = dict(params)
-        if name == "rcbv":
+        if name in ("rcbv", "ftb"):
             p["reference"] = result.reference_info["source"]
             p["reference_cbv_median"] = result.reference_info["cbv_median"]
-        write_map(folder, name, result.maps[name], s.affine, units=unit, description=desc, parameters=p)
+        if name == "ftb":
+            p["rcbv_low"], p["rcbv_high"] = result.config.rcbv_low, result.config.rcbv_high
+        write_map(folder, name, result.maps[name], s.affine, units=unit, description=desc, parameters=p,
+                  dtype=np.uint8 if name == "ftb" else np.float32)
     write_map(folder, "brain_mask", result.brain.astype(np.uint8), s.affine, units="mask",
               description="Brain mask used for the analysis", dtype=np.uint8)
     write_map(folder, "aif_mask", result.aif_mask.astype(np.uint8), s.affine, units="mask",

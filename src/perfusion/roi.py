@@ -31,6 +31,10 @@ NEXT_STEP = {
     ),
 }
 
+#: |K2| above this (1/s) counts as strong leakage in the reasons (about 3x the phantom NAWM's noise
+#: level; to be calibrated with the leakage correction, issue 4).
+STRONG_K2_PER_S = 0.02
+
 #: ROIs with fewer valid voxels than this get a warning: a median over a handful of voxels is noise.
 MIN_ROI_VOXELS = 10
 
@@ -87,6 +91,10 @@ class RoiScore:
     verdict: str
     reasons: tuple[str, ...]
     next_step: str
+    psr_percent: float = float("nan")  # percentage of signal recovery of the ROI's mean signal
+    relative_peak_height: float = float("nan")  # median peak delta R2* / the reference's median
+    k2_median_per_s: float = float("nan")  # leakage K2 (1/s), NaN without leakage correction
+    rule: str = ""
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -115,7 +123,7 @@ def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_v
         reasons.append("no voxel of the ROI has a valid CBV (outside the analysed brain or unfittable)")
         nan = float("nan")
         return RoiScore(name, n_voxels, 0, n_voxels * voxel_volume_ml, nan, nan, nan, nan, nan, nan,
-                        "indeterminate", tuple(reasons), NEXT_STEP["indeterminate"])
+                        "indeterminate", tuple(reasons), NEXT_STEP["indeterminate"], rule=verdict_rule(low, high))
     med = float(np.median(valid))
     verdict = verdict_for(med, low=low, high=high)
     if verdict == "likely_recurrence":
@@ -142,4 +150,46 @@ def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_v
         verdict=verdict,
         reasons=tuple(reasons),
         next_step=NEXT_STEP[verdict],
+        rule=verdict_rule(low, high),
     )
+
+
+def verdict_rule(low: float, high: float) -> str:
+    return (f"median leakage-corrected rCBV > {high:g}: likely_recurrence; < {low:g}: likely_treatment_effect; "
+            f"otherwise indeterminate ({THRESHOLD_SOURCE.split(';')[0]})")
+
+
+def percentage_signal_recovery(mean_signal: np.ndarray, *, baseline: slice, post_frames: int = 10) -> float:
+    """PSR = (S_post - S_min) / (S_0 - S_min) * 100 of a mean signal curve (Barajas et al. 2009,
+    Radiology 253:486): S_0 the baseline mean, S_min the minimum, S_post the mean of the last
+    ``post_frames`` frames. Percent; NaN when there is no drop."""
+    sig = np.asarray(mean_signal, dtype=np.float64)
+    s0 = float(np.mean(sig[baseline]))
+    smin = float(np.min(sig))
+    spost = float(np.mean(sig[-post_frames:]))
+    if not s0 > smin:
+        return float("nan")
+    return 100.0 * (spost - smin) / (s0 - smin)
+
+
+#: Weeks after chemoradiation during which pseudoprogression is most common (Brandsma 2008, Lancet
+#: Oncol 9:453; guidance this tool serves: within 12 weeks).
+PSEUDOPROGRESSION_WEEKS = 12
+
+
+def context_reasons(score: RoiScore, *, weeks_since_radiation: float | None, aif_quality: float | None,
+                    outside_brain: int, k2_abs_high: bool = False) -> tuple[str, ...]:
+    """Reasons that change the confidence of a verdict, in words for the report."""
+    out = []
+    if weeks_since_radiation is not None and weeks_since_radiation < PSEUDOPROGRESSION_WEEKS:
+        out.append(f"{weeks_since_radiation:g} weeks since radiation: pseudoprogression is most common within "
+                   f"{PSEUDOPROGRESSION_WEEKS} weeks of chemoradiation; compare with prior scans")
+    if aif_quality is not None and aif_quality < 0.5:
+        out.append(f"poor arterial input function (quality {aif_quality:.2f}): absolute values are unreliable")
+    if outside_brain:
+        share = outside_brain / max(score.n_voxels, 1)
+        out.append(f"{outside_brain} voxels ({share:.0%}) lie outside the brain mask"
+                   + ("; most of the ROI is outside: lower confidence" if share > 0.5 else ""))
+    if k2_abs_high:
+        out.append("strong contrast leakage in the ROI: the corrected rCBV depends on the leakage model")
+    return tuple(out)
