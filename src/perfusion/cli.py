@@ -70,7 +70,7 @@ def analyze(
     method: Annotated[str, typer.Option(help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")] = "model",
     threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
     oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
-    leakage: Annotated[str, typer.Option(help="Leakage correction: none (the only choice in this version).")] = "none",
+    leakage: Annotated[str, typer.Option(help="Leakage correction: residue (default; Bjornerud 2011), bsw (Boxerman 2006), bidirectional (Leu 2016) or none.")] = "residue",
     te: Annotated[Optional[float], typer.Option(help="Echo time in s (overrides the sidecar).")] = None,
     tr: Annotated[Optional[float], typer.Option(help="Repetition time in s (overrides sidecar and header).")] = None,
     rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
@@ -101,12 +101,13 @@ def phantom(
     tr: Annotated[float, typer.Option(help="Repetition time in s (a multiple of 0.01).")] = 1.5,
     te: Annotated[float, typer.Option(help="Echo time in s.")] = 0.025,
     frames: Annotated[int, typer.Option(help="Number of frames.")] = 80,
+    leaky_lesions: Annotated[bool, typer.Option("--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and T2*-dominant).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
 ) -> None:
     """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
     from .commands import run_phantom
 
-    run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, force=force)
+    run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force)
 
 
 @app.command()

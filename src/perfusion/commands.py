@@ -55,7 +55,7 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
 
 def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
                 rois: list[Path] = (), method: str = "model", threshold: float | None = None,
-                oi_target: float | None = None, leakage: str = "none", te: float | None = None,
+                oi_target: float | None = None, leakage: str = "residue", te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, force: bool = False, quiet: bool = False):
@@ -118,14 +118,14 @@ def print_summary(result, out: Path) -> None:
 
 
 def run_phantom(*, out: Path, snr: float = 150.0, seed: int = 0, tr: float = 1.5, te: float = 0.025,
-                frames: int = 80, force: bool = False, quiet: bool = False) -> dict:
+                frames: int = 80, leaky_lesions: bool = False, force: bool = False, quiet: bool = False) -> dict:
     from .io import staged_output
     from .phantom import PhantomSpec, make_phantom, write_phantom
 
     if snr <= 0 or frames < 30 or tr <= 0 or te <= 0:
         raise UsageError("phantom: need --snr > 0, --frames >= 30, --tr > 0 and --te > 0")
     try:
-        ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames))
+        ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames, leaky_lesions=leaky_lesions))
     except ValueError as exc:
         raise UsageError(f"phantom: {exc}") from None
     with staged_output(Path(out), force=force) as stage:

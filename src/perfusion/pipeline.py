@@ -15,12 +15,13 @@ import numpy as np
 from scipy.integrate import trapezoid
 
 from . import aif as aif_mod
-from . import deconvolution, gammafit, maps, modelfit, roi, signal
+from . import deconvolution, gammafit, leakage, maps, modelfit, roi, signal
 from .errors import InputError, UsageError
 from .io import Series
 from .units import KH, RHO_BRAIN_G_PER_ML, cbf_scale, cbv_scale
 
-LEAKAGE_METHODS = ("none",)
+#: --leakage choices: none, or a correction of leakage.py.
+LEAKAGE_METHODS = ("none", "bsw", "bidirectional", "residue")
 
 #: Every --method: the SVD family and Tikhonov (deconvolution.py) and the model fit (modelfit.py).
 METHODS = (*deconvolution.METHODS, "model")
@@ -38,6 +39,7 @@ MAP_UNITS = {
     "gv_fwhm": ("s", "Full width at half maximum of the fitted gamma variate"),
     "gv_quality": ("ratio", "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
     "ftb": ("label", "Fractional tumour burden class inside the ROIs: 1 rCBV < low, 2 between, 3 > high, 0 outside"),
+    "k2": ("1/s", "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
 }
 
 #: Why cbv.nii.gz is the trapezoid ratio and not the fitted first pass (measured, issue 3).
@@ -56,7 +58,7 @@ class Config:
     method: str = "model"
     threshold: float | None = None  # fixed relative SVD threshold P (ssvd, csvd)
     oi_target: float | None = None  # oSVD oscillation-index target
-    leakage: str = "none"
+    leakage: str = "residue"  # measured best on the leaky phantom (README); "none" switches it off
     aif_selection: str = "cluster"  # "cluster" (Mouridsen 2006 k-means) or "rank" (peak/width ranking)
     vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
@@ -226,6 +228,46 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
     return replace(score, reasons=score.reasons + extra)
 
 
+#: Reference candidates must have a baseline coefficient of variation below this percentile of the brain's.
+STABLE_BASELINE_PERCENTILE = 90.0
+
+
+def _steady_non_enhancing(flat, idx, brain_rows, keep, bl, shape, *, chunk: int) -> np.ndarray:
+    """Brain voxels (bool x y z) that are non-enhancing (BSW: late signal within 1 baseline SD) and
+    have a stable baseline (CV below the STABLE_BASELINE_PERCENTILE of the brain's)."""
+    rows = np.flatnonzero(brain_rows)
+    ne = np.zeros(rows.size, bool)
+    cv = np.full(rows.size, np.inf)
+    for lo in range(0, rows.size, chunk):
+        sl = slice(lo, min(lo + chunk, rows.size))
+        sig = flat[idx[rows[sl]], keep].astype(np.float64)
+        ne[sl] = leakage.non_enhancing_mask(sig, baseline=bl)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cv[sl] = np.std(sig[:, bl], axis=1, ddof=1) / np.mean(sig[:, bl], axis=1)
+    finite = np.isfinite(cv)
+    stable = finite & (cv <= np.percentile(cv[finite], STABLE_BASELINE_PERCENTILE)) if finite.any() else finite
+    out = np.zeros(shape, bool)
+    out.ravel()[idx[rows[ne & stable]]] = True
+    return out
+
+
+def _leakage_reference(method: str, *, dr2s, flat, idx, brain_rows, keep, bl, chunk: int, path=None):
+    """BSW's whole-brain non-enhancing reference curve (1/s) and the report entry; (None, {...}) for
+    no correction or the residue-domain method, which needs no reference."""
+    info: dict = {"method": method}
+    if method in ("none", "residue"):
+        return None, info
+    rows = np.flatnonzero(brain_rows)
+    mask = np.zeros(rows.size, bool)
+    for lo in range(0, rows.size, chunk):
+        sl = slice(lo, min(lo + chunk, rows.size))
+        mask[sl] = leakage.non_enhancing_mask(flat[idx[rows[sl]], keep], baseline=bl)
+    if not mask.any():
+        raise InputError(f"{path}: no non-enhancing brain voxel for the leakage reference; run with --leakage none")
+    info["reference_voxels"] = int(mask.sum())
+    return leakage.reference_curve(dr2s[rows[mask]], np.ones(int(mask.sum()), bool)), info
+
+
 def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
     """The deconvolution operator of ``config.method`` for an AIF (1/s, (n_t,)); raises ValueError."""
     if config.method == "model":
@@ -339,11 +381,29 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     except ValueError as exc:
         raise InputError(f"{_where(inputs.paths.get('aif'), str(s.path))}: unusable AIF ({exc}); "
                          "give arterial voxels with --aif MASK") from None
-    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS)
+    leak_method = config.leakage
+    if leak_method == "residue":
+        try:  # the residue-domain method needs a tail after the first pass; probe once
+            leakage.correct_leakage(dr2s[:1].astype(np.float64), tr=s.tr, method="residue", aif=aif_curve, baseline=bl)
+        except ValueError as exc:
+            leak_method = "bsw"
+            notes.append(f"residue-domain leakage correction impossible ({exc}); fell back to gated BSW")
+    leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, flat=flat, idx=idx, brain_rows=brain_rows,
+                                             keep=keep, bl=bl, chunk=config.chunk_voxels, path=s.path)
+    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2",) if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
+    n_applied = 0
+    r2_values = []
     for lo in range(0, n_vox, config.chunk_voxels):
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
         c = dr2s[sl].astype(np.float64)
+        if leak_method != "none":
+            fit = leakage.correct_leakage(c, tr=s.tr, method=leak_method, reference=leak_ref, aif=aif_curve,
+                                          baseline=bl)
+            out["k2"][sl] = np.where(fit.valid, fit.k2, np.nan)
+            c = np.where(fit.valid[:, None], fit.corrected, c)
+            n_applied += int(fit.applied.sum())
+            r2_values.append(fit.r2[fit.valid])
         gv = gammafit.fit_gamma_variate(c, tr=s.tr, t_first=base.start * s.tr)
         c_used = gammafit.evaluate(gv, t_frames) if config.recirculation == "remove" else c
         for key, values in quantify(op, c_used, aif_used, tr=s.tr, config=config).items():
@@ -355,6 +415,11 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         out["gv_ttp"][sl] = gv.ttp
         out["gv_fwhm"][sl] = gv.fwhm
         out["gv_quality"][sl] = gv.quality
+    if leak_method != "none":
+        r2_all = np.concatenate(r2_values) if r2_values else np.array([])
+        leak_info.update({"n_corrected": n_applied, "fraction_corrected": n_applied / max(n_vox, 1),
+                          "fit_r2_median": float(np.median(r2_all)) if r2_all.size else float("nan")})
+    aif_info["leakage"] = leak_info
     gv_ok = np.isfinite(out["gv_quality"][brain_rows])
     aif_info["gamma_variate"].update({
         "tissue_valid_fraction": float(gv_ok.mean()) if gv_ok.size else 0.0,
@@ -369,6 +434,8 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
 
     # -- reference tissue and rCBV
     exclude = aif_mask.copy()
+    if inputs.vof is not None:
+        exclude |= inputs.vof
     for m in inputs.rois.values():
         exclude |= m
     if inputs.reference is not None:
@@ -378,8 +445,9 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         if overlap:
             notes.append(f"the reference mask overlaps ROI(s) {', '.join(overlap)}")
     else:
-        ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude)
-        ref_source = "automatic (low, homogeneous CBV away from ROIs and vessels; see README)"
+        ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude, eligible=_steady_non_enhancing(
+            flat, idx, brain_rows, keep, bl, shape, chunk=config.chunk_voxels))
+        ref_source = "automatic (low, homogeneous CBV; non-enhancing, stable baseline, away from ROIs and vessels; see README)"
     if not ref_mask.any():
         raise InputError(f"{_where(inputs.paths.get('reference'), str(s.path))}: no reference voxel with a valid CBV; "
                          "give a normal-appearing white-matter mask with --reference")

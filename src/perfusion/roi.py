@@ -52,11 +52,14 @@ def _neighbour_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
-def auto_reference(cbv: np.ndarray, brain: np.ndarray, exclude: np.ndarray, *, band=(10.0, 40.0)) -> np.ndarray:
+def auto_reference(cbv: np.ndarray, brain: np.ndarray, exclude: np.ndarray, *, eligible: np.ndarray | None = None,
+                   band=(10.0, 40.0), vessel_percentile: float = 98.0) -> np.ndarray:
     """Automatic reference tissue (a normal-appearing white-matter proxy), bool (x, y, z).
 
-    Candidates: brain voxels (mask eroded by one voxel in-plane), at least 2 voxels from ``exclude``
-    (ROIs, arterial voxels), with a positive CBV. Each candidate's in-plane 8-neighbour median CBV,
+    Candidates: brain voxels (mask eroded by one voxel in-plane) that are ``eligible`` (the pipeline
+    passes non-enhancing voxels, BSW's criterion, with a stable baseline), at least 2 voxels from
+    ``exclude`` (ROIs, arterial and venous voxels) and 1 voxel from vessels (CBV above its
+    ``vessel_percentile``), with a positive CBV. Each candidate's in-plane 8-neighbour median CBV,
     which leaves the voxel itself out so its own noise does not bias the choice, must lie within the
     ``band`` percentiles of that neighbour-median map: the low, homogeneous, non-vascular tissue that
     white matter dominates. Returns an empty mask where no voxel qualifies.
@@ -65,7 +68,13 @@ def auto_reference(cbv: np.ndarray, brain: np.ndarray, exclude: np.ndarray, *, b
     st[:, :, 1] = True
     inner = ndimage.binary_erosion(brain, structure=st)
     away = ~ndimage.binary_dilation(exclude, structure=np.ones((5, 5, 5), bool)) if exclude.any() else np.ones_like(brain)
+    finite = np.isfinite(cbv) & brain
+    if finite.any():
+        vessels = finite & (cbv > np.percentile(cbv[finite], vessel_percentile))
+        away &= ~ndimage.binary_dilation(vessels, structure=st)
     cand = inner & away & np.isfinite(cbv) & (cbv > 0)
+    if eligible is not None:
+        cand &= eligible
     if not cand.any():
         return cand
     nmed = _neighbour_median(cbv, cand)
