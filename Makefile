@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/perfusion analyze $(DEMO)/sub-phantom_dsc.nii.gz --out demo_out --force \
-	  --roi $(DEMO)/roi-lesion_hyper.nii.gz --roi $(DEMO)/roi-lesion_hypo.nii.gz
+	  $(foreach r,$(sort $(wildcard $(DEMO)/roi-*.nii.gz)),--roi $(r))
 
 test: install
 	$(BIN)/python -m pytest

@@ -56,8 +56,11 @@ def test_validate_command_writes_json(tmp_path, capsys):
     assert any("bezier" in s for s in rep["skipped"])  # tmp_path holds no reference data
     datasets = {e["dataset"] for e in rep["summary"]}
     assert datasets == {"osipi", "phantom"}
-    printed = capsys.readouterr().out
-    assert "phantom" in printed and "osipi" in printed
+    leak = {r["lesion"]: r for r in rep["leakage"]}
+    assert len(leak) == 4 and all(r["residue"]["verdict"] == r["truth_verdict"] for r in leak.values())
+    assert any(r["none"]["verdict"] != r["truth_verdict"] for r in leak.values())
+    assert "leakage" in capsys.readouterr().out
+
     phantom_model = [e for e in rep["summary"] if e["dataset"] == "phantom" and e["method"] == "model"
                      and e["group"] == "undispersed"][0]
     assert np.isfinite(phantom_model["cbf"]["median_abs"])

@@ -162,11 +162,13 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
     spec = validate.PhantomSpec(matrix=48) if quick else validate.PhantomSpec()
     rows += validate.validate_phantom(methods, spec=spec)
     summary = validate.summarize(rows)
+    leak_rows = validate.validate_leakage(spec=validate.PhantomSpec(leaky_lesions=True))
     report = {"software": {"name": "perfusion", "version": __version__}, "methods": methods,
               "reference_data": str(ref) if ref else None, "skipped": skipped,
               "error_definition": "estimate / truth - 1 against the nominal truth; median_abs and p90_abs of |error|, "
                                   "bias the median signed error",
               "summary": summary,
+              "leakage": leak_rows,
               "rows": [{"dataset": r.dataset, "group": r.group, "method": r.method, "item": r.item,
                         "truth": r.truth, "estimate": r.estimate} for r in rows]}
     if json_path is not None:
@@ -179,11 +181,12 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
         except OSError as exc:
             raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
     if not quiet:
-        print_validation(summary, skipped, json_path)
+        print_validation(summary, skipped, json_path, leak_rows)
     return report
 
 
-def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None) -> None:
+def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None,
+                     leak_rows: list[dict] | None = None) -> None:
     from rich.table import Table
 
     con = _console()
@@ -200,6 +203,15 @@ def print_validation(summary: list[dict], skipped: list[str], json_path: Path | 
         for e in summary:
             if e["dataset"] == dataset:
                 table.add_row(e["group"], e["method"], str(e["n"]), cell(e["cbv"]), cell(e["cbf"]), cell(e["mtt"]))
+        con.print(table)
+    if leak_rows:
+        methods = [k for k in leak_rows[0] if isinstance(leak_rows[0][k], dict)]
+        table = Table(title="leakage (leaky phantom, true AIF, NAWM reference): median rCBV (verdict); x wrong")
+        for col in ("lesion", "Ktrans 1/min", "truth", *methods):
+            table.add_column(col, no_wrap=True)
+        for r in leak_rows:
+            cells = [f"{r[m]['rcbv_median']:.2f}" + ("" if r[m]["verdict"] == r["truth_verdict"] else " x") for m in methods]
+            table.add_row(r["lesion"], f"{r['ktrans_per_min']:g}", f"{r['truth_rcbv']:.2f}", *cells)
         con.print(table)
     for s in skipped:
         con.print(f"skipped: {s}")
