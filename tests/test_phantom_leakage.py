@@ -122,18 +122,21 @@ def test_default_phantom_unchanged(default):
     assert not {"leaky_lesions", "flip_angle", "leaky_lesion_params"} & set(spec_json)
 
 
-def test_default_phantom_matches_committed_sample(default):
-    """The committed demo case (sample_data/sub-demo) was written from the default spec; it must
-    still be what the default spec makes, signal and truth.json spec alike."""
+def test_committed_sample_is_the_leaky_phantom():
+    """The committed demo case (sample_data/sub-demo, written by `perfusion phantom --leaky-lesions`)
+    must still be what that spec makes, signal and truth.json spec alike; its first five slices are
+    the default phantom's, noise included."""
     from pathlib import Path
 
     demo = Path(__file__).resolve().parents[1] / "sample_data" / "sub-demo"
     if not (demo / "sub-phantom_dsc.nii.gz").is_file():
         pytest.skip("sample_data/sub-demo not present")
     committed = np.asarray(nib.load(demo / "sub-phantom_dsc.nii.gz").dataobj)
-    assert_array_equal(committed, default.signal)
+    leaky = make_phantom(PhantomSpec(leaky_lesions=True))
+    assert_array_equal(committed, leaky.signal)
+    assert_array_equal(committed[:, :, :5], make_phantom(PhantomSpec()).signal)
     truth = json.loads((demo / "truth.json").read_text())
-    assert truth["spec"] == json.loads(json.dumps(PhantomSpec().to_json()))
+    assert truth["spec"] == json.loads(json.dumps(PhantomSpec(leaky_lesions=True).to_json()))
     sidecar = json.loads((demo / "sub-phantom_dsc.json").read_text())
     assert sidecar["FlipAngle"] == 60
 
