@@ -52,7 +52,10 @@ def test_default_correction_gets_every_verdict_right(leaky_case, tmp_path, capsy
         print("\n" + "\n".join(lines))
     rep = json.loads((out / "report.json").read_text())
     assert rep["parameters"]["leakage"] == "residue"
-    assert rep["aif"]["leakage"]["method"] == "residue" and 0 < rep["aif"]["leakage"]["fit_r2_median"] <= 1
+    assert rep["leakage"]["method"] == "residue" and 0 < rep["leakage"]["fit_r2_median"] <= 1
+    # strong leakage is flagged in the reasons of the lesions whose CBV the correction changed by > 30 %
+    assert any("strong contrast leakage" in x for x in rois["roi-leaky_treatment_t1"]["reasons"])
+    assert (out / "cbv_uncorrected.nii.gz").is_file()
     k2 = nib.load(out / "k2.nii.gz")
     assert json.loads((out / "k2.json").read_text())["Units"] == "1/s"
     k2 = np.asarray(k2.dataobj)

@@ -85,6 +85,12 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     return result
 
 
+def _rule_line(result) -> str:
+    from .roi import verdict_rule
+
+    return "Rule: " + verdict_rule(result.config.rcbv_low, result.config.rcbv_high)
+
+
 def print_summary(result, out: Path) -> None:
     from rich.table import Table
 
@@ -107,8 +113,12 @@ def print_summary(result, out: Path) -> None:
         for r in result.rois:
             con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, PSR {r.psr_percent:.0f} %). "
                       f"{r.next_step}")
+            con.print(f"  rCBV mean {r.rcbv_mean:.2f}, p90 {r.rcbv_p90:.2f}; relative peak height {r.relative_peak_height:.2f}"
+                      + (f"; K2 median {r.k2_median_per_s:.2g} 1/s, leakage correction changed CBV by {r.leakage_cbv_change:+.0%}"
+                         if r.leakage_cbv_change == r.leakage_cbv_change else ""))
             for reason in r.reasons[1:]:
                 con.print(f"  - {reason}")
+        con.print(_rule_line(result))
     else:
         con.print("No --roi given: maps only, no verdict.")
     for w in result.warnings:

@@ -40,6 +40,7 @@ MAP_UNITS = {
     "gv_quality": ("ratio", "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
     "ftb": ("label", "Fractional tumour burden class inside the ROIs: 1 rCBV < low, 2 between, 3 > high, 0 outside"),
     "k2": ("1/s", "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
+    "cbv_uncorrected": ("mL/100 g", "CBV before leakage correction (area ratio of the measured curve)"),
 }
 
 #: Why cbv.nii.gz is the trapezoid ratio and not the fitted first pass (measured, issue 3).
@@ -220,11 +221,15 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
     rph = float(np.nanmedian(peaks) / ref_peak) if np.isfinite(peaks).any() and ref_peak > 0 else float("nan")
     k2 = volumes.get("k2")
     k2_med = float(np.nanmedian(k2[m])) if k2 is not None and np.isfinite(k2[m]).any() else float("nan")
+    change = float("nan")
+    if "cbv_uncorrected" in volumes and np.isfinite(volumes["cbv_uncorrected"][m]).any():
+        corr = float(np.nanmedian(volumes["cbv"][m]))
+        change = (corr - float(np.nanmedian(volumes["cbv_uncorrected"][m]))) / abs(corr) if corr else float("nan")
     score = replace(score, psr_percent=roi.percentage_signal_recovery(mean_signal, baseline=bl),
-                    relative_peak_height=rph, k2_median_per_s=k2_med)
+                    relative_peak_height=rph, k2_median_per_s=k2_med, leakage_cbv_change=change)
     extra = roi.context_reasons(score, weeks_since_radiation=config.weeks_since_radiation, aif_quality=aif_quality,
                                 outside_brain=int((m & ~brain).sum()),
-                                k2_abs_high=bool(np.isfinite(k2_med) and abs(k2_med) > roi.STRONG_K2_PER_S))
+                                strong_leakage=bool(np.isfinite(change) and abs(change) > roi.STRONG_LEAKAGE_CHANGE))
     return replace(score, reasons=score.reasons + extra)
 
 
@@ -390,7 +395,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             notes.append(f"residue-domain leakage correction impossible ({exc}); fell back to gated BSW")
     leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, flat=flat, idx=idx, brain_rows=brain_rows,
                                              keep=keep, bl=bl, chunk=config.chunk_voxels, path=s.path)
-    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2",) if config.leakage != "none" else ()))
+    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
     n_applied = 0
     r2_values = []
@@ -401,6 +406,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             fit = leakage.correct_leakage(c, tr=s.tr, method=leak_method, reference=leak_ref, aif=aif_curve,
                                           baseline=bl)
             out["k2"][sl] = np.where(fit.valid, fit.k2, np.nan)
+            out["cbv_uncorrected"][sl] = maps.cbv(c, aif_curve, tr=s.tr, kh=config.kh, rho=config.rho)
             c = np.where(fit.valid[:, None], fit.corrected, c)
             n_applied += int(fit.applied.sum())
             r2_values.append(fit.r2[fit.valid])

@@ -20,7 +20,7 @@ THRESHOLD_SOURCE = (
 VERDICTS = ("likely_recurrence", "likely_treatment_effect", "indeterminate")
 
 NEXT_STEP = {
-    "likely_recurrence": "High blood volume favours tumour recurrence: refer to neuro-oncology / tumour board.",
+    "likely_recurrence": "High blood volume favours tumour recurrence: refer to neuro-oncology for multidisciplinary review.",
     "likely_treatment_effect": (
         "Low blood volume favours treatment effect (pseudoprogression or radiation necrosis): "
         "short-interval follow-up MRI in 6-8 weeks."
@@ -31,9 +31,10 @@ NEXT_STEP = {
     ),
 }
 
-#: |K2| above this (1/s) counts as strong leakage in the reasons (about 3x the phantom NAWM's noise
-#: level; to be calibrated with the leakage correction, issue 4).
-STRONG_K2_PER_S = 0.02
+#: The leakage correction changing the ROI's median CBV by more than this fraction counts as strong
+#: leakage in the reasons (method-independent, unlike K2, whose scale differs between BSW and the
+#: residue-domain method). On the leaky phantom the correction changes CBV by 45-70 %.
+STRONG_LEAKAGE_CHANGE = 0.3
 
 #: ROIs with fewer valid voxels than this get a warning: a median over a handful of voxels is noise.
 MIN_ROI_VOXELS = 10
@@ -103,6 +104,7 @@ class RoiScore:
     psr_percent: float = float("nan")  # percentage of signal recovery of the ROI's mean signal
     relative_peak_height: float = float("nan")  # median peak delta R2* / the reference's median
     k2_median_per_s: float = float("nan")  # leakage K2 (1/s), NaN without leakage correction
+    leakage_cbv_change: float = float("nan")  # (corrected - uncorrected) / corrected median CBV
     rule: str = ""
 
     def as_dict(self) -> dict:
@@ -187,7 +189,7 @@ PSEUDOPROGRESSION_WEEKS = 12
 
 
 def context_reasons(score: RoiScore, *, weeks_since_radiation: float | None, aif_quality: float | None,
-                    outside_brain: int, k2_abs_high: bool = False) -> tuple[str, ...]:
+                    outside_brain: int, strong_leakage: bool = False) -> tuple[str, ...]:
     """Reasons that change the confidence of a verdict, in words for the report."""
     out = []
     if weeks_since_radiation is not None and weeks_since_radiation < PSEUDOPROGRESSION_WEEKS:
@@ -199,6 +201,7 @@ def context_reasons(score: RoiScore, *, weeks_since_radiation: float | None, aif
         share = outside_brain / max(score.n_voxels, 1)
         out.append(f"{outside_brain} voxels ({share:.0%}) lie outside the brain mask"
                    + ("; most of the ROI is outside: lower confidence" if share > 0.5 else ""))
-    if k2_abs_high:
-        out.append("strong contrast leakage in the ROI: the corrected rCBV depends on the leakage model")
+    if strong_leakage:
+        out.append(f"strong contrast leakage: the correction changed the median CBV by {score.leakage_cbv_change:+.0%}; "
+                   "the verdict depends on the leakage model")
     return tuple(out)
