@@ -41,6 +41,10 @@ def test_output_contract(analyzed, phantom_case):
     header, *rows = (analyzed / "aif.tsv").read_text().splitlines()
     assert header.split("\t") == ["time_s", "delta_r2s"]
     assert len(rows) >= 70
+    header, *rows = (analyzed / "curves.tsv").read_text().splitlines()
+    assert header.split("\t")[:4] == ["time_s", "aif", "reference_uncorrected", "reference"]
+    assert "roi:roi-lesion_hyper" in header.split("\t") and len(rows) == 78
+    assert json.loads((analyzed / "baseline.json").read_text())["Units"] == "a.u."
     rep = json.loads((analyzed / "report.json").read_text())
     assert rep["software"]["name"] == "perfusion" and rep["software"]["version"]
     assert str(phantom_case["dsc"]) in rep["inputs"] and len(rep["inputs"][str(phantom_case["dsc"])]) == 64

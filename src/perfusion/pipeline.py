@@ -132,6 +132,8 @@ class Result:
     warnings: list[str]
     config: Config
     seconds: float
+    curves: dict[str, np.ndarray] = field(default_factory=dict)  # mean delta R2* (1/s) per region
+    baseline_image: np.ndarray | None = None  # mean signal of the baseline frames (a.u., x y z)
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -478,10 +480,28 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             ftb[m & (r > config.rcbv_high)] = 3
         volumes["ftb"] = ftb
 
+    # -- mean curves of the reference and the ROIs, before and after leakage correction (for the report)
+    curves = {}
+    regions = {"reference": ref_mask, **{f"roi:{n}": m for n, m in inputs.rois.items()}}
+    for label, m in regions.items():
+        flat_idx = np.flatnonzero(m.ravel())
+        pos = np.clip(np.searchsorted(idx, flat_idx), 0, idx.size - 1)
+        rows = pos[idx[pos] == flat_idx]  # idx is sorted (flatnonzero)
+        if rows.size == 0:
+            continue
+        raw = dr2s[rows].astype(np.float64)
+        curves[f"{label}_uncorrected"] = np.nanmean(raw, axis=0)
+        if leak_method != "none":
+            fit = leakage.correct_leakage(raw, tr=s.tr, method=leak_method, reference=leak_ref, aif=aif_curve,
+                                          baseline=bl)
+            raw = np.where(fit.valid[:, None], fit.corrected, raw)
+        curves[label] = np.nanmean(raw, axis=0)
+    baseline_image = s.data[..., base.start:base.stop].mean(axis=3)
+
     return Result(maps=volumes, brain=brain, aif_mask=aif_mask, reference_mask=ref_mask, aif_curve=aif_curve,
                   time_s=(base.start + np.arange(n_t)) * s.tr, baseline=base, aif_info=aif_info,
                   reference_info=reference_info, rois=scores, warnings=notes, config=config,
-                  seconds=time.perf_counter() - t_start)
+                  seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image)
 
 
 def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
@@ -516,6 +536,13 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
     write_map(folder, "reference_mask", result.reference_mask.astype(np.uint8), s.affine, units="mask",
               description=f"Reference tissue for rCBV ({result.reference_info['source']})", dtype=np.uint8)
     write_tsv(folder / "aif.tsv", {"time_s": result.time_s, "delta_r2s": result.aif_curve})
+    write_tsv(folder / "curves.tsv", {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
+    write_json(folder / "curves.json", {"Units": {"time_s": "s", "other columns": "1/s"},
+                                        "Description": "Mean delta R2* of the AIF, the reference tissue and each ROI; "
+                                                       "_uncorrected columns before leakage correction"})
+    if result.baseline_image is not None:
+        write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
+                  description="Mean signal of the baseline frames (background image for figures)")
     write_json(folder / "report.json", report.build_report(result, inputs))
 
 
