@@ -7,7 +7,6 @@ and scattered back to (x, y, z) maps at the end. A voxel that cannot be fitted i
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -544,11 +543,3 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
         write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
                   description="Mean signal of the baseline frames (background image for figures)")
     write_json(folder / "report.json", report.build_report(result, inputs))
-
-
-def capture_warnings(func, *args, **kwargs):
-    """Call ``func`` and return (its result, the messages of the warnings it raised)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = func(*args, **kwargs)
-    return value, [str(w.message) for w in caught]
