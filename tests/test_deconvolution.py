@@ -104,3 +104,13 @@ def test_osipi_dsc_reference(method, capsys):
         assert abs(cbv - (ref_cbv + ref_cbf * tr / 120)) <= 0.1 * (ref_cbv + ref_cbf * tr / 120), label
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_trapezoid_matches_scipy():
+    """maps.trapezoid (numpy only) equals scipy's trapezoid to rounding, 1-D and along the last axis."""
+    from scipy.integrate import trapezoid as scipy_trapezoid
+
+    rng = np.random.default_rng(7)
+    y = rng.standard_normal((6, 81))
+    assert_allclose(maps.trapezoid(y, dx=1.243), scipy_trapezoid(y, dx=1.243, axis=-1), rtol=1e-12, atol=1e-12)
+    assert_allclose(maps.trapezoid(y[0], dx=0.5), scipy_trapezoid(y[0], dx=0.5), rtol=1e-12, atol=1e-12)

@@ -390,7 +390,7 @@ def scale_to_vof(aif: np.ndarray, vof: np.ndarray, *, tr: float, window_s: float
     """
     import warnings
 
-    from scipy.integrate import trapezoid
+    from .maps import trapezoid
 
     a = np.asarray(aif, dtype=np.float64)
     v = np.asarray(vof, dtype=np.float64)

@@ -7,9 +7,19 @@ units.RHO_BRAIN_G_PER_ML; pass 1.0 for both to switch the corrections off (as fo
 from __future__ import annotations
 
 import numpy as np
-from scipy.integrate import trapezoid
-
 from .units import KH, RHO_BRAIN_G_PER_ML, SECONDS_PER_MINUTE, cbf_scale, cbv_scale
+
+
+def trapezoid(y: np.ndarray, *, dx: float, axis: int = -1) -> np.ndarray:
+    """Trapezoid-rule integral of samples ``y`` spaced ``dx`` apart along ``axis`` (numpy only: no
+    scipy.integrate import on the start-up path)."""
+    y = np.asarray(y, dtype=np.float64)
+    n = y.shape[axis]
+    if n < 2:
+        return np.zeros(np.delete(y.shape, axis % y.ndim)) if y.ndim > 1 else np.float64(0.0)
+    first = np.take(y, 0, axis=axis)
+    last = np.take(y, n - 1, axis=axis)
+    return dx * (np.sum(y, axis=axis) - 0.5 * (first + last))
 
 
 def cbv(curves: np.ndarray, aif: np.ndarray, *, tr: float, kh: float = KH, rho: float = RHO_BRAIN_G_PER_ML) -> np.ndarray:

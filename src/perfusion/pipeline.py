@@ -11,7 +11,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from scipy.integrate import trapezoid
 
 from . import aif as aif_mod
 from . import deconvolution, gammafit, leakage, maps, modelfit, roi, signal
@@ -370,7 +369,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     gv_aif = gammafit.fit_gamma_variate(aif_curve[None], tr=s.tr, t_first=base.start * s.tr)
     gv_aif_ok = bool(gv_aif.valid[0])
     aif_info["gamma_variate"] = {"valid": gv_aif_ok, "first_pass_area": float(gv_aif.area[0]),
-                                 "trapezoid_area": float(trapezoid(aif_curve, dx=s.tr)),
+                                 "trapezoid_area": float(maps.trapezoid(aif_curve, dx=s.tr)),
                                  "quality_nrmse": float(gv_aif.quality[0])}
     if config.recirculation == "remove":
         if not gv_aif_ok:
