@@ -67,6 +67,8 @@ def test_output_contract(analyzed, phantom_case):
     assert rois["roi-lesion_hypo"]["verdict"] == "likely_treatment_effect"
     assert isinstance(rep["warnings"], list)
     assert "not a medical device" in rep["disclaimer"]
+    html = (analyzed / "report.html").read_text()
+    assert "likely recurrence" in html.lower() and "not a medical device" in html
     # rcbv.nii.gz is CBV over the reference median
     cbv = np.asarray(nib.load(analyzed / "cbv.nii.gz").dataobj)
     rcbv = np.asarray(nib.load(analyzed / "rcbv.nii.gz").dataobj)

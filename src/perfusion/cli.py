@@ -125,6 +125,18 @@ def validate(
 
 
 @app.command()
+@_guard
+def report(
+    folder: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' (holds report.json).")],
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Write report.html (verdicts, maps, curves, quality checks; one self-contained file) into FOLDER."""
+    from .commands import run_report
+
+    run_report(folder=folder, quiet=quiet)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from . import __version__

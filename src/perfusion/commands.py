@@ -78,8 +78,11 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
         warnings.simplefilter("always")
         result = analyze(inputs, config)
     result.warnings.extend(load_warnings + [str(w.message) for w in caught])
+    from .report_html import write_html
+
     with staged_output(out, force=force) as stage:
         write_result(result, inputs, stage)
+        write_html(stage)
     if not quiet:
         print_summary(result, out)
     return result
@@ -123,7 +126,7 @@ def print_summary(result, out: Path) -> None:
         con.print("No --roi given: maps only, no verdict.")
     for w in result.warnings:
         con.print(f"warning: {w}")
-    con.print(f"Maps and report.json written to {out}")
+    con.print(f"Maps, report.json and report.html written to {out}")
     con.print(DISCLAIMER)
 
 
@@ -193,6 +196,19 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
     if not quiet:
         print_validation(summary, skipped, json_path, leak_rows)
     return report
+
+
+def run_report(*, folder: Path, quiet: bool = False) -> Path:
+    """Write ``folder``/report.html from an analyze output folder; return its path."""
+    from .report_html import write_html
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"{folder}: folder not found; give a folder written by 'perfusion analyze'")
+    path = write_html(folder)
+    if not quiet:
+        _console().print(f"Report written to {path}")
+    return path
 
 
 def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None,

@@ -100,14 +100,19 @@ def _load_image(path: Path, what: str):
     return img, data
 
 
-def _read_sidecar(path: Path) -> dict[str, Any]:
+def read_json_object(path: Path, *, what: str, fix: str) -> dict[str, Any]:
+    """A JSON file holding an object; InputError naming the file and ``fix`` otherwise."""
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: sidecar is not valid JSON ({exc}); fix or remove it") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({str(exc).splitlines()[0]}); {fix}") from None
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: sidecar must hold a JSON object; fix or remove it")
+        raise InputError(f"{path}: {what} must hold a JSON object; {fix}")
     return obj
+
+
+def _read_sidecar(path: Path) -> dict[str, Any]:
+    return read_json_object(path, what="sidecar", fix="fix or remove it")
 
 
 def _check_time(value: Any, *, name: str, flag: str, limit: float, source: str, path: Path) -> float:

@@ -1,4 +1,4 @@
-"""report.json and the terminal summary, built from a Result. No numerics here."""
+"""report.json, built from a Result. No numerics here (report.html: report_html.py)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ def build_report(result: "Result", inputs: "Inputs") -> dict:
     if s.sidecar_path is not None:
         hashed[str(s.sidecar_path)] = sha256(s.sidecar_path)
     cfg = result.config
+    import datetime
+
     return {
         "software": {"name": "perfusion", "version": __version__},
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "inputs": hashed,
         "acquisition": {

@@ -1,0 +1,578 @@
+"""report.html: one self-contained page built from an ``analyze`` output folder.
+
+The page reads only what ``analyze`` wrote (report.json, curves.tsv, the maps and masks) and the ROI
+masks named in report.json ``inputs``. Figures are PNGs from matplotlib (Agg backend) embedded as
+base64 data URIs: no external links, scripts or fonts. Everything taken from a file (names, paths,
+reasons, header strings) is HTML-escaped. No numerics beyond what a figure needs (slices, histograms).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io as _bytes_io
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import DISCLAIMER, __version__
+from .errors import InputError, OutputError
+from .io import load_array, read_json_object, stem
+
+#: Fixed colour scales (value range, unit) so pages of different cases compare at a glance.
+#: rCBV 0-5: the verdict thresholds (1.0, 1.75) sit in the lower half, hot lesions (3-5) stay visible.
+#: CBV 0-10 mL/100 g: white matter about 2, grey matter about 4-6, vessels saturate.
+#: CBF 0-100 mL/100 g/min: white matter about 20-25, grey matter about 50-60.
+#: MTT 0-15 s and Tmax 0-6 s: normal tissue about 3-5 s and 0-2 s; the tops flag delayed tissue.
+SCALES = {
+    "rcbv": (0.0, 5.0, "ratio"),
+    "cbv": (0.0, 10.0, "mL/100 g"),
+    "cbf": (0.0, 100.0, "mL/100 g/min"),
+    "mtt": (0.0, 15.0, "s"),
+    "tmax": (0.0, 6.0, "s"),
+}
+
+#: K2's symmetric scale is +/- this percentile of |K2| in the brain eroded by one voxel in-plane: K2
+#: has no fixed physiological range (its scale differs between leakage methods); the 99th percentile
+#: keeps outliers from washing out the rest, and the erosion drops the brain edge, where partial-volume
+#: fits give |K2| 30x the interior's on the phantom (99th percentile 0.011 vs 0.0004 1/s).
+K2_PERCENTILE = 99.0
+
+#: Histogram range of rCBV (ratio) and number of bins: the colour scale's range; 50 bins of 0.1 resolve
+#: the 1.0 / 1.75 thresholds to a bin.
+HIST_RANGE = (0.0, 5.0)
+HIST_BINS = 50
+
+#: AIF quality score (0-1, report.json aif.quality_score) at or above this is ok: half of the
+#: score's components (CNR, peak ratio, lead, width, post-bolus level) fully satisfied.
+AIF_SCORE_OK = 0.5
+
+#: A field strength counts as 1.5 T or 3 T within this (T): headers write 1.494 or 2.89 for these systems.
+FIELD_TOL_T = 0.2
+
+#: A flip angle counts as the consensus's 60 or 30 degrees within this (deg): vendors round protocols
+#: to a few degrees; further away the T1 / T2* weighting changes noticeably.
+FLIP_TOL_DEG = 5.0
+
+#: Pre-bolus frames at or above this count as "a baseline of tens of frames" (Boxerman 2020).
+MIN_BASELINE_FRAMES = 20
+
+#: Brain voxels with unusable fits (NaN in CBV, CBF or MTT) above this fraction get a warning: a few
+#: per cent fail at the brain edge and in CSF on good data (0.6 % on sample_data/sub-demo).
+UNUSABLE_WARN = 0.05
+
+#: Figure resolution (dots per inch): sharp on screen, a page of a few MB for 6 slices.
+DPI = 90
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def load_report(folder: Path) -> dict:
+    """report.json of an analyze output folder; InputError naming the file if missing or broken."""
+    path = Path(folder) / "report.json"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; give a folder written by 'perfusion analyze'")
+    return read_json_object(path, what="report", fix="re-run 'perfusion analyze'")
+
+
+def read_curves(path: Path) -> dict[str, np.ndarray]:
+    """Columns of curves.tsv (time_s in s, the others delta R2* in 1/s); {} if the file is missing."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if len(lines) < 2:
+        return {}
+    names = lines[0].split("\t")
+    try:
+        values = np.array([[float(v) for v in ln.split("\t")] for ln in lines[1:]], dtype=np.float64)
+    except ValueError:
+        raise InputError(f"{path}: has a value that is not a number; re-run 'perfusion analyze'") from None
+    if values.ndim != 2 or values.shape[1] != len(names):
+        raise InputError(f"{path}: rows and header differ in length; re-run 'perfusion analyze'")
+    return {n: values[:, i] for i, n in enumerate(names)}
+
+
+def roi_mask_paths(report: dict) -> dict[str, Path | None]:
+    """Each ROI name of report.json -> the input file whose stem is that name, or None if not found."""
+    inputs = [Path(p) for p in report.get("inputs", {})]
+    out: dict[str, Path | None] = {}
+    for r in report.get("rois", []):
+        match = [p for p in inputs if stem(p) == r["name"]]
+        out[r["name"]] = match[0] if match and match[0].is_file() else None
+    return out
+
+
+def slices_with_roi(mask: np.ndarray) -> list[int]:
+    """Indices of the slices (last axis of an (x, y, z) mask) that hold at least one voxel."""
+    m = np.asarray(mask) != 0
+    return [int(z) for z in np.flatnonzero(m.reshape(-1, m.shape[-1]).any(axis=0))]
+
+
+def histogram_data(rcbv_values: np.ndarray, low: float, high: float, *, bins: int = HIST_BINS,
+                   value_range: tuple[float, float] = HIST_RANGE) -> dict[str, Any]:
+    """What the rCBV histogram plots: counts and bin edges of the finite values (ratio) in
+    ``value_range`` (values beyond are clipped into the end bins and counted in ``n_clipped``),
+    the threshold lines at ``low`` and ``high`` and the median."""
+    v = np.asarray(rcbv_values, dtype=np.float64).ravel()
+    v = v[np.isfinite(v)]
+    lo, hi = value_range
+    clipped = int(np.count_nonzero((v < lo) | (v > hi)))
+    counts, edges = np.histogram(np.clip(v, lo, hi), bins=bins, range=value_range)
+    return {"counts": counts, "edges": edges, "lines": [float(low), float(high)], "n": int(v.size),
+            "n_clipped": clipped, "median": float(np.median(v)) if v.size else float("nan")}
+
+
+def unusable_fraction(brain: np.ndarray, maps: list[np.ndarray]) -> float:
+    """Fraction of brain voxels that are NaN in any of ``maps`` (the fit failed there)."""
+    b = np.asarray(brain) != 0
+    if not b.any():
+        return float("nan")
+    bad = np.zeros_like(b)
+    for m in maps:
+        bad |= ~np.isfinite(m)
+    return float(np.count_nonzero(bad & b) / np.count_nonzero(b))
+
+
+def check_acquisition(report: dict) -> list[dict[str, str]]:
+    """Acquisition parameters against the Boxerman 2020 consensus (Neuro-Oncology 22:1262) for DSC of
+    high-grade glioma. Rows: name, value, expected, status ('ok' or 'warning'), note."""
+    acq = report.get("acquisition", {})
+    base = report.get("baseline", {})
+    rows: list[dict[str, str]] = []
+
+    def row(name, value, expected, ok, note=""):
+        rows.append({"name": name, "value": value, "expected": expected,
+                     "status": "ok" if ok else "warning", "note": note})
+
+    field = _num(acq.get("field_strength_t"))
+    is15 = field is not None and abs(field - 1.5) <= FIELD_TOL_T
+    is3 = field is not None and abs(field - 3.0) <= FIELD_TOL_T
+    row("Field strength", "not recorded" if field is None else f"{field:g} T", "1.5 T or 3 T", is15 or is3,
+        "" if (is15 or is3) else "the consensus TE is defined for 1.5 T and 3 T only")
+
+    te = _num(acq.get("te"))
+    if te is None:
+        row("TE", "not recorded", "40-50 ms (1.5 T), 20-35 ms (3 T)", False)
+    else:
+        te_ms = te * 1000.0
+        if is15:
+            row("TE", f"{te_ms:.0f} ms", "40-50 ms at 1.5 T", 40.0 - 1e-6 <= te_ms <= 50.0 + 1e-6)
+        elif is3:
+            row("TE", f"{te_ms:.0f} ms", "20-35 ms at 3 T", 20.0 - 1e-6 <= te_ms <= 35.0 + 1e-6)
+        else:
+            row("TE", f"{te_ms:.0f} ms", "40-50 ms (1.5 T), 20-35 ms (3 T)", False, "field strength unknown")
+
+    tr = _num(acq.get("tr"))
+    row("TR (temporal resolution)", "not recorded" if tr is None else f"{tr:g} s", "about 1-1.5 s",
+        tr is not None and 1.0 - 1e-6 <= tr <= 1.5 + 1e-6)
+
+    flip = _num(acq.get("flip_angle_deg"))
+    near60 = flip is not None and abs(flip - 60.0) <= FLIP_TOL_DEG
+    near30 = flip is not None and abs(flip - 30.0) <= FLIP_TOL_DEG
+    row("Flip angle", "not recorded" if flip is None else f"{flip:g} deg",
+        "60 deg with preload, 30 deg without", near60 or near30,
+        "60 deg assumes a preload dose, 30 deg none; the preload is not recorded" if (near60 or near30) else "")
+
+    n = _num(acq.get("n_frames"))
+    dur = n * tr if (n is not None and tr is not None) else None
+    row("Frames", "not recorded" if n is None else f"{n:.0f}" + (f" ({dur:.0f} s)" if dur is not None else ""),
+        "baseline, first pass and recirculation", n is not None and base.get("bolus_arrival_frame") is not None
+        and n - base["bolus_arrival_frame"] >= MIN_BASELINE_FRAMES,
+        "at least as many frames after the bolus arrival as the baseline minimum, for the tail and leakage fit")
+
+    arrival = base.get("bolus_arrival_frame")
+    used = (base["stop_frame"] - base["start_frame"]) if {"start_frame", "stop_frame"} <= base.keys() else None
+    row("Baseline frames", "not recorded" if arrival is None else
+        f"{arrival} before the bolus" + (f" ({used} used)" if used is not None else ""),
+        f"tens of frames (at least {MIN_BASELINE_FRAMES})", arrival is not None and arrival >= MIN_BASELINE_FRAMES)
+    return rows
+
+
+def _num(v) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+# -------------------------------------------------------------------------------------- figures
+
+
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas and its axes (2-D array). pyplot is not used, so the
+    user's backend and pyplot's global figure list are left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def png_bytes(fig) -> bytes:
+    """A matplotlib figure as PNG bytes."""
+    buf = _bytes_io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    return buf.getvalue()
+
+
+def _img_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+
+
+def _show(a2d: np.ndarray) -> np.ndarray:
+    """An (x, y) slice as an image: x across, y up (displayed with origin='lower')."""
+    return np.asarray(a2d).T
+
+
+def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
+    cols = min(n, max_cols)
+    return int(np.ceil(n / cols)), cols
+
+
+def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.ndarray],
+                     reference: np.ndarray | None, slices: list[int]) -> bytes:
+    """rCBV (0-5, ratio) over the baseline image on ``slices``, with ROI and reference contours."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    lo, hi, unit = SCALES["rcbv"]
+    nr, nc = _grid(len(slices), max_cols=4)
+    fig, axes = _figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr))
+    colours = colormaps["tab10"]
+    im = None
+    bg_hi = float(np.percentile(background[np.isfinite(background)], 99.5)) if np.isfinite(background).any() else 1.0
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, z in zip(axes.ravel(), slices):
+        ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower")
+        im = ax.imshow(_show(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
+                       origin="lower")
+        for i, (name, m) in enumerate(rois.items()):
+            if m[:, :, z].any():
+                ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
+                           origin="lower")
+        if reference is not None and reference[:, :, z].any():
+            ax.contour(_show(reference[:, :, z].astype(float)), levels=[0.5], colors=["white"], linewidths=0.6,
+                       linestyles="dashed", origin="lower")
+        ax.set_title(f"slice {z}", fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
+    handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(rois)]
+    if reference is not None:
+        handles.append(Line2D([], [], color="gray", linestyle="dashed", label="reference"))
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(handles) - 1) // 4)))
+    return png_bytes(fig)
+
+
+def k2_limit(k2: np.ndarray, brain: np.ndarray) -> float:
+    """Half-width of K2's symmetric colour scale (1/s): the K2_PERCENTILE of |K2| in the brain eroded
+    by one voxel in-plane (the whole brain if erosion leaves nothing)."""
+    from scipy import ndimage
+
+    b = np.asarray(brain) != 0
+    st = np.zeros((3, 3, 3), bool)
+    st[:, :, 1] = True
+    inner = ndimage.binary_erosion(b, structure=st) if b.ndim == 3 else b
+    brain = inner if (inner & np.isfinite(k2)).any() else b
+    v = np.abs(k2[(np.asarray(brain) != 0) & np.isfinite(k2)])
+    lim = float(np.percentile(v, K2_PERCENTILE)) if v.size else 0.0
+    return lim if lim > 0 else 1e-6  # a flat map still needs a scale of non-zero width
+
+
+def fig_montage(data: np.ndarray, *, label: str, vmin: float, vmax: float, cmap: str = "viridis") -> bytes:
+    """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``."""
+    nz = data.shape[2]
+    nr, nc = _grid(nz)
+    fig, axes = _figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3))
+    im = None
+    for ax in axes.ravel():
+        ax.axis("off")
+    for z, ax in zip(range(nz), axes.ravel()):
+        im = ax.imshow(_show(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        ax.set_title(f"{z}", fontsize=8)
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    return png_bytes(fig)
+
+
+def fig_aif(time_s: np.ndarray, aif: np.ndarray, n_voxels: Any) -> bytes:
+    fig, axes = _figure(figsize=(6, 3))
+    ax = axes[0, 0]
+    ax.plot(time_s, aif, color="crimson", label=f"AIF ({n_voxels} voxels)")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("delta R2* (1/s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def fig_roi_curves(time_s: np.ndarray, curves: dict[str, np.ndarray], name: str) -> bytes:
+    """Mean delta R2* (1/s) of one ROI, uncorrected and corrected, with the reference's."""
+    fig, axes = _figure(figsize=(6, 3))
+    ax = axes[0, 0]
+    key = f"roi:{name}"
+    if key + "_uncorrected" in curves:
+        ax.plot(time_s, curves[key + "_uncorrected"], color="tab:orange", linestyle="--", label="ROI uncorrected")
+    if key in curves:
+        ax.plot(time_s, curves[key], color="tab:red", label="ROI leakage-corrected")
+    if "reference" in curves:
+        ax.plot(time_s, curves["reference"], color="tab:blue", label="reference")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("mean delta R2* (1/s)")
+    ax.set_title(name, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
+    fig, axes = _figure(figsize=(6, 3))
+    ax = axes[0, 0]
+    edges = hist["edges"]
+    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:gray", edgecolor="white")
+    for x, colour in zip(hist["lines"], ("tab:green", "tab:red")):
+        ax.axvline(x, color=colour, linestyle="--", label=f"threshold {x:g}")
+    if np.isfinite(hist["median"]):
+        ax.axvline(min(max(hist["median"], edges[0]), edges[-1]), color="black", label=f"median {hist['median']:.2f}")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("rCBV (ratio)")
+    ax.set_ylabel("voxels")
+    ax.set_title(f"{name}: rCBV of {hist['n']} valid voxels", fontsize=9)
+    ax.legend(fontsize=8)
+    return png_bytes(fig)
+
+
+# ----------------------------------------------------------------------------------------- page
+
+VERDICT_WORDS = {
+    "likely_recurrence": "Likely recurrence",
+    "likely_treatment_effect": "Likely treatment effect",
+    "indeterminate": "Indeterminate",
+}
+VERDICT_COLOUR = {"likely_recurrence": "#b71c1c", "likely_treatment_effect": "#1b5e20", "indeterminate": "#8d6e00"}
+
+CSS = """
+body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
+.disclaimer{border:3px solid #b71c1c;background:#fff3f3;padding:.7em 1em;font-weight:bold;font-size:1.1em}
+.verdict{border:2px solid #888;border-radius:6px;padding:.6em 1em;margin:.8em 0}
+.verdict h3{margin:.1em 0 .4em 0}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+.ok{color:#1b5e20;font-weight:bold}.warning{color:#b71c1c;font-weight:bold}
+img{max-width:100%}.small{font-size:.85em;color:#555}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _f(x: Any, fmt: str = ".2f") -> str:
+    v = _num(x)
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _pct(x: Any, *, signed: bool = False) -> str:
+    v = _num(x)
+    return "n/a" if v is None else (f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %")
+
+
+def _verdict_box(r: dict, thresholds: dict) -> str:
+    v = r.get("verdict", "indeterminate")
+    colour = VERDICT_COLOUR.get(v, "#555")
+    reasons = "".join(f"<li>{_e(x)}</li>" for x in r.get("reasons", []))
+    return (
+        f'<div class="verdict" style="border-color:{colour}">'
+        f'<h3>{_e(r.get("name", "?"))}: <span style="color:{colour}">{_e(VERDICT_WORDS.get(v, v))}</span></h3>'
+        f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b> (mean {_f(r.get('rcbv_mean'))}, 90th percentile "
+        f"{_f(r.get('rcbv_p90'))}); {_e(r.get('n_valid', '?'))} of {_e(r.get('n_voxels', '?'))} voxels valid, "
+        f"{_f(r.get('volume_ml'))} mL.<br>"
+        f"Fractional tumour burden: {_pct(r.get('ftb_low'))} below {_f(thresholds.get('rcbv_low'), 'g')}, "
+        f"{_pct(r.get('ftb_mid'))} between, {_pct(r.get('ftb_high'))} above {_f(thresholds.get('rcbv_high'), 'g')}.<br>"
+        f"Percentage of signal recovery (PSR) {_f(r.get('psr_percent'), '.0f')} %; relative peak height "
+        f"{_f(r.get('relative_peak_height'))}; leakage correction changed CBV by "
+        f"{_pct(r.get('leakage_cbv_change'), signed=True)}.</p>"
+        f"<p>Reasons and warnings:</p><ul>{reasons}</ul>"
+        f"<p><b>Next step:</b> {_e(r.get('next_step', ''))}</p>"
+        f'<p class="small">Rule: {_e(r.get("rule", ""))}</p></div>'
+    )
+
+
+def _load(folder: Path, name: str) -> np.ndarray | None:
+    p = folder / f"{name}.nii.gz"
+    return load_array(p, what=name) if p.is_file() else None
+
+
+def build_html(folder: Path) -> str:
+    """The report page of an ``analyze`` output folder as one self-contained HTML string."""
+    folder = Path(folder)
+    rep = load_report(folder)
+    thr = rep.get("thresholds", {})
+    low, high = float(thr.get("rcbv_low", 1.0)), float(thr.get("rcbv_high", 1.75))
+    rois = rep.get("rois", [])
+    parts: list[str] = []
+    notes: list[str] = []
+
+    # 1. header
+    version = rep.get("software", {}).get("version", "unknown")
+    date = rep.get("created_utc")
+    inputs = "".join(f"<li>{_e(Path(p).name)}</li>" for p in rep.get("inputs", {}))
+    parts.append("<h1>DSC perfusion report</h1>")
+    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+    parts.append(
+        f"<p>perfusion {_e(version)} (analysis); page written by perfusion {_e(__version__)} on "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Analysis date: "
+        f"{_e(date) if date else 'not recorded in report.json'}.</p>"
+        f"<p>Input files:</p><ul>{inputs}</ul>"
+    )
+
+    # 2. verdicts
+    parts.append("<h2>Verdict per ROI</h2>")
+    if rois:
+        parts.extend(_verdict_box(r, thr) for r in rois)
+        parts.append(f'<p class="small">Thresholds: {_e(thr.get("source", ""))}</p>')
+    else:
+        parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
+
+    # 3. figures
+    rcbv = _load(folder, "rcbv")
+    background = _load(folder, "baseline")
+    reference = _load(folder, "reference_mask")
+    brain = _load(folder, "brain_mask")
+    masks: dict[str, np.ndarray] = {}
+    for name, p in roi_mask_paths(rep).items():
+        if p is None:
+            notes.append(f"ROI {name}: mask file not found (from report.json inputs); no contour drawn")
+            continue
+        try:
+            m = load_array(p, what="ROI") != 0
+        except InputError as exc:
+            notes.append(f"ROI {name}: {exc}; no contour drawn")
+            continue
+        if rcbv is not None and m.shape != rcbv.shape:
+            notes.append(f"ROI {name}: mask shape {m.shape} differs from the maps; no contour drawn")
+            continue
+        masks[name] = m
+    parts.append("<h2>Figures</h2>")
+    if rcbv is not None:
+        bg = background if background is not None else np.nan_to_num(rcbv)
+        ref = reference != 0 if reference is not None else None
+        union = np.zeros(rcbv.shape, bool)
+        for m in masks.values():
+            union |= m
+        slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
+        what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
+        parts.append(f"<h3>rCBV over the baseline image ({what})</h3>")
+        parts.append(_img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices), "rCBV overlay"))
+        parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
+                     "dashed white: reference tissue. Image x runs left to right, y bottom to top (voxel axes, "
+                     "no radiological flip).</p>")
+    else:
+        notes.append("rcbv.nii.gz not found: no rCBV figure")
+    parts.append("<h3>Maps, all slices</h3>")
+    for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
+        data = _load(folder, name)
+        if data is None:
+            notes.append(f"{name}.nii.gz not found: no {title} montage")
+            continue
+        lo, hi, unit = SCALES[name]
+        parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
+        parts.append(_img_tag(fig_montage(data, label=f"{title} ({unit})", vmin=lo, vmax=hi), f"{title} montage"))
+    k2 = _load(folder, "k2")
+    if k2 is not None:
+        lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
+        parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
+        parts.append(_img_tag(fig_montage(k2, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"), "K2 montage"))
+    curves = read_curves(folder / "curves.tsv")
+    if "time_s" in curves and "aif" in curves:
+        parts.append("<h3>Arterial input function</h3>")
+        parts.append(_img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
+    else:
+        notes.append("curves.tsv not found or without an aif column: no AIF or ROI curves")
+    for r in rois:
+        name = r.get("name", "?")
+        parts.append(f"<h3>ROI {_e(name)}</h3>")
+        if "time_s" in curves and f"roi:{name}" in curves:
+            parts.append(_img_tag(fig_roi_curves(curves["time_s"], curves, name), f"curves {name}"))
+        if rcbv is not None and name in masks:
+            h = histogram_data(rcbv[masks[name]], low, high)
+            parts.append(_img_tag(fig_histogram(h, name), f"rCBV histogram {name}"))
+            if h["n_clipped"]:
+                parts.append(f'<p class="small">{h["n_clipped"]} voxels outside {HIST_RANGE[0]:g}-{HIST_RANGE[1]:g} '
+                             "are counted in the end bins.</p>")
+
+    # 4. quality
+    parts.append("<h2>Quality</h2>")
+    rows = "".join(
+        f"<tr><td>{_e(c['name'])}</td><td>{_e(c['value'])}</td><td>{_e(c['expected'])}</td>"
+        f"<td class=\"{c['status']}\">{c['status']}</td><td>{_e(c['note'])}</td></tr>"
+        for c in check_acquisition(rep))
+    parts.append("<h3>Acquisition against the consensus protocol (Boxerman et al. 2020, Neuro-Oncology 22:1262)</h3>"
+                 "<table><tr><th>parameter</th><th>value</th><th>consensus</th><th>status</th><th>note</th></tr>"
+                 f"{rows}</table>")
+    acq = rep.get("acquisition", {})
+    parts.append(f'<p class="small">TE from {_e(acq.get("te_source", "?"))}; TR from {_e(acq.get("tr_source", "?"))}.</p>')
+    aif = rep.get("aif", {})
+    score = _num(aif.get("quality_score"))
+    status = "warning" if score is None or score < AIF_SCORE_OK else "ok"
+    qrows = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
+              f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
+    maps_for_fit = [m for m in (_load(folder, "cbv"), _load(folder, "cbf"), _load(folder, "mtt")) if m is not None]
+    if brain is not None and maps_for_fit:
+        frac = unusable_fraction(brain, maps_for_fit)
+        qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small", "ok" if frac < UNUSABLE_WARN else "warning",
+                      f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}"))
+    leak = rep.get("leakage", {})
+    qrows.append(("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
+                  "warning" if leak.get("method", "none") == "none" else "ok",
+                  f"fraction corrected {_pct(leak.get('fraction_corrected'))}; fit R^2 median {_f(leak.get('fit_r2_median'))}"))
+    parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
+                 + "".join(f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td><td class=\"{d}\">{d}</td>"
+                           f"<td>{_e(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
+    warns = rep.get("warnings", [])
+    if warns:
+        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{_e(w)}</li>" for w in warns) + "</ul>")
+    if notes:
+        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>DSC perfusion report</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_html(folder: Path) -> Path:
+    """Write ``folder``/report.html atomically (a temporary file, then os.replace); return its path."""
+    folder = Path(folder)
+    page = build_html(folder)
+    target = folder / "report.html"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(page)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
