@@ -237,9 +237,9 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
 STABLE_BASELINE_PERCENTILE = 90.0
 
 
-def _steady_non_enhancing(flat, idx, brain_rows, keep, bl, shape, *, chunk: int) -> np.ndarray:
-    """Brain voxels (bool x y z) that are non-enhancing (BSW: late signal within 1 baseline SD) and
-    have a stable baseline (CV below the STABLE_BASELINE_PERCENTILE of the brain's)."""
+def _brain_signal_stats(flat, idx, brain_rows, keep, bl, *, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the brain voxels' signal: BSW's non-enhancing flag (late signal within 1 baseline
+    SD) and the baseline coefficient of variation, each (n_brain,), in the order of the brain rows."""
     rows = np.flatnonzero(brain_rows)
     ne = np.zeros(rows.size, bool)
     cv = np.full(rows.size, np.inf)
@@ -249,6 +249,13 @@ def _steady_non_enhancing(flat, idx, brain_rows, keep, bl, shape, *, chunk: int)
         ne[sl] = leakage.non_enhancing_mask(sig, baseline=bl)
         with np.errstate(divide="ignore", invalid="ignore"):
             cv[sl] = np.std(sig[:, bl], axis=1, ddof=1) / np.mean(sig[:, bl], axis=1)
+    return ne, cv
+
+
+def _steady_non_enhancing(ne, cv, idx, brain_rows, shape) -> np.ndarray:
+    """Brain voxels (bool x y z) that are non-enhancing and have a stable baseline (CV below the
+    STABLE_BASELINE_PERCENTILE of the brain's); ``ne`` and ``cv`` from _brain_signal_stats."""
+    rows = np.flatnonzero(brain_rows)
     finite = np.isfinite(cv)
     stable = finite & (cv <= np.percentile(cv[finite], STABLE_BASELINE_PERCENTILE)) if finite.any() else finite
     out = np.zeros(shape, bool)
@@ -256,21 +263,17 @@ def _steady_non_enhancing(flat, idx, brain_rows, keep, bl, shape, *, chunk: int)
     return out
 
 
-def _leakage_reference(method: str, *, dr2s, flat, idx, brain_rows, keep, bl, chunk: int, path=None):
+def _leakage_reference(method: str, *, dr2s, brain_rows, non_enhancing, path=None):
     """BSW's whole-brain non-enhancing reference curve (1/s) and the report entry; (None, {...}) for
     no correction or the residue-domain method, which needs no reference."""
     info: dict = {"method": method}
     if method in ("none", "residue"):
         return None, info
-    rows = np.flatnonzero(brain_rows)
-    mask = np.zeros(rows.size, bool)
-    for lo in range(0, rows.size, chunk):
-        sl = slice(lo, min(lo + chunk, rows.size))
-        mask[sl] = leakage.non_enhancing_mask(flat[idx[rows[sl]], keep], baseline=bl)
-    if not mask.any():
+    if not non_enhancing.any():
         raise InputError(f"{path}: no non-enhancing brain voxel for the leakage reference; run with --leakage none")
-    info["reference_voxels"] = int(mask.sum())
-    return leakage.reference_curve(dr2s[rows[mask]], np.ones(int(mask.sum()), bool)), info
+    info["reference_voxels"] = int(non_enhancing.sum())
+    rows = np.flatnonzero(brain_rows)[non_enhancing]
+    return leakage.reference_curve(dr2s[rows], np.ones(rows.size, bool)), info
 
 
 def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
@@ -393,8 +396,9 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         except ValueError as exc:
             leak_method = "bsw"
             notes.append(f"residue-domain leakage correction impossible ({exc}); fell back to gated BSW")
-    leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, flat=flat, idx=idx, brain_rows=brain_rows,
-                                             keep=keep, bl=bl, chunk=config.chunk_voxels, path=s.path)
+    ne, cv = _brain_signal_stats(flat, idx, brain_rows, keep, bl, chunk=config.chunk_voxels)
+    leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne,
+                                             path=s.path)
     names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
     n_applied = 0
@@ -451,8 +455,8 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         if overlap:
             notes.append(f"the reference mask overlaps ROI(s) {', '.join(overlap)}")
     else:
-        ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude, eligible=_steady_non_enhancing(
-            flat, idx, brain_rows, keep, bl, shape, chunk=config.chunk_voxels))
+        ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude,
+                                      eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape))
         ref_source = "automatic (low, homogeneous CBV; non-enhancing, stable baseline, away from ROIs and vessels; see README)"
     if not ref_mask.any():
         raise InputError(f"{_where(inputs.paths.get('reference'), str(s.path))}: no reference voxel with a valid CBV; "
