@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := sample_data/sub-demo
 
-.PHONY: install demo test clean help
+.PHONY: install demo test browser clean help
 
 help:
 	@echo "make demo    set up .venv and analyse the embedded sample case"
@@ -25,8 +25,12 @@ demo: install
 	$(BIN)/perfusion analyze $(DEMO)/sub-phantom_dsc.nii.gz --out demo_out --force \
 	  $(foreach r,$(sort $(wildcard $(DEMO)/roi-*.nii.gz)),--roi $(r))
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest
+
+# Debian's chromium for the report's browser test; a no-op when present, a message when not installable
+browser:
+	@./tests/ensure-chromium.sh
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

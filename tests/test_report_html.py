@@ -120,9 +120,30 @@ def test_missing_roi_file_is_noted(folder, tmp_path):
     rep["inputs"] = {k.replace("roi-lesion_hypo", "roi-lesion_hypo_moved") if "roi-lesion_hypo" in k else k: v
                      for k, v in rep["inputs"].items()}
     (copy / "report.json").write_text(json.dumps(rep))
+    # the folder's own copy of the mask is found first, so the moved input does not matter ...
+    assert "ROI roi-lesion_hypo: mask file not found" not in report_html.build_html(copy)
+    # ... and only without the copy is the missing mask noted
+    hypo = next(r for r in rep["rois"] if r["name"] == "roi-lesion_hypo")
+    (copy / hypo["mask_file"]).unlink()
     page = report_html.build_html(copy)
     assert "ROI roi-lesion_hypo: mask file not found" in page
     assert report_html.VERDICT_WORDS["likely_treatment_effect"] in page  # the verdict is still shown
+
+
+def test_roi_mask_copies_have_portable_names(folder):
+    """Each ROI mask is copied into the output folder under a portable name recorded in report.json,
+    with the input's voxels."""
+    import nibabel as nib
+
+    rep = json.loads((folder / "report.json").read_text())
+    names = {r["name"]: r["mask_file"] for r in rep["rois"]}
+    assert names[NASTY] == "mask-roi-_script___x.nii.gz"
+    assert names["roi-lesion_hyper"] == "mask-roi-lesion_hyper.nii.gz"
+    for name, f in names.items():
+        copy = np.asarray(nib.load(str(folder / f)).dataobj)
+        src = next(p for p in rep["inputs"] if p.endswith(f"{name}.nii.gz"))
+        np.testing.assert_array_equal(copy != 0, np.asarray(nib.load(src).dataobj) != 0)
+        assert json.loads((folder / f.replace(".nii.gz", ".json")).read_text())["Units"] == "mask"
 
 
 def test_slices_with_roi():

@@ -80,6 +80,7 @@ def analyze(
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: none, auto or a mask.")] = "none",
     recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
     weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 the report warns of pseudoprogression.")] = None,
+    anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' background.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
@@ -89,7 +90,8 @@ def analyze(
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
-                recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, force=force, quiet=quiet)
+                recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
+                quiet=quiet)
 
 
 @app.command()
@@ -128,12 +130,30 @@ def validate(
 @_guard
 def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' (holds report.json).")],
+    anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
 ) -> None:
     """Write report.html (verdicts, maps, curves, quality checks; one self-contained file) into FOLDER."""
     from .commands import run_report
 
-    run_report(folder=folder, quiet=quiet)
+    run_report(folder=folder, anat=anat, quiet=quiet)
+
+
+@app.command()
+@_guard
+def compare(
+    prior: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' at the earlier time point (holds report.json).")],
+    current: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' at the later time point; ROIs are matched by name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for compare.json, compare.html and prior_to_current.tfm (created; must be empty unless --force).")],
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Compare two time points of one patient: per ROI the change of volume (mL), median rCBV (ratio), FTB and
+    verdict, and the pattern (a growing lesion with falling rCBV is the pseudoprogression pattern). Registers
+    the prior baseline to the current one (rigid) when their grids differ."""
+    from .commands import run_compare
+
+    run_compare(prior=prior, current=current, out=out, force=force, quiet=quiet)
 
 
 @app.command()

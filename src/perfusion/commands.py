@@ -19,7 +19,7 @@ def _console():
 
 
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
-                te: float | None, tr: float | None, vof: str = "none"):
+                te: float | None, tr: float | None, vof: str = "none", anat: Path | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings."""
     from .io import load_mask, load_series, stem
     from .pipeline import Inputs
@@ -49,6 +49,8 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
             raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
         roi_masks[name] = load_mask(p, series, what="ROI")
         paths[f"roi:{name}"] = Path(p)
+    if anat is not None:
+        paths["anat"] = Path(anat)
     inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
     return inputs, [str(w.message) for w in caught]
 
@@ -58,7 +60,8 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 oi_target: float | None = None, leakage: str = "residue", te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
-                weeks_since_radiation: float | None = None, force: bool = False, quiet: bool = False):
+                weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
+                quiet: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
     from .io import check_output_folder, staged_output
     from .pipeline import Config, analyze, write_result
@@ -73,11 +76,26 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     if out.resolve() == dsc_dir:
         raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
-                                        vof=vof)
+                                        vof=vof, anat=anat)
+    anat_image = None
+    if anat is not None:  # read before the analysis so a bad file fails fast
+        from .io import load_volume
+
+        anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = analyze(inputs, config)
     result.warnings.extend(load_warnings + [str(w.message) for w in caught])
+    if anat_image is not None:
+        import dataclasses
+
+        from .register import anat_background
+
+        if result.baseline_image is None:
+            raise InputError(f"{anat}: no baseline image to register the anatomical image to; "
+                             "the series needs pre-bolus frames")
+        bg = anat_background(result.baseline_image, inputs.series.affine, *anat_image, path=Path(anat))
+        result = dataclasses.replace(result, anat=bg)
     from .report_html import write_html
 
     with staged_output(out, force=force) as stage:
@@ -198,17 +216,55 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
     return report
 
 
-def run_report(*, folder: Path, quiet: bool = False) -> Path:
-    """Write ``folder``/report.html from an analyze output folder; return its path."""
-    from .report_html import write_html
+def run_report(*, folder: Path, anat: Path | None = None, quiet: bool = False) -> Path:
+    """Write ``folder``/report.html from an analyze output folder; return its path. With ``anat``, first
+    register it to the folder's baseline image (anat.nii.gz, anat_to_dsc.tfm, report.json "anat")."""
+    from .report_html import load_report, write_html
 
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: folder not found; give a folder written by 'perfusion analyze'")
+    if anat is not None:
+        add_anat(folder, Path(anat), load_report(folder))
     path = write_html(folder)
     if not quiet:
         _console().print(f"Report written to {path}")
     return path
+
+
+def add_anat(folder: Path, anat: Path, report: dict) -> None:
+    """Register ``anat`` to ``folder``/baseline.nii.gz and add anat.nii.gz (+ sidecar), anat_to_dsc.tfm
+    and report.json "anat" to the folder. Files are written under temporary names and renamed, so a
+    failure leaves the folder as it was."""
+    import os
+    import shutil
+    import tempfile
+
+    from .io import load_volume, sha256, write_json
+    from .pipeline import anat_entry, write_anat
+    from .register import anat_background
+
+    base_path = folder / "baseline.nii.gz"
+    if not base_path.is_file():
+        raise InputError(f"{base_path}: not found; re-run 'perfusion analyze' (it writes the baseline image)")
+    baseline, affine = load_volume(base_path, what="baseline image")
+    image = load_volume(anat, what="anatomical image (--anat)")
+    bg = anat_background(baseline, affine, *image, path=anat)
+    report = dict(report)
+    report["anat"] = {**anat_entry(bg, anat), "sha256": sha256(anat)}
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".anat.", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+    try:
+        write_anat(tmp, bg, anat)
+        write_json(tmp / "report.json", report)
+        for name in ("anat.nii.gz", "anat.json", "anat_to_dsc.tfm", "report.json"):  # report.json last
+            os.replace(tmp / name, folder / name)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None,
@@ -243,3 +299,66 @@ def print_validation(summary: list[dict], skipped: list[str], json_path: Path | 
         con.print(f"skipped: {s}")
     if json_path is not None:
         con.print(f"JSON written to {json_path}")
+
+
+def run_compare(*, prior: Path, current: Path, out: Path, force: bool = False, quiet: bool = False) -> dict:
+    """Compare two analyze output folders (prior, current) and write compare.json, compare.html and, when
+    registered, prior_to_current.tfm into ``out``; return the content of compare.json."""
+    from .compare import compare_folders, write_comparison
+    from .io import check_output_folder, staged_output
+
+    out = Path(out)
+    check_output_folder(out, force=force)
+    for folder in (prior, current):
+        if Path(folder).is_dir() and out.resolve() == Path(folder).resolve():
+            raise OutputError(f"{out}: is an input folder; choose a separate --out")
+    comparison = compare_folders(Path(prior), Path(current))
+    with staged_output(out, force=force) as stage:
+        write_comparison(comparison, stage)
+    if not quiet:
+        print_comparison(comparison.data, out)
+    return comparison.data
+
+
+def print_comparison(data: dict, out: Path) -> None:
+    from rich.table import Table
+
+    from . import DISCLAIMER
+    from .report import VERDICT_LABEL
+
+    con = _console()
+
+    def num(x, fmt=".2f", signed=False):
+        return "n/a" if x is None else format(x, ("+" if signed else "") + fmt)
+
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:+.0f} %"
+
+    reg = data["registration"]
+    if reg["performed"]:
+        con.print(f"Registration: prior registered to current (rotation {', '.join(f'{v:.1f}' for v in reg['rotation_deg'])} "
+                  f"deg, translation {', '.join(f'{v:.1f}' for v in reg['translation_mm'])} mm)")
+    else:
+        con.print("Registration: none (same grid)")
+    table = Table(title="Follow-up per ROI: prior -> current (relative change)")
+    table.add_column("ROI", overflow="fold")
+    for col in ("volume mL", "median rCBV", "verdict"):
+        table.add_column(col, no_wrap=True)
+    for r in data["rois"]:
+        v, m, ver = r["volume_ml"], r["rcbv_median"], r["verdict"]
+        table.add_row(r["name"], f"{num(v['prior'])} -> {num(v['current'])} ({pct(v['relative_change'])}) {v['direction']}",
+                      f"{num(m['prior'])} -> {num(m['current'])} ({pct(m['relative_change'])}) {m['direction']}",
+                      f"{VERDICT_LABEL.get(ver['prior'], ver['prior'])} -> {VERDICT_LABEL.get(ver['current'], ver['current'])}")
+    con.print(table)
+    for r in data["rois"]:
+        con.print(f"{r['name']}: {r['pattern_sentence']}")
+        con.print(f"  prior median rCBV inside the current ROI {num(r['prior_rcbv_median_in_current_roi'])}; "
+                  f"ROI overlap (Dice) {num(r['roi_overlap_dice'])}")
+    um = data["unmatched_rois"]
+    for label, names in (("prior", um["prior_only"]), ("current", um["current_only"])):
+        if names:
+            con.print(f"Only in the {label} analysis (not compared): {', '.join(names)}")
+    for w in data["warnings"]:
+        con.print(f"warning: {w}")
+    con.print(f"compare.json and compare.html written to {out}")
+    con.print(DISCLAIMER)

@@ -235,6 +235,22 @@ def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
     return mask
 
 
+def load_volume(path: Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """A 3-D image (float32, scaling applied; a 4-D file with one volume counts) and its affine."""
+    path = Path(path)
+    img, _ = _load_image(path, what)
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise InputError(f"{path}: {what} has shape {tuple(img.shape)}, not one 3-D volume; "
+                         "give a single 3-D image")
+    data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
+    if not np.isfinite(data).any() or not np.nanmax(np.abs(data)) > 0:
+        raise InputError(f"{path}: {what} holds no non-zero finite value; give the image itself")
+    return data, np.asarray(img.affine, dtype=np.float64)
+
+
 def load_array(path: Path, *, what: str = "image") -> np.ndarray:
     """The data of a NIfTI file as float64, scaling applied (for reference data and tests). nibabel's
     log notes on unset pixdims (common in DROs) are silenced."""

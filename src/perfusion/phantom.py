@@ -15,7 +15,8 @@ solver's discretisation is not built into the data:
 
 Layout (x, y per slice; one slice per condition): slices 0-2 hold a CBF x MTT sweep of 4 x 4 blocks
 with tissue delays 0, 1 and 2 s; slice 3 the same sweep with delay 0 and AIF dispersion; slice 4
-two lesions (hyper- and hypoperfused) in normal-appearing white matter (NAWM). Every slice has
+two lesions (hyper- and hypoperfused; discs of radius ``LESION_RADIUS_FRACTION`` * matrix unless a
+lesion sets its own ``radius``) in normal-appearing white matter (NAWM). Every slice has
 NAWM background, two arteries (2 x 2 pure arterial voxels, each ringed by partial-volume voxels)
 and a vein (the AIF delayed and dispersed).
 
@@ -104,6 +105,12 @@ TRUTH_RCBV_HIGH = 1.75
 LEAKY_RADIUS_FRACTION = 0.09
 LEAKY_OFFSET_FRACTION = 0.22
 
+#: Radius of the lesion discs of the lesion slice, as a fraction of the matrix (5.8 voxels at 64); a
+#: lesion of ``PhantomSpec.lesions`` may set its own with the optional key ``radius`` (same unit), e.g.
+#: to build a follow-up time point in which a lesion has grown. Centres stay at +/- 0.35 * matrix
+#: along x, so a radius above 0.11 would leave the brain disc (0.46 * matrix); make_phantom raises then.
+LESION_RADIUS_FRACTION = 0.09
+
 #: Least gap, in voxels, between a leaky lesion and a vessel (core and partial-volume ring) or
 #: another lesion; make_phantom raises if a matrix size breaks it.
 LEAKY_MIN_GAP_VOXELS = 3
@@ -142,7 +149,7 @@ class PhantomSpec:
     lesions: dict = field(default_factory=lambda: {
         "lesion_hyper": {"cbf": 60.0, "mtt": 6.0},  # CBV 6.0, rCBV 3.0
         "lesion_hypo": {"cbf": 12.0, "mtt": 6.0},  # CBV 1.2, rCBV 0.6
-    })
+    })  # optional per lesion: "radius", a fraction of the matrix (default LESION_RADIUS_FRACTION)
     partial_volume_fraction: float = 0.3
     vein_delay_s: float = 4.0
     vein_dispersion_s: float = 3.0
@@ -422,7 +429,11 @@ def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
         elif z == lesion_slice:
             for k, (name, les) in enumerate(spec.lesions.items()):
                 cx = c + (-1 if k == 0 else 1) * 0.35 * m
-                cond = (xx - cx) ** 2 + (yy - c) ** 2 <= (0.09 * m) ** 2
+                radius_les = les.get("radius", LESION_RADIUS_FRACTION) * m
+                cond = (xx - cx) ** 2 + (yy - c) ** 2 <= radius_les ** 2
+                if not cond.any() or (cond & ~disc).any():
+                    raise ValueError(f"lesion {name!r}: radius {radius_les / m:g} of the matrix leaves it empty or "
+                                     "outside the brain; choose a radius in (0, 0.11]")
                 put(z, cond, tissue_curve(aif_fine, t_fine, cbf=les["cbf"], mtt=les["mtt"]), cbf=les["cbf"], mtt=les["mtt"])
                 masks[name][:, :, z] = cond
                 masks["nawm"][:, :, z] &= ~_dilate2d(cond, 2)

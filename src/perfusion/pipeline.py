@@ -132,6 +132,7 @@ class Result:
     seconds: float
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # mean delta R2* (1/s) per region
     baseline_image: np.ndarray | None = None  # mean signal of the baseline frames (a.u., x y z)
+    anat: object | None = None  # register.AnatBackground when --anat was given
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -506,6 +507,41 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
                   seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image)
 
 
+def roi_mask_stems(names) -> dict[str, str]:
+    """ROI name -> file stem of its mask's copy in the output folder: ``mask-<name>`` with characters
+    outside [A-Za-z0-9._-] replaced by '_' (portable file names), numbered where two names collide."""
+    import re
+
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        base = "mask-" + (re.sub(r"[^A-Za-z0-9._-]", "_", name) or "roi")
+        stem_, k = base, 2
+        while stem_ in used:
+            stem_, k = f"{base}-{k}", k + 1
+        used.add(stem_)
+        out[name] = stem_
+    return out
+
+
+def anat_entry(anat, source) -> dict:
+    """report.json "anat": where the registered T1 (a register.AnatBackground) came from and how."""
+    return {"source": str(source), "image": "anat.nii.gz", "transform_file": "anat_to_dsc.tfm",
+            "zoom_in_plane": anat.zoom, "registration": anat.transform.as_dict()}
+
+
+def write_anat(folder: Path, anat, source) -> None:
+    """anat.nii.gz (+ sidecar) and anat_to_dsc.tfm of a register.AnatBackground into ``folder``."""
+    from .io import write_map
+    from .register import write_transform
+
+    write_map(folder, "anat", anat.data, anat.affine, units="a.u.",
+              description=f"Anatomical image (--anat) registered rigidly to the DSC baseline, resampled on the "
+                          f"DSC slices at {anat.zoom}x the in-plane resolution (background for figures)",
+              parameters=anat_entry(anat, source))
+    write_transform(folder / "anat_to_dsc.tfm", anat.transform)
+
+
 def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
     """Write maps with sidecars, masks, aif.tsv and report.json into ``folder`` (a staging folder)."""
     from . import report
@@ -537,6 +573,11 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
               description=f"Arterial voxels of the AIF ({result.aif_info['source']})", dtype=np.uint8)
     write_map(folder, "reference_mask", result.reference_mask.astype(np.uint8), s.affine, units="mask",
               description=f"Reference tissue for rCBV ({result.reference_info['source']})", dtype=np.uint8)
+    stems = roi_mask_stems(inputs.rois)
+    for name, m in inputs.rois.items():  # copies, so the folder alone rebuilds its report and compares
+        write_map(folder, stems[name], np.asarray(m).astype(np.uint8), s.affine, units="mask",
+                  description=f"ROI {name} as given to analyze (copy of {inputs.paths.get(f'roi:{name}', name)})",
+                  dtype=np.uint8)
     write_tsv(folder / "aif.tsv", {"time_s": result.time_s, "delta_r2s": result.aif_curve})
     write_tsv(folder / "curves.tsv", {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
     write_json(folder / "curves.json", {"Units": {"time_s": "s", "other columns": "1/s"},
@@ -545,4 +586,6 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
     if result.baseline_image is not None:
         write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
                   description="Mean signal of the baseline frames (background image for figures)")
+    if result.anat is not None:
+        write_anat(folder, result.anat, inputs.paths.get("anat", ""))
     write_json(folder / "report.json", report.build_report(result, inputs))

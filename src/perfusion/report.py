@@ -20,6 +20,10 @@ def build_report(result: "Result", inputs: "Inputs") -> dict:
     cfg = result.config
     import datetime
 
+    from .pipeline import anat_entry, roi_mask_stems
+
+    stems = roi_mask_stems(inputs.rois)
+
     return {
         "software": {"name": "perfusion", "version": __version__},
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -41,10 +45,11 @@ def build_report(result: "Result", inputs: "Inputs") -> dict:
         "leakage": result.aif_info.get("leakage", {"method": "none"}),
         "reference": {**result.reference_info},
         "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE},
-        "rois": [score.as_dict() for score in result.rois],
+        "rois": [{**score.as_dict(), "mask_file": f"{stems[score.name]}.nii.gz"} for score in result.rois],
         "next_steps": NEXT_STEP,
         "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
                   "volume_ml": "mL", "time": "s"},
+        **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""))} if result.anat is not None else {}),
         "warnings": list(result.warnings),
         "seconds": result.seconds,
     }

@@ -100,11 +100,16 @@ def read_curves(path: Path) -> dict[str, np.ndarray]:
     return {n: values[:, i] for i, n in enumerate(names)}
 
 
-def roi_mask_paths(report: dict) -> dict[str, Path | None]:
-    """Each ROI name of report.json -> the input file whose stem is that name, or None if not found."""
+def roi_mask_paths(report: dict, folder: Path | None = None) -> dict[str, Path | None]:
+    """Each ROI name of report.json -> its mask: the copy in ``folder`` (report.json ``mask_file``), else
+    the input file whose stem is that name, or None if neither is found."""
     inputs = [Path(p) for p in report.get("inputs", {})]
     out: dict[str, Path | None] = {}
     for r in report.get("rois", []):
+        copy = Path(folder) / Path(str(r["mask_file"])).name if folder is not None and r.get("mask_file") else None
+        if copy is not None and copy.is_file():
+            out[r["name"]] = copy
+            continue
         match = [p for p in inputs if stem(p) == r["name"]]
         out[r["name"]] = match[0] if match and match[0].is_file() else None
     return out
@@ -242,7 +247,9 @@ def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
 
 def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.ndarray],
                      reference: np.ndarray | None, slices: list[int]) -> bytes:
-    """rCBV (0-5, ratio) over the baseline image on ``slices``, with ROI and reference contours."""
+    """rCBV (0-5, ratio) over ``background`` on ``slices``, with ROI and reference contours. The
+    background may have a finer in-plane grid over the same slices (a registered T1, ``anat.nii.gz``):
+    every layer is drawn in the rCBV map's voxel coordinates."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
@@ -254,10 +261,11 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
     bg_hi = float(np.percentile(background[np.isfinite(background)], 99.5)) if np.isfinite(background).any() else 1.0
     for ax in axes.ravel():
         ax.axis("off")
+    extent = (-0.5, rcbv.shape[0] - 0.5, -0.5, rcbv.shape[1] - 0.5)
     for ax, z in zip(axes.ravel(), slices):
-        ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower")
+        ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
         im = ax.imshow(_show(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
-                       origin="lower")
+                       origin="lower", extent=extent)
         for i, (name, m) in enumerate(rois.items()):
             if m[:, :, z].any():
                 ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
@@ -388,6 +396,24 @@ def _pct(x: Any, *, signed: bool = False) -> str:
     return "n/a" if v is None else (f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %")
 
 
+def _n_warnings(r: dict) -> int:
+    """Reasons beyond the rCBV rule's own statement (leakage, timing, AIF, voxels left out)."""
+    return sum(1 for x in r.get("reasons", []) if not str(x).startswith("median rCBV"))
+
+
+def _summary_table(rois: list[dict]) -> str:
+    """One line per ROI above the detailed boxes: what a reader needs at a glance."""
+    rows = "".join(
+        f'<tr><td>{_e(r.get("name", "?"))}</td>'
+        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict"), "#555")}"><b>'
+        f'{_e(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
+        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
+        f'{_pct(r.get("ftb_high"))}</td><td>{_f(r.get("volume_ml"))}</td><td>{_n_warnings(r)}</td></tr>'
+        for r in rois)
+    return ('<table class="summary"><tr><th>ROI</th><th>verdict</th><th>median rCBV</th>'
+            "<th>FTB low / mid / high</th><th>volume (mL)</th><th>warnings</th></tr>" + rows + "</table>")
+
+
 def _verdict_box(r: dict, thresholds: dict) -> str:
     v = r.get("verdict", "indeterminate")
     colour = VERDICT_COLOUR.get(v, "#555")
@@ -440,6 +466,7 @@ def build_html(folder: Path) -> str:
     # 2. verdicts
     parts.append("<h2>Verdict per ROI</h2>")
     if rois:
+        parts.append(_summary_table(rois))
         parts.extend(_verdict_box(r, thr) for r in rois)
         parts.append(f'<p class="small">Thresholds: {_e(thr.get("source", ""))}</p>')
     else:
@@ -447,11 +474,12 @@ def build_html(folder: Path) -> str:
 
     # 3. figures
     rcbv = _load(folder, "rcbv")
+    anat = _load(folder, "anat")
     background = _load(folder, "baseline")
     reference = _load(folder, "reference_mask")
     brain = _load(folder, "brain_mask")
     masks: dict[str, np.ndarray] = {}
-    for name, p in roi_mask_paths(rep).items():
+    for name, p in roi_mask_paths(rep, folder).items():
         if p is None:
             notes.append(f"ROI {name}: mask file not found (from report.json inputs); no contour drawn")
             continue
@@ -466,14 +494,20 @@ def build_html(folder: Path) -> str:
         masks[name] = m
     parts.append("<h2>Figures</h2>")
     if rcbv is not None:
-        bg = background if background is not None else np.nan_to_num(rcbv)
+        bg_name = "the baseline image"
+        if anat is not None and anat.shape[2] == rcbv.shape[2] and anat.shape[0] % rcbv.shape[0] == 0:
+            bg, bg_name = anat, "the registered anatomical image (--anat)"
+        else:
+            if anat is not None:
+                notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {rcbv.shape}; baseline used")
+            bg = background if background is not None else np.nan_to_num(rcbv)
         ref = reference != 0 if reference is not None else None
         union = np.zeros(rcbv.shape, bool)
         for m in masks.values():
             union |= m
         slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
         what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
-        parts.append(f"<h3>rCBV over the baseline image ({what})</h3>")
+        parts.append(f"<h3>rCBV over {bg_name} ({what})</h3>")
         parts.append(_img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices), "rCBV overlay"))
         parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
                      "dashed white: reference tissue. Image x runs left to right, y bottom to top (voxel axes, "
@@ -533,6 +567,13 @@ def build_html(folder: Path) -> str:
         frac = unusable_fraction(brain, maps_for_fit)
         qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small", "ok" if frac < UNUSABLE_WARN else "warning",
                       f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}"))
+    reg = rep.get("anat", {}).get("registration")
+    if reg:
+        rot = max(abs(float(a)) for a in reg.get("rotation_deg", [0.0]))
+        qrows.append(("Anatomical image registration", f"MI {_f(reg.get('mattes_mi'), '.3f')}",
+                      "rigid, to the DSC baseline", "ok",
+                      f"largest rotation {rot:.1f} deg, translation {np.linalg.norm(reg.get('translation_mm', [0]*3)):.1f} mm; "
+                      f"transform {rep['anat'].get('transform_file', '')}; check the contours sit on the anatomy"))
     leak = rep.get("leakage", {})
     qrows.append(("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
                   "warning" if leak.get("method", "none") == "none" else "ok",
