@@ -157,6 +157,44 @@ def compare(
 
 
 @app.command()
+@_guard
+def batch(
+    input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="A BIDS dataset (sub-*/[ses-*/]perf/*_dsc.nii.gz) or a folder of case folders.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output folder: one folder per case, summary.tsv/.json and index.html at the top.")],
+    layout: Annotated[str, typer.Option(help="auto, bids or plain.")] = "auto",
+    derivatives: Annotated[Optional[Path], typer.Option(help="BIDS: folder searched for *_label-<name>_mask.nii.gz (default INPUT/derivatives).")] = None,
+    roi_glob: Annotated[Optional[list[str]], typer.Option(help="Lesion masks by glob pattern, relative to INPUT (BIDS) or the case folder, with {sub} {ses} {case} placeholders; repeatable.")] = None,
+    brain_glob: Annotated[Optional[str], typer.Option(help="Brain mask by glob pattern (as --roi-glob).")] = None,
+    reference_glob: Annotated[Optional[str], typer.Option(help="Reference (normal-appearing white matter) mask by glob pattern.")] = None,
+    aif_glob: Annotated[Optional[str], typer.Option(help="Arterial mask by glob pattern.")] = None,
+    jobs: Annotated[int, typer.Option(help="Cases run at once: 1 (default) runs in this process; N > 1 starts a local Dask cluster of N single-threaded worker processes.")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")] = None,
+    scheduler_file: Annotated[Optional[Path], typer.Option(help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")] = None,
+    method: Annotated[str, typer.Option(help="Deconvolution: model (default), osvd, csvd, ssvd or tikhonov.")] = "model",
+    leakage: Annotated[str, typer.Option(help="Leakage correction: residue (default), bsw, bidirectional or none.")] = "residue",
+    aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster or rank.")] = "cluster",
+    vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: none or auto.")] = "none",
+    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
+    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s for every case (overrides sidecars).")] = None,
+    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s for every case (overrides sidecars and headers).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")] = False,
+) -> None:
+    """Analyse every case of a dataset; resumable (done cases are skipped), on Dask for --jobs > 1.
+    Exit code 3 when some cases failed (see summary.tsv)."""
+    from .commands import run_batch_command
+
+    params = {"method": method, "leakage": leakage, "aif_selection": aif_selection, "vof": vof,
+              "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr}
+    code = run_batch_command(input_dir=input_dir, out=out, layout=layout, derivatives=derivatives,
+                             roi_globs=tuple(roi_glob or ()), brain_glob=brain_glob, reference_glob=reference_glob,
+                             aif_glob=aif_glob, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,
+                             quiet=quiet, params=params)
+    if code:
+        raise typer.Exit(code=code)
+
+
+@app.command()
 def version() -> None:
     """Print the version."""
     from . import __version__

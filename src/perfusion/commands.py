@@ -19,8 +19,10 @@ def _console():
 
 
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
-                te: float | None, tr: float | None, vof: str = "none", anat: Path | None = None):
-    """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings."""
+                te: float | None, tr: float | None, vof: str = "none", anat: Path | None = None,
+                roi_names: list[str] | None = None):
+    """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
+    ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given."""
     from .io import load_mask, load_series, stem
     from .pipeline import Inputs
 
@@ -43,8 +45,8 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
         vof_mask = load_mask(Path(vof), series, what="VOF mask")
         paths["vof"] = Path(vof)
     roi_masks = {}
-    for p in rois:
-        name = stem(p)
+    for i, p in enumerate(rois):
+        name = roi_names[i] if roi_names is not None else stem(p)
         if name in roi_masks:
             raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
         roi_masks[name] = load_mask(p, series, what="ROI")
@@ -55,28 +57,27 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
     return inputs, [str(w.message) for w in caught]
 
 
-def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                rois: list[Path] = (), method: str = "model", threshold: float | None = None,
-                oi_target: float | None = None, leakage: str = "residue", te: float | None = None,
-                tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
+def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
+                leakage: str = "residue", rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
-                weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
-                quiet: bool = False):
-    """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
-    from .io import check_output_folder, staged_output
-    from .pipeline import Config, analyze, write_result
+                weeks_since_radiation: float | None = None):
+    """The pipeline Config of the command-line options, validated (UsageError)."""
+    from .pipeline import Config
 
-    config = Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
-                    aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask", recirculation=recirculation,
-                    weeks_since_radiation=weeks_since_radiation,
-                    rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
-    out = Path(out)
-    check_output_folder(out, force=force)
-    dsc_dir = Path(dsc).resolve().parent
-    if out.resolve() == dsc_dir:
-        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
+                  aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
+                  recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
+                  rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
+
+
+def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
+                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "none",
+                 anat: Path | None = None, roi_names: list[str] | None = None):
+    """Load one case, analyse it and register ``anat``; return (Result, Inputs). Writes nothing."""
+    from .pipeline import analyze
+
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
-                                        vof=vof, anat=anat)
+                                        vof=vof, anat=anat, roi_names=roi_names)
     anat_image = None
     if anat is not None:  # read before the analysis so a bad file fails fast
         from .io import load_volume
@@ -96,8 +97,31 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                              "the series needs pre-bolus frames")
         bg = anat_background(result.baseline_image, inputs.series.affine, *anat_image, path=Path(anat))
         result = dataclasses.replace(result, anat=bg)
+    return result, inputs
+
+
+def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
+                rois: list[Path] = (), method: str = "model", threshold: float | None = None,
+                oi_target: float | None = None, leakage: str = "residue", te: float | None = None,
+                tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
+                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
+                weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
+                quiet: bool = False):
+    """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
+    from .io import check_output_folder, staged_output
+    from .pipeline import write_result
     from .report_html import write_html
 
+    config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
+                         rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
+                         vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation)
+    out = Path(out)
+    check_output_folder(out, force=force)
+    dsc_dir = Path(dsc).resolve().parent
+    if out.resolve() == dsc_dir:
+        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te,
+                                  tr=tr, vof=vof, anat=anat)
     with staged_output(out, force=force) as stage:
         write_result(result, inputs, stage)
         write_html(stage)
@@ -240,26 +264,29 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
     import shutil
     import tempfile
 
-    from .io import load_volume, sha256, write_json
+    from .io import find_report, load_volume, output_path, sha256, sidecar_of, write_json
     from .pipeline import anat_entry, write_anat
     from .register import anat_background
 
-    base_path = folder / "baseline.nii.gz"
+    report_name = find_report(folder).name
+    prefix = report_name[: -len("_report.json")] if report_name.endswith("_report.json") else None
+    base_path = output_path(folder, report, "baseline")
     if not base_path.is_file():
         raise InputError(f"{base_path}: not found; re-run 'perfusion analyze' (it writes the baseline image)")
     baseline, affine = load_volume(base_path, what="baseline image")
     image = load_volume(anat, what="anatomical image (--anat)")
     bg = anat_background(baseline, affine, *image, path=anat)
     report = dict(report)
-    report["anat"] = {**anat_entry(bg, anat), "sha256": sha256(anat)}
+    report["anat"] = {**anat_entry(bg, anat, prefix=prefix), "sha256": sha256(anat)}
     try:
         tmp = Path(tempfile.mkdtemp(prefix=".anat.", dir=folder))
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
     try:
-        write_anat(tmp, bg, anat)
-        write_json(tmp / "report.json", report)
-        for name in ("anat.nii.gz", "anat.json", "anat_to_dsc.tfm", "report.json"):  # report.json last
+        files = write_anat(tmp, bg, anat, prefix=prefix)
+        report["files"] = {**report.get("files", {}), **files}
+        write_json(tmp / report_name, report)
+        for name in (files["anat"], sidecar_of(files["anat"]), files["anat_xfm"], report_name):  # report last
             os.replace(tmp / name, folder / name)
     except OSError as exc:
         raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
@@ -362,3 +389,89 @@ def print_comparison(data: dict, out: Path) -> None:
         con.print(f"warning: {w}")
     con.print(f"compare.json and compare.html written to {out}")
     con.print(DISCLAIMER)
+
+
+def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", derivatives: Path | None = None,
+                      roi_globs: tuple[str, ...] = (), brain_glob: str | None = None,
+                      reference_glob: str | None = None, aif_glob: str | None = None, jobs: int = 1,
+                      scheduler: str | None = None, scheduler_file: Path | None = None, quiet: bool = False,
+                      params: dict | None = None) -> int:
+    """Discover the cases of ``input_dir``, run them all into ``out`` and write the summary; return the
+    exit code (0 all ok, 3 some failed)."""
+    import sys
+
+    from .batch import run_batch, write_summary
+    from .cases import discover
+    from .errors import EXIT_OK, EXIT_PARTIAL
+
+    params = dict(params or {})
+    make_config(**{k: v for k, v in params.items() if k not in ("te", "tr")})  # bad options fail before any case
+    if params.get("vof") not in (None, "none", "auto"):
+        raise UsageError("--vof: a batch takes none or auto (a VOF mask differs per case)")
+    input_dir, out = Path(input_dir), Path(out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layout_used, cases = discover(input_dir, layout=layout, derivatives=derivatives, roi_globs=tuple(roi_globs),
+                                      brain_glob=brain_glob, reference_glob=reference_glob, aif_glob=aif_glob)
+    _check_batch_out(input_dir, out, layout_used)
+    err = _console_err()
+    if not quiet:
+        for w in caught:
+            err.print(f"perfusion: warning: {w.message}")
+    interactive = sys.stdout.isatty() and not quiet
+    counts = {"ok": 0, "failed": 0}
+
+    def log(r) -> None:
+        counts["ok" if r.status == "ok" else "failed"] += 1
+        if r.status != "ok":
+            err.print(f"perfusion: case {r.case_id} failed: {r.error}")
+        elif not quiet and not interactive:
+            how = "already done, skipped" if r.resumed else f"{r.seconds:.1f} s"
+            _console().print(f"case {r.case_id}: ok ({how})")
+
+    if interactive:
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("done {task.fields[ok]}, failed {task.fields[failed]}, remaining {task.fields[left]}"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+        with Progress(*columns, console=_console()) as progress:
+            task = progress.add_task("cases", total=len(cases), ok=0, failed=0, left=len(cases))
+
+            def on_done(r) -> None:
+                log(r)
+                done = counts["ok"] + counts["failed"]
+                progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"], left=len(cases) - done)
+
+            batch = run_batch(cases, out, params, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,
+                              on_done=on_done)
+    else:
+        batch = run_batch(cases, out, params, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,
+                          on_done=log)
+    written = write_summary(out, batch, input_root=input_dir, layout=layout_used, params=params)
+    if not quiet:
+        from . import DISCLAIMER
+
+        resumed = sum(1 for c in batch.cases if c.resumed)
+        _console().print(f"{len(batch.cases)} cases ({layout_used} layout): {len(batch.cases) - batch.n_failed} ok "
+                         f"({resumed} already done), {batch.n_failed} failed. Summary: {written['summary.tsv']}, "
+                         f"{written['index.html']}")
+        _console().print(DISCLAIMER)
+    return EXIT_PARTIAL if batch.n_failed else EXIT_OK
+
+
+def _console_err():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _check_batch_out(input_dir: Path, out: Path, layout: str) -> None:
+    """OUT_DIR may not be INPUT nor lie inside it, except under INPUT/derivatives/ for a BIDS dataset."""
+    src, dst = input_dir.resolve(), out.resolve()
+    if dst == src or src in dst.parents:
+        if layout == "bids" and (src / "derivatives") in (dst, *dst.parents) and dst != src / "derivatives":
+            return
+        where = "a folder under INPUT/derivatives/ or " if layout == "bids" else ""
+        raise UsageError(f"{out}: lies inside the input {input_dir}; write to {where}a folder outside it")

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import DISCLAIMER, __version__
 from .errors import InputError
-from .io import load_volume, sha256, write_json
+from .io import find_report, load_volume, output_path, sha256, write_json
 from .register import Rigid, Volume, resample, rigid, same_grid, write_transform
 from .report_html import (CSS, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _show, load_report,
                           png_bytes, roi_mask_paths, slices_with_roi)
@@ -159,8 +159,8 @@ class TimePoint:
     notes: list[str] = field(default_factory=list)
 
 
-def _load_map(folder: Path, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    path = folder / f"{name}.nii.gz"
+def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    path = output_path(folder, report, name)
     if not path.is_file():
         if required:
             raise InputError(f"{path}: not found; re-run 'perfusion analyze' to write the full output folder")
@@ -173,13 +173,13 @@ def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: d
     ``report`` is its report.json when already read."""
     folder = Path(folder)
     report = load_report(folder) if report is None else report
-    base, affine = _load_map(folder, "baseline", required=True)
-    rcbv, rcbv_affine = _load_map(folder, "rcbv", required=True)
+    base, affine = _load_map(folder, report, "baseline", required=True)
+    rcbv, rcbv_affine = _load_map(folder, report, "rcbv", required=True)
     if rcbv.shape != base.shape or not np.allclose(rcbv_affine, affine, atol=1e-3):
-        raise InputError(f"{folder / 'rcbv.nii.gz'}: grid differs from baseline.nii.gz in the same folder; "
+        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same folder; "
                          "re-run 'perfusion analyze'")
     notes: list[str] = []
-    brain_map = _load_map(folder, "brain_mask", required=False)
+    brain_map = _load_map(folder, report, "brain_mask", required=False)
     brain = brain_map[0] != 0 if brain_map is not None and brain_map[0].shape == base.shape else None
     masks: dict[str, np.ndarray] = {}
     paths = roi_mask_paths(report, folder)
@@ -193,7 +193,7 @@ def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: d
             notes.append(f"{label} ROI {name}: mask {p.name} is not on the grid of the maps; not used")
             continue
         masks[name] = data != 0
-    return TimePoint(folder=folder, report=report, report_path=folder / "report.json",
+    return TimePoint(folder=folder, report=report, report_path=find_report(folder),
                      baseline=Volume(base, affine), rcbv=rcbv.astype(np.float64), brain=brain, masks=masks,
                      notes=notes)
 
@@ -359,8 +359,8 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         if not f.is_dir():
             raise InputError(f"{f}: folder not found; give a folder written by 'perfusion analyze'")
     p_rep, c_rep = load_report(prior_folder), load_report(current_folder)
-    common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=prior_folder / "report.json",
-                                                  current_path=current_folder / "report.json")
+    common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=find_report(prior_folder),
+                                                  current_path=find_report(current_folder))
     prior = load_time_point(prior_folder, roi_names=common, label="prior", report=p_rep)
     current = load_time_point(current_folder, roi_names=common, label="current", report=c_rep)
     warns = _warnings(p_rep, c_rep) + prior.notes + current.notes
@@ -382,14 +382,14 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         p_shape, c_shape = prior.baseline.data.shape, onto.data.shape
         why = f"shapes differ ({p_shape} vs {c_shape})" if p_shape != c_shape else "affines differ"
         transform = rigid(onto, prior.baseline, what="prior baseline image (to the current baseline)",
-                          path=prior_folder / "baseline.nii.gz")
+                          path=output_path(prior_folder, p_rep, "baseline"))
         registration = {
             "performed": True,
             "reason": f"the two baseline.nii.gz lie on different grids ({why}): prior registered to current",
             "method": "rigid (6 parameters), Mattes mutual information, SimpleITK; prior rCBV resampled linearly "
                       "(NaN-aware), prior ROI masks by nearest neighbour, onto the current grid",
-            "fixed": str(current_folder / "baseline.nii.gz"),
-            "moving": str(prior_folder / "baseline.nii.gz"),
+            "fixed": str(output_path(current_folder, c_rep, "baseline")),
+            "moving": str(output_path(prior_folder, p_rep, "baseline")),
             "transform_file": TRANSFORM_FILE,
             **transform.as_dict(),
         }
@@ -490,7 +490,7 @@ def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, backgroun
     lo, hi, unit = SCALES["rcbv"]
     colours = colormaps["tab10"]
     names = list(dict.fromkeys([*current_masks, *prior_masks]))
-    fig, axes = _figure(len(slices), 2, figsize=(2 * 3.2 + 1.2, 3.2 * len(slices) + 0.4))
+    fig, axes = _figure(len(slices), 2, figsize=(2 * 3.2 + 1.2, 3.2 * len(slices) + 0.4), images=True)
     finite = background[np.isfinite(background)]
     bg_hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
     im = None

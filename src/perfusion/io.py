@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -310,14 +311,16 @@ def _json_default(obj: Any) -> Any:
 
 def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, units: str, description: str,
               parameters: dict[str, Any] | None = None, dtype=np.float32) -> Path:
-    """Write ``name``.nii.gz and its JSON sidecar (``Units``, ``Description``, the parameters)."""
+    """Write ``name``.nii.gz (or ``name`` itself when it ends in .nii.gz) and its JSON sidecar
+    (``Units``, ``Description``, the parameters)."""
     folder = Path(folder)
-    out = folder / f"{name}.nii.gz"
-    write_nifti(out, data, affine, description=f"{name} [{units}]", dtype=dtype)
+    file = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
+    out = folder / file
+    write_nifti(out, data, affine, description=f"{stem(Path(file))} [{units}]", dtype=dtype)
     sidecar = {"Units": units, "Description": description}
     if parameters:
         sidecar["Parameters"] = parameters
-    write_json(folder / f"{name}.json", sidecar)
+    write_json(folder / sidecar_of(file), sidecar)
     return out
 
 
@@ -382,3 +385,85 @@ def _discard(stage: Path, created: list[Path]) -> None:
             folder.rmdir()
         except OSError:
             break
+
+
+# ------------------------------------------------------------------------------- output file names
+
+#: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
+PLAIN_FILES = {"aif": "aif.tsv", "curves": "curves.tsv", "curves_json": "curves.json", "report": "report.json",
+               "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm"}
+
+#: BIDS-derivative names (batch over a BIDS dataset): "<prefix>_" + this. Map suffixes follow the BIDS
+#: ASL derivatives' lower-case parameter suffixes (cbf, ...); variants carry a desc- entity; the T1 on
+#: the DSC grid is space-dsc; the transform follows BIDS's from-/to- xfm naming.
+BIDS_FILES = {
+    "cbv": "cbv.nii.gz", "cbf": "cbf.nii.gz", "mtt": "mtt.nii.gz", "ttp": "ttp.nii.gz", "tmax": "tmax.nii.gz",
+    "rcbv": "rcbv.nii.gz", "ftb": "ftb.nii.gz", "k2": "k2.nii.gz",
+    "cbv_uncorrected": "desc-uncorrected_cbv.nii.gz",
+    "gv_cbv": "desc-gammavariate_cbv.nii.gz", "gv_peak": "desc-gammavariate_peak.nii.gz",
+    "gv_ttp": "desc-gammavariate_ttp.nii.gz", "gv_fwhm": "desc-gammavariate_fwhm.nii.gz",
+    "gv_quality": "desc-gammavariate_quality.nii.gz",
+    "brain_mask": "desc-brain_mask.nii.gz", "aif_mask": "desc-aif_mask.nii.gz",
+    "reference_mask": "desc-reference_mask.nii.gz", "baseline": "desc-baseline_dsc.nii.gz",
+    "anat": "space-dsc_T1w.nii.gz", "anat_xfm": "from-T1w_to-dsc_mode-image_xfm.tfm",
+    "aif": "desc-aif_timeseries.tsv", "curves": "desc-curves_timeseries.tsv", "curves_json": "desc-curves_timeseries.json",
+    "report": "report.json", "report_html": "report.html",
+}
+
+
+def output_file(key: str, prefix: str | None = None) -> str:
+    """File name of output ``key`` in an analyze folder: plain ("cbv.nii.gz") or, with a BIDS ``prefix``
+    ("sub-01_ses-1"), BIDS-derivative ("sub-01_ses-1_cbv.nii.gz")."""
+    if prefix:
+        return f"{prefix}_{BIDS_FILES[key]}"
+    return PLAIN_FILES.get(key, f"{key}.nii.gz")
+
+
+def sidecar_of(name: str) -> str:
+    """JSON sidecar file name of a NIfTI output file name."""
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + ".json"
+    return name + ".json"
+
+
+def roi_mask_files(names, prefix: str | None = None) -> dict[str, str]:
+    """ROI name -> file name of its mask's copy: plain ``mask-<name>.nii.gz`` with characters outside
+    [A-Za-z0-9._-] replaced by '_'; BIDS ``<prefix>_label-<alphanumeric name>_mask.nii.gz``. Numbered
+    where two names collide."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        if prefix:
+            base = f"{prefix}_label-{re.sub(r'[^A-Za-z0-9]', '', name) or 'roi'}"
+            end = "_mask.nii.gz"
+        else:
+            base = "mask-" + (re.sub(r"[^A-Za-z0-9._-]", "_", name) or "roi")
+            end = ".nii.gz"
+        stem_, k = base, 2
+        while stem_ in used:
+            stem_, k = f"{base}{k}" if prefix else f"{base}-{k}", k + 1
+        used.add(stem_)
+        out[name] = stem_ + end
+    return out
+
+
+def find_report(folder: Path) -> Path:
+    """report.json of an analyze output folder, or its one BIDS-named ``*_report.json``; InputError otherwise."""
+    folder = Path(folder)
+    plain = folder / "report.json"
+    if plain.is_file():
+        return plain
+    named = sorted(p for p in folder.glob("*_report.json") if p.is_file())
+    if len(named) == 1:
+        return named[0]
+    if len(named) > 1:
+        raise InputError(f"{folder}: holds {len(named)} *_report.json files; give the folder of one analysis")
+    raise InputError(f"{plain}: not found; give a folder written by 'perfusion analyze'")
+
+
+def output_path(folder: Path, report: dict, key: str) -> Path:
+    """Path of output ``key`` in ``folder`` by report.json "files", or its plain name (older reports)."""
+    files = report.get("files") if isinstance(report.get("files"), dict) else {}
+    name = files.get(key) or output_file(key)
+    return Path(folder) / Path(str(name)).name

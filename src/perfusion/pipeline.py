@@ -507,45 +507,42 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
                   seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image)
 
 
-def roi_mask_stems(names) -> dict[str, str]:
-    """ROI name -> file stem of its mask's copy in the output folder: ``mask-<name>`` with characters
-    outside [A-Za-z0-9._-] replaced by '_' (portable file names), numbered where two names collide."""
-    import re
-
-    out: dict[str, str] = {}
-    used: set[str] = set()
-    for name in names:
-        base = "mask-" + (re.sub(r"[^A-Za-z0-9._-]", "_", name) or "roi")
-        stem_, k = base, 2
-        while stem_ in used:
-            stem_, k = f"{base}-{k}", k + 1
-        used.add(stem_)
-        out[name] = stem_
-    return out
-
-
-def anat_entry(anat, source) -> dict:
+def anat_entry(anat, source, *, prefix: str | None = None) -> dict:
     """report.json "anat": where the registered T1 (a register.AnatBackground) came from and how."""
-    return {"source": str(source), "image": "anat.nii.gz", "transform_file": "anat_to_dsc.tfm",
-            "zoom_in_plane": anat.zoom, "registration": anat.transform.as_dict()}
+    from .io import output_file
+
+    return {"source": str(source), "image": output_file("anat", prefix),
+            "transform_file": output_file("anat_xfm", prefix), "zoom_in_plane": anat.zoom,
+            "registration": anat.transform.as_dict()}
 
 
-def write_anat(folder: Path, anat, source) -> None:
-    """anat.nii.gz (+ sidecar) and anat_to_dsc.tfm of a register.AnatBackground into ``folder``."""
-    from .io import write_map
+def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict[str, str]:
+    """The registered T1 (+ sidecar) and its transform, of a register.AnatBackground, into ``folder``;
+    returns the "files" entries written."""
+    from .io import output_file, write_map
     from .register import write_transform
 
-    write_map(folder, "anat", anat.data, anat.affine, units="a.u.",
+    files = {"anat": output_file("anat", prefix), "anat_xfm": output_file("anat_xfm", prefix)}
+    write_map(folder, files["anat"], anat.data, anat.affine, units="a.u.",
               description=f"Anatomical image (--anat) registered rigidly to the DSC baseline, resampled on the "
                           f"DSC slices at {anat.zoom}x the in-plane resolution (background for figures)",
-              parameters=anat_entry(anat, source))
-    write_transform(folder / "anat_to_dsc.tfm", anat.transform)
+              parameters=anat_entry(anat, source, prefix=prefix))
+    write_transform(folder / files["anat_xfm"], anat.transform)
+    return files
 
 
-def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
-    """Write maps with sidecars, masks, aif.tsv and report.json into ``folder`` (a staging folder)."""
+def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | None = None) -> dict[str, str]:
+    """Write maps with sidecars, masks, aif.tsv, curves and report.json into ``folder`` (a staging
+    folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
+    "files" lists them. Returns that mapping (key -> file name)."""
     from . import report
-    from .io import write_json, write_map, write_tsv
+    from .io import output_file, roi_mask_files, write_json, write_map as _write_map, write_tsv
+
+    files: dict[str, str] = {}
+
+    def write_map(folder, key, *args, **kwargs):
+        files[key] = output_file(key, prefix) if not key.startswith("roi:") else roi_files[key[4:]]
+        return _write_map(folder, files[key], *args, **kwargs)
 
     s = inputs.series
     params = {"method": result.config.method, **{k: v for k, v in result.config.as_dict().items()
@@ -573,19 +570,23 @@ def write_result(result: Result, inputs: Inputs, folder: Path) -> None:
               description=f"Arterial voxels of the AIF ({result.aif_info['source']})", dtype=np.uint8)
     write_map(folder, "reference_mask", result.reference_mask.astype(np.uint8), s.affine, units="mask",
               description=f"Reference tissue for rCBV ({result.reference_info['source']})", dtype=np.uint8)
-    stems = roi_mask_stems(inputs.rois)
+    roi_files = roi_mask_files(inputs.rois, prefix)
     for name, m in inputs.rois.items():  # copies, so the folder alone rebuilds its report and compares
-        write_map(folder, stems[name], np.asarray(m).astype(np.uint8), s.affine, units="mask",
+        write_map(folder, f"roi:{name}", np.asarray(m).astype(np.uint8), s.affine, units="mask",
                   description=f"ROI {name} as given to analyze (copy of {inputs.paths.get(f'roi:{name}', name)})",
                   dtype=np.uint8)
-    write_tsv(folder / "aif.tsv", {"time_s": result.time_s, "delta_r2s": result.aif_curve})
-    write_tsv(folder / "curves.tsv", {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
-    write_json(folder / "curves.json", {"Units": {"time_s": "s", "other columns": "1/s"},
+    for key in ("aif", "curves", "curves_json", "report", "report_html"):
+        files[key] = output_file(key, prefix)
+    write_tsv(folder / files["aif"], {"time_s": result.time_s, "delta_r2s": result.aif_curve})
+    write_tsv(folder / files["curves"], {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
+    write_json(folder / files["curves_json"], {"Units": {"time_s": "s", "other columns": "1/s"},
                                         "Description": "Mean delta R2* of the AIF, the reference tissue and each ROI; "
                                                        "_uncorrected columns before leakage correction"})
     if result.baseline_image is not None:
         write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
                   description="Mean signal of the baseline frames (background image for figures)")
     if result.anat is not None:
-        write_anat(folder, result.anat, inputs.paths.get("anat", ""))
-    write_json(folder / "report.json", report.build_report(result, inputs))
+        files.update(write_anat(folder, result.anat, inputs.paths.get("anat", ""), prefix=prefix))
+    rep = report.build_report(result, inputs, files=files, roi_files=roi_files, prefix=prefix)
+    write_json(folder / files["report"], rep)
+    return files

@@ -12,7 +12,10 @@ if TYPE_CHECKING:
     from .pipeline import Inputs, Result
 
 
-def build_report(result: "Result", inputs: "Inputs") -> dict:
+def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | None = None,
+                 roi_files: dict[str, str] | None = None, prefix: str | None = None) -> dict:
+    """report.json's content; ``files`` (output key -> file name) and ``roi_files`` (ROI name -> mask
+    copy) come from pipeline.write_result."""
     s = inputs.series
     hashed = {str(p): sha256(p) for p in inputs.paths.values() if p is not None}
     if s.sidecar_path is not None:
@@ -20,9 +23,10 @@ def build_report(result: "Result", inputs: "Inputs") -> dict:
     cfg = result.config
     import datetime
 
-    from .pipeline import anat_entry, roi_mask_stems
+    from .io import roi_mask_files
+    from .pipeline import anat_entry
 
-    stems = roi_mask_stems(inputs.rois)
+    roi_files = roi_files if roi_files is not None else roi_mask_files(inputs.rois, prefix)
 
     return {
         "software": {"name": "perfusion", "version": __version__},
@@ -45,11 +49,13 @@ def build_report(result: "Result", inputs: "Inputs") -> dict:
         "leakage": result.aif_info.get("leakage", {"method": "none"}),
         "reference": {**result.reference_info},
         "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE},
-        "rois": [{**score.as_dict(), "mask_file": f"{stems[score.name]}.nii.gz"} for score in result.rois],
+        "rois": [{**score.as_dict(), "mask_file": roi_files[score.name]} for score in result.rois],
         "next_steps": NEXT_STEP,
         "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
                   "volume_ml": "mL", "time": "s"},
-        **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""))} if result.anat is not None else {}),
+        **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""), prefix=prefix)}
+           if result.anat is not None else {}),
+        "files": {k: v for k, v in (files or {}).items() if not k.startswith("roi:")},
         "warnings": list(result.warnings),
         "seconds": result.seconds,
     }

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import DISCLAIMER, __version__
 from .errors import InputError, OutputError
-from .io import load_array, read_json_object, stem
+from .io import find_report, load_array, output_path, read_json_object, stem
 
 #: Fixed colour scales (value range, unit) so pages of different cases compare at a glance.
 #: rCBV 0-5: the verdict thresholds (1.0, 1.75) sit in the lower half, hot lesions (3-5) stay visible.
@@ -76,9 +76,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def load_report(folder: Path) -> dict:
     """report.json of an analyze output folder; InputError naming the file if missing or broken."""
-    path = Path(folder) / "report.json"
-    if not path.is_file():
-        raise InputError(f"{path}: not found; give a folder written by 'perfusion analyze'")
+    path = find_report(Path(folder))
     return read_json_object(path, what="report", fix="re-run 'perfusion analyze'")
 
 
@@ -212,15 +210,17 @@ def _num(v) -> float | None:
 # -------------------------------------------------------------------------------------- figures
 
 
-def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float]):
+def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], images: bool = False):
     """A matplotlib Figure on the Agg canvas and its axes (2-D array). pyplot is not used, so the
-    user's backend and pyplot's global figure list are left alone."""
+    user's backend and pyplot's global figure list are left alone. ``images``: axes without ticks or
+    frame, for image panels (hidden ticks were still laid out: 45 % of a montage's drawing time)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
+    kw = {"xticks": [], "yticks": [], "frame_on": False} if images else {}
+    return fig, fig.subplots(nrows, ncols, squeeze=False, subplot_kw=kw)
 
 
 def png_bytes(fig) -> bytes:
@@ -255,7 +255,7 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
 
     lo, hi, unit = SCALES["rcbv"]
     nr, nc = _grid(len(slices), max_cols=4)
-    fig, axes = _figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr))
+    fig, axes = _figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
     colours = colormaps["tab10"]
     im = None
     bg_hi = float(np.percentile(background[np.isfinite(background)], 99.5)) if np.isfinite(background).any() else 1.0
@@ -304,7 +304,7 @@ def fig_montage(data: np.ndarray, *, label: str, vmin: float, vmax: float, cmap:
     """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``."""
     nz = data.shape[2]
     nr, nc = _grid(nz)
-    fig, axes = _figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3))
+    fig, axes = _figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3), images=True)
     im = None
     for ax in axes.ravel():
         ax.axis("off")
@@ -322,7 +322,7 @@ def fig_aif(time_s: np.ndarray, aif: np.ndarray, n_voxels: Any) -> bytes:
     ax.set_xlabel("time (s)")
     ax.set_ylabel("delta R2* (1/s)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     return png_bytes(fig)
 
 
@@ -341,7 +341,7 @@ def fig_roi_curves(time_s: np.ndarray, curves: dict[str, np.ndarray], name: str)
     ax.set_ylabel("mean delta R2* (1/s)")
     ax.set_title(name, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")
     return png_bytes(fig)
 
 
@@ -349,7 +349,7 @@ def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
     fig, axes = _figure(figsize=(6, 3))
     ax = axes[0, 0]
     edges = hist["edges"]
-    ax.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", color="tab:gray", edgecolor="white")
+    ax.stairs(hist["counts"], edges, fill=True, color="tab:gray")  # one artist, not one bar per bin
     for x, colour in zip(hist["lines"], ("tab:green", "tab:red")):
         ax.axvline(x, color=colour, linestyle="--", label=f"threshold {x:g}")
     if np.isfinite(hist["median"]):
@@ -358,7 +358,7 @@ def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
     ax.set_xlabel("rCBV (ratio)")
     ax.set_ylabel("voxels")
     ax.set_title(f"{name}: rCBV of {hist['n']} valid voxels", fontsize=9)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper right")  # a fixed place: loc="best" searched every artist
     return png_bytes(fig)
 
 
@@ -435,8 +435,8 @@ def _verdict_box(r: dict, thresholds: dict) -> str:
     )
 
 
-def _load(folder: Path, name: str) -> np.ndarray | None:
-    p = folder / f"{name}.nii.gz"
+def _load(folder: Path, rep: dict, name: str) -> np.ndarray | None:
+    p = output_path(folder, rep, name)
     return load_array(p, what=name) if p.is_file() else None
 
 
@@ -473,11 +473,11 @@ def build_html(folder: Path) -> str:
         parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
 
     # 3. figures
-    rcbv = _load(folder, "rcbv")
-    anat = _load(folder, "anat")
-    background = _load(folder, "baseline")
-    reference = _load(folder, "reference_mask")
-    brain = _load(folder, "brain_mask")
+    rcbv = _load(folder, rep, "rcbv")
+    anat = _load(folder, rep, "anat")
+    background = _load(folder, rep, "baseline")
+    reference = _load(folder, rep, "reference_mask")
+    brain = _load(folder, rep, "brain_mask")
     masks: dict[str, np.ndarray] = {}
     for name, p in roi_mask_paths(rep, folder).items():
         if p is None:
@@ -516,19 +516,19 @@ def build_html(folder: Path) -> str:
         notes.append("rcbv.nii.gz not found: no rCBV figure")
     parts.append("<h3>Maps, all slices</h3>")
     for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
-        data = _load(folder, name)
+        data = _load(folder, rep, name)
         if data is None:
             notes.append(f"{name}.nii.gz not found: no {title} montage")
             continue
         lo, hi, unit = SCALES[name]
         parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
         parts.append(_img_tag(fig_montage(data, label=f"{title} ({unit})", vmin=lo, vmax=hi), f"{title} montage"))
-    k2 = _load(folder, "k2")
+    k2 = _load(folder, rep, "k2")
     if k2 is not None:
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
         parts.append(_img_tag(fig_montage(k2, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"), "K2 montage"))
-    curves = read_curves(folder / "curves.tsv")
+    curves = read_curves(output_path(folder, rep, "curves"))
     if "time_s" in curves and "aif" in curves:
         parts.append("<h3>Arterial input function</h3>")
         parts.append(_img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
@@ -562,7 +562,7 @@ def build_html(folder: Path) -> str:
     status = "warning" if score is None or score < AIF_SCORE_OK else "ok"
     qrows = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
               f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
-    maps_for_fit = [m for m in (_load(folder, "cbv"), _load(folder, "cbf"), _load(folder, "mtt")) if m is not None]
+    maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt")) if m is not None]
     if brain is not None and maps_for_fit:
         frac = unusable_fraction(brain, maps_for_fit)
         qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small", "ok" if frac < UNUSABLE_WARN else "warning",
@@ -597,7 +597,7 @@ def write_html(folder: Path) -> Path:
     """Write ``folder``/report.html atomically (a temporary file, then os.replace); return its path."""
     folder = Path(folder)
     page = build_html(folder)
-    target = folder / "report.html"
+    target = output_path(folder, load_report(folder), "report_html")
     try:
         fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=folder)
         try:
