@@ -199,6 +199,16 @@ def test_bids_derivative_names_and_description(bids_run):
     assert rep["brain"]["source"].endswith("sub-01_ses-1_label-brain_mask.nii.gz")
 
 
+def test_rerun_into_derivatives_ignores_its_own_mask_copies(bids_run, capsys):
+    """The outputs' ROI mask copies carry BIDS mask names under INPUT/derivatives/: a second run must
+    not take them for input masks (it would find two ROIs per label), and skips every done case."""
+    before = _marker_times(bids_run["out"])
+    assert main(["batch", str(bids_run["root"]), str(bids_run["out"])]) == 3
+    out = capsys.readouterr().out
+    assert "3 ok (3 already done), 1 failed" in out
+    assert _marker_times(bids_run["out"]) == before
+
+
 def test_bids_outputs_feed_report_and_compare(bids_run, tmp_path):
     perf1 = bids_run["out"] / "sub-01" / "ses-1" / "perf"
     perf2 = bids_run["out"] / "sub-01" / "ses-2" / "perf"

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import DISCLAIMER, __version__
+from .cases import OUTPUT_MARKER
 from .errors import OutputError, PerfusionError, UsageError
 
-#: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it).
-MARKER = ".perfusion-done.json"
+#: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it; discovery never
+#: takes masks from a folder holding it).
+MARKER = OUTPUT_MARKER
 #: Prefixes of the hidden staging / replaced folders beside a case folder; leftovers of a killed run.
 STAGE_PREFIX = ".perfusion-partial-"
 OLD_PREFIX = ".perfusion-old-"

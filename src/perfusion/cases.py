@@ -24,7 +24,8 @@ BIDS layout (``layout="bids"``, or ``"auto"`` when the root holds ``dataset_desc
     without ``ses-`` applies to every session of its subject, one without ``run-`` to every run, and a
     mask with an entity the DSC file lacks (``ses-01`` for a session-less series) applies to none.
     Derivative entities (``space``, ``desc``, ``res``, ...) and the folder a mask lies in are not
-    compared: two brain, nawm or aif masks for one case make that case's ``problem``.
+    compared: two brain, nawm or aif masks for one case make that case's ``problem``. Case folders
+    written by ``perfusion batch`` (holding its done-marker) are not searched.
 
 plain layout (``layout="plain"``, or ``"auto"`` otherwise)
     Every direct sub-folder of the root holding a ``.nii`` / ``.nii.gz`` file is a case; its name is
@@ -81,6 +82,11 @@ PLAIN_SKIP = frozenset({"derivatives", "sourcedata"})
 
 #: Entities of raw BIDS file names: a derivatives mask carrying one must have the DSC file's value.
 RAW_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
+
+#: A folder holding this file is a case written by ``perfusion batch`` (its done-marker): never searched
+#: for masks, though its copies of the ROI masks carry BIDS mask names (a batch writing into
+#: INPUT/derivatives/ would otherwise find its own outputs on the next run).
+OUTPUT_MARKER = ".perfusion-done.json"
 
 #: BIDS mask labels with a fixed role; every other label is a lesion ROI.
 BIDS_LABELS = {"brain": "brain", "nawm": "reference", "aif": "aif"}
@@ -517,7 +523,7 @@ def _walk_files(top: Path, bases: _Bounds) -> list[_Entry]:
     while stack:
         folder = stack.pop()
         real = os.path.realpath(folder)
-        if real in seen:
+        if real in seen or os.path.lexists(os.path.join(folder, OUTPUT_MARKER)):
             continue
         seen.add(real)
         for e in _scan_quiet(folder, bases):
