@@ -227,8 +227,7 @@ def thread_env(n_workers: int, cores: int | None = None) -> dict[str, str]:
 
 #: Dask settings of the local cluster's workers, each measured on 2 cores with 12 phantom cases on two
 #: workers: the statistical profiler (a stack sample every 10 ms, taking the GIL from the case) and
-#: the system monitor cost 15 % (14.5 -> 12.3 s); the thread variables go in before the worker processes
-#: start (numba and BLAS read them at import), and distributed's default MALLOC_TRIM_THRESHOLD_=65536 is
+#: the system monitor cost 15 % (14.5 -> 12.3 s); distributed's default MALLOC_TRIM_THRESHOLD_=65536 is
 #: dropped: it made each case's analysis about 40 % slower (0.75 -> 1.1 s on the 64 x 64 x 5 phantom,
 #: glibc returning every freed array to the OS).
 WORKER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.interval": "10s",
@@ -265,10 +264,18 @@ def _run_dask(cases, out_root, params, on_done, *, jobs: int, scheduler: str | N
         else:
             import dask
 
-            with dask.config.set(WORKER_CONFIG | {"distributed.nanny.pre-spawn-environ": {
-                    **thread_env(jobs), "MALLOC_TRIM_THRESHOLD_": None}}):
-                cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True, dashboard_address=None,
-                                       silence_logs=logging.ERROR)
+            # the thread variables go in through `env`, set inside each worker process before it runs a
+            # task; distributed's pre-spawn variables are written into this process's os.environ (and
+            # left there), which made numba refuse to run here afterwards ("Cannot set
+            # NUMBA_NUM_THREADS ... once the threads have been launched"): the environment is restored
+            saved = dict(os.environ)
+            try:
+                with dask.config.set(WORKER_CONFIG | {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                    cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR, env=thread_env(jobs))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
             client = Client(cluster)
         by_key = {}
         futures = []
