@@ -61,7 +61,7 @@ def _guard(fn):
 @app.command()
 @_guard
 def analyze(
-    dsc: Annotated[Path, typer.Argument(help="4-D DSC series (.nii or .nii.gz); TE/TR from its BIDS sidecar.")],
+    dsc: Annotated[Path, typer.Argument(help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")],
     mask: Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")] = None,
     aif: Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")] = "auto",
@@ -83,6 +83,7 @@ def analyze(
     anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' background.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+    dicom_series: Annotated[Optional[int], typer.Option("--series", help="DICOM folder input: SeriesNumber of the DSC series when the folder holds several.")] = None,
 ) -> None:
     """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
     from .commands import run_analyze
@@ -91,7 +92,7 @@ def analyze(
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
                 recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
-                quiet=quiet)
+                quiet=quiet, dicom_series=dicom_series)
 
 
 @app.command()
@@ -192,6 +193,36 @@ def batch(
                              quiet=quiet, params=params)
     if code:
         raise typer.Exit(code=code)
+
+
+@app.command()
+@_guard
+def convert(
+    dicom_dir: Annotated[Path, typer.Argument(metavar="DICOM_DIR", help="Folder of DICOM files from PACS or the scanner (sub-folders searched).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for <name>_dsc.nii.gz and <name>_dsc.json (created; must be empty unless --force).")],
+    series: Annotated[Optional[int], typer.Option(help="SeriesNumber of the DSC series when the folder holds several (see dicom-inspect).")] = None,
+    name: Annotated[Optional[str], typer.Option(help="File-name stem, e.g. sub-01 (default series-<N>).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
+) -> None:
+    """Convert the DSC series of a DICOM folder (through dcm2niix) into a 4-D NIfTI and its BIDS sidecar
+    (TE/TR in s; only non-identifying keys). Draw masks for a DICOM analysis on this NIfTI."""
+    from .commands import run_convert
+
+    run_convert(dicom_dir=dicom_dir, out=out, series=series, name=name, force=force, quiet=quiet)
+
+
+@app.command("dicom-inspect")
+@_guard
+def dicom_inspect(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of DICOM files (sub-folders searched).")],
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the description as JSON here.")] = None,
+) -> None:
+    """List the series of a DICOM folder: frames, slices, frame ordering, frame intervals (s) against the TR,
+    and the checks an analysis runs (slice counts, per-frame rescaling, timing). Headers only."""
+    from .commands import run_dicom_inspect
+
+    run_dicom_inspect(folder=folder, json_path=json_path)
 
 
 @app.command()

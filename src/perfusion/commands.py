@@ -20,15 +20,23 @@ def _console():
 
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
                 te: float | None, tr: float | None, vof: str = "none", anat: Path | None = None,
-                roi_names: list[str] | None = None):
+                roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
-    ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given."""
+    ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
+    A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
     from .io import load_mask, load_series, stem
     from .pipeline import Inputs
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        series = load_series(dsc, te=te, tr=tr)
+        if Path(dsc).is_dir():
+            from .dicom import load_dicom_series
+
+            series = load_dicom_series(dsc, te=te, tr=tr, series=dicom_series)
+        else:
+            if dicom_series is not None:
+                raise UsageError(f"{dsc}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+            series = load_series(dsc, te=te, tr=tr)
     paths: dict[str, Path] = {"dsc": Path(dsc)}
     brain = load_mask(mask, series, what="brain mask") if mask else None
     if mask:
@@ -72,12 +80,12 @@ def make_config(*, method: str = "model", threshold: float | None = None, oi_tar
 
 def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
                  rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "none",
-                 anat: Path | None = None, roi_names: list[str] | None = None):
+                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load one case, analyse it and register ``anat``; return (Result, Inputs). Writes nothing."""
     from .pipeline import analyze
 
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
-                                        vof=vof, anat=anat, roi_names=roi_names)
+                                        vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
     anat_image = None
     if anat is not None:  # read before the analysis so a bad file fails fast
         from .io import load_volume
@@ -106,8 +114,9 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
-                quiet: bool = False):
-    """Analyse one case and write its outputs into ``out``; return the pipeline Result."""
+                quiet: bool = False, dicom_series: int | None = None):
+    """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
+    DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
     from .io import check_output_folder, staged_output
     from .pipeline import write_result
     from .report_html import write_html
@@ -121,7 +130,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     if out.resolve() == dsc_dir:
         raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
     result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te,
-                                  tr=tr, vof=vof, anat=anat)
+                                  tr=tr, vof=vof, anat=anat, dicom_series=dicom_series)
     with staged_output(out, force=force) as stage:
         write_result(result, inputs, stage)
         write_html(stage)
@@ -475,3 +484,115 @@ def _check_batch_out(input_dir: Path, out: Path, layout: str) -> None:
             return
         where = "a folder under INPUT/derivatives/ or " if layout == "bids" else ""
         raise UsageError(f"{out}: lies inside the input {input_dir}; write to {where}a folder outside it")
+
+
+# ----------------------------------------------------------------------------------------- DICOM
+
+#: A file-name stem for ``convert --name``: BIDS-like entities, nothing that needs quoting.
+_NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
+
+
+def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: str | None = None,
+                force: bool = False, quiet: bool = False) -> dict:
+    """Convert the DSC series of a DICOM folder into ``out``/<name>_dsc.nii.gz (float32 signal, a.u.,
+    dcm2niix's grid, TR in the header in s) and <name>_dsc.json (the whitelisted sidecar, times in s),
+    atomically. Returns {"dsc": path, "sidecar": path, "warnings": [...]}."""
+    import re
+
+    from .dicom import read_dicom_series
+    from .io import check_output_folder, staged_output, write_json, write_nifti
+
+    if name is not None and not re.fullmatch(_NAME_PATTERN, name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (e.g. sub-01)")
+    dicom_dir, out = Path(dicom_dir), Path(out)
+    check_output_folder(out, force=force)
+    if dicom_dir.is_dir() and (out.resolve() == dicom_dir.resolve() or dicom_dir.resolve() in out.resolve().parents):
+        raise OutputError(f"{out}: lies inside the DICOM folder {dicom_dir}; choose an output folder outside it")
+    conv = read_dicom_series(dicom_dir, series=series)
+    info = conv.info
+    stem_ = name or (f"series-{info.number}" if info.number is not None else "series")
+    with staged_output(out, force=force) as stage:
+        write_nifti(stage / f"{stem_}_dsc.nii.gz", conv.data, conv.affine, tr=conv.tr_s,
+                    description=f"perfusion convert: DICOM series {info.number}")
+        write_json(stage / f"{stem_}_dsc.json", conv.sidecar)
+    paths = {"dsc": out / f"{stem_}_dsc.nii.gz", "sidecar": out / f"{stem_}_dsc.json", "warnings": list(conv.warnings)}
+    if not quiet:
+        con = _console()
+        con.print(f"{info.summary()} converted to {paths['dsc']} and {paths['sidecar'].name} "
+                  f"(TE {conv.sidecar.get('EchoTime', 'unknown')} s, TR {conv.tr_s} s from {conv.tr_source})")
+        for w in conv.warnings:
+            con.print(f"warning: {w}")
+    return paths
+
+
+def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: bool = False) -> dict:
+    """Describe every series of a DICOM folder (frames, slices, ordering, frame intervals, checks); print
+    a table and write the JSON atomically. Returns the JSON's content. Headers only; no identifier."""
+    import json
+    import os
+    import tempfile
+
+    from .dicom import inspect
+    from .io import MIN_FRAMES
+
+    folder = Path(folder)
+    infos = inspect(folder)
+    dsc = [i.number for i in infos if i.is_dsc]
+    data = {"folder": str(folder), "dsc_series": dsc[0] if len(dsc) == 1 else None,
+            "dsc_rule": f"a series with at least {MIN_FRAMES} frames; with several, choose one with --series N",
+            "units": {"time": "s"}, "series": [i.as_dict() for i in infos]}
+    if json_path is not None:
+        json_path = Path(json_path)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", dir=json_path.parent if str(json_path.parent) else ".")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh, indent=1)
+            os.replace(tmp, json_path)
+        except OSError as exc:
+            raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
+    if not quiet:
+        print_dicom_inspect(data, json_path)
+    return data
+
+
+def print_dicom_inspect(data: dict, json_path: Path | None) -> None:
+    from rich.table import Table
+
+    con = _console()
+
+    def num(x):
+        return "-" if x is None else f"{x:.4g}"
+
+    table = Table(title=f"DICOM series in {data['folder']} (times in s)")
+    for col in ("series", "files", "frames", "slices", "matrix", "TE", "TR", "frame order",
+                "interval (range)", "checks"):
+        table.add_column(col, no_wrap=True)
+
+    def count(n, what):
+        return f"{n} {what}{'s' if n > 1 else ''}"
+
+    for s in data["series"]:
+        checks = (count(len(s["errors"]), "error") if s["errors"] else
+                  count(len(s["warnings"]), "warning") if s["warnings"] else "ok")
+        interval = ("-" if s["interval_median_s"] is None else
+                    f"{num(s['interval_median_s'])} ({num(s['interval_min_s'])}-{num(s['interval_max_s'])})")
+        table.add_row(str(s["series_number"]), str(s["n_files"]), str(s["frames"]), str(s["slices_per_frame"]),
+                      f"{s['matrix'][0]}x{s['matrix'][1]}", num(s["echo_time_s"]), num(s["repetition_time_s"]),
+                      s["ordering_key"], interval, checks)
+    con.print(table)
+    for s in data["series"]:
+        if s["timing_source"]:
+            con.print(f"series {s['series_number']}: frame intervals from {s['timing_source']}")
+        for kind in ("errors", "warnings", "notes"):
+            for text in s[kind]:
+                con.print(f"series {s['series_number']}: {kind[:-1]}: {text}")
+    if data["dsc_series"] is not None:
+        errs = next(s["errors"] for s in data["series"] if s["series_number"] == data["dsc_series"])
+        con.print(f"DSC series: {data['dsc_series']} (picked by 'perfusion analyze' and 'perfusion convert')"
+                  + ("; its errors stop an analysis" if errs else ""))
+    else:
+        n = sum(1 for s in data["series"] if s["dsc_candidate"])
+        con.print("No DSC series (none has enough frames)" if n == 0 else
+                  f"{n} DSC-like series: choose one with --series N")
+    if json_path is not None:
+        con.print(f"JSON written to {json_path}")

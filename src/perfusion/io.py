@@ -268,6 +268,21 @@ def load_array(path: Path, *, what: str = "image") -> np.ndarray:
 
 
 def sha256(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes. Of a folder (a DICOM input): SHA-256 over the sorted pairs
+    (relative name, file SHA-256) of every file under it, symlinked folders not followed; no file
+    name is revealed (DICOM file names can hold identifiers)."""
+    if Path(path).is_dir():
+        pairs = []
+        for root, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in files:
+                file = Path(root) / name
+                if file.is_file():
+                    pairs.append((file.relative_to(path).as_posix(), sha256(file)))
+        h = hashlib.sha256()
+        for name, digest in sorted(pairs):
+            h.update(name.encode("utf-8", "surrogateescape") + b"\0" + digest.encode("ascii") + b"\n")
+        return h.hexdigest()
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
