@@ -623,3 +623,29 @@ def test_enhanced_multiframe(tmp_path):
                    frame_slope=lambda t: 2 * SLOPE if t == 5 else SLOPE)
     code, out, err = run(["convert", tmp_path / "b", tmp_path / "out"])
     assert code == 4 and "per-frame intensity rescaling" in err and "frame 6" in err
+
+
+def test_batch_takes_a_dicom_case_folder(case, tmp_path):
+    """perfusion batch: a plain case folder whose series is a dicom/ sub-folder (masks on the converted
+    grid) runs like the NIfTI case beside it; the summary matches analyze on the folder."""
+    import shutil
+
+    root = tmp_path / "in"
+    dcm_case = root / "case-dicom"
+    shutil.copytree(case["folder"], dcm_case / "dicom")
+    rois = case["root"] / "rois-on-dicom-grid"
+    for name, target in (("roi-lesion_hyper", "roi-lesion_hyper"), ("mask-aif", "mask-aif"),
+                         ("mask-reference", "mask-reference"), ("mask-brain", "mask-brain")):
+        shutil.copy(rois / f"{name}.nii.gz", dcm_case / f"{target}.nii.gz")
+    out = tmp_path / "out"
+    code, stdout, err = run(["batch", root, out, "-q"])
+    assert code == 0, err
+    rows = [dict(zip(*(ln.split("\t") for ln in ((out / "summary.tsv").read_text().splitlines()[0], line))))
+            for line in (out / "summary.tsv").read_text().splitlines()[1:]]
+    assert [(r["case"], r["roi"], r["status"]) for r in rows] == [("case-dicom", "roi-lesion_hyper", "ok")]
+    ref = json.loads((case["dicom_out"] / "report.json").read_text())
+    want = next(r["rcbv_median"] for r in ref["rois"] if r["name"] == "roi-lesion_hyper")
+    assert float(rows[0]["rcbv_median"]) == pytest.approx(want, rel=1e-5)
+    marker = json.loads((out / "case-dicom" / ".perfusion-done.json").read_text())
+    assert str(dcm_case / "dicom") in marker["fingerprint"]["inputs"]  # the folder, hashed as one entry
+    assert not planted_in_text(stdout + err) and not planted_in(out / "summary.json")

@@ -96,7 +96,7 @@ def fingerprint(case, params: dict[str, Any]) -> dict[str, Any]:
     from .io import sha256
 
     return {"software_version": __version__, "parameters": params,
-            "inputs": {str(p): sha256(p) for p in case_inputs(case) if p.is_file()}}
+            "inputs": {str(p): sha256(p) for p in case_inputs(case) if p.exists()}}  # a DICOM folder: one hash
 
 
 def read_marker(folder: Path) -> dict | None:

@@ -40,6 +40,8 @@ plain layout (``layout="plain"``, or ``"auto"`` otherwise)
     ``mask-vein``, ``-vof`` a venous mask: noted, not used
     ``mask-<other>``      a problem: unknown mask kind
     anything else         the DSC series: exactly one such file, else a problem
+    ``dicom/`` folder     the DSC series as DICOM files, instead of a NIfTI (masks on the grid that
+                          ``perfusion convert`` gives)
     ====================  ==========================================
 
     The sidecar is the series' ``.json`` twin. Sub-folders without a NIfTI file are skipped.
@@ -90,6 +92,10 @@ OUTPUT_MARKER = ".perfusion-done.json"
 
 #: BIDS mask labels with a fixed role; every other label is a lesion ROI.
 BIDS_LABELS = {"brain": "brain", "nawm": "reference", "aif": "aif"}
+
+#: Plain layout: a case folder's sub-folder of this name (any letter case) holds the DSC series as DICOM
+#: files (converted by perfusion.dicom); masks then lie on the converted grid (``perfusion convert``).
+DICOM_FOLDER = "dicom"
 
 #: Plain-layout mask file names (without extension, lower case) and their role.
 PLAIN_MASKS = {"mask-brain": "brain", "mask-reference": "reference", "mask-aif": "aif"}
@@ -309,14 +315,15 @@ def _discover_plain(given: Path, top: list[_Entry], bases: _Bounds,
         if files is None:
             continue
         niftis = [f for f in files if (f.is_file or f.broken) and _nifti_stem(f.name) is not None]
-        if niftis:
+        dicom = [f for f in files if f.is_dir and f.name.lower() == DICOM_FOLDER]
+        if niftis or dicom:
             cases.append(_plain_case(folder, files, niftis, bases, patterns))
     if not cases:
         if any((e.is_file or e.broken) and _nifti_stem(e.name) is not None for e in top):
             raise InputError(f"{given}: NIfTI files lie directly in it but no sub-folder holds one; put each case "
                              "in its own sub-folder (or run `perfusion analyze` on a single series)")
-        raise InputError(f"{given}: no case found (no sub-folder holds a .nii or .nii.gz file); give the folder "
-                         "that holds one sub-folder per case, or a BIDS dataset")
+        raise InputError(f"{given}: no case found (no sub-folder holds a .nii or .nii.gz file or a dicom/ "
+                         "folder); give the folder that holds one sub-folder per case, or a BIDS dataset")
     return cases
 
 
@@ -349,7 +356,13 @@ def _plain_case(folder: _Entry, files: list[_Entry], niftis: list[_Entry], bases
         else:
             candidates.append(f)
     dsc = None
-    if len(candidates) == 1:
+    dicom = [f for f in files if f.is_dir and f.name.lower() == DICOM_FOLDER]
+    if dicom and candidates:
+        problems.insert(0, f"{folder.path}: holds both a dicom/ folder and a 4-D NIfTI ({candidates[0].name}); "
+                           "keep one of them")
+    elif dicom:
+        dsc = dicom[0]
+    elif len(candidates) == 1:
         dsc = candidates[0]
     elif not candidates:
         problems.insert(0, f"{folder.path}: no DSC series (a .nii/.nii.gz not named roi-* or mask-*); "
@@ -365,7 +378,7 @@ def _plain_case(folder: _Entry, files: list[_Entry], niftis: list[_Entry], bases
     if not found["roi"] and not patterns["roi"]:
         notes.append(f"{case_id}: no lesion ROI (roi-<name>.nii.gz): maps only, no verdict")
     sidecar = None
-    if dsc is not None:
+    if dsc is not None and not dsc.is_dir:
         by_name = {f.name: f for f in files}
         sc = by_name.get(sidecar_path_for(dsc.path).name)
         sidecar = sc.path if sc is not None and sc.is_file else None
