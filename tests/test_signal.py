@@ -260,3 +260,17 @@ def test_hole_inside_the_ellipsoid_is_filled():
 
 def test_mask_of_empty_image_is_empty():
     assert not auto_brain_mask(np.zeros((8, 8, 4))).any()
+
+
+def test_otsu_takes_the_middle_of_a_plateau():
+    """Two classes with empty bins between them: every threshold in the gap separates them equally;
+    the middle of the gap is chosen, not its first bin (which sits on the edge of the lower class)."""
+    from perfusion.signal import otsu_threshold
+
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.uniform(0, 10, 500), rng.uniform(90, 100, 500)]
+    t = otsu_threshold(values)
+    assert 45 <= t <= 55
+    # a sample without a gap keeps Otsu's usual answer: between the two modes
+    values = np.r_[rng.normal(20, 5, 2000), rng.normal(60, 5, 2000)]
+    assert 30 < otsu_threshold(values) < 50

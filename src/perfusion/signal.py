@@ -127,7 +127,9 @@ def to_delta_r2s(signal: np.ndarray, *, te: float, baseline: slice) -> tuple[np.
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
-    """Otsu's threshold (maximum between-class variance) of a 1-D sample."""
+    """Otsu's threshold (maximum between-class variance) of a 1-D sample. Where the maximum is a plateau
+    (empty bins between two well separated classes, as between background noise and brain), the middle
+    of the plateau: its first bin sat on the edge of the noise, so the mask changed with the noise."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
     hist, edges = np.histogram(v, bins=bins)
@@ -137,8 +139,12 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     m0 = np.cumsum(hist * centres)
     mu0 = m0 / np.maximum(w0, 1)
     mu1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between[:-1]))])
+    between = (w0 * w1 * (mu0 - mu1) ** 2)[:-1]
+    top = np.flatnonzero(between >= between.max() * (1.0 - 1e-12))
+    first, last = int(top[0]), int(top[-1])
+    if np.all(between[first:last + 1] >= between.max() * (1.0 - 1e-12)):  # one contiguous plateau
+        return float(0.5 * (centres[first] + centres[last]))
+    return float(centres[first])
 
 
 def auto_brain_mask(mean_image: np.ndarray) -> np.ndarray:
