@@ -39,7 +39,7 @@ COLUMNS = ("case", "roi", "status", "rcbv_median", "ftb_low", "ftb_mid", "ftb_hi
 
 #: Analysis options a batch passes to every case (the ``perfusion analyze`` options without paths).
 ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "rcbv_low", "rcbv_high", "aif_voxels",
-                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "te", "tr")
+                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr")
 
 
 @dataclass

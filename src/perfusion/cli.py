@@ -23,6 +23,11 @@ EXIT_CODES_HELP = (
     "4 bad input, 5 output or disk."
 )
 
+#: --motion-correct help (analyze and batch).
+MOTION_HELP = ("Head motion: auto (default: register every frame to the baseline and realign frames displaced "
+               "by more than 0.5 mm), on (realign every frame displaced by more than 0.25 mm) or off (no estimate). "
+               "Writes motion.tsv (deg, mm).")
+
 app = typer.Typer(
     name="perfusion",
     help="DSC-MRI perfusion maps and lesion scoring. For research and decision support only; "
@@ -81,6 +86,7 @@ def analyze(
     recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
     weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 the report warns of pseudoprogression.")] = None,
     anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' background.")] = None,
+    motion_correct: Annotated[str, typer.Option(help=MOTION_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     dicom_series: Annotated[Optional[int], typer.Option("--series", help="DICOM folder input: SeriesNumber of the DSC series when the folder holds several.")] = None,
@@ -92,7 +98,7 @@ def analyze(
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
                 recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
-                quiet=quiet, dicom_series=dicom_series)
+                quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct)
 
 
 @app.command()
@@ -179,6 +185,7 @@ def batch(
     rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
     te: Annotated[Optional[float], typer.Option(help="Echo time in s for every case (overrides sidecars).")] = None,
     tr: Annotated[Optional[float], typer.Option(help="Repetition time in s for every case (overrides sidecars and headers).")] = None,
+    motion_correct: Annotated[str, typer.Option(help=MOTION_HELP)] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")] = False,
 ) -> None:
     """Analyse every case of a dataset; resumable (done cases are skipped), on Dask for --jobs > 1.
@@ -186,7 +193,7 @@ def batch(
     from .commands import run_batch_command
 
     params = {"method": method, "leakage": leakage, "aif_selection": aif_selection, "vof": vof,
-              "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr}
+              "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr, "motion_correct": motion_correct}
     code = run_batch_command(input_dir=input_dir, out=out, layout=layout, derivatives=derivatives,
                              roi_globs=tuple(roi_glob or ()), brain_glob=brain_glob, reference_glob=reference_glob,
                              aif_glob=aif_glob, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,

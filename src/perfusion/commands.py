@@ -68,20 +68,24 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
                 leakage: str = "residue", rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
-                weeks_since_radiation: float | None = None):
+                weeks_since_radiation: float | None = None, motion_correct: str = "auto"):
     """The pipeline Config of the command-line options, validated (UsageError)."""
     from .pipeline import Config
 
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
                   aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
-                  rcbv_low=rcbv_low, rcbv_high=rcbv_high).validate()
+                  rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct).validate()
 
 
 def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
                  rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "none",
                  anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
-    """Load one case, analyse it and register ``anat``; return (Result, Inputs). Writes nothing."""
+    """Load one case, correct its head motion (``config.motion_correct``), analyse it and register
+    ``anat``; return (Result, Inputs). Writes nothing."""
+    import dataclasses
+
+    from .motion import correct_series
     from .pipeline import analyze
 
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
@@ -91,13 +95,15 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
         from .io import load_volume
 
         anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
+    series, motion, motion_notes = correct_series(inputs.series, mode=config.validate().motion_correct,
+                                                  brain=inputs.brain)
+    inputs = dataclasses.replace(inputs, series=series)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = analyze(inputs, config)
-    result.warnings.extend(load_warnings + [str(w.message) for w in caught])
+    result = dataclasses.replace(result, motion=motion)
+    result.warnings.extend(load_warnings + motion_notes + [str(w.message) for w in caught])
     if anat_image is not None:
-        import dataclasses
-
         from .register import anat_background
 
         if result.baseline_image is None:
@@ -114,7 +120,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
-                quiet: bool = False, dicom_series: int | None = None):
+                quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto"):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
     DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
     from .io import check_output_folder, staged_output
@@ -123,7 +129,8 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
 
     config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
                          rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
-                         vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation)
+                         vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
+                         motion_correct=motion_correct)
     out = Path(out)
     check_output_folder(out, force=force)
     dsc_dir = Path(dsc).resolve().parent

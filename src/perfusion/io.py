@@ -406,7 +406,7 @@ def _discard(stage: Path, created: list[Path]) -> None:
 
 #: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
 PLAIN_FILES = {"aif": "aif.tsv", "curves": "curves.tsv", "curves_json": "curves.json", "report": "report.json",
-               "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm"}
+               "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm", "motion": "motion.tsv"}
 
 #: BIDS-derivative names (batch over a BIDS dataset): "<prefix>_" + this. Map suffixes follow the BIDS
 #: ASL derivatives' lower-case parameter suffixes (cbf, ...); variants carry a desc- entity; the T1 on
@@ -422,6 +422,7 @@ BIDS_FILES = {
     "reference_mask": "desc-reference_mask.nii.gz", "baseline": "desc-baseline_dsc.nii.gz",
     "anat": "space-dsc_T1w.nii.gz", "anat_xfm": "from-T1w_to-dsc_mode-image_xfm.tfm",
     "aif": "desc-aif_timeseries.tsv", "curves": "desc-curves_timeseries.tsv", "curves_json": "desc-curves_timeseries.json",
+    "motion": "desc-motion_timeseries.tsv",
     "report": "report.json", "report_html": "report.html",
 }
 

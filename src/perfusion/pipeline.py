@@ -62,6 +62,7 @@ class Config:
     vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
     weeks_since_radiation: float | None = None  # context for the verdict (pseudoprogression window)
+    motion_correct: str = "auto"  # head motion: "auto" (realign frames that moved > 0.5 mm), "on" or "off"
     aif_voxels: int = aif_mod.DEFAULT_N_VOXELS
     rcbv_low: float = roi.RCBV_LOW
     rcbv_high: float = roi.RCBV_HIGH
@@ -84,6 +85,8 @@ class Config:
             raise UsageError(f"--recirculation {self.recirculation}: choose keep or remove")
         if self.aif_voxels < 1:
             raise UsageError("--aif-voxels must be at least 1")
+        if self.motion_correct not in ("auto", "on", "off"):
+            raise UsageError(f"--motion-correct {self.motion_correct}: choose auto, on or off")
         return self
 
     def as_dict(self) -> dict:
@@ -133,6 +136,7 @@ class Result:
     curves: dict[str, np.ndarray] = field(default_factory=dict)  # mean delta R2* (1/s) per region
     baseline_image: np.ndarray | None = None  # mean signal of the baseline frames (a.u., x y z)
     anat: object | None = None  # register.AnatBackground when --anat was given
+    motion: dict | None = None  # head motion (motion.correct_series): report.json "motion" + "timeseries" columns
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -532,7 +536,7 @@ def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict
 
 
 def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | None = None) -> dict[str, str]:
-    """Write maps with sidecars, masks, aif.tsv, curves and report.json into ``folder`` (a staging
+    """Write maps with sidecars, masks, aif.tsv, curves, motion.tsv and report.json into ``folder`` (a staging
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
     "files" lists them. Returns that mapping (key -> file name)."""
     from . import report
@@ -587,6 +591,9 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
                   description="Mean signal of the baseline frames (background image for figures)")
     if result.anat is not None:
         files.update(write_anat(folder, result.anat, inputs.paths.get("anat", ""), prefix=prefix))
+    if result.motion is not None and "timeseries" in result.motion:
+        files["motion"] = output_file("motion", prefix)
+        write_tsv(folder / files["motion"], result.motion["timeseries"])
     rep = report.build_report(result, inputs, files=files, roi_files=roi_files, prefix=prefix)
     write_json(folder / files["report"], rep)
     return files

@@ -182,6 +182,124 @@ def resample(moving: Volume, onto: Volume, transform: Rigid, *, nearest: bool = 
     return from_itk(out)
 
 
+# ----------------------------------------------------------------- frames of a series (motion.py)
+
+#: Frame-to-reference registration of a DSC series (motion.py): Mattes MI as above, because the bolus
+#: darkens tissue by 10-60 % and vessels by up to 100 % and other metrics read that as motion (README
+#: "Head motion": worst bolus frame 0.98 mm with mean squares, 0.23 mm with correlation, 0.09 mm with
+#: MI). Two passes; numbers measured on the 64 x 64 x 25 textured phantom of tests/test_motion.py.
+#: Screening: every frame at half the in-plane resolution (2 x 2 voxels averaged), from the identity,
+#: 64 bins, steps from 0.5 down to 3e-3 halving on each reversal (optimizer's scaled units, about a
+#: voxel at first): about 13 iterations per frame; motion-free frames read up to 0.23 mm (60 mm slab),
+#: 0.12 mm (100 mm) and 0.05-0.09 mm (demo phantoms), moved frames 0.7-1.3 times their motion: enough
+#: to tell which frames moved. (32 bins read 0.24, 0.20 and 0.15 mm.)
+SCREEN_SHRINK = (2, 2, 1)
+SCREEN_BINS = 64
+SCREEN_STEP = (0.5, 3e-3, 0.5)  # first step, smallest step, relaxation
+#: Screening samples at most this many head voxels (all of a 64 x 64 matrix; a third at 128 x 128 x 24,
+#: where sampling all took 15 s for 80 frames, this 8 s).
+SCREEN_MAX_SAMPLES = 20_000
+#: Refinement: full resolution from the screening estimate, 64 bins (32 bins: worst bolus frame 0.18 mm
+#: instead of 0.09 mm), steps down to 1e-4 relaxing by 0.7 (by 0.5 the optimizer stopped early: 0.14
+#: instead of 0.03 deg).
+REFINE_BINS = 64
+REFINE_STEP = (0.25, 1e-4, 0.7)
+#: Samples of the refinement: this fraction of the head voxels, at least FRAME_MIN_SAMPLES (all voxels
+#: of a small image) and at most FRAME_MAX_SAMPLES. A quarter was as accurate as all voxels (worst frame
+#: 0.03 deg and 0.09 mm both) in less than half the time.
+FRAME_SAMPLE_FRACTION = 0.25
+FRAME_MIN_SAMPLES = 20_000
+FRAME_MAX_SAMPLES = 60_000
+FRAME_MAX_ITERATIONS = 300
+
+
+class FrameRegistration:
+    """Rigid registration of single frames of a series to one reference image, all on the same grid.
+
+    ``reference`` (x, y, z) and ``mask`` (bool, the voxels the metric samples: the head) are converted
+    once; each :meth:`register` call builds only the frame's image. Transforms are ITK Euler transforms
+    about ``centre_ras`` (mm) and map reference points to frame points (the head's displacement in that
+    frame). Deterministic: seeded sampling, one thread. Without ``through_plane`` only the in-plane
+    parameters move (the rotation about the physical axis nearest the slice direction and the two
+    translations across it), for slabs too thin to show a tilt."""
+
+    def __init__(self, reference: np.ndarray, affine: np.ndarray, mask: np.ndarray, *, centre_ras: np.ndarray,
+                 through_plane: bool = True):
+        sitk = _sitk()
+        self.affine = np.asarray(affine, dtype=np.float64)
+        self._fixed = to_itk(Volume(np.asarray(reference, dtype=np.float32), self.affine))
+        m = to_itk(Volume(np.asarray(mask, dtype=np.float32), self.affine))
+        self._mask = sitk.Cast(m > 0.5, sitk.sitkUInt8)
+        self._fixed_small = sitk.BinShrink(self._fixed, list(SCREEN_SHRINK))
+        self._mask_small = sitk.Cast(sitk.BinShrink(m, list(SCREEN_SHRINK)) > 0.5, sitk.sitkUInt8)
+        self._n_mask = max(int(np.count_nonzero(mask)), 1)
+        self._n_mask_small = max(int(np.count_nonzero(sitk.GetArrayViewFromImage(self._mask_small))), 1)
+        self._centre_lps = [float(v) for v in (_FLIP @ np.r_[np.asarray(centre_ras, dtype=np.float64), 1.0])[:3]]
+        self._weights = None  # Euler3D parameters: angles about x, y, z, then translations along x, y, z
+        if not through_plane:
+            axis = int(np.argmax(np.abs(self.affine[:3, 2])))  # physical axis nearest the slice direction
+            self._weights = [1.0 if i == axis else 0.0 for i in range(3)] + [0.0 if i == axis else 1.0 for i in range(3)]
+
+    def _start(self, start: Rigid | None):
+        sitk = _sitk()
+        if start is not None and start._itk is not None:
+            return sitk.Euler3DTransform(start._itk)
+        tx = sitk.Euler3DTransform()
+        tx.SetCenter(self._centre_lps)
+        return tx
+
+    def register(self, frame: np.ndarray, *, refine: bool, start: Rigid | None = None) -> Rigid:
+        """The transform of one frame (x, y, z; same grid as the reference): the screening pass
+        (``refine`` False, from the identity) or the refinement (from ``start``). Raises RuntimeError
+        when ITK fails (no overlap)."""
+        sitk = _sitk()
+        moving = to_itk(Volume(np.asarray(frame, dtype=np.float32), self.affine))
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetNumberOfThreads(1)
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        if refine:
+            fixed, mask, bins, (step, min_step, relax) = self._fixed, self._mask, REFINE_BINS, REFINE_STEP
+            n = min(FRAME_MAX_SAMPLES, max(FRAME_MIN_SAMPLES, FRAME_SAMPLE_FRACTION * self._n_mask))
+            fraction = min(1.0, n / self._n_mask)
+        else:
+            fixed, mask, bins, (step, min_step, relax) = self._fixed_small, self._mask_small, SCREEN_BINS, SCREEN_STEP
+            moving = sitk.BinShrink(moving, list(SCREEN_SHRINK))
+            fraction = min(1.0, SCREEN_MAX_SAMPLES / self._n_mask_small)
+        reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
+        # image gradients by central differences, not ITK's default recursive Gaussian filter: that
+        # filter refuses images of fewer than 4 slices, and the result was as good (0.03 vs 0.06 deg, 0.09
+        # vs 0.11 mm worst frame on the test phantom) at the same speed
+        reg.MetricUseFixedImageGradientFilterOff()
+        reg.MetricUseMovingImageGradientFilterOff()
+        reg.SetMetricSamplingPercentage(fraction, SEED)
+        reg.SetMetricFixedMask(mask)
+        reg.SetInterpolator(sitk.sitkLinear)
+        reg.SetOptimizerAsRegularStepGradientDescent(learningRate=step, minStep=min_step,
+                                                     numberOfIterations=FRAME_MAX_ITERATIONS,
+                                                     relaxationFactor=relax, gradientMagnitudeTolerance=1e-10)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        if self._weights is not None:
+            reg.SetOptimizerWeights(self._weights)
+        tx = self._start(start if refine else None)
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(fixed, moving)
+        matrix = _matrix_ras(tx)
+        angles = tuple(float(np.degrees(a)) for a in (tx.GetAngleX(), tx.GetAngleY(), tx.GetAngleZ()))
+        return Rigid(matrix=matrix, rotation_deg=angles, translation_mm=tuple(float(t) for t in matrix[:3, 3]),
+                     metric=float(reg.GetMetricValue()), _itk=tx)
+
+
+def realign_frame(frame: np.ndarray, affine: np.ndarray, transform: Rigid) -> np.ndarray:
+    """A frame (x, y, z) resampled on its own grid through ``transform`` (reference -> frame points, from
+    FrameRegistration): the frame seen from the reference position. Cubic B-spline, not linear: on the
+    motion test phantom, resampling with the true transforms cost 5.6 % of CBV linearly (the smoothing
+    flattens the arteries' input function) and 1.0 % with the B-spline. NaN where the source point lies
+    outside the frame; values may overshoot the frame's range near sharp edges (the caller clips)."""
+    sitk = _sitk()
+    img = to_itk(Volume(np.asarray(frame, dtype=np.float32), affine))
+    return from_itk(sitk.Resample(img, img, transform._itk, sitk.sitkBSpline, float("nan"), sitk.sitkFloat32))
+
+
 def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:
     return (np.asarray(a.data).shape[:3] == np.asarray(b.data).shape[:3]
             and np.allclose(a.affine, b.affine, atol=atol_mm))

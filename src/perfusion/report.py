@@ -56,6 +56,8 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
                   "volume_ml": "mL", "time": "s"},
         **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""), prefix=prefix)}
            if result.anat is not None else {}),
+        **({"motion": {k: v for k, v in result.motion.items() if k != "timeseries"}}
+           if result.motion is not None else {}),
         "files": {k: v for k, v in (files or {}).items() if not k.startswith("roi:")},
         "warnings": list(result.warnings),
         "seconds": result.seconds,

@@ -574,6 +574,23 @@ def build_html(folder: Path) -> str:
                       "rigid, to the DSC baseline", "ok",
                       f"largest rotation {rot:.1f} deg, translation {np.linalg.norm(reg.get('translation_mm', [0]*3)):.1f} mm; "
                       f"transform {rep['anat'].get('transform_file', '')}; check the contours sit on the anatomy"))
+    mot = rep.get("motion")
+    if isinstance(mot, dict):  # reports of older versions have none
+        from .motion import FD_THRESHOLD_MM
+
+        fd_thr = _f(mot.get("fd_threshold_mm", FD_THRESHOLD_MM), "g")
+        if not mot.get("assessed"):
+            qrows.append(("Head motion", "not assessed", f"framewise displacement <= {fd_thr} mm", "warning",
+                          str(mot.get("reason") or "--motion-correct off: no frame was registered")))
+        else:
+            n_above = _num(mot.get("n_frames_above_threshold")) or 0
+            done = (f"{mot.get('n_frames_corrected', '?')} frame(s) realigned" if mot.get("applied")
+                    else "no frame realigned")
+            qrows.append(("Head motion", f"max FD {_f(mot.get('fd_max_mm'))} mm, mean {_f(mot.get('fd_mean_mm'), '.3f')} mm",
+                          f"framewise displacement <= {fd_thr} mm", "warning" if n_above else "ok",
+                          f"{n_above:g} frame(s) above {fd_thr} mm ({mot.get('fd_threshold_source', '')}); {done} "
+                          f"(--motion-correct {mot.get('correction', '?')}); per frame in "
+                          f"{(rep.get('files') or {}).get('motion', 'motion.tsv')}"))
     leak = rep.get("leakage", {})
     qrows.append(("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
                   "warning" if leak.get("method", "none") == "none" else "ok",
