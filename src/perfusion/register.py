@@ -190,14 +190,14 @@ def resample(moving: Volume, onto: Volume, transform: Rigid, *, nearest: bool = 
 #: MI). Two passes; numbers measured on the 64 x 64 x 25 textured phantom of tests/test_motion.py.
 #: Screening: every frame at half the in-plane resolution (2 x 2 voxels averaged), from the identity,
 #: 64 bins, steps from 0.5 down to 3e-3 halving on each reversal (optimizer's scaled units, about a
-#: voxel at first): about 13 iterations per frame; motion-free frames read up to 0.23 mm (60 mm slab),
-#: 0.12 mm (100 mm) and 0.05-0.09 mm (demo phantoms), moved frames 0.7-1.3 times their motion: enough
-#: to tell which frames moved. (32 bins read 0.24, 0.20 and 0.15 mm.)
+#: voxel at first): about 13 iterations per frame; motion-free frames read up to 0.23 mm (test phantom,
+#: 60 and 100 mm slabs) and 0.05-0.09 mm (demo phantoms), moved frames 0.7-1.3 times their motion:
+#: enough to tell which frames moved. (32 bins: up to 0.24 and 0.15 mm.)
 SCREEN_SHRINK = (2, 2, 1)
 SCREEN_BINS = 64
 SCREEN_STEP = (0.5, 3e-3, 0.5)  # first step, smallest step, relaxation
 #: Screening samples at most this many head voxels (all of a 64 x 64 matrix; a third at 128 x 128 x 24,
-#: where sampling all took 15 s for 80 frames, this 8 s).
+#: where sampling all took 15 s for 80 frames, this 8 s; 10 s once strictly on one thread).
 SCREEN_MAX_SAMPLES = 20_000
 #: Refinement: full resolution from the screening estimate, 64 bins (32 bins: worst bolus frame 0.18 mm
 #: instead of 0.09 mm), steps down to 1e-4 relaxing by 0.7 (by 0.5 the optimizer stopped early: 0.14
@@ -252,6 +252,17 @@ class FrameRegistration:
         """The transform of one frame (x, y, z; same grid as the reference): the screening pass
         (``refine`` False, from the identity) or the refinement (from ``start``). Raises RuntimeError
         when ITK fails (no overlap)."""
+        sitk = _sitk()
+        # SetNumberOfThreads(1) alone left the last bits (1e-15 deg) varying from run to run: parts of the
+        # metric follow ITK's global default; set it to one thread for this call, then put it back
+        threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+        try:
+            return self._register(frame, refine=refine, start=start)
+        finally:
+            sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+    def _register(self, frame: np.ndarray, *, refine: bool, start: Rigid | None) -> Rigid:
         sitk = _sitk()
         moving = to_itk(Volume(np.asarray(frame, dtype=np.float32), self.affine))
         reg = sitk.ImageRegistrationMethod()
