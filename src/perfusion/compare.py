@@ -30,8 +30,8 @@ from . import DISCLAIMER, __version__
 from .errors import InputError
 from .io import find_report, load_volume, output_path, sha256, write_json
 from .register import Rigid, Volume, resample, rigid, same_grid, write_transform
-from .report_html import (CSS, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _show, load_report,
-                          png_bytes, roi_mask_paths, slices_with_roi)
+from .report_html import (CSS, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _num, _show,
+                          load_report, png_bytes, roi_mask_paths, slices_with_roi)
 
 # ------------------------------------------------------------------------------ pattern thresholds
 # Relative change = current / prior - 1, each time point's value from its own report.json.
@@ -213,15 +213,6 @@ def match_rois(prior: dict, current: dict, *, prior_path: Path,
 
 
 # -------------------------------------------------------------------------------------- numerics
-
-
-def _num(x: Any) -> float | None:
-    """A finite float, or None (JSON null) for missing, non-numeric or non-finite values."""
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
 
 
 def relative_change(prior: Any, current: Any) -> float | None:
