@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := sample_data/sub-demo
 
-.PHONY: install demo test browser clean help
+.PHONY: install demo test bench browser clean help
 
 help:
 	@echo "make demo    set up .venv and analyse the embedded sample case"
 	@echo "make test    set up .venv and run the test suite"
 	@echo "make install create .venv with the package and its test tools"
+	@echo "make bench   speed and memory on standard volumes, and against osipy and numpy (benchmarks/results/)"
 
 install: $(STAMP)
 
@@ -27,6 +28,14 @@ demo: install
 
 test: install browser
 	$(BIN)/python -m pytest
+
+# `perfusion bench` (end to end, stages, memory, numba compile) then the peer benchmark (osipy in its
+# own Python 3.12 venv, plain numpy) on the same clinical volume; JSON in benchmarks/results/
+bench: install
+	@mkdir -p benchmarks/results
+	$(BIN)/perfusion bench --cache benchmarks/.cache --json benchmarks/results/bench.json
+	./benchmarks/peers/setup_osipy.sh
+	$(BIN)/python benchmarks/peers/bench_peers.py benchmarks/.cache/clinical-int16 --json benchmarks/results/peers.json
 
 # Debian's chromium for the report's browser test; a no-op when present, a message when not installable
 browser:

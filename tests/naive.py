@@ -11,8 +11,10 @@ def oscillation_index(b):
     return np.sum(np.abs(b[2:] - 2 * b[1:-1] + b[:-2])) / (b.size * fmax)
 
 
-def osvd_search(x, s, vt, k_max, oi_target):
-    """For each voxel, the residue with the largest k <= k_max whose OI <= target (k = 1 if none)."""
+def osvd_search(x, s, vt, k_max, oi_target, ends=None):
+    """For each voxel, the residue with the largest k <= k_max that ends a group of equal singular values
+    (``ends[k - 1]``; every k when None) and whose OI <= target (the first such k if none)."""
+    ends = np.ones(len(s), bool) if ends is None else np.asarray(ends, bool)
     n_vox, length = x.shape
     out_b = np.full((n_vox, length), np.nan)
     out_k = np.zeros(n_vox, dtype=np.int64)
@@ -20,8 +22,10 @@ def osvd_search(x, s, vt, k_max, oi_target):
         if not np.all(np.isfinite(x[v])):
             continue
         for k in range(1, k_max + 1):
+            if not ends[k - 1]:
+                continue
             b = vt[:k].T @ (np.asarray(x[v, :k], np.float64) / s[:k])
-            if k == 1 or oscillation_index(b) <= oi_target:
+            if out_k[v] == 0 or oscillation_index(b) <= oi_target:
                 out_b[v], out_k[v] = b, k
     return out_b, out_k
 
@@ -100,9 +104,65 @@ def gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, 
     return log_m, tau, flow, sse
 
 
+def model_select(c, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes, h_logm, h_tau,
+                 lo_logm, hi_logm, lo_tau, hi_tau, rounds):
+    """Twin of _kernels._model_select, written with numpy over all voxels at once (the form modelfit had
+    before the kernel): per shape the argmax of q, the n_shapes best shapes (stable order), a parabolic
+    step on the grid residuals, the exact model kept if better, then gamma_refine. Returns flow, log MTT,
+    shape index, tau, residual."""
+    c = np.asarray(c, np.float64)
+    n = c.shape[0]
+    gm, gt = len(log_mtts), len(taus)
+    cc = np.einsum("vn,vn->v", c, c)
+    per = q.reshape(n, n_lam, gm * gt)
+    best = np.argmax(per, axis=2)
+    rows = np.arange(n)
+    top = per[rows[:, None], np.arange(n_lam)[None, :], best]
+    order = np.argsort(-top, axis=1, kind="stable")[:, :n_shapes]
+
+    def sse_at(il, m, tt):
+        p = q[rows, (il * gm + m) * gt + tt].astype(np.float64)
+        return np.where(p > 0, cc - p * p, cc)
+
+    def parabola(fm, f0, fp):
+        with np.errstate(divide="ignore", invalid="ignore"):
+            d = fm - 2 * f0 + fp
+            return np.where(d > 0, np.clip(0.5 * (fm - fp) / d, -1, 1), 0.0)
+
+    result = None
+    for rank in range(order.shape[1]):
+        il = order[:, rank]
+        im, it = np.divmod(best[rows, il], gt)
+        s0 = sse_at(il, im, it)
+        inner_m, inner_t = (im > 0) & (im < gm - 1), (it > 0) & (it < gt - 1)
+        mm, mp = np.clip(im - 1, 0, gm - 1), np.clip(im + 1, 0, gm - 1)
+        tm, tp = np.clip(it - 1, 0, gt - 1), np.clip(it + 1, 0, gt - 1)
+        step_m = np.where(inner_m, parabola(sse_at(il, mm, it), s0, sse_at(il, mp, it)), 0.0)
+        step_t = np.where(inner_t, parabola(sse_at(il, im, tm), s0, sse_at(il, im, tp)), 0.0)
+        log_m = np.asarray(log_mtts)[im] + step_m * (log_mtts[1] - log_mtts[0])
+        tau = np.asarray(taus)[it] + step_t * (taus[1] - taus[0])
+        ex = np.array([gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], log_m[v], tau[v]) for v in range(n)])
+        use = ex[:, 1] < s0
+        g0 = (il * gm + im) * gt + it
+        p0 = q[rows, g0].astype(np.float64)
+        flow = np.where(use, ex[:, 0], np.where(p0 > 0, p0 / norms[g0], 0.0))
+        log_m = np.where(use, log_m, np.asarray(log_mtts)[im])
+        tau = np.where(use, tau, np.asarray(taus)[it])
+        sse = np.where(use, ex[:, 1], s0)
+        log_m, tau, flow, sse = gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
+                                             lo_logm, hi_logm, lo_tau, hi_tau, rounds)
+        cand = (flow, log_m, il, tau, sse)
+        if result is None:
+            result = cand
+        else:
+            better = sse < result[4]
+            result = tuple(np.where(better, a, b) for a, b in zip(cand, result))
+    return result
+
+
 # --- gamma-variate fit
 
-from perfusion._kernels import (  # noqa: E402  (the same damping rules and tolerances as the kernel)
+from perfusion._kernels_curves import (  # noqa: E402  (the same damping rules and tolerances as the kernel)
     GV_DIAG_FLOOR, GV_FTOL, GV_LAM0, GV_LAM_MAX, GV_LAM_MIN, GV_SSE_FLOOR, GV_SSE_ROUND, GV_XTOL,
 )
 
@@ -128,7 +188,7 @@ def gamma_jacobian(t, p):
 
 
 def gamma_fit(curves, t, lo, hi, p0, lower, upper, max_iter):
-    """Bounded Levenberg-Marquardt per voxel, the twin of _kernels._gamma_fit. Each trial step is one
+    """Bounded Levenberg-Marquardt per voxel, the twin of _kernels_curves._gv_fit. Each trial step is one
     iteration: solve (H + lam D) delta = g (parameters on a bound that g pushes out are held), clip
     to the bounds; take it unless the SSE rises beyond rounding (Nielsen's lam update, J
     recomputed, stop on MINPACK's step and predicted-decrease tests or an SSE at rounding), else

@@ -75,6 +75,35 @@ def test_output_contract(analyzed, phantom_case):
     np.testing.assert_allclose(rcbv, cbv / rep["reference"]["cbv_median"], rtol=1e-6)  # float32 storage
 
 
+def test_report_json_times_each_stage(analyzed):
+    """report.json "timings_s": wall seconds per stage (load, motion and the analysis's own), which
+    `perfusion bench` reads; together no more than the run's total."""
+    rep = json.loads((analyzed / "report.json").read_text())
+    t = rep["timings_s"]
+    for stage in ("load", "motion", "delta_r2s", "aif", "leakage", "deconvolution", "gamma_variate"):
+        assert t[stage] >= 0, stage
+    analysis = sum(v for k, v in t.items() if k not in ("load", "motion", "anat"))
+    assert 0 < analysis <= rep["seconds"] * 1.001 + 1e-3
+    assert rep["n_voxels_analysed"] > 1000
+
+
+def test_no_html_and_stale_outputs_of_an_earlier_run(analyzed, phantom_case, tmp_path):
+    """--no-html writes no report.html; with --force, the files an earlier run wrote and this run does
+    not (its report.html, k2 map, motion table) are removed, other files in the folder kept."""
+    import shutil
+
+    out = tmp_path / "again"
+    shutil.copytree(analyzed, out)
+    (out / "notes.txt").write_text("mine")
+    assert (out / "report.html").is_file() and (out / "k2.nii.gz").is_file()
+    assert _analyze(phantom_case, out, "--force", "--no-html", "--leakage", "none", "--motion-correct", "off") == 0
+    names = {p.name for p in out.iterdir()}
+    assert "report.html" not in names and "k2.nii.gz" not in names and "k2.json" not in names
+    assert "motion.tsv" not in names and "cbv_uncorrected.nii.gz" not in names
+    assert {"cbv.nii.gz", "cbv.json", "report.json", "notes.txt", "mask-roi-lesion_hyper.nii.gz"} <= names
+    assert json.loads((out / "report.json").read_text())["parameters"]["leakage"] == "none"
+
+
 def phantom_case_shape(case):
     return nib.load(case["dsc"]).shape[:3]
 
@@ -151,6 +180,15 @@ def test_help_lists_exit_codes():
     proc = subprocess.run([sys.executable, "-m", "perfusion", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0
     assert "4 bad input" in " ".join(proc.stdout.split())
+
+
+def test_cli_import_is_light():
+    """`perfusion --help` stays fast (measured by `perfusion bench`'s README numbers, not here) because
+    the CLI module imports no numeric or imaging library: each command imports what it needs."""
+    code = ("import sys, perfusion.cli; heavy = ('numpy', 'scipy', 'numba', 'nibabel', 'SimpleITK', 'matplotlib', "
+            "'distributed', 'pydicom', 'isal'); print([m for m in heavy if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_recirculation_remove_uses_first_passes(phantom_case, tmp_path):

@@ -27,7 +27,7 @@ from scipy.special import gamma as gamma_fn
 
 from conftest import KERNEL_RTOL
 from naive import gamma_fit, gamma_model
-from perfusion import _kernels, gammafit
+from perfusion import _kernels_curves, gammafit
 from perfusion.gammafit import GammaFit, fit_gamma_variate
 from perfusion.phantom import FINE_DT_S, PhantomSpec, aif_curve, gamma_variate, tissue_curve
 
@@ -51,15 +51,16 @@ def _random_curves(seed, n=40, n_t=50, noise=0.03):
 
 def _setup(c, t_first=0.0):
     t = t_first + TR * np.arange(c.shape[1])
-    lo, hi, p0, lower, upper = gammafit._windows(np.asarray(c, np.float64), t, tr=TR, rise_fraction=0.1,
-                                                 tail_fraction=0.5, pre_frames=3, min_snr=5.0)
+    lo, hi, p0, lower, upper, _ = gammafit._windows(np.asarray(c, np.float64), t, tr=TR, rise_fraction=0.1,
+                                                    tail_fraction=0.5, pre_frames=3, min_snr=5.0)
     return t, lo, hi, p0, lower, upper
 
 
 def _run_kernel(c, t, lo, hi, p0, lower, upper, max_iter=100):
+    """The kernel fit_gamma_variate uses (_kernels_curves._gv_fit)."""
     n = c.shape[0]
     out = (np.empty((n, 4)), np.empty(n), np.empty(n, np.int64), np.empty(n, np.int64))
-    _kernels._gamma_fit(c, t, lo, hi, p0, lower, upper, max_iter, *out)
+    _kernels_curves._gv_fit(c, t, lo, hi, p0, lower, upper, max_iter, *out)
     return out
 
 
@@ -254,7 +255,7 @@ def test_nan_frames_are_skipped():
     assert_allclose(fit.area[1], fit.area[0], rtol=NOISE_FREE_RTOL)
 
 
-def test_dtypes_single_voxel_and_chunks_agree(monkeypatch):
+def test_dtypes_single_voxel_and_layouts_agree():
     c = _random_curves(8, n=7)
     ref = fit_gamma_variate(c, tr=TR)
     one = fit_gamma_variate(c[2:3], tr=TR)
@@ -265,10 +266,9 @@ def test_dtypes_single_voxel_and_chunks_agree(monkeypatch):
     # 1e-6: the float32 rounding of the data (6e-8 relative) moves the minimum by about as much
     # (measured 1.3e-8)
     assert_allclose(f32.area, ref.area, rtol=1e-6)
-    monkeypatch.setattr(gammafit, "CHUNK", 3)
-    chunked = fit_gamma_variate(c, tr=TR)
+    strided = fit_gamma_variate(np.asfortranarray(c), tr=TR)
     for name in FIELDS:
-        assert_array_equal(getattr(chunked, name), getattr(ref, name))
+        assert_array_equal(getattr(strided, name), getattr(ref, name))
 
 
 def test_result_is_frozen_with_units():

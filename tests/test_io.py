@@ -412,3 +412,39 @@ def test_staged_output_failure_removes_parents_it_made(tmp_path):
             (stage / "x.txt").write_text("x")
             raise RuntimeError("boom")
     assert not (tmp_path / "a").exists()
+
+
+# --- the loader's fast path: ISA-L gzip, voxel-major float32
+
+
+@pytest.mark.parametrize("klass,name,dtype,endian", [
+    (nib.Nifti1Image, "s.nii.gz", np.int16, "<"),
+    (nib.Nifti1Image, "s.nii", np.float32, "<"),
+    (nib.Nifti2Image, "s.nii.gz", np.float64, "<"),
+    (nib.Nifti1Image, "s.nii.gz", np.int16, ">"),
+])
+def test_series_loads_as_nibabel_reads_it_in_voxel_major_order(tmp_path, klass, name, dtype, endian):
+    """The series equals nibabel's own get_fdata() (float32), whatever the NIfTI version, byte order,
+    compression and data type, and is C-ordered so that each voxel's time course is contiguous."""
+    raw = (_signal(n_t=MIN_FRAMES + 3) * (3 if dtype == np.int16 else 1)).astype(np.dtype(dtype).newbyteorder(endian))
+    img = klass(raw, AFFINE)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header.set_zooms(img.header.get_zooms()[:3] + (1.5,))
+    path = tmp_path / name
+    nib.save(img, str(path))
+    ref = nib.load(str(path)).get_fdata(dtype=np.float32)
+    s = load_series(path, te=0.03, tr=1.5)
+    assert s.data.dtype == np.float32 and s.data.flags["C_CONTIGUOUS"]
+    assert_array_equal(s.data, ref)
+    assert_array_equal(s.affine, AFFINE)
+    assert s.data.reshape(-1, s.n_frames).base is not None  # a view, not a copy
+
+
+def test_voxel_major_copy_of_a_fortran_array():
+    from perfusion.io import voxel_major_float32
+
+    raw = np.asfortranarray(np.arange(2 * 3 * 4 * 5, dtype=np.int16).reshape(2, 3, 4, 5))
+    out = voxel_major_float32(raw)
+    assert out.flags["C_CONTIGUOUS"] and out.dtype == np.float32
+    assert_array_equal(out, raw)
+    assert_array_equal(voxel_major_float32(raw[..., 0]), raw[..., 0])  # 3-D: a plain float32 copy

@@ -7,7 +7,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from conftest import KERNEL_RTOL
 from naive import osvd_search, oscillation_index
 from perfusion import _kernels
-from perfusion.deconvolution import aif_matrix
+from perfusion.deconvolution import aif_matrix, group_ends
 
 
 def _operator(n=40, tr=1.5, seed=0):
@@ -17,10 +17,11 @@ def _operator(n=40, tr=1.5, seed=0):
     return u, s, vt
 
 
-def _run(x, s, vt, k_max, target):
+def _run(x, s, vt, k_max, target, ends=None):
     out_b = np.empty((x.shape[0], x.shape[1]))
     out_k = np.empty(x.shape[0], dtype=np.int64)
-    _kernels._osvd_search(x, s, vt, k_max, target, out_b, out_k)
+    ends = np.ones(s.size, np.uint8) if ends is None else ends
+    _kernels._osvd_search(x, s, vt, ends, k_max, target, out_b, out_k)
     return out_b, out_k
 
 
@@ -37,8 +38,9 @@ def test_oscillation_index_non_positive_max_is_inf():
     assert oscillation_index(np.zeros(10)) == np.inf
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("target", [0.01, 0.035, 0.095, 1.0])
-def test_osvd_search_matches_numpy_on_random_curves(target):
+def test_osvd_search_matches_numpy_on_random_curves(target, grouped):
     u, s, vt = _operator()
     rng = np.random.default_rng(3)
     t = np.arange(80)
@@ -46,11 +48,40 @@ def test_osvd_search_matches_numpy_on_random_curves(target):
     tissue = tissue + 0.02 * rng.standard_normal(tissue.shape)
     x = tissue @ u
     k_max = int(np.sum(s >= 0.005 * s[0]))
-    b, k = _run(x, s, vt, k_max, target)
-    b_ref, k_ref = osvd_search(x, s, vt, k_max, target)
+    ends = group_ends(s) if grouped else None
+    b, k = _run(x, s, vt, k_max, target, ends)
+    b_ref, k_ref = osvd_search(x, s, vt, k_max, target, ends)
     assert_array_equal(k, k_ref)
     assert_allclose(b, b_ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * np.abs(b_ref).max())
     assert np.all((k >= 1) & (k <= k_max))
+    if grouped:
+        assert np.all(ends[k - 1] == 1)
+
+
+def test_osvd_result_does_not_depend_on_the_basis_within_degenerate_pairs():
+    """The circulant matrix's singular values come in equal pairs; any rotation of a pair's singular
+    vectors is an equally valid SVD. Truncating between groups only makes oSVD independent of it
+    (truncating inside a pair, as every k did before, changed k and the residue)."""
+    u, s, vt = _operator()
+    ends = group_ends(s)
+    pairs = [k for k in range(1, s.size) if not ends[k - 1]]  # k - 1, k are a pair
+    assert len(pairs) > 30
+    rot_u, rot_vt = u.copy(), vt.copy()
+    rng = np.random.default_rng(5)
+    for k in pairs:
+        a = rng.uniform(0, 2 * np.pi)
+        r = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+        rot_u[:, k - 1: k + 1] = u[:, k - 1: k + 1] @ r
+        rot_vt[k - 1: k + 1] = r.T @ vt[k - 1: k + 1]
+    assert_allclose(rot_u * s @ rot_vt, u * s @ vt, atol=1e-12 * s[0])  # still an SVD of the same matrix
+    t = np.arange(80)
+    tissue = np.exp(-((t - 20) / 6.0) ** 2)[None, :] * rng.uniform(0.1, 2, (40, 1))
+    tissue = tissue + 0.02 * rng.standard_normal(tissue.shape)
+    k_max = int(np.sum(s >= 0.005 * s[0]))
+    b, k = _run(tissue @ u, s, vt, k_max, 0.095, ends)
+    b_rot, k_rot = _run(tissue @ rot_u, s, rot_vt, k_max, 0.095, ends)
+    assert_array_equal(k, k_rot)
+    assert_allclose(b_rot, b, atol=1e-9 * np.abs(b).max())
 
 
 def test_osvd_search_edge_cases():

@@ -15,12 +15,12 @@ import json
 
 import numpy as np
 import pytest
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 from scipy.signal import fftconvolve
 from scipy.stats import gamma, spearmanr
 
 from conftest import KERNEL_RTOL
-from naive import gamma_model_sse, gamma_refine
+from naive import gamma_model_sse, gamma_refine, model_select
 from perfusion import _kernels, modelfit
 
 TR = 1.5
@@ -97,24 +97,65 @@ def test_gamma_model_kernel_matches_twin():
         assert_allclose(got, ref, rtol=KERNEL_RTOL, atol=1e-15)
 
 
+def _refine_all(c, cc, op, il, state, args):
+    """_kernels._refine_one on every voxel; updates state = [log_m, tau, flow, sse] in place."""
+    t0, dt_t = op.table_log_mtt[0], op.table_log_mtt[1] - op.table_log_mtt[0]
+    for v in range(c.shape[0]):
+        out = _kernels._refine_one(c[v], cc[v], TR, op.table, t0, dt_t, il[v], state[0][v], state[1][v],
+                                   state[2][v], state[3][v], *args)
+        for s, o in zip(state, out):
+            s[v] = o
+
+
 def test_gamma_refine_kernel_matches_twin():
     aif, op, c, cc, il, log_m, tau, flow, sse, t0, dt_t = _refine_inputs()
     args = (0.1, 0.4, np.log(1.0), np.log(40.0), -3.0, 12.0, 3)
     ref = gamma_refine(c, TR, op.table, t0, dt_t, il, log_m, tau, flow, sse, *args)
     got = [log_m.copy(), tau.copy(), flow.copy(), sse.copy()]
-    _kernels._gamma_refine(c, cc, TR, op.table, t0, dt_t, il, *got[:2], got[2], got[3], *args)
+    _refine_all(c, cc, op, il, got, args)
     for g, r in zip(got, ref):
         assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
     # single voxel, float32 curves
     one = [log_m[:1].copy(), tau[:1].copy(), flow[:1].copy(), sse[:1].copy()]
     c32 = c[:1].astype(np.float32)
-    _kernels._gamma_refine(c32, cc[:1], TR, op.table, t0, dt_t, il[:1], *one[:2], one[2], one[3], *args)
+    _refine_all(c32, cc[:1], op, il[:1], one, args)
     ref1 = gamma_refine(c32.astype(np.float64), TR, op.table, t0, dt_t, il[:1], log_m[:1], tau[:1], flow[:1],
                         sse[:1], *args)
     for g, r in zip(one, ref1):
         # float32 input: the kernel multiplies float32 samples, the twin float64 copies; a parabolic
         # step amplifies that rounding to about 1e-5 in the refined values
         assert_allclose(g, r, rtol=1e-4, atol=1e-9)
+
+
+def test_model_select_kernel_matches_twin():
+    """The whole per-voxel step after the projections (grid pick, 3 shapes, parabolic and exact
+    rounds) against its numpy twin, on noisy model curves of every shape, a zero and a negative curve."""
+    aif = _aif()
+    op = modelfit.prepare(aif, tr=TR)
+    rng = np.random.default_rng(11)
+    rows = []
+    for lam in modelfit.LAMBDAS:
+        for mtt, tau in ((2.5, 0.3), (6.0, 1.7), (14.0, -1.1)):
+            rows.append(rng.uniform(0.002, 0.02) * modelfit.model_curves(aif, tr=TR, mtt=mtt, lam=lam, tau=tau))
+    c = np.array(rows)
+    c = c + 0.003 * rng.standard_normal(c.shape)
+    c = np.vstack([c, np.zeros(aif.size), -c[0]])
+    q = c.astype(np.float32) @ op.unit32
+    t0, dt_t = op.table_log_mtt[0], op.table_log_mtt[1] - op.table_log_mtt[0]
+    log_mtts = np.log(op.mtts)
+    args = (modelfit.N_SHAPES_REFINED, 0.5 * (log_mtts[1] - log_mtts[0]), 0.5 * (op.taus[1] - op.taus[0]),
+            np.log(1.0), np.log(40.0), -3.0, 12.0, modelfit.N_EXACT_ROUNDS)
+    ref = model_select(c, q, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t, op.lambdas.size, *args)
+    n = c.shape[0]
+    got = [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n), np.empty(n)]
+    cc = np.einsum("vn,vn->v", c, c)
+    _kernels._model_select(c, cc, q, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t, op.lambdas.size, *args,
+                           got[0], got[1], got[2], got[3], got[4])
+    assert_array_equal(got[2], ref[2])  # the same shapes chosen
+    for g, r in zip(got, ref):
+        assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
+    assert got[0][-2] == 0.0 and got[0][-1] == 0.0  # no positive flow for a zero or a negative curve
+    assert len(set(got[2][:-2])) >= 4  # several shapes won
 
 
 @pytest.mark.parametrize("lam", [1.0, 4.0, 100.0])

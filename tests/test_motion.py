@@ -215,6 +215,8 @@ def test_motion_free_auto_changes_nothing(runs):
     rep = json.loads((runs["out"]["free-auto"] / "report.json").read_text())
     assert rep["motion"]["assessed"] and not rep["motion"]["applied"] and rep["motion"]["frames_corrected"] == []
     assert rep["motion"]["n_frames_above_threshold"] == 0
+    # the screen read every frame as still, the bolus frames included: no registration ran
+    assert rep["motion"]["frames_registered"] == []
     for name in ("cbv", "cbf", "mtt", "rcbv", "k2"):
         a = np.asarray(nib.load(str(runs["out"]["free-auto"] / f"{name}.nii.gz")).dataobj)
         b = np.asarray(nib.load(str(runs["out"]["free-off"] / f"{name}.nii.gz")).dataobj)
@@ -243,6 +245,7 @@ def test_report_json_motion(runs):
     m = rep["motion"]
     assert m["assessed"] and m["applied"] and m["correction"] == "on"
     assert m["frames_corrected"] == sorted(MOTION) and m["n_frames_corrected"] == len(MOTION)
+    assert m["frames_registered"] == sorted(MOTION)  # the screen sent exactly the moved frames to registration
     assert m["fd_threshold_mm"] == 0.5 and "Power" in m["fd_threshold_source"]
     assert m["n_frames_above_threshold"] == len(m["frames_above_threshold"]) >= len(MOTION)
     rot, trans = np.zeros((80, 3)), np.zeros((80, 3))
@@ -364,3 +367,146 @@ def test_estimates_repeat_exactly():
     assert first.refined[17] and first.displacement_mm[17] > 1.0
     np.testing.assert_array_equal(first.rotation_deg, again.rotation_deg)
     np.testing.assert_array_equal(first.translation_mm, again.translation_mm)
+
+
+# ------------------------------------------------------------------ the least-squares screen (motion.screen_frames)
+
+#: Frames moved by exactly 0.5 mm of displacement (motion.displacement: translations plus rotations as arcs
+#: on 50 mm), the smallest motion --motion-correct auto corrects, at the bolus (the whole-brain signal falls
+#: from frame 14, bottoms at 19) and away from it; frame 5 is one of the reference's baseline frames. Then two
+#: large ones, beyond the linearisation's range (read 14 mm and 7 mm on this phantom).
+_HALF = np.degrees(0.5 / 50)  # 0.573 deg: a 0.5 mm arc
+HALF_MM_MOTION = {
+    5: ((0.0, 0.0, 0.0), (0.5, 0.0, 0.0)),
+    16: ((0.0, 0.0, _HALF), (0.0, 0.0, 0.0)),
+    18: ((0.0, 0.0, 0.0), (0.0, 0.0, 0.5)),
+    19: ((_HALF, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    21: ((0.0, 0.0, 0.0), (0.0, -0.5, 0.0)),
+    24: ((0.0, _HALF / 2, 0.0), (0.25, 0.0, 0.0)),
+    40: ((0.0, 0.0, -_HALF / 2), (0.0, 0.25, 0.0)),
+    50: ((3.0, -3.0, 3.0), (3.0, -3.0, 3.0)),
+    60: ((0.0, -_HALF, 0.0), (0.0, 0.0, 0.0)),
+    70: ((0.0, 0.0, 10.0), (0.0, 0.0, 0.0)),
+}
+#: The naive twin below sums in another order (and solves with lstsq instead of pinv): the two agreed to
+#: 5e-14 deg and 1e-14 mm; this leaves room for other BLAS builds.
+TWIN_ATOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def half_mm(tmp_path_factory):
+    """The textured phantom with HALF_MM_MOTION, as arrays, with the screen's inputs."""
+    paths, _ = make_case(tmp_path_factory.mktemp("half") / "case", moved=True, motion_table=HALF_MM_MOTION)
+    img = nib.load(str(paths["dsc"]))
+    data, affine = np.asarray(img.dataobj, dtype=np.float32), img.affine
+    baseline = motion.reference_frames(data, tr=1.5)
+    reference = np.median(data[..., baseline], axis=3).astype(np.float32)
+    return {"data": data, "affine": affine, "reference": reference, "head": motion.head_mask(reference),
+            "baseline": baseline, "centre": motion.grid_centre(affine, data.shape)}
+
+
+def _screen(case) -> motion.Screen:
+    return motion.screen_frames(case["data"], case["reference"], case["head"], case["affine"],
+                                baseline=case["baseline"], centre_ras=case["centre"])
+
+
+def test_screen_flags_every_frame_moved_by_half_a_millimetre(half_mm):
+    """A frame moved by 0.5 mm must never be read as still (it would go uncorrected); still frames, the
+    bolus frames among them, must be read as still (each one read as moved costs a registration)."""
+    sc = _screen(half_mm)
+    disp = sc.displacement_mm
+    moved = sorted(HALF_MM_MOTION)
+    still = np.setdiff1d(np.arange(disp.size), moved)
+    print(f"screen: 0.5 mm frames read {np.round(disp[[f for f in moved if f not in (50, 70)]], 2).tolist()} mm, "
+          f"large ones {np.round(disp[[50, 70]], 1).tolist()} mm, still frames up to {disp[still].max():.3f} mm "
+          f"(frame {still[np.argmax(disp[still])]}); {sc.passes} passes")
+    assert np.flatnonzero(sc.moved).tolist() == moved
+    assert disp[still].max() < motion.SCREEN_MM
+
+
+def test_screen_is_the_naive_voxelwise_fit(half_mm):
+    """screen_frames works on each frame's raw estimate and a leverage formula; its twin here fits each
+    voxel's bolus signal with explicit leave-one-out refits and then every frame's residual image."""
+    sc = _screen(half_mm)
+    rot, trans, moved = _screen_twin(half_mm)
+    np.testing.assert_allclose(sc.rotation_deg, rot, rtol=0, atol=TWIN_ATOL)
+    np.testing.assert_allclose(sc.translation_mm, trans, rtol=0, atol=TWIN_ATOL)
+    np.testing.assert_array_equal(sc.moved, moved)
+
+
+def _screen_twin(case):
+    """Naive twin of motion.screen_frames (all six parameters)."""
+    data, affine, baseline = case["data"], case["affine"], case["baseline"]
+    k = motion.SCREEN_BIN
+    nx, ny, _, n = data.shape
+
+    def binned(a):
+        a = np.asarray(a, dtype=np.float64)[: nx // k * k, : ny // k * k]
+        return a.reshape(nx // k, k, ny // k, k, *a.shape[2:]).sum(axis=(1, 3))
+
+    ref = binned(case["reference"])
+    mask = binned(case["head"]) >= k * k / 2
+    aff = affine @ np.array([[k, 0, 0, (k - 1) / 2], [0, k, 0, (k - 1) / 2], [0, 0, 1, 0], [0, 0, 0, 1]])
+    grad = np.stack(np.gradient(ref), axis=-1)[mask] @ np.linalg.inv(aff[:3, :3])
+    pos = (np.c_[np.argwhere(mask), np.ones(int(mask.sum()))] @ aff.T)[:, :3] - case["centre"]
+    r0 = ref[mask]
+    design = np.c_[-np.cross(pos, grad), -grad, r0, np.ones_like(r0)]
+
+    def fit_frames(images):  # (n_vox, n_t) -> rotations (deg), translations (mm)
+        theta = np.linalg.lstsq(design, images, rcond=None)[0][:6]
+        return np.degrees(theta[:3]).T, theta[3:].T
+
+    diff = binned(data)[mask] - r0[:, None]
+    g = diff.sum(axis=0) / r0.sum()
+    g = g - np.median(g[baseline])
+    g[:baseline.start] = 0
+    regressors = np.c_[np.ones(n), g, np.cumsum(g), np.gradient(g)]
+    rot, trans = fit_frames(diff)
+    left_out = motion.displacement(rot, trans) > motion.AUTO_THRESHOLD_MM
+    for _ in range(motion.SCREEN_PASSES - 1):
+        fit = (np.arange(n) >= baseline.start) & ~left_out
+        resid = np.empty_like(diff)
+        for t in range(n):
+            others = fit & (np.arange(n) != t)
+            coef = np.linalg.lstsq(regressors[others], diff[:, others].T, rcond=None)[0]
+            resid[:, t] = diff[:, t] - regressors[t] @ coef
+        rot, trans = fit_frames(resid)
+        moved = motion.displacement(rot, trans) > motion.SCREEN_MM
+        if np.array_equal(moved, left_out):
+            break
+        left_out = moved
+    return rot, trans, motion.displacement(rot, trans) > motion.SCREEN_MM
+
+
+def test_screen_does_not_depend_on_memory_order(half_mm):
+    """NIfTI arrays come with x fastest, the pipeline's copy with time fastest: the same numbers, bit for bit."""
+    a = _screen(half_mm)
+    b = _screen(dict(half_mm, data=np.ascontiguousarray(half_mm["data"])))
+    c = _screen(dict(half_mm, data=np.asfortranarray(half_mm["data"])))
+    for other in (b, c):
+        np.testing.assert_array_equal(a.rotation_deg, other.rotation_deg)
+        np.testing.assert_array_equal(a.translation_mm, other.translation_mm)
+
+
+def test_rigid_from_matrix_angles_are_itks():
+    """register.Rigid.from_matrix (the screen's transforms, no SimpleITK) reports the angles that
+    SimpleITK's Euler3DTransform reports for the same matrix."""
+    import SimpleITK as sitk
+
+    from perfusion.register import Rigid, _matrix_ras
+
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        tx = sitk.Euler3DTransform()
+        tx.SetCenter([1.0, 2.0, 3.0])
+        tx.SetRotation(*rng.uniform(-0.3, 0.3, 3))
+        tx.SetTranslation(rng.uniform(-3, 3, 3).tolist())
+        rigid = Rigid.from_matrix(_matrix_ras(tx))
+        np.testing.assert_allclose(rigid.rotation_deg, np.degrees([tx.GetAngleX(), tx.GetAngleY(), tx.GetAngleZ()]),
+                                   rtol=0, atol=1e-12)
+
+
+def test_rigid_matrix_inverts_rigid_parameters():
+    centre = np.array([3.0, -5.0, 10.0])
+    m = _true_matrix((2.0, -1.0, 0.5), (0.3, -1.2, 2.0), centre)
+    np.testing.assert_allclose(motion.rigid_matrix((2.0, -1.0, 0.5), (0.3, -1.2, 2.0), centre), m, rtol=0, atol=1e-12)

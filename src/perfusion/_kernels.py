@@ -7,24 +7,40 @@ The public wrappers that validate arguments live in the domain modules.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 
 @njit(cache=True, nogil=True)
 def _oscillation_index(b):
-    """Wu 2003 oscillation index of one residue b (length L):
-    OI = 1 / (L max b) * sum_{t>=2} |b[t] - 2 b[t-1] + b[t-2]|; +inf where max b <= 0."""
+    """Wu 2003 oscillation index of one residue b (length L >= 2):
+    OI = 1 / (L max b) * sum_{t>=2} |b[t] - 2 b[t-1] + b[t-2]|; +inf where max b <= 0.
+    One pass, four partial sums (independent additions overlap in the CPU; without fastmath the
+    compiler may not reorder one running sum itself), so the sum's rounding differs from a plain loop's
+    in the last bits."""
     n = b.shape[0]
-    fmax = -np.inf
-    for i in range(n):
+    fmax = max(b[0], b[1])
+    a0 = 0.0
+    a1 = 0.0
+    a2 = 0.0
+    a3 = 0.0
+    i = 2
+    while i + 3 < n:
+        a0 += abs(b[i] - 2.0 * b[i - 1] + b[i - 2])
+        a1 += abs(b[i + 1] - 2.0 * b[i] + b[i - 1])
+        a2 += abs(b[i + 2] - 2.0 * b[i + 1] + b[i])
+        a3 += abs(b[i + 3] - 2.0 * b[i + 2] + b[i + 1])
+        m = max(max(b[i], b[i + 1]), max(b[i + 2], b[i + 3]))
+        if m > fmax:
+            fmax = m
+        i += 4
+    while i < n:
+        a0 += abs(b[i] - 2.0 * b[i - 1] + b[i - 2])
         if b[i] > fmax:
             fmax = b[i]
+        i += 1
     if not fmax > 0.0:
         return np.inf
-    acc = 0.0
-    for i in range(2, n):
-        acc += abs(b[i] - 2.0 * b[i - 1] + b[i - 2])
-    return acc / (n * fmax)
+    return ((a0 + a1) + (a2 + a3)) / (n * fmax)
 
 
 @njit(cache=True, nogil=True)
@@ -36,34 +52,44 @@ def _row_finite(row):
     return True
 
 
-@njit(cache=True, parallel=True)
-def _osvd_search(x, s, vt, k_max, oi_target, out_b, out_k):
+@njit(cache=True, nogil=True)
+def _osvd_search(x, s, vt, ends, k_max, oi_target, out_b, out_k):
     """Per-voxel oSVD truncation search.
 
     x: (n_vox, L) projections U^T c of each tissue curve; s: (L,) singular values, descending;
-    vt: (L, L) right singular vectors as rows. For k = 1 .. k_max singular values kept, the residue
-    is b_k = sum_{i<k} vt[i] x[i] / s[i]; the kernel keeps the largest k whose oscillation index is
-    at or below ``oi_target`` (that is, the smallest relative threshold P), or k = 1 where none is.
-    Writes b into out_b (n_vox, L) and k into out_k (n_vox,). Rows of x that hold a NaN give NaN b
-    and k = 0.
+    vt: (L, L) right singular vectors as rows; ends: (L,) uint8, 1 where a group of equal singular
+    values ends (only there is the truncated subspace independent of the SVD's arbitrary basis within
+    a degenerate pair). For the truncations k = 1 .. k_max that end a group, the residue is
+    b_k = sum_{i<k} vt[i] x[i] / s[i]; the kernel keeps the largest such k whose oscillation index is
+    at or below ``oi_target`` (that is, the smallest relative threshold P), or the first group's end
+    where none is. Writes b into out_b (n_vox, L) and k into out_k (n_vox,). Rows of x that hold a NaN
+    give NaN b and k = 0. Serial over voxels: the caller runs chunks on threads (nogil).
     """
     n_vox, length = x.shape
-    for v in prange(n_vox):
+    b = np.empty(length)
+    for v in range(n_vox):
         if not _row_finite(x[v]):
             for i in range(length):
                 out_b[v, i] = np.nan
             out_k[v] = 0
             continue
-        b = np.zeros(length)
+        for i in range(length):
+            b[i] = 0.0
         best = 0
         for k in range(k_max):
             coef = x[v, k] / s[k]
             for i in range(length):
                 b[i] += coef * vt[k, i]
-            if k == 0 or _oscillation_index(b) <= oi_target:
+            if ends[k] and (best == 0 or _oscillation_index(b) <= oi_target):
                 best = k + 1
-                for i in range(length):
-                    out_b[v, i] = b[i]
+        for i in range(length):
+            b[i] = 0.0
+        for k in range(best):
+            coef = x[v, k] / s[k]
+            for i in range(length):
+                b[i] += coef * vt[k, i]
+        for i in range(length):
+            out_b[v, i] = b[i]
         out_k[v] = best
 
 
@@ -75,7 +101,12 @@ def _osvd_search(x, s, vt, k_max, oi_target, out_b, out_k):
 def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
     """Flow F >= 0 (projected) and residual of the unit-flow model at (shape il, log MTT, tau): the
     unit response Y interpolated linearly in log MTT from ``table`` (uniform grid t0 + k dt_table),
-    read at t_k - tau by linear interpolation in time (0 before the first sample). O(N)."""
+    read at t_k - tau by linear interpolation in time (0 before the first sample). O(N).
+
+    Sample k reads Y at k - tau / tr, so every sample falls the same fraction g past a table index
+    k + off: the four interpolation weights are the same for all k. Requires the table to extend at
+    least 2 samples past N - 1 - tau / tr (modelfit.extension guarantees it within DELAY_BOUNDS_S;
+    past the end the last pair would be used with the same weights)."""
     n = c.shape[0]
     size = table.shape[1]
     m = table.shape[2]
@@ -90,81 +121,195 @@ def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
         f = 0.0
     elif f > 1.0:
         f = 1.0
-    yy = 0.0
-    yc = 0.0
     shift = tau / tr
-    for k in range(n):
-        xs = k - shift
-        if xs < 0.0:
-            continue
-        i = int(np.floor(xs))
-        if i > m - 2:
-            i = m - 2
-        g = xs - i
-        if g > 1.0:
-            g = 1.0
-        lo = table[il, j, i] * (1.0 - f) + table[il, j + 1, i] * f
-        hi = table[il, j, i + 1] * (1.0 - f) + table[il, j + 1, i + 1] * f
-        y = lo * (1.0 - g) + hi * g
-        yy += y * y
-        yc += y * c[k]
+    k0 = int(np.ceil(shift))  # first sample with k - shift >= 0
+    if k0 < 0:
+        k0 = 0
+    off = int(np.floor(-shift))
+    g = -shift - off
+    w00 = (1.0 - g) * (1.0 - f)
+    w01 = (1.0 - g) * f
+    w10 = g * (1.0 - f)
+    w11 = g * f
+    t_a = table[il, j]
+    t_b = table[il, j + 1]
+    yy0 = 0.0
+    yy1 = 0.0
+    yc0 = 0.0
+    yc1 = 0.0
+    k_end = min(n, m - 1 - off)  # samples whose pair (i, i + 1) lies inside the table
+    k = k0
+    while k + 1 < k_end:  # two samples per step: two independent running sums
+        i = k + off
+        y0 = (w00 * t_a[i] + w01 * t_b[i]) + (w10 * t_a[i + 1] + w11 * t_b[i + 1])
+        y1 = (w00 * t_a[i + 1] + w01 * t_b[i + 1]) + (w10 * t_a[i + 2] + w11 * t_b[i + 2])
+        yy0 += y0 * y0
+        yc0 += y0 * c[k]
+        yy1 += y1 * y1
+        yc1 += y1 * c[k + 1]
+        k += 2
+    while k < n:  # the last sample, and any past the table's end (the last pair, as documented)
+        i = min(k + off, m - 2)
+        y0 = (w00 * t_a[i] + w01 * t_b[i]) + (w10 * t_a[i + 1] + w11 * t_b[i + 1])
+        yy0 += y0 * y0
+        yc0 += y0 * c[k]
+        k += 1
+    yy = yy0 + yy1
+    yc = yc0 + yc1
     if yy <= 0.0 or yc <= 0.0:
         return 0.0, cc
     flow = yc / yy
     return flow, cc - flow * yc
 
 
-@njit(cache=True, parallel=True)
-def _gamma_refine(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
-                  lo_logm, hi_logm, lo_tau, hi_tau, rounds):
-    """Per voxel, ``rounds`` rounds of parabolic steps in log MTT then tau (steps h, halved each round)
-    on the exact model; a step is kept only if it lowers the residual. Updates log_m, tau, flow, sse."""
-    n_vox = c.shape[0]
-    for v in prange(n_vox):
-        h0 = h_logm
-        h1 = h_tau
-        for r in range(rounds):
-            for d in range(2):
-                h = h0 if d == 0 else h1
-                lo = lo_logm if d == 0 else lo_tau
-                hi = hi_logm if d == 0 else hi_tau
-                xc = log_m[v] if d == 0 else tau[v]
-                xm = max(xc - h, lo)
-                xp = min(xc + h, hi)
+@njit(cache=True, nogil=True)
+def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
+                lo_logm, hi_logm, lo_tau, hi_tau, rounds):
+    """``rounds`` rounds of parabolic steps in log MTT then tau (steps h, halved each round) on the
+    exact model for one voxel; a step is kept only if it lowers the residual. Returns the updated
+    (log_m, tau, flow, sse)."""
+    h0 = h_logm
+    h1 = h_tau
+    for r in range(rounds):
+        for d in range(2):
+            h = h0 if d == 0 else h1
+            lo = lo_logm if d == 0 else lo_tau
+            hi = hi_logm if d == 0 else hi_tau
+            xc = log_m if d == 0 else tau
+            xm = max(xc - h, lo)
+            xp = min(xc + h, hi)
+            if d == 0:
+                _, sm = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xm, tau)
+                _, sp = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xp, tau)
+            else:
+                _, sm = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xm)
+                _, sp = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xp)
+            denom = sm - 2.0 * sse + sp
+            step = 0.0
+            if denom > 0.0:
+                step = 0.5 * (sm - sp) / denom
+                if step > 1.0:
+                    step = 1.0
+                elif step < -1.0:
+                    step = -1.0
+            xn = min(max(xc + h * step, lo), hi)
+            if d == 0:
+                fn, sn = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xn, tau)
+            else:
+                fn, sn = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xn)
+            if sn < sse:
+                sse = sn
+                flow = fn
                 if d == 0:
-                    _, sm = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xm, tau[v])
-                    _, sp = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xp, tau[v])
+                    log_m = xn
                 else:
-                    _, sm = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xm)
-                    _, sp = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xp)
-                denom = sm - 2.0 * sse[v] + sp
-                step = 0.0
-                if denom > 0.0:
-                    step = 0.5 * (sm - sp) / denom
-                    if step > 1.0:
-                        step = 1.0
-                    elif step < -1.0:
-                        step = -1.0
-                xn = min(max(xc + h * step, lo), hi)
-                if d == 0:
-                    fn, sn = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], xn, tau[v])
-                else:
-                    fn, sn = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il[v], log_m[v], xn)
-                if sn < sse[v]:
-                    sse[v] = sn
-                    flow[v] = fn
-                    if d == 0:
-                        log_m[v] = xn
-                    else:
-                        tau[v] = xn
-            h0 *= 0.5
-            h1 *= 0.5
+                    tau = xn
+        h0 *= 0.5
+        h1 *= 0.5
+    return log_m, tau, flow, sse
+
+
+@njit(cache=True, nogil=True)
+def _parabola_step(f_minus, f0, f_plus):
+    """Vertex offset (grid steps, within [-1, 1]) of the parabola through three equally spaced points;
+    0 where it is not convex."""
+    denom = f_minus - 2.0 * f0 + f_plus
+    if not denom > 0.0:
+        return 0.0
+    return min(max(0.5 * (f_minus - f_plus) / denom, -1.0), 1.0)
+
+
+@njit(cache=True, nogil=True)
+def _grid_sse(q, cc, g):
+    """Residual of grid curve g with its projected flow (F >= 0), from its normalised projection q[g]."""
+    p = np.float64(q[g])
+    if p > 0.0:
+        return cc - p * p
+    return cc
+
+
+@njit(cache=True, nogil=True)
+def _model_select(c, cc, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes,
+                  h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds, out_flow, out_logm, out_il, out_tau,
+                  out_sse):
+    """The model fit from the grid projections on, per voxel (modelfit's module docstring).
+
+    q: (n_vox, G) float32 projections <c, y_g> / |y_g| on the unit-norm grid curves, laid out as
+    (shape, MTT, tau) with len(log_mtts) x len(taus) points per shape; norms: (G,) |y_g|. The largest
+    q of each shape is its best point (the residual drop of a flow F >= 0 is q^2 where q > 0); of the
+    ``n_shapes`` shapes with the largest best q (ties: lower index first), each is refined: one
+    parabolic step in log MTT and in tau on the grid's residuals, kept if the exact model then fits
+    better, then ``rounds`` exact rounds (``_refine_one``). The candidate of least residual wins (ties:
+    the earlier). Serial over voxels: the caller runs chunks on threads (nogil)."""
+    gm = log_mtts.shape[0]
+    gt = taus.shape[0]
+    per_shape = gm * gt
+    dlogm = log_mtts[1] - log_mtts[0]
+    dtau = taus[1] - taus[0]
+    best_g = np.empty(n_lam, np.int64)
+    top = np.empty(n_lam, np.float32)
+    used = np.empty(n_lam, np.bool_)
+    for v in range(c.shape[0]):
+        qv = q[v]
+        for l in range(n_lam):
+            base = l * per_shape
+            bi = base
+            bq = qv[base]
+            for g in range(base + 1, base + per_shape):
+                if qv[g] > bq:
+                    bq = qv[g]
+                    bi = g
+            best_g[l] = bi
+            top[l] = bq
+            used[l] = False
+        r_flow = 0.0
+        r_logm = 0.0
+        r_tau = 0.0
+        r_sse = np.inf
+        r_il = -1
+        for rank in range(min(n_shapes, n_lam)):
+            il = -1
+            for l in range(n_lam):
+                if not used[l] and (il < 0 or top[l] > top[il]):
+                    il = l
+            used[il] = True
+            g0 = best_g[il]
+            im = (g0 - il * per_shape) // gt
+            it = (g0 - il * per_shape) - im * gt
+            s0 = _grid_sse(qv, cc[v], g0)
+            step_m = 0.0
+            if im > 0 and im < gm - 1:
+                step_m = _parabola_step(_grid_sse(qv, cc[v], g0 - gt), s0, _grid_sse(qv, cc[v], g0 + gt))
+            step_t = 0.0
+            if it > 0 and it < gt - 1:
+                step_t = _parabola_step(_grid_sse(qv, cc[v], g0 - 1), s0, _grid_sse(qv, cc[v], g0 + 1))
+            logm = log_mtts[im] + step_m * dlogm
+            tau = taus[it] + step_t * dtau
+            f_ref, s_ref = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il, logm, tau)
+            if s_ref < s0:
+                flow = f_ref
+                sse = s_ref
+            else:
+                p0 = np.float64(qv[g0])
+                flow = p0 / norms[g0] if p0 > 0.0 else 0.0
+                logm = log_mtts[im]
+                tau = taus[it]
+                sse = s0
+            logm, tau, flow, sse = _refine_one(c[v], cc[v], tr, table, t0, dt_table, il, logm, tau, flow, sse,
+                                               h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds)
+            if r_il < 0 or sse < r_sse:
+                r_flow, r_logm, r_tau, r_sse, r_il = flow, logm, tau, sse, il
+        out_flow[v] = r_flow
+        out_logm[v] = r_logm
+        out_tau[v] = r_tau
+        out_sse[v] = r_sse
+        out_il[v] = r_il
 
 
 # --- Tikhonov / GCV
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, nogil=True)
 def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
     """Per-voxel Tikhonov deconvolution with mu chosen by generalised cross-validation.
 
@@ -175,6 +320,7 @@ def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
     (= L - sum f_i, without the cancellation); the smallest GCV wins, the first in grid order on a
     tie. Writes b = sum_i vt[i] x_i s_i / (s_i^2 + mu^2) into out_b (n_vox, L) and the chosen mu into
     out_mu (n_vox,). Rows of x that hold a NaN or inf, or where no GCV is finite, give NaN b and mu.
+    Serial over voxels: the caller runs chunks on threads (nogil).
     """
     n_vox, length = x.shape
     n_mu = mus.shape[0]
@@ -190,7 +336,7 @@ def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
                 g[j, i] = m2 / (s[i] * s[i] + m2)
             acc += g[j, i]
         den[j] = acc * acc
-    for v in prange(n_vox):
+    for v in range(n_vox):
         finite = _row_finite(x[v])
         best = np.inf
         jbest = -1
@@ -219,236 +365,3 @@ def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
             for i in range(length):
                 out_b[v, i] += coef * vt[k, i]
         out_mu[v] = mus[jbest]
-
-
-# --- gamma-variate fit
-# Levenberg-Marquardt for C(t) = A (x/m)^alpha exp(alpha (1 - x/m)), x = t - t0 > 0, else 0: the
-# gamma variate K x^alpha exp(-x/beta) with peak A = C(t0 + m), m = alpha beta (Madsen 1992, Phys Med
-# Biol 37:1597). Parameters p = (A, t0, m, alpha), boxed by lower/upper; the twin is
-# tests/naive.py::gamma_fit. Public wrapper: perfusion.gammafit.fit_gamma_variate.
-
-#: Damping (Nielsen 1999, as in Madsen, Nielsen & Tingleff 2004, "Methods for non-linear least
-#: squares problems", sec. 3.2): start lam = GV_LAM0; after an accepted step lam *= max(1/3,
-#: 1 - (2 rho - 1)^3) with rho = actual / predicted SSE decrease clipped to [0, 1], and nu = 2;
-#: after a rejected one lam *= nu, nu *= 2. lam is floored at GV_LAM_MIN; above GV_LAM_MAX the
-#: search stops (status 2).
-GV_LAM0 = 1e-3
-GV_LAM_MIN = 1e-12
-GV_LAM_MAX = 1e10
-#: A trial step is taken unless it raises the SSE by more than rounding can explain:
-#: GV_SSE_ROUND sqrt(SSE S), S = sum y^2 + the starting SSE (a residual r = y - model carries an
-#: error of a few machine eps times y, so the SSE one of about 1e-14 sqrt(SSE sum y^2)). Near the
-#: minimum, where the SSE no longer resolves the steps, they are taken on the gradient's word; the
-#: damping still doubles after each step that does not lower the SSE.
-GV_SSE_ROUND = 1e-12
-#: Converged (status 1) after a step that moves every parameter by at most GV_XTOL of its scale
-#: (A: |A|; t0, m: m; alpha: alpha), or whose predicted SSE decrease is at most GV_FTOL of the SSE
-#: (MINPACK's tests; 1.49e-8 = sqrt(machine eps) are its defaults in scipy.optimize.leastsq), or
-#: that leaves an SSE below GV_SSE_FLOOR S: a noise-free fit down to rounding. The thresholds sit
-#: far above the rounding of what they test, so the kernel and its twin stop at the same step.
-GV_XTOL = 1.49012e-8
-GV_FTOL = 1.49012e-8
-GV_SSE_FLOOR = 1e-24
-#: Marquardt scaling D = diag(J^T J), each entry floored at this fraction of the largest.
-GV_DIAG_FLOOR = 1e-12
-
-
-@njit(cache=True, nogil=True)
-def _gv_sse(y, t, lo, hi, p):
-    """Sum of squared residuals over the finite samples y[lo:hi] at times t[lo:hi] (s)."""
-    acc = 0.0
-    for i in range(lo, hi):
-        yi = np.float64(y[i])
-        if np.isfinite(yi):
-            x = t[i] - p[1]
-            f = 0.0
-            if x > 0.0:
-                u = x / p[2]
-                f = p[0] * np.exp(p[3] * (np.log(u) + 1.0 - u))
-            r = yi - f
-            acc += r * r
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def _gv_normal(y, t, lo, hi, p, h, g, jac):
-    """Normal equations over the finite samples y[lo:hi]: h = J^T J (4, 4), g = J^T r (4,), with
-    J = d model / d p and r = y - model; jac (4,) is work space."""
-    for a in range(4):
-        g[a] = 0.0
-        for b in range(4):
-            h[a, b] = 0.0
-    for i in range(lo, hi):
-        yi = np.float64(y[i])
-        if not np.isfinite(yi):
-            continue
-        x = t[i] - p[1]
-        if not x > 0.0:
-            continue  # model and derivatives are 0 before t0
-        u = x / p[2]
-        lg = np.log(u) + 1.0 - u
-        e = np.exp(p[3] * lg)
-        f = p[0] * e
-        jac[0] = e
-        jac[1] = f * p[3] * (1.0 - 1.0 / u) / p[2]
-        jac[2] = f * p[3] * (u - 1.0) / p[2]
-        jac[3] = f * lg
-        r = yi - f
-        for a in range(4):
-            g[a] += jac[a] * r
-            for b in range(4):
-                h[a, b] += jac[a] * jac[b]
-
-
-@njit(cache=True, nogil=True)
-def _solve4(a, b, out):
-    """Solve a out = b (4 x 4) by Gaussian elimination with partial pivoting; a and b are
-    overwritten. Returns False where a pivot is 0 or a result not finite."""
-    n = 4
-    for k in range(n):
-        piv = k
-        big = abs(a[k, k])
-        for i in range(k + 1, n):
-            if abs(a[i, k]) > big:
-                piv = i
-                big = abs(a[i, k])
-        if not (big > 0.0 and np.isfinite(big)):
-            return False
-        if piv != k:
-            for j in range(n):
-                tmp = a[k, j]
-                a[k, j] = a[piv, j]
-                a[piv, j] = tmp
-            tmp = b[k]
-            b[k] = b[piv]
-            b[piv] = tmp
-        for i in range(k + 1, n):
-            f = a[i, k] / a[k, k]
-            for j in range(k, n):
-                a[i, j] -= f * a[k, j]
-            b[i] -= f * b[k]
-    for i in range(n - 1, -1, -1):
-        s = b[i]
-        for j in range(i + 1, n):
-            s -= a[i, j] * out[j]
-        out[i] = s / a[i, i]
-        if not np.isfinite(out[i]):
-            return False
-    return True
-
-
-@njit(cache=True, nogil=True)
-def _gv_step(h, g, lam, p, lower, upper, a, b, delta, p_new):
-    """One damped trial step: solve (h + lam D) delta = g, D = diag(h) floored at GV_DIAG_FLOOR of
-    its largest entry, with delta_i = 0 for a parameter on a bound that g pushes outwards (active
-    set); then project p + delta onto [lower, upper] into p_new. False if singular."""
-    dmax = 0.0
-    for i in range(4):
-        if h[i, i] > dmax:
-            dmax = h[i, i]
-    for i in range(4):
-        for j in range(4):
-            a[i, j] = h[i, j]
-        a[i, i] += lam * max(h[i, i], GV_DIAG_FLOOR * dmax)
-        b[i] = g[i]
-    for i in range(4):
-        if (p[i] <= lower[i] and g[i] < 0.0) or (p[i] >= upper[i] and g[i] > 0.0):
-            for j in range(4):
-                a[i, j] = 0.0
-                a[j, i] = 0.0
-            a[i, i] = 1.0
-            b[i] = 0.0
-    if not _solve4(a, b, delta):
-        return False
-    for i in range(4):
-        p_new[i] = min(max(p[i] + delta[i], lower[i]), upper[i])
-    return True
-
-
-@njit(cache=True, nogil=True)
-def _gv_fit_one(y, t, lo, hi, p0, lower, upper, max_iter, p):
-    """Levenberg-Marquardt for one curve y (n_t,) on samples lo..hi-1, from p0 clipped to the
-    bounds; the result goes into p (4,). Every trial step counts as one iteration; J is recomputed
-    after each step taken (GV_SSE_ROUND). Returns (sse, iterations, status): status 1 converged
-    (GV_XTOL), 2 every damped step raises the SSE (lam > GV_LAM_MAX), 0 max_iter reached, -1 four
-    or fewer finite samples, -2 singular normal equations."""
-    n_ok = 0
-    for i in range(lo, hi):
-        if np.isfinite(y[i]):
-            n_ok += 1
-    if n_ok <= 4:
-        for i in range(4):
-            p[i] = np.nan
-        return np.nan, 0, -1
-    for i in range(4):
-        p[i] = min(max(p0[i], lower[i]), upper[i])
-    h = np.empty((4, 4))
-    a = np.empty((4, 4))
-    g = np.empty(4)
-    b = np.empty(4)
-    jac = np.empty(4)
-    delta = np.empty(4)
-    p_new = np.empty(4)
-    sse = _gv_sse(y, t, lo, hi, p)
-    scale = sse
-    for i in range(lo, hi):
-        yi = np.float64(y[i])
-        if np.isfinite(yi):
-            scale += yi * yi
-    lam = GV_LAM0
-    nu = 2.0
-    status = 0
-    it = 0
-    need_j = True
-    while it < max_iter:
-        it += 1
-        if need_j:
-            _gv_normal(y, t, lo, hi, p, h, g, jac)
-            need_j = False
-        if not _gv_step(h, g, lam, p, lower, upper, a, b, delta, p_new):
-            status = -2
-            break
-        sse_new = _gv_sse(y, t, lo, hi, p_new)
-        if sse_new <= sse + GV_SSE_ROUND * np.sqrt(sse * scale):
-            # the step taken (after projection) and the decrease the linear model predicts for it
-            pred = 0.0
-            for i in range(4):
-                delta[i] = p_new[i] - p[i]
-            for i in range(4):
-                hd = 0.0
-                for j in range(4):
-                    hd += h[i, j] * delta[j]
-                pred += delta[i] * (2.0 * g[i] - hd)
-            rho = min(max((sse - sse_new) / pred, 0.0), 1.0) if pred > 0.0 else 0.0
-            small = (abs(delta[0]) <= GV_XTOL * abs(p[0]) and abs(delta[1]) <= GV_XTOL * p[2]
-                     and abs(delta[2]) <= GV_XTOL * p[2] and abs(delta[3]) <= GV_XTOL * p[3])
-            for i in range(4):
-                p[i] = p_new[i]
-            sse = sse_new
-            lam = max(lam * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3), GV_LAM_MIN)
-            nu = 2.0
-            need_j = True
-            if small or pred <= GV_FTOL * sse or sse <= GV_SSE_FLOOR * scale:
-                status = 1
-                break
-        else:
-            lam *= nu
-            nu *= 2.0
-            if lam > GV_LAM_MAX:
-                status = 2
-                break
-    return sse, it, status
-
-
-@njit(cache=True, parallel=True)
-def _gamma_fit(curves, t, lo, hi, p0, lower, upper, max_iter, out_p, out_sse, out_iter, out_status):
-    """Per-voxel bounded LM fit of the gamma variate (see _gv_fit_one).
-
-    curves (n_vox, n_t) delta R2* (1/s); t (n_t,) sample times (s); lo, hi (n_vox,) the fit window
-    [lo, hi) in frames; p0, lower, upper (n_vox, 4) start and bounds of (A 1/s, t0 s, m s, alpha).
-    Writes out_p (n_vox, 4), out_sse (n_vox,), out_iter and out_status (n_vox,) int."""
-    for v in prange(curves.shape[0]):
-        sse, it, status = _gv_fit_one(curves[v], t, lo[v], hi[v], p0[v], lower[v], upper[v], max_iter, out_p[v])
-        out_sse[v] = sse
-        out_iter[v] = it
-        out_status[v] = status

@@ -90,6 +90,7 @@ def analyze(
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     dicom_series: Annotated[Optional[int], typer.Option("--series", help="DICOM folder input: SeriesNumber of the DSC series when the folder holds several.")] = None,
+    html: Annotated[bool, typer.Option("--html/--no-html", help="Write report.html (about 1 s of figures); `perfusion report DIR` can write it later.")] = True,
 ) -> None:
     """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
     from .commands import run_analyze
@@ -98,7 +99,7 @@ def analyze(
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
                 recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
-                quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct)
+                quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct, html=html)
 
 
 @app.command()
@@ -230,6 +231,25 @@ def dicom_inspect(
     from .commands import run_dicom_inspect
 
     run_dicom_inspect(folder=folder, json_path=json_path)
+
+
+@app.command()
+@_guard
+def bench(
+    volumes: Annotated[str, typer.Option(help="Comma-separated standard volumes: clinical (128x128x24x80), high (256x256x30x120).")] = "clinical,high",
+    dtypes: Annotated[str, typer.Option(help="Comma-separated data types of the volumes: int16, float32.")] = "int16,float32",
+    repeats: Annotated[int, typer.Option(help="Runs per measurement; the median is reported.")] = 3,
+    kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Also one run per other deconvolution and leakage method (clinical volume).")] = True,
+    compile_time: Annotated[bool, typer.Option("--compile/--no-compile", help="Measure numba's compilation: cold vs warm cache.")] = True,
+    quick: Annotated[bool, typer.Option("--quick", help="Clinical int16 only, one run each, no extra kernels.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON (schema perfusion-bench/1).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Folder for the generated volumes (default ~/.cache/perfusion/bench).")] = None,
+) -> None:
+    """Time analyze on standard phantom volumes: end to end, per stage (voxels/s), memory, numba compile."""
+    from .commands import run_bench
+
+    run_bench(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
+              quick=quick, json_out=json_out, cache=cache)
 
 
 @app.command()

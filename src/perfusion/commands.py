@@ -3,6 +3,7 @@ only through ``rich`` when not quiet. Tests call them directly or through the CL
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -84,10 +85,12 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
     """Load one case, correct its head motion (``config.motion_correct``), analyse it and register
     ``anat``; return (Result, Inputs). Writes nothing."""
     import dataclasses
+    import time
 
     from .motion import correct_series
     from .pipeline import analyze
 
+    t0 = time.perf_counter()
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
                                         vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
     anat_image = None
@@ -95,13 +98,16 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
         from .io import load_volume
 
         anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
+    t1 = time.perf_counter()
     series, motion, motion_notes = correct_series(inputs.series, mode=config.validate().motion_correct,
                                                   brain=inputs.brain)
     inputs = dataclasses.replace(inputs, series=series)
+    t2 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = analyze(inputs, config)
-    result = dataclasses.replace(result, motion=motion)
+    timings = {"load": round(t1 - t0, 4), "motion": round(t2 - t1, 4), **result.timings}
+    result = dataclasses.replace(result, motion=motion, timings=timings)
     result.warnings.extend(load_warnings + motion_notes + [str(w.message) for w in caught])
     if anat_image is not None:
         from .register import anat_background
@@ -109,8 +115,9 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
         if result.baseline_image is None:
             raise InputError(f"{anat}: no baseline image to register the anatomical image to; "
                              "the series needs pre-bolus frames")
+        t3 = time.perf_counter()
         bg = anat_background(result.baseline_image, inputs.series.affine, *anat_image, path=Path(anat))
-        result = dataclasses.replace(result, anat=bg)
+        result = dataclasses.replace(result, anat=bg, timings={**timings, "anat": round(time.perf_counter() - t3, 4)})
     return result, inputs
 
 
@@ -120,12 +127,11 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
-                quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto"):
+                quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto", html: bool = True):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
     DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
-    from .io import check_output_folder, staged_output
+    from .io import check_output_folder, is_analyze_output, staged_output
     from .pipeline import write_result
-    from .report_html import write_html
 
     config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
                          rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
@@ -138,11 +144,14 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
         raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
     result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te,
                                   tr=tr, vof=vof, anat=anat, dicom_series=dicom_series)
-    with staged_output(out, force=force) as stage:
+    with staged_output(out, force=force, stale=is_analyze_output) as stage:
         write_result(result, inputs, stage)
-        write_html(stage)
+        if html:
+            from .report_html import write_html
+
+            write_html(stage)
     if not quiet:
-        print_summary(result, out)
+        print_summary(result, out, html=html)
     return result
 
 
@@ -152,7 +161,7 @@ def _rule_line(result) -> str:
     return "Rule: " + verdict_rule(result.config.rcbv_low, result.config.rcbv_high)
 
 
-def print_summary(result, out: Path) -> None:
+def print_summary(result, out: Path, *, html: bool = True) -> None:
     from rich.table import Table
 
     from . import DISCLAIMER
@@ -184,7 +193,7 @@ def print_summary(result, out: Path) -> None:
         con.print("No --roi given: maps only, no verdict.")
     for w in result.warnings:
         con.print(f"warning: {w}")
-    con.print(f"Maps, report.json and report.html written to {out}")
+    con.print(f"Maps, report.json{' and report.html' if html else ''} written to {out}")
     con.print(DISCLAIMER)
 
 
@@ -603,3 +612,35 @@ def print_dicom_inspect(data: dict, json_path: Path | None) -> None:
                   f"{n} DSC-like series: choose one with --series N")
     if json_path is not None:
         con.print(f"JSON written to {json_path}")
+
+
+def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool,
+              json_out: Path | None, cache: Path | None) -> dict:
+    """``perfusion bench``: measure, print the tables, write the JSON atomically."""
+    from . import bench
+    from .io import write_json
+
+    vols = [v.strip() for v in volumes.split(",") if v.strip()]
+    types = [d.strip() for d in dtypes.split(",") if d.strip()]
+    if quick:
+        vols, types, repeats, kernels = ["clinical"], ["int16"], 1, False
+    bad = [v for v in vols if v not in bench.VOLUMES] + [d for d in types if d not in bench.DTYPES]
+    if bad or not vols or not types or repeats < 1:
+        raise UsageError(f"bench: unknown or empty choice {', '.join(bad) or '(none)'}; volumes are "
+                         f"{', '.join(bench.VOLUMES)}, dtypes {', '.join(bench.DTYPES)}, --repeats >= 1")
+    con = _console()
+    result = bench.run_bench(volumes=vols, dtypes=types, repeats=repeats, kernels=kernels, compile_time=compile_time,
+                             cache=Path(cache) if cache else bench.default_cache(),
+                             on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
+    bench.print_tables(result, con)
+    if json_out is not None:
+        json_out = Path(json_out)
+        tmp = json_out.with_name(f".{json_out.name}.partial")
+        try:
+            write_json(tmp, result)
+            os.replace(tmp, json_out)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{json_out}: cannot write the results ({exc.strerror}); choose another --json") from None
+        con.print(f"JSON written to {json_out}")
+    return result

@@ -8,7 +8,8 @@ b is in 1/s. Methods:
 - ``csvd``: block-circulant A (L x L, L = 2N, curves zero-padded; Wu 2003, MRM 50:164), P = 0.1.
   Insensitive to a delay of the tissue relative to the AIF.
 - ``osvd``: as ``csvd`` with the threshold chosen per voxel as the smallest P whose residue has an
-  oscillation index at or below the target (Wu 2003).
+  oscillation index at or below the target (Wu 2003), P taken between groups of equal singular
+  values only (``DEGENERATE_RTOL``).
 - ``tikhonov``: the ``csvd`` matrix (so also delay-insensitive) with Tikhonov regularisation instead
   of truncation, b = V diag(s_i / (s_i^2 + mu^2)) U^T c, that is filter factors
   f_i = s_i^2 / (s_i^2 + mu^2); mu is chosen per voxel from a fixed grid by generalised
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _parallel
 
 METHODS = ("osvd", "csvd", "ssvd", "tikhonov")
 
@@ -33,8 +34,25 @@ DEFAULT_THRESHOLD = {"ssvd": 0.2, "csvd": 0.1}
 #: The value is chosen by measurement on the phantom; see the README's accuracy table.
 DEFAULT_OI_TARGET = 0.095
 
+#: Voxels per chunk of the per-voxel kernels (one chunk per thread at a time: _parallel.py).
+CHUNK = 1024
+
 #: oSVD never keeps singular values below this fraction of the largest.
 OSVD_MIN_THRESHOLD = 0.005
+
+#: Singular values closer than this (relative) count as one degenerate group. A circulant matrix's
+#: singular values are the moduli of the AIF's DFT, so all but the DC (and Nyquist) term come in equal
+#: pairs (to ~1e-15); within a pair the SVD's singular vectors are an arbitrary rotation, so a
+#: truncation that keeps one of the two depends on LAPACK's choice. oSVD truncates between groups only.
+DEGENERATE_RTOL = 1e-8
+
+
+def group_ends(s: np.ndarray) -> np.ndarray:
+    """uint8 (L,): 1 at the last index of each run of singular values equal within DEGENERATE_RTOL."""
+    s = np.asarray(s, dtype=np.float64)
+    ends = np.ones(s.size, np.uint8)
+    ends[:-1] = s[1:] < s[:-1] * (1.0 - DEGENERATE_RTOL)
+    return ends
 
 #: Tikhonov mu grid, as fractions of the largest singular value s_max: TIKHONOV_N_MU values spaced
 #: geometrically (ratio 1.19) over TIKHONOV_MU_RANGE. At mu = s_max every filter factor is at most
@@ -59,6 +77,7 @@ class Deconvolver:
     threshold: float | None
     oi_target: float | None
     mus: np.ndarray | None = None  # tikhonov: (n_mu,) candidate mu, ascending, same unit as s
+    ends: np.ndarray | None = None  # osvd: (L,) uint8, 1 where a group of equal singular values ends
 
     @property
     def length(self) -> int:
@@ -104,17 +123,19 @@ def prepare(aif: np.ndarray, *, tr: float, method: str = "osvd", threshold: floa
                            k_max=int(np.count_nonzero(s > 0)), threshold=None, oi_target=None,
                            mus=np.sort(rel) * s[0])
     if method == "osvd":
-        p = None
         target = DEFAULT_OI_TARGET if oi_target is None else float(oi_target)
+        ends = group_ends(s)
         k_max = int(np.count_nonzero(s >= OSVD_MIN_THRESHOLD * s[0]))
-    else:
-        p = DEFAULT_THRESHOLD[method] if threshold is None else float(threshold)
-        if not 0 < p < 1:
-            raise ValueError(f"the SVD threshold must lie in (0, 1), got {p}")
-        target = None
-        k_max = int(np.count_nonzero(s >= p * s[0]))
+        while k_max > 1 and not ends[k_max - 1]:  # never split a group at the floor
+            k_max -= 1
+        return Deconvolver(method=method, tr=float(tr), n_t=aif.size, u=u, s=s, vt=vt, k_max=max(k_max, 1),
+                           threshold=None, oi_target=target, ends=ends)
+    p = DEFAULT_THRESHOLD[method] if threshold is None else float(threshold)
+    if not 0 < p < 1:
+        raise ValueError(f"the SVD threshold must lie in (0, 1), got {p}")
+    k_max = int(np.count_nonzero(s >= p * s[0]))
     return Deconvolver(method=method, tr=float(tr), n_t=aif.size, u=u, s=s, vt=vt, k_max=max(k_max, 1),
-                       threshold=p, oi_target=target)
+                       threshold=p, oi_target=None)
 
 
 @dataclass(frozen=True)
@@ -136,21 +157,30 @@ def deconvolve(op: Deconvolver, curves: np.ndarray) -> Residues:
     c = np.asarray(curves, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] != op.n_t:
         raise ValueError(f"curves must have shape (n_vox, {op.n_t}), got {c.shape}")
-    if op.method != "ssvd":
-        c = np.concatenate([c, np.zeros((c.shape[0], op.length - op.n_t))], axis=1)
-    x = c @ op.u  # row v holds U^T c_v
+    n = c.shape[0]
+    out = np.empty((n, op.length))
+    k = np.empty(n, dtype=np.int64)
+    mu = np.empty(n) if op.method == "tikhonov" else None
     if op.method == "osvd":
-        out = np.empty_like(x)
-        k = np.empty(x.shape[0], dtype=np.int64)
-        _kernels._osvd_search(x, op.s, op.vt, op.k_max, op.oi_target, out, k)
+        u = op.u[: op.n_t]  # the curves are zero-padded to L, so only U's first N rows count
+
+        def work(sl):
+            x = c[sl] @ u  # row v holds U^T c_v
+            _kernels._osvd_search(x, op.s, op.vt, op.ends, op.k_max, op.oi_target, out[sl], k[sl])
+
+        _parallel.run_chunks(work, n, CHUNK)
         return Residues(residue=out, k=k)
     if op.method == "tikhonov":
-        out = np.empty_like(x)
-        mu = np.empty(x.shape[0])
-        _kernels._tikhonov_gcv(x, op.s, op.vt, op.mus, out, mu)
+        u = op.u[: op.n_t]
+
+        def work(sl):
+            _kernels._tikhonov_gcv(c[sl] @ u, op.s, op.vt, op.mus, out[sl], mu[sl])
+
+        _parallel.run_chunks(work, n, CHUNK)
         with np.errstate(invalid="ignore"):
-            k = np.count_nonzero(op.s[None, :] >= mu[:, None], axis=1)  # 0 where mu is NaN
+            k[:] = np.count_nonzero(op.s[None, :] >= mu[:, None], axis=1)  # 0 where mu is NaN
         return Residues(residue=out, k=k, mu=mu)
+    x = c @ op.u[: op.n_t]  # the same for ssvd, whose U is N x N
     w = np.zeros_like(op.s)
     w[: op.k_max] = 1.0 / op.s[: op.k_max]
     residue = (x * w) @ op.vt

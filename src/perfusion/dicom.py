@@ -794,7 +794,9 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
         raw_sidecar_path = nifti.parent / (nifti.name.split(".nii")[0] + ".json")
         raw = _read_raw_sidecar(raw_sidecar_path)
         img = nib.load(str(nifti))
-        data = np.asarray(img.get_fdata(dtype=np.float32))
+        from .io import voxel_major_float32
+
+        data = voxel_major_float32(np.asarray(img.dataobj))
         affine = np.asarray(img.affine, dtype=np.float64)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -30,7 +30,7 @@ curve does not fall to half its peak within the window.
 
 Bounds (a fit that ends on one is invalid): A >= 0; t0 in [t(window start), t(peak sample)];
 m in [0.1 TR, t(window end) - t(window start)], so beta = m / alpha > 0; alpha in ``ALPHA_BOUNDS``.
-Iterations: bounded Levenberg-Marquardt (``perfusion._kernels._gamma_fit``): Marquardt-scaled damping
+Iterations: bounded Levenberg-Marquardt (``perfusion._kernels_curves._gv_fit``): Marquardt-scaled damping
 with Nielsen's update, parameters on a bound held there while the gradient pushes outwards, steps
 projected onto the bounds, MINPACK's stopping tests, at most ``max_iter`` trial steps (a fit still
 going then is invalid). On the default phantom the valid fits take a median of 11 steps (99th
@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import gammaln, lambertw
 
-from . import _kernels
+from . import _kernels_curves
 from .units import MAX_TR_S
 
 #: Shape bounds. A tissue curve with a long MTT (fast rise, exponential tail) is no gamma variate and
@@ -66,9 +66,6 @@ M_MIN_TR = 0.1
 
 #: Relative margin inside a bound within which a fitted parameter counts as "at the bound".
 BOUND_MARGIN = 1e-6
-
-#: Voxels per kernel call (bounds memory of the window arrays: chunk x n_t x a few bytes).
-CHUNK = 16384
 
 #: FWHM of a Gaussian in units of its SD, for the start value of alpha.
 _FWHM_PER_SD = 2.0 * np.sqrt(2.0 * np.log(2.0))
@@ -112,72 +109,18 @@ def gamma_fwhm(m, alpha):
     return m * (u2 - u1)
 
 
-def _noise_sd(c: np.ndarray, finite: np.ndarray) -> np.ndarray:
-    """Robust noise SD per row from the median |first difference| of finite neighbours; NaN if none."""
-    ok = finite[:, 1:] & finite[:, :-1]
-    d = np.where(ok, np.abs(np.diff(np.where(finite, c, 0.0), axis=1)), np.inf)
-    d.sort(axis=1)
-    n = ok.sum(axis=1)
-    rows = np.arange(c.shape[0])
-    med = 0.5 * (d[rows, np.maximum(n - 1, 0) // 2] + d[rows, n // 2 - (n == 0)])
-    return np.where(n > 0, 1.4826 * med / np.sqrt(2.0), np.nan)
-
-
-def _crossing(t, c, i, level):
-    """Time where c crosses ``level`` between frames i and i + 1 (linear interpolation)."""
-    rows = np.arange(c.shape[0])
-    c0, c1 = c[rows, i], c[rows, i + 1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(c1 != c0, (level - c0) / (c1 - c0), 0.5)
-    return t[i] + np.clip(w, 0.0, 1.0) * (t[i + 1] - t[i])
-
-
 def _windows(c: np.ndarray, t: np.ndarray, *, tr: float, rise_fraction: float, tail_fraction: float,
              pre_frames: int, min_snr: float):
-    """Fit window [lo, hi), start values and bounds (n_vox, 4) for each row of c (see module docs).
-    Rows that cannot be fitted get lo = hi = 0."""
-    n_vox, n_t = c.shape
-    rows = np.arange(n_vox)
-    idx = np.arange(n_t)
-    finite = np.isfinite(c)
-    ip = np.argmax(np.where(finite, c, -np.inf), axis=1)
-    peak = np.where(finite.any(axis=1), c[rows, ip], np.nan)
-    with np.errstate(invalid="ignore"):
-        before = finite & (idx < ip[:, None])
-        after = finite & (idx > ip[:, None])
-        below_rise = before & (c < rise_fraction * peak[:, None])
-        below_half = before & (c < 0.5 * peak[:, None])
-        fall_half = after & (c < 0.5 * peak[:, None])
-        below_tail = after & (c < tail_fraction * peak[:, None])
-        bolus = (peak > 0) & (peak >= min_snr * _noise_sd(c, finite))
-    has_foot = below_rise.any(axis=1)
-    foot = n_t - 1 - np.argmax(below_rise[:, ::-1], axis=1)
-    lo = np.maximum(foot - np.maximum(pre_frames, ip - foot), 0)
-    hi = np.where(below_tail.any(axis=1), np.argmax(below_tail, axis=1), n_t - 1) + 1
-    ok = bolus & has_foot
-
-    # start values: half-peak crossings, interpolated between the last frame below half before the
-    # peak and the next frame, and between the frame before the first one below half after it
-    i_up = n_t - 1 - np.argmax(below_half[:, ::-1], axis=1)
-    i_dn = np.argmax(fall_half, axis=1)
-    has_dn = fall_half.any(axis=1) & (i_dn < hi)
-    cz = np.where(finite, c, 0.0)
-    t_up = _crossing(t, cz, np.clip(i_up, 0, n_t - 2), 0.5 * peak)
-    t_dn = _crossing(t, cz, np.clip(i_dn - 1, 0, n_t - 2), 0.5 * peak)
-    t0 = t[foot]
-    m = t[ip] - t0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        alpha = np.where(has_dn & (t_dn > t_up), (_FWHM_PER_SD * m / (t_dn - t_up)) ** 2, 3.0)
-    alpha = np.clip(np.nan_to_num(alpha, nan=3.0), 1.0, 10.0)
-    p0 = np.stack([peak, t0, m, alpha], axis=1)
-    lower = np.stack([np.zeros(n_vox), t[lo], np.full(n_vox, M_MIN_TR * tr), np.full(n_vox, ALPHA_BOUNDS[0])], axis=1)
-    upper = np.stack([np.full(n_vox, np.inf), t[ip], t[hi - 1] - t[lo], np.full(n_vox, ALPHA_BOUNDS[1])], axis=1)
-    lo = np.where(ok, lo, 0).astype(np.int64)
-    hi = np.where(ok, hi, 0).astype(np.int64)
-    p0 = np.where(ok[:, None], p0, 1.0)  # placeholders for rows the kernel skips (empty window)
-    lower = np.where(ok[:, None], lower, 0.0)
-    upper = np.where(ok[:, None], upper, 2.0)
-    return lo, hi, p0, lower, upper
+    """Fit window [lo, hi), start values and bounds (n_vox, 4) for each row of c (see module docs), and
+    the number of finite samples in each window. Rows that cannot be fitted get lo = hi = 0.
+    (_kernels_curves._gv_windows; its numpy twin is tests/naive_curves.py gamma_windows.)"""
+    n_vox = c.shape[0]
+    lo, hi, n_used = (np.empty(n_vox, np.int64) for _ in range(3))
+    p0, lower, upper = (np.empty((n_vox, 4)) for _ in range(3))
+    _kernels_curves._gv_windows(c, t, float(tr), float(rise_fraction), float(tail_fraction), int(pre_frames),
+                                float(min_snr), M_MIN_TR * tr, ALPHA_BOUNDS[0], ALPHA_BOUNDS[1], _FWHM_PER_SD,
+                                lo, hi, p0, lower, upper, n_used)
+    return lo, hi, p0, lower, upper, n_used
 
 
 def fit_gamma_variate(curves: np.ndarray, *, tr: float, t_first: float = 0.0, rise_fraction: float = 0.1,
@@ -209,37 +152,34 @@ def fit_gamma_variate(curves: np.ndarray, *, tr: float, t_first: float = 0.0, ri
     if pre_frames < 0 or max_iter < 1:
         raise ValueError("pre_frames must be >= 0 and max_iter >= 1")
 
-    n_vox, n_t = c_all.shape
+    c = np.ascontiguousarray(c_all if c_all.dtype in (np.float32, np.float64) else c_all.astype(np.float64))
+    n_vox, n_t = c.shape
     t = float(t_first) + float(tr) * np.arange(n_t)
-    p = np.full((n_vox, 4), np.nan)
-    sse = np.full(n_vox, np.nan)
-    status = np.zeros(n_vox, dtype=np.int64)
-    n_used = np.zeros(n_vox, dtype=np.int64)
-    at_bound = np.ones(n_vox, dtype=bool)
-    for start in range(0, n_vox, CHUNK):
-        sl = slice(start, min(start + CHUNK, n_vox))
-        c = np.ascontiguousarray(c_all[sl], dtype=np.float64)
-        lo, hi, p0, lower, upper = _windows(c, t, tr=float(tr), rise_fraction=rise_fraction,
-                                            tail_fraction=tail_fraction, pre_frames=int(pre_frames),
-                                            min_snr=min_snr)
-        n_iter = np.empty(c.shape[0], dtype=np.int64)
-        _kernels._gamma_fit(c, t, lo, hi, p0, lower, upper, int(max_iter), p[sl], sse[sl], n_iter, status[sl])
-        in_window = (np.arange(n_t) >= lo[:, None]) & (np.arange(n_t) < hi[:, None])
-        n_used[sl] = np.sum(in_window & np.isfinite(c), axis=1)
-        margin = BOUND_MARGIN * (upper - lower)
-        margin[:, 0] = 0.0  # A has no upper bound; A = 0 is caught below
-        with np.errstate(invalid="ignore"):
-            at_bound[sl] = np.any((p[sl] <= lower + margin) | (p[sl] >= upper - margin), axis=1)
+    lo, hi, p0, lower, upper, n_used = _windows(c, t, tr=float(tr), rise_fraction=rise_fraction,
+                                                tail_fraction=tail_fraction, pre_frames=int(pre_frames),
+                                                min_snr=min_snr)
+    p = np.empty((n_vox, 4))
+    sse = np.empty(n_vox)
+    n_iter = np.empty(n_vox, dtype=np.int64)
+    status = np.empty(n_vox, dtype=np.int64)
+    _kernels_curves._gv_fit(c, t, lo, hi, p0, lower, upper, int(max_iter), p, sse, n_iter, status)
+    margin = BOUND_MARGIN * (upper - lower)
+    margin[:, 0] = 0.0  # A has no upper bound; A = 0 is caught below
+    with np.errstate(invalid="ignore"):
+        at_bound = np.any((p <= lower + margin) | (p >= upper - margin), axis=1)
 
     amp, t0, m, alpha = p.T
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         k = amp * np.exp(alpha * (1.0 - np.log(m)))
         beta = m / alpha
         area = gamma_area(amp, m, alpha)
-        fwhm = gamma_fwhm(m, alpha)
         quality = np.sqrt(sse / n_used) / amp
-        out = [k, t0, alpha, beta, area, amp, t0 + m, fwhm, quality]
+        out = [k, t0, alpha, beta, area, amp, t0 + m, quality]
         valid = (status > 0) & ~at_bound & (amp > 0) & np.all([np.isfinite(a) for a in out], axis=0)
+        fwhm = np.full(n_vox, np.nan)
+        fwhm[valid] = gamma_fwhm(m[valid], alpha[valid])  # Lambert's W: the slowest of these, valid fits only
+        valid &= np.isfinite(fwhm)
+        out.insert(7, fwhm)
     nan = np.where(valid, 1.0, np.nan)
     return GammaFit(*(a * nan for a in out), valid=valid)
 

@@ -91,7 +91,7 @@ def _load_image(path: Path, what: str):
         raise InputError(f"{path}: {what} must be a NIfTI file (.nii or .nii.gz)")
     nib = _nib()
     try:
-        img = nib.load(str(path))
+        img = _read_gzip_image(path) if path.name.endswith(".gz") else nib.load(str(path))
         data = np.asarray(img.dataobj)
     except Exception as exc:  # nibabel raises many types for broken files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -99,6 +99,40 @@ def _load_image(path: Path, what: str):
             f"{path}: not a readable NIfTI file ({reason}); re-export the {what} as .nii or .nii.gz"
         ) from None
     return img, data
+
+
+def _read_gzip_image(path: Path):
+    """A .nii.gz read whole into memory with ISA-L's gzip decoder (python-isal; 1.8x faster than zlib
+    on a 27 MB series here), or zlib where isal is not installed. Same image as nibabel.load."""
+    nib = _nib()
+    try:
+        from isal.igzip import decompress
+    except ImportError:  # pragma: no cover - isal is a dependency; a source build may lack it
+        from gzip import decompress
+    raw = decompress(Path(path).read_bytes())
+    head = raw[:4]
+    nifti2 = head in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
+    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+
+
+def voxel_major_float32(raw: np.ndarray) -> np.ndarray:
+    """``raw`` (x, y, z, t; any memory order and dtype) as a C-ordered float32 array, so that each
+    voxel's time course is contiguous and ``reshape(-1, t)`` is a view. NIfTI stores x fastest; the
+    copy goes one z-slab at a time (3x faster here than one numpy copy of the whole 4-D transpose),
+    the slabs on two threads (numpy's copy releases the GIL: 0.09 s instead of 0.15-0.3 s for
+    128 x 128 x 24 x 80 here)."""
+    if raw.ndim != 4:
+        return np.array(raw, dtype=np.float32)
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.empty(raw.shape, np.float32)
+
+    def slab(z: int) -> None:
+        out[:, :, z, :] = raw[:, :, z, :]
+
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+        list(pool.map(slab, range(raw.shape[2])))
+    return out
 
 
 def read_json_object(path: Path, *, what: str, fix: str) -> dict[str, Any]:
@@ -147,11 +181,9 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         raise InputError(
             f"{path}: only {raw.shape[3]} frames; a DSC series needs at least {MIN_FRAMES} (baseline, bolus, tail)"
         )
-    try:
-        data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(raw.shape)
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read the image data ({exc}); the file may be truncated") from None
-    if not np.all(np.isfinite(data)):
+    # raw is nibabel's scaled array (scl_slope/inter applied); integers that stayed integers are finite
+    data = voxel_major_float32(raw)
+    if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.isfinite(data)):
         raise InputError(f"{path}: contains NaN or Inf values; re-export the series without them")
 
     sc_path = sidecar_path_for(path)
@@ -307,7 +339,24 @@ def write_nifti(path: Path, data: np.ndarray, affine: np.ndarray, *, description
     img.header["descrip"] = description[:79].encode("ascii", "replace")
     img.set_sform(affine, code=1)
     img.set_qform(affine, code=1)
-    nib.save(img, str(path))
+    path = Path(path)
+    if path.name.endswith(".gz"):
+        path.write_bytes(_gzip(img.to_bytes()))
+    else:
+        nib.save(img, str(path))
+
+
+def _gzip(raw: bytes) -> bytes:
+    """gzip with ISA-L at its level 2 (about 4x faster than zlib's level 1, nibabel's default, for
+    a 7 % larger file on float32 maps here); zlib level 1 where isal is missing."""
+    try:
+        from isal.igzip import compress
+
+        return compress(raw, compresslevel=2)
+    except ImportError:  # pragma: no cover - isal is a dependency
+        import gzip
+
+        return gzip.compress(raw, compresslevel=1)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -356,10 +405,12 @@ def check_output_folder(out: Path, *, force: bool) -> None:
 
 
 @contextlib.contextmanager
-def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
+def staged_output(out: Path, *, force: bool, stale=None) -> Iterator[Path]:
     """Yield a private staging folder; on success move its files into ``out``, on failure remove it.
 
-    A run that fails leaves ``out`` as it was. Each file lands by an atomic rename.
+    A run that fails leaves ``out`` as it was. Each file lands by an atomic rename. ``stale``: a
+    predicate on file names; files of ``out`` it accepts that the new run did not write are removed
+    after the move (an earlier run's outputs, e.g. its report.html, must not pass for this run's).
     """
     out = Path(out)
     check_output_folder(out, force=force)
@@ -378,12 +429,18 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
         if not out.exists():
             os.rename(stage, out)
         else:
+            written = set()
             for item in stage.iterdir():
                 target = out / item.name
                 if target.is_dir() and not target.is_symlink():
                     shutil.rmtree(target)
                 os.replace(item, target)
+                written.add(item.name)
             stage.rmdir()
+            if stale is not None:
+                for old in out.iterdir():
+                    if old.name not in written and old.is_file() and stale(old.name):
+                        old.unlink()
     except OSError as exc:
         _discard(stage, created)
         raise OutputError(f"{out}: writing the results failed ({exc.strerror or exc}); check free space and permissions") from None
@@ -433,6 +490,14 @@ def output_file(key: str, prefix: str | None = None) -> str:
     if prefix:
         return f"{prefix}_{BIDS_FILES[key]}"
     return PLAIN_FILES.get(key, f"{key}.nii.gz")
+
+
+def is_analyze_output(name: str) -> bool:
+    """True for a file name that ``perfusion analyze`` writes in plain naming (maps and their sidecars,
+    tables, reports, mask copies)."""
+    known = {output_file(k) for k in BIDS_FILES}
+    known |= {sidecar_of(n) for n in known if n.endswith(".nii.gz")}
+    return name in known or bool(re.fullmatch(r"mask-[A-Za-z0-9._-]+\.(nii\.gz|json)", name))
 
 
 def sidecar_of(name: str) -> str:

@@ -81,11 +81,12 @@ a non-positive TR) raise ``ValueError``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import deconvolution
+from . import _kernels_curves, deconvolution
 
 #: BSW's reference voxels: those that "did not demonstrate signal intensity enhancement (averaged over
 #: the final 10 time points) greater than 1 SD above that pixel's average baseline" (Boxerman et al.
@@ -280,6 +281,14 @@ def _curves(delta_r2s) -> np.ndarray:
     return c
 
 
+def _rows(delta_r2s) -> np.ndarray:
+    """Like _curves, but float32 stays float32 (for the kernels, which read it as float64)."""
+    c = np.asarray(delta_r2s)
+    if c.ndim != 2:
+        raise ValueError(f"delta_r2s must have shape (n_vox, n_t), got {c.shape}")
+    return np.ascontiguousarray(c if c.dtype in (np.float32, np.float64) else c.astype(np.float64))
+
+
 def _check_tr(tr: float) -> float:
     tr = float(tr)
     if not (np.isfinite(tr) and tr > 0):
@@ -357,11 +366,11 @@ def _two_regressor_fit(y: np.ndarray, r: np.ndarray, q: np.ndarray):
     return k1, k2, np.maximum(sse, 0.0), c22 * np.ones_like(k1), np.broadcast_to(ok, k1.shape)
 
 
-def _two_regressor_se(r: np.ndarray, q: np.ndarray, sse: np.ndarray, *, n_t: int, baseline: slice | None,
-                      extra_params: int) -> np.ndarray:
-    """SE of k2 in y ~ k1 r - k2 q (r, q (n_t,) or (n_vox, n_t)): k2 = h . y with
-    h = (rq r - rr q) / det; s^2 = SSE / (tr((I - P) M) - extra_params), ``extra_params`` counting
-    parameters fitted besides k1 and k2 (kep). See _noise_terms."""
+def _two_regressor_noise(r: np.ndarray, q: np.ndarray, *, n_t: int, baseline: slice | None, extra_params: int):
+    """Noise terms of k2 in y ~ k1 r - k2 q (r, q (n_t,) or (n_vox, n_t)): k2 = h . y with
+    h = (rq r - rr q) / det; returns (h^T M h, the residual degrees of freedom tr((I - P) M) -
+    ``extra_params``, at least 1), ``extra_params`` counting parameters fitted besides k1 and k2
+    (kep), so that SE(k2) = sqrt(SSE / dof * h^T M h). See _noise_terms."""
     wb, inv_nb = _baseline_weights(n_t, baseline)
     rr = np.einsum("...t,...t->...", r, r)
     qq = np.einsum("...t,...t->...", q, q)
@@ -378,7 +387,14 @@ def _two_regressor_se(r: np.ndarray, q: np.ndarray, sse: np.ndarray, *, n_t: int
             return a[..., None] * r + b[..., None] * q
 
         var_factor, dof = _noise_terms(h, project(np.ones(n_t)), project(wb), 2.0, n_t, wb, inv_nb)
-        dof = np.maximum(dof - extra_params, 1.0)
+        return var_factor, np.maximum(dof - extra_params, 1.0)
+
+
+def _two_regressor_se(r: np.ndarray, q: np.ndarray, sse: np.ndarray, *, n_t: int, baseline: slice | None,
+                      extra_params: int) -> np.ndarray:
+    """SE of k2 in y ~ k1 r - k2 q: sqrt(SSE / dof * h^T M h), see _two_regressor_noise."""
+    var_factor, dof = _two_regressor_noise(r, q, n_t=n_t, baseline=baseline, extra_params=extra_params)
+    with np.errstate(divide="ignore", invalid="ignore"):
         return np.sqrt(sse / dof * var_factor)
 
 
@@ -408,15 +424,31 @@ def bsw(delta_r2s: np.ndarray, reference: np.ndarray, *, tr: float, integral: st
     taken as white, SE = sqrt(s^2 [(X^T X)^-1]_22), s^2 = SSE / (n_t - 2), which understates it (on the
     phantom, SNR 150, 11 baseline frames: |K2| / SE of non-leaking NAWM had SD 2.0 instead of 1).
     """
-    c = _curves(delta_r2s)
+    return _bsw(delta_r2s, reference, tr=tr, integral=integral, baseline=baseline, gate_k=None)
+
+
+def _bsw(delta_r2s, reference, *, tr: float, integral: str, baseline: slice | None, gate_k: float | None) -> LeakageFit:
+    """``bsw`` and, with ``gate_k``, ``gate`` in one pass over the curves (_kernels_curves._two_regressor_shared):
+    the reference, and so the normal equations and the noise terms of K2, are shared by all voxels."""
+    c = _rows(delta_r2s)
     tr = _check_tr(tr)
     ref = _check_curve(reference, c.shape[1], "reference curve")
     q = _integral(ref, tr=tr, integral=integral)
-    finite, y = _split_finite(c)
-    k1, k2, sse, c22, ok = _two_regressor_fit(y, ref, q)
-    k2_se = _two_regressor_se(ref, q, sse, n_t=c.shape[1], baseline=baseline, extra_params=0)
-    return _result("bsw", y=y, finite=finite, k1=k1, k2=k2, kep=np.zeros_like(k1), k2_se=k2_se,
-                   r2=_r2(y, sse), leakage=k2[:, None] * q[None, :], ok=ok)
+    rr = np.einsum("...t,...t->...", ref, ref)
+    qq = np.einsum("...t,...t->...", q, q)
+    rq = np.einsum("...t,...t->...", ref, q)
+    solvable = bool(rr * qq - rq * rq > 1e-12 * rr * qq)
+    var_factor, dof = _two_regressor_noise(ref, q, n_t=c.shape[1], baseline=baseline, extra_params=0)
+    n_vox = c.shape[0]
+    k1, k2, k2_se, r2 = (np.empty(n_vox) for _ in range(4))
+    leak, corrected = np.empty(c.shape), np.empty(c.shape)
+    applied = np.empty(n_vox, bool)
+    _kernels_curves._two_regressor_shared(c, ref, q, float(rr), float(qq), float(rq), solvable, float(dof),
+                                          float(var_factor), -1.0 if gate_k is None else float(gate_k), k1, k2,
+                                          k2_se, r2, leak, corrected, applied)
+    valid = np.isfinite(k2)
+    return LeakageFit(method="bsw", k1=k1, k2=k2, kep=np.where(valid, 0.0, np.nan), k2_se=k2_se, r2=r2,
+                      leakage=leak, corrected=corrected, valid=valid, applied=applied)
 
 
 # --- bidirectional (Leu 2016)
@@ -520,12 +552,63 @@ def residue_domain(delta_r2s: np.ndarray, aif: np.ndarray, *, tr: float, kep: fl
     ``baseline`` (identity without). ``r2`` is 1 - |c - tr A b|^2 / SST.
     Raises ValueError when the tail has fewer than MIN_TAIL_FRAMES samples.
     """
-    c = _curves(delta_r2s)
+    c = _rows(delta_r2s)
     tr = _check_tr(tr)
     n_t = c.shape[1]
     a = _check_curve(aif, n_t, "AIF")
     if not (np.isfinite(tail_start_s) and tail_start_s >= 0):
         raise ValueError(f"tail_start_s must be a non-negative number of seconds, got {tail_start_s}")
+    op = _residue_operator(a.tobytes(), tr, float(threshold), float(tail_start_s))
+    if kep is not None:
+        kep = float(kep)
+        if not (np.isfinite(kep) and kep >= 0):
+            raise ValueError(f"kep must be >= 0 (1/s) or None, got {kep}")
+        return _residue_fixed_kep(c, op, a, tr=tr, kep=kep, baseline=baseline)
+    m_tail, lags, k = op.m_tail, op.lags, op.k
+    finite, y = _split_finite(c.astype(np.float64, copy=False))
+    b_tail = y @ m_tail  # (V, T)
+    grid = np.linspace(0.0, kep_max, n_grid)
+    e = np.exp(-grid[:, None] * lags[None, :])  # (G, T)
+    ee = np.einsum("gt,gt->g", e, e)
+    gain = (b_tail @ e.T) ** 2 / ee  # SSE = |b|^2 - gain
+    j = np.argmax(gain, axis=1)
+    rows = np.arange(y.shape[0])
+    inner = (j > 0) & (j < n_grid - 1)
+    jm, jp = np.clip(j - 1, 0, n_grid - 1), np.clip(j + 1, 0, n_grid - 1)
+    step = np.where(inner, _parabola_step(-gain[rows, jm], -gain[rows, j], -gain[rows, jp]), 0.0)
+    kep_v = np.clip(grid[j] + step * (grid[1] - grid[0]), 0.0, kep_max)
+    e_v = np.exp(-kep_v[:, None] * lags[None, :])  # (V, T)
+    w = e_v / np.einsum("vt,vt->v", e_v, e_v)[:, None]  # Ka = -w . b_tail
+    ka = -np.einsum("vt,vt->v", w, b_tail)
+    g = -(w @ m_tail.T)  # (V, N): Ka = g . c
+    x = y @ op.u  # U^T c
+    resid2 = np.sum(x[:, k:] ** 2, axis=1)  # |c - tr A b|^2 (U square and orthogonal)
+    var_factor, dof = _residue_noise_terms(op, g, n_t=n_t, baseline=baseline)
+    ka_se = np.sqrt(resid2 / dof * var_factor)
+    leak = ka[:, None] * exp_integral(np.broadcast_to(a, y.shape), tr=tr, kep=kep_v)
+    return _result("residue", y=y, finite=finite, k1=np.full(y.shape[0], np.nan), k2=ka, kep=kep_v, k2_se=ka_se,
+                   r2=_r2(y, resid2), leakage=leak, ok=np.ones(y.shape[0], bool))
+
+
+@dataclass(frozen=True)
+class _ResidueOperator:
+    """What residue_domain needs of the AIF: b = c @ m (the truncated-SVD residue), its tail columns
+    m_tail = m[:, first:last + 1] (N, T) at ``lags`` (T,) s, U (N, N), the number k of singular values
+    kept and uk_t = U[:, :k]^T (k, N), the directions the truncated fit keeps."""
+
+    u: np.ndarray
+    k: int
+    m_tail: np.ndarray
+    lags: np.ndarray
+    uk_t: np.ndarray
+
+
+@functools.lru_cache(maxsize=8)
+def _residue_operator(aif_bytes: bytes, tr: float, threshold: float, tail_start_s: float) -> _ResidueOperator:
+    """The _ResidueOperator of an AIF (float64 bytes), cached: the pipeline corrects its voxels chunk by
+    chunk with one AIF. Raises ValueError when the tail is shorter than MIN_TAIL_FRAMES."""
+    a = np.frombuffer(aif_bytes, dtype=np.float64)
+    n_t = a.size
     op = deconvolution.prepare(a, tr=tr, method="ssvd", threshold=threshold)
     k = op.k_max
     m = (op.u[:, :k] / op.s[:k]) @ op.vt[:k]  # b = c @ m, (N, N)
@@ -535,41 +618,40 @@ def residue_domain(delta_r2s: np.ndarray, aif: np.ndarray, *, tr: float, kep: fl
         raise ValueError(
             f"the residue tail (lags {first * tr:g}-{last * tr:g} s) holds fewer than {MIN_TAIL_FRAMES} frames: "
             "the series is too short after the bolus for the residue-domain correction")
-    lags = np.arange(first, last + 1) * tr
-    finite, y = _split_finite(c)
-    b_tail = y @ m[:, first:last + 1]  # (V, T)
-    if kep is None:
-        grid = np.linspace(0.0, kep_max, n_grid)
-        e = np.exp(-grid[:, None] * lags[None, :])  # (G, T)
-        ee = np.einsum("gt,gt->g", e, e)
-        gain = (b_tail @ e.T) ** 2 / ee  # SSE = |b|^2 - gain
-        j = np.argmax(gain, axis=1)
-        rows = np.arange(y.shape[0])
-        inner = (j > 0) & (j < n_grid - 1)
-        jm, jp = np.clip(j - 1, 0, n_grid - 1), np.clip(j + 1, 0, n_grid - 1)
-        step = np.where(inner, _parabola_step(-gain[rows, jm], -gain[rows, j], -gain[rows, jp]), 0.0)
-        kep_v = np.clip(grid[j] + step * (grid[1] - grid[0]), 0.0, kep_max)
-    else:
-        kep = float(kep)
-        if not (np.isfinite(kep) and kep >= 0):
-            raise ValueError(f"kep must be >= 0 (1/s) or None, got {kep}")
-        kep_v = np.full(y.shape[0], kep)
-    e_v = np.exp(-kep_v[:, None] * lags[None, :])  # (V, T)
-    w = e_v / np.einsum("vt,vt->v", e_v, e_v)[:, None]  # Ka = -w . b_tail
-    ka = -np.einsum("vt,vt->v", w, b_tail)
-    g = -(w @ m[:, first:last + 1].T)  # (V, N): Ka = g . c
-    x = y @ op.u  # U^T c
-    resid2 = np.sum(x[:, k:] ** 2, axis=1)  # |c - tr A b|^2 (U square and orthogonal)
+    out = _ResidueOperator(u=op.u, k=k, m_tail=np.ascontiguousarray(m[:, first:last + 1]),
+                           lags=np.arange(first, last + 1) * tr, uk_t=np.ascontiguousarray(op.u[:, :k].T))
+    for arr in (out.u, out.m_tail, out.lags, out.uk_t):
+        arr.flags.writeable = False
+    return out
+
+
+def _residue_noise_terms(op: _ResidueOperator, g: np.ndarray, *, n_t: int, baseline: slice | None):
+    """g^T M g and the residual degrees of freedom (at least 1) of Ka = g . c; see residue_domain."""
     wb, inv_nb = _baseline_weights(n_t, baseline)
-    uk = op.u[:, :k]
-    var_factor, dof = _noise_terms(g, uk @ uk.sum(axis=0), uk @ (uk.T @ wb), float(k), n_t, wb, inv_nb)
-    ka_se = np.sqrt(resid2 / max(dof, 1.0) * var_factor)
-    if kep is None:
-        leak = ka[:, None] * exp_integral(np.broadcast_to(a, y.shape), tr=tr, kep=kep_v)
-    else:  # one kep for all voxels: one integral
-        leak = ka[:, None] * exp_integral(a, tr=tr, kep=kep)[None, :]
-    return _result("residue", y=y, finite=finite, k1=np.full(y.shape[0], np.nan), k2=ka, kep=kep_v, k2_se=ka_se,
-                   r2=_r2(y, resid2), leakage=leak, ok=np.ones(y.shape[0], bool))
+    uk = op.u[:, :op.k]
+    var_factor, dof = _noise_terms(g, uk @ uk.sum(axis=0), uk @ (uk.T @ wb), float(op.k), n_t, wb, inv_nb)
+    return var_factor, max(dof, 1.0)
+
+
+def _residue_fixed_kep(c: np.ndarray, op: _ResidueOperator, a: np.ndarray, *, tr: float, kep: float,
+                       baseline: slice | None) -> LeakageFit:
+    """residue_domain with one kep for all voxels: the tail weights, g (Ka = g . c), SE factor and
+    leakage integral are shared, and one pass over the curves does the rest
+    (_kernels_curves._residue_fixed_kep)."""
+    n_vox, n_t = c.shape
+    e = np.exp(-kep * op.lags)  # (T,)
+    w = e / np.einsum("t,t->", e, e)  # Ka = -w . b_tail
+    g = -(w @ op.m_tail.T)  # (N,)
+    var_factor, dof = _residue_noise_terms(op, g, n_t=n_t, baseline=baseline)
+    q = exp_integral(a, tr=tr, kep=kep)
+    ka, ka_se, r2 = np.empty(n_vox), np.empty(n_vox), np.empty(n_vox)
+    leak, corrected = np.empty(c.shape), np.empty(c.shape)
+    ukg = np.concatenate([op.u[:, :op.k], g[:, None]], axis=1)
+    _kernels_curves._residue_fixed_kep(c, ukg, op.uk_t, q, float(dof), float(var_factor),
+                                       ka, ka_se, r2, leak, corrected)
+    valid = np.isfinite(ka)
+    return LeakageFit(method="residue", k1=np.full(n_vox, np.nan), k2=ka, kep=np.where(valid, kep, np.nan),
+                      k2_se=ka_se, r2=r2, leakage=leak, corrected=corrected, valid=valid, applied=valid.copy())
 
 
 # --- the gate and the front door
@@ -603,6 +685,12 @@ def correct_leakage(delta_r2s: np.ndarray, *, tr: float, method: str = "residue"
     S0 frames (see ``bsw``), for the SE. Defaults from the leaky-phantom measurement (DEFAULT_GATE_K)."""
     if method not in METHODS:
         raise ValueError(f"unknown leakage method {method!r}; choose one of {', '.join(METHODS)}")
+    if isinstance(gate_k, str):
+        if gate_k != "default":
+            raise ValueError(f"gate_k must be a number, None or 'default', got {gate_k!r}")
+        gate_k = DEFAULT_GATE_K[method]
+    if gate_k is not None and not (np.isfinite(gate_k) and gate_k >= 0):
+        raise ValueError(f"the gate's k must be a non-negative number, got {gate_k}")
     if method == "residue":
         if aif is None:
             raise ValueError("the residue-domain correction needs the AIF")
@@ -610,9 +698,7 @@ def correct_leakage(delta_r2s: np.ndarray, *, tr: float, method: str = "residue"
     else:
         if reference is None:
             raise ValueError(f"the {method} correction needs a reference curve (reference_curve)")
-        fit = (bsw if method == "bsw" else bidirectional)(delta_r2s, reference, tr=tr, baseline=baseline)
-    if isinstance(gate_k, str):
-        if gate_k != "default":
-            raise ValueError(f"gate_k must be a number, None or 'default', got {gate_k!r}")
-        gate_k = DEFAULT_GATE_K[method]
+        if method == "bsw":  # the gate in the same pass over the curves
+            return _bsw(delta_r2s, reference, tr=tr, integral="trapezoid", baseline=baseline, gate_k=gate_k)
+        fit = bidirectional(delta_r2s, reference, tr=tr, baseline=baseline)
     return fit if gate_k is None else gate(fit, k=gate_k)

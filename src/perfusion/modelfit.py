@@ -16,7 +16,8 @@ Fit: F enters linearly and is projected out (F = max(<y, c> / <y, y>, 0)). Every
 against a grid of unit-flow model curves (lambda x MTT x tau) by one matrix product; the best grid
 point is refined by one parabolic step in log MTT and in tau on the grid's own residuals, then the
 model is evaluated exactly at the refined point and kept if it fits better. Further rounds of parabolic
-steps on the exact model run per voxel in numba (``_kernels._gamma_refine``).
+steps on the exact model follow. Everything after the matrix product runs per voxel in one numba kernel
+(``_kernels._model_select``; its plain numpy twin is ``tests/naive.py`` ``model_select``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammainc
 
-from . import _kernels
+from . import _kernels, _parallel
 
 #: Residue shapes (lambda) on the grid: 1 exponential ... 100 nearly a boxcar. Five values: a finer
 #: set (8 values, 1-100) was slower and, at SNR 150, fitted noise into the shape (phantom CBF error
@@ -55,8 +56,9 @@ N_EXACT_ROUNDS = 3
 #: the better fit kept (the coarse grid alone picked the wrong shape on noise-free curves).
 N_SHAPES_REFINED = 3
 
-#: Voxels scored per matrix product (bounds memory: chunk x grid size x 8 bytes).
-CHUNK = 2048
+#: Voxels per chunk (one float32 projection matrix of chunk x grid size, 8.6 MB at 1024 x 2100;
+#: one chunk per thread at a time).
+CHUNK = 1024
 
 
 def residue_q(x, mtt, lam):
@@ -169,9 +171,8 @@ class ModelOperator:
     mtts: np.ndarray  # (G_m,)
     taus: np.ndarray  # (G_t,)
     curves: np.ndarray  # (G_l * G_m * G_t, N)
-    norms2: np.ndarray  # (G,)
-    curves32: np.ndarray  # float32 copy for scoring
-    norms2_32: np.ndarray
+    norms: np.ndarray  # (G,) |y_g|
+    unit32: np.ndarray  # (N, G) float32: the curves divided by their norms, transposed, for the projections
     table_log_mtt: np.ndarray  # (T,) uniform fine log-MTT grid of the response table
     table: np.ndarray  # (G_l, T, N + extension) unit responses Y = a * R, interpolated linearly in log MTT
 
@@ -190,12 +191,14 @@ def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
     taus = np.arange(DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1] + 1e-9, DELAY_STEP_TR * tr)
     curves = model_curves(aif, tr=tr, mtt=mtts[None, :, None], lam=lams[:, None, None], tau=taus[None, None, :])
     curves = curves.reshape(-1, aif.size)
-    norms2 = np.einsum("gn,gn->g", curves, curves)
+    norms = np.sqrt(np.einsum("gn,gn->g", curves, curves))
     table_log_mtt = np.linspace(np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]), TABLE_SIZE)
     table = unit_response(aif, tr=tr, mtt=np.exp(table_log_mtt)[None, :], lam=lams[:, None])
-    return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, curves=curves, norms2=norms2,
-                         curves32=curves.astype(np.float32), norms2_32=norms2.astype(np.float32),
-                         table_log_mtt=table_log_mtt, table=table)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        unit = np.where(norms[:, None] > 0, curves / norms[:, None], 0.0)
+    return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, curves=curves, norms=norms,
+                         unit32=np.ascontiguousarray(unit.T.astype(np.float32)), table_log_mtt=table_log_mtt,
+                         table=table)
 
 
 @dataclass(frozen=True)
@@ -211,99 +214,31 @@ class ModelFit:
     valid: np.ndarray
 
 
-def _parabola_step(f_minus, f0, f_plus):
-    """Vertex offset (in grid steps, within [-1, 1]) of the parabola through three equally spaced points."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        denom = f_minus - 2.0 * f0 + f_plus
-        step = np.where(denom > 0, 0.5 * (f_minus - f_plus) / denom, 0.0)
-    return np.clip(np.nan_to_num(step), -1.0, 1.0)
-
-
-def _fit_chunk(op: ModelOperator, c: np.ndarray):
-    gl, gm, gt = op.lambdas.size, op.mtts.size, op.taus.size
-    cc = np.einsum("vn,vn->v", c, c)
-    # scoring in float32 (only argmaxes and the neighbours' residuals use it; the chosen points are
-    # re-evaluated exactly in float64). score = sign(p) p^2 / |y|^2: the residual drop of F >= 0.
-    proj = c.astype(np.float32) @ op.curves32.T
-    score = proj * np.abs(proj)
-    score /= op.norms2_32
-    per_shape = score.reshape(-1, gl, gm * gt)
-    best_in_shape = np.argmax(per_shape, axis=2)  # (n, gl)
-    rows = np.arange(c.shape[0])
-    top = per_shape[rows[:, None], np.arange(gl)[None, :], best_in_shape]
-    order = np.argsort(-top, axis=1, kind="stable")[:, :N_SHAPES_REFINED]
-    result = None
-    for rank in range(order.shape[1]):
-        il = order[:, rank]
-        cand = _refine(op, c, cc, proj, il, best_in_shape[rows, il])
-        if result is None:
-            result = cand
-        else:
-            better = cand[4] < result[4]
-            result = tuple(np.where(better, a, b) for a, b in zip(cand, result))
-    return result
-
-
-def _refine(op: ModelOperator, c, cc, proj, il, best):
-    """Refine from grid point ``best`` (index within shape il) per voxel; returns flow, MTT, lambda,
-    tau, residual."""
-    gm, gt = op.mtts.size, op.taus.size
-    rows = np.arange(c.shape[0])
-    im, it = np.divmod(best, gt)
-
-    def sse_at(m, t):
-        g = (il * gm + m) * gt + t
-        p = proj[rows, g].astype(np.float64)
-        return np.where(p > 0, cc - p * p / op.norms2[g], cc)
-
-    s0 = sse_at(im, it)
-    inner_m = (im > 0) & (im < gm - 1)
-    inner_t = (it > 0) & (it < gt - 1)
-    m_lo, m_hi = np.clip(im - 1, 0, gm - 1), np.clip(im + 1, 0, gm - 1)
-    t_lo, t_hi = np.clip(it - 1, 0, gt - 1), np.clip(it + 1, 0, gt - 1)
-    step_m = np.where(inner_m, _parabola_step(sse_at(m_lo, it), s0, sse_at(m_hi, it)), 0.0)
-    step_t = np.where(inner_t, _parabola_step(sse_at(im, t_lo), s0, sse_at(im, t_hi)), 0.0)
-    log_m = np.log(op.mtts[im]) + step_m * np.log(op.mtts[1] / op.mtts[0])
-    tau = op.taus[it] + step_t * (op.taus[1] - op.taus[0])
-    f_ref, s_ref = _exact(op, c, cc, il, log_m, tau)
-    use = s_ref < s0
-    g0 = (il * gm + im) * gt + it
-    p_best = proj[rows, g0].astype(np.float64)
-    flow = np.where(use, f_ref, np.where(p_best > 0, p_best / op.norms2[g0], 0.0))
-    log_m = np.where(use, log_m, np.log(op.mtts[im]))
-    tau = np.where(use, tau, op.taus[it])
-    sse = np.where(use, s_ref, s0)
-    # further rounds on the exact model (numba): parabolic steps of half the previous size, kept if better
-    t0, t1 = op.table_log_mtt[0], op.table_log_mtt[1]
-    _kernels._gamma_refine(c, cc, op.tr, op.table, t0, t1 - t0, il.astype(np.int64), log_m, tau, flow, sse,
-                           0.5 * np.log(op.mtts[1] / op.mtts[0]), 0.5 * (op.taus[1] - op.taus[0]),
-                           np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]), DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1],
-                           N_EXACT_ROUNDS)
-    return flow, np.exp(log_m), op.lambdas[il], tau, sse
-
-
-def _exact(op: ModelOperator, c, cc, il, log_m, tau):
-    """Flow (projected, >= 0) and residual of the model at (shape il, log MTT, tau) per voxel."""
-    y = delay_response(op.response(il, log_m), tr=op.tr, tau=tau, n=c.shape[1])
-    yy = np.einsum("vn,vn->v", y, y)
-    yc = np.einsum("vn,vn->v", y, c)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        f = np.where((yy > 0) & (yc > 0), yc / yy, 0.0)
-    return f, cc - f * yc
-
-
 def fit(op: ModelOperator, curves: np.ndarray) -> ModelFit:
     """Fit tissue curves (delta R2*, 1/s, (n_vox, N)); voxels with NaN or no positive fit are invalid."""
     c = np.asarray(curves, dtype=np.float64)
     finite = np.all(np.isfinite(c), axis=1)
     c = np.where(finite[:, None], c, 0.0)
     n = c.shape[0]
-    out = [np.empty(n) for _ in range(5)]
-    for lo in range(0, n, CHUNK):
-        sl = slice(lo, min(lo + CHUNK, n))
-        for dst, val in zip(out, _fit_chunk(op, c[sl])):
-            dst[sl] = val
-    flow, mtt, lam, tau, sse = out
+    flow, log_m, tau, sse = (np.empty(n) for _ in range(4))
+    il = np.empty(n, np.int64)
+    t0, t1 = op.table_log_mtt[0], op.table_log_mtt[1]
+    log_mtts = np.log(op.mtts)
+
+    def work(sl):
+        cs = c[sl]
+        cc = np.einsum("vn,vn->v", cs, cs)
+        # projections on the unit-norm grid curves in float32: they only pick grid points and the
+        # neighbours' residuals of the first parabolic step; the chosen points are re-evaluated in float64
+        q = cs.astype(np.float32) @ op.unit32
+        _kernels._model_select(cs, cc, q, op.norms, log_mtts, op.taus, op.tr, op.table, t0, t1 - t0,
+                               op.lambdas.size, N_SHAPES_REFINED, 0.5 * np.log(op.mtts[1] / op.mtts[0]),
+                               0.5 * (op.taus[1] - op.taus[0]), np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]),
+                               DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1], N_EXACT_ROUNDS, flow[sl], log_m[sl], il[sl],
+                               tau[sl], sse[sl])
+
+    _parallel.run_chunks(work, n, CHUNK)
+    mtt, lam = np.exp(log_m), op.lambdas[il]
     valid = finite & (flow > 0)
     nan = np.where(valid, 1.0, np.nan)
     return ModelFit(flow=flow * nan, mtt=mtt * nan, lam=lam * nan, delay=tau * nan, sse=sse * nan, valid=valid)

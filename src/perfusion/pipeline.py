@@ -7,6 +7,7 @@ and scattered back to (x, y, z) maps at the end. A voxel that cannot be fitted i
 from __future__ import annotations
 
 import time
+import tracemalloc
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -68,7 +69,7 @@ class Config:
     rcbv_high: float = roi.RCBV_HIGH
     kh: float = KH
     rho: float = RHO_BRAIN_G_PER_ML
-    chunk_voxels: int = 65536
+    chunk_voxels: int = 16384  # voxels per step of the chunked loops (bounds their float64 temporaries)
 
     def validate(self) -> "Config":
         if self.method not in METHODS:
@@ -137,6 +138,9 @@ class Result:
     baseline_image: np.ndarray | None = None  # mean signal of the baseline frames (a.u., x y z)
     anat: object | None = None  # register.AnatBackground when --anat was given
     motion: dict | None = None  # head motion (motion.correct_series): report.json "motion" + "timeseries" columns
+    timings: dict[str, float] = field(default_factory=dict)  # wall s per stage (report.json "timings_s")
+    n_voxels: int = 0  # voxels analysed (brain and every mask)
+    peak_mb: dict[str, float] = field(default_factory=dict)  # traced peak MB per stage (tracemalloc on only)
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -153,11 +157,28 @@ def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: sl
     return np.nanmean(d, axis=0), own_bl
 
 
+def _rows_nanmean(a: np.ndarray, rows: np.ndarray, *, chunk: int) -> np.ndarray:
+    """np.nanmean(a[rows], axis=0) (float64) without copying every selected row at once."""
+    total = np.zeros(a.shape[1])
+    count = np.zeros(a.shape[1])
+    sel = np.flatnonzero(rows) if rows.dtype == bool else np.asarray(rows)
+    for lo in range(0, sel.size, chunk):
+        part = a[sel[lo: lo + chunk]].astype(np.float64)
+        ok = np.isfinite(part)
+        total += np.where(ok, part, 0.0).sum(axis=0)
+        count += ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count  # NaN where no row is finite, as nanmean
+
+
 def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd, idx, brain_rows, flat, keep, bl,
-                    base, tissue_peak_frame):
-    """The AIF curve (1/s), its rows in the analysed voxels, the report entry and warnings."""
+                    base, tissue_peak_frame, tissue_curve):
+    """The AIF curve (1/s), its rows in the analysed voxels, the report entry and warnings.
+    ``tissue_curve``: the brain voxels' mean delta R2* (1/s)."""
     s = inputs.series
     feats = None
+    # the brain rows' curves: a view when the brain is every analysed voxel (no ROI outside it), else one copy
+    brain_dr2s = dr2s if brain_rows.all() else dr2s[brain_rows]
     if inputs.aif is not None:
         aif_rows = np.flatnonzero(inputs.aif.ravel()[idx])
         source = str(inputs.paths.get("aif"))
@@ -166,13 +187,13 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
             raise InputError(f"{inputs.paths.get('aif')}: no voxel of the AIF mask has a usable signal; check the mask")
     else:
         brain_idx = np.flatnonzero(brain_rows)
-        feats = aif_mod.curve_features(dr2s[brain_idx], ratio_min[brain_idx], ratio_sd[brain_idx], baseline=bl, tr=s.tr)
+        feats = aif_mod.curve_features(brain_dr2s, ratio_min[brain_idx], ratio_sd[brain_idx], baseline=bl, tr=s.tr)
         try:
             if config.aif_selection == "cluster":
                 # one round: after the purity step a second k-means only splits pure arteries by noise
                 # (phantom: 23 voxels and CBV/CBF within 0.2/0.8 % of the true AIF's, vs 6 voxels
                 # and 0.7/1.3 % with Mouridsen's second round)
-                chosen, steps = aif_mod.cluster_aif(dr2s[brain_idx], feats, tr=s.tr, n_rounds=1)
+                chosen, steps = aif_mod.cluster_aif(brain_dr2s, feats, tr=s.tr, n_rounds=1)
             else:
                 chosen, steps = aif_mod.select_aif(feats, n_voxels=config.aif_voxels)
         except aif_mod.AifError as exc:
@@ -181,7 +202,6 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
         source = f"automatic ({config.aif_selection})"
     curve, aif_bl = _own_baseline_curve(flat[idx[aif_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
     t0 = base.start * s.tr
-    tissue_curve = np.nanmean(dr2s[brain_rows], axis=0)
     info = {"source": source, "n_voxels": int(aif_rows.size), "selection_steps": steps,
             "baseline_frames": aif_bl.stop - aif_bl.start,
             **aif_mod.aif_quality(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame, t0=t0)}
@@ -200,10 +220,10 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
         else:
             brain_idx = np.flatnonzero(brain_rows)
             if feats is None:
-                feats = aif_mod.curve_features(dr2s[brain_idx], ratio_min[brain_idx], ratio_sd[brain_idx],
+                feats = aif_mod.curve_features(brain_dr2s, ratio_min[brain_idx], ratio_sd[brain_idx],
                                                baseline=bl, tr=s.tr)
             art_t = steps.get("first_moment_s") if isinstance(steps, dict) else None
-            vof_rows = brain_idx[aif_mod.auto_vof(dr2s[brain_idx], feats, tr=s.tr, arterial_time_s=art_t)]
+            vof_rows = brain_idx[aif_mod.auto_vof(brain_dr2s, feats, tr=s.tr, arterial_time_s=art_t)]
             vof_source = "automatic"
         if vof_rows.size == 0:
             notes.append("no venous voxel found for --vof; the AIF was not scaled")
@@ -268,6 +288,10 @@ def _steady_non_enhancing(ne, cv, idx, brain_rows, shape) -> np.ndarray:
     return out
 
 
+#: Rows per step where the pipeline averages many curves (bounds the float64 copy).
+REFERENCE_CHUNK = 16384
+
+
 def _leakage_reference(method: str, *, dr2s, brain_rows, non_enhancing, path=None):
     """BSW's whole-brain non-enhancing reference curve (1/s) and the report entry; (None, {...}) for
     no correction or the residue-domain method, which needs no reference."""
@@ -278,7 +302,17 @@ def _leakage_reference(method: str, *, dr2s, brain_rows, non_enhancing, path=Non
         raise InputError(f"{path}: no non-enhancing brain voxel for the leakage reference; run with --leakage none")
     info["reference_voxels"] = int(non_enhancing.sum())
     rows = np.flatnonzero(brain_rows)[non_enhancing]
-    return leakage.reference_curve(dr2s[rows], np.ones(rows.size, bool)), info
+    # leakage.reference_curve (the mean of the finite rows), chunked: no float64 copy of every row
+    total, count = np.zeros(dr2s.shape[1]), 0
+    for lo in range(0, rows.size, REFERENCE_CHUNK):
+        part = dr2s[rows[lo: lo + REFERENCE_CHUNK]].astype(np.float64)
+        part = part[np.all(np.isfinite(part), axis=1)]
+        total += part.sum(axis=0)
+        count += part.shape[0]
+    if count == 0:
+        raise InputError(f"{path}: no non-enhancing brain voxel with a finite curve for the leakage reference; "
+                         "run with --leakage none")
+    return total / count, info
 
 
 def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
@@ -309,6 +343,24 @@ def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config
             "tmax": np.where(ok, tmax_s, np.nan)}
 
 
+class Stages:
+    """Wall seconds per named stage: ``lap(name)`` charges the time since the previous lap (or the
+    start) to ``name``, summed over repeated laps (the chunk loop's steps)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.peak_mb: dict[str, float] = {}  # with tracemalloc on (perfusion bench): peak traced MB per stage
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._t
+        self._t = now
+        if tracemalloc.is_tracing():
+            self.peak_mb[name] = max(self.peak_mb.get(name, 0.0), tracemalloc.get_traced_memory()[1] / 1e6)
+            tracemalloc.reset_peak()
+
+
 def _where(path: Path | None, what: str) -> str:
     return str(path) if path else what
 
@@ -316,6 +368,7 @@ def _where(path: Path | None, what: str) -> str:
 def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     """Run the whole analysis on a loaded case."""
     t_start = time.perf_counter()
+    stages = Stages()
     config = config.validate()
     s = inputs.series
     notes: list[str] = []
@@ -336,10 +389,15 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             analysis |= extra
     idx = np.flatnonzero(analysis.ravel())
     flat = s.data.reshape(-1, s.n_frames)
+    stages.lap("brain_mask")
     brain_rows = brain.ravel()[idx]
 
     # -- baseline and delta R2*
-    mean_curve = flat[idx[brain_rows]].mean(axis=0, dtype=np.float64)
+    brain_idx = idx[brain_rows]
+    mean_curve = np.zeros(s.n_frames)
+    for lo in range(0, brain_idx.size, config.chunk_voxels):  # chunked: no copy of every brain voxel at once
+        mean_curve += flat[brain_idx[lo: lo + config.chunk_voxels]].sum(axis=0, dtype=np.float64)
+    mean_curve /= max(brain_idx.size, 1)
     try:
         base = signal.find_baseline(mean_curve, tr=s.tr)
     except signal.BaselineError as exc:
@@ -354,23 +412,22 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     ratio_sd = np.empty(n_vox)
     for lo in range(0, n_vox, config.chunk_voxels):
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
-        sig = flat[idx[sl], keep]
-        d, s0 = signal.to_delta_r2s(sig, te=s.te, baseline=bl)
-        dr2s[sl] = d
-        with np.errstate(invalid="ignore", divide="ignore"):
-            r = sig / s0[:, None]
-            ratio_min[sl] = np.min(r, axis=1)
-            ratio_sd[sl] = np.std(r[:, bl], axis=1, ddof=1)
-    tissue_peak_frame = int(np.argmax(np.nanmean(dr2s[brain_rows], axis=0)))
+        _, _, ratio_min[sl], ratio_sd[sl] = signal.to_delta_r2s_with_ratio(flat[idx[sl], keep], te=s.te, baseline=bl,
+                                                                           out=dr2s[sl])
+    tissue_curve = _rows_nanmean(dr2s, brain_rows, chunk=config.chunk_voxels)
+    tissue_peak_frame = int(np.argmax(tissue_curve))
+    stages.lap("delta_r2s")
 
     # -- AIF (and VOF scaling)
     aif_curve, aif_rows, aif_info, aif_notes = _arterial_input(inputs, config, dr2s=dr2s, ratio_min=ratio_min,
                                                               ratio_sd=ratio_sd, idx=idx, brain_rows=brain_rows,
                                                               flat=flat, keep=keep, bl=bl, base=base,
-                                                              tissue_peak_frame=tissue_peak_frame)
+                                                              tissue_peak_frame=tissue_peak_frame,
+                                                              tissue_curve=tissue_curve)
     notes += aif_notes
     aif_mask = np.zeros(shape, bool)
     aif_mask.ravel()[idx[aif_rows]] = True
+    stages.lap("aif")
 
     # -- gamma-variate first pass of the AIF (for the gv_* maps and --recirculation remove)
     t_frames = (base.start + np.arange(n_t)) * s.tr
@@ -387,6 +444,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         aif_used = aif_curve
     if not gv_aif_ok:
         notes.append("the gamma-variate fit of the AIF failed: the gv_* maps are empty")
+    stages.lap("gamma_variate")
 
     # -- deconvolution and maps, chunk by chunk
     try:
@@ -394,6 +452,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     except ValueError as exc:
         raise InputError(f"{_where(inputs.paths.get('aif'), str(s.path))}: unusable AIF ({exc}); "
                          "give arterial voxels with --aif MASK") from None
+    stages.lap("deconvolution")
     leak_method = config.leakage
     if leak_method == "residue":
         try:  # the residue-domain method needs a tail after the first pass; probe once
@@ -404,6 +463,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     ne, cv = _brain_signal_stats(flat, idx, brain_rows, keep, bl, chunk=config.chunk_voxels)
     leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne,
                                              path=s.path)
+    stages.lap("leakage")
     names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
     n_applied = 0
@@ -419,10 +479,13 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             c = np.where(fit.valid[:, None], fit.corrected, c)
             n_applied += int(fit.applied.sum())
             r2_values.append(fit.r2[fit.valid])
+        stages.lap("leakage")
         gv = gammafit.fit_gamma_variate(c, tr=s.tr, t_first=base.start * s.tr)
         c_used = gammafit.evaluate(gv, t_frames) if config.recirculation == "remove" else c
+        stages.lap("gamma_variate")
         for key, values in quantify(op, c_used, aif_used, tr=s.tr, config=config).items():
             out[key][sl] = values
+        stages.lap("deconvolution")
         out["ttp"][sl] = maps.ttp(c, tr=s.tr) + base.start * s.tr
         if gv_aif_ok:
             out["gv_cbv"][sl] = cbv_scale(config.kh, config.rho) * gv.area / gv_aif.area[0]
@@ -441,6 +504,7 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         "default_cbv": "trapezoid" if config.recirculation == "keep" else "gamma-variate first pass",
         "why": GV_CBV_CHOICE,
     })
+    stages.lap("maps")
     volumes = {}
     for k, vals in out.items():
         vol = np.full(shape, np.nan, np.float32)
@@ -504,11 +568,14 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
             raw = np.where(fit.valid[:, None], fit.corrected, raw)
         curves[label] = np.nanmean(raw, axis=0)
     baseline_image = s.data[..., base.start:base.stop].mean(axis=3)
+    stages.lap("reference_rois")
 
     return Result(maps=volumes, brain=brain, aif_mask=aif_mask, reference_mask=ref_mask, aif_curve=aif_curve,
                   time_s=(base.start + np.arange(n_t)) * s.tr, baseline=base, aif_info=aif_info,
                   reference_info=reference_info, rois=scores, warnings=notes, config=config,
-                  seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image)
+                  seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image,
+                  timings={k: round(v, 4) for k, v in stages.seconds.items()}, n_voxels=int(n_vox),
+                  peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()})
 
 
 def anat_entry(anat, source, *, prefix: str | None = None) -> dict:

@@ -12,6 +12,7 @@ random with a fixed seed and the registration runs on one thread, so results rep
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,19 @@ class Rigid:
     @classmethod
     def identity(cls) -> "Rigid":
         return cls(np.eye(4), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), float("nan"), None)
+
+    @classmethod
+    def from_matrix(cls, matrix: np.ndarray) -> "Rigid":
+        """A rigid 4 x 4 RAS matrix that no registration produced (no metric, no ITK object; SimpleITK is
+        not imported): the motion screen's estimate of a still frame. Angles as Euler3DTransform reports
+        them (its matrix Rz Rx Ry, in LPS)."""
+        m = np.asarray(matrix, dtype=np.float64)
+        lps = (_FLIP @ m @ _FLIP)[:3, :3]
+        ax = float(np.arcsin(np.clip(lps[2, 1], -1.0, 1.0)))
+        ay = float(np.arctan2(-lps[2, 0], lps[2, 2]))
+        az = float(np.arctan2(-lps[0, 1], lps[1, 1]))
+        return cls(m, tuple(float(np.degrees(a)) for a in (ax, ay, az)), tuple(float(t) for t in m[:3, 3]),
+                   float("nan"), None)
 
     def as_dict(self) -> dict:
         return {"matrix_ras_mm": self.matrix.tolist(), "rotation_deg": list(self.rotation_deg),
@@ -165,16 +179,22 @@ def rigid(fixed: Volume, moving: Volume, *, what: str = "image", path: Path | No
                  metric=float(reg.GetMetricValue()), _itk=euler)
 
 
+def _itk_transform(transform: Rigid):
+    """The transform's ITK object, or an ITK affine transform of its matrix if it has none."""
+    tx = transform._itk
+    if tx is None:  # identity or a matrix without its ITK object
+        tx = _sitk().AffineTransform(3)
+        lps = _FLIP @ transform.matrix @ _FLIP
+        tx.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
+        tx.SetTranslation([float(v) for v in lps[:3, 3]])
+    return tx
+
+
 def resample(moving: Volume, onto: Volume, transform: Rigid, *, nearest: bool = False) -> np.ndarray:
     """``moving`` resampled on ``onto``'s grid through ``transform`` (fixed -> moving points); 0 outside.
     ``nearest`` for masks and label maps, linear otherwise."""
     sitk = _sitk()
-    tx = transform._itk
-    if tx is None:  # identity or a matrix without its ITK object
-        tx = sitk.AffineTransform(3)
-        lps = _FLIP @ transform.matrix @ _FLIP
-        tx.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
-        tx.SetTranslation([float(v) for v in lps[:3, 3]])
+    tx = _itk_transform(transform)
     m_img = to_itk(Volume(np.nan_to_num(np.asarray(moving.data, dtype=np.float32)), moving.affine))
     ref = to_itk(Volume(np.zeros(np.asarray(onto.data).shape[:3], np.float32), onto.affine))
     interp = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
@@ -187,8 +207,9 @@ def resample(moving: Volume, onto: Volume, transform: Rigid, *, nearest: bool = 
 #: Frame-to-reference registration of a DSC series (motion.py): Mattes MI as above, because the bolus
 #: darkens tissue by 10-60 % and vessels by up to 100 % and other metrics read that as motion (README
 #: "Head motion": worst bolus frame 0.98 mm with mean squares, 0.23 mm with correlation, 0.09 mm with
-#: MI). Two passes; numbers measured on the 64 x 64 x 25 textured phantom of tests/test_motion.py.
-#: Screening: every frame at half the in-plane resolution (2 x 2 voxels averaged), from the identity,
+#: MI). Only the frames that motion.py's least-squares screen reads as moved come here. Two passes;
+#: numbers measured on the 64 x 64 x 25 textured phantom of tests/test_motion.py.
+#: Screening: the frame at half the in-plane resolution (2 x 2 voxels averaged), from the identity,
 #: 64 bins, steps from 0.5 down to 3e-3 halving on each reversal (optimizer's scaled units, about a
 #: voxel at first): about 13 iterations per frame; motion-free frames read up to 0.23 mm (test phantom,
 #: 60 and 100 mm slabs) and 0.05-0.09 mm (demo phantoms), moved frames 0.7-1.3 times their motion:
@@ -197,7 +218,8 @@ SCREEN_SHRINK = (2, 2, 1)
 SCREEN_BINS = 64
 SCREEN_STEP = (0.5, 3e-3, 0.5)  # first step, smallest step, relaxation
 #: Screening samples at most this many head voxels (all of a 64 x 64 matrix; a third at 128 x 128 x 24,
-#: where sampling all took 15 s for 80 frames, this 8 s; 10 s once strictly on one thread).
+#: where sampling all took 15 s for 80 frames, this 8 s; 10 s once strictly on one thread, when every
+#: frame came here).
 SCREEN_MAX_SAMPLES = 20_000
 #: Refinement: full resolution from the screening estimate, 64 bins (32 bins: worst bolus frame 0.18 mm
 #: instead of 0.09 mm), steps down to 1e-4 relaxing by 0.7 (by 0.5 the optimizer stopped early: 0.14
@@ -206,11 +228,27 @@ REFINE_BINS = 64
 REFINE_STEP = (0.25, 1e-4, 0.7)
 #: Samples of the refinement: this fraction of the head voxels, at least FRAME_MIN_SAMPLES (all voxels
 #: of a small image) and at most FRAME_MAX_SAMPLES. A quarter was as accurate as all voxels (worst frame
-#: 0.03 deg and 0.09 mm both) in less than half the time.
+#: 0.03 deg and 0.09 mm both) in less than half the time. At 128 x 128 x 25 (the test phantom at twice
+#: the matrix, 215 k head voxels, 9 moved frames) 30 k samples gave worst frame 0.014 deg, 0.085 mm at
+#: 0.85 s CPU per moved frame (screening and refinement), 60 k 0.056 deg, 0.058 mm at 1.36 s.
 FRAME_SAMPLE_FRACTION = 0.25
 FRAME_MIN_SAMPLES = 20_000
-FRAME_MAX_SAMPLES = 60_000
+FRAME_MAX_SAMPLES = 30_000
 FRAME_MAX_ITERATIONS = 300
+
+
+@contextmanager
+def one_itk_thread():
+    """ITK's global default number of threads set to one inside the block, then put back: for running
+    several FrameRegistration.register calls at once from Python threads, whose own setting and
+    restoring of that global would otherwise race."""
+    sitk = _sitk()
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 class FrameRegistration:
@@ -219,7 +257,8 @@ class FrameRegistration:
     ``reference`` (x, y, z) and ``mask`` (bool, the voxels the metric samples: the head) are converted
     once; each :meth:`register` call builds only the frame's image. Transforms are ITK Euler transforms
     about ``centre_ras`` (mm) and map reference points to frame points (the head's displacement in that
-    frame). Deterministic: seeded sampling, one thread. Without ``through_plane`` only the in-plane
+    frame). Deterministic: seeded sampling, one thread. Calls may run at once on Python threads (ITK
+    releases the GIL) inside :func:`one_itk_thread`. Without ``through_plane`` only the in-plane
     parameters move (the rotation about the physical axis nearest the slice direction and the two
     translations across it), for slabs too thin to show a tilt."""
 
@@ -308,7 +347,8 @@ def realign_frame(frame: np.ndarray, affine: np.ndarray, transform: Rigid) -> np
     outside the frame; values may overshoot the frame's range near sharp edges (the caller clips)."""
     sitk = _sitk()
     img = to_itk(Volume(np.asarray(frame, dtype=np.float32), affine))
-    return from_itk(sitk.Resample(img, img, transform._itk, sitk.sitkBSpline, float("nan"), sitk.sitkFloat32))
+    return from_itk(sitk.Resample(img, img, _itk_transform(transform), sitk.sitkBSpline, float("nan"),
+                                  sitk.sitkFloat32))
 
 
 def same_grid(a: Volume, b: Volume, *, atol_mm: float = 1e-3) -> bool:

@@ -61,6 +61,8 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "files": {k: v for k, v in (files or {}).items() if not k.startswith("roi:")},
         "warnings": list(result.warnings),
         "seconds": result.seconds,
+        "n_voxels_analysed": result.n_voxels,
+        "timings_s": dict(result.timings),
     }
 
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from . import _kernels_curves
+
 #: Smallest S/S0 used in the log: a voxel whose signal falls to the noise floor would otherwise
 #: give an infinite delta R2*. At TE 30 ms this caps delta R2* at -ln(1e-3)/0.03 = 230 1/s.
 MIN_SIGNAL_RATIO = 1e-3
@@ -118,12 +120,32 @@ def to_delta_r2s(signal: np.ndarray, *, te: float, baseline: slice) -> tuple[np.
 
     S0 is the mean of the baseline frames. Rows whose S0 is not positive are NaN.
     """
-    s = np.asarray(signal, dtype=np.float64)
-    s0 = s[:, baseline].mean(axis=1)
-    ok = s0 > 0
-    ratio = np.full_like(s, np.nan)
-    ratio[ok] = np.maximum(s[ok] / s0[ok, None], MIN_SIGNAL_RATIO)
-    return -np.log(ratio) / te, s0
+    d, s0, _, _ = to_delta_r2s_with_ratio(signal, te=te, baseline=baseline)
+    return d, s0
+
+
+def to_delta_r2s_with_ratio(signal: np.ndarray, *, te: float, baseline: slice, out: np.ndarray | None = None):
+    """``to_delta_r2s`` and, in the same pass, the statistics of S/S0 that AIF selection uses.
+
+    signal (n_vox, n_t), a.u., any float dtype (read as float64); te in s; ``baseline``: the S0 frames.
+    Returns (delta R2* (n_vox, n_t) 1/s, S0 (n_vox,), min_t S/S0 (n_vox,), SD of S/S0 over the
+    baseline frames (ddof 1, n_vox,)). The ratio statistics use the plain ratio (no MIN_SIGNAL_RATIO
+    floor), whatever S0. delta R2* is written into ``out`` (float32 or float64, (n_vox, n_t)) when
+    given, else into a new float64 array.
+    """
+    s = np.asarray(signal)
+    if s.ndim != 2:
+        raise ValueError(f"signal must be (n_vox, n_t), got shape {s.shape}")
+    s = np.ascontiguousarray(s if s.dtype in (np.float32, np.float64) else s.astype(np.float64))
+    n_vox, n_t = s.shape
+    base = np.arange(n_t)[baseline]
+    if out is None:
+        out = np.empty((n_vox, n_t))
+    elif out.shape != s.shape or out.dtype not in (np.float32, np.float64):
+        raise ValueError(f"out must be a float32 or float64 array of shape {s.shape}")
+    s0, ratio_min, ratio_sd = np.empty(n_vox), np.empty(n_vox), np.empty(n_vox)
+    _kernels_curves._delta_r2s(s, base, float(te), MIN_SIGNAL_RATIO, out, s0, ratio_min, ratio_sd)
+    return out, s0, ratio_min, ratio_sd
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
