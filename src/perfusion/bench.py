@@ -9,7 +9,7 @@ What is measured, each as the median of ``repeats`` runs:
 - end to end: ``perfusion analyze VOL --mask BRAIN --no-html`` in a fresh process (import, load, motion
   screening, mask, AIF, maps, writing the maps and report.json), for the default method and leakage
   correction and for ``--method osvd --leakage bsw``; the peak resident memory of that process
-  (os.wait4), also as a multiple of the input's size in float32;
+  (/proc VmHWM, polled every 20 ms), also as a multiple of the input's size in float32;
 - stages: the analysis's own stage timings (report.json ``timings_s``) of the same runs, and of one
   run per other deconvolution method and leakage method on the clinical volume, as voxels per second
   over the voxels analysed;
@@ -144,17 +144,34 @@ def run_analyze(vol: Volume, out: Path, extra: list[str], env: dict | None = Non
     cmd = [*_perfusion_cmd(), "analyze", str(vol.dsc), "--mask", str(vol.brain), "--out", str(out), "--force",
            "-q", "--no-html", *extra]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"perfusion analyze failed on {vol.dsc} ({' '.join(extra)}): {err.strip()[-400:]}")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **(env or {})})
+        peak_kb = 0
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+            time.sleep(0.02)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0:
+            err.seek(0)
+            msg = err.read().decode(errors="replace").strip()[-400:]
+            raise RuntimeError(f"perfusion analyze failed on {vol.dsc} ({' '.join(extra)}): {msg}")
     report = json.loads((out / "report.json").read_text())
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024.0, "timings_s": report.get("timings_s", {}),
+    return {"wall_s": wall, "peak_rss_mb": peak_kb / 1024.0, "timings_s": report.get("timings_s", {}),
             "voxels": int(report.get("n_voxels_analysed", 0))}
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    """The process's peak resident memory so far (Linux /proc VmHWM, kB; 0 where unreadable). Not
+    getrusage's ru_maxrss: Linux carries that across fork and exec, so a child reports the parent's
+    size when the parent is the larger (this process holds whole volumes)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def _median(values: list[float]) -> float:
@@ -185,6 +202,44 @@ def measure_config(vol: Volume, config: str, extra: list[str], *, repeats: int, 
     e2e["analysis_s_median"] = round(sum(st["seconds_median"] for st in stages
                                          if st["stage"] not in ("load", "motion", "anat")), 3)
     return e2e, stages
+
+
+def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
+    """In this process, on the volume's brain voxels (delta R2*, float64): oSVD (projection and the
+    per-voxel threshold search, ``deconvolution.deconvolve``) against the practical floor, one matrix
+    product of the curves with a fixed-threshold (csvd, P = 0.1) pseudo-inverse (N x 2N), computed
+    once outside the timing, with BLAS on all cores. Both warm; medians of ``repeats``."""
+    import numpy as np
+
+    from . import deconvolution, signal
+    from .io import load_mask, load_series
+
+    s = load_series(vol.dsc)
+    brain = load_mask(vol.brain, s, what="brain mask")
+    flat = s.data.reshape(-1, s.n_frames)[brain.ravel()]
+    base = signal.find_baseline(flat.mean(axis=0, dtype=np.float64), tr=s.tr)
+    keep = slice(base.start, s.n_frames)
+    c, _ = signal.to_delta_r2s(flat[:, keep], te=s.te, baseline=slice(0, base.stop - base.start))
+    c = np.asarray(c, dtype=np.float64)
+    del flat
+    aif = np.loadtxt(aif_tsv, skiprows=1, usecols=1)
+    op = deconvolution.prepare(aif, tr=s.tr, method="osvd")
+    fixed = deconvolution.prepare(aif, tr=s.tr, method="csvd")
+    w = np.zeros_like(fixed.s)
+    w[: fixed.k_max] = 1.0 / fixed.s[: fixed.k_max]
+    pinv = (fixed.u[: fixed.n_t] * w) @ fixed.vt  # (N, 2N): residue = c @ pinv
+    deconvolution.deconvolve(op, c[:2048])  # compiled / cached kernels loaded
+    t_osvd, t_floor = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        deconvolution.deconvolve(op, c)
+        t_osvd.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _ = c @ pinv
+        t_floor.append(time.perf_counter() - t0)
+    o, f = _median(t_osvd), _median(t_floor)
+    return {"volume": vol.name, "dtype": vol.dtype, "voxels": int(c.shape[0]), "frames": int(c.shape[1]),
+            "osvd_s": round(o, 4), "floor_s": round(f, 4), "ratio": round(o / f, 2)}
 
 
 def measure_compile(work: Path) -> dict:
@@ -230,7 +285,7 @@ def run_bench(*, volumes: list[str], dtypes: list[str], repeats: int, kernels: b
     work = Path(tempfile.mkdtemp(prefix="perfusion-bench-"))
     result = {"schema": SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine(), "settings": {"repeats": repeats, "volumes": volumes, "dtypes": dtypes},
-              "volumes": {}, "end_to_end": [], "stages": [], "compile": None}
+              "volumes": {}, "end_to_end": [], "stages": [], "osvd_floor": [], "compile": None}
     step = on_step or (lambda msg: None)
     try:
         if compile_time:
@@ -244,6 +299,9 @@ def run_bench(*, volumes: list[str], dtypes: list[str], repeats: int, kernels: b
                                                          "input_float32_mb": round(vol.input_mb, 1)}
                 # one untimed run: the page cache holds the file and numba's cache the kernels
                 run_analyze(vol, work / "warmup", ["--motion-correct", "off"])
+                if dtype == dtypes[0]:
+                    step(f"{name}: oSVD against one fixed-threshold matrix product")
+                    result["osvd_floor"].append(measure_osvd_floor(vol, work / "warmup" / "aif.tsv", repeats=repeats))
                 for config, extra in CONFIGS.items():
                     step(f"{name} {dtype}: analyze {config} x {repeats}")
                     e2e, stages = measure_config(vol, config, extra, repeats=repeats, work=work)
@@ -280,6 +338,9 @@ def print_tables(result: dict, console) -> None:
         t.add_row(r["volume"], r["dtype"], r["config"], r["stage"], f"{r['seconds_median']:.3f}",
                   f"{vps / 1e6:.2f}" if vps else "-")
     console.print(t)
+    for r in result.get("osvd_floor", []):
+        console.print(f"oSVD on {r['voxels']} voxels x {r['frames']} frames ({r['volume']}): {r['osvd_s']:.2f} s; one "
+                      f"fixed-threshold matrix product {r['floor_s']:.2f} s; ratio {r['ratio']:.1f}")
     c = result.get("compile")
     if c:
         console.print(f"numba: cold start (empty cache) {c['cold_s']:.1f} s, warm cache {c['warm_s']:.1f} s: "

@@ -180,9 +180,13 @@ def deconvolve(op: Deconvolver, curves: np.ndarray) -> Residues:
         with np.errstate(invalid="ignore"):
             k[:] = np.count_nonzero(op.s[None, :] >= mu[:, None], axis=1)  # 0 where mu is NaN
         return Residues(residue=out, k=k, mu=mu)
-    x = c @ op.u[: op.n_t]  # the same for ssvd, whose U is N x N
     w = np.zeros_like(op.s)
     w[: op.k_max] = 1.0 / op.s[: op.k_max]
-    residue = (x * w) @ op.vt
+    pinv = (op.u[: op.n_t] * w) @ op.vt  # (N, L): the truncated pseudo-inverse (U's first N rows: zero padding)
+
+    def work(sl):
+        out[sl] = c[sl] @ pinv
+
+    _parallel.run_chunks(work, n, CHUNK)
     k = np.where(np.all(np.isfinite(c), axis=1), op.k_max, 0)
-    return Residues(residue=residue, k=k)
+    return Residues(residue=out, k=k)
