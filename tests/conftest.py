@@ -28,6 +28,27 @@ def phantom_case(tmp_path_factory):
     return paths
 
 
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file below ``folder``, by relative path."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(autouse=True)
+def _shared_case_is_never_modified(request):
+    """Every test that uses the shared phantom case (all the CLI runs on it) must leave its files as
+    they were: inputs are opened read-only (issue 9). Checked by content hash before and after."""
+    if "phantom_case" not in request.fixturenames:
+        yield
+        return
+    folder = request.getfixturevalue("phantom_case")["dsc"].parent
+    before = folder_digest(folder)
+    yield
+    assert folder_digest(folder) == before, f"a test or the command it ran modified the input case {folder}"
+
+
 @pytest.fixture
 def case_copy(phantom_case, tmp_path):
     """A private copy of the phantom case folder, for tests that alter files."""

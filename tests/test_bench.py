@@ -44,7 +44,7 @@ def test_bench_command_writes_stable_json(small_bench, tmp_path, capsys):
     assert res["schema"] == bench.SCHEMA
     assert set(res) >= {"machine", "settings", "volumes", "end_to_end", "stages", "osvd_floor", "compile"}
     fl = res["osvd_floor"][0]
-    assert fl["voxels"] > 5000 and fl["osvd_s"] > 0 and fl["floor_s"] > 0 and fl["ratio"] == pytest.approx(fl["osvd_s"] / fl["floor_s"], rel=0.02)
+    assert fl["voxels"] > 5000 and fl["osvd_s"] > 0 and fl["floor_s"] > 0 and fl["ratio"] == pytest.approx(fl["osvd_s"] / fl["floor_s"], rel=0.05, abs=0.01)
     assert res["volumes"]["clinical-int16"]["shape"] == [48, 48, 7, 40]
     e2e = {r["config"]: r for r in res["end_to_end"]}
     assert set(e2e) == set(bench.CONFIGS)

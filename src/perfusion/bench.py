@@ -239,7 +239,7 @@ def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
         t_floor.append(time.perf_counter() - t0)
     o, f = _median(t_osvd), _median(t_floor)
     return {"volume": vol.name, "dtype": vol.dtype, "voxels": int(c.shape[0]), "frames": int(c.shape[1]),
-            "osvd_s": round(o, 4), "floor_s": round(f, 4), "ratio": round(o / f, 2)}
+            "osvd_s": round(o, 6), "floor_s": round(f, 6), "ratio": round(o / f, 2)}
 
 
 def measure_compile(work: Path) -> dict:
