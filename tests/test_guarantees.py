@@ -71,3 +71,89 @@ def test_internal_error_is_one_line_without_locals(phantom_case, tmp_path, monke
     assert len(err.splitlines()) == 1 and "internal error" in err and "please report it" in err
     assert "DOE^JANE" not in captured.err + captured.out and "Traceback" not in captured.err
     assert not out.exists()  # nothing written
+
+
+def _one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_ctrl_c_during_the_analysis_leaves_no_output(phantom_case, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) in the middle of the analysis: exit 130, one line, no output folder."""
+    import perfusion.pipeline as pipeline
+
+    def interrupted(inputs, config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_analyze", interrupted)
+    out = tmp_path / "out"
+    assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q"]) == 130
+    assert "interrupted" in _one_line(capsys.readouterr().err)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_while_writing_keeps_the_earlier_results(phantom_case, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after some maps are written (into the staging folder): the folder of an earlier run is left
+    exactly as it was and no staging folder remains."""
+    import perfusion.pipeline as pipeline
+
+    out = tmp_path / "out"
+    assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--no-html",
+                 "--motion-correct", "off"]) == 0
+    before = folder_digest(out)
+    real = pipeline.write_result
+
+    def write_then_interrupt(result, inputs, folder, **kw):
+        real(result, inputs, folder, **kw)
+        assert (Path(folder) / "cbv.nii.gz").is_file()  # the staging folder is half full
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "write_result", write_then_interrupt)
+    assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--force", "--method", "csvd",
+                 "--motion-correct", "off"]) == 130
+    _one_line(capsys.readouterr().err)
+    assert folder_digest(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.partial-* left
+
+
+def test_disk_full_while_writing_is_exit_5_and_removes_its_temporary_files(phantom_case, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A write that fails for want of space (ENOSPC) after the first maps: exit 5, one line naming the
+    folder and saying to check free space, the staging folder removed, no output folder created."""
+    import errno
+
+    calls = {"n": 0}
+    real = Path.write_bytes
+
+    def write_bytes(self, data):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    out = tmp_path / "results" / "case"
+    code = main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--motion-correct", "off"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 5 and calls["n"] > 3
+    assert str(out) in line and "free space" in line
+    assert list(tmp_path.iterdir()) == []  # the created parents are removed again too
+
+
+def test_output_under_a_file_is_exit_5(phantom_case, tmp_path, capsys):
+    """--out inside a path that is a file (an unwritable place even for root): exit 5, one line, nothing made."""
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("not a folder")
+    out = blocker / "out"
+    assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q"]) == 5
+    assert str(out) in _one_line(capsys.readouterr().err)
+    assert blocker.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["blocker.txt"]
+
+
+def test_output_into_the_input_folder_is_refused(case_copy, capsys):
+    folder = case_copy["dsc"].parent
+    before = folder_digest(folder)
+    assert main(["analyze", str(case_copy["dsc"]), "--out", str(folder), "--force", "-q"]) == 5
+    assert "input series" in _one_line(capsys.readouterr().err)
+    assert folder_digest(folder) == before
