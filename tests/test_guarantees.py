@@ -157,3 +157,101 @@ def test_output_into_the_input_folder_is_refused(case_copy, capsys):
     assert main(["analyze", str(case_copy["dsc"]), "--out", str(folder), "--force", "-q"]) == 5
     assert "input series" in _one_line(capsys.readouterr().err)
     assert folder_digest(folder) == before
+
+
+# --- bad inputs through the command line: exit 4, one line naming the file, no output folder
+
+
+def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
+    """Write a broken variant of the phantom case into ``tmp``; return the analyze arguments and the file
+    the message must name."""
+    img = nib.load(case["dsc"])
+    data = np.asarray(img.dataobj).astype(np.float32)
+    sidecar = json.loads(case["dsc"].with_name(case["dsc"].name.replace(".nii.gz", ".json")).read_text())
+    dsc = tmp / "sub-bad_dsc.nii.gz"
+    extra: list[str] = []
+    named = dsc
+
+    def save(arr, *, meta=sidecar):
+        nib.save(nib.Nifti1Image(arr, img.affine), str(dsc))
+        if meta is not None:
+            dsc.with_name("sub-bad_dsc.json").write_text(json.dumps(meta))
+
+    if kind == "not_nifti":
+        dsc.write_text("this is not an image")
+    elif kind == "truncated_gzip":
+        save(data)
+        dsc.write_bytes(dsc.read_bytes()[:5000])
+    elif kind == "three_d":
+        save(data[..., 0])
+    elif kind == "few_frames":
+        save(data[..., :10])
+    elif kind == "nan":
+        data[3, 3, 1, 5] = np.nan
+        save(data)
+    elif kind == "all_zero":
+        save(np.zeros_like(data))
+    elif kind == "negative":
+        save(-data)
+    elif kind == "no_te":
+        save(data, meta={"RepetitionTime": sidecar["RepetitionTime"]})
+    elif kind == "te_ms":
+        save(data, meta={**sidecar, "EchoTime": 25.0})
+    elif kind == "tr_zero":
+        save(data, meta={**sidecar, "RepetitionTime": 0.0})
+    elif kind == "no_contrast":
+        save(np.repeat(data[..., :1], data.shape[3], axis=3))
+    elif kind == "mask_shape":
+        save(data)
+        named = tmp / "mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.ones(data.shape[:3][:2] + (2,), np.uint8), img.affine), str(named))
+        extra = ["--mask", str(named)]
+    elif kind == "mask_affine":
+        save(data)
+        named = tmp / "mask.nii.gz"
+        moved = img.affine.copy()
+        moved[0, 3] += 7.0
+        nib.save(nib.Nifti1Image(np.ones(data.shape[:3], np.uint8), moved), str(named))
+        extra = ["--mask", str(named)]
+    elif kind == "empty_roi":
+        save(data)
+        named = tmp / "roi.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(data.shape[:3], np.uint8), img.affine), str(named))
+        extra = ["--roi", str(named)]
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return [str(dsc), *extra], named
+
+
+BAD = ["not_nifti", "truncated_gzip", "three_d", "few_frames", "nan", "all_zero", "negative", "no_te", "te_ms",
+       "tr_zero", "no_contrast", "mask_shape", "mask_affine", "empty_roi"]
+
+
+@pytest.mark.parametrize("kind", ["all_zero", "negative", "no_contrast"])
+def test_bad_input_prints_one_line_in_a_real_process(kind, phantom_case, tmp_path):
+    """The same through the console entry in its own process, where nothing captures Python warnings:
+    stderr holds the one error line and nothing else (no "Mean of empty slice" from numpy)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    args, named = _bad_case(kind, phantom_case, src)
+    proc = subprocess.run([sys.executable, "-m", "perfusion", "analyze", *args, "--out", str(tmp_path / "out"), "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 4
+    assert str(named) in _one_line(proc.stderr) and proc.stdout == ""
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_is_exit_4_with_one_line_and_no_output(kind, phantom_case, tmp_path, capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    args, named = _bad_case(kind, phantom_case, src)
+    before = folder_digest(src)
+    out = tmp_path / "out"
+    code = main(["analyze", *args, "--out", str(out), "-q"])
+    err = capsys.readouterr().err
+    line = _one_line(err)
+    assert code == 4, err
+    assert str(named) in line, line
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert folder_digest(src) == before

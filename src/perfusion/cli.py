@@ -45,8 +45,14 @@ def _guard(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import warnings
+
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                # numpy's arithmetic warnings (an empty mean, a division by zero) are never printed raw:
+                # what a user must know reaches report.json "warnings" and the summary as sentences
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except PerfusionError as exc:

@@ -190,8 +190,10 @@ def reference_frames(data: np.ndarray, *, tr: float, brain: np.ndarray | None = 
     from . import signal
 
     def brain_curve():
-        mask = brain if brain is not None else signal.auto_brain_mask(data.mean(axis=3))
-        return data[np.asarray(mask, dtype=bool)].mean(axis=0, dtype=np.float64)
+        mask = np.asarray(brain if brain is not None else signal.auto_brain_mask(data.mean(axis=3)), dtype=bool)
+        if not mask.any():
+            raise signal.BaselineError("the brain mask is empty")
+        return data[mask].mean(axis=0, dtype=np.float64)
 
     # mean over the three spatial axes, not over data.reshape(-1, n_t): on a NIfTI array (x fastest)
     # that reshape copies the whole series (1 s CPU at 128 x 128 x 24 x 80, against 0.02 s)
