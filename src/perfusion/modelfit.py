@@ -170,18 +170,10 @@ class ModelOperator:
     lambdas: np.ndarray  # (G_l,)
     mtts: np.ndarray  # (G_m,)
     taus: np.ndarray  # (G_t,)
-    curves: np.ndarray  # (G_l * G_m * G_t, N)
-    norms: np.ndarray  # (G,) |y_g|
+    norms: np.ndarray  # (G,) |y_g| of the grid's unit-flow model curves y_g (shape, MTT, tau)
     unit32: np.ndarray  # (N, G) float32: the curves divided by their norms, transposed, for the projections
     table_log_mtt: np.ndarray  # (T,) uniform fine log-MTT grid of the response table
     table: np.ndarray  # (G_l, T, N + extension) unit responses Y = a * R, interpolated linearly in log MTT
-
-    def response(self, il: np.ndarray, log_mtt: np.ndarray) -> np.ndarray:
-        """Unit responses (n_vox, N + extension) for shape indices ``il`` and log MTT values."""
-        x = np.interp(log_mtt, self.table_log_mtt, np.arange(self.table_log_mtt.size))
-        j = np.clip(np.floor(x).astype(np.int64), 0, self.table_log_mtt.size - 2)
-        w = (x - j)[:, None]
-        return self.table[il, j] * (1.0 - w) + self.table[il, j + 1] * w
 
 
 def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
@@ -196,7 +188,7 @@ def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
     table = unit_response(aif, tr=tr, mtt=np.exp(table_log_mtt)[None, :], lam=lams[:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
         unit = np.where(norms[:, None] > 0, curves / norms[:, None], 0.0)
-    return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, curves=curves, norms=norms,
+    return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, norms=norms,
                          unit32=np.ascontiguousarray(unit.T.astype(np.float32)), table_log_mtt=table_log_mtt,
                          table=table)
 
