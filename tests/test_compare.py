@@ -112,6 +112,8 @@ def _write_case(folder, lesions, *, seed, motion=None, new_spot=False):
         spot[22:25, 20:23, 4] = 1  # NAWM at the centre of the lesion slice, away from lesions and vessels
         paths["new_spot"] = folder / "roi-new_spot.nii.gz"
         write_nifti(paths["new_spot"], spot, affine, dtype=np.uint8)
+        # the reference must not overlap an ROI (analyze refuses it): the spot is taken out of the NAWM mask
+        write_nifti(paths["nawm"], (ph.masks["nawm"] & (spot == 0)).astype(np.uint8), affine, dtype=np.uint8)
     return {"paths": paths, "masks": ph.masks, "affine": affine}
 
 

@@ -141,6 +141,137 @@ def test_disk_full_while_writing_is_exit_5_and_removes_its_temporary_files(phant
     assert list(tmp_path.iterdir()) == []  # the created parents are removed again too
 
 
+def test_a_file_too_large_for_the_disk_fails_cleanly(phantom_case, tmp_path, monkeypatch, capsys):
+    """The operating system itself refuses a write part-way through a map: the process may not write a
+    file past 32 KiB (RLIMIT_FSIZE, set only while the results are written), so the first map that grows
+    beyond it fails mid-file with EFBIG, as a disk that fills up fails with ENOSPC. Exit 5, one line, the
+    staging folder and its half-written file removed, no output folder. (The ENOSPC test above
+    simulates the error; here it comes from the kernel.)"""
+    import resource
+
+    import perfusion.pipeline as pipeline
+
+    real = pipeline.write_result
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    seen = {}
+
+    def write_under_a_limit(result, inputs, folder, **kw):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, hard))  # Python ignores SIGXFSZ: writes raise
+        try:
+            real(result, inputs, folder, **kw)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            seen["files"] = sorted(p.name for p in Path(folder).iterdir())
+
+    monkeypatch.setattr(pipeline, "write_result", write_under_a_limit)
+    out = tmp_path / "results" / "case"
+    code = main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--motion-correct", "off"])
+    line = _one_line(capsys.readouterr().err)
+    assert code == 5, line
+    assert str(out) in line and "File too large" in line and "free space" in line
+    assert seen["files"], "the failure came before any file was started"
+    assert list(tmp_path.iterdir()) == []  # staging folder, half-written file and created parents gone
+
+
+def _without_root_file_override() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the capability bounding
+    set, so that root, too, must obey a folder's permission bits (prctl PR_CAPBSET_DROP)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH (linux/capability.h)
+        if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_output_folder_without_write_permission_fails_before_the_analysis(phantom_case, tmp_path):
+    """An output folder the user may not write into (mode 0555): exit 5 at once, before minutes of
+    analysis, one line naming it, nothing created. In a real process; when the tests run as root (who may
+    write anywhere) the process gives up root's power to override file permissions first."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    out = locked / "results" / "case"
+    try:
+        proc = subprocess.run([sys.executable, "-m", "perfusion", "analyze", str(phantom_case["dsc"]), "--out",
+                               str(out), "-q"], capture_output=True, text=True, timeout=120,
+                              preexec_fn=_without_root_file_override if os.geteuid() == 0 else None)
+        assert proc.returncode == 5, proc.stderr
+        line = _one_line(proc.stderr)
+        assert str(out) in line and "permission denied" in line
+        assert list(locked.iterdir()) == []
+    finally:
+        os.chmod(locked, 0o755)
+
+
+def test_integer_series_with_a_scale_slope_and_intercept_is_read_scaled(phantom_case, tmp_path):
+    """An int16 series with scl_slope 0.25 and scl_inter 100 (as scanners export) gives exactly the maps
+    of the same values stored as float32. The intercept matters: delta R2* is blind to a pure slope
+    but not to an offset, so a loader that ignored the scaling would give other maps."""
+    import gzip
+
+    img = nib.load(phantom_case["dsc"])
+    data = np.asarray(img.dataobj).astype(np.float64)
+    stored = np.clip(np.round((data - 100.0) / 0.25), -32768, 32767).astype(np.int16)
+    values = (stored.astype(np.float32) * np.float32(0.25) + np.float32(100.0)).astype(np.float32)
+    sidecar = phantom_case["dsc"].with_name(phantom_case["dsc"].name.replace(".nii.gz", ".json")).read_text()
+    cases = {}
+    for label in ("scaled", "float"):
+        folder = tmp_path / label
+        folder.mkdir()
+        dsc = folder / f"sub-{label}_dsc.nii.gz"
+        if label == "float":
+            nib.save(nib.Nifti1Image(values, img.affine), str(dsc))
+        else:  # the header's scaling fields written as a scanner does, not by nibabel's own rescaling
+            im = nib.Nifti1Image(stored, img.affine)
+            im.header.set_data_dtype(np.int16)
+            raw = bytearray(im.header.binaryblock + b"\0" * 4 + stored.tobytes(order="F"))
+            raw[112:120] = np.array([0.25, 100.0], dtype=im.header.endianness + "f4").tobytes()
+            raw[108:112] = np.array([352.0], dtype=im.header.endianness + "f4").tobytes()  # vox_offset
+            dsc.write_bytes(gzip.compress(bytes(raw)))
+            assert (nib.load(dsc).dataobj.slope, nib.load(dsc).dataobj.inter) == (0.25, 100.0)
+        folder.joinpath(dsc.name.replace(".nii.gz", ".json")).write_text(sidecar)
+        assert main(["analyze", str(dsc), "--out", str(folder / "out"), "--roi", str(phantom_case["lesion_hyper"]),
+                     "-q", "--no-html", "--motion-correct", "off"]) == 0
+        cases[label] = folder / "out"
+    from perfusion.signal import to_delta_r2s
+
+    lesion = np.asarray(nib.load(phantom_case["lesion_hyper"]).dataobj) > 0
+    unscaled, _ = to_delta_r2s(stored[lesion].astype(np.float64), te=0.025, baseline=slice(2, 10))
+    scaled_right, _ = to_delta_r2s(values[lesion].astype(np.float64), te=0.025, baseline=slice(2, 10))
+    # ignoring the intercept would change delta R2* by about 10 % here
+    assert np.nanmax(np.abs(unscaled - scaled_right)) > 0.05 * np.nanmax(np.abs(scaled_right))
+    scaled, flt = _maps(cases["scaled"]), _maps(cases["float"])
+    assert sorted(scaled) == sorted(flt) and "rcbv.nii.gz" in scaled
+    for name, arr in flt.items():
+        np.testing.assert_array_equal(scaled[name], arr, err_msg=name)
+    reports = [json.loads((cases[k] / "report.json").read_text()) for k in ("scaled", "float")]
+    assert reports[0]["rois"] == reports[1]["rois"]
+
+
+def test_header_tr_disagreeing_with_the_sidecar_is_a_warning_and_the_sidecar_wins(phantom_case, tmp_path, capsys):
+    """BIDS makes the sidecar authoritative: a header pixdim[4] of 2 s against RepetitionTime 1.5 s runs
+    with 1.5 s (exit 0), says so once in the summary and in report.json, and prints no raw Python warning."""
+    img = nib.load(phantom_case["dsc"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    dsc = folder / "sub-tr_dsc.nii.gz"
+    im = nib.Nifti1Image(np.asarray(img.dataobj), img.affine)
+    im.header.set_zooms(img.header.get_zooms()[:3] + (2.0,))
+    im.header.set_xyzt_units("mm", "sec")
+    nib.save(im, str(dsc))
+    folder.joinpath("sub-tr_dsc.json").write_text(
+        phantom_case["dsc"].with_name(phantom_case["dsc"].name.replace(".nii.gz", ".json")).read_text())
+    out = tmp_path / "out"
+    assert main(["analyze", str(dsc), "--out", str(out), "--no-html", "--motion-correct", "off"]) == 0
+    captured = capsys.readouterr()
+    said = f"{dsc}: header TR 2 s differs from the TR used (1.5 s, sidecar sub-tr_dsc.json RepetitionTime)"
+    assert captured.out.count(said) == 1 and captured.err == ""
+    report = json.loads((out / "report.json").read_text())
+    assert report["acquisition"]["tr"] == 1.5 and "sidecar" in report["acquisition"]["tr_source"]
+    assert said in report["warnings"]
+
+
 def test_output_under_a_file_is_exit_5(phantom_case, tmp_path, capsys):
     """--out inside a path that is a file (an unwritable place even for root): exit 5, one line, nothing made."""
     blocker = tmp_path / "blocker.txt"
@@ -189,6 +320,9 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     elif kind == "nan":
         data[3, 3, 1, 5] = np.nan
         save(data)
+    elif kind == "inf":
+        data[30, 30, 2, 40] = np.inf
+        save(data)
     elif kind == "all_zero":
         save(np.zeros_like(data))
     elif kind == "negative":
@@ -199,6 +333,45 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
         save(data, meta={**sidecar, "EchoTime": 25.0})
     elif kind == "tr_zero":
         save(data, meta={**sidecar, "RepetitionTime": 0.0})
+    elif kind == "tr_ms":
+        save(data, meta={**sidecar, "RepetitionTime": 1500})
+    elif kind == "tr_negative":
+        save(data, meta={**sidecar, "RepetitionTime": -1.5})
+    elif kind == "tr_missing":  # no RepetitionTime and a header without a time unit
+        save(data, meta={"EchoTime": sidecar["EchoTime"]})
+    elif kind == "te_zero":
+        save(data, meta={**sidecar, "EchoTime": 0})
+    elif kind == "te_negative":
+        save(data, meta={**sidecar, "EchoTime": -0.025})
+    elif kind in ("ends_at_bolus_peak", "ends_during_first_pass"):
+        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        peak = int(np.argmin(data[brain].mean(axis=0)))  # frame 19 of 80: the whole-brain signal minimum
+        save(data[..., : peak + (1 if kind == "ends_at_bolus_peak" else 5)])
+    elif kind == "no_arterial_voxel":
+        # every voxel's bolus saturates (the signal falls to the noise floor: a dose far too high for the
+        # TE): no clean, unsaturated arterial curve is left for the automatic selection
+        base = data[..., 2:10].mean(axis=-1, keepdims=True)
+        save((base * np.clip(data / np.maximum(base, 1e-6), 1e-6, None) ** 25).astype(np.float32))
+        extra = ["--mask", str(case["brain"])]
+    elif kind == "aif_mask_without_bolus":  # drawn on the background outside the head: noise only
+        save(data)
+        named = tmp / "aif.nii.gz"
+        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        nib.save(nib.Nifti1Image((~brain & (np.indices(brain.shape)[0] < 3)).astype(np.uint8), img.affine), str(named))
+        extra = ["--aif", str(named)]
+    elif kind == "roi_outside_brain":
+        save(data)
+        named = tmp / "roi.nii.gz"
+        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        nib.save(nib.Nifti1Image((~brain & (np.indices(brain.shape)[0] < 5)).astype(np.uint8), img.affine), str(named))
+        extra = ["--roi", str(named), "--roi", str(case["lesion_hyper"])]
+    elif kind == "reference_overlaps_roi":
+        save(data)
+        named = tmp / "reference.nii.gz"
+        lesion = np.asarray(nib.load(case["lesion_hyper"]).dataobj) > 0
+        ref = np.asarray(nib.load(case["nawm"]).dataobj) > 0
+        nib.save(nib.Nifti1Image((ref | lesion).astype(np.uint8), img.affine), str(named))
+        extra = ["--reference", str(named), "--roi", str(case["lesion_hyper"])]
     elif kind == "no_contrast":
         save(np.repeat(data[..., :1], data.shape[3], axis=3))
     elif kind == "mask_shape":
@@ -223,8 +396,18 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     return [str(dsc), *extra], named
 
 
-BAD = ["not_nifti", "truncated_gzip", "three_d", "few_frames", "nan", "all_zero", "negative", "no_te", "te_ms",
-       "tr_zero", "no_contrast", "mask_shape", "mask_affine", "empty_roi"]
+BAD = ["not_nifti", "truncated_gzip", "three_d", "few_frames", "nan", "inf", "all_zero", "negative", "no_te", "te_ms",
+       "te_zero", "te_negative", "tr_zero", "tr_negative", "tr_ms", "tr_missing", "no_contrast", "ends_at_bolus_peak",
+       "ends_during_first_pass", "no_arterial_voxel", "aif_mask_without_bolus", "mask_shape", "mask_affine",
+       "empty_roi", "roi_outside_brain", "reference_overlaps_roi"]
+
+#: what each message must say (besides the file's name): the problem, in the tool's words
+SAYS = {"inf": "NaN or Inf", "te_zero": "must be positive", "te_negative": "must be positive",
+        "tr_negative": "must be positive", "tr_ms": "looks like milliseconds", "tr_missing": "repetition time unknown",
+        "ends_at_bolus_peak": "ends at the bolus peak", "ends_during_first_pass": "before the first pass is over",
+        "no_arterial_voxel": "no voxel has a clean, unsaturated bolus",
+        "aif_mask_without_bolus": "shows a contrast bolus", "roi_outside_brain": "wholly outside the brain",
+        "reference_overlaps_roi": "overlaps ROI"}
 
 
 @pytest.mark.parametrize("kind", ["all_zero", "negative", "no_contrast"])
@@ -252,6 +435,7 @@ def test_bad_input_is_exit_4_with_one_line_and_no_output(kind, phantom_case, tmp
     line = _one_line(err)
     assert code == 4, err
     assert str(named) in line, line
+    assert SAYS.get(kind, "") in line, line
     assert "Traceback" not in err
     assert not out.exists()
     assert folder_digest(src) == before

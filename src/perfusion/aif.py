@@ -75,6 +75,18 @@ def curve_features(delta_r2s: np.ndarray, signal_ratio_min: np.ndarray, ratio_no
                          irregularity=irregularity, cnr=cnr, saturated=saturated | ~finite)
 
 
+#: Largest baseline noise (SD of S/S0) of a voxel that can show a bolus: background voxels outside
+#: the head (Rayleigh noise, SD/mean 0.52) fail it, arteries (SD/S0 a few %) pass.
+MAX_BASELINE_NOISE = 0.2
+
+
+def shows_bolus(signal_ratio_min: np.ndarray, ratio_noise_sd: np.ndarray) -> np.ndarray:
+    """Per voxel (bool): a clean baseline (SD of S/S0 below MAX_BASELINE_NOISE) and a signal drop of
+    more than MIN_CNR baseline SDs, saturated or not. A hand-drawn AIF mask needs one such voxel."""
+    sd = np.asarray(ratio_noise_sd, dtype=np.float64)
+    return (sd < MAX_BASELINE_NOISE) & (1.0 - np.asarray(signal_ratio_min, dtype=np.float64) > MIN_CNR * sd)
+
+
 def _eligible(f: CurveFeatures) -> np.ndarray:
     """Indices of arterial (or venous) candidates: clean baseline, no saturation, a positive bolus."""
     return np.flatnonzero((f.cnr >= MIN_CNR) & ~f.saturated & (f.peak > 0) & (f.area > 0))

@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), "
-    "4 bad input, 5 output or disk."
+    "4 bad input, 5 output or disk, 130 interrupted (Ctrl-C)."
 )
 
 #: --motion-correct help (analyze and batch).

@@ -402,6 +402,12 @@ def check_output_folder(out: Path, *, force: bool) -> None:
         raise OutputError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"{out}: folder is not empty; pass --force to write into it or choose another --out")
+    # fail before the analysis, not after it: the nearest existing folder must take new entries
+    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{out}: {existing} is not a folder; choose another --out")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{out}: cannot write into {existing} (permission denied or read-only); choose another --out")
 
 
 @contextlib.contextmanager

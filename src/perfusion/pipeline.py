@@ -185,6 +185,10 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
         steps: dict = {}
         if not np.all(np.isfinite(dr2s[aif_rows]), axis=1).any():
             raise InputError(f"{inputs.paths.get('aif')}: no voxel of the AIF mask has a usable signal; check the mask")
+        if not aif_mod.shows_bolus(ratio_min[aif_rows], ratio_sd[aif_rows]).any():
+            raise InputError(f"{inputs.paths.get('aif')}: no voxel of the AIF mask shows a contrast bolus "
+                             f"(contrast-to-noise at least {aif_mod.MIN_CNR:g}); draw it on an artery or leave --aif "
+                             "out for the automatic selection")
     else:
         brain_idx = np.flatnonzero(brain_rows)
         feats = aif_mod.curve_features(brain_dr2s, ratio_min[brain_idx], ratio_sd[brain_idx], baseline=bl, tr=s.tr)
@@ -365,6 +369,25 @@ def _where(path: Path | None, what: str) -> str:
     return str(path) if path else what
 
 
+def _check_masks(inputs: Inputs, brain: np.ndarray, brain_source: str) -> None:
+    """InputError for an ROI wholly outside the brain mask (a mask of another case or grid: its rCBV
+    would be scored on background) and for a reference mask that overlaps an ROI (the lesion would
+    raise its own reference: rCBV biased low)."""
+    for name, m in inputs.rois.items():
+        if not (m & brain).any():
+            where = "--mask" if inputs.brain is not None else "the automatic brain mask"
+            raise InputError(f"{_where(inputs.paths.get(f'roi:{name}'), name)}: the ROI ({int(m.sum())} voxels) lies "
+                             f"wholly outside the brain ({where}); draw it on the lesion on this series' grid"
+                             + (" or give a brain mask that holds it with --mask" if inputs.brain is None else ""))
+    if inputs.reference is not None:
+        for name, m in inputs.rois.items():
+            shared = int((m & inputs.reference).sum())
+            if shared:
+                raise InputError(f"{_where(inputs.paths.get('reference'), 'reference mask')}: the reference mask "
+                                 f"overlaps ROI {name} ({shared} voxels); draw it in normal-appearing white matter "
+                                 "away from the lesion")
+
+
 def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     """Run the whole analysis on a loaded case.
 
@@ -394,6 +417,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         brain_source = "automatic (Otsu threshold of the mean image, largest component)"
         if brain.sum() < 10:
             raise InputError(f"{s.path}: the automatic brain mask is empty; give a mask with --mask")
+    _check_masks(inputs, brain, brain_source)
     analysis = brain.copy()
     for extra in [inputs.aif, inputs.reference, inputs.vof, *inputs.rois.values()]:
         if extra is not None:
@@ -413,6 +437,10 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         base = signal.find_baseline(mean_curve, tr=s.tr)
     except signal.BaselineError as exc:
         raise InputError(f"{s.path}: {exc}; check that this is a DSC series with a contrast bolus") from None
+    try:
+        signal.check_first_pass(mean_curve, base, tr=s.tr)
+    except signal.BaselineError as exc:
+        raise InputError(f"{s.path}: {exc}; give the complete series") from None
     # frames before the steady state (base.start) are dropped from the whole analysis
     n_vox = idx.size
     keep = slice(base.start, s.n_frames)
@@ -531,9 +559,6 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     if inputs.reference is not None:
         ref_mask = inputs.reference & np.isfinite(volumes["cbv"])
         ref_source = str(inputs.paths.get("reference"))
-        overlap = [n for n, m in inputs.rois.items() if (m & inputs.reference).any()]
-        if overlap:
-            notes.append(f"the reference mask overlaps ROI(s) {', '.join(overlap)}")
     else:
         ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude,
                                       eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape))

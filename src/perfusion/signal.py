@@ -28,6 +28,12 @@ MIN_BASELINE_FRAMES = 3
 MIN_BOLUS_DROP = 0.01
 
 
+#: The series must cover the first pass: after its minimum the whole-brain mean signal regains at
+#: least this share of its bolus drop before the series ends (a normal brain regains 80-95 % within
+#: about 10 s; 50 % is the half width of the first pass).
+MIN_FIRST_PASS_RECOVERY = 0.5
+
+
 class BaselineError(ValueError):
     """The series has no usable baseline or no bolus (the pipeline adds the file name)."""
 
@@ -113,6 +119,25 @@ def find_baseline(curve: np.ndarray, *, tr: float, margin_s: float = ARRIVAL_MAR
             f"at least {MIN_BASELINE_FRAMES} are needed"
         )
     return Baseline(start=start, stop=stop, arrival=arrival, peak=peak)
+
+
+def check_first_pass(curve: np.ndarray, base: Baseline, *, tr: float) -> float:
+    """The share of its bolus drop that the mean signal ``curve`` (a.u., (n_t,)) regains after its
+    minimum; BaselineError when below MIN_FIRST_PASS_RECOVERY (the series stops before the bolus has
+    passed: CBV and CBF would miss the rest of the first pass)."""
+    g = np.asarray(curve, dtype=np.float64)
+    ref = float(np.mean(g[base.start: base.stop]))
+    drop = ref - g[base.peak]
+    after = g[base.peak + 1:]
+    regained = float((after.max() - g[base.peak]) / drop) if after.size and drop > 0 else 0.0
+    if regained < MIN_FIRST_PASS_RECOVERY:
+        ends = f"{(g.size - 1 - base.peak) * tr:g} s after the bolus peak" if after.size else "at the bolus peak"
+        raise BaselineError(
+            f"the series ends {ends}, before the first pass is over "
+            f"(the mean signal regains {100 * max(regained, 0.0):.0f} % of its drop, "
+            f"at least {100 * MIN_FIRST_PASS_RECOVERY:.0f} % expected)"
+        )
+    return regained
 
 
 def to_delta_r2s(signal: np.ndarray, *, te: float, baseline: slice) -> tuple[np.ndarray, np.ndarray]:
