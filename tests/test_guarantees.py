@@ -313,6 +313,11 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     elif kind == "truncated_gzip":
         save(data)
         dsc.write_bytes(dsc.read_bytes()[:5000])
+    elif kind == "corrupt_gzip":  # whole length, bytes in the middle of the deflate stream overwritten
+        save(data)
+        raw = bytearray(dsc.read_bytes())
+        raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(range(64))
+        dsc.write_bytes(bytes(raw))
     elif kind == "three_d":
         save(data[..., 0])
     elif kind == "few_frames":
@@ -386,6 +391,11 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
         moved[0, 3] += 7.0
         nib.save(nib.Nifti1Image(np.ones(data.shape[:3], np.uint8), moved), str(named))
         extra = ["--mask", str(named)]
+    elif kind == "empty_brain_mask":
+        save(data)
+        named = tmp / "brain.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(data.shape[:3], np.uint8), img.affine), str(named))
+        extra = ["--mask", str(named)]
     elif kind == "empty_roi":
         save(data)
         named = tmp / "roi.nii.gz"
@@ -396,13 +406,13 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     return [str(dsc), *extra], named
 
 
-BAD = ["not_nifti", "truncated_gzip", "three_d", "few_frames", "nan", "inf", "all_zero", "negative", "no_te", "te_ms",
+BAD = ["not_nifti", "truncated_gzip", "corrupt_gzip", "three_d", "few_frames", "nan", "inf", "all_zero", "negative", "no_te", "te_ms",
        "te_zero", "te_negative", "tr_zero", "tr_negative", "tr_ms", "tr_missing", "no_contrast", "ends_at_bolus_peak",
        "ends_during_first_pass", "no_arterial_voxel", "aif_mask_without_bolus", "mask_shape", "mask_affine",
-       "empty_roi", "roi_outside_brain", "reference_overlaps_roi"]
+       "empty_brain_mask", "empty_roi", "roi_outside_brain", "reference_overlaps_roi"]
 
 #: what each message must say (besides the file's name): the problem, in the tool's words
-SAYS = {"inf": "NaN or Inf", "te_zero": "must be positive", "te_negative": "must be positive",
+SAYS = {"corrupt_gzip": "not a readable NIfTI file", "empty_brain_mask": "is empty", "inf": "NaN or Inf", "te_zero": "must be positive", "te_negative": "must be positive",
         "tr_negative": "must be positive", "tr_ms": "looks like milliseconds", "tr_missing": "repetition time unknown",
         "ends_at_bolus_peak": "ends at the bolus peak", "ends_during_first_pass": "before the first pass is over",
         "no_arterial_voxel": "no voxel has a clean, unsaturated bolus",
