@@ -5,13 +5,14 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := sample_data/sub-demo
 
-.PHONY: install demo test bench browser clean help
+.PHONY: install demo test bench fuzz browser clean help
 
 help:
 	@echo "make demo    set up .venv and analyse the embedded sample case"
 	@echo "make test    set up .venv and run the test suite"
 	@echo "make install create .venv with the package and its test tools"
 	@echo "make bench   speed and memory on standard volumes, and against osipy and numpy (benchmarks/results/)"
+	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
 
 install: $(STAMP)
 
@@ -36,6 +37,23 @@ bench: install
 	$(BIN)/perfusion bench --cache benchmarks/.cache --json benchmarks/results/bench.json
 	./benchmarks/peers/setup_osipy.sh
 	$(BIN)/python benchmarks/peers/bench_peers.py benchmarks/.cache/clinical-int16 --json benchmarks/results/peers.json
+
+# The loader's fuzz target (fuzz/target.py) under atheris for FUZZ_SECONDS; new corpus entries go to
+# fuzz/work/corpus/ (gitignored), the committed seeds and regressions are only read, crash inputs land in
+# fuzz/crashes/. A summary follows; the exit status is non-zero when the run found a crash.
+FUZZ_SECONDS ?= 600
+FUZZ_STAMP   := $(VENV)/.fuzz-stamp
+FUZZ_FLAGS    = -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 -timeout=30 -print_final_stats=1 \
+                -artifact_prefix=fuzz/crashes/
+
+$(FUZZ_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[fuzz]'
+	@touch $(FUZZ_STAMP)
+
+fuzz: $(FUZZ_STAMP)
+	@mkdir -p fuzz/work/corpus fuzz/crashes
+	@$(BIN)/python fuzz/run.py $(FUZZ_FLAGS) fuzz/work/corpus fuzz/corpus fuzz/regressions 2>&1 | tee fuzz/work/last-run.log
+	@$(BIN)/python fuzz/summary.py fuzz/work/last-run.log
 
 # Debian's chromium for the report's browser test; a no-op when present, a message when not installable
 browser:

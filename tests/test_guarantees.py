@@ -318,6 +318,13 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
         raw = bytearray(dsc.read_bytes())
         raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(range(64))
         dsc.write_bytes(bytes(raw))
+    elif kind == "unknown_datatype":  # header datatype code 16384: nibabel logs, then raises
+        import gzip
+
+        save(data)
+        raw = bytearray(gzip.decompress(dsc.read_bytes()))
+        raw[70:72] = np.array([16384], img.header.endianness + "i2").tobytes()
+        dsc.write_bytes(gzip.compress(bytes(raw)))
     elif kind == "three_d":
         save(data[..., 0])
     elif kind == "few_frames":
@@ -406,7 +413,7 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     return [str(dsc), *extra], named
 
 
-BAD = ["not_nifti", "truncated_gzip", "corrupt_gzip", "three_d", "few_frames", "nan", "inf", "all_zero", "negative", "no_te", "te_ms",
+BAD = ["not_nifti", "truncated_gzip", "corrupt_gzip", "unknown_datatype", "three_d", "few_frames", "nan", "inf", "all_zero", "negative", "no_te", "te_ms",
        "te_zero", "te_negative", "tr_zero", "tr_negative", "tr_ms", "tr_missing", "no_contrast", "ends_at_bolus_peak",
        "ends_during_first_pass", "no_arterial_voxel", "aif_mask_without_bolus", "mask_shape", "mask_affine",
        "empty_brain_mask", "empty_roi", "roi_outside_brain", "reference_overlaps_roi"]
@@ -420,10 +427,11 @@ SAYS = {"corrupt_gzip": "not a readable NIfTI file", "empty_brain_mask": "is emp
         "reference_overlaps_roi": "overlaps ROI"}
 
 
-@pytest.mark.parametrize("kind", ["all_zero", "negative", "no_contrast"])
+@pytest.mark.parametrize("kind", ["all_zero", "negative", "no_contrast", "unknown_datatype"])
 def test_bad_input_prints_one_line_in_a_real_process(kind, phantom_case, tmp_path):
     """The same through the console entry in its own process, where nothing captures Python warnings:
-    stderr holds the one error line and nothing else (no "Mean of empty slice" from numpy)."""
+    stderr holds the one error line and nothing else (no "Mean of empty slice" from numpy, no "data code
+    16384 not recognized" from nibabel's logger)."""
     src = tmp_path / "in"
     src.mkdir()
     args, named = _bad_case(kind, phantom_case, src)

@@ -1,6 +1,8 @@
 """io.py on real NIfTI files written with nibabel: timing and its units, input checks, masks,
 map writing and the staged output folder."""
 
+import gzip
+import io
 import json
 import warnings
 from pathlib import Path
@@ -448,3 +450,134 @@ def test_voxel_major_copy_of_a_fortran_array():
     assert out.flags["C_CONTIGUOUS"] and out.dtype == np.float32
     assert_array_equal(out, raw)
     assert_array_equal(voxel_major_float32(raw[..., 0]), raw[..., 0])  # 3-D: a plain float32 copy
+
+
+# --- inputs the loader's fuzzer found (fuzz/regressions/ holds the fuzz inputs themselves)
+
+
+def _edit_header(path, **fields):
+    """Set NIfTI-1 header fields of ``path`` (.nii or .nii.gz) in place, past nibabel's checks."""
+    import gzip
+
+    path = Path(path)
+    gz = path.name.endswith(".gz")
+    raw = bytearray(gzip.decompress(path.read_bytes()) if gz else path.read_bytes())
+    hdr = np.frombuffer(raw, nib.nifti1.header_dtype, count=1)  # a writable view of the first 348 bytes
+    for name, value in fields.items():
+        hdr[name] = value
+    path.write_bytes(gzip.compress(bytes(raw)) if gz else bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("name", ["dsc.nii", "dsc.nii.gz"])
+def test_header_promising_more_data_than_the_file_holds(tmp_path, name):
+    """A 1.6 kB file whose header claims 32767 x 1000 x 2 x 20 int16 (2.6 GB) is refused before
+    nibabel allocates the 2.6 GB it would read into."""
+    import tracemalloc
+
+    path = _edit_header(_write_nifti(tmp_path / name, _signal().astype(np.int16)), dim=[4, 32767, 1000, 2, 20, 1, 1, 1])
+    tracemalloc.start()
+    try:
+        msg = _input_error(load_series, path, te=0.03, tr=1.5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(path) in msg and "promises 2621360352 bytes" in msg
+    assert peak < 50e6
+
+
+@pytest.mark.parametrize("dtype,label", [(np.complex64, "complex64"),
+                                         (np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]), "RGB")])
+def test_complex_and_rgb_data_are_refused(tmp_path, series, dtype, label):
+    """Not silently cast (complex lost its imaginary part with a ComplexWarning) nor a TypeError."""
+    data = np.zeros(SHAPE + (N_T,), dtype)
+    msg = _input_error(load_series, _write_nifti(tmp_path / "c.nii.gz", data), te=0.03, tr=1.5)
+    assert label in msg and "not real numbers" in msg
+    mask = np.zeros(SHAPE, dtype)
+    msg = _input_error(load_mask, _write_nifti(tmp_path / "m.nii.gz", mask), series, what="ROI")
+    assert label in msg and "m.nii.gz" in msg
+
+
+def test_undefined_time_unit_code_means_no_header_tr(tmp_path):
+    """xyzt_units 2 + 56: mm and a time code NIfTI does not define (nibabel raised KeyError)."""
+    path = _edit_header(_write_series(tmp_path, sidecar={"EchoTime": 0.03}, time_unit="sec", pixdim4=1.5), xyzt_units=58)
+    assert "repetition time unknown" in _input_error(load_series, path)
+    assert load_series(path, tr=1.5).tr == 1.5
+
+
+@pytest.mark.parametrize("srow_x", [[np.nan, 0, 0, 0], [np.inf, 0, 0, 0], [0, 0, 0, 0]])
+def test_affine_not_finite_or_singular(tmp_path, srow_x):
+    """A NaN, Inf or singular sform loaded and failed only when the maps were written (HeaderDataError)."""
+    from perfusion.io import load_volume
+
+    path = _edit_header(_write_series(tmp_path), sform_code=1, srow_x=srow_x)
+    assert "affine" in _input_error(load_series, path, te=0.03, tr=1.5)
+    vol = _edit_header(_write_nifti(tmp_path / "t1.nii", _signal()[..., 0]), sform_code=1, srow_x=srow_x)
+    assert "affine" in _input_error(load_volume, vol, what="anatomical image")
+
+
+@pytest.mark.parametrize("dim", [[4, 4, 5, 0, 20, 1, 1, 1], [3, -5, 5, 3, 1, 1, 1, 1], [0, 4, 5, 3, 20, 1, 1, 1]])
+def test_header_shape_without_voxels(tmp_path, series, dim):
+    from perfusion.io import load_volume
+
+    path = _edit_header(_write_nifti(tmp_path / "x.nii.gz", _signal()), dim=dim)
+    assert "no voxels" in _input_error(load_series, path, te=0.03, tr=1.5)
+    assert "no voxels" in _input_error(load_mask, path, series, what="ROI")
+    assert "no voxels" in _input_error(load_volume, path, what="anatomical image")
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"EchoTime": ' + "1" * 5000 + "}", "4300 digits"),
+    ('{"EchoTime": 1' + "0" * 400 + ', "RepetitionTime": 1.5}', "EchoTime from sidecar dsc.json is too large"),
+])
+def test_sidecar_beyond_json_limits(tmp_path, text, expected):
+    """RecursionError, ValueError and OverflowError escaped the sidecar reading."""
+    path = _write_series(tmp_path)
+    (tmp_path / "dsc.json").write_text(text, encoding="utf-8")
+    msg = _input_error(load_series, path)
+    assert expected in msg and "dsc.json" in msg
+
+
+def test_volume_of_zeros_and_inf_is_refused(tmp_path):
+    from perfusion.io import load_volume
+
+    data = np.zeros(SHAPE, np.float32)
+    data[0] = np.inf
+    path = _write_nifti(tmp_path / "t1.nii.gz", data)
+    assert "no non-zero finite value" in _input_error(load_volume, path, what="anatomical image")
+
+
+@pytest.mark.parametrize("value", [True, "1.5", "1_5", [1.5], None])
+def test_sidecar_time_must_be_a_json_number(tmp_path, value):
+    """float(True) is 1 and float("1_5") is 15: a TR that is not a JSON number is refused, not guessed."""
+    path = _write_series(tmp_path, sidecar={"EchoTime": 0.03, "RepetitionTime": value})
+    msg = _input_error(load_series, path)
+    assert "is not a number" in msg and "--tr" in msg
+
+
+def test_sidecar_with_a_byte_order_mark_is_read(tmp_path):
+    """A UTF-8 byte-order mark (written by some Windows editors) is not an error."""
+    path = _write_series(tmp_path)
+    (tmp_path / "dsc.json").write_bytes(b"\xef\xbb\xbf" + json.dumps({"EchoTime": 0.03, "RepetitionTime": 1.5}).encode())
+    s = load_series(path)
+    assert (s.te, s.tr) == (0.03, 1.5)
+
+
+def test_nibabel_header_notes_do_not_reach_stderr(tmp_path):
+    """nibabel logs the header fixes it makes (here a zero voxel size set to 1) straight to stderr; a command's
+    stderr must hold at most its one error line, so the loader silences them. In a real process: nibabel's
+    log handler holds the stderr of the moment it was imported, which pytest's capture cannot see."""
+    import subprocess
+    import sys
+
+    path = _write_series(tmp_path, sidecar={"EchoTime": 0.03, "RepetitionTime": 1.5})
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[80:84] = np.zeros(1, nib.load(path).header.endianness + "f4").tobytes()  # pixdim[1]: a voxel size of 0
+    path.write_bytes(gzip.compress(bytes(raw)))
+
+    def stderr_of(code: str) -> str:
+        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True).stderr
+
+    assert "pixdim[1,2,3] should be non-zero" in stderr_of("import sys, nibabel; nibabel.load(sys.argv[1]).get_fdata()")
+    assert stderr_of("import sys; from perfusion.io import load_series; load_series(sys.argv[1])") == ""

@@ -90,14 +90,47 @@ def _load_image(path: Path, what: str):
     if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
         raise InputError(f"{path}: {what} must be a NIfTI file (.nii or .nii.gz)")
     nib = _nib()
+    gz = path.name.endswith(".gz")
+    with _quiet_nibabel():
+        return _read_image(path, what, nib, gz)
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs its header checks straight to stderr: fixes (unset pixdims, common in DROs and
+    converted data) and, just before raising, errors ("data code 16384 not recognized"). A command's
+    stderr holds one error line at most, ours, so all are silenced while reading."""
+    import logging
+
+    logger = logging.getLogger("nibabel.global")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
     try:
-        img = _read_gzip_image(path) if path.name.endswith(".gz") else nib.load(str(path))
-        data = np.asarray(img.dataobj)
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _read_image(path: Path, what: str, nib, gz: bool):
+    try:
+        img = _read_gzip_image(path) if gz else nib.load(str(path))
+        proxy = img.dataobj
+        if not proxy.shape or min(proxy.shape) <= 0:  # nibabel reads no data for these, whatever the shape
+            raise ValueError(f"the header's shape {tuple(proxy.shape)} has no voxels")
+        # a header can promise far more data than the file holds; nibabel would allocate all of it first
+        promised = int(proxy.offset) + np.prod(proxy.shape, dtype=object) * proxy.dtype.itemsize  # Python ints
+        held = len(proxy.file_like.getbuffer()) if gz else path.stat().st_size
+        if promised > held:
+            raise ValueError(f"the header promises {promised} bytes, the file holds {held}")
+        data = np.asarray(proxy)
     except Exception as exc:  # nibabel raises many types for broken files
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
             f"{path}: not a readable NIfTI file ({reason}); re-export the {what} as .nii or .nii.gz"
         ) from None
+    if data.dtype.kind not in "iuf":  # complex or RGB: no single real value per voxel
+        raise InputError(f"{path}: {what} holds {img.header.get_value_label('datatype')} values, not real numbers; "
+                         "re-export it as integers or floats")
     return img, data
 
 
@@ -137,10 +170,13 @@ def voxel_major_float32(raw: np.ndarray) -> np.ndarray:
 
 def read_json_object(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     """A JSON file holding an object; InputError naming the file and ``fix`` otherwise."""
-    try:
-        obj = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: {what} is not valid JSON ({str(exc).splitlines()[0]}); {fix}") from None
+    try:  # utf-8-sig: a byte-order mark (Windows editors) is read past
+        obj = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+    except RecursionError:
+        raise InputError(f"{path}: {what} is not valid JSON (nested too deeply); {fix}") from None
+    except (OSError, ValueError) as exc:  # ValueError: JSONDecodeError, UnicodeDecodeError, 4300-digit integers
+        reason = str(exc).splitlines()[0].split(";")[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: {what} is not valid JSON ({reason}); {fix}") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: {what} must hold a JSON object; {fix}")
     return obj
@@ -151,10 +187,13 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
 
 
 def _check_time(value: Any, *, name: str, flag: str, limit: float, source: str, path: Path) -> float:
+    # a number, not a bool (float(True) is 1) nor a string (float("1_5") is 15); JSON integers may be huge
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise InputError(f"{path}: {name} {value!r} from {source} is not a number; pass {flag} SECONDS")
     try:
         value = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{path}: {name} {value!r} from {source} is not a number; pass {flag} SECONDS") from None
+    except OverflowError:
+        raise InputError(f"{path}: {name} from {source} is too large for a time; pass {flag} SECONDS") from None
     if not np.isfinite(value) or value <= 0:
         raise InputError(f"{path}: {name} {value} from {source} must be positive; pass {flag} SECONDS")
     if value > limit:
@@ -181,6 +220,7 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         raise InputError(
             f"{path}: only {raw.shape[3]} frames; a DSC series needs at least {MIN_FRAMES} (baseline, bolus, tail)"
         )
+    affine = _affine(img, path, "DSC series")
     # raw is nibabel's scaled array (scl_slope/inter applied); integers that stayed integers are finite
     data = voxel_major_float32(raw)
     if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.isfinite(data)):
@@ -222,7 +262,7 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         )
     return Series(
         data=data,
-        affine=np.asarray(img.affine, dtype=np.float64),
+        affine=affine,
         path=path,
         te=te_s,
         tr=tr_s,
@@ -238,7 +278,10 @@ def _header_tr(img) -> float | None:
     zooms = img.header.get_zooms()
     if len(zooms) < 4 or not zooms[3] or zooms[3] <= 0:
         return None
-    _, time_unit = img.header.get_xyzt_units()
+    try:
+        _, time_unit = img.header.get_xyzt_units()
+    except KeyError:  # a time code that NIfTI does not define (nibabel has no label for it): no unit
+        return None
     factor = NIFTI_TIME_UNIT_TO_S.get(time_unit)
     if factor is None:
         return None
@@ -279,24 +322,26 @@ def load_volume(path: Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{path}: {what} has shape {tuple(img.shape)}, not one 3-D volume; "
                          "give a single 3-D image")
     data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(shape)
-    if not np.isfinite(data).any() or not np.nanmax(np.abs(data)) > 0:
+    if not np.any(np.isfinite(data) & (data != 0)):  # zeros and Inf only: no image
         raise InputError(f"{path}: {what} holds no non-zero finite value; give the image itself")
-    return data, np.asarray(img.affine, dtype=np.float64)
+    return data, _affine(img, path, what)
+
+
+def _affine(img, path: Path, what: str) -> np.ndarray:
+    """The image's voxel-to-world affine (float64); InputError when not finite or not invertible (the
+    maps written on its grid could not be placed)."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)) or np.linalg.det(affine[:3, :3]) == 0:
+        raise InputError(f"{path}: the header's affine (sform/qform) is not finite and invertible; "
+                         f"fix the header or re-export the {what}")
+    return affine
 
 
 def load_array(path: Path, *, what: str = "image") -> np.ndarray:
-    """The data of a NIfTI file as float64, scaling applied (for reference data and tests). nibabel's
-    log notes on unset pixdims (common in DROs) are silenced."""
-    import logging
-
-    logger = logging.getLogger("nibabel.global")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        img, _ = _load_image(Path(path), what)
+    """The data of a NIfTI file as float64, scaling applied (for reference data and tests)."""
+    img, _ = _load_image(Path(path), what)
+    with _quiet_nibabel():
         return np.asarray(img.get_fdata(dtype=np.float64))
-    finally:
-        logger.setLevel(level)
 
 
 def sha256(path: Path) -> str:
