@@ -581,3 +581,38 @@ def test_nibabel_header_notes_do_not_reach_stderr(tmp_path):
 
     assert "pixdim[1,2,3] should be non-zero" in stderr_of("import sys, nibabel; nibabel.load(sys.argv[1]).get_fdata()")
     assert stderr_of("import sys; from perfusion.io import load_series; load_series(sys.argv[1])") == ""
+
+
+def test_gzip_stream_that_inflates_past_the_image_costs_no_more_than_the_image(tmp_path):
+    """A "gzip bomb": the header promises a 4 x 4 x 5 x 20 float32 series (6.4 kB of data), and the
+    gzip stream goes on for 1 GiB of zeros after it (16 members, 1 MB on disk). The loader decodes only
+    what the header describes: the series loads with the right values, and the traced peak memory stays
+    far below the 1 GiB a whole-stream decoder would allocate."""
+    import tracemalloc
+
+    path = _write_series(tmp_path, sidecar={"EchoTime": 0.03, "RepetitionTime": 1.5})
+    expected = load_series(path).data
+    chunk = 64 * 2**20
+    zeros = gzip.compress(bytes(chunk), compresslevel=9)
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(chunk), compresslevel=9)
+                     + zeros * 15)
+    assert path.stat().st_size < 2 * 2**20
+    tracemalloc.start()
+    try:
+        s = load_series(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(s.data, expected)
+    assert peak < 32 * 2**20, peak
+
+
+def test_header_promising_more_than_the_machine_holds_is_refused_before_decoding(tmp_path):
+    """dim 32767 x 32767 x 32767 x 20 int16 (70 TB) in a 200-byte .nii.gz: refused from the header."""
+    path = _write_series(tmp_path, sidecar={"EchoTime": 0.03, "RepetitionTime": 1.5})
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])))
+    raw[40:56] = np.array([4, 32767, 32767, 32767, 20, 1, 1, 1], hdr.endianness + "i2").tobytes()
+    path.write_bytes(gzip.compress(bytes(raw)))
+    msg = _input_error(load_series, path)
+    assert "more than this machine's" in msg and "memory" in msg

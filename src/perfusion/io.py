@@ -138,14 +138,65 @@ def _read_gzip_image(path: Path):
     """A .nii.gz read whole into memory with ISA-L's gzip decoder (python-isal; 1.8x faster than zlib
     on a 27 MB series here), or zlib where isal is not installed. Same image as nibabel.load."""
     nib = _nib()
-    try:
-        from isal.igzip import decompress
-    except ImportError:  # pragma: no cover - isal is a dependency; a source build may lack it
-        from gzip import decompress
-    raw = decompress(Path(path).read_bytes())
-    head = raw[:4]
-    nifti2 = head in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
+    raw = _gunzip_nifti(Path(path).read_bytes())
+    nifti2 = raw[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
     return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+
+
+#: Output size of each decoding step past the image's end (bytes kept in memory at once).
+_DRAIN_BYTES = 4 * 2**20
+
+
+def _gunzip_nifti(blob: bytes) -> bytes:
+    """The gzip stream ``blob`` kept only as far as its NIfTI header says the image reaches: a stream
+    that inflates past it (a "gzip bomb": 1 MB of deflate can hold 1 GB of zeros) costs no more memory
+    than the image (the rest is decoded and dropped, to check its CRC), and a header promising more than
+    this machine's memory is refused before decoding. Several gzip members are read in turn.
+    ValueError/EOFError/zlib error on a broken stream."""
+    try:
+        from isal.isal_zlib import decompressobj
+    except ImportError:  # pragma: no cover - isal is a dependency; a source build may lack it
+        from zlib import decompressobj
+    head = decompressobj(31).decompress(blob, 540)  # the header (NIfTI-2's is the longer), first member
+    limit = _promised_bytes(head) if len(head) >= 348 else 540
+    pieces, n, data = [], 0, blob
+    while data:
+        inflate = decompressobj(31)  # gzip container; CRC and length checked at the member's end
+        feed = data
+        if n <= limit:
+            pieces.append(inflate.decompress(feed, limit + 1 - n))
+            n += len(pieces[-1])
+            feed = inflate.unconsumed_tail
+        # past the image: decoded in bounded pieces and dropped, only so the member's CRC is checked
+        # (a corrupted stream can inflate to more bytes than it held)
+        while not inflate.eof:
+            dropped = inflate.decompress(feed, _DRAIN_BYTES)
+            feed = inflate.unconsumed_tail
+            if not dropped and not feed:
+                break
+        if not inflate.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        data = inflate.unused_data  # a next member
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _promised_bytes(head: bytes) -> int:
+    """Bytes a NIfTI-1/2 file must hold by its header ``head``: the data offset plus the data."""
+    import io as _io
+
+    nib = _nib()
+    nifti2 = head[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
+    hdr = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(_io.BytesIO(head), check=False)
+    shape = hdr.get_data_shape()
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"the header's shape {tuple(shape)} has no voxels")
+    promised = max(int(hdr.get_data_offset()), hdr.sizeof_hdr) + int(
+        np.prod(shape, dtype=object)) * hdr.get_data_dtype().itemsize
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if promised > memory:
+        raise ValueError(f"the header promises {promised / 1e9:.3g} GB of data, more than this machine's "
+                         f"{memory / 1e9:.3g} GB of memory")
+    return promised
 
 
 def voxel_major_float32(raw: np.ndarray) -> np.ndarray:
