@@ -408,3 +408,19 @@ def test_root_errors(tmp_path):
     loose = tmp_path / "loose"
     _touch(loose / "dsc.nii.gz")
     assert "own sub-folder" in _input_error(loose)
+
+
+def test_bids_tissue_class_masks_are_not_scored_as_lesions(bids):
+    """label-WM / label-CSF / label-vein masks (segmentation outputs beside the lesion masks) are not
+    lesion ROIs: a WM mask would be scored (rCBV near 1, a verdict). Each gets a note naming it."""
+    d = bids / "derivatives/seg/sub-01/ses-01/perf"
+    for label in ("WM", "csf", "vein"):
+        _touch(d / f"sub-01_ses-01_label-{label}_mask.nii.gz")
+    _, cases = discover(bids)
+    s1 = _by_id(cases)["sub-01_ses-01"]
+    assert s1.rois == (bids / "derivatives/lesions/sub-01/ses-01/perf/sub-01_ses-01_label-tumor_mask.nii.gz",)
+    assert s1.problem is None
+    said = [n for n in s1.notes if "not a lesion" in n]
+    assert len(said) == 3 and any("label WM is white matter" in n for n in said)
+    assert "sub-01_ses-02" in _by_id(cases) and not [n for n in _by_id(cases)["sub-01_ses-02"].notes
+                                                      if "not a lesion" in n]

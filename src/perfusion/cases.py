@@ -90,8 +90,13 @@ RAW_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", 
 #: INPUT/derivatives/ would otherwise find its own outputs on the next run).
 OUTPUT_MARKER = ".perfusion-done.json"
 
-#: BIDS mask labels with a fixed role; every other label is a lesion ROI.
+#: BIDS mask labels with a fixed role; every other label is a lesion ROI, except those below.
 BIDS_LABELS = {"brain": "brain", "nawm": "reference", "aif": "aif"}
+
+#: BIDS mask labels of tissue classes and vessels (BIDS common derivatives and segmentation tools):
+#: never a lesion, so not scored as one (a WM mask would get an rCBV near 1 and a verdict); a note.
+BIDS_IGNORED = {"gm": "grey matter", "wm": "white matter", "csf": "cerebrospinal fluid", "head": "the head",
+                "bg": "background", "background": "background", "vein": "a venous mask", "vof": "a venous mask"}
 
 #: Plain layout: a case folder's sub-folder of this name (any letter case) holds the DSC series as DICOM
 #: files (converted by perfusion.dicom); masks then lie on the converted grid (``perfusion convert``).
@@ -255,6 +260,11 @@ def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, out_rel: Path, by
                                           case_id=prefix, problems=problems, notes=notes)
         else:
             found[kind] = [m.entry for m in index if m.kind == kind and m.applies_to(ents)]
+    if not patterns["roi"]:
+        for m in index:
+            if m.kind == "ignored" and m.applies_to(ents):
+                notes.append(f"{m.entry.path}: label {m.entities['label']} is {BIDS_IGNORED[m.entities['label'].lower()]}, "
+                             "not a lesion: not used by batch (lesions: label-<name>; reference: label-nawm)")
     if not found["roi"] and not patterns["roi"]:
         notes.append(f"{prefix}: no lesion mask (derivatives *_label-<name>_mask.nii.gz) found: maps only, no verdict")
     return _assemble(prefix, f, sc.path if sc is not None and sc.is_file else None, found, problems, notes,
@@ -284,7 +294,8 @@ def _index_masks(top: Path, bases: _Bounds) -> list[_Mask]:
         ents = _entities(parts[:-1])
         if "sub" not in ents or not ents.get("label"):
             continue
-        masks.append(_Mask(entry, ents, BIDS_LABELS.get(ents["label"].lower(), "roi")))
+        label = ents["label"].lower()
+        masks.append(_Mask(entry, ents, "ignored" if label in BIDS_IGNORED else BIDS_LABELS.get(label, "roi")))
     return masks
 
 
