@@ -45,6 +45,17 @@ def test_output_contract(analyzed, phantom_case):
     assert header.split("\t")[:4] == ["time_s", "aif", "reference_uncorrected", "reference"]
     assert "roi:roi-lesion_hyper" in header.split("\t") and len(rows) == 78
     assert json.loads((analyzed / "baseline.json").read_text())["Units"] == "a.u."
+    tables = sorted(analyzed.glob("*.tsv"))
+    assert {t.name for t in tables} >= {"aif.tsv", "curves.tsv", "motion.tsv"}
+    for table in tables:  # every table has a BIDS sidecar: each column with its units and description
+        columns = table.read_text().splitlines()[0].split("\t")
+        side = json.loads(table.with_suffix(".json").read_text())
+        assert list(side) == columns, table.name
+        assert all(side[c]["Units"] and side[c]["Description"] for c in columns), table.name
+    units = {t.stem: {c: v["Units"] for c, v in json.loads(t.with_suffix(".json").read_text()).items()} for t in tables}
+    assert units["aif"] == {"time_s": "s", "delta_r2s": "1/s"}
+    assert units["motion"]["rot_x_deg"] == "deg" and units["motion"]["fd_mm"] == "mm"
+    assert set(units["curves"].values()) == {"s", "1/s"}
     rep = json.loads((analyzed / "report.json").read_text())
     assert rep["software"]["name"] == "perfusion" and rep["software"]["version"]
     assert str(phantom_case["dsc"]) in rep["inputs"] and len(rep["inputs"][str(phantom_case["dsc"])]) == 64

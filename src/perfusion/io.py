@@ -484,6 +484,12 @@ def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, 
     return out
 
 
+def write_tsv_sidecar(path: Path, columns: dict[str, tuple[str, str]]) -> None:
+    """The BIDS JSON sidecar of a TSV table: per column name, its "Description" and "Units"
+    (``columns``: name -> (units, description))."""
+    write_json(path, {name: {"Description": desc, "Units": units} for name, (units, desc) in columns.items()})
+
+
 def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:
     names = list(columns)
     rows = zip(*(np.asarray(columns[n]) for n in names))
@@ -564,8 +570,9 @@ def _discard(stage: Path, created: list[Path]) -> None:
 # ------------------------------------------------------------------------------- output file names
 
 #: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
-PLAIN_FILES = {"aif": "aif.tsv", "curves": "curves.tsv", "curves_json": "curves.json", "report": "report.json",
-               "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm", "motion": "motion.tsv"}
+PLAIN_FILES = {"aif": "aif.tsv", "aif_json": "aif.json", "curves": "curves.tsv", "curves_json": "curves.json",
+               "report": "report.json", "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm",
+               "motion": "motion.tsv", "motion_json": "motion.json"}
 
 #: BIDS-derivative names (batch over a BIDS dataset): "<prefix>_" + this. Map suffixes follow the BIDS
 #: ASL derivatives' lower-case parameter suffixes (cbf, ...); variants carry a desc- entity; the T1 on
@@ -580,8 +587,9 @@ BIDS_FILES = {
     "brain_mask": "desc-brain_mask.nii.gz", "aif_mask": "desc-aif_mask.nii.gz",
     "reference_mask": "desc-reference_mask.nii.gz", "baseline": "desc-baseline_dsc.nii.gz",
     "anat": "space-dsc_T1w.nii.gz", "anat_xfm": "from-T1w_to-dsc_mode-image_xfm.tfm",
-    "aif": "desc-aif_timeseries.tsv", "curves": "desc-curves_timeseries.tsv", "curves_json": "desc-curves_timeseries.json",
-    "motion": "desc-motion_timeseries.tsv",
+    "aif": "desc-aif_timeseries.tsv", "aif_json": "desc-aif_timeseries.json",
+    "curves": "desc-curves_timeseries.tsv", "curves_json": "desc-curves_timeseries.json",
+    "motion": "desc-motion_timeseries.tsv", "motion_json": "desc-motion_timeseries.json",
     "report": "report.json", "report_html": "report.html",
 }
 

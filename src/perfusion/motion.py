@@ -416,6 +416,21 @@ def apply_correction(data: np.ndarray, affine: np.ndarray, estimate: MotionEstim
     return out
 
 
+#: motion.tsv columns: name -> (units, description), for its JSON sidecar.
+TIMESERIES_COLUMNS = {
+    "frame": ("1", "Frame index from 0"),
+    "time_s": ("s", "Time of the frame from the start of the series"),
+    **{f"rot_{a}_deg": ("deg", f"Rotation about the {a} axis, relative to the reference (baseline) image")
+       for a in "xyz"},
+    **{f"trans_{a}_mm": ("mm", f"Translation along the {a} axis, relative to the reference (baseline) image")
+       for a in "xyz"},
+    "fd_mm": ("mm", "Framewise displacement from the previous frame (Power et al. 2012; rotations on a 50 mm sphere)"),
+    "displacement_mm": ("mm", "Displacement from the reference image, measured the same way"),
+    "flagged": ("1", "1 where the framewise displacement exceeds the threshold in report.json motion"),
+    "corrected": ("1", "1 where the frame was realigned before the analysis"),
+}
+
+
 def timeseries(estimate: MotionEstimate, corrected: np.ndarray, *, tr: float) -> dict[str, np.ndarray]:
     """The columns of motion.tsv (units in the names; flags 0/1)."""
     n = estimate.rotation_deg.shape[0]

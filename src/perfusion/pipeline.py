@@ -643,7 +643,8 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
     "files" lists them. Returns that mapping (key -> file name)."""
     from . import report
-    from .io import output_file, roi_mask_files, write_json, write_map as _write_map, write_tsv
+    from . import motion
+    from .io import output_file, roi_mask_files, write_json, write_map as _write_map, write_tsv, write_tsv_sidecar
 
     files: dict[str, str] = {}
 
@@ -682,13 +683,21 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
         write_map(folder, f"roi:{name}", np.asarray(m).astype(np.uint8), s.affine, units="mask",
                   description=f"ROI {name} as given to analyze (copy of {inputs.paths.get(f'roi:{name}', name)})",
                   dtype=np.uint8)
-    for key in ("aif", "curves", "curves_json", "report", "report_html"):
+    for key in ("aif", "aif_json", "curves", "curves_json", "report", "report_html"):
         files[key] = output_file(key, prefix)
+    time_col = ("s", "Time from the start of the series (frames before the steady state dropped)")
     write_tsv(folder / files["aif"], {"time_s": result.time_s, "delta_r2s": result.aif_curve})
+    write_tsv_sidecar(folder / files["aif_json"], {
+        "time_s": time_col,
+        "delta_r2s": ("1/s", f"Arterial input function: mean delta R2* of the AIF voxels ({result.aif_info['source']})")})
     write_tsv(folder / files["curves"], {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
-    write_json(folder / files["curves_json"], {"Units": {"time_s": "s", "other columns": "1/s"},
-                                        "Description": "Mean delta R2* of the AIF, the reference tissue and each ROI; "
-                                                       "_uncorrected columns before leakage correction"})
+    curve_cols = {"time_s": time_col, "aif": ("1/s", "Mean delta R2* of the AIF voxels")}
+    for name in result.curves:
+        region = name.removesuffix("_uncorrected")
+        region = "the reference tissue" if region == "reference" else f"ROI {region}"
+        curve_cols[name] = ("1/s", f"Mean delta R2* of {region}"
+                            + (", before leakage correction" if name.endswith("_uncorrected") else ""))
+    write_tsv_sidecar(folder / files["curves_json"], curve_cols)
     if result.baseline_image is not None:
         write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
                   description="Mean signal of the baseline frames (background image for figures)")
@@ -696,7 +705,10 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
         files.update(write_anat(folder, result.anat, inputs.paths.get("anat", ""), prefix=prefix))
     if result.motion is not None and "timeseries" in result.motion:
         files["motion"] = output_file("motion", prefix)
+        files["motion_json"] = output_file("motion_json", prefix)
         write_tsv(folder / files["motion"], result.motion["timeseries"])
+        write_tsv_sidecar(folder / files["motion_json"], {k: v for k, v in motion.TIMESERIES_COLUMNS.items()
+                                                          if k in result.motion["timeseries"]})
     rep = report.build_report(result, inputs, files=files, roi_files=roi_files, prefix=prefix)
     write_json(folder / files["report"], rep)
     return files
