@@ -63,3 +63,20 @@ def shared_dir(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"reference data {path} not present (it lives in ../shared/reference-data)")
     return path
+
+
+def blob_texture(shape) -> "np.ndarray":
+    """1 plus four smooth blobs centred on different slices (x, y, z as fractions of the grid, in-plane
+    radius, amplitude): a time-constant, asymmetric intensity pattern for the registration tests
+    (test_motion, test_anat). The phantom is a cylinder whose baseline is a uniform disk: only structure
+    that changes from slice to slice fixes the tilt, and no rotation about its axis shows without it."""
+    import numpy as np
+
+    x, y, z = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    nx, ny, nz = shape
+    t = np.ones(shape)
+    for cx, cy, cz, r, a in ((0.30, 0.65, 0.1, 0.10, 0.6), (0.70, 0.30, 0.9, 0.08, 0.5),
+                             (0.62, 0.72, 0.5, 0.06, -0.4), (0.40, 0.25, 0.3, 0.07, 0.5)):
+        t += a * np.exp(-((x - cx * nx) ** 2 + (y - cy * ny) ** 2) / (2 * (r * nx) ** 2)
+                        - (z - cz * (nz - 1)) ** 2 / (2 * 0.8 ** 2))
+    return t

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
+from conftest import blob_texture
 from perfusion.cli import main
 from perfusion.register import Rigid, Volume, resample, upsampled_affine
 
@@ -38,15 +39,9 @@ def _true_transform() -> np.ndarray:
 def _texture(shape) -> np.ndarray:
     """A time-constant, asymmetric intensity pattern (blobs and an off-centre dark "ventricle"): the
     phantom's baseline is a uniform disk, whose rotation about its axis no image can reveal."""
-    x, y, z = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
-    nx, ny, nz = shape
-    t = np.ones(shape)
-    # blobs centred on different slices (x, y, z as fractions of the grid; radius in-plane; amplitude):
-    # the phantom is a cylinder, so only structure that changes from slice to slice fixes the tilt
-    for cx, cy, cz, r, a in ((0.30, 0.65, 0.1, 0.10, 0.6), (0.70, 0.30, 0.9, 0.08, 0.5),
-                             (0.62, 0.72, 0.5, 0.06, -0.4), (0.40, 0.25, 0.3, 0.07, 0.5)):
-        t += a * np.exp(-((x - cx * nx) ** 2 + (y - cy * ny) ** 2) / (2 * (r * nx) ** 2)
-                        - (z - cz * (nz - 1)) ** 2 / (2 * 0.8 ** 2))
+    x, y, _ = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
+    nx, ny, _ = shape
+    t = blob_texture(shape)
     t -= 0.5 * (((x - 0.42 * nx) / (0.06 * nx)) ** 2 + ((y - 0.5 * ny) / (0.16 * ny)) ** 2 < 1)
     return t
 

@@ -41,6 +41,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
+from conftest import blob_texture
 from perfusion import motion
 from perfusion.cli import main
 from perfusion.phantom import PhantomSpec, make_phantom
@@ -72,11 +73,7 @@ MOTION = {
 def _texture(shape, n_ellipsoids=40, seed=7) -> np.ndarray:
     x, y, z = np.meshgrid(*(np.arange(n, dtype=float) for n in shape), indexing="ij")
     nx, ny, nz = shape
-    t = np.ones(shape)
-    for cx, cy, cz, r, a in ((0.30, 0.65, 0.1, 0.10, 0.6), (0.70, 0.30, 0.9, 0.08, 0.5),
-                             (0.62, 0.72, 0.5, 0.06, -0.4), (0.40, 0.25, 0.3, 0.07, 0.5)):
-        t += a * np.exp(-((x - cx * nx) ** 2 + (y - cy * ny) ** 2) / (2 * (r * nx) ** 2)
-                        - (z - cz * (nz - 1)) ** 2 / (2 * 0.8 ** 2))
+    t = blob_texture(shape)
     rng = np.random.default_rng(seed)
     c = (nx - 1) / 2
     for _ in range(n_ellipsoids):
