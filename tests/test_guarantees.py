@@ -20,6 +20,7 @@ import pytest
 
 from conftest import folder_digest
 from perfusion.cli import main
+from perfusion.io import sidecar_path_for
 
 
 def _analyze_in_process(case, out: Path, threads: int) -> None:
@@ -28,6 +29,10 @@ def _analyze_in_process(case, out: Path, threads: int) -> None:
                            "--roi", str(case["lesion_hyper"]), "--roi", str(case["lesion_hypo"]), "-q", "--no-html"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr
+
+
+def _mask(path: Path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj) > 0
 
 
 def _maps(out: Path) -> dict[str, np.ndarray]:
@@ -214,7 +219,7 @@ def test_integer_series_with_a_scale_slope_and_intercept_is_read_scaled(phantom_
     data = np.asarray(img.dataobj).astype(np.float64)
     stored = np.clip(np.round((data - 100.0) / 0.25), -32768, 32767).astype(np.int16)
     values = (stored.astype(np.float32) * np.float32(0.25) + np.float32(100.0)).astype(np.float32)
-    sidecar = phantom_case["dsc"].with_name(phantom_case["dsc"].name.replace(".nii.gz", ".json")).read_text()
+    sidecar = sidecar_path_for(phantom_case["dsc"]).read_text()
     cases = {}
     for label in ("scaled", "float"):
         folder = tmp_path / label
@@ -230,13 +235,13 @@ def test_integer_series_with_a_scale_slope_and_intercept_is_read_scaled(phantom_
             raw[108:112] = np.array([352.0], dtype=im.header.endianness + "f4").tobytes()  # vox_offset
             dsc.write_bytes(gzip.compress(bytes(raw)))
             assert (nib.load(dsc).dataobj.slope, nib.load(dsc).dataobj.inter) == (0.25, 100.0)
-        folder.joinpath(dsc.name.replace(".nii.gz", ".json")).write_text(sidecar)
+        sidecar_path_for(dsc).write_text(sidecar)
         assert main(["analyze", str(dsc), "--out", str(folder / "out"), "--roi", str(phantom_case["lesion_hyper"]),
                      "-q", "--no-html", "--motion-correct", "off"]) == 0
         cases[label] = folder / "out"
     from perfusion.signal import to_delta_r2s
 
-    lesion = np.asarray(nib.load(phantom_case["lesion_hyper"]).dataobj) > 0
+    lesion = _mask(phantom_case["lesion_hyper"])
     unscaled, _ = to_delta_r2s(stored[lesion].astype(np.float64), te=0.025, baseline=slice(2, 10))
     scaled_right, _ = to_delta_r2s(values[lesion].astype(np.float64), te=0.025, baseline=slice(2, 10))
     # ignoring the intercept would change delta R2* by about 10 % here
@@ -260,8 +265,7 @@ def test_header_tr_disagreeing_with_the_sidecar_is_a_warning_and_the_sidecar_win
     im.header.set_zooms(img.header.get_zooms()[:3] + (2.0,))
     im.header.set_xyzt_units("mm", "sec")
     nib.save(im, str(dsc))
-    folder.joinpath("sub-tr_dsc.json").write_text(
-        phantom_case["dsc"].with_name(phantom_case["dsc"].name.replace(".nii.gz", ".json")).read_text())
+    sidecar_path_for(dsc).write_text(sidecar_path_for(phantom_case["dsc"]).read_text())
     out = tmp_path / "out"
     assert main(["analyze", str(dsc), "--out", str(out), "--no-html", "--motion-correct", "off"]) == 0
     captured = capsys.readouterr()
@@ -298,7 +302,7 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     the message must name."""
     img = nib.load(case["dsc"])
     data = np.asarray(img.dataobj).astype(np.float32)
-    sidecar = json.loads(case["dsc"].with_name(case["dsc"].name.replace(".nii.gz", ".json")).read_text())
+    sidecar = json.loads(sidecar_path_for(case["dsc"]).read_text())
     dsc = tmp / "sub-bad_dsc.nii.gz"
     extra: list[str] = []
     named = dsc
@@ -306,7 +310,7 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     def save(arr, *, meta=sidecar):
         nib.save(nib.Nifti1Image(arr, img.affine), str(dsc))
         if meta is not None:
-            dsc.with_name("sub-bad_dsc.json").write_text(json.dumps(meta))
+            sidecar_path_for(dsc).write_text(json.dumps(meta))
 
     if kind == "not_nifti":
         dsc.write_text("this is not an image")
@@ -356,7 +360,7 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     elif kind == "te_negative":
         save(data, meta={**sidecar, "EchoTime": -0.025})
     elif kind in ("ends_at_bolus_peak", "ends_during_first_pass"):
-        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        brain = _mask(case["brain"])
         peak = int(np.argmin(data[brain].mean(axis=0)))  # frame 19 of 80: the whole-brain signal minimum
         save(data[..., : peak + (1 if kind == "ends_at_bolus_peak" else 5)])
     elif kind == "no_arterial_voxel":
@@ -368,20 +372,19 @@ def _bad_case(kind: str, case, tmp: Path) -> tuple[list[str], Path]:
     elif kind == "aif_mask_without_bolus":  # drawn on the background outside the head: noise only
         save(data)
         named = tmp / "aif.nii.gz"
-        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        brain = _mask(case["brain"])
         nib.save(nib.Nifti1Image((~brain & (np.indices(brain.shape)[0] < 3)).astype(np.uint8), img.affine), str(named))
         extra = ["--aif", str(named)]
     elif kind == "roi_outside_brain":
         save(data)
         named = tmp / "roi.nii.gz"
-        brain = np.asarray(nib.load(case["brain"]).dataobj) > 0
+        brain = _mask(case["brain"])
         nib.save(nib.Nifti1Image((~brain & (np.indices(brain.shape)[0] < 5)).astype(np.uint8), img.affine), str(named))
         extra = ["--roi", str(named), "--roi", str(case["lesion_hyper"])]
     elif kind == "reference_overlaps_roi":
         save(data)
         named = tmp / "reference.nii.gz"
-        lesion = np.asarray(nib.load(case["lesion_hyper"]).dataobj) > 0
-        ref = np.asarray(nib.load(case["nawm"]).dataobj) > 0
+        lesion, ref = _mask(case["lesion_hyper"]), _mask(case["nawm"])
         nib.save(nib.Nifti1Image((ref | lesion).astype(np.uint8), img.affine), str(named))
         extra = ["--reference", str(named), "--roi", str(case["lesion_hyper"])]
     elif kind == "no_contrast":

@@ -89,10 +89,26 @@ def _load_image(path: Path, what: str):
         raise InputError(f"{path}: {what} not found; check the path")
     if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
         raise InputError(f"{path}: {what} must be a NIfTI file (.nii or .nii.gz)")
-    nib = _nib()
     gz = path.name.endswith(".gz")
     with _quiet_nibabel():
-        return _read_image(path, what, nib, gz)
+        try:
+            img = _read_gzip_image(path) if gz else _nib().load(str(path))
+            proxy = img.dataobj
+            # a header can promise far more data than the file holds; nibabel would allocate all of it first
+            promised = _image_bytes(proxy.shape, proxy.offset, proxy.dtype.itemsize)
+            held = len(proxy.file_like.getbuffer()) if gz else path.stat().st_size
+            if promised > held:
+                raise ValueError(f"the header promises {promised} bytes, the file holds {held}")
+            data = np.asarray(proxy)
+        except Exception as exc:  # nibabel raises many types for broken files
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise InputError(
+                f"{path}: not a readable NIfTI file ({reason}); re-export the {what} as .nii or .nii.gz"
+            ) from None
+        if data.dtype.kind not in "iuf":  # complex or RGB: no single real value per voxel
+            raise InputError(f"{path}: {what} holds {img.header.get_value_label('datatype')} values, not real "
+                             "numbers; re-export it as integers or floats")
+    return img, data
 
 
 @contextlib.contextmanager
@@ -111,27 +127,17 @@ def _quiet_nibabel():
         logger.setLevel(level)
 
 
-def _read_image(path: Path, what: str, nib, gz: bool):
-    try:
-        img = _read_gzip_image(path) if gz else nib.load(str(path))
-        proxy = img.dataobj
-        if not proxy.shape or min(proxy.shape) <= 0:  # nibabel reads no data for these, whatever the shape
-            raise ValueError(f"the header's shape {tuple(proxy.shape)} has no voxels")
-        # a header can promise far more data than the file holds; nibabel would allocate all of it first
-        promised = int(proxy.offset) + np.prod(proxy.shape, dtype=object) * proxy.dtype.itemsize  # Python ints
-        held = len(proxy.file_like.getbuffer()) if gz else path.stat().st_size
-        if promised > held:
-            raise ValueError(f"the header promises {promised} bytes, the file holds {held}")
-        data = np.asarray(proxy)
-    except Exception as exc:  # nibabel raises many types for broken files
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(
-            f"{path}: not a readable NIfTI file ({reason}); re-export the {what} as .nii or .nii.gz"
-        ) from None
-    if data.dtype.kind not in "iuf":  # complex or RGB: no single real value per voxel
-        raise InputError(f"{path}: {what} holds {img.header.get_value_label('datatype')} values, not real numbers; "
-                         "re-export it as integers or floats")
-    return img, data
+def _image_bytes(shape, offset: int, itemsize: int) -> int:
+    """Bytes a NIfTI file must hold: ``offset`` plus the data of ``shape`` (Python ints: no overflow).
+    ValueError for a shape without voxels (nibabel would read no data for it, whatever the file holds)."""
+    if not shape or min(shape) <= 0:
+        raise ValueError(f"the header's shape {tuple(shape)} has no voxels")
+    return int(offset) + int(np.prod(shape, dtype=object)) * int(itemsize)
+
+
+def _is_nifti2(raw: bytes) -> bool:
+    """A NIfTI-2 header (sizeof_hdr 540, either byte order) at the start of ``raw``."""
+    return raw[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
 
 
 def _read_gzip_image(path: Path):
@@ -139,8 +145,7 @@ def _read_gzip_image(path: Path):
     on a 27 MB series here), or zlib where isal is not installed. Same image as nibabel.load."""
     nib = _nib()
     raw = _gunzip_nifti(Path(path).read_bytes())
-    nifti2 = raw[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
-    return (nib.Nifti2Image if nifti2 else nib.Nifti1Image).from_bytes(raw)
+    return (nib.Nifti2Image if _is_nifti2(raw) else nib.Nifti1Image).from_bytes(raw)
 
 
 #: Output size of each decoding step past the image's end (bytes kept in memory at once).
@@ -185,13 +190,9 @@ def _promised_bytes(head: bytes) -> int:
     import io as _io
 
     nib = _nib()
-    nifti2 = head[:4] in ((540).to_bytes(4, "little"), (540).to_bytes(4, "big"))
-    hdr = (nib.Nifti2Header if nifti2 else nib.Nifti1Header).from_fileobj(_io.BytesIO(head), check=False)
-    shape = hdr.get_data_shape()
-    if not shape or min(shape) <= 0:
-        raise ValueError(f"the header's shape {tuple(shape)} has no voxels")
-    promised = max(int(hdr.get_data_offset()), hdr.sizeof_hdr) + int(
-        np.prod(shape, dtype=object)) * hdr.get_data_dtype().itemsize
+    hdr = (nib.Nifti2Header if _is_nifti2(head) else nib.Nifti1Header).from_fileobj(_io.BytesIO(head), check=False)
+    promised = _image_bytes(hdr.get_data_shape(), max(int(hdr.get_data_offset()), hdr.sizeof_hdr),
+                            hdr.get_data_dtype().itemsize)
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if promised > memory:
         raise ValueError(f"the header promises {promised / 1e9:.3g} GB of data, more than this machine's "
@@ -505,10 +506,10 @@ def check_output_folder(out: Path, *, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(f"{out}: folder is not empty; pass --force to write into it or choose another --out")
     # fail before the analysis, not after it: the nearest existing folder must take new entries
-    existing = next((p for p in (out, *out.absolute().parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
+    existing = next(p for p in (out, *out.absolute().parents) if p.exists())  # "/" at the latest
+    if not existing.is_dir():
         raise OutputError(f"{out}: {existing} is not a folder; choose another --out")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"{out}: cannot write into {existing} (permission denied or read-only); choose another --out")
 
 

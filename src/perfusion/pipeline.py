@@ -369,7 +369,7 @@ def _where(path: Path | None, what: str) -> str:
     return str(path) if path else what
 
 
-def _check_masks(inputs: Inputs, brain: np.ndarray, brain_source: str) -> None:
+def _check_masks(inputs: Inputs, brain: np.ndarray) -> None:
     """InputError for an ROI wholly outside the brain mask (a mask of another case or grid: its rCBV
     would be scored on background) and for a reference mask that overlaps an ROI (the lesion would
     raise its own reference: rCBV biased low)."""
@@ -417,7 +417,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         brain_source = "automatic (Otsu threshold of the mean image, largest component)"
         if brain.sum() < 10:
             raise InputError(f"{s.path}: the automatic brain mask is empty; give a mask with --mask")
-    _check_masks(inputs, brain, brain_source)
+    _check_masks(inputs, brain)
     analysis = brain.copy()
     for extra in [inputs.aif, inputs.reference, inputs.vof, *inputs.rois.values()]:
         if extra is not None:
@@ -642,8 +642,7 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     """Write maps with sidecars, masks, aif.tsv, curves, motion.tsv and report.json into ``folder`` (a staging
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
     "files" lists them. Returns that mapping (key -> file name)."""
-    from . import report
-    from . import motion
+    from . import motion, report
     from .io import output_file, roi_mask_files, write_json, write_map as _write_map, write_tsv, write_tsv_sidecar
 
     files: dict[str, str] = {}
