@@ -1,20 +1,19 @@
 """Arterial input function: automatic selection of arterial voxels, or a user mask.
 
-Automatic selection (after Mouridsen et al. 2006, MRM 55:524, simplified; the clustering version
-is tracked in issue 3): among voxels with a clean baseline (contrast-to-noise >= 5) and no
-saturation (the signal never falls to within 3 noise SD of zero, nor to the delta R2* cap):
-1. keep the 10 % with the largest area under delta R2*(t);
-2. drop the 25 % most irregular of those (sum of squared second differences over squared area);
-3. keep the earliest quarter by first moment (arteries fill first, veins and tissue later);
-4. rank by peak height / FWHM (high and narrow) and keep the best ``n_voxels``.
+Two automatic selections, both after Mouridsen et al. 2006 (MRM 55:524), among voxels with a clean
+baseline (contrast-to-noise >= 5) and no saturation (the signal never falls to within 3 noise SD of
+zero, nor to the delta R2* cap):
+- ``cluster_aif`` (the pipeline's default, ``--aif-selection cluster``): keep the 10 % with the largest
+  area, drop the 25 % most irregular, k-means of the unit-area curves seeded by first-moment quantiles,
+  the earliest cluster, with a partial-volume rejection step of our own (one round by default, the
+  paper's two on request);
+- ``select_aif`` (``--aif-selection rank``): the same first two steps, then the earliest quarter by
+  first moment, ranked by peak height / FWHM (high and narrow), the best ``n_voxels`` kept.
 The AIF is the mean delta R2* curve of the chosen voxels.
 
-Also here (not yet called by the pipeline):
-- ``cluster_aif``: the clustering version (Mouridsen 2006: k-means of unit-area curves, the earliest
-  cluster, twice), with a partial-volume rejection step of our own;
-- ``auto_vof`` and ``scale_to_vof``: venous voxels and the partial-volume scaling of the AIF to the
-  venous output function's area;
-- ``aif_quality_score``: a 0-1 score of an AIF with its components and warnings.
+Also here: ``auto_vof`` and ``scale_to_vof`` (venous voxels and the partial-volume scaling of the AIF
+to the venous output function's area, ``--vof``) and ``aif_quality_score`` (a 0-1 score of an AIF with
+its components and warnings, in every report).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ COLUMNS = ("case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high"
            "mixed", "verdict", "error", "seconds", "report")
 
 #: Analysis options a batch passes to every case (the ``perfusion analyze`` options without paths).
-ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "rcbv_low", "rcbv_high", "aif_voxels",
+ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "leakage_gate", "rcbv_low", "rcbv_high", "aif_voxels",
                     "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr",
                     "bevacizumab", "steroids")
 

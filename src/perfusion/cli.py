@@ -24,6 +24,9 @@ EXIT_CODES_HELP = (
 )
 
 #: --motion-correct help (analyze and batch).
+LEAKAGE_GATE_HELP = ("Where the leakage correction applies: lesion (default: every voxel of the --roi lesions, elsewhere only "
+                     "where the leak is significant, |K2| > 3 SE), voxel (only where significant, lesions included) or "
+                     "none (everywhere, as published).")
 MOTION_HELP = ("Head motion: auto (default: register every frame to the baseline and realign frames displaced "
                "by more than 0.5 mm), on (realign every frame displaced by more than 0.25 mm) or off (no estimate). "
                "Writes motion.tsv (deg, mm).")
@@ -81,7 +84,8 @@ def analyze(
     method: Annotated[str, typer.Option(help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")] = "model",
     threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
     oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
-    leakage: Annotated[str, typer.Option(help="Leakage correction: residue (default; Bjornerud 2011), bsw (Boxerman 2006), bidirectional (Leu 2016) or none.")] = "residue",
+    leakage: Annotated[str, typer.Option(help="Leakage correction: bidirectional (default; Leu 2016), bsw (Boxerman 2006), residue (Bjornerud 2011) or none.")] = "bidirectional",
+    leakage_gate: Annotated[str, typer.Option(help=LEAKAGE_GATE_HELP)] = "lesion",
     te: Annotated[Optional[float], typer.Option(help="Echo time in s (overrides the sidecar).")] = None,
     tr: Annotated[Optional[float], typer.Option(help="Repetition time in s (overrides sidecar and header).")] = None,
     rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
@@ -104,7 +108,8 @@ def analyze(
     from .commands import run_analyze
 
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
-                threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
+                threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate, te=te, tr=tr,
+                rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
                 recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
                 quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct, html=html,
@@ -115,18 +120,21 @@ def analyze(
 @_guard
 def phantom(
     out: Annotated[Path, typer.Argument(help="Output folder for the phantom case.")],
-    snr: Annotated[float, typer.Option(help="Baseline signal-to-noise ratio (S0 / noise SD).")] = 150.0,
+    snr: Annotated[Optional[float], typer.Option(help="Baseline signal-to-noise ratio (S0 / noise SD; default 150, --realistic 50).")] = None,
     seed: Annotated[int, typer.Option(help="Random seed of the noise.")] = 0,
-    tr: Annotated[float, typer.Option(help="Repetition time in s (a multiple of 0.01).")] = 1.5,
-    te: Annotated[float, typer.Option(help="Echo time in s.")] = 0.025,
-    frames: Annotated[int, typer.Option(help="Number of frames.")] = 80,
+    tr: Annotated[float, typer.Option(help="Repetition time in s (a multiple of 0.01; --realistic: of 0.05).")] = 1.5,
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s (default 0.025, --realistic 0.03).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Number of frames (default 80, --realistic 60).")] = None,
     leaky_lesions: Annotated[bool, typer.Option("--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and T2*-dominant).")] = False,
+    realistic: Annotated[bool, typer.Option("--realistic", help="The realistic head instead (physics unlike the methods' models: quadratic blood relaxation, log-normal residues, strong leakage, mixed lesions, scalp and orbits); --snr defaults to 50, --te to 0.03, --frames to 60.")] = False,
+    protocol: Annotated[str, typer.Option(help="--realistic: flip60_no_preload (default), flip60_preload or flip30_no_preload.")] = "flip60_no_preload",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
 ) -> None:
     """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
     from .commands import run_phantom
 
-    run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force)
+    run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force,
+                realistic=realistic, protocol=protocol)
 
 
 @app.command()
@@ -188,7 +196,8 @@ def batch(
     scheduler: Annotated[Optional[str], typer.Option(help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")] = None,
     scheduler_file: Annotated[Optional[Path], typer.Option(help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")] = None,
     method: Annotated[str, typer.Option(help="Deconvolution: model (default), osvd, csvd, ssvd or tikhonov.")] = "model",
-    leakage: Annotated[str, typer.Option(help="Leakage correction: residue (default), bsw, bidirectional or none.")] = "residue",
+    leakage: Annotated[str, typer.Option(help="Leakage correction: bidirectional (default), bsw, residue or none.")] = "bidirectional",
+    leakage_gate: Annotated[str, typer.Option(help=LEAKAGE_GATE_HELP)] = "lesion",
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster or rank.")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: none or auto.")] = "none",
     rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
@@ -205,7 +214,8 @@ def batch(
     Exit code 3 when some cases failed (see summary.tsv)."""
     from .commands import run_batch_command
 
-    params = {"method": method, "leakage": leakage, "aif_selection": aif_selection, "vof": vof,
+    params = {"method": method, "leakage": leakage, "leakage_gate": leakage_gate, "aif_selection": aif_selection,
+              "vof": vof,
               "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr, "motion_correct": motion_correct,
               "weeks_since_radiation": weeks_since_radiation, "bevacizumab": bevacizumab, "steroids": steroids}
     code = run_batch_command(input_dir=input_dir, out=out, layout=layout, derivatives=derivatives,

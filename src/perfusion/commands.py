@@ -67,14 +67,15 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
 
 
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
-                leakage: str = "residue", rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
-                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
-                weeks_since_radiation: float | None = None, motion_correct: str = "auto", bevacizumab: bool = False,
-                steroids: bool = False):
+                leakage: str = "bidirectional", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
+                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "none",
+                recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
+                bevacizumab: bool = False, steroids: bool = False):
     """The pipeline Config of the command-line options, validated (UsageError)."""
     from .pipeline import Config
 
-    return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
+    return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
+                  aif_voxels=aif_voxels,
                   aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
@@ -125,7 +126,8 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
 
 def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
                 rois: list[Path] = (), method: str = "model", threshold: float | None = None,
-                oi_target: float | None = None, leakage: str = "residue", te: float | None = None,
+                oi_target: float | None = None, leakage: str = "bidirectional", leakage_gate: str = "lesion",
+                te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
@@ -137,7 +139,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     from .pipeline import write_result
 
     config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
-                         rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
+                         leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
                          vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                          motion_correct=motion_correct, bevacizumab=bevacizumab, steroids=steroids)
     out = Path(out)
@@ -206,19 +208,37 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
     con.print(DISCLAIMER)
 
 
-def run_phantom(*, out: Path, snr: float = 150.0, seed: int = 0, tr: float = 1.5, te: float = 0.025,
-                frames: int = 80, leaky_lesions: bool = False, force: bool = False, quiet: bool = False) -> dict:
+def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float = 1.5, te: float | None = None,
+                frames: int | None = None, leaky_lesions: bool = False, force: bool = False, quiet: bool = False,
+                realistic: bool = False, protocol: str = "flip60_no_preload") -> dict:
+    """Write a phantom case: phantom.py's (defaults SNR 150, TE 0.025 s, 80 frames) or, ``realistic``,
+    phantom_realistic.py's head (SNR 50, TE 0.03 s, 60 frames, ``protocol``)."""
     from .io import staged_output
-    from .phantom import PhantomSpec, make_phantom, write_phantom
 
+    snr = snr if snr is not None else (50.0 if realistic else 150.0)
+    te = te if te is not None else (0.03 if realistic else 0.025)
+    frames = frames if frames is not None else (60 if realistic else 80)
     if snr <= 0 or frames < 30 or tr <= 0 or te <= 0:
         raise UsageError("phantom: need --snr > 0, --frames >= 30, --tr > 0 and --te > 0")
+    if realistic and leaky_lesions:
+        raise UsageError("phantom: --leaky-lesions belongs to the first phantom; the --realistic head has its own lesions")
     try:
-        ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames, leaky_lesions=leaky_lesions))
+        if realistic:
+            from .phantom_realistic import RealisticSpec, make_realistic_phantom, write_realistic
+
+            ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=snr, seed=seed, tr=tr, te=te,
+                                                      n_frames=frames))
+            writer = write_realistic
+        else:
+            from .phantom import PhantomSpec, make_phantom, write_phantom
+
+            ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames,
+                                          leaky_lesions=leaky_lesions))
+            writer = write_phantom
     except ValueError as exc:
         raise UsageError(f"phantom: {exc}") from None
     with staged_output(Path(out), force=force) as stage:
-        paths = write_phantom(ph, stage)
+        paths = writer(ph, stage)
     if not quiet:
         _console().print(f"Phantom written to {out} (series {paths['dsc'].name}, truth.json, masks, truth/)")
     return {k: Path(out) / v.relative_to(stage) for k, v in paths.items()}
@@ -252,12 +272,14 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
     rows += validate.validate_phantom(methods, spec=spec)
     summary = validate.summarize(rows)
     leak_rows = validate.validate_leakage(spec=validate.PhantomSpec(leaky_lesions=True))
+    realistic_rows = validate.validate_realistic(seeds=(0,) if quick else validate.REALISTIC_SEEDS)
     report = {"software": {"name": "perfusion", "version": __version__}, "methods": methods,
               "reference_data": str(ref) if ref else None, "skipped": skipped,
               "error_definition": "estimate / truth - 1 against the nominal truth; median_abs and p90_abs of |error|, "
                                   "bias the median signed error",
               "summary": summary,
               "leakage": leak_rows,
+              "realistic": realistic_rows,
               "rows": [{"dataset": r.dataset, "group": r.group, "method": r.method, "item": r.item,
                         "truth": r.truth, "estimate": r.estimate} for r in rows]}
     if json_path is not None:
@@ -270,7 +292,7 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
         except OSError as exc:
             raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
     if not quiet:
-        print_validation(summary, skipped, json_path, leak_rows)
+        print_validation(summary, skipped, json_path, leak_rows, realistic_rows)
     return report
 
 
@@ -329,7 +351,7 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
 
 
 def print_validation(summary: list[dict], skipped: list[str], json_path: Path | None,
-                     leak_rows: list[dict] | None = None) -> None:
+                     leak_rows: list[dict] | None = None, realistic_rows: list[dict] | None = None) -> None:
     from rich.table import Table
 
     con = _console()
@@ -356,10 +378,40 @@ def print_validation(summary: list[dict], skipped: list[str], json_path: Path | 
             cells = [f"{r[m]['rcbv_median']:.2f}" + ("" if r[m]["verdict"] == r["truth_verdict"] else " x") for m in methods]
             table.add_row(r["lesion"], f"{r['ktrans_per_min']:g}", f"{r['truth_rcbv']:.2f}", *cells)
         con.print(table)
+    if realistic_rows:
+        print_realistic(con, realistic_rows)
     for s in skipped:
         con.print(f"skipped: {s}")
     if json_path is not None:
         con.print(f"JSON written to {json_path}")
+
+
+def print_realistic(con, rows: list[dict]) -> None:
+    """The realistic-phantom table: per protocol and lesion, at the lowest SNR and first seed, the truth,
+    the analysis's rCBV with its interval and verdict, and the rCBV under each leakage correction; then
+    the counts over every run."""
+    from rich.table import Table
+
+    from .roi import SENSITIVITY_METHODS
+
+    snr, seed = min(r["snr"] for r in rows), min(r["seed"] for r in rows)
+    table = Table(title=f"realistic phantom (SNR {snr:g}, seed {seed}; automatic AIF, NAWM reference): median rCBV "
+                        "[95 % interval], verdict (x: not one a correct analysis may give); rCBV per leakage correction")
+    for col in ("protocol", "lesion", "truth", "rCBV [interval]", "verdict", *SENSITIVITY_METHODS):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        if r["snr"] != snr or r["seed"] != seed:
+            continue
+        lo, hi = r["rcbv_ci"]
+        table.add_row(r["protocol"], r["lesion"], f"{r['truth_rcbv']:.2f}", f"{r['rcbv_median']:.2f} [{lo:.2f}, {hi:.2f}]",
+                      r["verdict"] + ("" if r["verdict_ok"] else " x"),
+                      *[f"{r['rcbv_by_leakage'].get(k, float('nan')):.2f}" for k in SENSITIVITY_METHODS])
+    con.print(table)
+    plain = [r for r in rows if r["lesion"] != "mixed"]
+    con.print(f"realistic phantom, {len({(r['protocol'], r['snr'], r['seed']) for r in rows})} runs "
+              f"(protocols x SNR {sorted({r['snr'] for r in rows})} x seeds {sorted({r['seed'] for r in rows})}): "
+              f"verdicts right {sum(r['verdict_ok'] for r in rows)}/{len(rows)}; largest |rCBV error| "
+              f"{100 * max(abs(r['rel_error']) for r in plain):.1f} % (lesions other than the mixed one)")
 
 
 def run_compare(*, prior: Path, current: Path, out: Path, force: bool = False, quiet: bool = False) -> dict:

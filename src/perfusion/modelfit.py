@@ -1,8 +1,9 @@
 """Model-based deconvolution: a per-voxel fit of flow, mean transit time, residue shape and delay.
 
 Model: c(t) = F int a(u - tau) R(t - u) du with R(t) = 1 - G(t; lambda, MTT / lambda), the residue of
-a gamma distribution of capillary transit times (Mouridsen et al. 2006, MRM 55:524 and 56:1220;
-Chappell et al. 2015, Verbena): lambda = 1 is the exponential (one-compartment) residue, large lambda
+a gamma distribution of capillary transit times (Mouridsen, Friston, Hjort, Gyldensted, Ostergaard,
+Kiebel: Bayesian estimation of cerebral perfusion using a physiological model of microvasculature,
+NeuroImage 2006;33:570; Chappell et al. 2015, Verbena): lambda = 1 is the exponential (one-compartment) residue, large lambda
 approaches a boxcar. F (1/s) is CBF before kH/rho scaling, MTT (s) the mean transit time, tau (s)
 the tissue delay; R peaks at t = tau, so Tmax = tau.
 

@@ -35,7 +35,8 @@ by tracer kinetics, not by the model of any correction:
   fine grid (trapezoid weight at lag 0, like the residue); Ktrans in 1/s inside the code.
 - Signal S(t) = M0 SPGR(R1(t)) exp(-TE (delta R2*_vascular(t) + r2e C_e(t))), with
   SPGR(R1) = sin(a) (1 - E1) / (1 - cos(a) E1), E1 = exp(-TR R1), R1(t) = 1/T10 + r1 C_e(t),
-  a = ``PhantomSpec.flip_angle`` (60 degrees: Boxerman 2020 consensus, no preload), and
+  a = ``PhantomSpec.flip_angle`` (60 degrees, no preload: the Boxerman 2020 consensus pairs 60 degrees
+  with a full preload and 30 degrees with none, so this is the leakier, off-consensus case), and
   M0 = S0 / SPGR(1/T10) so that the baseline equals ``s0`` as everywhere else. r1 is
   ``R1_PER_MM_S`` (gadobutrol in plasma at 3 T).
 - The intravascular agent's T1 effect is neglected: water exchange across the capillary wall is not
@@ -156,7 +157,7 @@ class PhantomSpec:
     steady_state_boost: tuple[float, ...] = (1.20, 1.05)
     # leaky lesions: one extra slice (module docstring); off by default
     leaky_lesions: bool = False
-    flip_angle: float = 60.0  # degrees; Boxerman et al. 2020 consensus (no preload)
+    flip_angle: float = 60.0  # degrees, no preload (Boxerman 2020 pairs 60 with a preload, 30 without)
     # Per leaky lesion: cbf mL/100 g/min, mtt s (each its own, unlike the NAWM's 6 s), ktrans 1/min
     # (low on purpose: module docstring), ve mL/mL (0.2-0.35, around the 0.29 that Skinner 2016,
     # AJNR 37:80, reports in glioma), r2e 1/(mM s) (the leaked agent's T2* relaxivity, a tissue property:

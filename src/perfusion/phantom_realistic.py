@@ -37,20 +37,20 @@ Contrast agent and relaxation (concentrations in mM, rates in 1/s)
   effect is several times smaller.
 - Rician noise of SD (white-matter S0) / ``snr``; stored as float32 (no rounding).
 
-Head (matrix x matrix x N_SLICES, 2.4 x 2.4 x 5 mm, RAS affine: voxel x grows to the patient's left)
+Head (matrix x matrix x N_SLICES, 2.4 x 2.4 x 5 mm, RAS affine: voxel x grows to the patient's right)
 - Brain: an ellipse with a cortical grey-matter ribbon, white matter, two ventricles (CSF, no
   contrast); a skull gap (no signal) and an enhancing scalp around it; two orbits (bright, no
   perfusion) in front of the brain on the lowest slice.
 - Vessels: a middle cerebral artery in each hemisphere (2 x 2 pure arterial voxels ringed by
   voxels holding ``partial_volume_fraction`` of artery, the signals added as magnetisation) and the
   sagittal sinus at the back of the midline (late, dispersed, partial-volume ring).
-- Lesions, all in the patient's right hemisphere (low x), each ringed by a band of treated,
+- Lesions, all in the patient's left hemisphere (low x), each ringed by a band of treated,
   low-CBV white matter (TREATED_RCBV of the NAWM, TREATED_BAND_VOXELS wide); ``LESIONS`` lists
   them: recurrence and treatment effect with T1- and T2*-dominant leakage, an indeterminate one, a
   mixed lesion whose voxels hold varying fractions of recurrence-like and treatment-like tissue (a
   smooth random field per seed), a recurrence around a necrotic core, a treatment-effect lesion with
   a vessel running through it.
-- ``delayed_territory``: the right MCA territory of the upper slices arrives 4 s late and dispersed
+- ``delayed_territory``: the left MCA territory of the upper slices arrives 4 s late and dispersed
   (mean transit of the transport function 3 s), as behind a stenosis; no lesion there.
 - ``lesions=()`` gives a brain without leakage (the scalp still enhances, outside the brain).
 
@@ -373,7 +373,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
         truth["ktrans"][cond, z] = ktrans
         truth["delay"][cond, z] = delay
 
-    right = xx < cx  # patient's right: low x in RAS
+    lesion_side = xx < cx  # the patient's left: low x (RAS: x grows to the patient's right)
     lesion_truth: dict[str, dict] = {}
     for z in range(nz):
         brain = brain2d & ~vent
@@ -384,7 +384,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
         wm = brain & ~gm2d
         masks["wm"][:, :, z] = wm
         delayed = spec.delayed_territory and z >= 4
-        territory = right & brain if delayed else np.zeros((m, m), bool)
+        territory = lesion_side & brain if delayed else np.zeros((m, m), bool)
         d, disp = (4.0, 3.0) if delayed else (0.0, 0.0)
         for cond, tissue in ((wm & ~territory, "wm"), (gm2d & ~territory, "gm")):
             put(z, cond, TISSUES[tissue], TISSUES[tissue]["s0"])
@@ -538,10 +538,10 @@ def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-reali
         "EchoTime": spec.te, "RepetitionTime": spec.tr, "FlipAngle": PROTOCOLS[spec.protocol]["flip_angle"],
         "MagneticFieldStrength": 3, "Manufacturer": "perfusion realistic phantom", "ContrastBolusIngredient": "GADOLINIUM"})
     paths["dsc"] = series
-    left = np.zeros(ph.signal.shape[:3], bool)
-    left[ph.signal.shape[0] // 2 + 1:] = True
+    contra = np.zeros(ph.signal.shape[:3], bool)  # the hemisphere without lesions (high x: the patient's right)
+    contra[ph.signal.shape[0] // 2 + 1:] = True
     written = {"brain": ("mask-brain", ph.masks["brain"]), "aif": ("mask-aif", ph.masks["aif"]),
-               "nawm": ("mask-reference", ph.masks["nawm"] & left), "vein": ("mask-vein", ph.masks["vein"])}
+               "nawm": ("mask-reference", ph.masks["nawm"] & contra), "vein": ("mask-vein", ph.masks["vein"])}
     for n in spec.lesions:
         written[n] = (f"roi-{n}", ph.masks[n])
     for key, (name, mask) in written.items():

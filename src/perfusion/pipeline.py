@@ -22,6 +22,15 @@ from .units import KH, RHO_BRAIN_G_PER_ML, cbf_scale, cbv_scale
 #: --leakage choices: none, or a correction of leakage.py.
 LEAKAGE_METHODS = ("none", "bsw", "bidirectional", "residue")
 
+#: --leakage-gate choices, where the correction is applied:
+#: "lesion": every voxel of the lesion ROIs (an enhancing lesion leaks by definition, and a per-voxel
+#:     test there leaves the weak leaks uncorrected and biases the ROI's statistics), elsewhere only
+#:     where |K2| > leakage.GATE_K standard errors (normal tissue, delayed territories and the reference
+#:     stay as measured);
+#: "voxel": only where |K2| > GATE_K SE, lesions included (the gated BSW of earlier versions);
+#: "none": everywhere, as published (Boxerman 2006; Leu 2016; Bjornerud 2011).
+LEAKAGE_GATES = ("lesion", "voxel", "none")
+
 #: Every --method: the SVD family and Tikhonov (deconvolution.py) and the model fit (modelfit.py).
 METHODS = (*deconvolution.METHODS, "model")
 
@@ -58,7 +67,8 @@ class Config:
     method: str = "model"
     threshold: float | None = None  # fixed relative SVD threshold P (ssvd, csvd)
     oi_target: float | None = None  # oSVD oscillation-index target
-    leakage: str = "residue"  # measured best on the leaky phantom (README); "none" switches it off
+    leakage: str = "bidirectional"  # measured on the realistic phantom (README, validate.DEFAULT_LEAKAGE_WHY)
+    leakage_gate: str = "lesion"  # where the correction applies: LEAKAGE_GATES
     aif_selection: str = "cluster"  # "cluster" (Mouridsen 2006 k-means) or "rank" (peak/width ranking)
     vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
@@ -80,6 +90,8 @@ class Config:
             raise UsageError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
         if self.leakage not in LEAKAGE_METHODS:
             raise UsageError(f"--leakage {self.leakage}: choose one of {', '.join(LEAKAGE_METHODS)}")
+        if self.leakage_gate not in LEAKAGE_GATES:
+            raise UsageError(f"--leakage-gate {self.leakage_gate}: choose one of {', '.join(LEAKAGE_GATES)}")
         if not 0 < self.rcbv_low < self.rcbv_high:
             raise UsageError(f"rCBV thresholds must satisfy 0 < low < high, got {self.rcbv_low} and {self.rcbv_high}")
         if self.aif_selection not in ("cluster", "rank"):
@@ -251,14 +263,47 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
     return curve, aif_rows, info, notes
 
 
-#: The sensitivity key (roi.SENSITIVITY_METHODS) of each --leakage choice as the pipeline runs it: the
-#: pipeline applies correct_leakage's default gate, so --leakage bsw is gated BSW here ("bsw-gated" is the
-#: name the CLI is to give it; when "bsw" comes to mean published ungated BSW, map it to "bsw").
-LEAKAGE_KEY = {"none": "none", "bsw": "bsw_gated", "bsw-gated": "bsw_gated", "bidirectional": "bidirectional",
-               "residue": "residue"}
-#: Each sensitivity key as (correct_leakage method, gate_k).
-SENSITIVITY_CORRECTIONS = {"bsw": ("bsw", None), "bsw_gated": ("bsw", "default"), "residue": ("residue", "default"),
-                           "bidirectional": ("bidirectional", "default")}
+#: With the "lesion" gate, rCBV divides the lesion's CBV, corrected without a gate, by the reference
+#: tissue's CBV under the same ungated correction (not by the reference in the CBV map, which the gate
+#: leaves as measured): what the model does to a non-leaking curve whose shape differs from the
+#: reference curve's then cancels as far as lesion and reference share it. Measured on the realistic
+#: phantom (validate.validate_realistic; README "Leakage"): see DEFAULT_LEAKAGE_WHY in validate.py.
+REFERENCE_CORRECTED_ALIKE = True
+
+
+def leakage_key(method: str, gate: str) -> str:
+    """The sensitivity key (roi.SENSITIVITY_METHODS, or ``<method>_gated``) of what the analysis did in
+    the lesion ROIs: with the "lesion" or no gate they are corrected without a gate."""
+    if method == "none" or gate != "voxel":
+        return method
+    return f"{method}_gated"
+
+
+#: Each sensitivity key as (correct_leakage method, gate_k): in a lesion ROI, every correction without
+#: a gate (as the default "lesion" gate applies it), and BSW also with its per-voxel gate.
+SENSITIVITY_CORRECTIONS = {"bsw": ("bsw", None), "bsw_gated": ("bsw", leakage.GATE_K), "residue": ("residue", None),
+                           "bidirectional": ("bidirectional", None)}
+
+
+def correct_leakage(c: np.ndarray, *, method: str, gate: str, in_lesion: np.ndarray | None, tr: float,
+                    reference, aif, baseline: slice, bsw_reference=None) -> "leakage.LeakageFit":
+    """``method``'s leakage correction of delta R2* rows (1/s, (n, n_t)), applied where the --leakage-gate
+    ``gate`` says (LEAKAGE_GATES): the rows in lesion ROIs (``in_lesion``, bool (n,)) with "lesion", and
+    with "lesion" or "voxel" the rows whose BSW K2 is significant (leakage.bsw_significant, against
+    ``bsw_reference``, BSW's reference curve): the one test that does not read a delayed or dispersed
+    curve as leakage, whichever method corrects."""
+    fit = leakage.correct_leakage(c, tr=tr, method=method, reference=reference, aif=aif, baseline=baseline,
+                                  gate_k=None)
+    if gate == "none":
+        return fit
+    if method == "bsw" or bsw_reference is None:  # BSW's own test, or the method's when no BSW reference exists
+        with np.errstate(invalid="ignore"):
+            rows = np.abs(fit.k2) > leakage.GATE_K * fit.k2_se
+    else:
+        rows = leakage.bsw_significant(c, bsw_reference, tr=tr, baseline=baseline)
+    if gate == "lesion" and in_lesion is not None:
+        rows = rows | in_lesion
+    return leakage.restrict(fit, rows)
 
 
 def _rows_of(mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -396,7 +441,7 @@ def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config
         fit = modelfit.fit(op, c)
         f = fit.flow * cbf_scale(config.kh, config.rho)
         ok = fit.valid
-        mtt_s, tmax_s = fit.mtt, fit.delay  # the exponential residue peaks at the delay
+        mtt_s, tmax_s = fit.mtt, fit.delay  # the gamma-distribution residue is 1 until the delay: Tmax = delay
     else:
         res = deconvolution.deconvolve(op, c)
         f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
@@ -558,10 +603,23 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
             leakage.correct_leakage(dr2s[:1].astype(np.float64), tr=s.tr, method="residue", aif=aif_curve, baseline=bl)
         except ValueError as exc:
             leak_method = "bsw"
-            notes.append(f"residue-domain leakage correction impossible ({exc}); fell back to gated BSW")
+            notes.append(f"residue-domain leakage correction impossible ({exc}); fell back to BSW")
     ne, cv = _brain_signal_stats(flat, idx, brain_rows, keep, bl, chunk=config.chunk_voxels)
     leak_ref, leak_info = _leakage_reference(leak_method, dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne,
                                              path=s.path)
+    leak_info["gate"] = config.leakage_gate
+    # BSW's reference curve: the leakage gate's test (correct_leakage) and the lesions' leakage sensitivity
+    bsw_ref = leak_ref if leak_method in ("bsw", "bidirectional") else None
+    if bsw_ref is None and (leak_method != "none" or inputs.rois):
+        try:
+            bsw_ref, _ = _leakage_reference("bsw", dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne, path=s.path)
+        except InputError:
+            notes.append("no non-enhancing brain voxel for a BSW reference curve: the leakage gate uses the "
+                         "correction's own test, and the leakage sensitivity has no bsw, bsw_gated or bidirectional "
+                         "entry")
+    in_lesion = np.zeros(n_vox, bool)
+    for m in inputs.rois.values():
+        in_lesion |= m.ravel()[idx]
     stages.lap("leakage")
     names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
@@ -571,8 +629,8 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
         c = dr2s[sl].astype(np.float64)
         if leak_method != "none":
-            fit = leakage.correct_leakage(c, tr=s.tr, method=leak_method, reference=leak_ref, aif=aif_curve,
-                                          baseline=bl)
+            fit = correct_leakage(c, method=leak_method, gate=config.leakage_gate, in_lesion=in_lesion[sl], tr=s.tr,
+                                  reference=leak_ref, aif=aif_curve, baseline=bl, bsw_reference=bsw_ref)
             out["k2"][sl] = np.where(fit.valid, fit.k2, np.nan)
             out["cbv_uncorrected"][sl] = maps.cbv(c, aif_curve, tr=s.tr, kh=config.kh, rho=config.rho)
             c = np.where(fit.valid[:, None], fit.corrected, c)
@@ -638,14 +696,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     ref_peak = float(np.nanmedian(volumes["gv_peak"][ref_mask])) if np.isfinite(volumes["gv_peak"][ref_mask]).any() else np.nan
     scores = []
     if inputs.rois:
-        leak_key = LEAKAGE_KEY[leak_method]
-        bsw_ref = leak_ref if leak_method in ("bsw", "bidirectional") else None
-        if bsw_ref is None:
-            try:
-                bsw_ref, _ = _leakage_reference("bsw", dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne, path=s.path)
-            except InputError:
-                notes.append("no non-enhancing brain voxel for a BSW reference curve: the leakage sensitivity has no "
-                             "bsw, bsw_gated or bidirectional entry")
+        leak_key = leakage_key(leak_method, config.leakage_gate)
         vessels = aif_mask.copy()
         if inputs.vof is not None:
             vessels |= inputs.vof
@@ -657,13 +708,21 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         sens_cbv, sens_r2 = _leakage_sensitivity(dr2s[sens_rows].astype(np.float64), tr=s.tr, aif_curve=aif_curve,
                                                  aif_used=aif_used, bsw_ref=bsw_ref, bl=bl, config=config,
                                                  t_frames=t_frames, t_first=base.start * s.tr)
-        # the correction the maps used: its values from the maps themselves (identical computation)
-        sens_cbv[leak_key] = np.asarray(volumes["cbv"].ravel()[idx[sens_rows]], dtype=np.float64)
         n_ref = ref_rows.size
+        # the correction the maps used: the lesions' values from the maps themselves (identical computation);
+        # the reference's from the maps too, unless it is corrected alike (REFERENCE_CORRECTED_ALIKE)
+        map_cbv = np.asarray(volumes["cbv"].ravel()[idx[sens_rows]], dtype=np.float64)
+        alike = REFERENCE_CORRECTED_ALIKE and leak_key in sens_cbv and config.leakage_gate == "lesion"
+        sens_cbv[leak_key] = np.concatenate([sens_cbv[leak_key][:n_ref], map_cbv[n_ref:]]) if alike else map_cbv
         ref_med = {}
         for k, v in sens_cbv.items():
             med = float(np.nanmedian(v[:n_ref])) if np.isfinite(v[:n_ref]).any() else float("nan")
             ref_med[k] = med if med > 0 else float("nan")
+        if alike and np.isfinite(ref_med[leak_key]):
+            reference_info.update({"cbv_median_map": ref_cbv, "cbv_median": ref_med[leak_key],
+                                   "corrected_alike": leak_key})
+            ref_cbv = ref_med[leak_key]
+            volumes["rcbv"] = (volumes["cbv"] / ref_cbv).astype(np.float32)
         pooled = [k for k in dict.fromkeys((leak_key, *config.leakage_plausible)) if np.isfinite(ref_med[k])]
         ref_boot = {k: roi.resample_reference(sens_cbv[k][:n_ref]) for k in pooled}
         reference_info["cbv_median_by_leakage"] = ref_med
@@ -686,7 +745,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                 if np.all(np.isfinite(mean_curve)):
                     try:
                         fit_r2_curve = float(leakage.correct_leakage(
-                            mean_curve, tr=s.tr, method=leak_method.replace("-gated", ""), reference=leak_ref,
+                            mean_curve, tr=s.tr, method=leak_method, reference=leak_ref,
                             aif=aif_curve, baseline=bl, gate_k=None).r2[0])
                     except ValueError:
                         pass
@@ -713,8 +772,9 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         raw = dr2s[rows].astype(np.float64)
         curves[f"{label}_uncorrected"] = np.nanmean(raw, axis=0)
         if leak_method != "none":
-            fit = leakage.correct_leakage(raw, tr=s.tr, method=leak_method, reference=leak_ref, aif=aif_curve,
-                                          baseline=bl)
+            fit = correct_leakage(raw, method=leak_method, gate=config.leakage_gate,
+                                  in_lesion=np.full(rows.size, label.startswith("roi:")), tr=s.tr,
+                                  reference=leak_ref, aif=aif_curve, baseline=bl, bsw_reference=bsw_ref)
             raw = np.where(fit.valid[:, None], fit.corrected, raw)
         curves[label] = np.nanmean(raw, axis=0)
     baseline_image = s.data[..., base.start:base.stop].mean(axis=3)
@@ -769,9 +829,11 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     params = {"method": result.config.method, **{k: v for k, v in result.config.as_dict().items()
                                                  if k in ("threshold", "oi_target", "kh", "rho")},
               "te_s": s.te, "tr_s": s.tr, "aif": result.aif_info["source"], "leakage": result.config.leakage}
-    model_desc = {"mtt": "Mean transit time: fitted MTT of the exponential residue (model fit)",
+    model_desc = {"mtt": ("Mean transit time: fitted MTT of the gamma transit-time-distribution residue (model fit; "
+                          "CBF x MTT / 60 differs from cbv.nii.gz, which is the trapezoid area ratio: see README)"),
                   "tmax": "Time of the residue maximum: the fitted tissue delay (model fit)",
-                  "cbf": "Cerebral blood flow: kH/rho * fitted flow F of the exponential-residue model * 6000"}
+                  "cbf": ("Cerebral blood flow: kH/rho * fitted flow F of the gamma transit-time-distribution residue "
+                          "model (Mouridsen et al. 2006, NeuroImage 33:570) * 6000")}
     for name, (unit, desc) in MAP_UNITS.items():
         if name not in result.maps:
             continue  # ftb only with ROIs
