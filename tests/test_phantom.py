@@ -165,3 +165,7 @@ def test_auto_reference_and_verdicts(phantom_case, truth):
         assert abs(scores[f"roi-{name}"].rcbv_median / truth["lesions"][name]["rcbv"] - 1) <= RCBV_TOL
     assert scores["roi-lesion_hyper"].verdict == "likely_recurrence"
     assert scores["roi-lesion_hypo"].verdict == "likely_treatment_effect"
+    # lesions on both sides of the phantom's midline: both hemispheres, away from each ROI, said so
+    info = res.reference_info
+    assert info["automatic"] is True and info["side"] == "both" and "both sides" in info["why_side"]
+    assert info["hemispheres"]["midline_index"] == 31.5  # the disc's centre on the 64 grid
