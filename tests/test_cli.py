@@ -192,6 +192,7 @@ def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
     assert rep["parameters"]["method"] == method
     assert rep["aif"]["source"] == str(phantom_case["aif"]) and rep["aif"]["n_voxels"] == 40
     assert rep["reference"]["source"] == str(phantom_case["nawm"])
+    assert rep["reference"]["automatic"] is False and rep["reference"]["side"] == "both"  # the NAWM mask: whole disc
 
 
 def test_help_lists_exit_codes():
