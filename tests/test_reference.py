@@ -107,7 +107,7 @@ def test_grey_matter_dominant_hemisphere():
 def test_band_would_pull_a_both_sided_reference_down():
     """Why the side matters: with a thick band of treated white matter (20 mm, CBV 1.2) and both
     hemispheres open (as without ROIs), the band is low, homogeneous tissue that the neighbour-median
-    percentile band takes (25 % of the reference here, median 1.91 against 2.00; 2760 band voxels
+    percentile band takes (25 % of the reference here, median 1.90 against 2.00; 2760 band voxels
     against 13327 of white matter); with the lesion as ROI the contralateral reference holds none of
     it."""
     cbv, brain, labels, rois, _ = _head(lesions=((-14, 0, 6),), band_mm=20.0)
@@ -251,3 +251,12 @@ def test_standardize_scale_invariant_and_ranked():
 def test_standardize_refuses_a_flat_histogram():
     with pytest.raises(ValueError, match="flat"):
         reference.standardize_cbv(np.ones((4, 4, 2)), np.ones((4, 4, 2), bool))
+
+
+def test_too_little_tissue_is_used_but_said():
+    """Without ROIs there is nothing to fall back to: a reference below min_reference_ml is kept (the
+    pipeline can still normalise) and the warning says the median is noisy."""
+    cbv, brain, labels, _, _ = _head(lesions=())
+    choice = reference.auto_reference(cbv, brain, affine=RAS, rois={}, min_reference_ml=1000.0)
+    assert choice.mask.any() and "median is noisy" in choice.info["fallback"]
+    assert len(choice.warnings) == 1 and "--reference" in choice.warnings[0]

@@ -403,7 +403,8 @@ def _reference(inputs: Inputs, cbv: np.ndarray, brain: np.ndarray, aif_mask: np.
         ref_mask = inputs.reference & np.isfinite(cbv)
         hemi = reference.hemispheres(brain, s.affine)
         info = {"source": str(inputs.paths.get("reference")), "automatic": False,
-                "side": reference.side_of(ref_mask, hemi.offset_mm(brain.shape)), "hemispheres": hemi.as_dict()}
+                "side": reference.side_of(ref_mask, hemi.offset_mm(brain.shape)), "fallback": None,
+                "hemispheres": hemi.as_dict()}
     else:
         exclude = aif_mask.copy()
         if inputs.vof is not None:
