@@ -93,6 +93,8 @@ def test_corrupt_case_is_recorded_and_the_batch_goes_on(plain_run):
         kind = "hyper" if r["roi"].endswith("hyper") else "hypo"
         assert abs(float(r["rcbv_median"]) - TRUTH[kind]) <= RCBV_TOL * TRUTH[kind], r
         assert r["verdict"] == ("likely_recurrence" if kind == "hyper" else "likely_treatment_effect")
+        assert float(r["rcbv_ci_low"]) <= float(r["rcbv_median"]) <= float(r["rcbv_ci_high"])
+        assert r["mixed"] == "False"
         assert (plain_run["out"] / r["report"]).is_file()
 
 
@@ -101,6 +103,7 @@ def test_summary_json_and_index(plain_run):
     s = json.loads((out / "summary.json").read_text())
     assert s["n_cases"] == 3 and s["n_failed"] == 1 and s["layout"] == "plain"
     assert s["units"]["rcbv_median"] == "ratio" and "not a medical device" in s["disclaimer"]
+    assert s["units"]["rcbv_ci_low"] == s["units"]["rcbv_ci_high"] == "ratio" and s["units"]["ftb_high"] == "fraction"
     assert len(s["rows"]) == 5 and set(s["rows"][0]) == set(COLUMNS)
     page = (out / "index.html").read_text()
     assert page.count('href="case1/report.html"') == 2 and "<script" not in page

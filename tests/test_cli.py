@@ -78,7 +78,8 @@ def test_output_contract(analyzed, phantom_case):
     assert set(rois) == {"roi-lesion_hyper", "roi-lesion_hypo"}
     for r in rois.values():
         for key in ("n_voxels", "volume_ml", "rcbv_mean", "rcbv_median", "rcbv_p90", "verdict", "reasons",
-                    "ftb_low", "ftb_mid", "ftb_high", "psr_percent", "relative_peak_height", "rule"):
+                    "ftb_low", "ftb_mid", "ftb_high", "psr_percent", "relative_peak_height", "rule",
+                    "rcbv_ci_low", "rcbv_ci_high", "ftb_high_ci", "mixed", "gates_failed", "rcbv_by_leakage"):
             assert key in r
         assert 0 <= r["psr_percent"] <= 120 and r["relative_peak_height"] > 0
     assert rois["roi-lesion_hyper"]["verdict"] == "likely_recurrence"
@@ -131,7 +132,7 @@ def test_terminal_prints_verdicts_and_disclaimer(phantom_case, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "perfusion", "analyze", str(phantom_case["dsc"]), "--out", str(out),
                            "--roi", str(phantom_case["lesion_hyper"])], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "likely recurrence" in proc.stdout
+    assert "likely recurrence" in proc.stdout and "95 % interval" in proc.stdout
     assert "not a medical device" in proc.stdout
 
 
@@ -241,6 +242,9 @@ def test_ftb_map_and_weeks_since_radiation(phantom_case, tmp_path):
         assert np.mean(ftb[m][valid] == 3) == pytest.approx(rois[name]["ftb_high"])
         assert np.mean(ftb[m][valid] == 1) == pytest.approx(rois[name]["ftb_low"])
         assert any("pseudoprogression" in x for x in rois[name]["reasons"])
+    # 8 weeks < 12 (RANO 2.0): the high-rCBV lesion is recurrence or pseudoprogression, to confirm at short interval
+    assert rois["roi-lesion_hyper"]["verdict"] == "possible_recurrence_or_pseudoprogression"
+    assert rois["roi-lesion_hypo"]["verdict"] == "likely_treatment_effect"
     # relative peak height (ROI median gamma-variate peak / reference median): truth 3.0 and 0.6 in
     # CBV; peaks scale with CBV / MTT-dependent spread, so only the side of 1 is asserted
     assert rois["roi-lesion_hyper"]["relative_peak_height"] > 1.5 > 1 > rois["roi-lesion_hypo"]["relative_peak_height"]

@@ -34,12 +34,13 @@ STAGE_PREFIX = ".perfusion-partial-"
 OLD_PREFIX = ".perfusion-old-"
 
 #: Columns of summary.tsv, in order (summary.json rows hold the same keys).
-COLUMNS = ("case", "roi", "status", "rcbv_median", "ftb_low", "ftb_mid", "ftb_high", "verdict", "error", "seconds",
-           "report")
+COLUMNS = ("case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high", "ftb_low", "ftb_mid", "ftb_high",
+           "mixed", "verdict", "error", "seconds", "report")
 
 #: Analysis options a batch passes to every case (the ``perfusion analyze`` options without paths).
 ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "rcbv_low", "rcbv_high", "aif_voxels",
-                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr")
+                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr",
+                    "bevacizumab", "steroids")
 
 
 @dataclass
@@ -117,8 +118,9 @@ def _rows(case_id: str, report: dict, seconds: float, report_rel: str) -> list[d
     rois = report.get("rois", [])
     if not rois:
         return [{**base, "roi": ""}]
-    return [{**base, "roi": r.get("name", ""), "rcbv_median": r.get("rcbv_median"), "ftb_low": r.get("ftb_low"),
-             "ftb_mid": r.get("ftb_mid"), "ftb_high": r.get("ftb_high"), "verdict": r.get("verdict", "")}
+    return [{**base, "roi": r.get("name", ""), "rcbv_median": r.get("rcbv_median"), "rcbv_ci_low": r.get("rcbv_ci_low"),
+             "rcbv_ci_high": r.get("rcbv_ci_high"), "ftb_low": r.get("ftb_low"), "ftb_mid": r.get("ftb_mid"),
+             "ftb_high": r.get("ftb_high"), "mixed": r.get("mixed"), "verdict": r.get("verdict", "")}
             for r in rois]
 
 
@@ -341,8 +343,8 @@ def write_summary(out_root: Path, batch: BatchResult, *, input_root: Path, layou
     summary = {"software": {"name": "perfusion", "version": __version__}, "created_utc": _now(),
                "disclaimer": DISCLAIMER, "input": str(input_root), "layout": layout, "parameters": params,
                "n_cases": len(batch.cases), "n_failed": batch.n_failed,
-               "units": {"rcbv_median": "ratio", "ftb_low": "fraction", "ftb_mid": "fraction", "ftb_high": "fraction",
-                         "seconds": "s"},
+               "units": {"rcbv_median": "ratio", "rcbv_ci_low": "ratio", "rcbv_ci_high": "ratio", "ftb_low": "fraction",
+                         "ftb_mid": "fraction", "ftb_high": "fraction", "mixed": "boolean", "seconds": "s"},
                "rows": rows}
     written = {}
     files: dict[str, Callable[[Path], None]] = {
@@ -371,7 +373,8 @@ def write_summary(out_root: Path, batch: BatchResult, *, input_root: Path, layou
 
 
 VERDICT_WORDS = {"likely_recurrence": "likely recurrence", "likely_treatment_effect": "likely treatment effect",
-                 "indeterminate": "indeterminate"}
+                 "indeterminate": "indeterminate", "not_assessable": "not assessable",
+                 "possible_recurrence_or_pseudoprogression": "possible recurrence or pseudoprogression"}
 
 
 def index_html(batch: BatchResult, summary: dict) -> str:

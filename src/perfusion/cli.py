@@ -90,7 +90,9 @@ def analyze(
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: none, auto or a mask.")] = "none",
     recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
-    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 the report warns of pseudoprogression.")] = None,
+    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 (RANO 2.0) a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
+    bevacizumab: Annotated[bool, typer.Option("--bevacizumab", help="The patient is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")] = False,
+    steroids: Annotated[bool, typer.Option("--steroids", help="The patient is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")] = False,
     anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' background.")] = None,
     motion_correct: Annotated[str, typer.Option(help=MOTION_HELP)] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
@@ -105,7 +107,8 @@ def analyze(
                 threshold=threshold, oi_target=oi_target, leakage=leakage, te=te, tr=tr, rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,
                 recirculation=recirculation, weeks_since_radiation=weeks_since_radiation, anat=anat, force=force,
-                quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct, html=html)
+                quiet=quiet, dicom_series=dicom_series, motion_correct=motion_correct, html=html,
+                bevacizumab=bevacizumab, steroids=steroids)
 
 
 @app.command()
@@ -193,6 +196,9 @@ def batch(
     te: Annotated[Optional[float], typer.Option(help="Echo time in s for every case (overrides sidecars).")] = None,
     tr: Annotated[Optional[float], typer.Option(help="Repetition time in s for every case (overrides sidecars and headers).")] = None,
     motion_correct: Annotated[str, typer.Option(help=MOTION_HELP)] = "auto",
+    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation for every case (weeks); below 12 a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
+    bevacizumab: Annotated[bool, typer.Option("--bevacizumab", help="Every case is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")] = False,
+    steroids: Annotated[bool, typer.Option("--steroids", help="Every case is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")] = False,
 ) -> None:
     """Analyse every case of a dataset; resumable (done cases are skipped), on Dask for --jobs > 1.
@@ -200,7 +206,8 @@ def batch(
     from .commands import run_batch_command
 
     params = {"method": method, "leakage": leakage, "aif_selection": aif_selection, "vof": vof,
-              "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr, "motion_correct": motion_correct}
+              "rcbv_low": rcbv_low, "rcbv_high": rcbv_high, "te": te, "tr": tr, "motion_correct": motion_correct,
+              "weeks_since_radiation": weeks_since_radiation, "bevacizumab": bevacizumab, "steroids": steroids}
     code = run_batch_command(input_dir=input_dir, out=out, layout=layout, derivatives=derivatives,
                              roi_globs=tuple(roi_glob or ()), brain_glob=brain_glob, reference_glob=reference_glob,
                              aif_glob=aif_glob, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,

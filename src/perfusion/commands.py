@@ -69,14 +69,16 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
                 leakage: str = "residue", rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
-                weeks_since_radiation: float | None = None, motion_correct: str = "auto"):
+                weeks_since_radiation: float | None = None, motion_correct: str = "auto", bevacizumab: bool = False,
+                steroids: bool = False):
     """The pipeline Config of the command-line options, validated (UsageError)."""
     from .pipeline import Config
 
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, aif_voxels=aif_voxels,
                   aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
-                  rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct).validate()
+                  rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
+                  steroids=steroids).validate()
 
 
 def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
@@ -127,7 +129,8 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
-                quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto", html: bool = True):
+                quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto", html: bool = True,
+                bevacizumab: bool = False, steroids: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
     DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
     from .io import check_output_folder, is_analyze_output, staged_output
@@ -136,7 +139,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
                          rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
                          vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
-                         motion_correct=motion_correct)
+                         motion_correct=motion_correct, bevacizumab=bevacizumab, steroids=steroids)
     out = Path(out)
     check_output_folder(out, force=force)
     dsc_dir = Path(dsc).resolve().parent
@@ -158,7 +161,8 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
 def _rule_line(result) -> str:
     from .roi import verdict_rule
 
-    return "Rule: " + verdict_rule(result.config.rcbv_low, result.config.rcbv_high)
+    return "Rule: " + verdict_rule(result.config.rcbv_low, result.config.rcbv_high,
+                                   mixed_fraction=result.config.mixed_fraction)
 
 
 def print_summary(result, out: Path, *, html: bool = True) -> None:
@@ -176,19 +180,24 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
               f"mL/100 g ({ref['source']})")
     if result.rois:
         table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
-        for col in ("ROI", "voxels", "volume mL", "median rCBV", "FTB low / mid / high", "verdict"):
+        for col in ("ROI", "voxels", "volume mL", "median rCBV [95 % CI]", "FTB low / mid / high", "verdict"):
             table.add_column(col, no_wrap=True)
         for r in result.rois:
-            table.add_row(r.name, str(r.n_voxels), f"{r.volume_ml:.2f}", f"{r.rcbv_median:.2f}",
-                          f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}", VERDICT_LABEL[r.verdict])
+            table.add_row(r.name, str(r.n_voxels), f"{r.volume_ml:.2f}",
+                          f"{r.rcbv_median:.2f} [{r.rcbv_ci_low:.2f}, {r.rcbv_ci_high:.2f}]",
+                          f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}" + (" mixed" if r.mixed else ""),
+                          VERDICT_LABEL[r.verdict])
         con.print(table)
         for r in result.rois:
-            con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, PSR {r.psr_percent:.0f} %). "
-                      f"{r.next_step}")
+            con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, 95 % interval "
+                      f"{r.rcbv_ci_low:.2f}-{r.rcbv_ci_high:.2f}, PSR {r.psr_percent:.0f} %). {r.next_step}")
+            if r.rcbv_by_leakage:
+                con.print("  rCBV by leakage correction: " + ", ".join(
+                    f"{m} {v['rcbv_median']:.2f}" for m, v in r.rcbv_by_leakage.items()))
             con.print(f"  rCBV mean {r.rcbv_mean:.2f}, p90 {r.rcbv_p90:.2f}; relative peak height {r.relative_peak_height:.2f}"
                       + (f"; K2 median {r.k2_median_per_s:.2g} 1/s, leakage correction changed CBV by {r.leakage_cbv_change:+.0%}"
                          if r.leakage_cbv_change == r.leakage_cbv_change else ""))
-            for reason in r.reasons[1:]:
+            for reason in r.reasons[0 if r.verdict == "not_assessable" else 1:]:
                 con.print(f"  - {reason}")
         con.print(_rule_line(result))
     else:

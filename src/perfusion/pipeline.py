@@ -65,6 +65,10 @@ class Config:
     vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
     weeks_since_radiation: float | None = None  # context for the verdict (pseudoprogression window)
+    bevacizumab: bool = False  # under bevacizumab (lowers rCBV): a low rCBV is at most indeterminate
+    steroids: bool = False  # under corticosteroids (lower rCBV): a low rCBV is at most indeterminate
+    leakage_plausible: tuple[str, ...] = roi.PLAUSIBLE_LEAKAGE  # corrections pooled into the rCBV interval
+    mixed_fraction: float = roi.MIXED_FTB_HIGH  # FTB-high from which a lesion is mixed
     motion_correct: str = "auto"  # head motion: "auto" (realign frames that moved > 0.5 mm), "on" or "off"
     aif_voxels: int = aif_mod.DEFAULT_N_VOXELS
     rcbv_low: float = roi.RCBV_LOW
@@ -90,10 +94,16 @@ class Config:
             raise UsageError("--aif-voxels must be at least 1")
         if self.motion_correct not in ("auto", "on", "off"):
             raise UsageError(f"--motion-correct {self.motion_correct}: choose auto, on or off")
+        bad = [m for m in self.leakage_plausible if m not in roi.SENSITIVITY_METHODS]
+        if bad:
+            raise UsageError(f"leakage_plausible {', '.join(bad)}: choose from {', '.join(roi.SENSITIVITY_METHODS)}")
+        if not 0 < self.mixed_fraction <= 1:
+            raise UsageError(f"mixed_fraction must lie in (0, 1], got {self.mixed_fraction}")
         return self
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d["leakage_plausible"] = list(self.leakage_plausible)
         op_defaults = {"ssvd": deconvolution.DEFAULT_THRESHOLD["ssvd"], "csvd": deconvolution.DEFAULT_THRESHOLD["csvd"]}
         if self.method in op_defaults and self.threshold is None:
             d["threshold"] = op_defaults[self.method]
@@ -237,16 +247,62 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
             vof_curve, _ = _own_baseline_curve(flat[idx[vof_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
             curve, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
             info["vof"] = {"source": vof_source, "n_voxels": int(vof_rows.size), "scale_factor": float(factor)}
+            info["_vof_rows"] = vof_rows  # for the vessel gate of the verdict; popped by _analyze
             if not 0.8 <= factor <= 5.0:
                 notes.append(f"the VOF scaling factor {factor:.2f} is implausible (expected 1-3); check the venous voxels")
     return curve, aif_rows, info, notes
 
 
-def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, aif_quality):
-    """One ROI's score with signal recovery, relative peak height and the context reasons."""
+#: The sensitivity key (roi.SENSITIVITY_METHODS) of each --leakage choice as the pipeline runs it: the
+#: pipeline applies correct_leakage's default gate, so --leakage bsw is gated BSW here ("bsw-gated" is the
+#: name the CLI is to give it; when "bsw" comes to mean published ungated BSW, map it to "bsw").
+LEAKAGE_KEY = {"none": "none", "bsw": "bsw_gated", "bsw-gated": "bsw_gated", "bidirectional": "bidirectional",
+               "residue": "residue"}
+#: Each sensitivity key as (correct_leakage method, gate_k).
+SENSITIVITY_CORRECTIONS = {"bsw": ("bsw", None), "bsw_gated": ("bsw", "default"), "residue": ("residue", "default"),
+                           "bidirectional": ("bidirectional", "default")}
+
+
+def _rows_of(mask: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Rows of the analysed voxels (``idx``, sorted flat indices) that ``mask`` (bool x y z) selects."""
+    flat_idx = np.flatnonzero(mask.ravel())
+    pos = np.clip(np.searchsorted(idx, flat_idx), 0, idx.size - 1)
+    return pos[idx[pos] == flat_idx]
+
+
+def _leakage_sensitivity(curves: np.ndarray, *, tr: float, aif_curve, aif_used, bsw_ref, bl, config: Config,
+                         t_frames, t_first: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """CBV (mL/100 g) and leakage-fit R^2 of ``curves`` (delta R2*, 1/s, (n, n_t)) under every correction of
+    roi.SENSITIVITY_METHODS, each computed as the chunk loop computes the maps; NaN where a correction
+    is impossible (no BSW reference curve, a series too short for the residue method)."""
+    cbv, r2 = {}, {}
+    nan = np.full(curves.shape[0], np.nan)
+    for key in roi.SENSITIVITY_METHODS:
+        c = curves
+        r2[key] = nan
+        if key != "none":
+            method, gate_k = SENSITIVITY_CORRECTIONS[key]
+            if method != "residue" and bsw_ref is None:
+                cbv[key] = nan
+                continue
+            try:
+                fit = leakage.correct_leakage(curves, tr=tr, method=method, reference=bsw_ref, aif=aif_curve,
+                                              baseline=bl, gate_k=gate_k)
+            except ValueError:
+                cbv[key] = nan
+                continue
+            c = np.where(fit.valid[:, None], fit.corrected, curves)
+            r2[key] = np.where(fit.valid, fit.r2, np.nan)
+        if config.recirculation == "remove":
+            c = gammafit.evaluate(gammafit.fit_gamma_variate(c, tr=tr, t_first=t_first), t_frames)
+        cbv[key] = maps.cbv(c, aif_used, tr=tr, kh=config.kh, rho=config.rho)
+    return cbv, r2
+
+
+def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, aif_quality, vessels, interval,
+               by_leakage, fit_r2_median, fit_r2_curve, leak_key):
+    """One ROI's score with signal recovery, relative peak height and the verdict's context."""
     s = inputs.series
-    score = roi.score_roi(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
-                          low=config.rcbv_low, high=config.rcbv_high)
     mean_signal = s.data[m][:, keep].mean(axis=0, dtype=np.float64)
     peaks = volumes["gv_peak"][m]
     rph = float(np.nanmedian(peaks) / ref_peak) if np.isfinite(peaks).any() and ref_peak > 0 else float("nan")
@@ -256,12 +312,15 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
     if "cbv_uncorrected" in volumes and np.isfinite(volumes["cbv_uncorrected"][m]).any():
         corr = float(np.nanmedian(volumes["cbv"][m]))
         change = (corr - float(np.nanmedian(volumes["cbv_uncorrected"][m]))) / abs(corr) if corr else float("nan")
-    score = replace(score, psr_percent=roi.percentage_signal_recovery(mean_signal, baseline=bl),
-                    relative_peak_height=rph, k2_median_per_s=k2_med, leakage_cbv_change=change)
-    extra = roi.context_reasons(score, weeks_since_radiation=config.weeks_since_radiation, aif_quality=aif_quality,
-                                outside_brain=int((m & ~brain).sum()),
-                                strong_leakage=bool(np.isfinite(change) and abs(change) > roi.STRONG_LEAKAGE_CHANGE))
-    return replace(score, reasons=score.reasons + extra)
+    ctx = roi.Context(leakage=leak_key, fit_r2_median=fit_r2_median, fit_r2_curve=fit_r2_curve,
+                      k2_median_per_s=k2_med, aif_quality=aif_quality, outside_brain=int((m & ~brain).sum()),
+                      on_vessel=int((m & vessels).sum()), weeks_since_radiation=config.weeks_since_radiation,
+                      bevacizumab=config.bevacizumab, steroids=config.steroids, leakage_cbv_change=change)
+    score = roi.decide(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
+                       interval=interval, by_leakage=by_leakage, context=ctx, low=config.rcbv_low,
+                       high=config.rcbv_high, mixed_fraction=config.mixed_fraction)
+    return replace(score, psr_percent=roi.percentage_signal_recovery(mean_signal, baseline=bl),
+                   relative_peak_height=rph)
 
 
 #: Reference candidates must have a baseline coefficient of variation below this percentile of the brain's.
@@ -515,6 +574,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                                                               tissue_peak_frame=tissue_peak_frame,
                                                               tissue_curve=tissue_curve)
     notes += aif_notes
+    vof_rows = aif_info.pop("_vof_rows", None)
     aif_mask = np.zeros(shape, bool)
     aif_mask.ravel()[idx[aif_rows]] = True
     stages.lap("aif")
@@ -618,10 +678,66 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         reference_info["standardized"] = {"landmarks": None, "rois": {}, "why_not": landmarks}
         notes.append(f"standardised rCBV not computed: {landmarks}")
 
-    # -- ROIs
+    # -- ROIs: leakage sensitivity and bootstrap interval on the ROI and reference rows only, then the verdicts
     ref_peak = float(np.nanmedian(volumes["gv_peak"][ref_mask])) if np.isfinite(volumes["gv_peak"][ref_mask]).any() else np.nan
-    scores = [_score_roi(name, m, volumes, inputs, config, brain=brain, keep=keep, bl=bl, ref_peak=ref_peak,
-                         aif_quality=aif_info.get("quality_score")) for name, m in inputs.rois.items()]
+    scores = []
+    if inputs.rois:
+        leak_key = LEAKAGE_KEY[leak_method]
+        bsw_ref = leak_ref if leak_method in ("bsw", "bidirectional") else None
+        if bsw_ref is None:
+            try:
+                bsw_ref, _ = _leakage_reference("bsw", dr2s=dr2s, brain_rows=brain_rows, non_enhancing=ne, path=s.path)
+            except InputError:
+                notes.append("no non-enhancing brain voxel for a BSW reference curve: the leakage sensitivity has no "
+                             "bsw, bsw_gated or bidirectional entry")
+        vessels = aif_mask.copy()
+        if inputs.vof is not None:
+            vessels |= inputs.vof
+        if vof_rows is not None:
+            vessels.ravel()[idx[vof_rows]] = True
+        roi_rows = {name: _rows_of(m, idx) for name, m in inputs.rois.items()}
+        ref_rows = _rows_of(ref_mask, idx)
+        sens_rows = np.concatenate([ref_rows, *roi_rows.values()])
+        sens_cbv, sens_r2 = _leakage_sensitivity(dr2s[sens_rows].astype(np.float64), tr=s.tr, aif_curve=aif_curve,
+                                                 aif_used=aif_used, bsw_ref=bsw_ref, bl=bl, config=config,
+                                                 t_frames=t_frames, t_first=base.start * s.tr)
+        # the correction the maps used: its values from the maps themselves (identical computation)
+        sens_cbv[leak_key] = np.asarray(volumes["cbv"].ravel()[idx[sens_rows]], dtype=np.float64)
+        n_ref = ref_rows.size
+        ref_med = {}
+        for k, v in sens_cbv.items():
+            med = float(np.nanmedian(v[:n_ref])) if np.isfinite(v[:n_ref]).any() else float("nan")
+            ref_med[k] = med if med > 0 else float("nan")
+        pooled = [k for k in dict.fromkeys((leak_key, *config.leakage_plausible)) if np.isfinite(ref_med[k])]
+        ref_boot = {k: roi.resample_reference(sens_cbv[k][:n_ref]) for k in pooled}
+        reference_info["cbv_median_by_leakage"] = ref_med
+        start = n_ref
+        for name, m in inputs.rois.items():
+            sl = slice(start, start + roi_rows[name].size)
+            start = sl.stop
+            by_leakage = {}
+            for k in roi.SENSITIVITY_METHODS:
+                v = sens_cbv[k][sl]
+                by_leakage[k] = {"rcbv_median": float(np.nanmedian(v)) / ref_med[k]
+                                 if np.isfinite(v).any() and np.isfinite(ref_med[k]) else float("nan")}
+            interval = roi.rcbv_interval({k: sens_cbv[k][sl] for k in pooled}, ref_boot, low=config.rcbv_low,
+                                         high=config.rcbv_high) if pooled else None
+            r2 = sens_r2[leak_key][sl]
+            fit_r2 = float(np.nanmedian(r2)) if np.isfinite(r2).any() else float("nan")
+            fit_r2_curve = float("nan")
+            if leak_method != "none":  # the model fitted to the ROI's mean curve (ungated: only its R^2 is used)
+                mean_curve = np.nanmean(dr2s[roi_rows[name]].astype(np.float64), axis=0)[None]
+                if np.all(np.isfinite(mean_curve)):
+                    try:
+                        fit_r2_curve = float(leakage.correct_leakage(
+                            mean_curve, tr=s.tr, method=leak_method.replace("-gated", ""), reference=leak_ref,
+                            aif=aif_curve, baseline=bl, gate_k=None).r2[0])
+                    except ValueError:
+                        pass
+            scores.append(_score_roi(name, m, volumes, inputs, config, brain=brain, keep=keep, bl=bl, ref_peak=ref_peak,
+                                     aif_quality=aif_info.get("quality_score"), vessels=vessels, interval=interval,
+                                     by_leakage=by_leakage, fit_r2_median=fit_r2, fit_r2_curve=fit_r2_curve,
+                                     leak_key=leak_key))
     if inputs.rois:
         ftb = np.zeros(shape, np.uint8)
         for m in inputs.rois.values():
@@ -635,9 +751,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     curves = {}
     regions = {"reference": ref_mask, **{f"roi:{n}": m for n, m in inputs.rois.items()}}
     for label, m in regions.items():
-        flat_idx = np.flatnonzero(m.ravel())
-        pos = np.clip(np.searchsorted(idx, flat_idx), 0, idx.size - 1)
-        rows = pos[idx[pos] == flat_idx]  # idx is sorted (flatnonzero)
+        rows = _rows_of(m, idx)
         if rows.size == 0:
             continue
         raw = dr2s[rows].astype(np.float64)

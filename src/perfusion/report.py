@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING
 
 from . import DISCLAIMER, __version__
 from .io import sha256
-from .roi import NEXT_STEP, THRESHOLD_SOURCE
+from .roi import (CI_PERCENTILES, GATE_NEXT_STEP, HOTSPOT_PERCENTILE, MIXED_SOURCE, N_BOOTSTRAP, NEXT_STEP,
+                  PSEUDOPROGRESSION_SOURCE, PSEUDOPROGRESSION_WEEKS, THRESHOLD_SOURCE)
 
 if TYPE_CHECKING:
     from .pipeline import Inputs, Result
@@ -49,11 +50,16 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "aif": {k: v for k, v in result.aif_info.items() if k != "leakage"},
         "leakage": result.aif_info.get("leakage", {"method": "none"}),
         "reference": {**result.reference_info},
-        "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE},
+        "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE,
+                       "mixed_fraction": cfg.mixed_fraction, "mixed_source": MIXED_SOURCE,
+                       "hotspot_percentile": HOTSPOT_PERCENTILE, "ci_percentiles": list(CI_PERCENTILES),
+                       "n_bootstrap": N_BOOTSTRAP, "leakage_plausible": list(cfg.leakage_plausible),
+                       "pseudoprogression_weeks": PSEUDOPROGRESSION_WEEKS,
+                       "pseudoprogression_source": PSEUDOPROGRESSION_SOURCE},
         "rois": [{**score.as_dict(), "mask_file": roi_files[score.name]} for score in result.rois],
-        "next_steps": NEXT_STEP,
+        "next_steps": {**NEXT_STEP, "not_assessable_by_reason": GATE_NEXT_STEP},
         "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
-                  "volume_ml": "mL", "time": "s"},
+                  "volume_ml": "mL", "time": "s", "ftb": "fraction", "k2": "1/s"},
         **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""), prefix=prefix)}
            if result.anat is not None else {}),
         **({"motion": {k: v for k, v in result.motion.items() if k != "timeseries"}}
@@ -68,6 +74,8 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
 
 VERDICT_LABEL = {
     "likely_recurrence": "likely recurrence",
+    "possible_recurrence_or_pseudoprogression": "possible recurrence or pseudoprogression: confirm at short interval",
     "likely_treatment_effect": "likely treatment effect",
     "indeterminate": "indeterminate",
+    "not_assessable": "not assessable",
 }

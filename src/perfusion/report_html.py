@@ -366,10 +366,13 @@ def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
 
 VERDICT_WORDS = {
     "likely_recurrence": "Likely recurrence",
+    "possible_recurrence_or_pseudoprogression": "Possible recurrence or pseudoprogression: confirm at short interval",
     "likely_treatment_effect": "Likely treatment effect",
     "indeterminate": "Indeterminate",
+    "not_assessable": "Not assessable",
 }
-VERDICT_COLOUR = {"likely_recurrence": "#b71c1c", "likely_treatment_effect": "#1b5e20", "indeterminate": "#8d6e00"}
+VERDICT_COLOUR = {"likely_recurrence": "#b71c1c", "possible_recurrence_or_pseudoprogression": "#c43e00",
+                  "likely_treatment_effect": "#1b5e20", "indeterminate": "#8d6e00", "not_assessable": "#455a64"}
 
 CSS = """
 body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}
@@ -401,17 +404,39 @@ def _n_warnings(r: dict) -> int:
     return sum(1 for x in r.get("reasons", []) if not str(x).startswith("median rCBV"))
 
 
+def _ci(r: dict, key: str = "rcbv", pct: bool = False) -> str:
+    """The interval of a figure as "[lo, hi]" ("n/a" without one)."""
+    lo, hi = (r.get("rcbv_ci_low"), r.get("rcbv_ci_high")) if key == "rcbv" else tuple((r.get(key) or [None, None])[:2])
+    if _num(lo) is None or _num(hi) is None:
+        return "n/a"
+    return f"[{_pct(lo)}, {_pct(hi)}]" if pct else f"[{_f(lo)}, {_f(hi)}]"
+
+
+def _leakage_table(r: dict) -> str:
+    """rCBV (median) and its verdict band under each leakage correction."""
+    by = r.get("rcbv_by_leakage") or {}
+    if not by:
+        return ""
+    pooled = set(r.get("ci_methods") or [])
+    rows = "".join(f'<tr><td>{_e(m)}{" *" if m in pooled else ""}</td><td>{_f(v.get("rcbv_median"))}</td>'
+                   f'<td>{_e(VERDICT_WORDS.get(v.get("verdict"), v.get("verdict", "?")))}</td></tr>'
+                   for m, v in by.items())
+    return ('<table class="small"><tr><th>leakage correction</th><th>median rCBV</th><th>band</th></tr>' + rows
+            + "</table><p class=\"small\">* pooled into the 95 % interval</p>")
+
+
 def _summary_table(rois: list[dict]) -> str:
     """One line per ROI above the detailed boxes: what a reader needs at a glance."""
     rows = "".join(
         f'<tr><td>{_e(r.get("name", "?"))}</td>'
         f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict"), "#555")}"><b>'
         f'{_e(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
-        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
-        f'{_pct(r.get("ftb_high"))}</td><td>{_f(r.get("volume_ml"))}</td><td>{_n_warnings(r)}</td></tr>'
+        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td><td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
+        f'{_pct(r.get("ftb_high"))}</td><td>{"yes" if r.get("mixed") else "no"}</td><td>{_f(r.get("volume_ml"))}</td>'
+        f'<td>{_n_warnings(r)}</td></tr>'
         for r in rois)
-    return ('<table class="summary"><tr><th>ROI</th><th>verdict</th><th>median rCBV</th>'
-            "<th>FTB low / mid / high</th><th>volume (mL)</th><th>warnings</th></tr>" + rows + "</table>")
+    return ('<table class="summary"><tr><th>ROI</th><th>verdict</th><th>median rCBV</th><th>95 % interval</th>'
+            "<th>FTB low / mid / high</th><th>mixed</th><th>volume (mL)</th><th>warnings</th></tr>" + rows + "</table>")
 
 
 def _verdict_box(r: dict, thresholds: dict) -> str:
@@ -421,15 +446,18 @@ def _verdict_box(r: dict, thresholds: dict) -> str:
     return (
         f'<div class="verdict" style="border-color:{colour}">'
         f'<h3>{_e(r.get("name", "?"))}: <span style="color:{colour}">{_e(VERDICT_WORDS.get(v, v))}</span></h3>'
-        f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b> (mean {_f(r.get('rcbv_mean'))}, 90th percentile "
-        f"{_f(r.get('rcbv_p90'))}); {_e(r.get('n_valid', '?'))} of {_e(r.get('n_voxels', '?'))} voxels valid, "
-        f"{_f(r.get('volume_ml'))} mL.<br>"
-        f"Fractional tumour burden: {_pct(r.get('ftb_low'))} below {_f(thresholds.get('rcbv_low'), 'g')}, "
-        f"{_pct(r.get('ftb_mid'))} between, {_pct(r.get('ftb_high'))} above {_f(thresholds.get('rcbv_high'), 'g')}.<br>"
+        f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b>, 95 % interval <b>{_ci(r)}</b> (bootstrap over lesion and "
+        f"reference voxels and the leakage corrections {_e(', '.join(r.get('ci_methods') or []) or 'n/a')}); mean "
+        f"{_f(r.get('rcbv_mean'))}, 90th percentile {_f(r.get('rcbv_p90'))} {_ci(r, 'rcbv_p90_ci')}; "
+        f"{_e(r.get('n_valid', '?'))} of {_e(r.get('n_voxels', '?'))} voxels valid, {_f(r.get('volume_ml'))} mL.<br>"
+        f"Fractional tumour burden: {_pct(r.get('ftb_low'))} {_ci(r, 'ftb_low_ci', True)} below "
+        f"{_f(thresholds.get('rcbv_low'), 'g')}, {_pct(r.get('ftb_mid'))} {_ci(r, 'ftb_mid_ci', True)} between, "
+        f"{_pct(r.get('ftb_high'))} {_ci(r, 'ftb_high_ci', True)} above {_f(thresholds.get('rcbv_high'), 'g')}"
+        f"{'; <b>mixed lesion</b>' if r.get('mixed') else ''}.<br>"
         f"Percentage of signal recovery (PSR) {_f(r.get('psr_percent'), '.0f')} %; relative peak height "
         f"{_f(r.get('relative_peak_height'))}; leakage correction changed CBV by "
         f"{_pct(r.get('leakage_cbv_change'), signed=True)}.</p>"
-        f"<p>Reasons and warnings:</p><ul>{reasons}</ul>"
+        f"<p>Reasons and warnings:</p><ul>{reasons}</ul>{_leakage_table(r)}"
         f"<p><b>Next step:</b> {_e(r.get('next_step', ''))}</p>"
         f'<p class="small">Rule: {_e(r.get("rule", ""))}</p></div>'
     )
