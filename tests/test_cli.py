@@ -16,7 +16,7 @@ from perfusion.cli import main
 
 MAPS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
         "brain_mask": "mask", "aif_mask": "mask", "gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s",
-        "gv_quality": "ratio", "ftb": "label"}
+        "gv_quality": "ratio", "ftb": "label", "srcbv": "standardized units"}
 
 
 def _analyze(case, out, *extra):
@@ -66,6 +66,13 @@ def test_output_contract(analyzed, phantom_case):
     assert rep["aif"]["source"] == "automatic (cluster)" and 0 <= rep["aif"]["quality_score"] <= 1
     assert rep["aif"]["n_voxels"] >= 1 and rep["aif"]["peak_time_s"] > 0
     assert rep["reference"]["n_voxels"] > 0 and rep["reference"]["cbv_median"] > 0
+    ref = rep["reference"]  # automatic; the phantom's lesions lie on both sides of its midline
+    assert ref["automatic"] is True and ref["side"] == "both" and ref["fallback"] is None
+    assert ref["roi_sides"] == {"roi-lesion_hyper": "left", "roi-lesion_hypo": "right"}
+    std = ref["standardized"]
+    assert std["landmarks"]["percentiles"] == [1.0, 50.0, 99.8] and len(std["landmarks"]["cbv"]) == 3
+    assert std["rois"]["roi-lesion_hyper"] > 1000 > std["rois"]["roi-lesion_hypo"]  # ranked like rCBV
+    assert json.loads((analyzed / "srcbv.json").read_text())["Parameters"]["landmarks"] == std["landmarks"]
     assert "Hu et al. 2012" in rep["thresholds"]["source"]
     rois = {r["name"]: r for r in rep["rois"]}
     assert set(rois) == {"roi-lesion_hyper", "roi-lesion_hypo"}
@@ -186,6 +193,7 @@ def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
     assert rep["parameters"]["method"] == method
     assert rep["aif"]["source"] == str(phantom_case["aif"]) and rep["aif"]["n_voxels"] == 40
     assert rep["reference"]["source"] == str(phantom_case["nawm"])
+    assert rep["reference"]["automatic"] is False and rep["reference"]["side"] == "both"  # the NAWM mask: whole disc
 
 
 def test_help_lists_exit_codes():

@@ -165,3 +165,22 @@ def test_auto_reference_and_verdicts(phantom_case, truth):
         assert abs(scores[f"roi-{name}"].rcbv_median / truth["lesions"][name]["rcbv"] - 1) <= RCBV_TOL
     assert scores["roi-lesion_hyper"].verdict == "likely_recurrence"
     assert scores["roi-lesion_hypo"].verdict == "likely_treatment_effect"
+    # lesions on both sides of the phantom's midline: both hemispheres, away from each ROI, said so
+    info = res.reference_info
+    assert info["automatic"] is True and info["side"] == "both" and "both sides" in info["why_side"]
+    assert info["hemispheres"]["midline_index"] == 31.5  # the disc's centre on the 64 grid
+
+
+def test_auto_reference_contralateral_to_one_lesion(phantom_case, truth):
+    """With only lesion_hyper (patient's left, low x on the phantom's RAS grid) as ROI, the automatic
+    reference lies on the right of the midline, outside the 5 mm slab, and rCBV stays within RCBV_TOL."""
+    inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif="auto", reference=None,
+                         rois=[phantom_case["lesion_hyper"]], te=None, tr=None)[0]
+    res = analyze(inputs, Config())
+    info = res.reference_info
+    assert info["roi_sides"] == {"roi-lesion_hyper": "left"} and info["side"] == "right"
+    assert info["fallback"] is None and not any("automatic reference" in w for w in res.warnings)
+    assert np.nonzero(res.reference_mask)[0].min() > 31.5 + 2.5  # midline 31.5, 5 mm = 2.5 voxels
+    score = res.rois[0]
+    print(f"one lesion: reference {info['n_voxels']} voxels on the {info['side']}, rCBV {score.rcbv_median:.3f}")
+    assert abs(score.rcbv_median / truth["lesions"]["lesion_hyper"]["rcbv"] - 1) <= RCBV_TOL

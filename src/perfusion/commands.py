@@ -177,7 +177,9 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
     ref = result.reference_info
     con.print(f"AIF: {result.aif_info['n_voxels']} voxels ({result.aif_info['source']}), "
               f"peak {result.aif_info['peak_delta_r2s_per_s']:.1f} 1/s at {result.aif_info['peak_time_s']:.1f} s")
-    con.print(f"Reference: {ref['n_voxels']} voxels, median CBV {ref['cbv_median']:.2f} mL/100 g ({ref['source']})")
+    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.get("side"), "")
+    con.print(f"Reference: {ref['n_voxels']} voxels{', ' + side if side else ''}, median CBV {ref['cbv_median']:.2f} "
+              f"mL/100 g ({ref['source']})")
     if result.rois:
         table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
         for col in ("ROI", "voxels", "volume mL", "median rCBV [95 % CI]", "FTB low / mid / high", "verdict"):

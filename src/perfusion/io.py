@@ -580,7 +580,7 @@ PLAIN_FILES = {"aif": "aif.tsv", "aif_json": "aif.json", "curves": "curves.tsv",
 #: the DSC grid is space-dsc; the transform follows BIDS's from-/to- xfm naming.
 BIDS_FILES = {
     "cbv": "cbv.nii.gz", "cbf": "cbf.nii.gz", "mtt": "mtt.nii.gz", "ttp": "ttp.nii.gz", "tmax": "tmax.nii.gz",
-    "rcbv": "rcbv.nii.gz", "ftb": "ftb.nii.gz", "k2": "k2.nii.gz",
+    "rcbv": "rcbv.nii.gz", "srcbv": "desc-standardized_rcbv.nii.gz", "ftb": "ftb.nii.gz", "k2": "k2.nii.gz",
     "cbv_uncorrected": "desc-uncorrected_cbv.nii.gz",
     "gv_cbv": "desc-gammavariate_cbv.nii.gz", "gv_peak": "desc-gammavariate_peak.nii.gz",
     "gv_ttp": "desc-gammavariate_ttp.nii.gz", "gv_fwhm": "desc-gammavariate_fwhm.nii.gz",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import aif as aif_mod
-from . import deconvolution, gammafit, leakage, maps, modelfit, roi, signal
+from . import deconvolution, gammafit, leakage, maps, modelfit, reference, roi, signal
 from .errors import InputError, UsageError
 from .io import Series
 from .units import KH, RHO_BRAIN_G_PER_ML, cbf_scale, cbv_scale
@@ -41,6 +41,8 @@ MAP_UNITS = {
     "ttp": ("s", "Time to peak of delta R2*(t), from the first frame"),
     "tmax": ("s", "Time of the maximum of the deconvolved residue F*R(t)"),
     "rcbv": ("ratio", "Relative CBV: CBV / median CBV of the reference tissue"),
+    "srcbv": ("standardized units", "Standardised rCBV (Bedekar 2010, no reference tissue): the brain's CBV "
+                                    "percentiles 1, 50 and 99.8 mapped piecewise linearly onto 0, 1000 and 4095"),
     "gv_cbv": ("mL/100 g", "First-pass CBV: kH/rho * fitted gamma-variate area of the tissue / of the AIF * 100"),
     "gv_peak": ("1/s", "Peak delta R2* of the fitted gamma variate"),
     "gv_ttp": ("s", "Time to peak of the fitted gamma variate, from the first frame"),
@@ -492,6 +494,55 @@ def _check_masks(inputs: Inputs, brain: np.ndarray) -> None:
                                  "away from the lesion")
 
 
+def _reference(inputs: Inputs, cbv: np.ndarray, brain: np.ndarray, aif_mask: np.ndarray, *,
+               eligible: np.ndarray) -> tuple[dict, np.ndarray, list[str]]:
+    """The reference tissue (bool x y z) for rCBV: the --reference mask, or reference.auto_reference
+    (contralateral normal-appearing white matter; ``eligible``: non-enhancing, stable baseline). Returns
+    report.json's "reference" entry (source, automatic, side, voxels, median CBV mL/100 g and IQR, and
+    for the automatic choice its criteria and any fallback), the mask and warnings. InputError when no
+    voxel qualifies or the median is not positive."""
+    s = inputs.series
+    notes: list[str] = []
+    if inputs.reference is not None:
+        ref_mask = inputs.reference & np.isfinite(cbv)
+        hemi = reference.hemispheres(brain, s.affine)
+        info = {"source": str(inputs.paths.get("reference")), "automatic": False,
+                "side": reference.side_of(ref_mask, hemi.offset_mm(brain.shape)), "fallback": None,
+                "hemispheres": hemi.as_dict()}
+    else:
+        exclude = aif_mask.copy()
+        if inputs.vof is not None:
+            exclude |= inputs.vof
+        choice = reference.auto_reference(cbv, brain, affine=s.affine, rois=inputs.rois, exclude=exclude,
+                                          eligible=eligible)
+        ref_mask = choice.mask
+        info = {"source": "automatic (normal-appearing white matter: low, homogeneous CBV on the side away from the "
+                          "ROIs; non-enhancing, stable baseline, away from ROIs, midline, vessels and CSF; see README)",
+                **choice.info}
+        notes += list(choice.warnings)
+    where = _where(inputs.paths.get("reference"), str(s.path))
+    if not ref_mask.any():
+        why = f" ({info['fallback']})" if info.get("fallback") else ""
+        raise InputError(f"{where}: no reference voxel with a valid CBV{why}; "
+                         "give a normal-appearing white-matter mask with --reference")
+    ref_cbv = float(np.median(cbv[ref_mask]))
+    if not ref_cbv > 0:
+        raise InputError(f"{where}: reference CBV median is {ref_cbv:.3g}, "
+                         "not positive; give a normal-appearing white-matter mask with --reference")
+    info.update({"n_voxels": int(ref_mask.sum()), "cbv_median": ref_cbv,
+                 "cbv_iqr": [float(q) for q in np.percentile(cbv[ref_mask], [25, 75])]})
+    return info, ref_mask, notes
+
+
+def _standardized(cbv: np.ndarray, brain: np.ndarray):
+    """reference.standardize_cbv of the CBV map (standardized units, x y z) and its landmarks, or
+    (None, why) when the brain's CBV histogram has no usable landmarks."""
+    try:
+        return reference.standardize_cbv(cbv, brain)
+    except ValueError as exc:
+        return None, str(exc)
+
+
 def analyze(inputs: Inputs, config: Config = Config()) -> Result:
     """Run the whole analysis on a loaded case.
 
@@ -669,28 +720,21 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         volumes[k] = vol
 
     # -- reference tissue and rCBV
-    exclude = aif_mask.copy()
-    if inputs.vof is not None:
-        exclude |= inputs.vof
-    for m in inputs.rois.values():
-        exclude |= m
-    if inputs.reference is not None:
-        ref_mask = inputs.reference & np.isfinite(volumes["cbv"])
-        ref_source = str(inputs.paths.get("reference"))
-    else:
-        ref_mask = roi.auto_reference(volumes["cbv"], brain, exclude,
-                                      eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape))
-        ref_source = "automatic (low, homogeneous CBV; non-enhancing, stable baseline, away from ROIs and vessels; see README)"
-    if not ref_mask.any():
-        raise InputError(f"{_where(inputs.paths.get('reference'), str(s.path))}: no reference voxel with a valid CBV; "
-                         "give a normal-appearing white-matter mask with --reference")
-    ref_cbv = float(np.median(volumes["cbv"][ref_mask]))
-    if not ref_cbv > 0:
-        raise InputError(f"{_where(inputs.paths.get('reference'), str(s.path))}: reference CBV median is {ref_cbv:.3g}, "
-                         "not positive; give a normal-appearing white-matter mask with --reference")
+    reference_info, ref_mask, ref_notes = _reference(inputs, volumes["cbv"], brain, aif_mask,
+                                                     eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape))
+    notes += ref_notes
+    ref_cbv = reference_info["cbv_median"]
     volumes["rcbv"] = (volumes["cbv"] / ref_cbv).astype(np.float32)
-    reference_info = {"source": ref_source, "n_voxels": int(ref_mask.sum()), "cbv_median": ref_cbv,
-                      "cbv_iqr": [float(q) for q in np.percentile(volumes["cbv"][ref_mask], [25, 75])]}
+    srcbv, landmarks = _standardized(volumes["cbv"], brain)
+    if srcbv is not None:
+        volumes["srcbv"] = srcbv.astype(np.float32)
+        reference_info["standardized"] = {
+            "landmarks": landmarks,
+            "rois": {n: (float(np.nanmedian(srcbv[m])) if np.isfinite(srcbv[m]).any() else float("nan"))
+                     for n, m in inputs.rois.items()}}
+    else:
+        reference_info["standardized"] = {"landmarks": None, "rois": {}, "why_not": landmarks}
+        notes.append(f"standardised rCBV not computed: {landmarks}")
 
     # -- ROIs: leakage sensitivity and bootstrap interval on the ROI and reference rows only, then the verdicts
     ref_peak = float(np.nanmedian(volumes["gv_peak"][ref_mask])) if np.isfinite(volumes["gv_peak"][ref_mask]).any() else np.nan
@@ -845,6 +889,8 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
             p["reference_cbv_median"] = result.reference_info["cbv_median"]
         if name == "ftb":
             p["rcbv_low"], p["rcbv_high"] = result.config.rcbv_low, result.config.rcbv_high
+        if name == "srcbv":
+            p["landmarks"] = result.reference_info["standardized"]["landmarks"]
         write_map(folder, name, result.maps[name], s.affine, units=unit, description=desc, parameters=p,
                   dtype=np.uint8 if name == "ftb" else np.float32)
     write_map(folder, "brain_mask", result.brain.astype(np.uint8), s.affine, units="mask",

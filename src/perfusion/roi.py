@@ -1,4 +1,4 @@
-"""Reference tissue, rCBV and per-ROI scores with their verdict rules and sources."""
+"""rCBV, per-ROI scores with their verdict rules and sources (the reference tissue: reference.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 #: rCBV thresholds of the verdict and of the fractional tumour burden (FTB) classes: below LOW
 #: treatment effect is likely, above HIGH recurrence is likely, in between indeterminate.
@@ -142,52 +141,6 @@ PSEUDOPROGRESSION_SOURCE = "RANO 2.0, Wen et al. 2023, J Clin Oncol 41:5187"
 #: legitimately moves a lesion from a negative to its true rCBV). On the leaky phantom the correction
 #: changes CBV by 45-70 %.
 STRONG_LEAKAGE_CHANGE = 0.3
-
-
-def _neighbour_median(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Median over the 8 in-plane neighbours of each voxel, the voxel itself left out; NaN where any
-    neighbour is invalid."""
-    v = np.where(valid, values, np.nan)
-    padded = np.pad(v, ((1, 1), (1, 1), (0, 0)), constant_values=np.nan)
-    nx, ny = v.shape[:2]
-    stack = [padded[1 + dx: 1 + dx + nx, 1 + dy: 1 + dy + ny, :]
-             for dx in (-1, 0, 1) for dy in (-1, 0, 1) if (dx, dy) != (0, 0)]
-    stack = np.stack(stack, axis=0)
-    out = np.median(stack, axis=0)  # NaN where any neighbour is NaN
-    return out
-
-
-def auto_reference(cbv: np.ndarray, brain: np.ndarray, exclude: np.ndarray, *, eligible: np.ndarray | None = None,
-                   band=(10.0, 40.0), vessel_percentile: float = 98.0) -> np.ndarray:
-    """Automatic reference tissue (a normal-appearing white-matter proxy), bool (x, y, z).
-
-    Candidates: brain voxels (mask eroded by one voxel in-plane) that are ``eligible`` (the pipeline
-    passes non-enhancing voxels, BSW's criterion, with a stable baseline), at least 2 voxels from
-    ``exclude`` (ROIs, arterial and venous voxels) and 1 voxel from vessels (CBV above its
-    ``vessel_percentile``), with a positive CBV. Each candidate's in-plane 8-neighbour median CBV,
-    which leaves the voxel itself out so its own noise does not bias the choice, must lie within the
-    ``band`` percentiles of that neighbour-median map: the low, homogeneous, non-vascular tissue that
-    white matter dominates. Returns an empty mask where no voxel qualifies.
-    """
-    st = np.zeros((3, 3, 3), bool)
-    st[:, :, 1] = True
-    inner = ndimage.binary_erosion(brain, structure=st)
-    away = ~ndimage.binary_dilation(exclude, structure=np.ones((5, 5, 5), bool)) if exclude.any() else np.ones_like(brain)
-    finite = np.isfinite(cbv) & brain
-    if finite.any():
-        vessels = finite & (cbv > np.percentile(cbv[finite], vessel_percentile))
-        away &= ~ndimage.binary_dilation(vessels, structure=st)
-    cand = inner & away & np.isfinite(cbv) & (cbv > 0)
-    if eligible is not None:
-        cand &= eligible
-    if not cand.any():
-        return cand
-    nmed = _neighbour_median(cbv, cand)
-    ok = cand & np.isfinite(nmed)
-    if not ok.any():
-        return ok
-    lo, hi = np.percentile(nmed[ok], band)
-    return ok & (nmed >= lo) & (nmed <= hi)
 
 
 @dataclass(frozen=True)
