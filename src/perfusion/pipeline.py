@@ -345,7 +345,7 @@ def _leakage_sensitivity(curves: np.ndarray, *, tr: float, aif_curve, aif_used, 
 
 
 def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, aif_quality, vessels, interval,
-               by_leakage, fit_r2_median, fit_r2_curve, leak_key):
+               by_leakage, fit_r2_median, fit_r2_curve, leak_key, reference_note=""):
     """One ROI's score with signal recovery, relative peak height and the verdict's context."""
     s = inputs.series
     mean_signal = s.data[m][:, keep].mean(axis=0, dtype=np.float64)
@@ -360,7 +360,8 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
     ctx = roi.Context(leakage=leak_key, fit_r2_median=fit_r2_median, fit_r2_curve=fit_r2_curve,
                       k2_median_per_s=k2_med, aif_quality=aif_quality, outside_brain=int((m & ~brain).sum()),
                       on_vessel=int((m & vessels).sum()), weeks_since_radiation=config.weeks_since_radiation,
-                      bevacizumab=config.bevacizumab, steroids=config.steroids, leakage_cbv_change=change)
+                      bevacizumab=config.bevacizumab, steroids=config.steroids, leakage_cbv_change=change,
+                      reference_note=reference_note)
     score = roi.decide(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
                        interval=interval, by_leakage=by_leakage, context=ctx, low=config.rcbv_low,
                        high=config.rcbv_high, mixed_fraction=config.mixed_fraction)
@@ -769,6 +770,15 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
             volumes["rcbv"] = (volumes["cbv"] / ref_cbv).astype(np.float32)
         pooled = [k for k in dict.fromkeys((leak_key, *config.leakage_plausible)) if np.isfinite(ref_med[k])]
         ref_boot = {k: roi.resample_reference(sens_cbv[k][:n_ref]) for k in pooled}
+        reference_note = ""
+        if reference_info.get("automatic"):  # the confidence reflects where the reference could have been taken
+            spread = roi.reference_spread(volumes["cbv"], ref_mask, np.linalg.norm(s.affine[:3, :3], axis=0))
+            reference_info["regional_spread"] = spread
+            ref_boot = {k: roi.widen_reference(v, spread) for k, v in ref_boot.items()}
+            reference_note = (f"the reference tissue was chosen automatically ({reference_info.get('side', '?')} "
+                              f"hemisphere{'s' if reference_info.get('side') == 'both' else ''}); its two halves "
+                              f"differ by +/-{spread:.0%}, included in the interval; give --reference with a "
+                              "normal-appearing white-matter mask to replace it")
         reference_info["cbv_median_by_leakage"] = ref_med
         start = n_ref
         for name, m in inputs.rois.items():
@@ -796,7 +806,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
             scores.append(_score_roi(name, m, volumes, inputs, config, brain=brain, keep=keep, bl=bl, ref_peak=ref_peak,
                                      aif_quality=aif_info.get("quality_score"), vessels=vessels, interval=interval,
                                      by_leakage=by_leakage, fit_r2_median=fit_r2, fit_r2_curve=fit_r2_curve,
-                                     leak_key=leak_key))
+                                     leak_key=leak_key, reference_note=reference_note))
     if inputs.rois:
         ftb = np.zeros(shape, np.uint8)
         for m in inputs.rois.values():

@@ -179,6 +179,37 @@ def resample_reference(ref_cbv: np.ndarray, *, n_resamples: int = N_BOOTSTRAP,
     return out
 
 
+def reference_spread(cbv: np.ndarray, mask: np.ndarray, voxel_mm) -> float:
+    """Regional spread of a reference tissue: its voxels split in two halves at their median position
+    along the axis of its longest extent (mm), |m1 - m2| / (m1 + m2) of the two halves' median CBV
+    (0 for a uniform tissue; NaN with fewer than 2 voxels a half). ``cbv`` and ``mask`` (x y z);
+    ``voxel_mm`` the three voxel sizes."""
+    pos = np.argwhere(mask)
+    values = np.asarray(cbv, dtype=np.float64)[mask]
+    ok = np.isfinite(values)
+    pos, values = pos[ok], values[ok]
+    if values.size < 4:
+        return float("nan")
+    mm = pos * np.asarray(voxel_mm, dtype=np.float64)[None, :]
+    axis = int(np.argmax(mm.max(axis=0) - mm.min(axis=0)))
+    cut = np.median(mm[:, axis])
+    lo, hi = values[mm[:, axis] <= cut], values[mm[:, axis] > cut]
+    if lo.size < 2 or hi.size < 2:
+        return float("nan")
+    m1, m2 = float(np.median(lo)), float(np.median(hi))
+    return abs(m1 - m2) / (m1 + m2) if m1 + m2 > 0 else float("nan")
+
+
+def widen_reference(ref_medians: np.ndarray, spread: float, *, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """Bootstrap medians of an automatically chosen reference times factors drawn uniformly from
+    [1 - spread, 1 + spread] (fixed seed): the reference could as well have been taken where white matter
+    reads ``spread`` higher or lower (``reference_spread``), and the interval says so."""
+    if not np.isfinite(spread) or spread <= 0:
+        return ref_medians
+    rng = np.random.default_rng([seed, 2])
+    return ref_medians * rng.uniform(1.0 - spread, 1.0 + spread, size=ref_medians.shape)
+
+
 def _resample_roi(roi_cbv: np.ndarray, ref_medians: np.ndarray, *, low: float, high: float, seed: int,
                   hotspot: float) -> np.ndarray:
     """(n_resamples, 5): median, hotspot percentile, FTB low, mid, high of rCBV for bootstrap resamples of
@@ -309,6 +340,7 @@ class Context:
     bevacizumab: bool = False
     steroids: bool = False
     leakage_cbv_change: float = float("nan")
+    reference_note: str = ""  # how the reference was chosen when automatic (a reason of every lesion)
 
 
 def _fmt_ci(ci) -> str:
@@ -471,6 +503,8 @@ def decide(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxe
         reasons.append(f"strong contrast leakage: the correction changed the median CBV by "
                        f"{context.leakage_cbv_change:+.0%} (information: the size of a correction is no reason to "
                        "refuse; see the leakage sensitivity)")
+    if context.reference_note:
+        reasons.append(context.reference_note)
 
     return RoiScore(
         name=name, n_voxels=n_voxels, n_valid=int(valid.size), volume_ml=n_voxels * voxel_volume_ml,
