@@ -183,3 +183,63 @@ def test_write_realistic_reference_is_contralateral(tmp_path):
     x = np.nonzero(ref)[0]
     les = np.nonzero(ph.masks["recurrence_t1"])[0]
     assert ref.any() and x.min() > les.max()  # all on the other side (RAS: larger x, the patient's right)
+
+
+def test_not_assessable_cases_on_the_realistic_head():
+    """Gates met through the whole pipeline on the realistic head, each with its reason (the others,
+    K2 out of range and most voxels unfittable, are exercised in tests/test_verdict.py): too few voxels
+    (5), an ROI mostly on the scalp (84 % outside the brain; its curves are not the leakage model's
+    either), an ROI on the arteries given as the AIF, no leakage correction at flip 60 without preload
+    (negative median rCBV, and the corrections disagreeing), and an "AIF" drawn in white matter."""
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    ph = make_realistic_phantom(RealisticSpec(seed=0, lesions=("recurrence_t1", "treatment_t1", "indeterminate")))
+    inputs = realistic_inputs(ph)
+    rec = ph.masks["recurrence_t1"]
+    tiny = np.zeros_like(rec)
+    tiny[tuple(np.argwhere(rec)[:5].T)] = True
+    edge = ph.masks["brain"] & ~ndimage.binary_erosion(ph.masks["brain"], np.ones((3, 3, 1), bool))
+    scalp = np.zeros_like(rec)
+    scalp[..., 3] = ((ph.masks["head"] & ~ph.masks["brain"]) | edge)[..., 3]
+    scalp[:, 48:, 3] = False
+    rois = dict(inputs.rois, tiny=tiny, scalp=scalp, artery=ph.masks["aif"])
+    res = analyze(replace(inputs, rois=rois, aif=ph.masks["aif"]), Config(motion_correct="off"))
+    got = {r.name: r for r in res.rois}
+    assert "too_few_voxels" in got["tiny"].gates_failed
+    assert "outside_brain" in got["scalp"].gates_failed
+    assert "on_vessel" in got["artery"].gates_failed
+    for name in ("tiny", "scalp", "artery"):
+        assert got[name].verdict == "not_assessable" and got[name].next_step, name
+    for name in ("recurrence_t1", "treatment_t1", "indeterminate"):  # the lesions beside them are unaffected
+        assert got[name].verdict in ph.lesions[name]["expected_verdicts"], (name, got[name].verdict)
+
+    none = {r.name: r for r in analyze(inputs, Config(motion_correct="off", leakage="none")).rois}
+    assert "negative_rcbv" in none["treatment_t1"].gates_failed and none["treatment_t1"].rcbv_median < 0
+    assert "leakage_disagreement" in none["indeterminate"].gates_failed
+
+    white = ph.masks["nawm"].copy()
+    white[: white.shape[0] // 2] = False
+    wm_aif = np.zeros_like(white)
+    wm_aif[tuple(np.argwhere(white)[:30].T)] = True
+    bad = analyze(replace(inputs, aif=wm_aif), Config(motion_correct="off"))
+    assert bad.aif_info["quality_score"] < 0.2
+    assert all(r.gates_failed == ("unusable_aif",) for r in bad.rois)
+
+
+def test_automatic_reference_and_high_snr():
+    """Everything automatic (AIF and reference), another seed, SNR 150 and 30: every verdict right, the
+    same rCBV targets, and every lesion's reasons say the reference was chosen automatically."""
+    rows = validate_realistic(seeds=(3,), snrs=(150.0, 30.0), reference="auto")
+    assert all(r["verdict_ok"] for r in rows), [(r["protocol"], r["snr"], r["lesion"], r["verdict"]) for r in rows
+                                                 if not r["verdict_ok"]]
+    for r in rows:
+        if r["lesion"] != "mixed":
+            bound = 0.30 if r["protocol"] == "flip60_no_preload" else 0.20
+            assert abs(r["rel_error"]) <= bound, (r["protocol"], r["snr"], r["lesion"], r["rel_error"])
+    ph = make_realistic_phantom(RealisticSpec(seed=3, lesions=("treatment_t1",)))
+    res = analyze(realistic_inputs(ph, reference="auto"), Config(motion_correct="off"))
+    assert res.reference_info["automatic"] and res.reference_info["side"] == "right"
+    assert 0 <= res.reference_info["regional_spread"] < 0.1
+    assert any("chosen automatically" in x for x in res.rois[0].reasons)
