@@ -193,6 +193,9 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
         for r in result.rois:
             con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, 95 % interval "
                       f"{r.rcbv_ci_low:.2f}-{r.rcbv_ci_high:.2f}, PSR {r.psr_percent:.0f} %). {r.next_step}")
+            std = (result.reference_info.get("standardized") or {}).get("rois", {}).get(r.name)
+            if std is not None:
+                con.print(f"  standardised CBV (Bedekar 2010; brain median = 1000): {std:.0f}")
             if r.rcbv_by_leakage:
                 con.print("  rCBV by leakage correction: " + ", ".join(
                     f"{m} {v['rcbv_median']:.2f}" for m, v in r.rcbv_by_leakage.items()))

@@ -439,7 +439,16 @@ def _summary_table(rois: list[dict]) -> str:
             "<th>FTB low / mid / high</th><th>mixed</th><th>volume (mL)</th><th>warnings</th></tr>" + rows + "</table>")
 
 
-def _verdict_box(r: dict, thresholds: dict) -> str:
+def _standardized(r: dict, standardized: dict | None) -> str:
+    """The lesion's median standardised CBV (Bedekar 2010) with its landmarks, or nothing."""
+    value = ((standardized or {}).get("rois") or {}).get(r.get("name"))
+    if value is None:
+        return ""
+    return (f"Standardised CBV (Bedekar 2010, no reference tissue; the brain's median CBV = 1000 standardised "
+            f"units): median <b>{_f(value, '.0f')}</b>.<br>")
+
+
+def _verdict_box(r: dict, thresholds: dict, standardized: dict | None = None) -> str:
     v = r.get("verdict", "indeterminate")
     colour = VERDICT_COLOUR.get(v, "#555")
     reasons = "".join(f"<li>{_e(x)}</li>" for x in r.get("reasons", []))
@@ -453,7 +462,7 @@ def _verdict_box(r: dict, thresholds: dict) -> str:
         f"Fractional tumour burden: {_pct(r.get('ftb_low'))} {_ci(r, 'ftb_low_ci', True)} below "
         f"{_f(thresholds.get('rcbv_low'), 'g')}, {_pct(r.get('ftb_mid'))} {_ci(r, 'ftb_mid_ci', True)} between, "
         f"{_pct(r.get('ftb_high'))} {_ci(r, 'ftb_high_ci', True)} above {_f(thresholds.get('rcbv_high'), 'g')}"
-        f"{'; <b>mixed lesion</b>' if r.get('mixed') else ''}.<br>"
+        f"{'; <b>mixed lesion</b>' if r.get('mixed') else ''}.<br>{_standardized(r, standardized)}"
         f"Percentage of signal recovery (PSR) {_f(r.get('psr_percent'), '.0f')} %; relative peak height "
         f"{_f(r.get('relative_peak_height'))}; leakage correction changed CBV by "
         f"{_pct(r.get('leakage_cbv_change'), signed=True)}.</p>"
@@ -495,7 +504,7 @@ def build_html(folder: Path) -> str:
     parts.append("<h2>Verdict per ROI</h2>")
     if rois:
         parts.append(_summary_table(rois))
-        parts.extend(_verdict_box(r, thr) for r in rois)
+        parts.extend(_verdict_box(r, thr, rep.get("reference", {}).get("standardized")) for r in rois)
         parts.append(f'<p class="small">Thresholds: {_e(thr.get("source", ""))}</p>')
     else:
         parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
