@@ -1,7 +1,7 @@
 """What the report's and the compare page's figures hand to matplotlib, recorded for comparisons.
 
 ``record(monkeypatch)`` wraps Axes.imshow, Axes.contour, Axes.set_title and Axes.text: every call
-appends (kind, value) to the returned list (images as float64 arrays with NaN where masked, contour
+appends (kind, value) to the returned list (images, kind 'imshow <cmap>', as float64 arrays with NaN where masked, contour
 inputs as arrays, titles and texts as strings) and then draws as usual.
 """
 
@@ -15,7 +15,7 @@ def record(monkeypatch) -> list[tuple[str, object]]:
     real = {name: getattr(Axes, name) for name in ("imshow", "contour", "set_title", "text")}
 
     def imshow(self, x, *args, **kw):
-        calls.append(("imshow", np.ma.filled(np.ma.asarray(x).astype(np.float64), np.nan)))
+        calls.append((f"imshow {kw.get('cmap')}", np.ma.filled(np.ma.asarray(x).astype(np.float64), np.nan)))
         return real["imshow"](self, x, *args, **kw)
 
     def contour(self, *args, **kw):
@@ -37,7 +37,7 @@ def record(monkeypatch) -> list[tuple[str, object]]:
 
 def assert_same_figures(a: list, b: list, *, image_check) -> None:
     """Two recordings draw the same figures: the same calls in the same order, titles, texts and
-    contour inputs identical, images compared by ``image_check(a, b)`` (same shape asserted first)."""
+    contour inputs identical, images compared by ``image_check(a, b, kind)`` (same shape asserted first)."""
     assert [k for k, _ in a] == [k for k, _ in b]
     for (kind, x), (_, y) in zip(a, b):
         if kind in ("title", "text"):
@@ -46,4 +46,4 @@ def assert_same_figures(a: list, b: list, *, image_check) -> None:
             np.testing.assert_array_equal(x, y)
         else:
             assert x.shape == y.shape
-            image_check(x, y)
+            image_check(x, y, kind)
