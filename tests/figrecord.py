@@ -1,8 +1,8 @@
 """What the report's and the compare page's figures hand to matplotlib, recorded for comparisons.
 
 ``record(monkeypatch)`` wraps Axes.imshow, Axes.contour, Axes.set_title and Axes.text: every call
-appends (kind, value) to the returned list (images, kind 'imshow <cmap>', as float64 arrays with NaN where masked, contour
-inputs as arrays, titles and texts as strings) and then draws as usual.
+appends (kind, value) to the returned list (images, kind 'imshow <cmap>', as float64 arrays with NaN
+where masked, contour inputs as arrays, titles and texts as strings) and then draws as usual.
 """
 
 import numpy as np

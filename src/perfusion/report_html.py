@@ -21,7 +21,8 @@ import numpy as np
 
 from . import DISCLAIMER, __version__
 from .errors import InputError, OutputError
-from .io import DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object, stem
+from .io import (DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object,
+                 stem)
 
 #: Fixed colour scales (value range, unit) so pages of different cases compare at a glance.
 #: rCBV 0-5: the verdict thresholds (1.0, 1.75) sit in the lower half, hot lesions (3-5) stay visible.
