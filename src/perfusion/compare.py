@@ -30,8 +30,9 @@ from . import DISCLAIMER, __version__
 from .errors import InputError
 from .io import find_report, load_volume, output_path, sha256, write_json
 from .register import Rigid, Volume, resample, rigid, same_grid, write_transform
-from .report_html import (CSS, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _num, _show,
-                          load_report, png_bytes, roi_mask_paths, slices_with_roi)
+from .io import display_grid
+from .report_html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _num,
+                          _show, display_slices, draw_marks, load_report, png_bytes, roi_mask_paths, slices_with_roi)
 
 # ------------------------------------------------------------------------------ pattern thresholds
 # Relative change = current / prior - 1, each time point's value from its own report.json.
@@ -302,6 +303,7 @@ class Comparison:
     data: dict
     transform: Rigid | None
     background: np.ndarray
+    affine: np.ndarray  # the current grid's voxel-to-world affine (mm), for the figures' orientation
     prior_rcbv: np.ndarray  # prior rCBV on the current grid
     current_rcbv: np.ndarray
     current_masks: dict[str, np.ndarray]
@@ -450,7 +452,7 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         "unmatched_rois": {"prior_only": only_prior, "current_only": only_current},
         "warnings": warns,
     }
-    return Comparison(data=data, transform=transform, background=onto.data, prior_rcbv=prior_rcbv,
+    return Comparison(data=data, transform=transform, background=onto.data, affine=onto.affine, prior_rcbv=prior_rcbv,
                       current_rcbv=current.rcbv, current_masks=current.masks, prior_masks=prior_masks,
                       thresholds=(low, high))
 
@@ -472,11 +474,19 @@ def figure_slices(masks: dict[str, np.ndarray], n_slices: int, *, limit: int = M
 
 def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, background: np.ndarray,
                      current_masks: dict[str, np.ndarray], prior_masks: dict[str, np.ndarray],
-                     slices: list[int]) -> bytes:
-    """Rows = slices; left the prior rCBV on the current grid, right the current rCBV, both over the current
-    baseline on the fixed 0-5 scale; solid contours the current ROIs, dashed the prior ROIs."""
+                     slices: list[int], *, affine: np.ndarray) -> bytes:
+    """Rows = slices (stored indices of the current grid, drawn in display order); left the prior rCBV on
+    the current grid, right the current rCBV, both over the current baseline on the fixed 0-5 scale;
+    solid contours the current ROIs, dashed the prior ROIs. Radiological convention from ``affine`` (the
+    current grid's, voxel to world; io.display_grid), orientation letters, slice positions (mm)."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
+
+    grid = display_grid(affine, current_rcbv.shape)
+    prior_rcbv, current_rcbv, background = (grid.apply(a) for a in (prior_rcbv, current_rcbv, background))
+    current_masks = {n: grid.apply(m) for n, m in current_masks.items()}
+    prior_masks = {n: grid.apply(m) for n, m in prior_masks.items()}
+    slices = display_slices(grid, slices)
 
     lo, hi, unit = SCALES["rcbv"]
     colours = colormaps["tab10"]
@@ -497,7 +507,8 @@ def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, backgroun
                     if m is not None and m[:, :, z].any():
                         ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)],
                                    linewidths=1.2, linestyles=style, origin="lower")
-            ax.set_title(f"{title}, slice {z}", fontsize=9)
+            ax.set_title(f"{title}, {grid.position_label(z)}", fontsize=9)
+            draw_marks(ax, grid)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
     handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(names)]
@@ -623,10 +634,9 @@ def build_html(comp: Comparison) -> str:
     slices = figure_slices(comp.current_masks, comp.background.shape[2])
     parts.append("<h3>rCBV, prior (left, on the current grid) and current (right), over the current baseline</h3>")
     parts.append(_img_tag(fig_side_by_side(comp.prior_rcbv, comp.current_rcbv, comp.background, comp.current_masks,
-                                           comp.prior_masks, slices), "rCBV prior and current"))
+                                           comp.prior_masks, slices, affine=comp.affine), "rCBV prior and current"))
     parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); solid lines: current ROIs; dashed: '
-                 "prior ROIs (registered). Image x runs left to right, y bottom to top (voxel axes of the current "
-                 "grid, no radiological flip).</p>")
+                 f"prior ROIs (registered). {ORIENTATION_NOTE} Both columns are drawn on the current grid.</p>")
     parts.append("<h3>Median rCBV per ROI</h3>")
     parts.append(_img_tag(fig_rcbv_change(d["rois"], *comp.thresholds), "median rCBV prior and current"))
     if d["warnings"]:

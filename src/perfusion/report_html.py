@@ -21,7 +21,8 @@ import numpy as np
 
 from . import DISCLAIMER, __version__
 from .errors import InputError, OutputError
-from .io import find_report, load_array, output_path, read_json_object, stem
+from .io import (DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object,
+                 stem)
 
 #: Fixed colour scales (value range, unit) so pages of different cases compare at a glance.
 #: rCBV 0-5: the verdict thresholds (1.0, 1.75) sit in the lower half, hot lesions (3-5) stay visible.
@@ -69,6 +70,14 @@ UNUSABLE_WARN = 0.05
 DPI = 90
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: The figures' orientation, said under each group of image panels.
+ORIENTATION_NOTE = (
+    "Radiological convention, from the images' affine (not the voxel order): the patient's right on the "
+    "image's left; axial slices anterior up, coronal and sagittal superior up (sagittal: anterior on the "
+    "left); letters at the edges mark the patient's sides (R/L, A/P, S/I). Each panel's title is the "
+    "slice's position along its normal in scanner coordinates (mm; S/I superior/inferior, A/P, R/L of the "
+    "scanner's origin).")
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -236,8 +245,34 @@ def _img_tag(png: bytes, alt: str) -> str:
 
 
 def _show(a2d: np.ndarray) -> np.ndarray:
-    """An (x, y) slice as an image: x across, y up (displayed with origin='lower')."""
+    """An (x, y) slice of a display-oriented array (DisplayGrid.apply) as an image: x across, y up
+    (displayed with origin='lower'), so the radiological convention of io.DISPLAY_AXCODES."""
     return np.asarray(a2d).T
+
+
+#: Orientation letters: font size (pt) and where on the panel (axes fraction from the edge).
+MARK_FONTSIZE = 7
+MARK_INSET = 0.015
+
+
+def draw_marks(ax, grid: DisplayGrid, *, fontsize: float = MARK_FONTSIZE) -> None:
+    """The patient directions at the four edges of an image panel (R / L / A / P for an axial slice),
+    white with a black outline so they read on any background."""
+    from matplotlib import patheffects
+
+    stroke = [patheffects.withStroke(linewidth=1.8, foreground="black")]
+    m = grid.marks
+    for text, x, y, ha, va in ((m["left"], MARK_INSET, 0.5, "left", "center"),
+                               (m["right"], 1 - MARK_INSET, 0.5, "right", "center"),
+                               (m["top"], 0.5, 1 - MARK_INSET, "center", "top"),
+                               (m["bottom"], 0.5, MARK_INSET, "center", "bottom")):
+        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=fontsize,
+                fontweight="bold", path_effects=stroke)
+
+
+def display_slices(grid: DisplayGrid, slices: list[int]) -> list[int]:
+    """Stored slice indices as display indices, in display order (inferior to superior when axial)."""
+    return sorted(grid.display_slice(z) for z in slices)
 
 
 def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
@@ -246,13 +281,23 @@ def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
 
 
 def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.ndarray],
-                     reference: np.ndarray | None, slices: list[int]) -> bytes:
-    """rCBV (0-5, ratio) over ``background`` on ``slices``, with ROI and reference contours. The
-    background may have a finer in-plane grid over the same slices (a registered T1, ``anat.nii.gz``):
-    every layer is drawn in the rCBV map's voxel coordinates."""
+                     reference: np.ndarray | None, slices: list[int], *, affine: np.ndarray,
+                     background_affine: np.ndarray | None = None) -> bytes:
+    """rCBV (0-5, ratio) over ``background`` on ``slices`` (stored slice indices), with ROI and reference
+    contours, in radiological convention (io.display_grid of ``affine``, the maps' voxel-to-world
+    affine) with orientation letters and each slice's position (mm) as its title. The background may
+    have a finer in-plane grid over the same slices (a registered T1, ``anat.nii.gz``, on
+    ``background_affine``): every layer is drawn in the rCBV map's display voxel coordinates."""
     from matplotlib import colormaps
     from matplotlib.lines import Line2D
 
+    grid = display_grid(affine, rcbv.shape)
+    bg_affine = affine if background_affine is None else background_affine
+    background = display_grid(bg_affine, background.shape).apply(background)
+    rcbv = grid.apply(rcbv)
+    rois = {name: grid.apply(m) for name, m in rois.items()}
+    reference = grid.apply(reference) if reference is not None else None
+    slices = display_slices(grid, slices)
     lo, hi, unit = SCALES["rcbv"]
     nr, nc = _grid(len(slices), max_cols=4)
     fig, axes = _figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
@@ -273,7 +318,8 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
         if reference is not None and reference[:, :, z].any():
             ax.contour(_show(reference[:, :, z].astype(float)), levels=[0.5], colors=["white"], linewidths=0.6,
                        linestyles="dashed", origin="lower")
-        ax.set_title(f"slice {z}", fontsize=9)
+        ax.set_title(grid.position_label(z), fontsize=9)
+        draw_marks(ax, grid)
     if im is not None:
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
     handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(rois)]
@@ -300,8 +346,13 @@ def k2_limit(k2: np.ndarray, brain: np.ndarray) -> float:
     return lim if lim > 0 else 1e-6  # a flat map still needs a scale of non-zero width
 
 
-def fig_montage(data: np.ndarray, *, label: str, vmin: float, vmax: float, cmap: str = "viridis") -> bytes:
-    """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``."""
+def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float, vmax: float,
+                cmap: str = "viridis") -> bytes:
+    """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``, in
+    radiological convention (io.display_grid of ``affine``, voxel to world), with orientation letters
+    and each slice's position (mm) as its title."""
+    grid = display_grid(affine, data.shape)
+    data = grid.apply(data)
     nz = data.shape[2]
     nr, nc = _grid(nz)
     fig, axes = _figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3), images=True)
@@ -310,7 +361,8 @@ def fig_montage(data: np.ndarray, *, label: str, vmin: float, vmax: float, cmap:
         ax.axis("off")
     for z, ax in zip(range(nz), axes.ravel()):
         im = ax.imshow(_show(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
-        ax.set_title(f"{z}", fontsize=8)
+        ax.set_title(grid.position_label(z), fontsize=8)
+        draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
     return png_bytes(fig)
 
@@ -477,6 +529,12 @@ def _load(folder: Path, rep: dict, name: str) -> np.ndarray | None:
     return load_array(p, what=name) if p.is_file() else None
 
 
+def _load_with_affine(folder: Path, rep: dict, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A map and its voxel-to-world affine (mm), or (None, None) when the file is missing."""
+    p = output_path(folder, rep, name)
+    return load_array_affine(p, what=name) if p.is_file() else (None, None)
+
+
 def build_html(folder: Path) -> str:
     """The report page of an ``analyze`` output folder as one self-contained HTML string."""
     folder = Path(folder)
@@ -510,8 +568,8 @@ def build_html(folder: Path) -> str:
         parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
 
     # 3. figures
-    rcbv = _load(folder, rep, "rcbv")
-    anat = _load(folder, rep, "anat")
+    rcbv, rcbv_affine = _load_with_affine(folder, rep, "rcbv")
+    anat, anat_affine = _load_with_affine(folder, rep, "anat")
     background = _load(folder, rep, "baseline")
     reference = _load(folder, rep, "reference_mask")
     brain = _load(folder, rep, "brain_mask")
@@ -531,9 +589,9 @@ def build_html(folder: Path) -> str:
         masks[name] = m
     parts.append("<h2>Figures</h2>")
     if rcbv is not None:
-        bg_name = "the baseline image"
+        bg_name, bg_affine = "the baseline image", rcbv_affine
         if anat is not None and anat.shape[2] == rcbv.shape[2] and anat.shape[0] % rcbv.shape[0] == 0:
-            bg, bg_name = anat, "the registered anatomical image (--anat)"
+            bg, bg_name, bg_affine = anat, "the registered anatomical image (--anat)", anat_affine
         else:
             if anat is not None:
                 notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {rcbv.shape}; baseline used")
@@ -545,26 +603,29 @@ def build_html(folder: Path) -> str:
         slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
         what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
         parts.append(f"<h3>rCBV over {bg_name} ({what})</h3>")
-        parts.append(_img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices), "rCBV overlay"))
+        parts.append(_img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine,
+                                               background_affine=bg_affine), "rCBV overlay"))
         parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
-                     "dashed white: reference tissue. Image x runs left to right, y bottom to top (voxel axes, "
-                     "no radiological flip).</p>")
+                     f"dashed white: reference tissue. {ORIENTATION_NOTE}</p>")
     else:
         notes.append("rcbv.nii.gz not found: no rCBV figure")
     parts.append("<h3>Maps, all slices</h3>")
     for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
-        data = _load(folder, rep, name)
+        data, affine = _load_with_affine(folder, rep, name)
         if data is None:
             notes.append(f"{name}.nii.gz not found: no {title} montage")
             continue
         lo, hi, unit = SCALES[name]
         parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
-        parts.append(_img_tag(fig_montage(data, label=f"{title} ({unit})", vmin=lo, vmax=hi), f"{title} montage"))
-    k2 = _load(folder, rep, "k2")
+        parts.append(_img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
+                              f"{title} montage"))
+    k2, k2_affine = _load_with_affine(folder, rep, "k2")
     if k2 is not None:
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
-        parts.append(_img_tag(fig_montage(k2, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"), "K2 montage"))
+        parts.append(_img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
+                              "K2 montage"))
+    parts.append(f'<p class="small">{ORIENTATION_NOTE}</p>')
     curves = read_curves(output_path(folder, rep, "curves"))
     if "time_s" in curves and "aif" in curves:
         parts.append("<h3>Arterial input function</h3>")
