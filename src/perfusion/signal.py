@@ -265,16 +265,18 @@ def auto_brain_mask(mean_image: np.ndarray, *, drop: np.ndarray | None = None,
                     voxel_mm: tuple[float, float, float] | None = None, keep: np.ndarray | None = None
                     ) -> np.ndarray:
     """Brain mask (bool, x y z) of a gradient-echo EPI series: the brain without scalp, orbits, skull
-    base and (given ``drop``) CSF spaces. ``mean_image``: mean signal (a.u., x y z), the baseline's
-    best; ``drop``: relative signal drop at the bolus peak (dimensionless, x y z; ``bolus_drop``);
+    base and (given ``drop``) CSF spaces. ``mean_image``: mean signal (a.u., x y z; the baseline
+    frames' mean is best); ``drop``: relative signal drop at the bolus peak (dimensionless, x y z; ``bolus_drop``);
     ``voxel_mm``: voxel size (mm; None: 2 mm in-plane); ``keep``: voxels (bool, x y z) the CSF step
     leaves in the mask (the lesion ROIs: a necrotic or cystic part is the lesion's, not CSF).
 
     1. foreground: Otsu threshold of the positive voxels;
     2. erosion per slice by a disc of BRIDGE_RADIUS_MM (in-plane, so one slice works like a whole
        brain): cuts the thin bridges to scalp, orbits and skull base and removes the scalp shell;
-    3. the largest 3-D connected component, dilated back within the foreground by the same disc
-       (a geodesic dilation: it reaches only one radius along a cut bridge);
+    3. the largest 3-D connected component, grown back within the foreground by as many steps as the
+       disc's radius, 8-connected in-plane and to the slices above and below (a geodesic dilation: it
+       regains the brain's edge and a top or bottom slice smaller than the disc, and reaches only one
+       radius along a cut bridge);
     4. holes filled per slice (dark vessels, a necrotic core, a dark ventricle);
     5. with ``drop``: voxels bright at baseline (> BRIGHT_FRACTION x the mask's median) that do not
        take up the bolus (drop < NON_PERFUSED_DROP_FRACTION x the mask's median drop) are removed:
@@ -292,7 +294,7 @@ def auto_brain_mask(mean_image: np.ndarray, *, drop: np.ndarray | None = None,
     step = np.zeros((3, 3, 3), bool)  # 8-connected in-plane (r steps cover the disc) and to the slices
     step[:, :, 1] = True  # above and below, so a top or bottom slice smaller than the disc comes back
     step[1, 1, :] = True
-    mask = ndimage.binary_dilation(core, structure=step, iterations=disc.shape[0] // 2, mask=fg) | core
+    mask = ndimage.binary_dilation(core, structure=step, iterations=max(disc.shape[:2]) // 2, mask=fg) | core
     for z in range(mask.shape[2]):
         mask[:, :, z] = ndimage.binary_fill_holes(mask[:, :, z])
     if drop is not None:
