@@ -54,6 +54,11 @@ class Series:
         return int(self.data.shape[3])
 
     @property
+    def voxel_mm(self) -> tuple[float, float, float]:
+        """Voxel size (mm, x y z): the lengths of the affine's columns."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
     def voxel_volume_ml(self) -> float:
         """Voxel volume in mL (the affine's determinant is in mm^3)."""
         return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0

@@ -190,7 +190,7 @@ def reference_frames(data: np.ndarray, *, tr: float, brain: np.ndarray | None = 
     from . import signal
 
     def brain_curve():
-        mask = np.asarray(brain if brain is not None else signal.auto_brain_mask(data.mean(axis=3)), dtype=bool)
+        mask = np.asarray(brain if brain is not None else signal.auto_head_mask(data.mean(axis=3)), dtype=bool)
         if not mask.any():
             raise signal.BaselineError("the brain mask is empty")
         return data[mask].mean(axis=0, dtype=np.float64)
@@ -212,9 +212,9 @@ def head_mask(reference: np.ndarray) -> np.ndarray:
     """Voxels the registration metric samples (bool, x y z): the head, with its edge."""
     from scipy import ndimage
 
-    from .signal import auto_brain_mask
+    from .signal import auto_head_mask
 
-    head = auto_brain_mask(reference)
+    head = auto_head_mask(reference)
     if head.sum() < MIN_HEAD_VOXELS:
         return np.ones(reference.shape, bool)
     return ndimage.binary_dilation(head, structure=np.ones((3, 3, 1), bool), iterations=HEAD_DILATION_VOXELS)

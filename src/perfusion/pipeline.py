@@ -164,6 +164,7 @@ class Result:
     motion: dict | None = None  # head motion (motion.correct_series): report.json "motion" + "timeseries" columns
     timings: dict[str, float] = field(default_factory=dict)  # wall s per stage (report.json "timings_s")
     n_voxels: int = 0  # voxels analysed (brain and every mask)
+    brain_source: str = ""  # the brain mask's file, or how the automatic one was made (report.json "brain")
     peak_mb: dict[str, float] = field(default_factory=dict)  # traced peak MB per stage (tracemalloc on only)
 
 
@@ -556,6 +557,22 @@ def analyze(inputs: Inputs, config: Config = Config()) -> Result:
         return _analyze(inputs, config)
 
 
+#: report.json "brain" "source" of the automatic brain mask (signal.auto_brain_mask).
+AUTO_BRAIN_SOURCE = ("automatic (signal.auto_brain_mask: Otsu threshold of the baseline image, in-plane erosion that "
+                     "cuts scalp, orbits and skull base, largest component dilated back, holes filled; voxels bright "
+                     "at baseline that do not drop with the bolus (CSF, vitreous) removed, lesion ROIs kept)")
+
+
+def _brain_baseline(inputs: Inputs, brain: np.ndarray):
+    """signal.find_baseline on the mean signal of the ``brain`` voxels; (Baseline, mean curve (n_t,))."""
+    s = inputs.series
+    curve = signal.mean_curve(s.data, brain)
+    try:
+        return signal.find_baseline(curve, tr=s.tr), curve
+    except signal.BaselineError as exc:
+        raise InputError(f"{s.path}: {exc}; check that this is a DSC series with a contrast bolus") from None
+
+
 def _analyze(inputs: Inputs, config: Config) -> Result:
     t_start = time.perf_counter()
     stages = Stages()
@@ -564,35 +581,31 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     notes: list[str] = []
     shape = s.shape3d
 
-    # -- brain mask
+    # -- brain mask and baseline
     if inputs.brain is not None:
         brain = inputs.brain
-        brain_source = str(inputs.paths.get("brain"))
+        brain_source = str(inputs.paths.get("brain", "given mask"))
     else:
-        brain = signal.auto_brain_mask(s.data.mean(axis=3))
-        brain_source = "automatic (Otsu threshold of the mean image, largest component)"
+        lesions = np.zeros(shape, bool)  # the ROIs' voxels are never taken for CSF (a necrotic or cystic core)
+        for m in inputs.rois.values():
+            lesions |= m
+        try:  # the coarse brain's baseline and bolus peak, then the brain without what does not take up the bolus
+            brain = signal.auto_brain_mask_dsc(s.data, tr=s.tr, voxel_mm=s.voxel_mm, keep=lesions)
+        except signal.BaselineError as exc:
+            raise InputError(f"{s.path}: {exc}; check that this is a DSC series with a contrast bolus") from None
         if brain.sum() < 10:
             raise InputError(f"{s.path}: the automatic brain mask is empty; give a mask with --mask")
+        brain_source = AUTO_BRAIN_SOURCE
     _check_masks(inputs, brain)
+    base, mean_curve = _brain_baseline(inputs, brain)
     analysis = brain.copy()
     for extra in [inputs.aif, inputs.reference, inputs.vof, *inputs.rois.values()]:
         if extra is not None:
             analysis |= extra
     idx = np.flatnonzero(analysis.ravel())
     flat = s.data.reshape(-1, s.n_frames)
-    stages.lap("brain_mask")
     brain_rows = brain.ravel()[idx]
-
-    # -- baseline and delta R2*
-    brain_idx = idx[brain_rows]
-    mean_curve = np.zeros(s.n_frames)
-    for lo in range(0, brain_idx.size, config.chunk_voxels):  # chunked: no copy of every brain voxel at once
-        mean_curve += flat[brain_idx[lo: lo + config.chunk_voxels]].sum(axis=0, dtype=np.float64)
-    mean_curve /= max(brain_idx.size, 1)
-    try:
-        base = signal.find_baseline(mean_curve, tr=s.tr)
-    except signal.BaselineError as exc:
-        raise InputError(f"{s.path}: {exc}; check that this is a DSC series with a contrast bolus") from None
+    stages.lap("brain_mask")
     try:
         signal.check_first_pass(mean_curve, base, tr=s.tr)
     except signal.BaselineError as exc:
@@ -839,7 +852,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                   reference_info=reference_info, rois=scores, warnings=notes, config=config,
                   seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image,
                   timings={k: round(v, 4) for k, v in stages.seconds.items()}, n_voxels=int(n_vox),
-                  peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()})
+                  peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()}, brain_source=brain_source)
 
 
 def anat_entry(anat, source, *, prefix: str | None = None) -> dict:

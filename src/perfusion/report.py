@@ -46,7 +46,8 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "parameters": cfg.as_dict(),
         "baseline": result.baseline.as_dict(s.tr),
         "brain": {"n_voxels": int(result.brain.sum()),
-                  "source": str(inputs.paths["brain"]) if "brain" in inputs.paths else "automatic"},
+                  "source": str(inputs.paths["brain"]) if "brain" in inputs.paths
+                  else (result.brain_source or "automatic")},
         "aif": {k: v for k, v in result.aif_info.items() if k != "leakage"},
         "leakage": result.aif_info.get("leakage", {"method": "none"}),
         "reference": {**result.reference_info},
