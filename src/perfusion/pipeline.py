@@ -239,9 +239,13 @@ def _vof_scaling(inputs: Inputs, config: Config, curve, info: dict, notes: list,
     if guarded:
         area_t = float(trapezoid(tissue_curve, dx=s.tr))
         vof_ratio = float(trapezoid(vof_curve, dx=s.tr)) / area_t if area_t > 0 else float("nan")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # a factor below 1 is not applied here: no warning
-            scaled, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a factor below 1 is not applied here: no warning
+                scaled, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
+        except ValueError as exc:  # an area that is not positive: nothing to scale by
+            info["vof"] = {"source": vof_source, "mode": "guarded", "applied": False, "why": str(exc)}
+            return curve
         entry = {"source": vof_source, "mode": "guarded", "n_voxels": int(vof_rows.size), "scale_factor": float(factor),
                  "vof_area_ratio": vof_ratio}
         if not vof_ratio >= aif_mod.ABSOLUTE_BOUNDS["area_ratio"]:
