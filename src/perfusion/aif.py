@@ -526,7 +526,7 @@ def check_absolute(curve: np.ndarray, *, tr: float, tissue_curve: np.ndarray | N
             ratio = float(trapezoid(c, dx=tr)) / area_t
             measures["area_ratio"] = ratio
             scale = cbv_scale(KH if kh is None else kh, RHO_BRAIN_G_PER_ML if rho is None else rho)
-            measures["implied_brain_cbv_ml_per_100g"] = scale / ratio if ratio > 0 else float("inf")
+            measures["implied_brain_cbv_ml_per_100g"] = scale / ratio if ratio > 0 else None
     reasons = []
     tail = measures["tail_fraction"]
     if tail is not None and tail > bounds["tail_fraction"]:
@@ -536,9 +536,9 @@ def check_absolute(curve: np.ndarray, *, tr: float, tissue_curve: np.ndarray | N
     ratio = measures["area_ratio"]
     if ratio is not None and ratio < bounds["area_ratio"]:
         reasons.append(f"the AIF's area is only {ratio:.1f} times the brain tissue's (a pure artery at least "
-                       f"{bounds['area_ratio']:g}): it implies a mean brain CBV of "
-                       f"{measures['implied_brain_cbv_ml_per_100g']:.1f} mL/100 g, so the AIF is partial-volumed "
-                       "and absolute CBV and CBF are too high")
+                       f"{bounds['area_ratio']:g})" + (f": it implies a mean brain CBV of "
+                       f"{measures['implied_brain_cbv_ml_per_100g']:.1f} mL/100 g" if ratio > 0 else "")
+                       + ", so the AIF is partial-volumed and absolute CBV and CBF are too high")
     if measures["fwhm_s"] > bounds["fwhm_s"]:
         reasons.append(f"the AIF's first pass is {measures['fwhm_s']:.1f} s wide at half maximum (a pure artery at "
                        f"most {bounds['fwhm_s']:g} s): saturation, dispersion or tissue")
