@@ -1,4 +1,5 @@
-"""Arterial input: cluster selection, venous output function, partial-volume scaling, quality score.
+"""Arterial input: cluster selection, venous output function, partial-volume scaling, quality score
+(the absolute-quantification checks of issue 16: tests/test_aif_honesty.py).
 
 On the real phantom (perfusion.phantom): 40 pure arterial voxels (masks["aif"]), each artery ringed by
 partial-volume voxels (30 % AIF, 70 % tissue), veins = the AIF delayed 4 s and dispersed 3 s
@@ -206,6 +207,26 @@ def test_quality_score_ranks_the_true_aif_first(snr150):
     assert tissue["score"] < true["score"] and tissue["warnings"]
     assert noisy["score"] < true["score"] and any("contrast-to-noise" in w for w in noisy["warnings"])
     assert vein["score"] < true["score"] and any("before the tissue" in w for w in vein["warnings"])
+
+
+def test_quality_score_caps_a_scaled_partial_volume_aif(snr150):
+    """Issue 16: a partial-volume AIF of this phantom (concentrations add, so it is the AIF scaled by the
+    artery fraction, PV_FACTOR 0.6 here and 0.3 in the ring) has the true AIF's shape and the same
+    components; only its area over the tissue's tells (aif.check_absolute, bounds in aif.py). With the
+    brain's mean curve given, the 30 % curve is capped below the ok bar; the true AIF and the 60 % one
+    (area ratio above the bound: a known miss, CBV 1.7x too high) are not."""
+    tissue = snr150["d"].mean(axis=0)
+
+    def score(curve):
+        return aif.aif_quality_score(curve, tr=snr150["tr"], baseline=BASELINE,
+                                     tissue_peak_frame=snr150["tissue_peak_frame"], tissue_curve=tissue)
+
+    true, pv60, pv30 = (score(f * snr150["true"]) for f in (1.0, PV_FACTOR, 0.3))
+    assert true["absolute"]["quantitative"] and true["score"] > 0.9
+    assert pv30["components"]["post_bolus"] == true["components"]["post_bolus"]  # the shape is the same
+    assert not pv30["absolute"]["quantitative"] and pv30["score"] < aif.QUALITY_OK
+    assert pv30["absolute"]["measures"]["area_ratio"] < aif.ABSOLUTE_BOUNDS["area_ratio"]
+    assert pv60["absolute"]["quantitative"]
 
 
 def test_quality_score_without_tissue_peak_drops_that_component(snr150):

@@ -140,8 +140,11 @@ def test_vof_scaling_restores_partial_volume_aif(phantom_case, tmp_path):
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(ring_path), reference=phantom_case["nawm"],
                          rois=[], te=None, tr=None)[0]
     true = analyze(_inputs(phantom_case), Config())
-    unscaled = analyze(inputs, Config())
+    unscaled = analyze(inputs, Config(vof="none"))
     scaled = analyze(inputs, Config(vof="auto"))
+    guarded = analyze(inputs, Config())  # the default: the VOF shows this AIF is partial-volumed, so it applies
+    assert guarded.aif_info["vof"]["applied"] is True
+    np.testing.assert_array_equal(guarded.maps["cbv"], scaled.maps["cbv"])
     ok = np.isfinite(true.maps["cbv"]) & true.brain
     r_unscaled = np.median(unscaled.maps["cbv"][ok] / true.maps["cbv"][ok])
     r_scaled = np.median(scaled.maps["cbv"][ok] / true.maps["cbv"][ok])

@@ -431,6 +431,119 @@ QUALITY_RAMPS = {
 #: Times after the peak over which the post-bolus level is averaged, s.
 POST_BOLUS_S = (6.0, 12.0)
 
+#: Quality score (0-1) at or above which an AIF is called ok, in the report and in the verdict's
+#: reasons (``roi.AIF_POOR``): half of the components fully satisfied.
+QUALITY_OK = 0.5
+
+#: Bounds beyond which an AIF's own curve says that absolute CBV and CBF cannot be trusted
+#: (``check_absolute``). Measured on curves whose physics differs from the tool's model (README, method
+#: step 4, has the table):
+#:
+#: - ``tail_fraction`` (at most): the mean level 6-12 s after the peak (``POST_BOLUS_S``) / peak. A voxel
+#:   that holds a fraction of artery adds magnetisations: at the peak the arterial part is dark and the
+#:   tissue part dominates, so the peak is flattened while the tail, where both are linear, is not.
+#:   Pure arteries 0.14-0.16 (realistic phantom, 3 protocols, seeds 0-2, SNR 30-50), 0.22-0.24 (the old
+#:   phantom, a larger recirculation), 0.09 (FAIR-Unipd measured AIF); partial-volume rings 0.29-0.37
+#:   (realistic phantom, 20-45 % artery; 60 %: 0.26-0.30), saturated arteries 0.37-0.38 (realistic,
+#:   15 mM bolus), the real LCB-BNI AIF ROI 0.37. 0.28: between the pure arteries' 0.24 and 0.29.
+#: - ``area_ratio`` (at least): AIF area / the brain's mean tissue curve's area, whole series. It is
+#:   (kH / rho) 100 / (mean brain CBV in mL/100 g); 8.5 means a mean brain CBV of 8.3 mL/100 g, above
+#:   grey matter's usual value. Pure arteries 9.8-11.1 (realistic: its tissue relaxivity exceeds the
+#:   blood's at low concentration, so the ratio is lower than the 15-25 of CBV 3-5 %), 22-25 (old
+#:   phantom); partial-volume rings 2.2-5.4 (realistic, 20-60 %), 5.5-7.9 (old phantom, 20-30 %;
+#:   45-60 %: 10.8-14, missed: CBV there is 1.7-2.2x too high), saturated 7.5-7.9 (15 mM), the LCB-BNI
+#:   AIF 3.0-3.5 (against NAWM; its own worked example gives tumour CBV 38 mL/100 g). 8.5: between the
+#:   old phantom's 30 % ring (7.9) and the lowest pure artery (9.8).
+#: - ``fwhm_s`` (at most): the first pass's width at half maximum. Pure arteries 6.0-7.5 s (both
+#:   phantoms, TR 1.5 s), 6.2 s (FAIR-Unipd); rings 7.5-9 s; saturated 10.5-12 s (15 mM); LCB-BNI
+#:   10.5 s. 10 s: above every pure artery by more than a frame; catches saturation, not partial volume.
+ABSOLUTE_BOUNDS = {"tail_fraction": 0.28, "area_ratio": 8.5, "fwhm_s": 10.0}
+
+#: The quality score of an AIF that fails ``check_absolute`` is capped here: below ``QUALITY_OK`` (the
+#: curve does not pass) and above ``roi.AIF_UNUSABLE`` (0.2), so that rCBV and the verdict, ratios in
+#: which the AIF's scale cancels, are not withheld for it.
+NOT_QUANTITATIVE_SCORE_CAP = 0.45
+
+#: ``--vof guarded`` (the default) scales the AIF to the automatic VOF only from this factor on. With a
+#: pure AIF the factor was 0.965-0.985 on the realistic phantom (seeds 0-1, SNR 30-50: the dispersed
+#: venous peak has less of the quadratic blood relaxivity) and 0.999-1.014 on the old phantom; scaling
+#: those would move CBV by up to 3.5 % for nothing. A partial-volumed AIF gave 3.4-3.5.
+VOF_GUARD_MIN_FACTOR = 1.1
+
+#: The statement written wherever absolute values cannot be trusted (terminal, report.json, report.html).
+NOT_QUANTITATIVE = "absolute CBV/CBF not quantitative; relative maps valid"
+
+#: Why relative values survive it.
+RELATIVE_VALID = ("rCBV and the verdict are unaffected: ratios to the reference tissue, in which the AIF's "
+                  "area cancels")
+
+
+def _fwhm_frames(c: np.ndarray, peak_frame: int) -> int:
+    """Frames of the contiguous run at or above half the peak around ``peak_frame``."""
+    above = c >= 0.5 * c[peak_frame]
+    lo = hi = peak_frame
+    while lo > 0 and above[lo - 1]:
+        lo -= 1
+    while hi < c.size - 1 and above[hi + 1]:
+        hi += 1
+    return hi - lo + 1
+
+
+def _tail_fraction(c: np.ndarray, peak_frame: int, tr: float) -> float | None:
+    """Mean of ``c`` ``POST_BOLUS_S`` after the peak / peak; None when the series ends before."""
+    k0 = peak_frame + int(np.ceil(POST_BOLUS_S[0] / tr))
+    k1 = peak_frame + int(np.floor(POST_BOLUS_S[1] / tr))
+    if k1 >= c.size or k1 < k0:
+        return None
+    return float(np.mean(c[k0: k1 + 1])) / float(c[peak_frame])
+
+
+def check_absolute(curve: np.ndarray, *, tr: float, tissue_curve: np.ndarray | None = None,
+                   kh: float | None = None, rho: float | None = None) -> dict:
+    """Whether an AIF (delta R2*, 1/s, (n_t,)) can give absolute CBV and CBF, from the curve itself.
+
+    Three checks against ``ABSOLUTE_BOUNDS`` (their provenance is there): the tail after the first pass
+    (``tail_fraction``, dimensionless), the area over the brain tissue's mean curve's area
+    (``area_ratio``; needs ``tissue_curve``, delta R2* 1/s (n_t,), the same frames; skipped when its area
+    is not positive) and the first-pass width (``fwhm_s``, s). ``tr`` in s; ``kh``, ``rho`` (default
+    ``units.KH``, ``units.RHO_BRAIN_G_PER_ML``) convert the area ratio to the mean brain CBV it implies
+    (mL/100 g). Returns ``quantitative`` (bool), ``reasons`` (one sentence per failed check),
+    ``measures`` and ``bounds``. A curve without a positive peak is not quantitative.
+    """
+    from .maps import trapezoid
+    from .units import KH, RHO_BRAIN_G_PER_ML, cbv_scale
+
+    c = np.asarray(curve, dtype=np.float64)
+    bounds = dict(ABSOLUTE_BOUNDS)
+    if c.ndim != 1 or not np.any(np.isfinite(c)) or not np.nanmax(c) > 0:
+        return {"quantitative": False, "reasons": ["the AIF has no positive peak"], "measures": {}, "bounds": bounds}
+    pk = int(np.nanargmax(c))
+    measures: dict = {"tail_fraction": _tail_fraction(c, pk, tr), "fwhm_s": _fwhm_frames(c, pk) * tr,
+                      "area_ratio": None, "implied_brain_cbv_ml_per_100g": None}
+    if tissue_curve is not None:
+        area_t = float(trapezoid(np.asarray(tissue_curve, dtype=np.float64), dx=tr))
+        if area_t > 0:
+            ratio = float(trapezoid(c, dx=tr)) / area_t
+            measures["area_ratio"] = ratio
+            scale = cbv_scale(KH if kh is None else kh, RHO_BRAIN_G_PER_ML if rho is None else rho)
+            measures["implied_brain_cbv_ml_per_100g"] = scale / ratio if ratio > 0 else None
+    reasons = []
+    tail = measures["tail_fraction"]
+    if tail is not None and tail > bounds["tail_fraction"]:
+        reasons.append(f"the AIF still holds {tail:.2f} of its peak 6-12 s after it (a pure artery at most "
+                       f"{bounds['tail_fraction']:g}): partial volume or saturation flattened its peak, so CBF is "
+                       "not quantitative")
+    ratio = measures["area_ratio"]
+    if ratio is not None and ratio < bounds["area_ratio"]:
+        reasons.append(f"the AIF's area is only {ratio:.1f} times the brain tissue's (a pure artery at least "
+                       f"{bounds['area_ratio']:g})" + (f": it implies a mean brain CBV of "
+                       f"{measures['implied_brain_cbv_ml_per_100g']:.1f} mL/100 g" if ratio > 0 else "")
+                       + ", so the AIF is partial-volumed and absolute CBV and CBF are too high")
+    if measures["fwhm_s"] > bounds["fwhm_s"]:
+        reasons.append(f"the AIF's first pass is {measures['fwhm_s']:.1f} s wide at half maximum (a pure artery at "
+                       f"most {bounds['fwhm_s']:g} s): saturation, dispersion or tissue")
+    return {"quantitative": not reasons, "reasons": reasons, "measures": measures, "bounds": bounds}
+
 
 def _ramp(x: float, zero: float, one: float) -> float:
     if not np.isfinite(x):
@@ -439,7 +552,8 @@ def _ramp(x: float, zero: float, one: float) -> float:
 
 
 def aif_quality_score(curve: np.ndarray, *, tr: float, baseline: slice, tissue_peak_frame: float,
-                      tissue_peak: float | None = None, t0: float = 0.0) -> dict:
+                      tissue_peak: float | None = None, t0: float = 0.0, tissue_curve: np.ndarray | None = None,
+                      kh: float | None = None, rho: float | None = None) -> dict:
     """A quality score in [0, 1] of an AIF (delta R2*, 1/s, (n_t,)) and its components.
 
     ``baseline``: the pre-bolus frames; ``tissue_peak_frame``: the peak frame of the mean tissue curve
@@ -458,11 +572,16 @@ def aif_quality_score(curve: np.ndarray, *, tr: float, baseline: slice, tissue_p
     1980, 12:214): a component at 0 (a curve that peaks with or after the tissue, a CNR at or below
     ``MIN_CNR``) gives 0 whatever the others, and a low one weighs more than in an arithmetic mean (one
     component at 0.05 among five caps the score at 0.55). A component below 0.5, or a score below 0.5,
-    adds a warning. Partial volume is not detected (a voxel 30 % artery scores like a pure one): that
-    is ``scale_to_vof``'s work. Returns the score, the components, the measurements and ``warnings``.
+    adds a warning (``QUALITY_OK``, the bar of "ok").
+
+    The components judge the shape; they miss partial volume (a voxel 30 % artery scores like a pure
+    one). ``check_absolute`` (with ``tissue_curve``, the brain's mean delta R2*, 1/s, when given) adds the
+    tail, area-ratio and width checks; a curve that fails it has its score capped at
+    ``NOT_QUANTITATIVE_SCORE_CAP`` (below the bar) and a warning saying that absolute values are not
+    quantitative. Returns the score, the components, the measurements, ``absolute`` (the check) and
+    ``warnings``.
     """
     c = np.asarray(curve, dtype=np.float64)
-    n = c.size
     peak_frame = int(np.nanargmax(c))
     peak = float(c[peak_frame])
     out: dict = {"peak_delta_r2s_per_s": peak, "peak_time_s": t0 + peak_frame * tr, "warnings": []}
@@ -476,18 +595,10 @@ def aif_quality_score(curve: np.ndarray, *, tr: float, baseline: slice, tissue_p
     if tissue_peak is not None:
         measures["peak_ratio"] = peak / tissue_peak if tissue_peak > 0 else float("inf")
     measures["lead_s"] = (float(tissue_peak_frame) - peak_frame) * tr
-    above = c >= 0.5 * peak
-    lo = peak_frame
-    while lo > 0 and above[lo - 1]:
-        lo -= 1
-    hi = peak_frame
-    while hi < n - 1 and above[hi + 1]:
-        hi += 1
-    measures["fwhm_s"] = (hi - lo + 1) * tr
-    k0 = peak_frame + int(np.ceil(POST_BOLUS_S[0] / tr))
-    k1 = peak_frame + int(np.floor(POST_BOLUS_S[1] / tr))
-    if k1 < n and k1 >= k0:
-        measures["post_bolus"] = float(np.mean(c[k0: k1 + 1])) / peak
+    measures["fwhm_s"] = _fwhm_frames(c, peak_frame) * tr
+    tail = _tail_fraction(c, peak_frame, tr)
+    if tail is not None:
+        measures["post_bolus"] = tail
     components = {k: _ramp(v, *QUALITY_RAMPS[k]) for k, v in measures.items() if not np.isnan(v)}
     vals = np.array(list(components.values()))
     score = float(np.exp(np.mean(np.log(np.maximum(vals, 1e-300))))) if np.all(vals > 0) else 0.0
@@ -501,8 +612,13 @@ def aif_quality_score(curve: np.ndarray, *, tr: float, baseline: slice, tissue_p
     for k, comp in components.items():
         if comp < 0.5:
             out["warnings"].append(texts[k].format(measures[k]))
-    if score < 0.5:
-        out["warnings"].append(f"AIF quality score {score:.2f} is poor; check the arterial voxels")
-    out.update(score=score, components=components, cnr=measures["cnr"], peak_to_tissue_ratio=measures.get("peak_ratio"),
+    absolute = check_absolute(c, tr=tr, tissue_curve=tissue_curve, kh=kh, rho=rho)
+    out["score_uncapped"] = score
+    if not absolute["quantitative"]:
+        score = min(score, NOT_QUANTITATIVE_SCORE_CAP)
+        out["warnings"].append(f"{NOT_QUANTITATIVE} ({RELATIVE_VALID}): " + "; ".join(absolute["reasons"]))
+    if score < QUALITY_OK:
+        out["warnings"].append(f"AIF quality score {score:.2f} is poor (ok from {QUALITY_OK:g}); check the arterial voxels")
+    out.update(score=score, absolute=absolute, components=components, cnr=measures["cnr"], peak_to_tissue_ratio=measures.get("peak_ratio"),
                lead_s=measures["lead_s"], fwhm_s=measures["fwhm_s"], post_bolus_fraction=measures.get("post_bolus"))
     return out

@@ -158,7 +158,7 @@ def run_case(case, out_root: Path, params: dict[str, Any]) -> CaseResult:
         result, inputs = compute_case(config, dsc=case.dsc, mask=case.brain, reference=case.reference,
                                       aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
                                       te=params.get("te"), tr=params.get("tr"),
-                                      vof=params.get("vof", "none"), roi_names=roi_names(case))
+                                      vof=params.get("vof", "guarded"), roi_names=roi_names(case))
         final.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
         try:

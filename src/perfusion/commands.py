@@ -20,7 +20,7 @@ def _console():
 
 
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
-                te: float | None, tr: float | None, vof: str = "none", anat: Path | None = None,
+                te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
@@ -50,7 +50,7 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
     if reference:
         paths["reference"] = Path(reference)
     vof_mask = None
-    if vof not in ("none", "auto"):
+    if vof not in ("none", "guarded", "auto"):
         vof_mask = load_mask(Path(vof), series, what="VOF mask")
         paths["vof"] = Path(vof)
     roi_masks = {}
@@ -68,7 +68,7 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
 
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
                 leakage: str = "bidirectional", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
-                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "none",
+                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
                 recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
     """The pipeline Config of the command-line options, validated (UsageError)."""
@@ -76,14 +76,14 @@ def make_config(*, method: str = "model", threshold: float | None = None, oi_tar
 
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
                   aif_voxels=aif_voxels,
-                  aif_selection=aif_selection, vof=vof if vof in ("none", "auto") else "mask",
+                  aif_selection=aif_selection, vof=vof if vof in ("none", "guarded", "auto") else "mask",
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
                   steroids=steroids).validate()
 
 
 def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "none",
+                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
                  anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load one case, correct its head motion (``config.motion_correct``), analyse it and register
     ``anat``; return (Result, Inputs). Writes nothing."""
@@ -129,7 +129,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 oi_target: float | None = None, leakage: str = "bidirectional", leakage_gate: str = "lesion",
                 te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
-                aif_selection: str = "cluster", vof: str = "none", recirculation: str = "keep",
+                aif_selection: str = "cluster", vof: str = "guarded", recirculation: str = "keep",
                 weeks_since_radiation: float | None = None, anat: Path | None = None, force: bool = False,
                 quiet: bool = False, dicom_series: int | None = None, motion_correct: str = "auto", html: bool = True,
                 bevacizumab: bool = False, steroids: bool = False):
@@ -176,7 +176,14 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
     con = _console()
     ref = result.reference_info
     con.print(f"AIF: {result.aif_info['n_voxels']} voxels ({result.aif_info['source']}), "
-              f"peak {result.aif_info['peak_delta_r2s_per_s']:.1f} 1/s at {result.aif_info['peak_time_s']:.1f} s")
+              f"peak {result.aif_info['peak_delta_r2s_per_s']:.1f} 1/s at {result.aif_info['peak_time_s']:.1f} s, "
+              f"quality {result.aif_info['quality_score']:.2f}")
+    if result.aif_info.get("absolute_quantification") is False:
+        from .aif import NOT_QUANTITATIVE, RELATIVE_VALID
+
+        con.print(f"AIF: {NOT_QUANTITATIVE} ({RELATIVE_VALID}):")
+        for reason in result.aif_info.get("absolute_quantification_reasons", []):
+            con.print(f"  - {reason}")
     side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.get("side"), "")
     con.print(f"Reference: {ref['n_voxels']} voxels{', ' + side if side else ''}, median CBV {ref['cbv_median']:.2f} "
               f"mL/100 g ({ref['source']})")
@@ -497,8 +504,8 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
 
     params = dict(params or {})
     make_config(**{k: v for k, v in params.items() if k not in ("te", "tr")})  # bad options fail before any case
-    if params.get("vof") not in (None, "none", "auto"):
-        raise UsageError("--vof: a batch takes none or auto (a VOF mask differs per case)")
+    if params.get("vof") not in (None, "none", "guarded", "auto"):
+        raise UsageError("--vof: a batch takes none, guarded or auto (a VOF mask differs per case)")
     input_dir, out = Path(input_dir), Path(out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -72,7 +72,9 @@ class Config:
     leakage: str = "bidirectional"  # measured on the realistic phantom (README, validate.DEFAULT_LEAKAGE_WHY)
     leakage_gate: str = "lesion"  # where the correction applies: LEAKAGE_GATES
     aif_selection: str = "cluster"  # "cluster" (Mouridsen 2006 k-means) or "rank" (peak/width ranking)
-    vof: str = "none"  # "none", "auto" or "mask": partial-volume scaling of the AIF by a venous output
+    vof: str = "guarded"  # "none", "guarded", "auto" or "mask": partial-volume scaling of the AIF by a venous output
+    # function; "guarded" (default) applies the automatic VOF only when it says the AIF is partial-volumed
+    # (aif.VOF_GUARD_*; measured on the realistic phantom, README method step 4)
     recirculation: str = "keep"  # "keep" or "remove" (deconvolve gamma-variate first passes)
     weeks_since_radiation: float | None = None  # context for the verdict (pseudoprogression window)
     bevacizumab: bool = False  # under bevacizumab (lowers rCBV): a low rCBV is at most indeterminate
@@ -98,8 +100,8 @@ class Config:
             raise UsageError(f"rCBV thresholds must satisfy 0 < low < high, got {self.rcbv_low} and {self.rcbv_high}")
         if self.aif_selection not in ("cluster", "rank"):
             raise UsageError(f"--aif-selection {self.aif_selection}: choose cluster or rank")
-        if self.vof not in ("none", "auto", "mask"):
-            raise UsageError(f"--vof {self.vof}: choose none, auto or a mask file")
+        if self.vof not in VOF_MODES:
+            raise UsageError(f"--vof {self.vof}: choose none, guarded, auto or a mask file")
         if self.recirculation not in ("keep", "remove"):
             raise UsageError(f"--recirculation {self.recirculation}: choose keep or remove")
         if self.aif_voxels < 1:
@@ -196,6 +198,81 @@ def _rows_nanmean(a: np.ndarray, rows: np.ndarray, *, chunk: int) -> np.ndarray:
         return total / count  # NaN where no row is finite, as nanmean
 
 
+VOF_MODES = ("none", "guarded", "auto", "mask")
+
+
+def _vof_scaling(inputs: Inputs, config: Config, curve, info: dict, notes: list, *, dr2s, brain_rows, ratio_min,
+                 ratio_sd, idx, flat, keep, bl, feats, steps, tissue_curve) -> np.ndarray:
+    """The AIF (1/s) after the partial-volume scaling by a venous output function (``config.vof``);
+    fills ``info["vof"]`` and ``notes``. ``dr2s``: the brain rows' delta R2* (1/s).
+
+    "auto" and "mask" always scale. "guarded" (the default) scales with the automatic VOF only when the
+    VOF is a large vessel (its area at least ``aif.ABSOLUTE_BOUNDS["area_ratio"]`` times the tissue's)
+    and says the AIF is partial-volumed (factor at least ``aif.VOF_GUARD_MIN_FACTOR``); otherwise the
+    AIF is left as it is and ``info["vof"]`` says why.
+    """
+    import warnings
+
+    from .maps import trapezoid
+
+    s = inputs.series
+    guarded = config.vof == "guarded"
+    if inputs.vof is not None:
+        vof_rows = np.flatnonzero(inputs.vof.ravel()[idx])
+        vof_source = str(inputs.paths.get("vof"))
+    else:
+        brain_idx = np.flatnonzero(brain_rows)
+        if feats is None:
+            feats = aif_mod.curve_features(dr2s, ratio_min[brain_idx], ratio_sd[brain_idx], baseline=bl, tr=s.tr)
+        art_t = steps.get("first_moment_s") if isinstance(steps, dict) else None
+        try:
+            vof_rows = brain_idx[aif_mod.auto_vof(dr2s, feats, tr=s.tr, arterial_time_s=art_t)]
+        except aif_mod.AifError as exc:
+            if not guarded:
+                raise
+            info["vof"] = {"source": "none", "mode": "guarded", "applied": False, "why": str(exc)}
+            return curve
+        vof_source = "automatic"
+    if vof_rows.size == 0:
+        notes.append("no venous voxel found for --vof; the AIF was not scaled")
+        return curve
+    vof_curve, _ = _own_baseline_curve(flat[idx[vof_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
+    if guarded:
+        area_t = float(trapezoid(tissue_curve, dx=s.tr))
+        vof_ratio = float(trapezoid(vof_curve, dx=s.tr)) / area_t if area_t > 0 else float("nan")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a factor below 1 is not applied here: no warning
+                scaled, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
+        except ValueError as exc:  # an area that is not positive: nothing to scale by
+            info["vof"] = {"source": vof_source, "mode": "guarded", "applied": False, "why": str(exc)}
+            return curve
+        entry = {"source": vof_source, "mode": "guarded", "n_voxels": int(vof_rows.size), "scale_factor": float(factor),
+                 "vof_area_ratio": vof_ratio}
+        if not vof_ratio >= aif_mod.ABSOLUTE_BOUNDS["area_ratio"]:
+            why = (f"the venous curve's area is {vof_ratio:.1f} times the tissue's, below a large vessel's "
+                   f"{aif_mod.ABSOLUTE_BOUNDS['area_ratio']:g}: no sinus in the volume, or partial-volumed")
+        elif factor < aif_mod.VOF_GUARD_MIN_FACTOR:
+            why = (f"the factor {factor:.3f} is below {aif_mod.VOF_GUARD_MIN_FACTOR:g}: the AIF's area already matches "
+                   "the vein's (not partial-volumed)")
+        else:
+            why = ""
+        info["vof"] = {**entry, "applied": not why, **({"why": why} if why else {})}
+        if why:
+            return curve
+        info["_vof_rows"] = vof_rows  # for the vessel gate of the verdict; popped by _analyze
+        notes.append(f"the AIF was scaled by {factor:.2f} to the area of an automatic venous output function "
+                     f"({vof_rows.size} voxels): partial volume (--vof guarded, the default; --vof none to switch off)")
+        return scaled
+    curve, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
+    info["vof"] = {"source": vof_source, "mode": config.vof, "applied": True, "n_voxels": int(vof_rows.size),
+                   "scale_factor": float(factor)}
+    info["_vof_rows"] = vof_rows  # for the vessel gate of the verdict; popped by _analyze
+    if not 0.8 <= factor <= 5.0:
+        notes.append(f"the VOF scaling factor {factor:.2f} is implausible (expected 1-3); check the venous voxels")
+    return curve
+
+
 def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd, idx, brain_rows, flat, keep, bl,
                     base, tissue_peak_frame, tissue_curve):
     """The AIF curve (1/s), its rows in the analysed voxels, the report entry and warnings.
@@ -235,34 +312,26 @@ def _arterial_input(inputs: Inputs, config: Config, *, dr2s, ratio_min, ratio_sd
             "baseline_frames": aif_bl.stop - aif_bl.start,
             **aif_mod.aif_quality(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame, t0=t0)}
     notes = info.pop("warnings")
-    quality = aif_mod.aif_quality_score(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame,
-                                        tissue_peak=float(np.nanmax(tissue_curve)), t0=t0)
-    info["quality_score"] = quality["score"]
-    info["quality"] = {k: v for k, v in quality.items() if k not in ("warnings",)}
-    notes += [w for w in quality["warnings"] if w not in notes]
 
     info["vof"] = {"source": "none"}
     if config.vof != "none":
-        if inputs.vof is not None:
-            vof_rows = np.flatnonzero(inputs.vof.ravel()[idx])
-            vof_source = str(inputs.paths.get("vof"))
-        else:
-            brain_idx = np.flatnonzero(brain_rows)
-            if feats is None:
-                feats = aif_mod.curve_features(brain_dr2s, ratio_min[brain_idx], ratio_sd[brain_idx],
-                                               baseline=bl, tr=s.tr)
-            art_t = steps.get("first_moment_s") if isinstance(steps, dict) else None
-            vof_rows = brain_idx[aif_mod.auto_vof(brain_dr2s, feats, tr=s.tr, arterial_time_s=art_t)]
-            vof_source = "automatic"
-        if vof_rows.size == 0:
-            notes.append("no venous voxel found for --vof; the AIF was not scaled")
-        else:
-            vof_curve, _ = _own_baseline_curve(flat[idx[vof_rows], keep].astype(np.float64), te=s.te, tr=s.tr, bl=bl)
-            curve, factor = aif_mod.scale_to_vof(curve, vof_curve, tr=s.tr)
-            info["vof"] = {"source": vof_source, "n_voxels": int(vof_rows.size), "scale_factor": float(factor)}
-            info["_vof_rows"] = vof_rows  # for the vessel gate of the verdict; popped by _analyze
-            if not 0.8 <= factor <= 5.0:
-                notes.append(f"the VOF scaling factor {factor:.2f} is implausible (expected 1-3); check the venous voxels")
+        curve = _vof_scaling(inputs, config, curve, info, notes, dr2s=brain_dr2s, brain_rows=brain_rows,
+                             ratio_min=ratio_min, ratio_sd=ratio_sd, idx=idx, flat=flat, keep=keep, bl=bl,
+                             feats=feats, steps=steps, tissue_curve=tissue_curve)
+    # the score and the absolute-quantification checks judge the curve the maps use (after any VOF scaling)
+    quality = aif_mod.aif_quality_score(curve, tr=s.tr, baseline=aif_bl, tissue_peak_frame=tissue_peak_frame,
+                                        tissue_peak=float(np.nanmax(tissue_curve)), t0=t0, tissue_curve=tissue_curve,
+                                        kh=config.kh, rho=config.rho)
+    info["quality_score"] = quality["score"]
+    info["quality"] = {k: v for k, v in quality.items() if k not in ("warnings", "absolute")}
+    absolute = quality["absolute"]
+    info["absolute_quantification"] = bool(absolute["quantitative"])
+    info["absolute_quantification_reasons"] = list(absolute["reasons"])
+    info["absolute_checks"] = {"measures": absolute["measures"], "bounds": absolute["bounds"]}
+    info["relative_maps_valid"] = True  # rCBV and the verdict are ratios: the AIF's area cancels
+    if not absolute["quantitative"]:
+        info["absolute_statement"] = f"{aif_mod.NOT_QUANTITATIVE} ({aif_mod.RELATIVE_VALID})"
+    notes += [w for w in quality["warnings"] if w not in notes]
     return curve, aif_rows, info, notes
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from . import DISCLAIMER, __version__
+from .aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from .errors import InputError, OutputError
 from .io import (DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object,
                  stem)
@@ -48,9 +49,9 @@ K2_PERCENTILE = 99.0
 HIST_RANGE = (0.0, 5.0)
 HIST_BINS = 50
 
-#: AIF quality score (0-1, report.json aif.quality_score) at or above this is ok: half of the
-#: score's components (CNR, peak ratio, lead, width, post-bolus level) fully satisfied.
-AIF_SCORE_OK = 0.5
+#: AIF quality score (0-1, report.json aif.quality_score) at or above this is ok (aif.QUALITY_OK, the bar
+#: of the verdict's reasons too); a curve whose absolute values cannot be trusted is capped below it.
+AIF_SCORE_OK = QUALITY_OK
 
 #: A field strength counts as 1.5 T or 3 T within this (T): headers write 1.494 or 2.89 for these systems.
 FIELD_TOL_T = 0.2
@@ -432,6 +433,7 @@ body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color
 .verdict{border:2px solid #888;border-radius:6px;padding:.6em 1em;margin:.8em 0}
 .verdict h3{margin:.1em 0 .4em 0}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+.absolute{border:3px solid #e65100;background:#fff8e1;padding:.5em 1em;font-weight:bold;font-size:1.1em}
 .ok{color:#1b5e20;font-weight:bold}.warning{color:#b71c1c;font-weight:bold}
 img{max-width:100%}.small{font-size:.85em;color:#555}
 """
@@ -551,6 +553,12 @@ def build_html(folder: Path) -> str:
     inputs = "".join(f"<li>{_e(Path(p).name)}</li>" for p in rep.get("inputs", {}))
     parts.append("<h1>DSC perfusion report</h1>")
     parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+    aif_rep = rep.get("aif", {})
+    if aif_rep.get("absolute_quantification") is False:
+        reasons = "".join(f"<li>{_e(r)}</li>" for r in aif_rep.get("absolute_quantification_reasons", []))
+        parts.append(f'<div class="absolute"><p>AIF: {_e(NOT_QUANTITATIVE)}.</p><p class="small">'
+                     f"{_e(RELATIVE_VALID)}. Absolute CBV (mL/100 g), CBF (mL/100 g/min) and MTT (s) in the maps "
+                     f"are not.</p><ul class=\"small\">{reasons}</ul></div>")
     parts.append(
         f"<p>perfusion {_e(version)} (analysis); page written by perfusion {_e(__version__)} on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Analysis date: "
@@ -657,9 +665,18 @@ def build_html(folder: Path) -> str:
     parts.append(f'<p class="small">TE from {_e(acq.get("te_source", "?"))}; TR from {_e(acq.get("tr_source", "?"))}.</p>')
     aif = rep.get("aif", {})
     score = _num(aif.get("quality_score"))
-    status = "warning" if score is None or score < AIF_SCORE_OK else "ok"
+    status = "warning" if score is None or score < AIF_SCORE_OK or aif.get("absolute_quantification") is False else "ok"
     qrows = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
               f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
+    if "absolute_quantification" in aif:
+        ok_abs = bool(aif["absolute_quantification"])
+        m = (aif.get("absolute_checks") or {}).get("measures", {})
+        b = (aif.get("absolute_checks") or {}).get("bounds", {})
+        qrows.append(("AIF absolute quantification", "yes" if ok_abs else "no",
+                      f"tail <= {_f(b.get('tail_fraction'), 'g')}, area ratio >= {_f(b.get('area_ratio'), 'g')}, "
+                      f"FWHM <= {_f(b.get('fwhm_s'), 'g')} s", "ok" if ok_abs else "warning",
+                      f"tail {_f(m.get('tail_fraction'))}, area / tissue {_f(m.get('area_ratio'), '.1f')}, FWHM "
+                      f"{_f(m.get('fwhm_s'), '.1f')} s" + ("" if ok_abs else f"; {RELATIVE_VALID}")))
     maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt")) if m is not None]
     if brain is not None and maps_for_fit:
         frac = unusable_fraction(brain, maps_for_fit)

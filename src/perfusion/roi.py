@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from .aif import QUALITY_OK
+
 #: rCBV thresholds of the verdict and of the fractional tumour burden (FTB) classes: below LOW
 #: treatment effect is likely, above HIGH recurrence is likely, in between indeterminate.
 RCBV_LOW = 1.0
@@ -90,7 +92,7 @@ MAX_VESSEL_FRACTION = 0.5
 #: a component at 0 zeroes the score, e.g. an AIF peaking with the tissue or at the noise level), and
 #: below which the report notes a poor AIF (confidence only).
 AIF_UNUSABLE = 0.2
-AIF_POOR = 0.5
+AIF_POOR = QUALITY_OK  # aif.QUALITY_OK, the report's "ok" bar; a curve failing aif.check_absolute is capped below it
 #: R^2 of the leakage model fitted to the ROI's mean delta R2* curve below this: the model does not
 #: describe the lesion's curves (less than half their variance explained), so its correction is not
 #: trusted. The mean curve, not the median of the voxels' R^2: a voxel's R^2 mostly measures its noise
