@@ -110,7 +110,7 @@ MIN_HEAD_VOXELS = 500
 #: in-vivo series of two slices had 8-10 still frames, the bolus peak among them, flagged and realigned).
 #: Few slices leave both estimators exposed to the bolus, each in its own way: on 1-3 slices of the
 #: textured phantom (strong bolus, seeds 0-2, SNR 30 and 50, with and without leaky lesions) the screen
-#: read still bolus frames up to 1.82 mm (0.16 mm on 25 slices) and sent 128 still frames of 120 series to
+#: read still bolus frames up to 1.82 mm (0.16 mm on 25 slices) and sent 128 still frames of 84 series to
 #: registration, and mutual information, forced to refine a still single slice at the bolus peak, read
 #: 0.72 mm; the two erred on different frames. A frame moved by 1.5 mm in-plane was read at least 1.0 mm
 #: by the screen and 1.1 mm by the registration, so requiring both costs no moved frame there.
