@@ -5,9 +5,10 @@ Every frame (x, y, z) is compared with one reference image, the voxel-wise media
 frame's rigid displacement by one linearised least-squares step, after taking out each voxel's bolus
 signal as predicted from the other frames; frames it reads as still keep that estimate. Frames it reads
 as moved are registered rigidly with Mattes mutual information (register.FrameRegistration; why MI and
-not mean squares: README "Head motion"). The baseline is found on the uncorrected series' whole-volume
-mean signal: a rigid in-plane movement keeps the head inside the field of view and so keeps that sum,
-whereas a brain mask's mean jumps when edge voxels move across the mask's border. The median, not
+not mean squares: README "Head motion"); in a thin slab (MIN_SLAB_MM) the registration's reading
+stands above AUTO_THRESHOLD_MM only if the screen's does too. The baseline is found on the uncorrected
+series' whole-volume mean signal: a rigid in-plane movement keeps the head inside the field of view and
+so keeps that sum, whereas a brain mask's mean jumps when edge voxels move across the mask's border. The median, not
 the mean, so that a moved baseline frame does not blur the reference (one frame moved by 1.5 mm among
 10 shifted a mean reference by 0.13 mm).
 
@@ -489,7 +490,8 @@ def summary(estimate: MotionEstimate, corrected: np.ndarray, *, mode: str) -> di
         "refinement_threshold_mm": REFINE_MM,
         "parameters_estimated": ("all six" if estimate.through_plane else
                                  f"in-plane only (slab thinner than {MIN_SLAB_MM:g} mm): rotation about the slice "
-                                 "axis and the two translations across it"),
+                                 "axis and the two translations across it; a registered frame counts as moved "
+                                 f"beyond {AUTO_THRESHOLD_MM:g} mm only if the screen reads it so too"),
         "seconds": estimate.seconds,
     }
 
