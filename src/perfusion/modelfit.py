@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammainc
 
-from . import _kernels, _parallel
+from . import _kernels, _parallel, deconvolution
 
 #: Residue shapes (lambda) on the grid: 1 exponential ... 100 nearly a boxcar. Five values: a finer
 #: set (8 values, 1-100) was slower and, at SNR 150, fitted noise into the shape (phantom CBF error
@@ -56,6 +56,35 @@ N_EXACT_ROUNDS = 3
 #: Residue shapes refined per voxel: the best grid point of each of the N best shapes is refined and
 #: the better fit kept (the coarse grid alone picked the wrong shape on noise-free curves).
 N_SHAPES_REFINED = 3
+
+#: Weak priors of the fit (Mouridsen et al. 2006 fit this model with priors, by Bayesian inference):
+#: the least-squares residual plus the noise variance times ((log MTT - log PRIOR_MTT_S) / PRIOR_LOG_MTT_SD)^2
+#: + ((tau - PRIOR_DELAY_S) / PRIOR_DELAY_SD_S)^2, that is minus twice the log posterior up to a constant
+#: for Gaussian noise and log-normal / normal priors. The noise variance of each voxel is estimated from
+#: its best unpenalised grid residual / (N - 4). Where the data decide (a sharp minimum) the prior moves
+#: the fit by a fraction of its error bar; where they do not (at coarse TR and SNR 20-50 MTT, shape and
+#: delay trade along a flat valley) it picks the point of the valley nearest the prior's centre instead
+#: of a bound. Measured: README, method step 5.
+PRIOR_MTT_S = 4.0
+PRIOR_LOG_MTT_SD = float(np.log(2.0))
+PRIOR_DELAY_S = 0.0
+PRIOR_DELAY_SD_EARLY_S = 0.5
+PRIOR_DELAY_SD_LATE_S = 3.0
+PRIOR_WEIGHT = 1.0
+
+#: Per-voxel fallback to oSVD (deconvolution.py) where the model does not fit the curve: the fit sits
+#: on a bound of MTT or delay (a bound is where the optimiser stopped, not an estimate), it is not
+#: valid, or its residual exceeds FALLBACK_SSE_RATIO times oSVD's. oSVD fits more degrees of freedom,
+#: so its residual is the smaller one on good fits: model / oSVD residual median 1.4-1.5, 99.5th
+#: percentile 3.4-3.8 on the realistic phantom (TR 1.5-2 s, SNR 30); a ratio above 3 is a shape the
+#: model cannot follow.
+FALLBACK_SSE_RATIO = 3.0
+
+#: fit_status codes (per voxel): where the maps' CBF, MTT and Tmax come from.
+STATUS_MODEL, STATUS_BOUND, STATUS_RESIDUAL, STATUS_INVALID = 0, 1, 2, 3
+STATUS_NAMES = {STATUS_MODEL: "model", STATUS_BOUND: "model at a bound of MTT or delay: oSVD",
+                STATUS_RESIDUAL: f"model residual > {FALLBACK_SSE_RATIO:g} x oSVD's: oSVD",
+                STATUS_INVALID: "model fit failed: oSVD"}
 
 #: Voxels per chunk (one float32 projection matrix of chunk x grid size, 8.6 MB at 1024 x 2100;
 #: one chunk per thread at a time).
@@ -175,9 +204,14 @@ class ModelOperator:
     unit32: np.ndarray  # (N, G) float32: the curves divided by their norms, transposed, for the projections
     table_log_mtt: np.ndarray  # (T,) uniform fine log-MTT grid of the response table
     table: np.ndarray  # (G_l, T, N + extension) unit responses Y = a * R, interpolated linearly in log MTT
+    prior: np.ndarray  # (5,) mean log MTT, 1 / its SD, centre of tau (s), 1 / its SD below, above (1/s): _kernels._prior_penalty
+    pen: np.ndarray  # (G,) the prior penalty of each grid point
+    fallback: deconvolution.Deconvolver | None = None  # oSVD of the same AIF, for voxels the model does not fit
 
 
-def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
+def prepare(aif: np.ndarray, *, tr: float, fallback: bool = True) -> ModelOperator:
+    """The grid, its unit-flow curves and response table for an AIF (delta R2*, 1/s, (N,)) sampled every
+    ``tr`` s, and (``fallback``) the oSVD operator of the same AIF."""
     aif = np.asarray(aif, dtype=np.float64)
     lams = np.asarray(LAMBDAS)
     mtts = np.geomspace(*MTT_BOUNDS_S, N_GRID_MTT)
@@ -189,9 +223,27 @@ def prepare(aif: np.ndarray, *, tr: float) -> ModelOperator:
     table = unit_response(aif, tr=tr, mtt=np.exp(table_log_mtt)[None, :], lam=lams[:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
         unit = np.where(norms[:, None] > 0, curves / norms[:, None], 0.0)
+    prior = np.array([np.log(PRIOR_MTT_S), 1.0 / PRIOR_LOG_MTT_SD, PRIOR_DELAY_S, 1.0 / PRIOR_DELAY_SD_EARLY_S,
+                      1.0 / PRIOR_DELAY_SD_LATE_S])
+    pen = prior_penalty(np.log(mtts)[None, :, None], taus[None, None, :], prior)
+    pen = np.broadcast_to(pen, (lams.size, mtts.size, taus.size)).reshape(-1).copy()
     return ModelOperator(aif=aif, tr=float(tr), lambdas=lams, mtts=mtts, taus=taus, norms=norms,
                          unit32=np.ascontiguousarray(unit.T.astype(np.float32)), table_log_mtt=table_log_mtt,
-                         table=table)
+                         table=table, prior=prior, pen=pen,
+                         fallback=deconvolution.prepare(aif, tr=tr, method="osvd") if fallback else None)
+
+
+def prior_penalty(log_mtt, tau, prior) -> np.ndarray:
+    """The priors' penalty in units of the noise variance (numpy form of _kernels._prior_penalty)."""
+    d = np.asarray(tau, dtype=np.float64) - prior[2]
+    return ((np.asarray(log_mtt) - prior[0]) * prior[1]) ** 2 + (d * np.where(d < 0, prior[3], prior[4])) ** 2
+
+
+def noise_weight(q: np.ndarray, cc: np.ndarray, n_t: int) -> np.ndarray:
+    """Per voxel, PRIOR_WEIGHT x the noise variance estimated as the best unpenalised grid residual
+    (cc - max(q, 0)^2, q the normalised projections (n_vox, G)) / (n_t - 4), float64 (n_vox,)."""
+    qmax = np.maximum(q.max(axis=1).astype(np.float64), 0.0)
+    return PRIOR_WEIGHT * np.maximum(cc - qmax * qmax, 0.0) / max(n_t - 4, 1)
 
 
 @dataclass(frozen=True)
@@ -224,7 +276,8 @@ def fit(op: ModelOperator, curves: np.ndarray) -> ModelFit:
         # projections on the unit-norm grid curves in float32: they only pick grid points and the
         # neighbours' residuals of the first parabolic step; the chosen points are re-evaluated in float64
         q = cs.astype(np.float32) @ op.unit32
-        _kernels._model_select(cs, cc, q, op.norms, log_mtts, op.taus, op.tr, op.table, t0, t1 - t0,
+        s2 = noise_weight(q, cc, cs.shape[1])
+        _kernels._model_select(cs, cc, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, op.tr, op.table, t0, t1 - t0,
                                op.lambdas.size, N_SHAPES_REFINED, 0.5 * np.log(op.mtts[1] / op.mtts[0]),
                                0.5 * (op.taus[1] - op.taus[0]), np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]),
                                DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1], N_EXACT_ROUNDS, flow[sl], log_m[sl], il[sl],
@@ -235,3 +288,23 @@ def fit(op: ModelOperator, curves: np.ndarray) -> ModelFit:
     valid = finite & (flow > 0)
     nan = np.where(valid, 1.0, np.nan)
     return ModelFit(flow=flow * nan, mtt=mtt * nan, lam=lam * nan, delay=tau * nan, sse=sse * nan, valid=valid)
+
+
+def at_bound(fit: ModelFit) -> np.ndarray:
+    """bool (n_vox,): valid fits whose MTT or delay lies on a bound of the fit (within 1e-6)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        lm = np.log(fit.mtt)
+        on = ((np.abs(lm - np.log(MTT_BOUNDS_S[0])) < 1e-6) | (np.abs(lm - np.log(MTT_BOUNDS_S[1])) < 1e-6)
+              | (np.abs(fit.delay - DELAY_BOUNDS_S[0]) < 1e-6) | (np.abs(fit.delay - DELAY_BOUNDS_S[1]) < 1e-6))
+    return fit.valid & on
+
+
+def fit_status(fit: ModelFit, sse_osvd: np.ndarray) -> np.ndarray:
+    """uint8 (n_vox,) STATUS_* per voxel: the model's fit kept, or why the voxel falls back to oSVD
+    (``sse_osvd``: oSVD's residual sum of squares of the same curves, deconvolution.residual_sse)."""
+    status = np.full(fit.valid.shape, STATUS_MODEL, np.uint8)
+    with np.errstate(invalid="ignore"):
+        status[fit.valid & (fit.sse > FALLBACK_SSE_RATIO * np.asarray(sse_osvd))] = STATUS_RESIDUAL
+    status[at_bound(fit)] = STATUS_BOUND
+    status[~fit.valid] = STATUS_INVALID
+    return status
