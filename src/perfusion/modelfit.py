@@ -79,6 +79,9 @@ PRIOR_WEIGHT = 1.0
 #: percentile 3.4-3.8 on the realistic phantom (TR 1.5-2 s, SNR 30); a ratio above 3 is a shape the
 #: model cannot follow.
 FALLBACK_SSE_RATIO = 3.0
+#: ... and only where that residual exceeds this fraction of the curve's energy sum c^2 (R^2 < 1 - 1e-6):
+#: on noise-free curves both residuals are rounding and their ratio means nothing.
+FALLBACK_SSE_FLOOR = 1e-6
 
 #: fit_status codes (per voxel): where the maps' CBF, MTT and Tmax come from.
 STATUS_MODEL, STATUS_BOUND, STATUS_RESIDUAL, STATUS_INVALID = 0, 1, 2, 3
@@ -299,12 +302,14 @@ def at_bound(fit: ModelFit) -> np.ndarray:
     return fit.valid & on
 
 
-def fit_status(fit: ModelFit, sse_osvd: np.ndarray) -> np.ndarray:
+def fit_status(fit: ModelFit, sse_osvd: np.ndarray, energy: np.ndarray) -> np.ndarray:
     """uint8 (n_vox,) STATUS_* per voxel: the model's fit kept, or why the voxel falls back to oSVD
-    (``sse_osvd``: oSVD's residual sum of squares of the same curves, deconvolution.residual_sse)."""
+    (``sse_osvd``: oSVD's residual sum of squares of the same curves, deconvolution.residual_sse;
+    ``energy``: the curves' sum of squares, 1/s^2, (n_vox,))."""
     status = np.full(fit.valid.shape, STATUS_MODEL, np.uint8)
     with np.errstate(invalid="ignore"):
-        status[fit.valid & (fit.sse > FALLBACK_SSE_RATIO * np.asarray(sse_osvd))] = STATUS_RESIDUAL
+        poor = fit.sse > FALLBACK_SSE_RATIO * np.asarray(sse_osvd) + FALLBACK_SSE_FLOOR * np.asarray(energy)
+    status[fit.valid & poor] = STATUS_RESIDUAL
     status[at_bound(fit)] = STATUS_BOUND
     status[~fit.valid] = STATUS_INVALID
     return status

@@ -446,7 +446,8 @@ def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config
     if config.method == "model":
         fit = modelfit.fit(op, c)
         res = deconvolution.deconvolve(op.fallback, c)
-        status = modelfit.fit_status(fit, deconvolution.residual_sse(op.fallback, c, res.residue))
+        status = modelfit.fit_status(fit, deconvolution.residual_sse(op.fallback, c, res.residue),
+                                     np.einsum("vn,vn->v", c, c))
         svd = status != modelfit.STATUS_MODEL
         f_svd = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
         f = np.where(svd, f_svd, fit.flow * cbf_scale(config.kh, config.rho))
