@@ -80,9 +80,10 @@ def gamma_model_sse(c, tr, table, t0, dt_table, il, logm, tau):
 
 
 def prior_penalty(logm, tau, prior):
-    """((logm - prior[0]) prior[1])^2 + ((tau - prior[2]) k)^2, k = prior[3] below prior[2], prior[4] above."""
-    d = tau - prior[2]
-    return ((logm - prior[0]) * prior[1]) ** 2 + (d * (prior[3] if d < 0 else prior[4])) ** 2
+    """((logm - prior[0]) k)^2 + ((tau - prior[3]) j)^2: k = prior[1] below prior[0], prior[2] above;
+    j = prior[4] below prior[3], prior[5] above."""
+    a, b = logm - prior[0], tau - prior[3]
+    return (a * (prior[1] if a < 0 else prior[2])) ** 2 + (b * (prior[4] if b < 0 else prior[5])) ** 2
 
 
 def gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, prior, h_logm, h_tau, lo_logm, hi_logm,

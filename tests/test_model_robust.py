@@ -1,13 +1,13 @@
-"""The default `model` deconvolution on data unlike its model (issue 16): weak priors keep MTT and delay
-off the fit's bounds where the data cannot decide, voxels the model does not fit fall back to oSVD,
-and the report counts both as unusable.
+"""The default `model` deconvolution on data unlike its model (issue 16): fits on a bound or in the tails
+of weak priors are fitted again with the priors (MTT and delay off the bounds where the data cannot
+decide), voxels the model still does not fit fall back to oSVD, and the report counts those as unusable.
 
 Targets (issue 16), on the realistic head (phantom_realistic.py: log-normal residues, quadratic blood
 relaxation, partial-volume AIF chosen automatically, a territory 4 s late), brain minus CSF:
 - FIT_TARGET 0.02: voxels whose model fit sits on a bound or failed (their values are oSVD's), or whose
   CBF, MTT or Tmax is not finite. Before the priors: 0.1-21 % at the MTT bound (TR 2 s, SNR 20-30).
 - TMAX_TARGET 0.02: voxels with Tmax < -1 s (before: 11-23 %).
-Measured after (README, method step 5): bound or failed 0.05-1.3 %, Tmax < -1 s 0-1.6 %, none non-finite.
+Measured after (README, method step 5): bound or failed 0.01-0.5 %, Tmax < -1 s 0.1-1.6 %, none non-finite.
 """
 
 import json

@@ -120,8 +120,9 @@ def test_prior_penalty_kernel_matches_twin():
                         rtol=KERNEL_RTOL, atol=1e-15)
         assert_allclose(modelfit.prior_penalty(logm, tau, op.prior), prior_penalty(logm, tau, op.prior),
                         rtol=KERNEL_RTOL, atol=1e-15)
-    assert _kernels._prior_penalty(op.prior[0], op.prior[2], op.prior) == 0.0
-    # delays before the AIF are penalised more than as late ones (early SD 0.5 s, late 3 s)
+    assert _kernels._prior_penalty(op.prior[0], op.prior[3], op.prior) == 0.0
+    assert _kernels._prior_penalty(op.prior[0] + 1.0, op.prior[3] + 5.0, op.prior) == 0.0  # flat above both centres
+    # delays before the AIF are penalised, late ones not (half-normal, SD 0.5 s)
     assert _kernels._prior_penalty(op.prior[0], -1.0, op.prior) > _kernels._prior_penalty(op.prior[0], 1.0, op.prior)
 
 
@@ -176,9 +177,13 @@ def test_model_select_kernel_matches_twin(prior):
     got = [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n), np.empty(n)]
     _kernels._model_select(c, cc, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t,
                            op.lambdas.size, *args, got[0], got[1], got[2], got[3], got[4])
-    assert_array_equal(got[2], ref[2])  # the same shapes chosen
+    # with no positive flow (the zero and the negative curve, invalid fits) the objective is the prior
+    # alone, flat over most of the grid: which of equal points a step lands on is a matter of rounding
+    fitted = ref[0] > 0
+    assert_array_equal(got[2][fitted], ref[2][fitted])  # the same shapes chosen
     for g, r in zip(got, ref):
-        assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
+        assert_allclose(g[fitted], r[fitted], rtol=KERNEL_RTOL, atol=1e-12)
+    assert fitted[:-2].all()
     assert got[0][-2] == 0.0 and got[0][-1] == 0.0  # no positive flow for a zero or a negative curve
     assert len(set(got[2][:-2])) >= (4 if prior != "strong" else 2)  # several shapes won
 

@@ -164,12 +164,14 @@ def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
 
 @njit(cache=True, nogil=True)
 def _prior_penalty(logm, tau, prior):
-    """Weak-prior penalty (in units of the noise variance) of log MTT and tau: prior = (mean log MTT,
-    1 / SD of log MTT, centre of tau, 1 / SD of tau below the centre, 1 / SD above it);
-    ((logm - m0) / sd_m)^2 + ((tau - t0) / sd_t)^2, sd_t the SD of tau's side."""
-    a = (logm - prior[0]) * prior[1]
-    b = tau - prior[2]
-    b = b * prior[3] if b < 0.0 else b * prior[4]
+    """Weak-prior penalty (in units of the noise variance) of log MTT and tau, each a half-normal on
+    either side of its centre: prior = (centre of log MTT, 1 / SD below it, 1 / SD above it, centre of
+    tau, 1 / SD below it, 1 / SD above it); a 1 / SD of 0 leaves that side flat.
+    Penalty a^2 + b^2 with a = (logm - prior[0]) / SD of its side, b likewise for tau."""
+    a = logm - prior[0]
+    a = a * prior[1] if a < 0.0 else a * prior[2]
+    b = tau - prior[3]
+    b = b * prior[4] if b < 0.0 else b * prior[5]
     return a * a + b * b
 
 
