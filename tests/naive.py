@@ -79,50 +79,71 @@ def gamma_model_sse(c, tr, table, t0, dt_table, il, logm, tau):
     return yc / yy, cc - yc / yy * yc
 
 
-def gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau, lo_logm, hi_logm,
+def prior_penalty(logm, tau, prior):
+    """((logm - prior[0]) k)^2 + ((tau - prior[3]) j)^2: k = prior[1] below prior[0], prior[2] above;
+    j = prior[4] below prior[3], prior[5] above."""
+    a, b = logm - prior[0], tau - prior[3]
+    return (a * (prior[1] if a < 0 else prior[2])) ** 2 + (b * (prior[4] if b < 0 else prior[5])) ** 2
+
+
+def gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, prior, h_logm, h_tau, lo_logm, hi_logm,
                  lo_tau, hi_tau, rounds):
+    """Parabolic rounds on J = residual + s2 * prior_penalty; returns log MTT, tau, flow and the plain residual."""
     log_m, tau, flow, sse = (np.array(v, dtype=np.float64) for v in (log_m, tau, flow, sse))
+    s2 = np.broadcast_to(np.asarray(s2, dtype=np.float64), log_m.shape)
     for v in range(c.shape[0]):
         h = [h_logm, h_tau]
         lo, hi = [lo_logm, lo_tau], [hi_logm, hi_tau]
+
+        def objective(x):
+            f, r = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *x)
+            return f, r, r + s2[v] * prior_penalty(x[0], x[1], prior)
+
+        obj = sse[v] + s2[v] * prior_penalty(log_m[v], tau[v], prior)
         for _ in range(rounds):
             for d in range(2):
                 x = [log_m[v], tau[v]]
                 xm, xp = list(x), list(x)
                 xm[d] = max(x[d] - h[d], lo[d])
                 xp[d] = min(x[d] + h[d], hi[d])
-                sm = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xm)[1]
-                sp = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xp)[1]
-                denom = sm - 2 * sse[v] + sp
+                sm = objective(xm)[2]
+                sp = objective(xp)[2]
+                denom = sm - 2 * obj + sp
                 step = float(np.clip(0.5 * (sm - sp) / denom, -1, 1)) if denom > 0 else 0.0
                 xn = list(x)
                 xn[d] = min(max(x[d] + h[d] * step, lo[d]), hi[d])
-                fn, sn = gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], *xn)
-                if sn < sse[v]:
-                    sse[v], flow[v], log_m[v], tau[v] = sn, fn, xn[0], xn[1]
+                fn, sn, on = objective(xn)
+                if on < obj:
+                    obj, sse[v], flow[v], log_m[v], tau[v] = on, sn, fn, xn[0], xn[1]
             h = [h[0] / 2, h[1] / 2]
     return log_m, tau, flow, sse
 
 
-def model_select(c, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes, h_logm, h_tau,
+def model_select(c, q, s2, pen, prior, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes, h_logm, h_tau,
                  lo_logm, hi_logm, lo_tau, hi_tau, rounds):
     """Twin of _kernels._model_select, written with numpy over all voxels at once (the form modelfit had
-    before the kernel): per shape the argmax of q, the n_shapes best shapes (stable order), a parabolic
-    step on the grid residuals, the exact model kept if better, then gamma_refine. Returns flow, log MTT,
-    shape index, tau, residual."""
+    before the kernel): J = grid residual + s2 * pen per grid point, per shape the argmin of J, the
+    n_shapes best shapes (stable order), a parabolic step on the grid's J, the exact model kept if its
+    J is lower, then gamma_refine; the least J wins. Returns flow, log MTT, shape index, tau, residual."""
     c = np.asarray(c, np.float64)
     n = c.shape[0]
     gm, gt = len(log_mtts), len(taus)
     cc = np.einsum("vn,vn->v", c, c)
-    per = q.reshape(n, n_lam, gm * gt)
-    best = np.argmax(per, axis=2)
+    s2 = np.asarray(s2, np.float64)
+    q64 = q.astype(np.float64)
+    j_all = np.where(q64 > 0, cc[:, None] - q64 * q64, cc[:, None]) + s2[:, None] * pen[None, :]
+    per = j_all.reshape(n, n_lam, gm * gt)
+    best = np.argmin(per, axis=2)
     rows = np.arange(n)
     top = per[rows[:, None], np.arange(n_lam)[None, :], best]
-    order = np.argsort(-top, axis=1, kind="stable")[:, :n_shapes]
+    order = np.argsort(top, axis=1, kind="stable")[:, :n_shapes]
 
     def sse_at(il, m, tt):
-        p = q[rows, (il * gm + m) * gt + tt].astype(np.float64)
+        p = q64[rows, (il * gm + m) * gt + tt]
         return np.where(p > 0, cc - p * p, cc)
+
+    def j_at(il, m, tt):
+        return j_all[rows, (il * gm + m) * gt + tt]
 
     def parabola(fm, f0, fp):
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -133,31 +154,33 @@ def model_select(c, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_
     for rank in range(order.shape[1]):
         il = order[:, rank]
         im, it = np.divmod(best[rows, il], gt)
-        s0 = sse_at(il, im, it)
+        s0, j0 = sse_at(il, im, it), j_at(il, im, it)
         inner_m, inner_t = (im > 0) & (im < gm - 1), (it > 0) & (it < gt - 1)
         mm, mp = np.clip(im - 1, 0, gm - 1), np.clip(im + 1, 0, gm - 1)
         tm, tp = np.clip(it - 1, 0, gt - 1), np.clip(it + 1, 0, gt - 1)
-        step_m = np.where(inner_m, parabola(sse_at(il, mm, it), s0, sse_at(il, mp, it)), 0.0)
-        step_t = np.where(inner_t, parabola(sse_at(il, im, tm), s0, sse_at(il, im, tp)), 0.0)
+        step_m = np.where(inner_m, parabola(j_at(il, mm, it), j0, j_at(il, mp, it)), 0.0)
+        step_t = np.where(inner_t, parabola(j_at(il, im, tm), j0, j_at(il, im, tp)), 0.0)
         log_m = np.asarray(log_mtts)[im] + step_m * (log_mtts[1] - log_mtts[0])
         tau = np.asarray(taus)[it] + step_t * (taus[1] - taus[0])
         ex = np.array([gamma_model_sse(c[v], tr, table, t0, dt_table, il[v], log_m[v], tau[v]) for v in range(n)])
-        use = ex[:, 1] < s0
+        j_ex = ex[:, 1] + s2 * np.array([prior_penalty(log_m[v], tau[v], prior) for v in range(n)])
+        use = j_ex < j0
         g0 = (il * gm + im) * gt + it
-        p0 = q[rows, g0].astype(np.float64)
+        p0 = q64[rows, g0]
         flow = np.where(use, ex[:, 0], np.where(p0 > 0, p0 / norms[g0], 0.0))
         log_m = np.where(use, log_m, np.asarray(log_mtts)[im])
         tau = np.where(use, tau, np.asarray(taus)[it])
         sse = np.where(use, ex[:, 1], s0)
-        log_m, tau, flow, sse = gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
-                                             lo_logm, hi_logm, lo_tau, hi_tau, rounds)
-        cand = (flow, log_m, il, tau, sse)
+        log_m, tau, flow, sse = gamma_refine(c, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, prior, h_logm,
+                                             h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds)
+        obj = sse + s2 * np.array([prior_penalty(log_m[v], tau[v], prior) for v in range(n)])
+        cand = (flow, log_m, il, tau, sse, obj)
         if result is None:
             result = cand
         else:
-            better = sse < result[4]
+            better = obj < result[5]
             result = tuple(np.where(better, a, b) for a, b in zip(cand, result))
-    return result
+    return result[:5]
 
 
 # --- gamma-variate fit

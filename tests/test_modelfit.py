@@ -97,39 +97,62 @@ def test_gamma_model_kernel_matches_twin():
         assert_allclose(got, ref, rtol=KERNEL_RTOL, atol=1e-15)
 
 
-def _refine_all(c, cc, op, il, state, args):
+def _refine_all(c, cc, op, il, state, s2, args):
     """_kernels._refine_one on every voxel; updates state = [log_m, tau, flow, sse] in place."""
     t0, dt_t = op.table_log_mtt[0], op.table_log_mtt[1] - op.table_log_mtt[0]
     for v in range(c.shape[0]):
         out = _kernels._refine_one(c[v], cc[v], TR, op.table, t0, dt_t, il[v], state[0][v], state[1][v],
-                                   state[2][v], state[3][v], *args)
+                                   state[2][v], state[3][v], s2[v], op.prior, *args)
         for s, o in zip(state, out):
             s[v] = o
 
 
-def test_gamma_refine_kernel_matches_twin():
+#: Prior weights of the twin tests: 0 (least squares), a weak one and a strong one that moves the fit.
+PRIOR_S2 = (0.0, 4e-5, 4e-3)
+
+
+def test_prior_penalty_kernel_matches_twin():
+    from naive import prior_penalty
+
+    op = modelfit.prepare(_aif(), tr=TR)
+    for logm, tau in ((np.log(4.0), 0.0), (0.0, -3.0), (np.log(40.0), 12.0), (1.1, -0.2), (2.0, 0.3)):
+        assert_allclose(_kernels._prior_penalty(logm, tau, op.prior), prior_penalty(logm, tau, op.prior),
+                        rtol=KERNEL_RTOL, atol=1e-15)
+        assert_allclose(modelfit.prior_penalty(logm, tau, op.prior), prior_penalty(logm, tau, op.prior),
+                        rtol=KERNEL_RTOL, atol=1e-15)
+    assert _kernels._prior_penalty(op.prior[0], op.prior[3], op.prior) == 0.0
+    assert _kernels._prior_penalty(op.prior[0] + 1.0, op.prior[3] + 5.0, op.prior) == 0.0  # flat above both centres
+    # delays before the AIF are penalised, late ones not (half-normal, SD 0.5 s)
+    assert _kernels._prior_penalty(op.prior[0], -1.0, op.prior) > _kernels._prior_penalty(op.prior[0], 1.0, op.prior)
+
+
+@pytest.mark.parametrize("s2", PRIOR_S2)
+def test_gamma_refine_kernel_matches_twin(s2):
     aif, op, c, cc, il, log_m, tau, flow, sse, t0, dt_t = _refine_inputs()
     args = (0.1, 0.4, np.log(1.0), np.log(40.0), -3.0, 12.0, 3)
-    ref = gamma_refine(c, TR, op.table, t0, dt_t, il, log_m, tau, flow, sse, *args)
+    w = np.full(c.shape[0], s2)
+    ref = gamma_refine(c, TR, op.table, t0, dt_t, il, log_m, tau, flow, sse, w, op.prior, *args)
     got = [log_m.copy(), tau.copy(), flow.copy(), sse.copy()]
-    _refine_all(c, cc, op, il, got, args)
+    _refine_all(c, cc, op, il, got, w, args)
     for g, r in zip(got, ref):
         assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
     # single voxel, float32 curves
     one = [log_m[:1].copy(), tau[:1].copy(), flow[:1].copy(), sse[:1].copy()]
     c32 = c[:1].astype(np.float32)
-    _refine_all(c32, cc[:1], op, il[:1], one, args)
+    _refine_all(c32, cc[:1], op, il[:1], one, w[:1], args)
     ref1 = gamma_refine(c32.astype(np.float64), TR, op.table, t0, dt_t, il[:1], log_m[:1], tau[:1], flow[:1],
-                        sse[:1], *args)
+                        sse[:1], w[:1], op.prior, *args)
     for g, r in zip(one, ref1):
         # float32 input: the kernel multiplies float32 samples, the twin float64 copies; a parabolic
         # step amplifies that rounding to about 1e-5 in the refined values
         assert_allclose(g, r, rtol=1e-4, atol=1e-9)
 
 
-def test_model_select_kernel_matches_twin():
+@pytest.mark.parametrize("prior", ["off", "estimated", "strong"])
+def test_model_select_kernel_matches_twin(prior):
     """The whole per-voxel step after the projections (grid pick, 3 shapes, parabolic and exact
-    rounds) against its numpy twin, on noisy model curves of every shape, a zero and a negative curve."""
+    rounds) against its numpy twin, on noisy model curves of every shape, a zero and a negative curve;
+    without the prior, with modelfit's noise weight, and with a prior 100 times stronger."""
     aif = _aif()
     op = modelfit.prepare(aif, tr=TR)
     rng = np.random.default_rng(11)
@@ -145,17 +168,24 @@ def test_model_select_kernel_matches_twin():
     log_mtts = np.log(op.mtts)
     args = (modelfit.N_SHAPES_REFINED, 0.5 * (log_mtts[1] - log_mtts[0]), 0.5 * (op.taus[1] - op.taus[0]),
             np.log(1.0), np.log(40.0), -3.0, 12.0, modelfit.N_EXACT_ROUNDS)
-    ref = model_select(c, q, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t, op.lambdas.size, *args)
     n = c.shape[0]
-    got = [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n), np.empty(n)]
     cc = np.einsum("vn,vn->v", c, c)
-    _kernels._model_select(c, cc, q, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t, op.lambdas.size, *args,
-                           got[0], got[1], got[2], got[3], got[4])
-    assert_array_equal(got[2], ref[2])  # the same shapes chosen
+    s2 = {"off": np.zeros(n), "estimated": modelfit.noise_weight(q, cc, aif.size),
+          "strong": 100 * modelfit.noise_weight(q, cc, aif.size)}[prior]
+    ref = model_select(c, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t,
+                       op.lambdas.size, *args)
+    got = [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n), np.empty(n)]
+    _kernels._model_select(c, cc, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t,
+                           op.lambdas.size, *args, got[0], got[1], got[2], got[3], got[4])
+    # with no positive flow (the zero and the negative curve, invalid fits) the objective is the prior
+    # alone, flat over most of the grid: which of equal points a step lands on is a matter of rounding
+    fitted = ref[0] > 0
+    assert_array_equal(got[2][fitted], ref[2][fitted])  # the same shapes chosen
     for g, r in zip(got, ref):
-        assert_allclose(g, r, rtol=KERNEL_RTOL, atol=1e-12)
+        assert_allclose(g[fitted], r[fitted], rtol=KERNEL_RTOL, atol=1e-12)
+    assert fitted[:-2].all()
     assert got[0][-2] == 0.0 and got[0][-1] == 0.0  # no positive flow for a zero or a negative curve
-    assert len(set(got[2][:-2])) >= 4  # several shapes won
+    assert len(set(got[2][:-2])) >= (4 if prior != "strong" else 2)  # several shapes won
 
 
 @pytest.mark.parametrize("lam", [1.0, 4.0, 100.0])

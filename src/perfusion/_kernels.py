@@ -163,13 +163,28 @@ def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
 
 
 @njit(cache=True, nogil=True)
-def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_logm, h_tau,
+def _prior_penalty(logm, tau, prior):
+    """Weak-prior penalty (in units of the noise variance) of log MTT and tau, each a half-normal on
+    either side of its centre: prior = (centre of log MTT, 1 / SD below it, 1 / SD above it, centre of
+    tau, 1 / SD below it, 1 / SD above it); a 1 / SD of 0 leaves that side flat.
+    Penalty a^2 + b^2 with a = (logm - prior[0]) / SD of its side, b likewise for tau."""
+    a = logm - prior[0]
+    a = a * prior[1] if a < 0.0 else a * prior[2]
+    b = tau - prior[3]
+    b = b * prior[4] if b < 0.0 else b * prior[5]
+    return a * a + b * b
+
+
+@njit(cache=True, nogil=True)
+def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, prior, h_logm, h_tau,
                 lo_logm, hi_logm, lo_tau, hi_tau, rounds):
     """``rounds`` rounds of parabolic steps in log MTT then tau (steps h, halved each round) on the
-    exact model for one voxel; a step is kept only if it lowers the residual. Returns the updated
-    (log_m, tau, flow, sse)."""
+    exact model for one voxel, on the objective J = sse + s2 * _prior_penalty (s2 the voxel's noise
+    variance times the prior's weight; 0: least squares); a step is kept only if it lowers J.
+    Returns the updated (log_m, tau, flow, sse), sse the plain residual."""
     h0 = h_logm
     h1 = h_tau
+    obj = sse + s2 * _prior_penalty(log_m, tau, prior)
     for r in range(rounds):
         for d in range(2):
             h = h0 if d == 0 else h1
@@ -181,10 +196,14 @@ def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_log
             if d == 0:
                 _, sm = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xm, tau)
                 _, sp = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xp, tau)
+                sm += s2 * _prior_penalty(xm, tau, prior)
+                sp += s2 * _prior_penalty(xp, tau, prior)
             else:
                 _, sm = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xm)
                 _, sp = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xp)
-            denom = sm - 2.0 * sse + sp
+                sm += s2 * _prior_penalty(log_m, xm, prior)
+                sp += s2 * _prior_penalty(log_m, xp, prior)
+            denom = sm - 2.0 * obj + sp
             step = 0.0
             if denom > 0.0:
                 step = 0.5 * (sm - sp) / denom
@@ -195,9 +214,12 @@ def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, h_log
             xn = min(max(xc + h * step, lo), hi)
             if d == 0:
                 fn, sn = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, xn, tau)
+                on = sn + s2 * _prior_penalty(xn, tau, prior)
             else:
                 fn, sn = _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, log_m, xn)
-            if sn < sse:
+                on = sn + s2 * _prior_penalty(log_m, xn, prior)
+            if on < obj:
+                obj = on
                 sse = sn
                 flow = fn
                 if d == 0:
@@ -229,64 +251,74 @@ def _grid_sse(q, cc, g):
 
 
 @njit(cache=True, nogil=True)
-def _model_select(c, cc, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes,
+def _model_select(c, cc, q, s2, pen, prior, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes,
                   h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds, out_flow, out_logm, out_il, out_tau,
                   out_sse):
     """The model fit from the grid projections on, per voxel (modelfit's module docstring).
 
     q: (n_vox, G) float32 projections <c, y_g> / |y_g| on the unit-norm grid curves, laid out as
-    (shape, MTT, tau) with len(log_mtts) x len(taus) points per shape; norms: (G,) |y_g|. The largest
-    q of each shape is its best point (the residual drop of a flow F >= 0 is q^2 where q > 0); of the
-    ``n_shapes`` shapes with the largest best q (ties: lower index first), each is refined: one
-    parabolic step in log MTT and in tau on the grid's residuals, kept if the exact model then fits
-    better, then ``rounds`` exact rounds (``_refine_one``). The candidate of least residual wins (ties:
-    the earlier). Serial over voxels: the caller runs chunks on threads (nogil)."""
+    (shape, MTT, tau) with len(log_mtts) x len(taus) points per shape; norms: (G,) |y_g|. Objective
+    J = residual + s2[v] * penalty: s2 (n_vox,) the weight of the prior (noise variance x weight; 0:
+    least squares), pen (G,) the prior penalty of each grid point (_prior_penalty at its log MTT and
+    tau), prior the same penalty's parameters for the refinement. The grid point of least J is each
+    shape's best (the residual of a flow F >= 0 is cc - q^2 where q > 0, else cc); of the ``n_shapes``
+    shapes with the least best J (ties: lower index first), each is refined: one parabolic step in log
+    MTT and in tau on the grid's J, kept if the exact model's J is then lower, then ``rounds`` exact
+    rounds (``_refine_one``). The candidate of least J wins (ties: the earlier). Writes the plain
+    residual into out_sse. Serial over voxels: the caller runs chunks on threads (nogil)."""
     gm = log_mtts.shape[0]
     gt = taus.shape[0]
     per_shape = gm * gt
     dlogm = log_mtts[1] - log_mtts[0]
     dtau = taus[1] - taus[0]
     best_g = np.empty(n_lam, np.int64)
-    top = np.empty(n_lam, np.float32)
+    top = np.empty(n_lam)
     used = np.empty(n_lam, np.bool_)
     for v in range(c.shape[0]):
         qv = q[v]
+        w = s2[v]
+        ccv = cc[v]
         for l in range(n_lam):
             base = l * per_shape
             bi = base
-            bq = qv[base]
+            bj = _grid_sse(qv, ccv, base) + w * pen[base]
             for g in range(base + 1, base + per_shape):
-                if qv[g] > bq:
-                    bq = qv[g]
+                jg = _grid_sse(qv, ccv, g) + w * pen[g]
+                if jg < bj:
+                    bj = jg
                     bi = g
             best_g[l] = bi
-            top[l] = bq
+            top[l] = bj
             used[l] = False
         r_flow = 0.0
         r_logm = 0.0
         r_tau = 0.0
         r_sse = np.inf
+        r_obj = np.inf
         r_il = -1
         for rank in range(min(n_shapes, n_lam)):
             il = -1
             for l in range(n_lam):
-                if not used[l] and (il < 0 or top[l] > top[il]):
+                if not used[l] and (il < 0 or top[l] < top[il]):
                     il = l
             used[il] = True
             g0 = best_g[il]
             im = (g0 - il * per_shape) // gt
             it = (g0 - il * per_shape) - im * gt
-            s0 = _grid_sse(qv, cc[v], g0)
+            s0 = _grid_sse(qv, ccv, g0)
+            j0 = s0 + w * pen[g0]
             step_m = 0.0
             if im > 0 and im < gm - 1:
-                step_m = _parabola_step(_grid_sse(qv, cc[v], g0 - gt), s0, _grid_sse(qv, cc[v], g0 + gt))
+                step_m = _parabola_step(_grid_sse(qv, ccv, g0 - gt) + w * pen[g0 - gt], j0,
+                                        _grid_sse(qv, ccv, g0 + gt) + w * pen[g0 + gt])
             step_t = 0.0
             if it > 0 and it < gt - 1:
-                step_t = _parabola_step(_grid_sse(qv, cc[v], g0 - 1), s0, _grid_sse(qv, cc[v], g0 + 1))
+                step_t = _parabola_step(_grid_sse(qv, ccv, g0 - 1) + w * pen[g0 - 1], j0,
+                                        _grid_sse(qv, ccv, g0 + 1) + w * pen[g0 + 1])
             logm = log_mtts[im] + step_m * dlogm
             tau = taus[it] + step_t * dtau
-            f_ref, s_ref = _gamma_model_sse(c[v], cc[v], tr, table, t0, dt_table, il, logm, tau)
-            if s_ref < s0:
+            f_ref, s_ref = _gamma_model_sse(c[v], ccv, tr, table, t0, dt_table, il, logm, tau)
+            if s_ref + w * _prior_penalty(logm, tau, prior) < j0:
                 flow = f_ref
                 sse = s_ref
             else:
@@ -295,10 +327,11 @@ def _model_select(c, cc, q, norms, log_mtts, taus, tr, table, t0, dt_table, n_la
                 logm = log_mtts[im]
                 tau = taus[it]
                 sse = s0
-            logm, tau, flow, sse = _refine_one(c[v], cc[v], tr, table, t0, dt_table, il, logm, tau, flow, sse,
-                                               h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds)
-            if r_il < 0 or sse < r_sse:
-                r_flow, r_logm, r_tau, r_sse, r_il = flow, logm, tau, sse, il
+            logm, tau, flow, sse = _refine_one(c[v], ccv, tr, table, t0, dt_table, il, logm, tau, flow, sse, w,
+                                               prior, h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds)
+            obj = sse + w * _prior_penalty(logm, tau, prior)
+            if r_il < 0 or obj < r_obj:
+                r_flow, r_logm, r_tau, r_sse, r_obj, r_il = flow, logm, tau, sse, obj, il
         out_flow[v] = r_flow
         out_logm[v] = r_logm
         out_tau[v] = r_tau

@@ -190,3 +190,19 @@ def deconvolve(op: Deconvolver, curves: np.ndarray) -> Residues:
     _parallel.run_chunks(work, n, CHUNK)
     k = np.where(np.all(np.isfinite(c), axis=1), op.k_max, 0)
     return Residues(residue=out, k=k)
+
+
+def residual_sse(op: Deconvolver, curves: np.ndarray, residue: np.ndarray) -> np.ndarray:
+    """Residual sum of squares (1/s^2, (n_vox,)) of the deconvolution's fit over the N frames:
+    c - (dt A b)[:N], with dt A = U diag(s) V^T (its rows beyond N predict the zero padding and are not
+    data). NaN where the residue is not finite."""
+    c = np.asarray(curves, dtype=np.float64)
+    out = np.empty(c.shape[0])
+    u = op.u[: op.n_t] * op.s  # (N, L)
+
+    def work(sl):
+        fitted = (residue[sl] @ op.vt.T) @ u.T
+        out[sl] = np.sum((c[sl] - fitted) ** 2, axis=1)
+
+    _parallel.run_chunks(work, c.shape[0], CHUNK)
+    return out

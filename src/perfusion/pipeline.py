@@ -168,6 +168,7 @@ class Result:
     n_voxels: int = 0  # voxels analysed (brain and every mask)
     brain_source: str = ""  # the brain mask's file, or how the automatic one was made (report.json "brain")
     peak_mb: dict[str, float] = field(default_factory=dict)  # traced peak MB per stage (tracemalloc on only)
+    fit: dict = field(default_factory=dict)  # report.json "fit": brain voxels by fit outcome (_fit_info)
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -507,21 +508,32 @@ def prepare_operator(aif_curve: np.ndarray, *, tr: float, config: Config):
 
 
 def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config: Config) -> dict[str, np.ndarray]:
-    """CBV, CBF, MTT and Tmax of tissue curves (delta R2*, 1/s, (n_vox, n_t)); NaN where no valid flow."""
+    """CBV, CBF, MTT and Tmax of tissue curves (delta R2*, 1/s, (n_vox, n_t)); NaN where no valid flow.
+    With the model, also "fit_status" (modelfit.STATUS_*): voxels the model does not fit (a bound, a
+    residual far above oSVD's, a failed fit) take oSVD's CBF, MTT = CBV / CBF and Tmax."""
     c = np.asarray(curves, dtype=np.float64)
     v = maps.cbv(c, aif_curve, tr=tr, kh=config.kh, rho=config.rho)
     if config.method == "model":
         fit = modelfit.fit(op, c)
-        f = fit.flow * cbf_scale(config.kh, config.rho)
-        ok = fit.valid
-        mtt_s, tmax_s = fit.mtt, fit.delay  # the gamma-distribution residue is 1 until the delay: Tmax = delay
+        res = deconvolution.deconvolve(op.fallback, c)
+        status = modelfit.fit_status(fit, deconvolution.residual_sse(op.fallback, c, res.residue),
+                                     np.einsum("vn,vn->v", c, c))
+        svd = status != modelfit.STATUS_MODEL
+        f_svd = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
+        f = np.where(svd, f_svd, fit.flow * cbf_scale(config.kh, config.rho))
+        ok = np.isfinite(f) & (f > 0)
+        # the gamma-distribution residue is 1 until the delay: Tmax = delay
+        mtt_s = np.where(svd, maps.mtt(v, f_svd), fit.mtt)
+        tmax_s = np.where(svd, maps.tmax(res.residue, tr=tr, n_t=c.shape[1]), fit.delay)
+        extra = {"fit_status": status.astype(np.float32)}
     else:
         res = deconvolution.deconvolve(op, c)
         f = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
         ok = np.isfinite(f) & (f > 0)
         mtt_s, tmax_s = maps.mtt(v, f), maps.tmax(res.residue, tr=tr, n_t=c.shape[1])
+        extra = {}
     return {"cbv": v, "cbf": np.where(ok, f, np.nan), "mtt": np.where(ok, mtt_s, np.nan),
-            "tmax": np.where(ok, tmax_s, np.nan)}
+            "tmax": np.where(ok, tmax_s, np.nan), **extra}
 
 
 class Stages:
@@ -612,6 +624,31 @@ def _standardized(cbv: np.ndarray, brain: np.ndarray):
         return reference.standardize_cbv(cbv, brain)
     except ValueError as exc:
         return None, str(exc)
+
+
+def _fit_info(method: str, status: np.ndarray, out: dict, brain_rows: np.ndarray) -> dict:
+    """report.json "fit": brain voxels whose CBV, CBF or MTT is not finite, and with the model, those it
+    did not fit (modelfit.STATUS_*: at a bound, residual, failed), whose values are oSVD's. Unusable:
+    either (a value at a fit bound is where the optimiser stopped, not an estimate)."""
+    n = int(brain_rows.sum())
+    bad = np.zeros(n, bool)
+    for k in ("cbv", "cbf", "mtt"):
+        bad |= ~np.isfinite(out[k][brain_rows])
+    info = {"method": method, "brain_voxels": n, "non_finite": int(bad.sum())}
+    if method == "model":
+        counts = {name: int(np.count_nonzero(status == code)) for code, name in
+                  ((modelfit.STATUS_BOUND, "model_at_bound"), (modelfit.STATUS_RESIDUAL, "model_residual_high"),
+                   (modelfit.STATUS_INVALID, "model_failed"))}
+        info.update(counts)
+        info["fallback_osvd"] = sum(counts.values())
+        info["fallback_rule"] = (f"oSVD's CBF, MTT and Tmax where the model fit sits on a bound (MTT "
+                                 f"{modelfit.MTT_BOUNDS_S[0]:g}-{modelfit.MTT_BOUNDS_S[1]:g} s, delay "
+                                 f"{modelfit.DELAY_BOUNDS_S[0]:g}..{modelfit.DELAY_BOUNDS_S[1]:g} s), its residual "
+                                 f"exceeds {modelfit.FALLBACK_SSE_RATIO:g} x oSVD's, or it failed")
+        bad |= status != modelfit.STATUS_MODEL
+    info["unusable"] = int(bad.sum())
+    info["unusable_fraction"] = float(bad.sum() / n) if n else float("nan")
+    return info
 
 
 def analyze(inputs: Inputs, config: Config = Config()) -> Result:
@@ -757,6 +794,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     stages.lap("leakage")
     names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
+    fit_status = np.full(n_vox, np.nan, np.float32)  # modelfit.STATUS_* (model only)
     n_applied = 0
     r2_values = []
     for lo in range(0, n_vox, config.chunk_voxels):
@@ -775,7 +813,10 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         c_used = gammafit.evaluate(gv, t_frames) if config.recirculation == "remove" else c
         stages.lap("gamma_variate")
         for key, values in quantify(op, c_used, aif_used, tr=s.tr, config=config).items():
-            out[key][sl] = values
+            if key == "fit_status":
+                fit_status[sl] = values
+            else:
+                out[key][sl] = values
         stages.lap("deconvolution")
         out["ttp"][sl] = maps.ttp(c, tr=s.tr) + base.start * s.tr
         if gv_aif_ok:
@@ -795,6 +836,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         "default_cbv": "trapezoid" if config.recirculation == "keep" else "gamma-variate first pass",
         "why": GV_CBV_CHOICE,
     })
+    fit_info = _fit_info(config.method, fit_status[brain_rows], out, brain_rows)
     stages.lap("maps")
     volumes = {}
     for k, vals in out.items():
@@ -920,7 +962,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                   time_s=(base.start + np.arange(n_t)) * s.tr, baseline=base, aif_info=aif_info,
                   reference_info=reference_info, rois=scores, warnings=notes, config=config,
                   seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image,
-                  timings={k: round(v, 4) for k, v in stages.seconds.items()}, n_voxels=int(n_vox),
+                  timings={k: round(v, 4) for k, v in stages.seconds.items()}, n_voxels=int(n_vox), fit=fit_info,
                   peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()}, brain_source=brain_source)
 
 

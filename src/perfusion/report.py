@@ -49,6 +49,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
                   "source": str(inputs.paths["brain"]) if "brain" in inputs.paths
                   else (result.brain_source or "automatic")},
         "aif": {k: v for k, v in result.aif_info.items() if k != "leakage"},
+        **({"fit": dict(result.fit)} if result.fit else {}),
         "leakage": result.aif_info.get("leakage", {"method": "none"}),
         "reference": {**result.reference_info},
         "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE,

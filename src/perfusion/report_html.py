@@ -63,7 +63,8 @@ FLIP_TOL_DEG = 5.0
 #: Pre-bolus frames at or above this count as "a baseline of tens of frames" (Boxerman 2020).
 MIN_BASELINE_FRAMES = 20
 
-#: Brain voxels with unusable fits (NaN in CBV, CBF or MTT) above this fraction get a warning: a few
+#: Brain voxels with unusable fits (NaN in CBV, CBF or MTT; with the model also fits at a bound, with a
+#: residual far above oSVD's or failed: report.json "fit") above this fraction get a warning: a few
 #: per cent fail at the brain edge and in CSF on good data (0.6 % on sample_data/sub-demo).
 UNUSABLE_WARN = 0.05
 
@@ -678,7 +679,17 @@ def build_html(folder: Path) -> str:
                       f"tail {_f(m.get('tail_fraction'))}, area / tissue {_f(m.get('area_ratio'), '.1f')}, FWHM "
                       f"{_f(m.get('fwhm_s'), '.1f')} s" + ("" if ok_abs else f"; {RELATIVE_VALID}")))
     maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt")) if m is not None]
-    if brain is not None and maps_for_fit:
+    fit = rep.get("fit")
+    if isinstance(fit, dict) and "unusable_fraction" in fit:  # counted by the pipeline (reports of older versions: NaN only)
+        frac = float(fit["unusable_fraction"])
+        what = "NaN in CBV, CBF or MTT"
+        if "fallback_osvd" in fit:
+            what += (f", or the model fit at a bound ({fit.get('model_at_bound', 0)} voxels), its residual far above "
+                     f"oSVD's ({fit.get('model_residual_high', 0)}) or failed ({fit.get('model_failed', 0)}): these "
+                     "show oSVD's values")
+        qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
+                      "ok" if frac < UNUSABLE_WARN else "warning", f"{what}; warning from {UNUSABLE_WARN:.0%}"))
+    elif brain is not None and maps_for_fit:
         frac = unusable_fraction(brain, maps_for_fit)
         qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small", "ok" if frac < UNUSABLE_WARN else "warning",
                       f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}"))
