@@ -62,7 +62,7 @@ and FTB of the voxels' true rCBV, leakage type, the verdicts a correct analysis 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +156,6 @@ class RealisticSpec:
     lesions: tuple[str, ...] = tuple(LESIONS)
     delayed_territory: bool = False
     steady_state_boost: tuple[float, ...] = (1.15, 1.03)
-    extra: dict = field(default_factory=dict)  # free-form note kept in truth.json
 
     def check(self) -> "RealisticSpec":
         if self.protocol not in PROTOCOLS:
@@ -295,13 +294,6 @@ def expected_verdicts(rcbv_values: np.ndarray) -> tuple[str, ...]:
 
 
 # ----------------------------------------------------------------------------------- the head
-
-
-def _smooth_field(rng, shape2d, sigma_vox: float) -> np.ndarray:
-    from scipy import ndimage
-
-    f = ndimage.gaussian_filter(rng.standard_normal(shape2d), sigma_vox)
-    return (f - f.mean()) / f.std()
 
 
 @dataclass(frozen=True)
