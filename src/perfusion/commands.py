@@ -410,7 +410,7 @@ def print_realistic(con, rows: list[dict]) -> None:
     table = Table(title=f"realistic phantom (SNR {snr:g}, seed {seed}; automatic AIF, NAWM reference): median rCBV "
                         "[95 % interval], verdict (x: not one a correct analysis may give); rCBV per leakage correction")
     for col in ("protocol", "lesion", "truth", "rCBV [interval]", "verdict", *SENSITIVITY_METHODS):
-        table.add_column(col, no_wrap=True)
+        table.add_column(col, overflow="fold")  # cells fold rather than truncate in a 120-column log
     for r in rows:
         if r["snr"] != snr or r["seed"] != seed:
             continue
