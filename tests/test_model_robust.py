@@ -3,11 +3,13 @@ of weak priors are fitted again with the priors (MTT and delay off the bounds wh
 decide), voxels the model still does not fit fall back to oSVD, and the report counts those as unusable.
 
 Targets (issue 16), on the realistic head (phantom_realistic.py: log-normal residues, quadratic blood
-relaxation, partial-volume AIF chosen automatically, a territory 4 s late), brain minus CSF:
+relaxation, partial-volume AIF chosen automatically, a territory 4 s late), brain tissue: the brain minus
+CSF and minus the arteries, their partial-volume rings and the vein (no tissue truth there; an artery
+upstream of the chosen AIF rightly leads it, Tmax < -1 s):
 - FIT_TARGET 0.02: voxels whose model fit sits on a bound or failed (their values are oSVD's), or whose
-  CBF, MTT or Tmax is not finite. Before the priors: 0.1-21 % at the MTT bound (TR 2 s, SNR 20-30).
-- TMAX_TARGET 0.02: voxels with Tmax < -1 s (before: 11-23 %).
-Measured after (README, method step 5): bound or failed 0.01-0.5 %, Tmax < -1 s 0.1-1.6 %, none non-finite.
+  CBF, MTT or Tmax is not finite. Before the priors: 0.1-20 % at the MTT bound (TR 2 s, SNR 20-30).
+- TMAX_TARGET 0.02: voxels with Tmax < -1 s (before: 9-21 %).
+Measured after (README, method step 5): bound or failed 0-0.12 %, Tmax < -1 s 0-0.09 %, none non-finite.
 """
 
 import json
@@ -50,7 +52,7 @@ def test_realistic_head_off_bounds(tr, n_frames, seed, monkeypatch):
     ph = make_realistic_phantom(RealisticSpec(tr=tr, n_frames=n_frames, snr=30.0, seed=seed, delayed_territory=True,
                                               matrix=64, lesions=()))
     result, status = _analyze_with_status(ph, monkeypatch)
-    tissue = ph.masks["brain"] & ~ph.masks["csf"]
+    tissue = ph.masks["brain"] & ~ph.masks["csf"] & np.isfinite(ph.truth["delay"])
     st = status[tissue]
     finite = np.ones(st.size, bool)
     for k in ("cbf", "mtt", "tmax"):
@@ -161,7 +163,8 @@ def _osipi_curves():
 def test_real_nawm_curve_with_noise_stays_off_bounds(step):
     """Real NAWM (TE2) and AIF (TE1) curves of the OSIPI LCB-BNI case (no truth), 400 noisy copies at peak
     SNR 15, at TR 1.5 s and subsampled to 3 s. Before the priors 1.5 % (TR 3 s) of the fits sat on the
-    MTT bound and 1.5-2.2 % had a delay below -1 s; after, none (measured)."""
+    MTT bound and 1.5-2.2 % had a delay below -1 s; after, none on a bound and none with Tmax below -1 s
+    (the least-squares delay, kept for flow and MTT, stays below -1 s in 0.75 %: measured)."""
     aif, nawm, tr = _osipi_curves()
     aif, nawm = aif[::step], nawm[::step]
     rng = np.random.default_rng(0)
@@ -169,4 +172,27 @@ def test_real_nawm_curve_with_noise_stays_off_bounds(step):
     fit = modelfit.fit(modelfit.prepare(aif, tr=tr * step), c)
     assert fit.valid.all()
     assert modelfit.at_bound(fit).mean() < 0.005
-    assert np.mean(fit.delay < -1.0) < 0.005
+    assert np.mean(fit.tmax < -1.0) < 0.005
+
+
+def test_an_early_delay_alone_changes_tmax_not_flow(monkeypatch):
+    """Where only the least-squares delay lies in the delay prior's early tail (tau < -1 s, MTT and delay
+    off the bounds), flow, MTT and shape stay the plain least-squares fit's and only Tmax takes the delay
+    of the fit with the priors: refitting those voxels whole raised flow in one half of a symmetric delay
+    scatter (Bezier DRO gamma residue CBF error 6.7 -> 17.0 %, modelfit.PRIOR_REFIT_PENALTY)."""
+    aif, nawm, tr = _osipi_curves()
+    rng = np.random.default_rng(0)
+    c = nawm[None] + nawm.max() / 15 * rng.standard_normal((2000, nawm.size))
+    op = modelfit.prepare(aif, tr=tr, fallback=False)
+    fit = modelfit.fit(op, c)
+    monkeypatch.setattr(modelfit, "PRIOR_WEIGHT", 0.0)
+    plain = modelfit.fit(op, c)
+    with np.errstate(invalid="ignore"):
+        early = (plain.delay < -1.0) & ~modelfit.at_bound(plain) & (plain.mtt > 1.5)
+    assert early.sum() >= 5, early.sum()  # the case exists in this sample
+    for name in ("flow", "mtt", "lam", "delay"):
+        np.testing.assert_array_equal(getattr(fit, name)[early], getattr(plain, name)[early])
+    assert np.all(fit.tmax[early] >= plain.delay[early])  # pulled towards the prior's 0 s, never away
+    assert np.median(fit.tmax[early] - plain.delay[early]) > 0.3
+    rest = ~early & ~modelfit.at_bound(plain) & (plain.mtt > 1.5) & (plain.delay > -1.0)
+    np.testing.assert_array_equal(fit.tmax[rest], plain.delay[rest])  # elsewhere Tmax is the delay

@@ -523,9 +523,10 @@ def quantify(op, curves: np.ndarray, aif_curve: np.ndarray, *, tr: float, config
         f_svd = maps.cbf(res.residue, kh=config.kh, rho=config.rho)
         f = np.where(svd, f_svd, fit.flow * cbf_scale(config.kh, config.rho))
         ok = np.isfinite(f) & (f > 0)
-        # the gamma-distribution residue is 1 until the delay: Tmax = delay
+        # the gamma-distribution residue is 1 until the delay: Tmax = delay (modelfit.fit: with the
+        # delay prior where the least-squares delay lies in its early tail)
         mtt_s = np.where(svd, maps.mtt(v, f_svd), fit.mtt)
-        tmax_s = np.where(svd, maps.tmax(res.residue, tr=tr, n_t=c.shape[1]), fit.delay)
+        tmax_s = np.where(svd, maps.tmax(res.residue, tr=tr, n_t=c.shape[1]), fit.tmax)
         extra = {"fit_status": status.astype(np.float32)}
     else:
         res = deconvolution.deconvolve(op, c)
@@ -1011,7 +1012,9 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     model_desc = {"mtt": ("Mean transit time: fitted MTT of the gamma transit-time-distribution residue (model fit; "
                           "CBV / CBF where the fit fell back to oSVD, report.json fit; elsewhere CBF x MTT / 60 "
                           "differs from cbv.nii.gz, which is the trapezoid area ratio: see README)"),
-                  "tmax": "Time of the residue maximum: the fitted tissue delay (model fit)",
+                  "tmax": ("Time of the residue maximum: the fitted tissue delay (model fit; where the least-squares "
+                           "delay is below -1 s, the delay of the fit with the priors; oSVD's where the fit fell "
+                           "back, report.json fit)"),
                   "cbf": ("Cerebral blood flow: kH/rho * fitted flow F of the gamma transit-time-distribution residue "
                           "model (Mouridsen et al. 2006, NeuroImage 33:570) * 6000")}
     for name, (unit, desc) in MAP_UNITS.items():
