@@ -9,6 +9,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from ._numba_cache import configure as _configure_cache
+
+_configure_cache()  # before the first @njit: numba picks each kernel's cache folder when it decorates it
+
 
 @njit(cache=True, nogil=True)
 def _oscillation_index(b):

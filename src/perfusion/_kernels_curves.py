@@ -16,6 +16,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ._numba_cache import configure as _configure_cache
+
+_configure_cache()  # before the first @njit: numba picks each kernel's cache folder when it decorates it
+
 
 #: Rows per block of a parallel loop that needs per-row work space (allocated once per block).
 BLOCK = 256

@@ -222,9 +222,15 @@ def thread_env(n_workers: int, cores: int | None = None) -> dict[str, str]:
     what crashes numba's cache, numba#4807)."""
     cores = cores or os.cpu_count() or 1
     per = str(max(1, cores // max(1, n_workers)))
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "perfusion" / f"numba-{__version__}"
-    return {"NUMBA_NUM_THREADS": per, "OMP_NUM_THREADS": per, "OPENBLAS_NUM_THREADS": per, "MKL_NUM_THREADS": per,
-            "NUMBA_CACHE_DIR": str(cache)}
+    from ._numba_cache import _writable
+
+    env = {"NUMBA_NUM_THREADS": per, "OMP_NUM_THREADS": per, "OPENBLAS_NUM_THREADS": per, "MKL_NUM_THREADS": per}
+    cache = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "perfusion" / f"numba-{__version__}"
+    if _writable(cache):
+        env["NUMBA_CACHE_DIR"] = str(cache)
+    elif os.environ.get("NUMBA_CACHE_DIR"):  # an unwritable HOME: the folder _numba_cache.configure chose
+        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    return env  # without NUMBA_CACHE_DIR each worker decides as this process did (_numba_cache.configure)
 
 
 #: Dask settings of the local cluster's workers, each measured on 2 cores with 12 phantom cases on two

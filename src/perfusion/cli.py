@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import EXIT_INTERNAL, PerfusionError
+from .errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, PerfusionError
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -55,21 +55,44 @@ def _guard(fn):
                 # numpy's arithmetic warnings (an empty mean, a division by zero) are never printed raw:
                 # what a user must know reaches report.json "warnings" and the summary as sentences
                 warnings.simplefilter("ignore", RuntimeWarning)
+                from ._numba_cache import configure
+
+                note = configure()  # before any kernel module is imported (numba-free, a few file checks)
+                if note and not kwargs.get("quiet"):
+                    typer.echo(f"perfusion: warning: {note}", err=True)
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except PerfusionError as exc:
             typer.echo(f"perfusion: error: {exc}", err=True)
             raise typer.Exit(code=exc.exit_code) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_REFUSED_ERRNOS:
+                _internal(exc)
+            # a write the disk refused where no command caught it (numba's cache, a temporary file): exit 5
+            import os
+            import tempfile
+
+            where = f" in {Path(exc.filename).parent}" if exc.filename else ""
+            cache = os.environ.get("NUMBA_CACHE_DIR") or Path(__file__).parent / "__pycache__"
+            typer.echo(f"perfusion: error: writing failed ({exc.strerror or exc}{where}: disk full, over quota, beyond "
+                       "the file-size limit or read-only); free space or choose another disk for --out, for the "
+                       f"temporary folder {tempfile.gettempdir()} (TMPDIR) or for numba's cache {cache} "
+                       "(NUMBA_CACHE_DIR)", err=True)
+            raise typer.Exit(code=EXIT_OUTPUT) from None
         except KeyboardInterrupt:
             typer.echo("perfusion: interrupted; the output folder was left as it was", err=True)
             raise typer.Exit(code=EXIT_INTERRUPTED) from None
         except Exception as exc:  # a bug
-            typer.echo(f"perfusion: internal error ({type(exc).__name__}: {exc}); "
-                       "please report it with the command you ran", err=True)
-            raise typer.Exit(code=EXIT_INTERNAL) from None
+            _internal(exc)
 
     return wrapper
+
+
+def _internal(exc: Exception):
+    typer.echo(f"perfusion: internal error ({type(exc).__name__}: {exc}); "
+               "please report it with the command you ran", err=True)
+    raise typer.Exit(code=EXIT_INTERNAL) from None
 
 
 @app.command()

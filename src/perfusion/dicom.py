@@ -66,6 +66,7 @@ fit a DICOM-folder analysis.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import logging
@@ -84,8 +85,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError, PerfusionError, UsageError
-from .io import MIN_FRAMES, Series, _check_time
+from .errors import WRITE_REFUSED_ERRNOS, InputError, OutputError, PerfusionError, UsageError
+from .io import (MAX_FOLDER_FILE_BYTES, MIN_FRAMES, Series, _check_time, describe_skipped, folder_files,
+                 open_regular)
 from .units import MAX_TE_S, MAX_TR_S
 
 #: Environment variable naming the dcm2niix binary to use instead of the wheel's.
@@ -382,13 +384,16 @@ def _unwrap(d: np.ndarray) -> np.ndarray:
     return np.where(d < -43200.0, d + 86400.0, d)
 
 
-def _dicom_files(folder: Path) -> list[Path]:
-    """Every regular, non-hidden file under ``folder`` (sub-folders too; symlinked folders not followed)."""
-    out = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out.extend(Path(root) / f for f in sorted(files) if not f.startswith("."))
-    return out
+def _dicom_files(folder: Path) -> tuple[list[Path], dict[str, int]]:
+    """The regular, non-hidden files under ``folder`` (sub-folders too) and the entries skipped, by
+    kind (``io.folder_files``: FIFOs, devices, sockets, links to outside the folder or in a loop,
+    symlinked folders, files beyond ``io.MAX_FOLDER_FILE_BYTES``; reading a FIFO or /dev/zero never
+    ends). InputError when the folder cannot be listed."""
+    try:
+        return folder_files(folder)
+    except OSError as exc:
+        raise InputError(f"{folder}: cannot list the DICOM folder ({exc.strerror or exc}); check its "
+                         "permissions") from None
 
 
 def inspect(folder: Path) -> list[SeriesInfo]:
@@ -407,8 +412,9 @@ def inspect(folder: Path) -> list[SeriesInfo]:
     numbers: dict[str, int | None] = {}
     timing: dict[str, list] = {}
     secrets: set[str] = set()
+    files, skipped = _dicom_files(folder)
     with _quiet_pydicom():
-        for path in _dicom_files(folder):
+        for path in files:
             ds = _read_header(pydicom, path, InvalidDicomError)
             if ds is None:
                 continue
@@ -428,9 +434,17 @@ def inspect(folder: Path) -> list[SeriesInfo]:
                 mosaic_n = _mosaic_count(elem.value) if elem is not None else -1
             timing.setdefault(uid, []).append((_float(ds.get("RepetitionTime")), _float(ds.get("EchoTime")),
                                                _int(ds.get("NumberOfTemporalPositions")), mosaic_n))
+    skip_note = describe_skipped(skipped)
     if not groups:
+        if skip_note:
+            raise InputError(f"{folder}: no DICOM files (no readable DICOM image; {skip_note}: only regular files "
+                             "inside the folder are read); copy the DICOM files themselves into the folder")
         raise InputError(f"{folder}: no DICOM files (no readable DICOM image); give the folder holding the series")
     infos = [_describe(groups[uid], numbers[uid], timing[uid], frozenset(secrets)) for uid in groups]
+    if skip_note:  # no file name: DICOM file names can hold identifiers
+        note = (f"{skip_note} in the folder: only regular files inside it of at most "
+                f"{MAX_FOLDER_FILE_BYTES / 2 ** 30:g} GiB are read; remove them, or copy linked files into it")
+        infos = [dataclasses.replace(i, warnings=i.warnings + (note,)) for i in infos]
     return sorted(infos, key=lambda i: (i.number is None, i.number or 0))
 
 
@@ -438,16 +452,22 @@ def _read_header(pydicom, path: Path, invalid):
     """The header of one file, or None when it is no DICOM. Files without the 128-byte preamble and
     'DICM' (stored as received by some PACS) are read too: they count only if they hold an image."""
     tags = list(_TAGS) + [_MOSAIC_COUNT_TAG]
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags)
-    except invalid:
-        pass
-    except Exception:  # noqa: BLE001 - pydicom raises many types for broken files
+    try:  # opened here, checked on the descriptor: a file swapped for a FIFO since the listing cannot block
+        fh = open_regular(path)
+    except OSError:
         return None
-    try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
-    except Exception:  # noqa: BLE001
-        return None
+    with fh:
+        try:
+            return pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags)
+        except invalid:
+            pass
+        except Exception:  # noqa: BLE001 - pydicom raises many types for broken files
+            return None
+        try:
+            fh.seek(0)
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, specific_tags=tags, force=True)
+        except Exception:  # noqa: BLE001
+            return None
     return ds if "SOPClassUID" in ds else None
 
 
@@ -680,6 +700,40 @@ def _last_line(text: str, secrets) -> str:
     return scrub(lines[-1], secrets)[:200] if lines else "no message"
 
 
+def _converted_bytes(info: SeriesInfo) -> int:
+    """Bytes of dcm2niix's uncompressed image of ``info`` (16-bit voxels) plus 1 MiB for its header,
+    sidecar and compression buffers: what the temporary folder must hold at most."""
+    return info.rows * info.columns * max(info.slices, 1) * max(info.frames, 1) * 2 + (1 << 20)
+
+
+def _tmp_has_room(folder: Path, n_bytes: int) -> bool:
+    """Whether ``n_bytes`` can be written into ``folder`` now: a probe file is written and removed
+    (free space alone misses quotas and file-size limits). Only after a conversion failed."""
+    probe = folder / ".space-probe"
+    block = bytes(1 << 20)
+    try:
+        with open(probe, "wb") as fh:
+            left = n_bytes
+            while left > 0:
+                fh.write(block[:min(left, len(block))])
+                left -= len(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc.errno not in WRITE_REFUSED_ERRNOS
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return True
+
+
+def _tmp_full(work: Path, what: str) -> OutputError:
+    """The one-line error of a temporary folder that cannot take the conversion (exit 5)."""
+    return OutputError(f"{work.parent}: the temporary folder cannot hold the DICOM conversion ({what}; disk full, "
+                       "over quota or beyond the file-size limit); free space there or set TMPDIR to a folder on "
+                       "another disk")
+
+
 def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> Path:
     """Convert the files of ``info`` in ``work``; return the one NIfTI written. Errors by exit code."""
     binary = find_dcm2niix()
@@ -710,6 +764,11 @@ def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> Path:
     code = proc.returncode
     last = _last_line(proc.stderr if proc.stderr.strip() else proc.stdout, info.secrets).replace(str(work), "<tmp>")
     where = f"{folder}: series {info.number}"
+    if code < 0 and -code == getattr(signal, "SIGXFSZ", -1):
+        raise _tmp_full(work, "the file-size limit (ulimit -f) stopped dcm2niix's output")
+    if code != 0 and code != 2 and not _tmp_has_room(out, _converted_bytes(info)):
+        # dcm2niix exits 1 ("generic") on a full disk and removes its partial file: not the series' fault
+        raise _tmp_full(work, f"dcm2niix could not write its output (exit {code})")
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -727,6 +786,8 @@ def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> Path:
     if code != 0:
         raise PerfusionError(f"{where}: dcm2niix exited {code} ({last}); please report it with the dcm2niix version")
     written = sorted(out.glob("*.nii.gz")) + sorted(out.glob("*.nii"))
+    if not written and not _tmp_has_room(out, _converted_bytes(info)):
+        raise _tmp_full(work, "dcm2niix wrote no image")
     if not written:
         raise InputError(f"{where}: dcm2niix wrote no image ({last}); check the series with perfusion dicom-inspect")
     if len(written) > 1:
@@ -788,16 +849,32 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
     info = select_series(infos, folder, series)
     warns = check_series(info, folder)
     nib = _nibabel()
-    work = Path(tempfile.mkdtemp(prefix="perfusion-dicom-"))
+    try:
+        work = Path(tempfile.mkdtemp(prefix="perfusion-dicom-"))
+    except OSError as exc:
+        raise OutputError(f"{tempfile.gettempdir()}: cannot make a temporary folder for the DICOM conversion "
+                          f"({exc.strerror or exc}); free space there or set TMPDIR to a writable folder") from None
     try:
         nifti = _run_dcm2niix(info, folder, work)
         raw_sidecar_path = nifti.parent / (nifti.name.split(".nii")[0] + ".json")
         raw = _read_raw_sidecar(raw_sidecar_path)
-        img = nib.load(str(nifti))
-        from .io import voxel_major_float32
+        try:
+            img = nib.load(str(nifti))
+            from .io import voxel_major_float32
 
-        data = voxel_major_float32(np.asarray(img.dataobj))
-        affine = np.asarray(img.affine, dtype=np.float64)
+            data = voxel_major_float32(np.asarray(img.dataobj))
+            affine = np.asarray(img.affine, dtype=np.float64)
+        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a truncated file
+            if isinstance(exc, MemoryError):
+                raise
+            if not _tmp_has_room(work, _converted_bytes(info)):
+                raise _tmp_full(work, "dcm2niix's image is truncated") from None
+            raise InputError(f"{folder}: series {info.number}: dcm2niix wrote an unreadable image "
+                             f"({type(exc).__name__}); check the series with perfusion dicom-inspect") from None
+    except OSError as exc:  # the private copies, links or probes: a full or read-only temporary disk
+        if exc.errno in WRITE_REFUSED_ERRNOS:
+            raise _tmp_full(work, exc.strerror or "a write failed") from None
+        raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
     where = f"{folder}: series {info.number}"

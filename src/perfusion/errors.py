@@ -5,6 +5,8 @@ Exit codes (documented in the README and ``perfusion --help``):
 Library code raises these; only ``cli.py`` exits.
 """
 
+import errno
+
 
 class PerfusionError(Exception):
     """Base class: a problem the user can fix. The message is one line naming the file and the fix."""
@@ -36,3 +38,8 @@ EXIT_USAGE = 2
 EXIT_PARTIAL = 3
 EXIT_INPUT = 4
 EXIT_OUTPUT = 5
+
+#: errno values of a write the disk refused: full (ENOSPC), over quota (EDQUOT), beyond the file-size
+#: limit (EFBIG), read-only (EROFS). Wherever they happen (staging, a temporary conversion, a cache)
+#: they are exit 5, not a bug.
+WRITE_REFUSED_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS") if hasattr(errno, n))
