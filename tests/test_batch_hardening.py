@@ -1,7 +1,7 @@
 """perfusion batch, issue 17: no lost, mixed-up or leaked outputs, through the command line on real
 NIfTI files.
 
-- BIDS runs, sessions, acquisitions (and echoes, ...) of one subject each get their own output folder
+- BIDS runs and acquisitions (echoes, ...) of one subject or session each get their own output folder
   and done-marker; two series that would still share a folder are refused before any work (exit 4,
   naming both), as is a case folder that would replace a summary file;
 - resume is by content: a dataset (and its outputs) copied or moved elsewhere is not recomputed; a
@@ -57,7 +57,7 @@ def _markers(out: Path) -> dict[str, tuple[int, str]]:
     found = {}
     for p in out.rglob(MARKER):
         m = json.loads(p.read_text())
-        found[m["case"]] = (p.stat().st_mtime_ns, m["finished_utc"])
+        found[m.get("case", str(p.parent.relative_to(out)))] = (p.stat().st_mtime_ns, m["finished_utc"])
     return found
 
 
@@ -81,48 +81,70 @@ def _new_bids(root: Path) -> Path:
 
 # ---------------------------------------------------------------------- 1. one folder per series
 
+#: The series of the BIDS dataset and the output folder each must get.
+SERIES = {"sub-01_run-1": "sub-01/run-1/perf", "sub-01_run-2": "sub-01/run-2/perf",
+          "sub-02_ses-1_acq-gre": "sub-02/ses-1/acq-gre/perf", "sub-02_ses-1_acq-se": "sub-02/ses-1/acq-se/perf"}
 
-def test_bids_runs_sessions_and_acquisitions_each_keep_their_outputs(tmp_path, sources, capsys):
-    root = _new_bids(tmp_path / "ds")
-    der = root / "derivatives" / "masks"
-    series = [("sub-01/perf", "sub-01_run-1", sources[0]), ("sub-01/perf", "sub-01_run-2", sources[1]),
-              ("sub-02/ses-1/perf", "sub-02_ses-1_acq-gre", sources[0]),
-              ("sub-02/ses-1/perf", "sub-02_ses-1_acq-se", sources[1]),
-              ("sub-02/ses-2/perf", "sub-02_ses-2", sources[1])]
-    for rel, prefix, src in series:
-        _bids_series(root, rel, prefix, src)
-    _bids_masks(der, "sub-01/perf", "sub-01", sources[0])  # run-less masks: both runs
-    for rel, prefix, src in series[2:]:
-        _bids_masks(der, rel, prefix, src)
+
+@pytest.fixture(scope="module")
+def bids_run(tmp_path_factory, sources):
+    """Two runs of sub-01 (one run-less mask set for both), two acquisitions of sub-02's session 1 (masks
+    each), a corrupt sub-03, a symlinked sub-04 leaving the dataset; masks in a --derivatives folder
+    beside the dataset; the dataset and OUT_DIR below folders named SECRET. Run once, log captured."""
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("hardening_bids")
+    top = tmp / SECRET
+    root = _new_bids(top / "study" / "rawdata")
+    masks = top / "study" / "masks"
+    for i, (prefix, folder) in enumerate(SERIES.items()):
+        rel = folder.replace("/run-1", "").replace("/run-2", "").replace("/acq-gre", "").replace("/acq-se", "")
+        _bids_series(root, rel, prefix, sources[i % 2])
+        if prefix.startswith("sub-02"):
+            _bids_masks(masks, rel, prefix, sources[i % 2])
+    _bids_masks(masks, "sub-01/perf", "sub-01", sources[0])  # run-less masks: both runs
+    bad = root / "sub-03" / "perf"
+    bad.mkdir(parents=True)
+    (bad / "sub-03_dsc.nii.gz").write_bytes(b"\x1f\x8b truncated")  # a failed case: its error names the file
+    outside = top / "elsewhere" / "sub-04" / "perf"
+    outside.mkdir(parents=True)
+    os.symlink(outside.parent, root / "sub-04")  # skipped with a warning naming both paths
     before = folder_digest(root)
-    out = tmp_path / "out"
-    assert main(["batch", str(root), str(out), "-q"]) == 0
-    rows = _summary(out)
-    assert sorted(r["case"] for r in rows) == sorted(p for _, p, _ in series)
-    want = {"sub-01_run-1": "sub-01/run-1/perf", "sub-01_run-2": "sub-01/run-2/perf",
-            "sub-02_ses-1_acq-gre": "sub-02/ses-1/acq-gre/perf", "sub-02_ses-1_acq-se": "sub-02/ses-1/acq-se/perf",
-            "sub-02_ses-2": "sub-02/ses-2/perf"}
+    out = tmp / "results" / SECRET / "perfusion"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["batch", str(root), str(out), "--derivatives", str(masks)])
+    return {"tmp": tmp, "root": root, "masks": masks, "out": out, "code": code, "before": before,
+            "stdout": stdout.getvalue(), "stderr": stderr.getvalue()}
+
+
+def test_bids_runs_and_acquisitions_each_keep_their_outputs(bids_run, capsys):
+    out = bids_run["out"]
+    assert bids_run["code"] == 3  # sub-03 is corrupt
+    rows = [r for r in _summary(out) if r["case"] != "sub-03"]
+    assert sorted(r["case"] for r in rows) == sorted(SERIES)
     for r in rows:
         assert r["status"] == "ok" and r["roi"] == "tumor", r
-        assert r["report"] == f"{want[r['case']]}/{r['case']}_report.html"
         assert (out / r["report"]).is_file(), r["report"]  # every link of the summary leads to its report
-        rep = json.loads((out / want[r["case"]] / f"{r['case']}_report.json").read_text())
-        assert any(name.endswith(f"{r['case']}_dsc.nii.gz") for name in rep["inputs"])  # its own series
-        # every entity stays in the output names and the done-marker
-        assert all(f.startswith(r["case"] + "_") for f in rep["files"].values())
-        marker = json.loads((out / want[r["case"]] / MARKER).read_text())
-        assert marker["case"] == r["case"] and marker["out"] == want[r["case"]]
-    # the two runs' numbers are their own (different phantoms), not one run's copied twice
+        folder = SERIES[r["case"]]
+        assert r["report"] == f"{folder}/{r['case']}_report.html"
+        rep = json.loads((out / folder / f"{r['case']}_report.json").read_text())
+        assert any(name.endswith(f"/{r['case']}_dsc.nii.gz") for name in rep["inputs"])  # its own series
+        assert all(f.startswith(r["case"] + "_") for f in rep["files"].values())  # every entity in the names
+        marker = json.loads((out / folder / MARKER).read_text())
+        assert marker["case"] == r["case"] and marker["out"] == folder  # ... and in the done-marker
+    # the runs' numbers are their own (different phantoms), not one run's shown twice
     med = {r["case"]: float(r["rcbv_median"]) for r in rows}
-    assert med["sub-01_run-1"] != med["sub-01_run-2"]
+    assert med["sub-01_run-1"] != med["sub-01_run-2"] and med["sub-02_ses-1_acq-gre"] != med["sub-02_ses-1_acq-se"]
     index = (out / "index.html").read_text()
-    assert all(f'href="{v}/{k}_report.html"' in index for k, v in want.items())
-    assert folder_digest(root) == before  # inputs unchanged
+    assert all(f'href="{v}/{k}_report.html"' in index for k, v in SERIES.items())
+    assert folder_digest(bids_run["root"]) == bids_run["before"]  # inputs unchanged
     first = _markers(out)
-    assert set(first) == set(want)
+    assert set(first) == set(SERIES)
     capsys.readouterr()
-    assert main(["batch", str(root), str(out)]) == 0  # nothing overwrote anything: all done
-    assert "5 ok (5 already done)" in capsys.readouterr().out
+    assert main(["batch", str(bids_run["root"]), str(out), "--derivatives", str(bids_run["masks"])]) == 3
+    assert "4 ok (4 already done), 1 failed" in capsys.readouterr().out  # no case overwrote another's
     assert _markers(out) == first
 
 
@@ -208,9 +230,7 @@ def test_resume_by_content_after_the_dataset_is_copied_or_moved(tmp_path, source
     assert "2 ok (1 already done)" in capsys.readouterr().out
     after = {c: f for c, (_, f) in _markers(out2).items()}
     assert after["case1"] == done["case1"] and after["case2"] != done["case2"]
-    # a changed parameter: every case
-    assert main(["batch", str(moved), str(out2), "--rcbv-high", "2.0"]) == 0
-    assert "2 ok (0 already done)" in capsys.readouterr().out
+    # a changed parameter recomputes every case: test_batch.py::test_resume_skips_done_cases_and_recomputes_changed_ones
 
 
 # ---------------------------------------------------------------------------------- 3. privacy
@@ -237,37 +257,20 @@ def _leaks(folder: Path, secret: str) -> list[str]:
     return bad
 
 
-def test_no_output_or_log_line_carries_a_folder_above_the_dataset(tmp_path, sources, capsys):
-    top = tmp_path / SECRET
-    root = _new_bids(top / "study" / "rawdata")
-    masks = top / "study" / "masks"  # --derivatives outside the dataset
-    _bids_series(root, "sub-01/perf", "sub-01", sources[0])
-    _bids_masks(masks, "sub-01/perf", "sub-01", sources[0])
-    _bids_series(root, "sub-02/perf", "sub-02_run-1", sources[1])
-    _bids_masks(masks, "sub-02/perf", "sub-02_run-1", sources[1])
-    bad = root / "sub-03" / "perf"
-    bad.mkdir(parents=True)
-    (bad / "sub-03_dsc.nii.gz").write_bytes(b"\x1f\x8b truncated")  # a failed case: its error names the file
-    outside = top / "elsewhere" / "sub-04" / "perf"
-    outside.mkdir(parents=True)
-    os.symlink(outside.parent, root / "sub-04")  # skipped with a warning naming both paths
-    out = tmp_path / "results" / SECRET / "perfusion"
-    capsys.readouterr()
-    code = main(["batch", str(root), str(out), "--derivatives", str(masks)])
-    log = capsys.readouterr()
-    assert code == 3
-    rows = {r["case"]: r for r in _summary(out)}
-    assert rows["sub-01"]["status"] == rows["sub-02_run-1"]["status"] == "ok"
-    assert rows["sub-03"]["status"] == "failed" and "sub-03/perf/sub-03_dsc.nii.gz" in rows["sub-03"]["error"]
-    rep = json.loads((out / "sub-01" / "perf" / "sub-01_report.json").read_text())
-    assert rep["brain"]["source"] == "DERIVATIVES/sub-01/perf/sub-01_label-brain_mask.nii.gz"
-    assert "sub-01/perf/sub-01_dsc.nii.gz" in rep["inputs"]
+def test_no_output_or_log_line_carries_a_folder_above_the_dataset(bids_run):
+    out, tmp = bids_run["out"], bids_run["tmp"]
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert MARKER in {Path(w).name for w in written} and "summary.json" in written and "index.html" in written
     assert _leaks(out, SECRET) == []
-    for text in (log.out, log.err):
-        assert SECRET not in text and str(tmp_path) not in text, text
-    assert "symlink" in log.err and "case sub-03 failed" in log.err  # the lines are there, without the paths
-    for p in out.rglob("*"):  # and no absolute path at all in what is text
+    for text in (bids_run["stdout"], bids_run["stderr"]):
+        assert SECRET not in text and str(tmp) not in text, text
+    assert "symlink" in bids_run["stderr"] and "case sub-03 failed" in bids_run["stderr"]  # the lines are there
+    for p in out.rglob("*"):  # no absolute path at all in what is text
         if p.is_file() and p.suffix in (".json", ".tsv", ".html"):
-            assert str(tmp_path) not in p.read_text(), p
+            assert str(tmp) not in p.read_text(), p
+    # files are still named, relative to the dataset (or DERIVATIVES/ for --derivatives)
+    rows = {r["case"]: r for r in _summary(out)}
+    assert rows["sub-03"]["status"] == "failed" and "sub-03/perf/sub-03_dsc.nii.gz" in rows["sub-03"]["error"]
+    rep = json.loads((out / SERIES["sub-01_run-1"] / "sub-01_run-1_report.json").read_text())
+    assert rep["brain"]["source"] == "DERIVATIVES/sub-01/perf/sub-01_label-brain_mask.nii.gz"
+    assert "sub-01/perf/sub-01_run-1_dsc.nii.gz" in rep["inputs"]
