@@ -204,9 +204,6 @@ def test_resume_by_content_after_the_dataset_is_copied_or_moved(tmp_path, source
     assert main(["batch", str(root), str(out), "-q"]) == 0
     done = {c: f for c, (_, f) in _markers(out).items()}
     assert set(done) == {"case1", "case2"}
-    marker = json.loads((out / "case1" / MARKER).read_text())
-    assert set(marker["fingerprint"]["inputs"]) == {"case1/sub-phantom_dsc.nii.gz", "case1/sub-phantom_dsc.json",
-                                                    "case1/roi-lesion_hyper.nii.gz", "case1/mask-brain.nii.gz"}
     # copied to cluster scratch, dataset and outputs: nothing recomputed
     scratch = tmp_path / "scratch" / "job1"
     shutil.copytree(laptop, scratch)
@@ -215,6 +212,9 @@ def test_resume_by_content_after_the_dataset_is_copied_or_moved(tmp_path, source
     assert main(["batch", str(root2), str(out2)]) == 0
     assert "2 ok (2 already done)" in capsys.readouterr().out
     assert {c: f for c, (_, f) in _markers(out2).items()} == done
+    marker = json.loads((out2 / "case1" / MARKER).read_text())  # inputs named relative to the dataset
+    assert set(marker["fingerprint"]["inputs"]) == {"case1/sub-phantom_dsc.nii.gz", "case1/sub-phantom_dsc.json",
+                                                    "case1/roi-lesion_hyper.nii.gz", "case1/mask-brain.nii.gz"}
     # the dataset moved (renamed), the outputs left where they were: still nothing recomputed
     moved = scratch / "ds-moved"
     os.rename(root2, moved)

@@ -13,8 +13,10 @@ problem recorded in its rows.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -137,7 +139,9 @@ class Names:
             return f"{label}/{r}" if label else r
         return p.name
 
-    def _replacements(self) -> list[tuple[str, str]]:
+    @functools.cached_property
+    def _replacements(self) -> list[tuple[str, re.Pattern, str]]:
+        """(prefix, pattern, label), longest prefix first; computed once (it resolves symlinks)."""
         pairs: dict[str, str] = {}
         for base, label in self._bases():
             pairs.setdefault(str(base), label)
@@ -146,20 +150,18 @@ class Names:
                 for k, parent in enumerate(form.parents, start=1):  # above: ../, ../../, ...
                     if parent != Path(parent.anchor):
                         pairs.setdefault(str(parent), label + "/".join([".."] * k))
-        return sorted(pairs.items(), key=lambda pr: len(pr[0]), reverse=True)
+        return [(prefix, re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(/|(?![\w.\-]))"), label)
+                for prefix, label in sorted(pairs.items(), key=lambda pr: len(pr[0]), reverse=True)]
 
     def scrub(self, text: str) -> str:
         """``text`` with every absolute path under the input, derivatives, output folder or a folder
         above the input made relative (``/data/DOE_JOHN/ds/sub-01/x`` -> ``sub-01/x``,
         ``/data/DOE_JOHN/other`` -> ``../other``, the input folder itself -> ``INPUT``)."""
-        import re
-
         if not text:
             return text
-        for prefix, label in self._replacements():
+        for prefix, pattern, label in self._replacements:
             if prefix not in text:
                 continue
-            pattern = re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(/|(?![\w.\-]))")
 
             def sub(m, label=label):
                 if m.group(1) == "/":
