@@ -6,7 +6,10 @@ A case's outputs are written into a hidden staging folder beside its final folde
 (:data:`MARKER`: input hashes, parameters, software version, the case's summary rows) written last;
 then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
 old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
-removes; a case counts as done only when its marker matches. Library code: no printing (``on_done`` is
+removes; a case counts as done only when its marker matches. Files are named relative to the input
+folder in everything a batch writes or logs (:class:`Names`), so a copied dataset resumes and no folder
+above the dataset (often a patient's name) leaks; two cases never share an output folder
+(:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
 """
