@@ -691,5 +691,5 @@ def test_batch_takes_a_dicom_case_folder(case, tmp_path):
     want = next(r["rcbv_median"] for r in ref["rois"] if r["name"] == "roi-lesion_hyper")
     assert float(rows[0]["rcbv_median"]) == pytest.approx(want, rel=1e-5)
     marker = json.loads((out / "case-dicom" / ".perfusion-done.json").read_text())
-    assert str(dcm_case / "dicom") in marker["fingerprint"]["inputs"]  # the folder, hashed as one entry
+    assert "case-dicom/dicom" in marker["fingerprint"]["inputs"]  # the folder, hashed as one entry, by relative name
     assert not planted_in_text(stdout + err) and not planted_in(out / "summary.json")

@@ -6,15 +6,20 @@ A case's outputs are written into a hidden staging folder beside its final folde
 (:data:`MARKER`: input hashes, parameters, software version, the case's summary rows) written last;
 then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
 old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
-removes; a case counts as done only when its marker matches. Library code: no printing (``on_done`` is
+removes; a case counts as done only when its marker matches. Files are named relative to the input
+folder in everything a batch writes or logs (:class:`Names`), so a copied dataset resumes and no folder
+above the dataset (often a patient's name) leaks; two cases never share an output folder
+(:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -92,12 +97,128 @@ def roi_names(case) -> list[str]:
     return out
 
 
-def fingerprint(case, params: dict[str, Any]) -> dict[str, Any]:
-    """What a case's outputs depend on: input contents (sha256), analysis parameters, software version."""
+@dataclass(frozen=True)
+class Names:
+    """How a batch names files in everything it writes (done-markers, case outputs, summary, log lines):
+    relative to the input folder, never absolute, because the folders above a dataset (and above OUT_DIR)
+    are often named after patients or sites. ``input_root``, ``out_root`` and ``derivatives`` are
+    absolute (symlinks not resolved); a dataset moved or copied elsewhere keeps its names, so a done
+    case stays done."""
+
+    input_root: Path
+    out_root: Path
+    derivatives: Path | None = None  # --derivatives given outside the input folder
+
+    @classmethod
+    def of(cls, input_root: Path, out_root: Path, derivatives: Path | None = None) -> Names:
+        root = Path(input_root).absolute()
+        deriv = Path(derivatives).absolute() if derivatives is not None else None
+        if deriv is not None and (deriv == root or root in deriv.parents):
+            deriv = None  # inside the input folder: named relative to it
+        return cls(root, Path(out_root).absolute(), deriv)
+
+    def _bases(self) -> list[tuple[Path, str]]:
+        """(folder, label) pairs, most specific first; the input folder's label is empty."""
+        bases = [(self.out_root, "OUT_DIR")]
+        if self.derivatives is not None:
+            bases.append((self.derivatives, "DERIVATIVES"))
+        bases.append((self.input_root, ""))
+        out = []
+        for folder, label in bases:
+            for form in dict.fromkeys((folder, Path(os.path.realpath(folder)))):
+                out.append((form, label))
+        return sorted(out, key=lambda b: len(b[0].parts), reverse=True)
+
+    def rel(self, path: Path | str) -> str:
+        """``path``'s name relative to the input folder (``sub-01/perf/sub-01_dsc.nii.gz``), or to
+        DERIVATIVES/ or OUT_DIR/; a path outside all of them: its file name only."""
+        p = Path(path)
+        p = p if p.is_absolute() else p.absolute()
+        for base, label in self._bases():
+            try:
+                r = p.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            return f"{label}/{r}" if label else r
+        return p.name
+
+    @functools.cached_property
+    def _replacements(self) -> list[tuple[str, re.Pattern, str]]:
+        """(prefix, pattern, label), longest prefix first; computed once (it resolves symlinks)."""
+        pairs: dict[str, str] = {}
+        for base, label in self._bases():
+            pairs.setdefault(str(base), label)
+        for folder, label in ((self.input_root, ""), (self.out_root, "OUT_DIR/")):
+            for form in dict.fromkeys((folder, Path(os.path.realpath(folder)))):
+                for k, parent in enumerate(form.parents, start=1):  # above: ../, ../../, ...
+                    if parent != Path(parent.anchor):
+                        pairs.setdefault(str(parent), label + "/".join([".."] * k))
+        return [(prefix, re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(/|(?![\w.\-]))"), label)
+                for prefix, label in sorted(pairs.items(), key=lambda pr: len(pr[0]), reverse=True)]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every absolute path under the input, derivatives, output folder or a folder
+        above the input made relative (``/data/DOE_JOHN/ds/sub-01/x`` -> ``sub-01/x``,
+        ``/data/DOE_JOHN/other`` -> ``../other``, the input folder itself -> ``INPUT``)."""
+        if not text:
+            return text
+        for prefix, pattern, label in self._replacements:
+            if prefix not in text:
+                continue
+
+            def sub(m, label=label):
+                if m.group(1) == "/":
+                    return f"{label}/" if label else ""
+                return label or "INPUT"
+
+            text = pattern.sub(sub, text)
+        return text
+
+    def scrub_json(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, dict):
+            return {self.scrub(k) if isinstance(k, str) else k: self.scrub_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.scrub_json(v) for v in value]
+        return value
+
+
+def fingerprint(case, params: dict[str, Any], names: Names) -> dict[str, Any]:
+    """What a case's outputs depend on: input contents (sha256, by names relative to the input folder),
+    analysis parameters, software version. Not where the dataset lies: a copy is the same case."""
     from .io import sha256
 
     return {"software_version": __version__, "parameters": params,
-            "inputs": {str(p): sha256(p) for p in case_inputs(case) if p.exists()}}  # a DICOM folder: one hash
+            "inputs": {names.rel(p): sha256(p) for p in case_inputs(case) if p.exists()}}  # a DICOM folder: one hash
+
+
+#: Files a batch writes at the top of OUT_DIR; no case folder may take one of these names.
+TOP_FILES = ("summary.tsv", "summary.json", "index.html", "dataset_description.json")
+
+
+def check_collisions(cases, names: Names) -> None:
+    """InputError naming both inputs when two runnable cases would write into one output folder (equal
+    up to letter case, as on macOS and Windows), one case's folder lies inside another's, or a case
+    folder takes the name of a summary file. Cases with a ``problem`` write nothing and are not checked."""
+    from .errors import InputError
+
+    def what(case) -> str:
+        return names.rel(case.dsc) if case.dsc is not None else case.case_id
+
+    seen: dict[tuple[str, ...], Any] = {}
+    for case in sorted((c for c in cases if not getattr(c, "problem", None)), key=lambda c: len(Path(c.out_rel).parts)):
+        key = tuple(p.casefold() for p in Path(case.out_rel).parts)
+        if not key or key[0] in TOP_FILES:
+            raise InputError(f"{what(case)}: its output folder {Path(case.out_rel).as_posix() or '.'} would replace "
+                             f"the batch's {key[0] if key else 'OUT_DIR'}; rename the case folder")
+        for n in range(1, len(key) + 1):
+            other = seen.get(key[:n])
+            if other is not None:
+                how = "the same output folder" if n == len(key) else "an output folder inside the other's"
+                raise InputError(f"{what(other)} and {what(case)}: both would write into {how} "
+                                 f"({Path(case.out_rel).as_posix()}); rename one so each case has its own folder")
+        seen[key] = case
 
 
 def read_marker(folder: Path) -> dict | None:
@@ -108,7 +229,8 @@ def read_marker(folder: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _failed(case_id: str, error: str, seconds: float) -> CaseResult:
+def _failed(case_id: str, error: str, seconds: float, names: Names | None = None) -> CaseResult:
+    error = names.scrub(error) if names is not None else error
     row = {"case": case_id, "roi": "", "status": "failed", "error": error, "seconds": round(seconds, 3)}
     return CaseResult(case_id, "failed", [row], seconds, error=error)
 
@@ -135,18 +257,23 @@ def _replace_folder(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def run_case(case, out_root: Path, params: dict[str, Any]) -> CaseResult:
+def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> CaseResult:
     """Analyse one case into ``out_root``/case.out_rel unless its marker matches; never raises for a
-    problem of the case (it becomes a failed CaseResult). Runs in a Dask worker or in-process."""
+    problem of the case (it becomes a failed CaseResult). Runs in a Dask worker or in-process.
+    Everything written names files as ``names`` does (relative to the input folder)."""
     t0 = time.perf_counter()
     case_id = case.case_id
+
+    def failed(error: str) -> CaseResult:
+        return _failed(case_id, error, time.perf_counter() - t0, names)
+
     try:
         if getattr(case, "problem", None):
-            return _failed(case_id, case.problem, time.perf_counter() - t0)
+            return failed(case.problem)
         final = Path(out_root) / case.out_rel
-        fp = fingerprint(case, params)
+        fp = fingerprint(case, params, names)
         marker = read_marker(final)
-        if marker is not None and marker.get("fingerprint") == fp:
+        if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
         from .commands import compute_case, make_config
         from .io import output_file, write_json
@@ -165,26 +292,38 @@ def run_case(case, out_root: Path, params: dict[str, Any]) -> CaseResult:
             os.chmod(stage, 0o777 & ~_umask())
             prefix = getattr(case, "prefix", None)
             files = write_result(result, inputs, stage, prefix=prefix)
+            _scrub_folder(stage, names)
             write_html(stage)
             report = json.loads((stage / files["report"]).read_text(encoding="utf-8"))
             seconds = time.perf_counter() - t0
             rel = (Path(case.out_rel) / output_file("report_html", prefix)).as_posix()
             rows = _rows(case_id, report, seconds, rel)
-            write_json(stage / MARKER, {"fingerprint": fp, "rows": rows, "seconds": seconds,
-                                        "finished_utc": _now()})
+            write_json(stage / MARKER, {"case": case_id, "out": Path(case.out_rel).as_posix(), "fingerprint": fp,
+                                        "rows": rows, "seconds": seconds, "finished_utc": _now()})
             _replace_folder(stage, final)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
         return CaseResult(case_id, "ok", rows, seconds)
     except PerfusionError as exc:
-        return _failed(case_id, str(exc), time.perf_counter() - t0)
+        return failed(str(exc))
     except OSError as exc:
-        return _failed(case_id, f"{exc.filename or case_id}: {exc.strerror or exc}; check the file and free space",
-                       time.perf_counter() - t0)
+        return failed(f"{exc.filename or case_id}: {exc.strerror or exc}; check the file and free space")
     except Exception as exc:  # a bug, but one case must not stop the batch
-        return _failed(case_id, f"internal error ({type(exc).__name__}: {exc}); please report it",
-                       time.perf_counter() - t0)
+        return failed(f"internal error ({type(exc).__name__}: {exc}); please report it")
+
+
+def _scrub_folder(folder: Path, names: Names) -> None:
+    """Rewrite the JSON files of a staged case folder with every absolute path made relative (report.json
+    "inputs" and mask "source", sidecar descriptions, warnings): the pipeline records the paths it was
+    given, and a batch gives absolute ones."""
+    from .io import write_json
+
+    for p in sorted(Path(folder).glob("*.json")):
+        data = json.loads(p.read_text(encoding="utf-8"))
+        clean = names.scrub_json(data)
+        if clean != data:
+            write_json(p, clean)
 
 
 def _now() -> str:
@@ -242,16 +381,16 @@ WORKER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin
                  "distributed.worker.memory.monitor-interval": "5s"}
 
 
-def _run_local(cases, out_root, params, on_done) -> list[CaseResult]:
+def _run_local(cases, out_root, params, names, on_done) -> list[CaseResult]:
     results = []
     for case in cases:
-        r = run_case(case, out_root, params)
+        r = run_case(case, out_root, params, names)
         results.append(r)
         on_done(r)
     return results
 
 
-def _run_dask(cases, out_root, params, on_done, *, jobs: int, scheduler: str | None,
+def _run_dask(cases, out_root, params, names, on_done, *, jobs: int, scheduler: str | None,
               scheduler_file: Path | None) -> list[CaseResult]:
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -288,7 +427,8 @@ def _run_dask(cases, out_root, params, on_done, *, jobs: int, scheduler: str | N
         by_key = {}
         futures = []
         for case in cases:
-            f = client.submit(run_case, case, out_root, params, pure=False, key=f"perfusion-case-{case.case_id}")
+            f = client.submit(run_case, case, out_root, params, names, pure=False,
+                              key=f"perfusion-case-{case.case_id}")
             by_key[f.key] = case
             futures.append(f)
         results = []
@@ -298,7 +438,7 @@ def _run_dask(cases, out_root, params, on_done, *, jobs: int, scheduler: str | N
                 r = f.result()
             except Exception as exc:  # the worker died (KilledWorker) or the task could not run
                 r = _failed(case.case_id, f"worker failure ({type(exc).__name__}: {exc}); the case was not written",
-                            0.0)
+                            0.0, names)
             results.append(r)
             on_done(r)
         client.close()
@@ -308,21 +448,25 @@ def _run_dask(cases, out_root, params, on_done, *, jobs: int, scheduler: str | N
             cluster.close()
 
 
-def run_batch(cases, out_root: Path, params: dict[str, Any], *, jobs: int = 1, scheduler: str | None = None,
-              scheduler_file: Path | None = None, on_done: Callable[[CaseResult], None] = lambda r: None) -> BatchResult:
-    """Run every case; one case's failure never stops the others. ``jobs`` 1 runs in this process."""
+def run_batch(cases, out_root: Path, params: dict[str, Any], *, input_root: Path, derivatives: Path | None = None,
+              jobs: int = 1, scheduler: str | None = None, scheduler_file: Path | None = None,
+              on_done: Callable[[CaseResult], None] = lambda r: None) -> BatchResult:
+    """Run every case; one case's failure never stops the others. ``jobs`` 1 runs in this process.
+    InputError before any work when two cases would share an output folder (check_collisions)."""
     if jobs < 1:
         raise UsageError("--jobs must be at least 1")
     out_root = Path(out_root)
+    names = Names.of(input_root, out_root, derivatives)
+    check_collisions(cases, names)
     try:
         out_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_root}: cannot create the output folder ({exc.strerror}); choose another") from None
     clean_leftovers(out_root)
     if jobs == 1 and not scheduler and not scheduler_file:
-        results = _run_local(cases, out_root, params, on_done)
+        results = _run_local(cases, out_root, params, names, on_done)
     else:
-        results = _run_dask(cases, out_root, params, on_done, jobs=jobs, scheduler=scheduler,
+        results = _run_dask(cases, out_root, params, names, on_done, jobs=jobs, scheduler=scheduler,
                             scheduler_file=scheduler_file)
     return BatchResult(results)
 
@@ -338,7 +482,7 @@ def _fmt(v: Any) -> str:
     return str(v).replace("\t", " ").replace("\n", " ")
 
 
-def write_summary(out_root: Path, batch: BatchResult, *, input_root: Path, layout: str,
+def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
                   params: dict[str, Any]) -> dict[str, Path]:
     """summary.tsv, summary.json, index.html (and dataset_description.json in BIDS layout) at the top
     of ``out_root``, each written to a temporary name and renamed."""
@@ -347,7 +491,8 @@ def write_summary(out_root: Path, batch: BatchResult, *, input_root: Path, layou
     rows = [{k: r.get(k) for k in COLUMNS} for r in batch.rows]
     tsv = "\t".join(COLUMNS) + "\n" + "".join("\t".join(_fmt(r[k]) for k in COLUMNS) + "\n" for r in rows)
     summary = {"software": {"name": "perfusion", "version": __version__}, "created_utc": _now(),
-               "disclaimer": DISCLAIMER, "input": str(input_root), "layout": layout, "parameters": params,
+               "disclaimer": DISCLAIMER, "layout": layout, "parameters": params,
+               "paths": "relative to the input folder (report links: to this folder); no absolute path is written",
                "n_cases": len(batch.cases), "n_failed": batch.n_failed,
                "units": {"rcbv_median": "ratio", "rcbv_ci_low": "ratio", "rcbv_ci_high": "ratio", "ftb_low": "fraction",
                          "ftb_mid": "fraction", "ftb_high": "fraction", "mixed": "boolean", "seconds": "s"},
@@ -362,8 +507,9 @@ def write_summary(out_root: Path, batch: BatchResult, *, input_root: Path, layou
         files["dataset_description.json"] = lambda p: write_json(p, {
             "Name": "perfusion: DSC perfusion maps and lesion scores", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}],
-            "SourceDatasets": [{"URL": Path(input_root).resolve().as_uri()}]})
+            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}]})
+        # no SourceDatasets: its URL would be the input's absolute path (folders named after patients);
+        # each case's done-marker and report.json record its inputs by relative name and sha256
     for name, write in files.items():
         target = out_root / name
         tmp = out_root / f".{name}.tmp-{os.getpid()}"
@@ -404,7 +550,7 @@ def index_html(batch: BatchResult, summary: dict) -> str:
             ".failed td{background:#fff3f3}.disclaimer{border:3px solid #b71c1c;padding:.5em;font-weight:bold}"
             "</style></head><body>\n"
             f"<h1>perfusion batch</h1><div class=\"disclaimer\">{e(DISCLAIMER)}</div>"
-            f"<p>Input {e(summary['input'])} ({e(summary['layout'])} layout); {summary['n_cases']} cases, "
+            f"<p>{e(summary['layout'])} layout; {summary['n_cases']} cases, "
             f"{summary['n_failed']} failed; perfusion {e(__version__)}, {e(summary['created_utc'])}.</p>"
             "<table><tr><th>case</th><th>ROI</th><th>status</th><th>median rCBV</th><th>verdict</th><th>report</th>"
             "<th>error</th></tr>" + "".join(body) + "</table></body></html>\n")

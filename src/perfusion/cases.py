@@ -10,7 +10,10 @@ BIDS layout (``layout="bids"``, or ``"auto"`` when the root holds ``dataset_desc
 ``sub-*`` folder)
     One case per ``sub-<label>/[ses-<label>/]perf/*_dsc.nii.gz`` (or ``.nii``). ``case_id`` and the
     output ``prefix`` are the file name without ``_dsc.nii.gz`` (``sub-01_ses-02_run-1``); the outputs
-    go to ``sub-01/ses-02/perf`` (``sub-01/perf`` without sessions) under OUT_DIR. The sidecar is the
+    go to ``sub-01/ses-02/perf`` (``sub-01/perf`` without sessions) under OUT_DIR when the name has no
+    other entity, else to a folder of their own named by the other entities
+    (``sub-01/ses-02/run-1/perf``, ``bids_out_rel``), so runs, echoes, acquisitions never share one. A
+    name part that is not ``key-value`` (letters and digits) is the case's problem. The sidecar is the
     ``.json`` twin of the series (a missing one is not a problem: TE/TR can be given as options). The
     file name's ``sub-`` / ``ses-`` must agree with the folders it lies in.
 
@@ -225,24 +228,27 @@ def _discover_bids(given: Path, root: Path, top: list[_Entry], bases: _Bounds,
                     if inner.is_dir and inner.name == "perf":
                         perf_dirs.append((inner.path, entry.name))
         for perf, ses_name in perf_dirs:
-            out_rel = Path(sub.name, ses_name, "perf") if ses_name else Path(sub.name, "perf")
+            perf_rel = Path(sub.name, ses_name, "perf") if ses_name else Path(sub.name, "perf")
             case_id = f"{sub.name}_{ses_name}" if ses_name else sub.name
-            files = _scan_or_case(perf, bases, case_id=case_id, out_rel=out_rel, cases=cases)
+            files = _scan_or_case(perf, bases, case_id=case_id, out_rel=perf_rel, cases=cases)
             by_name = {f.name: f for f in files or ()}
             for f in files or ():
                 if (f.is_file or f.broken) and f.name.endswith(_DSC_SUFFIXES):
-                    cases.append(_bids_case(f, sub.name, ses_name, out_rel, by_name, root, bases, index, patterns))
+                    cases.append(_bids_case(f, sub.name, ses_name, by_name, root, bases, index, patterns))
     if not cases:
         raise InputError(f"{given}: no DSC series found (looked for sub-*/[ses-*/]perf/*_dsc.nii[.gz]); "
                          "check the dataset, or use the plain layout (one sub-folder per case)")
     return cases
 
 
-def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, out_rel: Path, by_name: dict[str, _Entry], root: Path,
+def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, by_name: dict[str, _Entry], root: Path,
                bases: _Bounds, index: list[_Mask], patterns: dict[str, tuple[str, ...]]) -> Case:
     prefix = next(f.name[: -len(s)] for s in _DSC_SUFFIXES if f.name.endswith(s))
     ents = _entities(prefix.split("_"))
     problems: list[str] = []
+    out_rel, problem = bids_out_rel(prefix, sub_name, ses_name)
+    if problem:
+        problems.append(f"{f.path}: {problem}")
     if ents.get("sub") != sub_name[4:]:
         problems.append(f"{f.path}: the file name's subject ({_ent_text(ents, 'sub')}) differs from its folder "
                         f"{sub_name}; rename or move the file")
@@ -269,6 +275,28 @@ def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, out_rel: Path, by
         notes.append(f"{prefix}: no lesion mask (derivatives *_label-<name>_mask.nii.gz) found: maps only, no verdict")
     return _assemble(prefix, f, sc.path if sc is not None and sc.is_file else None, found, problems, notes,
                      out_rel=out_rel, prefix=prefix)
+
+
+_ENTITY_PART = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")
+
+
+def bids_out_rel(prefix: str, sub_name: str, ses_name: str | None) -> tuple[Path, str | None]:
+    """Output folder (relative to OUT_DIR) of the BIDS series ``<prefix>_dsc.nii.gz`` and a problem or None.
+
+    ``sub-01/[ses-1/]perf`` when the name carries no entity besides ``sub`` and ``ses``; otherwise the
+    other entities, in the file's order, name a folder between them and ``perf``
+    (``sub-01_ses-1_acq-gre_run-2`` -> ``sub-01/ses-1/acq-gre_run-2/perf``): each series gets its own
+    folder, never inside another series' folder, so two runs, echoes or acquisitions of one session
+    cannot overwrite each other's outputs or done-marker; the file names keep every entity."""
+    base = Path(sub_name, ses_name) if ses_name else Path(sub_name)
+    rest = [p for p in prefix.split("_") if p.partition("-")[0] not in ("sub", "ses")]
+    if not rest:
+        return base / "perf", None
+    bad = [p for p in rest if not _ENTITY_PART.fullmatch(p)]
+    if bad:
+        return base / "perf", (f"{bad[0]!r} in the file name is not a BIDS entity (key-value, letters and digits); "
+                               "rename the file (e.g. sub-01_run-1_dsc.nii.gz)")
+    return base / "_".join(rest) / "perf", None
 
 
 @dataclass(frozen=True)

@@ -498,7 +498,7 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
     exit code (0 all ok, 3 some failed)."""
     import sys
 
-    from .batch import run_batch, write_summary
+    from .batch import Names, run_batch, write_summary
     from .cases import discover
     from .errors import EXIT_OK, EXIT_PARTIAL
 
@@ -513,9 +513,10 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
                                       brain_glob=brain_glob, reference_glob=reference_glob, aif_glob=aif_glob)
     _check_batch_out(input_dir, out, layout_used)
     err = _console_err()
+    names = Names.of(input_dir, out, derivatives)  # log lines name files relative to INPUT, as the outputs do
     if not quiet:
         for w in caught:
-            err.print(f"perfusion: warning: {w.message}")
+            err.print(f"perfusion: warning: {names.scrub(str(w.message))}")
     interactive = sys.stdout.isatty() and not quiet
     counts = {"ok": 0, "failed": 0}
 
@@ -542,19 +543,18 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
                 done = counts["ok"] + counts["failed"]
                 progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"], left=len(cases) - done)
 
-            batch = run_batch(cases, out, params, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,
-                              on_done=on_done)
+            batch = run_batch(cases, out, params, input_root=input_dir, derivatives=derivatives, jobs=jobs,
+                              scheduler=scheduler, scheduler_file=scheduler_file, on_done=on_done)
     else:
-        batch = run_batch(cases, out, params, jobs=jobs, scheduler=scheduler, scheduler_file=scheduler_file,
-                          on_done=log)
-    written = write_summary(out, batch, input_root=input_dir, layout=layout_used, params=params)
+        batch = run_batch(cases, out, params, input_root=input_dir, derivatives=derivatives, jobs=jobs,
+                          scheduler=scheduler, scheduler_file=scheduler_file, on_done=log)
+    written = write_summary(out, batch, layout=layout_used, params=params)
     if not quiet:
         from . import DISCLAIMER
 
         resumed = sum(1 for c in batch.cases if c.resumed)
         _console().print(f"{len(batch.cases)} cases ({layout_used} layout): {len(batch.cases) - batch.n_failed} ok "
-                         f"({resumed} already done), {batch.n_failed} failed. Summary: {written['summary.tsv']}, "
-                         f"{written['index.html']}")
+                         f"({resumed} already done), {batch.n_failed} failed. Summary: {', '.join(written)} in OUT_DIR")
         _console().print(DISCLAIMER)
     return EXIT_PARTIAL if batch.n_failed else EXIT_OK
 
