@@ -575,7 +575,7 @@ def _check_masks(inputs: Inputs, brain: np.ndarray) -> None:
         brain_where = "--mask" if inputs.brain is not None else "the automatic brain mask"
         n, inside = int(inputs.reference.sum()), int((inputs.reference & brain).sum())
         fix = "draw it in normal-appearing white matter of this series, on its grid"
-        if (n - inside) / n > reference.MAX_REFERENCE_OUTSIDE_FRACTION:
+        if n and (n - inside) / n > reference.MAX_REFERENCE_OUTSIDE_FRACTION:
             raise InputError(f"{where}: {n - inside} of the reference mask's {n} voxels lie outside the brain "
                              f"({brain_where}); {fix}")
         if inside < reference.MIN_REFERENCE_VOXELS:

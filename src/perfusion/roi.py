@@ -553,7 +553,8 @@ def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_v
 
 def verdict_rule(low: float, high: float, *, mixed_fraction: float = MIXED_FTB_HIGH) -> str:
     return (f"not_assessable when a gate fails (too few or mostly unfittable voxels, ROI mostly outside the brain or on "
-            f"a vessel, reference tissue not plausible white matter, unusable AIF, negative median rCBV, leakage fit R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
+            f"a vessel, reference tissue not plausible white matter, unusable AIF, negative median rCBV, leakage fit "
+            f"R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
             f"or K2 out of range, "
             f"leakage corrections disagreeing beyond their intervals); likely_recurrence: median rCBV and its 95 % "
             f"interval's lower bound > {high:g}; likely_treatment_effect: median and the interval's upper bound < "
