@@ -466,7 +466,7 @@ def run_input(data: bytes) -> str:
             mpath.write_bytes(mask_bytes)
             if mask_step in (1, 2):
                 try:
-                    _check_mask(pio.load_mask(mpath, s, what="brain mask"), s)
+                    _check_mask(pio.load_mask(mpath, s, what="brain mask", labels="merge"), s)  # as analyze --mask
                     outcome.append("ok mask")
                 except InputError as exc:
                     _check_error(exc, mpath)

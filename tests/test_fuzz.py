@@ -108,7 +108,7 @@ def test_oracle_refuses_broken_results(monkeypatch, spoil):
 
 
 def test_oracle_refuses_an_empty_mask(monkeypatch):
-    monkeypatch.setattr(target.pio, "load_mask", lambda path, like, what: np.zeros(like.shape3d, bool))
+    monkeypatch.setattr(target.pio, "load_mask", lambda path, like, what, **kw: np.zeros(like.shape3d, bool))
     # the first input in the seeded random run that loads a mask
     rng = np.random.default_rng(9)
     for _ in range(N_RANDOM):

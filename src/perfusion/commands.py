@@ -25,7 +25,7 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
     A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
-    from .io import load_mask, load_series, stem
+    from .io import load_mask, load_series, mask_regions, stem
     from .pipeline import Inputs
 
     with warnings.catch_warnings(record=True) as caught:
@@ -38,28 +38,37 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
             if dicom_series is not None:
                 raise UsageError(f"{dsc}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
             series = load_series(dsc, te=te, tr=tr)
-    paths: dict[str, Path] = {"dsc": Path(dsc)}
-    brain = load_mask(mask, series, what="brain mask") if mask else None
-    if mask:
-        paths["brain"] = Path(mask)
-    aif_mask = None
-    if aif != "auto":
-        aif_mask = load_mask(Path(aif), series, what="AIF mask")
-        paths["aif"] = Path(aif)
-    ref = load_mask(reference, series, what="reference mask") if reference else None
-    if reference:
-        paths["reference"] = Path(reference)
-    vof_mask = None
-    if vof not in ("none", "guarded", "auto"):
-        vof_mask = load_mask(Path(vof), series, what="VOF mask")
-        paths["vof"] = Path(vof)
-    roi_masks = {}
-    for i, p in enumerate(rois):
-        name = roi_names[i] if roi_names is not None else stem(p)
-        if name in roi_masks:
-            raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
-        roi_masks[name] = load_mask(p, series, what="ROI")
-        paths[f"roi:{name}"] = Path(p)
+        paths: dict[str, Path] = {"dsc": Path(dsc)}
+        # masks (io.mask_regions): a brain mask's labels are merged (a tissue segmentation); an AIF, VOF or
+        # reference label map is refused (one region each); an ROI label map is one ROI per label
+        brain = load_mask(mask, series, what="brain mask", labels="merge") if mask else None
+        if mask:
+            paths["brain"] = Path(mask)
+        aif_mask = None
+        if aif != "auto":
+            aif_mask = load_mask(Path(aif), series, what="AIF mask")
+            paths["aif"] = Path(aif)
+        ref = load_mask(reference, series, what="reference mask") if reference else None
+        if reference:
+            paths["reference"] = Path(reference)
+        vof_mask = None
+        if vof not in ("none", "guarded", "auto"):
+            vof_mask = load_mask(Path(vof), series, what="VOF mask")
+            paths["vof"] = Path(vof)
+        roi_masks = {}
+        for i, p in enumerate(rois):
+            base = roi_names[i] if roi_names is not None else stem(p)
+            regions = mask_regions(p, series, what="ROI")
+            names = {label: base if label is None else f"{base}-label{label}" for label in regions}
+            if None not in regions:
+                warnings.warn(f"{Path(p).name}: the ROI is a label map with {len(regions)} labels: one ROI per label, "
+                              f"{', '.join(names.values())}", stacklevel=1)
+            for label, m in regions.items():
+                name = names[label]
+                if name in roi_masks:
+                    raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
+                roi_masks[name] = m
+                paths[f"roi:{name}"] = Path(p)
     if anat is not None:
         paths["anat"] = Path(anat)
     inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)

@@ -345,8 +345,19 @@ def _header_tr(img) -> float | None:
     return float(zooms[3]) * factor
 
 
-def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
-    """Load a 3-D mask on the grid of ``like``; non-zero voxels are in. Returns bool (x, y, z)."""
+#: A mask with values strictly between 0 and 1 (a probability or partial-volume map, e.g. a mask
+#: resampled with linear interpolation or a segmentation network's output) is read as "in" where the
+#: value is at least this: the voxel is more likely in than out. Not tuned on data.
+MASK_PROBABILITY_THRESHOLD = 0.5
+
+#: What a mask's labels mean (``load_mask`` ``labels``): "refuse" an integer label map with more than
+#: one label (an AIF, VOF or reference mask must be one region), or "merge" its labels into one region
+#: (a brain mask may be a tissue segmentation: every tissue label is brain).
+MASK_LABEL_MODES = ("refuse", "merge")
+
+
+def _mask_values(path: Path, like: Series, what: str) -> np.ndarray:
+    """A 3-D mask file's values on the grid of ``like`` (float64, x y z); InputError for another grid."""
     path = Path(path)
     img, raw = _load_image(path, what)
     data = np.asarray(raw)
@@ -362,10 +373,67 @@ def load_mask(path: Path, like: Series, *, what: str) -> np.ndarray:
             f"{path}: {what} affine differs from the DSC series {like.path.name}; "
             "resample the mask onto the DSC grid"
         )
-    mask = np.isfinite(data) & (data != 0)
-    if not mask.any():
+    return data
+
+
+def mask_regions(path: Path, like: Series, *, what: str) -> dict[int | None, np.ndarray]:
+    """The regions of a mask file on the grid of ``like``, each bool (x, y, z).
+
+    One rule for every mask (brain, AIF, VOF, reference, ROI):
+
+    - NaN, Inf or a negative value: InputError (not a mask; "non-zero is in" would take them in or out
+      silently).
+    - Integer values with one non-zero value (0/1, 0/255, a single label): one region, ``{None: mask}``.
+    - Integer values with several non-zero values: a label map, one region per label, ``{N: mask}``.
+    - Other values, all within [0, 1]: a probability map, thresholded at MASK_PROBABILITY_THRESHOLD
+      (``{None: mask}``) with a warning naming the file (its name only: warnings reach report.json).
+    - Other values above 1: InputError (neither a mask, a label map nor a probability map).
+
+    InputError when no voxel is in."""
+    path = Path(path)
+    data = _mask_values(path, like, what)
+    fix = "give a mask of 0 (out) and 1 (in), or integer labels"
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise InputError(f"{path}: {what} holds NaN or Inf in {int(bad.sum())} voxels; {fix}")
+    low = float(data.min())
+    if low < 0:
+        raise InputError(f"{path}: {what} holds negative values (down to {low:g}); {fix}")
+    nonzero = data != 0
+    if not nonzero.any():
         raise InputError(f"{path}: {what} is empty (no non-zero voxel); give a mask with at least one voxel")
-    return mask
+    values = np.unique(data[nonzero])
+    if np.all(values == np.floor(values)):
+        if values.size == 1:
+            return {None: nonzero}
+        return {int(v): data == v for v in values}
+    if values.max() > 1:
+        raise InputError(f"{path}: {what} holds non-integer values above 1 (up to {float(values.max()):g}): not a "
+                         f"0/1 mask, a label map or a probability map; {fix}")
+    mask = data >= MASK_PROBABILITY_THRESHOLD
+    if not mask.any():
+        raise InputError(f"{path}: {what} holds values between 0 and 1, none at or above "
+                         f"{MASK_PROBABILITY_THRESHOLD:g}: nothing is in; {fix}")
+    warnings.warn(f"{path.name}: the {what} holds values between 0 and 1 (a probability or partial-volume map): "
+                  f"voxels at or above {MASK_PROBABILITY_THRESHOLD:g} are in ({int(mask.sum())} of "
+                  f"{int(nonzero.sum())} non-zero voxels)", stacklevel=2)
+    return {None: mask}
+
+
+def load_mask(path: Path, like: Series, *, what: str, labels: str = "refuse") -> np.ndarray:
+    """Load a 3-D mask that is one region on the grid of ``like`` (mask_regions' rule); returns bool
+    (x, y, z). A label map with several labels is refused (``labels="refuse"``: InputError naming the
+    labels) or merged into one region (``labels="merge"``)."""
+    if labels not in MASK_LABEL_MODES:
+        raise ValueError(f"labels={labels!r}: choose from {MASK_LABEL_MODES}")
+    regions = mask_regions(path, like, what=what)
+    if None in regions:
+        return regions[None]
+    if labels == "merge":
+        return np.logical_or.reduce(list(regions.values()))
+    listed = ", ".join(str(k) for k in list(regions)[:8]) + (", ..." if len(regions) > 8 else "")
+    raise InputError(f"{path}: {what} is a label map with {len(regions)} labels ({listed}); it must be one region: "
+                     "save the one label you mean as a 0/1 mask")
 
 
 def load_volume(path: Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:

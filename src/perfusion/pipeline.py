@@ -417,7 +417,7 @@ def _leakage_sensitivity(curves: np.ndarray, *, tr: float, aif_curve, aif_used, 
 
 
 def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, aif_quality, vessels, interval,
-               by_leakage, fit_r2_median, fit_r2_curve, leak_key, reference_note=""):
+               by_leakage, fit_r2_median, fit_r2_curve, leak_key, reference_note="", reference_problem=""):
     """One ROI's score with signal recovery, relative peak height and the verdict's context."""
     s = inputs.series
     mean_signal = s.data[m][:, keep].mean(axis=0, dtype=np.float64)
@@ -433,7 +433,7 @@ def _score_roi(name, m, volumes, inputs, config, *, brain, keep, bl, ref_peak, a
                       k2_median_per_s=k2_med, aif_quality=aif_quality, outside_brain=int((m & ~brain).sum()),
                       on_vessel=int((m & vessels).sum()), weeks_since_radiation=config.weeks_since_radiation,
                       bevacizumab=config.bevacizumab, steroids=config.steroids, leakage_cbv_change=change,
-                      reference_note=reference_note)
+                      reference_note=reference_note, reference_problem=reference_problem)
     score = roi.decide(name, volumes["rcbv"][m], voxel_volume_ml=s.voxel_volume_ml, n_voxels=int(m.sum()),
                        interval=interval, by_leakage=by_leakage, context=ctx, low=config.rcbv_low,
                        high=config.rcbv_high, mixed_fraction=config.mixed_fraction)
@@ -571,6 +571,16 @@ def _check_masks(inputs: Inputs, brain: np.ndarray) -> None:
                              f"wholly outside the brain ({where}); draw it on the lesion on this series' grid"
                              + (" or give a brain mask that holds it with --mask" if inputs.brain is None else ""))
     if inputs.reference is not None:
+        where = _where(inputs.paths.get("reference"), "reference mask")
+        brain_where = "--mask" if inputs.brain is not None else "the automatic brain mask"
+        n, inside = int(inputs.reference.sum()), int((inputs.reference & brain).sum())
+        fix = "draw it in normal-appearing white matter of this series, on its grid"
+        if n and (n - inside) / n > reference.MAX_REFERENCE_OUTSIDE_FRACTION:
+            raise InputError(f"{where}: {n - inside} of the reference mask's {n} voxels lie outside the brain "
+                             f"({brain_where}); {fix}")
+        if inside < reference.MIN_REFERENCE_VOXELS:
+            raise InputError(f"{where}: the reference mask has {inside} voxels inside the brain, fewer than "
+                             f"{reference.MIN_REFERENCE_VOXELS} (its median would be noise); {fix}, about 0.5 mL")
         for name, m in inputs.rois.items():
             shared = int((m & inputs.reference).sum())
             if shared:
@@ -580,16 +590,23 @@ def _check_masks(inputs: Inputs, brain: np.ndarray) -> None:
 
 
 def _reference(inputs: Inputs, cbv: np.ndarray, brain: np.ndarray, aif_mask: np.ndarray, *,
-               eligible: np.ndarray) -> tuple[dict, np.ndarray, list[str]]:
+               eligible: np.ndarray, vessels: np.ndarray) -> tuple[dict, np.ndarray, list[str]]:
     """The reference tissue (bool x y z) for rCBV: the --reference mask, or reference.auto_reference
     (contralateral normal-appearing white matter; ``eligible``: non-enhancing, stable baseline). Returns
     report.json's "reference" entry (source, automatic, side, voxels, median CBV mL/100 g and IQR, and
-    for the automatic choice its criteria and any fallback), the mask and warnings. InputError when no
-    voxel qualifies or the median is not positive."""
+    for the automatic choice its criteria and any fallback; "plausibility": reference.check_reference's
+    figures and problem, a verdict gate), the mask and warnings. A --reference mask is taken inside the
+    brain. InputError when fewer than reference.MIN_REFERENCE_VOXELS voxels of a --reference mask (any
+    for the automatic one) have a valid CBV, or the median is not positive. ``vessels``: arterial and
+    venous voxels (bool x y z)."""
     s = inputs.series
     notes: list[str] = []
     if inputs.reference is not None:
-        ref_mask = inputs.reference & np.isfinite(cbv)
+        outside = int((inputs.reference & ~brain).sum())
+        if outside:
+            notes.append(f"{outside} of the reference mask's {int(inputs.reference.sum())} voxels lie outside the "
+                         "brain mask and were left out")
+        ref_mask = inputs.reference & brain & np.isfinite(cbv)
         hemi = reference.hemispheres(brain, s.affine)
         info = {"source": str(inputs.paths.get("reference")), "automatic": False,
                 "side": reference.side_of(ref_mask, hemi.offset_mm(brain.shape)), "fallback": None,
@@ -610,12 +627,20 @@ def _reference(inputs: Inputs, cbv: np.ndarray, brain: np.ndarray, aif_mask: np.
         why = f" ({info['fallback']})" if info.get("fallback") else ""
         raise InputError(f"{where}: no reference voxel with a valid CBV{why}; "
                          "give a normal-appearing white-matter mask with --reference")
+    if inputs.reference is not None and ref_mask.sum() < reference.MIN_REFERENCE_VOXELS:
+        raise InputError(f"{where}: only {int(ref_mask.sum())} reference voxels have a valid CBV, fewer than "
+                         f"{reference.MIN_REFERENCE_VOXELS}; draw the reference in normal-appearing white matter, "
+                         "about 0.5 mL")
     ref_cbv = float(np.median(cbv[ref_mask]))
     if not ref_cbv > 0:
         raise InputError(f"{where}: reference CBV median is {ref_cbv:.3g}, "
                          "not positive; give a normal-appearing white-matter mask with --reference")
     info.update({"n_voxels": int(ref_mask.sum()), "cbv_median": ref_cbv,
                  "cbv_iqr": [float(q) for q in np.percentile(cbv[ref_mask], [25, 75])]})
+    figures, problem = reference.check_reference(cbv, ref_mask, brain, vessels)
+    info["plausibility"] = {**figures, "problem": problem or None}
+    if problem:
+        notes.append(f"reference tissue not plausible white matter: {problem}; every lesion is not assessable")
     return info, ref_mask, notes
 
 
@@ -847,8 +872,14 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         volumes[k] = vol
 
     # -- reference tissue and rCBV
+    vessels = aif_mask.copy()  # arterial and venous voxels: the vessel gates of the reference and the lesions
+    if inputs.vof is not None:
+        vessels |= inputs.vof
+    if vof_rows is not None:
+        vessels.ravel()[idx[vof_rows]] = True
     reference_info, ref_mask, ref_notes = _reference(inputs, volumes["cbv"], brain, aif_mask,
-                                                     eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape))
+                                                     eligible=_steady_non_enhancing(ne, cv, idx, brain_rows, shape),
+                                                     vessels=vessels)
     notes += ref_notes
     ref_cbv = reference_info["cbv_median"]
     volumes["rcbv"] = (volumes["cbv"] / ref_cbv).astype(np.float32)
@@ -868,11 +899,6 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     scores = []
     if inputs.rois:
         leak_key = leakage_key(leak_method, config.leakage_gate)
-        vessels = aif_mask.copy()
-        if inputs.vof is not None:
-            vessels |= inputs.vof
-        if vof_rows is not None:
-            vessels.ravel()[idx[vof_rows]] = True
         roi_rows = {name: _rows_of(m, idx) for name, m in inputs.rois.items()}
         ref_rows = _rows_of(ref_mask, idx)
         sens_rows = np.concatenate([ref_rows, *roi_rows.values()])
@@ -932,7 +958,8 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
             scores.append(_score_roi(name, m, volumes, inputs, config, brain=brain, keep=keep, bl=bl, ref_peak=ref_peak,
                                      aif_quality=aif_info.get("quality_score"), vessels=vessels, interval=interval,
                                      by_leakage=by_leakage, fit_r2_median=fit_r2, fit_r2_curve=fit_r2_curve,
-                                     leak_key=leak_key, reference_note=reference_note))
+                                     leak_key=leak_key, reference_note=reference_note,
+                                     reference_problem=reference_info["plausibility"]["problem"] or ""))
     if inputs.rois:
         ftb = np.zeros(shape, np.uint8)
         for m in inputs.rois.values():

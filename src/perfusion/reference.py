@@ -308,6 +308,71 @@ def auto_reference(cbv: np.ndarray, brain: np.ndarray, *, affine: np.ndarray,
     return ReferenceChoice(mask=mask, info=info, warnings=tuple(notes))
 
 
+# --- plausibility of a reference tissue (the --reference mask or the automatic choice)
+
+#: Fewest reference voxels inside the brain with a valid CBV: the same bar as a lesion's
+#: (roi.MIN_ROI_VOXELS), a median over a handful of voxels is noise. Fewer is an input error, not a
+#: verdict gate: every lesion is divided by this one median.
+MIN_REFERENCE_VOXELS = 10
+
+#: More than this fraction of the --reference mask outside the brain mask and the mask is not on this
+#: series' brain (another case, grid or a slip of the drawing tool): an input error. The same bar as a
+#: lesion's (roi.MAX_OUTSIDE_BRAIN_FRACTION); below it the outside voxels are dropped with a warning.
+MAX_REFERENCE_OUTSIDE_FRACTION = 0.5
+
+#: Plausible median CBV of white matter as a fraction of the brain's median CBV: outside it the
+#: reference is not white matter and every lesion is not assessable ("implausible_reference").
+#: Physiology: white matter has the brain's lowest perfused CBV (grey matter about twice it), so
+#: white matter lies at or below the brain median (a brain of mostly grey matter puts it at about 0.5-0.7;
+#: a brain mask holding CSF or necrosis moves the median down, towards white matter). Upper bound 1.5:
+#: above the brain median by half again is grey matter, a high-CBV lesion or a vessel. Lower bound 0.3,
+#: CSF_CBV_FRACTION: no perfusion signal (CSF, a cavity, necrosis); it would inflate every rCBV at
+#: least twofold. Measured (`perfusion phantom` seeds 0-2 and `--realistic` seeds 0-2, default
+#: analysis): the NAWM mask read 0.93-0.97 and the automatic reference 0.91-0.97; grey matter 1.91-1.92
+#: (realistic), CBV blocks of 2x and 3x NAWM 1.92-1.95 and 2.80-2.84, the arterial and venous voxels
+#: 10.5-35; the phantoms have no CSF.
+REFERENCE_CBV_RATIO = (0.3, 1.5)
+
+#: More than this fraction of the reference voxels on vessels (the arterial and venous voxels, and CBV
+#: above the brain's VESSEL_PERCENTILE): the median is the vessels', not the tissue's (a median
+#: tolerates less than half). Measured: 0 % for the NAWM mask and the automatic reference on the six
+#: phantoms above.
+MAX_REFERENCE_VESSEL_FRACTION = 0.5
+
+
+def check_reference(cbv: np.ndarray, ref: np.ndarray, brain: np.ndarray, vessels: np.ndarray) -> tuple[dict, str]:
+    """Is the reference tissue plausible white matter? ``cbv`` (mL/100 g, x y z, NaN where not
+    computed), ``ref``, ``brain`` and ``vessels`` (arterial and venous voxels) bool (x y z).
+
+    Returns (figures for report.json: the reference's median CBV over the brain's median, the fraction
+    of its voxels on vessels, the bounds; the problem, "" when none). The problem is a verdict gate
+    (roi "implausible_reference"), not an error: the maps stay valid."""
+    cbv = np.asarray(cbv, dtype=np.float64)
+    fin = np.asarray(brain, bool) & np.isfinite(cbv)
+    ref = np.asarray(ref, bool) & np.isfinite(cbv)
+    out = {"cbv_ratio_to_brain_median": float("nan"), "vessel_fraction": float("nan"),
+           "cbv_ratio_bounds": list(REFERENCE_CBV_RATIO), "max_vessel_fraction": MAX_REFERENCE_VESSEL_FRACTION}
+    if not fin.any() or not ref.any():
+        return out, ""
+    brain_median = float(np.median(cbv[fin]))
+    on_vessel = np.asarray(vessels, bool) | (fin & (cbv > np.percentile(cbv[fin], VESSEL_PERCENTILE)))
+    ratio = float(np.median(cbv[ref])) / brain_median if brain_median > 0 else float("nan")
+    frac = float(np.mean(on_vessel[ref]))
+    out.update({"cbv_ratio_to_brain_median": ratio, "vessel_fraction": frac})
+    problems = []
+    if frac > MAX_REFERENCE_VESSEL_FRACTION:
+        problems.append(f"{frac:.0%} of the reference voxels lie on vessels (arterial or venous voxels, or CBV above "
+                        f"the brain's {VESSEL_PERCENTILE:g}th percentile)")
+    lo, hi = REFERENCE_CBV_RATIO
+    if np.isfinite(ratio) and ratio > hi:
+        problems.append(f"the reference's median CBV is {ratio:.2f} x the brain's median, above the {hi:g} x of white "
+                        "matter (grey matter, a lesion or a vessel)")
+    elif np.isfinite(ratio) and ratio < lo:
+        problems.append(f"the reference's median CBV is {ratio:.2f} x the brain's median, below the {lo:g} x of white "
+                        "matter (CSF, a cavity or necrosis: no perfusion)")
+    return out, "; ".join(problems)
+
+
 # --- standardised rCBV
 
 #: Landmarks of the standardisation: percentiles of the brain's CBV and the standard-scale values

@@ -128,6 +128,9 @@ GATE_NEXT_STEP = {
     "outside_brain": "Check that the ROI belongs to this series (grid, patient) and redraw it on the lesion.",
     "on_vessel": ("Redraw the ROI off the large vessel; if the lesion itself lies on the vessel use amino-acid PET "
                   "(FET/FDOPA), MR spectroscopy or FDG-PET."),
+    "implausible_reference": ("Redraw --reference in normal-appearing white matter (e.g. the contralateral centrum "
+                              "semiovale), away from the lesion, vessels and CSF, or leave it out for the automatic "
+                              "reference."),
     "unusable_aif": ("Repeat perfusion (injection rate, bolus timing) or give arterial voxels with --aif; meanwhile "
                      "use other imaging: MR spectroscopy, amino-acid PET (FET/FDOPA) or FDG-PET."),
 }
@@ -343,6 +346,7 @@ class Context:
     steroids: bool = False
     leakage_cbv_change: float = float("nan")
     reference_note: str = ""  # how the reference was chosen when automatic (a reason of every lesion)
+    reference_problem: str = ""  # why the reference is not plausible white matter (reference.check_reference)
 
 
 def _fmt_ci(ci) -> str:
@@ -366,6 +370,9 @@ def _gates(valid: np.ndarray, n_voxels: int, med: float, ctx: Context, interval:
     if n_voxels and ctx.on_vessel / n_voxels > MAX_VESSEL_FRACTION:
         out.append(("on_vessel", f"{ctx.on_vessel} of {n_voxels} voxels ({ctx.on_vessel / n_voxels:.0%}) lie on "
                                  "arterial or venous voxels (AIF / VOF): the lesion is mostly on a large vessel"))
+    if ctx.reference_problem:
+        out.append(("implausible_reference", f"the reference tissue is not plausible white matter: "
+                                             f"{ctx.reference_problem}; every rCBV is divided by it"))
     if ctx.aif_quality is not None and np.isfinite(ctx.aif_quality) and ctx.aif_quality < AIF_UNUSABLE:
         out.append(("unusable_aif", f"unusable arterial input function (quality {ctx.aif_quality:.2f}, below "
                                     f"{AIF_UNUSABLE:g}): CBV is not measurable"))
@@ -546,7 +553,8 @@ def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_v
 
 def verdict_rule(low: float, high: float, *, mixed_fraction: float = MIXED_FTB_HIGH) -> str:
     return (f"not_assessable when a gate fails (too few or mostly unfittable voxels, ROI mostly outside the brain or on "
-            f"a vessel, unusable AIF, negative median rCBV, leakage fit R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
+            f"a vessel, reference tissue not plausible white matter, unusable AIF, negative median rCBV, leakage fit "
+            f"R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
             f"or K2 out of range, "
             f"leakage corrections disagreeing beyond their intervals); likely_recurrence: median rCBV and its 95 % "
             f"interval's lower bound > {high:g}; likely_treatment_effect: median and the interval's upper bound < "
