@@ -105,12 +105,20 @@ def find_baseline(curve: np.ndarray, *, tr: float, margin_s: float = ARRIVAL_MAR
             f"the signal minimum is at frame {peak}: the bolus arrives before {MIN_BASELINE_FRAMES} baseline frames"
         )
     sd = _robust_sd(g)
-    start = 0
-    while start < peak - MIN_BASELINE_FRAMES:
-        nxt = float(np.median(g[start + 1: start + 1 + MIN_BASELINE_FRAMES]))
-        if g[start] <= nxt + max(5 * sd, 0.01 * abs(nxt)):
+    # the first 3 frames within max(8 noise SD, 1 %) of each other: frames approaching the steady state
+    # step down by more, and so does the bolus; the search stops halfway to the minimum
+    start = None
+    for s in range(0, max(1, peak // 2 + 1)):
+        w = g[s: s + MIN_BASELINE_FRAMES]
+        if w.size == MIN_BASELINE_FRAMES and np.ptp(w) <= max(8 * sd, 0.01 * abs(float(np.median(w)))):
+            start = s
             break
-        start += 1
+    if start is None:
+        raise BaselineError(
+            f"no steady baseline: the mean signal never stays level for {MIN_BASELINE_FRAMES} frames between "
+            f"frame 0 and frame {peak // 2 + MIN_BASELINE_FRAMES - 1}, before the bolus minimum at frame {peak}; "
+            f"at least {MIN_BASELINE_FRAMES} steady pre-bolus frames are needed"
+        )
     ref = float(np.median(g[start: start + MIN_BASELINE_FRAMES]))
     if not np.isfinite(ref) or ref <= 0:
         raise BaselineError("the baseline signal is zero or negative")
@@ -434,7 +442,9 @@ def find_bad_frames(data: np.ndarray, *, tr: float, head: np.ndarray | None = No
         bad_any = np.zeros(n_t, bool)
         bad_any[list(kinds)] = True
         whole = _fill(whole, bad_any)
-        peak = int(np.argmin(whole))
+        # the bolus minimum of the 3-frame running median: one dark frame is no bolus, even at TR 5 s
+        # the whole-head first pass spans 3 frames or more (the phantoms)
+        peak = int(np.argmin(ndimage.median_filter(whole, size=3, mode="nearest")))
         lo = peak - int(np.ceil(BOLUS_WINDOW_S[0] / tr))
         hi = peak + int(np.ceil(BOLUS_WINDOW_S[1] / tr))
         for z in checked:
