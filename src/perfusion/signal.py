@@ -26,10 +26,10 @@ ARRIVAL_MARGIN_S = 3.0
 MIN_BASELINE_FRAMES = 3
 
 #: Fewer baseline frames than this get a warning with the count. S0's noise enters every frame of
-#: delta R2* as the same offset, so CBV's noise from S0 falls as 1/sqrt(n): with 6 frames it is 0.41 of a
-#: single frame's, with 3 frames 0.58, with 11 (the phantom's baseline at TR 1.5 s) 0.30. Measured on
-#: the phantom (SNR 150, TR 1.5 s, the lesions' rCBV with the baseline cut to n frames; README
-#: "Exit codes"): see SHORT_BASELINE_MEASURED.
+#: delta R2* as the same offset, and it falls as 1/sqrt(n): 0.58 of one frame's noise with 3 frames,
+#: 0.41 with 6, 0.30 with 11 (the phantom's baseline at TR 1.5 s). A judgement, not a measurement: below 6
+#: the offset is more than 0.4 of a frame's noise in every frame of the curve; the 2020 consensus asks
+#: for tens of baseline frames (report.html's acquisition table checks that).
 WARN_BASELINE_FRAMES = 6
 
 #: The whole-brain mean signal must drop by at least this fraction at the bolus peak.
