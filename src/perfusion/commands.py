@@ -100,7 +100,7 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
     import time
 
     from .motion import correct_series
-    from .pipeline import analyze
+    from .pipeline import analyze, repair_series
 
     t0 = time.perf_counter()
     inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
@@ -111,7 +111,8 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
 
         anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
     t1 = time.perf_counter()
-    series, motion, motion_notes = correct_series(inputs.series, mode=config.validate().motion_correct,
+    series, frames_repaired, frame_notes = repair_series(inputs.series)  # before motion: it registers every frame
+    series, motion, motion_notes = correct_series(series, mode=config.validate().motion_correct,
                                                   brain=inputs.brain)
     inputs = dataclasses.replace(inputs, series=series)
     t2 = time.perf_counter()
@@ -119,7 +120,9 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
         warnings.simplefilter("always")
         result = analyze(inputs, config)
     timings = {"load": round(t1 - t0, 4), "motion": round(t2 - t1, 4), **result.timings}
-    result = dataclasses.replace(result, motion=motion, timings=timings)
+    result = dataclasses.replace(result, motion=motion, timings=timings,
+                                 frames_repaired=frames_repaired or result.frames_repaired)
+    result.warnings[:0] = frame_notes
     result.warnings.extend(load_warnings + motion_notes + [str(w.message) for w in caught])
     if anat_image is not None:
         from .register import anat_background

@@ -169,6 +169,7 @@ class Result:
     brain_source: str = ""  # the brain mask's file, or how the automatic one was made (report.json "brain")
     peak_mb: dict[str, float] = field(default_factory=dict)  # traced peak MB per stage (tracemalloc on only)
     fit: dict = field(default_factory=dict)  # report.json "fit": brain voxels by fit outcome (_fit_info)
+    frames_repaired: list = field(default_factory=list)  # report.json "frames_repaired" (repair_series)
 
 
 def _own_baseline_curve(signal_rows: np.ndarray, *, te: float, tr: float, bl: slice) -> tuple[np.ndarray, slice]:
@@ -706,12 +707,28 @@ def _brain_baseline(inputs: Inputs, brain: np.ndarray):
         raise InputError(f"{s.path}: {exc}; check that this is a DSC series with a contrast bolus") from None
 
 
+def repair_series(series: Series) -> tuple[Series, list[dict], list[str]]:
+    """``series`` with its dropped, duplicated and spiking frames (signal.find_bad_frames) interpolated in
+    time (signal.repair_frames); report.json's "frames_repaired" entries and the warning. InputError
+    naming the file when they cannot be repaired (signal.bad_frame_problem)."""
+    bad = signal.find_bad_frames(series.data, tr=series.tr)
+    if not bad:
+        return series, [], []
+    why = signal.bad_frame_problem(bad, series.n_frames)
+    if why:
+        raise InputError(f"{series.path}: {why}; re-export the series from the scanner, or repeat the acquisition")
+    n_z = series.shape3d[2]
+    return (replace(series, data=signal.repair_frames(series.data, bad)), [b.as_dict(n_z) for b in bad],
+            [signal.describe_bad_frames(bad, n_z)])
+
+
 def _analyze(inputs: Inputs, config: Config) -> Result:
     t_start = time.perf_counter()
     stages = Stages()
     config = config.validate()
+    series, frames_repaired, notes = repair_series(inputs.series)  # no-op after commands.compute_case's
+    inputs = replace(inputs, series=series)
     s = inputs.series
-    notes: list[str] = []
     shape = s.shape3d
 
     # -- brain mask and baseline
@@ -731,6 +748,11 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         brain_source = AUTO_BRAIN_SOURCE
     _check_masks(inputs, brain)
     base, mean_curve = _brain_baseline(inputs, brain)
+    n_base = base.stop - base.start
+    if n_base < signal.WARN_BASELINE_FRAMES:
+        notes.append(f"the baseline has only {n_base} frames ({n_base * s.tr:g} s, frames {base.start}-{base.stop - 1} "
+                     f"before the bolus arrives at frame {base.arrival}; at least {signal.WARN_BASELINE_FRAMES} "
+                     "expected): S0 and every map are noisier; acquire more pre-bolus frames")
     analysis = brain.copy()
     for extra in [inputs.aif, inputs.reference, inputs.vof, *inputs.rois.values()]:
         if extra is not None:
@@ -992,7 +1014,8 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                   reference_info=reference_info, rois=scores, warnings=notes, config=config,
                   seconds=time.perf_counter() - t_start, curves=curves, baseline_image=baseline_image,
                   timings={k: round(v, 4) for k, v in stages.seconds.items()}, n_voxels=int(n_vox), fit=fit_info,
-                  peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()}, brain_source=brain_source)
+                  peak_mb={k: round(v, 1) for k, v in stages.peak_mb.items()}, brain_source=brain_source,
+                  frames_repaired=frames_repaired)
 
 
 def anat_entry(anat, source, *, prefix: str | None = None) -> dict:

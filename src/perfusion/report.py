@@ -45,6 +45,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         },
         "parameters": cfg.as_dict(),
         "baseline": result.baseline.as_dict(s.tr),
+        "frames_repaired": list(result.frames_repaired),
         "brain": {"n_voxels": int(result.brain.sum()),
                   "source": str(inputs.paths["brain"]) if "brain" in inputs.paths
                   else (result.brain_source or "automatic")},
