@@ -317,9 +317,10 @@ def test_analyze_dicom_folder_equals_nifti(case):
     assert acq["te_source"] == "DICOM (dcm2niix sidecar EchoTime)"
     assert acq["tr_source"] == "DICOM (dcm2niix sidecar RepetitionTime)"
     assert acq["flip_angle_deg"] == 60 and acq["field_strength_t"] == 3
-    # the folder is hashed as one entry (no DICOM file name in the report)
-    assert re.fullmatch(r"[0-9a-f]{64}", dcm["inputs"][str(case["folder"])])
-    assert not any(k.startswith(str(case["folder"]) + "/") for k in dcm["inputs"])
+    # the folder is hashed as one entry (no DICOM file name in the report), named without its path
+    assert dcm["inputs"]["dsc"]["file"] == "DICOM folder"
+    assert re.fullmatch(r"[0-9a-f]{64}", dcm["inputs"]["dsc"]["sha256"])
+    assert str(case["folder"]) not in (case["dicom_out"] / "report.json").read_text()
     assert dcm["aif"]["n_voxels"] == nif["aif"]["n_voxels"] == 40 and dcm["brain"]["n_voxels"] == 7640
     for a, b in zip(sorted(nif["rois"], key=lambda r: r["name"]), sorted(dcm["rois"], key=lambda r: r["name"])):
         assert a["name"] == b["name"] and a["verdict"] == b["verdict"] and a["n_voxels"] == b["n_voxels"]
