@@ -404,6 +404,22 @@ def test_inspect_describes_both_series(case):
     assert (t1["frames"], t1["slices_per_frame"], t1["dsc_candidate"]) == (1, 5, False)
 
 
+def test_analyze_outputs_name_no_input_folder(case):
+    """The DICOM folder's name ('PACS export'; in practice often the patient's) and the folders of the
+    series and masks appear in no file of the DICOM analysis (decompressed, the report's figures left
+    out): the series is 'DICOM folder' with the hash of its files."""
+    needles = [case["folder"].name, str(case["root"]), case["root"].name]
+    hits = []
+    for p in sorted(case["dicom_out"].rglob("*")):
+        raw = p.read_bytes()
+        text = (gzip.decompress(raw) if p.name.endswith(".gz") else raw).decode("latin-1")
+        text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", text)
+        hits += [(p.name, n) for n in needles if n in text]
+    assert hits == []
+    rep = json.loads((case["dicom_out"] / "report.json").read_text())
+    assert rep["inputs"]["roi:roi-lesion_hyper"]["file"] == "roi-lesion_hyper.nii.gz"
+
+
 def planted_in(path: Path) -> list[str]:
     """The planted identifiers found in a file (decompressed .gz; NIfTI voxel data and the report's
     embedded PNG figures searched for the long tokens only)."""

@@ -341,3 +341,14 @@ def test_unusable_out_is_refused_before_the_analysis(phantom_case, tmp_path, cap
     assert "lies inside the DICOM folder" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == before and list(dicom_dir.iterdir()) == []
     assert not (tmp_path / "missing").exists()
+
+
+def test_redaction_replaces_whole_paths_only():
+    """An input folder's spelling is replaced only where it stands alone: an input in '/s' leaves the
+    unit '1/s' be; a path under an input folder loses the folder; another folder is left as it is."""
+    from perfusion.io import Redactor
+
+    r = Redactor([Path("/s/x.nii.gz"), Path("/data/MRN1/DOE/dsc.nii.gz")])
+    assert r("K2 in 1/s from /s/x.nii.gz.") == "K2 in 1/s from x.nii.gz."
+    assert r({"/data/MRN1/DOE/dsc.nii.gz": ["(/data/MRN1/DOE/a.json)"]}) == {"dsc.nii.gz": ["((input folder)/a.json)"]}
+    assert r("/data/MRN1/DOEX/y.nii.gz") == "/data/MRN1/DOEX/y.nii.gz"

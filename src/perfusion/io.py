@@ -537,7 +537,8 @@ class Redactor:
     """Rewrites strings bound for an output so that no input path nor input folder remains: every
     spelling of an input (as given, absolute, resolved) becomes its ``public_name``, every spelling of
     its folder (absolute, or relative with a separator: a bare word could be any word) becomes
-    ``INPUT_FOLDER_NAME``. Longest first, so a file's path goes before its folder's."""
+    ``INPUT_FOLDER_NAME``. Longest first, so a file's path goes before its folder's; only where the
+    spelling stands alone (not inside a longer name or path: an input folder '/s' leaves '1/s' be)."""
 
     def __init__(self, paths):
         table: dict[str, str] = {}
@@ -554,13 +555,15 @@ class Redactor:
                         table.setdefault(s, INPUT_FOLDER_NAME)
             for s in _spellings(p):
                 table[s] = public_name(p)
-        self._table = sorted(table.items(), key=lambda kv: -len(kv[0]))
+        self._table = table
+        spellings = "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
+        # not preceded by a name's or path's character, not followed by one (a sentence's full stop may)
+        self._pattern = re.compile(rf"(?<![\w./-])(?:{spellings})(?![\w-]|\.\w)") if table else None
 
     def text(self, s: str) -> str:
-        for old, new in self._table:
-            if old in s:
-                s = s.replace(old, new)
-        return s
+        if self._pattern is None:
+            return s
+        return self._pattern.sub(lambda m: self._table[m.group(0)], s)
 
     def __call__(self, obj: Any) -> Any:
         """``obj`` with every string inside it (dict keys and values, lists, tuples, dataclass fields,
