@@ -136,18 +136,22 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
     DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
     from .io import check_output_folder, is_analyze_output, output_lock, staged_output
-    from .pipeline import write_result
 
-    config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
-                         leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
-                         vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
-                         motion_correct=motion_correct, bevacizumab=bevacizumab, steroids=steroids)
+    # the output checks and the lock come first, before the pipeline is imported (1.3 s here): a second
+    # run into the same folder is turned away in the time the interpreter takes to start
     out = Path(out)
     check_output_folder(out, force=force)
     given = _input_files(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=rois, vof=vof, anat=anat)
     _check_out_spares_inputs(out, dsc=Path(dsc), given=given, rois=rois)
     with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
         check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
+        from .pipeline import write_result
+
+        config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
+                             leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels,
+                             aif_selection=aif_selection, vof=vof, recirculation=recirculation,
+                             weeks_since_radiation=weeks_since_radiation, motion_correct=motion_correct,
+                             bevacizumab=bevacizumab, steroids=steroids)
         result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois),
                                       te=te, tr=tr, vof=vof, anat=anat, dicom_series=dicom_series)
         with staged_output(out, force=force, stale=is_analyze_output, keep=given) as stage:

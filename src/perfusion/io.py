@@ -741,6 +741,13 @@ def output_lock(out: Path) -> Iterator[None]:
                 _remove_empty(created)
                 raise OutputError(f"{out}: another perfusion run is writing {out}; wait for it or choose another "
                                   "--out") from None
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                _remove_empty(created)
+                raise OutputError(f"{out}: cannot lock the folder for this run ({exc.strerror}); choose an --out "
+                                  "on a filesystem with file locks (a local disk, NFS)") from None
             try:  # the run that held it may have removed the file between our open and our lock
                 if os.path.samestat(os.fstat(fd), os.stat(lock)):
                     break
