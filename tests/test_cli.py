@@ -58,7 +58,8 @@ def test_output_contract(analyzed, phantom_case):
     assert set(units["curves"].values()) == {"s", "1/s"}
     rep = json.loads((analyzed / "report.json").read_text())
     assert rep["software"]["name"] == "perfusion" and rep["software"]["version"]
-    assert str(phantom_case["dsc"]) in rep["inputs"] and len(rep["inputs"][str(phantom_case["dsc"])]) == 64
+    # inputs by role: the file name only (no folder) and the SHA-256 of its bytes
+    assert rep["inputs"]["dsc"]["file"] == phantom_case["dsc"].name and len(rep["inputs"]["dsc"]["sha256"]) == 64
     acq = rep["acquisition"]
     assert acq["te"] == pytest.approx(0.025) and acq["tr"] == pytest.approx(1.5) and acq["n_frames"] == 80
     assert "sidecar" in acq["te_source"] and "sidecar" in acq["tr_source"]
@@ -191,8 +192,8 @@ def test_other_methods_and_given_masks(phantom_case, tmp_path, method):
                     "--reference", str(phantom_case["nawm"]), "--mask", str(phantom_case["brain"])) == 0
     rep = json.loads((out / "report.json").read_text())
     assert rep["parameters"]["method"] == method
-    assert rep["aif"]["source"] == str(phantom_case["aif"]) and rep["aif"]["n_voxels"] == 40
-    assert rep["reference"]["source"] == str(phantom_case["nawm"])
+    assert rep["aif"]["source"] == phantom_case["aif"].name and rep["aif"]["n_voxels"] == 40
+    assert rep["reference"]["source"] == phantom_case["nawm"].name
     assert rep["reference"]["automatic"] is False and rep["reference"]["side"] == "both"  # the NAWM mask: whole disc
 
 

@@ -317,9 +317,10 @@ def test_analyze_dicom_folder_equals_nifti(case):
     assert acq["te_source"] == "DICOM (dcm2niix sidecar EchoTime)"
     assert acq["tr_source"] == "DICOM (dcm2niix sidecar RepetitionTime)"
     assert acq["flip_angle_deg"] == 60 and acq["field_strength_t"] == 3
-    # the folder is hashed as one entry (no DICOM file name in the report)
-    assert re.fullmatch(r"[0-9a-f]{64}", dcm["inputs"][str(case["folder"])])
-    assert not any(k.startswith(str(case["folder"]) + "/") for k in dcm["inputs"])
+    # the folder is hashed as one entry (no DICOM file name in the report), named without its path
+    assert dcm["inputs"]["dsc"]["file"] == "DICOM folder"
+    assert re.fullmatch(r"[0-9a-f]{64}", dcm["inputs"]["dsc"]["sha256"])
+    assert str(case["folder"]) not in (case["dicom_out"] / "report.json").read_text()
     assert dcm["aif"]["n_voxels"] == nif["aif"]["n_voxels"] == 40 and dcm["brain"]["n_voxels"] == 7640
     for a, b in zip(sorted(nif["rois"], key=lambda r: r["name"]), sorted(dcm["rois"], key=lambda r: r["name"])):
         assert a["name"] == b["name"] and a["verdict"] == b["verdict"] and a["n_voxels"] == b["n_voxels"]
@@ -401,6 +402,22 @@ def test_inspect_describes_both_series(case):
     assert dsc["errors"] == [] and dsc["warnings"] == []
     assert dsc["rescale"] == [{"slope": SLOPE, "intercept": INTERCEPT}]
     assert (t1["frames"], t1["slices_per_frame"], t1["dsc_candidate"]) == (1, 5, False)
+
+
+def test_analyze_outputs_name_no_input_folder(case):
+    """The DICOM folder's name ('PACS export'; in practice often the patient's) and the folders of the
+    series and masks appear in no file of the DICOM analysis (decompressed, the report's figures left
+    out): the series is 'DICOM folder' with the hash of its files."""
+    needles = [case["folder"].name, str(case["root"]), case["root"].name]
+    hits = []
+    for p in sorted(case["dicom_out"].rglob("*")):
+        raw = p.read_bytes()
+        text = (gzip.decompress(raw) if p.name.endswith(".gz") else raw).decode("latin-1")
+        text = re.sub(r"base64,[A-Za-z0-9+/=]+", "base64,", text)
+        hits += [(p.name, n) for n in needles if n in text]
+    assert hits == []
+    rep = json.loads((case["dicom_out"] / "report.json").read_text())
+    assert rep["inputs"]["roi:roi-lesion_hyper"]["file"] == "roi-lesion_hyper.nii.gz"
 
 
 def planted_in(path: Path) -> list[str]:

@@ -117,8 +117,9 @@ def test_missing_roi_file_is_noted(folder, tmp_path):
     copy = tmp_path / "out"
     shutil.copytree(folder, copy)
     rep = json.loads((copy / "report.json").read_text())
-    rep["inputs"] = {k.replace("roi-lesion_hypo", "roi-lesion_hypo_moved") if "roi-lesion_hypo" in k else k: v
-                     for k, v in rep["inputs"].items()}
+    # a report of an earlier version: inputs by path; the input mask was moved since
+    rep["inputs"] = {str(folder.parent / v["file"]).replace("roi-lesion_hypo", "roi-lesion_hypo_moved"): v["sha256"]
+                     for v in rep["inputs"].values()}
     (copy / "report.json").write_text(json.dumps(rep))
     # the folder's own copy of the mask is found first, so the moved input does not matter ...
     assert "ROI roi-lesion_hypo: mask file not found" not in report_html.build_html(copy)
@@ -141,8 +142,9 @@ def test_roi_mask_copies_have_portable_names(folder):
     assert names["roi-lesion_hyper"] == "mask-roi-lesion_hyper.nii.gz"
     for name, f in names.items():
         copy = np.asarray(nib.load(str(folder / f)).dataobj)
-        src = next(p for p in rep["inputs"] if p.endswith(f"{name}.nii.gz"))
-        np.testing.assert_array_equal(copy != 0, np.asarray(nib.load(src).dataobj) != 0)
+        src = rep["inputs"][f"roi:{name}"]["file"]
+        assert src == f"{name}.nii.gz"
+        np.testing.assert_array_equal(copy != 0, np.asarray(nib.load(folder.parent / ("rois" if name == NASTY else "case") / src).dataobj) != 0)
         assert json.loads((folder / f.replace(".nii.gz", ".json")).read_text())["Units"] == "mask"
 
 

@@ -147,29 +147,67 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
                 bevacizumab: bool = False, steroids: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc`` may be a
     DICOM folder (``dicom_series``: its SeriesNumber when it holds several DSC series)."""
-    from .io import check_output_folder, is_analyze_output, staged_output
-    from .pipeline import write_result
+    from .io import check_output_folder, is_analyze_output, output_lock, staged_output
 
-    config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
-                         leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection,
-                         vof=vof, recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
-                         motion_correct=motion_correct, bevacizumab=bevacizumab, steroids=steroids)
+    # the output checks and the lock come first, before the pipeline is imported (1.3 s here): a second
+    # run into the same folder is turned away in the time the interpreter takes to start
     out = Path(out)
     check_output_folder(out, force=force)
-    dsc_dir = Path(dsc).resolve().parent
-    if out.resolve() == dsc_dir:
-        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
-    result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te,
-                                  tr=tr, vof=vof, anat=anat, dicom_series=dicom_series)
-    with staged_output(out, force=force, stale=is_analyze_output) as stage:
-        write_result(result, inputs, stage)
-        if html:
-            from .report_html import write_html
+    given = _input_files(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=rois, vof=vof, anat=anat)
+    _check_out_spares_inputs(out, dsc=Path(dsc), given=given, rois=rois)
+    with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
+        check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
+        from .pipeline import write_result
 
-            write_html(stage)
+        config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
+                             leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels,
+                             aif_selection=aif_selection, vof=vof, recirculation=recirculation,
+                             weeks_since_radiation=weeks_since_radiation, motion_correct=motion_correct,
+                             bevacizumab=bevacizumab, steroids=steroids)
+        result, inputs = compute_case(config, dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois),
+                                      te=te, tr=tr, vof=vof, anat=anat, dicom_series=dicom_series)
+        with staged_output(out, force=force, stale=is_analyze_output, keep=given) as stage:
+            write_result(result, inputs, stage)
+            if html:
+                from .report_html import write_html
+
+                write_html(stage)
     if not quiet:
         print_summary(result, out, html=html)
     return result
+
+
+def _input_files(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois, vof: str,
+                 anat: Path | None) -> list[Path]:
+    """Every file an analyze run reads, as given (the series' BIDS sidecar included; a DICOM folder
+    is itself)."""
+    from .io import sidecar_path_for
+
+    files = [Path(dsc)]
+    if not Path(dsc).is_dir():
+        files.append(sidecar_path_for(Path(dsc)))
+    files += [Path(p) for p in (mask, reference, anat, *rois) if p is not None]
+    files += [Path(p) for p in (aif, vof) if p not in ("auto", "none", "guarded")]
+    return files
+
+
+def _check_out_spares_inputs(out: Path, *, dsc: Path, given: list[Path], rois) -> None:
+    """Before any work: ``out`` may not be the series' folder nor lie inside a DICOM input folder, and no
+    input may sit in ``out`` under a name an output takes (it would be replaced; inputs there under
+    other names are kept, never removed as an earlier run's outputs)."""
+    from .io import analyze_output_names, inputs_replaced_in, stem
+
+    target = out.resolve()
+    if Path(dsc).is_dir():
+        folder = Path(dsc).resolve()
+        if target == folder or folder in target.parents:
+            raise OutputError(f"{out}: lies inside the DICOM folder {dsc}; choose an output folder outside it")
+    elif target in (Path(dsc).resolve().parent, Path(dsc).absolute().parent.resolve()):
+        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    replaced = inputs_replaced_in(out, given, analyze_output_names([stem(p) for p in rois]))
+    if replaced:
+        raise UsageError(f"{replaced[0]}: is an input of this run and an output of the same name would replace it "
+                         f"in {out}; move the input out of {out} or choose another --out")
 
 
 def _rule_line(result) -> str:

@@ -8,6 +8,7 @@ Arrays are ``(x, y, z, t)``, time last, as nibabel returns them.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -673,6 +674,90 @@ def _file_sha256(path: Path, *, opener=lambda p: open(p, "rb")) -> str:
     return h.hexdigest()
 
 
+# ------------------------------------------------------------------------- inputs named in outputs
+
+#: How a DICOM folder input is named in the outputs (its own name is often the patient's).
+DICOM_FOLDER_NAME = "DICOM folder"
+
+#: What stands for an input's folder where a message quoted it.
+INPUT_FOLDER_NAME = "(input folder)"
+
+
+def public_name(path: Path) -> str:
+    """How an input is named in the outputs: its file name only, never its folders (folders are often
+    named after the patient or hold a record number); a DICOM folder is ``DICOM_FOLDER_NAME``."""
+    path = Path(path)
+    return DICOM_FOLDER_NAME if path.is_dir() else path.name
+
+
+def _spellings(path: Path) -> set[str]:
+    """The ways a path may be written in a message: as given, absolute, resolved (symlinks followed)."""
+    path = Path(path)
+    out = {str(path), str(path.absolute()), os.path.normpath(path.absolute())}
+    with contextlib.suppress(OSError, RuntimeError):
+        out.add(str(path.resolve()))
+    return {s for s in out if s not in ("", ".", os.sep)}
+
+
+class Redactor:
+    """Rewrites strings bound for an output so that no input path nor input folder remains: every
+    spelling of an input (as given, absolute, resolved) becomes its ``public_name``, every spelling of
+    its folder (absolute, or relative with a separator: a bare word could be any word) becomes
+    ``INPUT_FOLDER_NAME``. Longest first, so a file's path goes before its folder's; only where the
+    spelling stands alone (not inside a longer name or path: an input folder '/s' leaves '1/s' be)."""
+
+    def __init__(self, paths):
+        table: dict[str, str] = {}
+        for p in paths:
+            if p is None or str(p) == "":
+                continue
+            p = Path(p)
+            folders = {p.parent}  # a DICOM folder's own spellings get its public name below
+            with contextlib.suppress(OSError, RuntimeError):
+                folders.add(p.resolve().parent)  # a symlinked input: the folder it points into
+            for folder in folders:
+                for s in _spellings(folder):
+                    if os.path.isabs(s) or os.sep in s:
+                        table.setdefault(s, INPUT_FOLDER_NAME)
+            for s in _spellings(p):
+                table[s] = public_name(p)
+        self._table = table
+        spellings = "|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
+        # not preceded by a name's or path's character, not followed by one (a sentence's full stop may)
+        self._pattern = re.compile(rf"(?<![\w./-])(?:{spellings})(?![\w-]|\.\w)") if table else None
+
+    def text(self, s: str) -> str:
+        if self._pattern is None:
+            return s
+        return self._pattern.sub(lambda m: self._table[m.group(0)], s)
+
+    def __call__(self, obj: Any) -> Any:
+        """``obj`` with every string inside it (dict keys and values, lists, tuples, dataclass fields,
+        paths) rewritten; arrays and numbers are returned as they are."""
+        import dataclasses
+
+        if isinstance(obj, str):
+            return self.text(obj)
+        if isinstance(obj, Path):
+            return type(obj)(self.text(str(obj)))
+        if isinstance(obj, dict):
+            return {self(k): self(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(self(v) for v in obj)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            changes = {}
+            for f in dataclasses.fields(obj):
+                if not f.init:
+                    continue
+                value = getattr(obj, f.name)
+                if isinstance(value, (str, Path, dict, list, tuple)) or dataclasses.is_dataclass(value):
+                    new = self(value)
+                    if new is not value:
+                        changes[f.name] = new
+            return dataclasses.replace(obj, **changes) if changes else obj
+        return obj
+
+
 # --------------------------------------------------------------------------------------- writing
 
 
@@ -753,8 +838,15 @@ def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:
 
 
 def check_output_folder(out: Path, *, force: bool) -> None:
-    """Refuse a non-empty output folder without ``force``, and a path that is not a folder."""
+    """Refuse a non-empty output folder without ``force``, a path that is not a folder, a symbolic link
+    (``out`` or a folder above it) whose target is missing, and a place that cannot take new entries:
+    all before the analysis, not after it."""
     out = Path(out)
+    for p in (out, *out.absolute().parents):
+        if p.is_symlink() and not p.exists():  # a dangling link or a loop: nothing could be written there
+            where = "" if p == out else f"{p}, a folder above it, "
+            raise OutputError(f"{out}: {where}is a symbolic link to a missing target; create the target or "
+                              "choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -767,13 +859,106 @@ def check_output_folder(out: Path, *, force: bool) -> None:
         raise OutputError(f"{out}: cannot write into {existing} (permission denied or read-only); choose another --out")
 
 
+def _entry(path: Path) -> Path:
+    """The directory entry ``path`` names: its folder resolved, its own name kept (a link stays a link)."""
+    a = Path(path).absolute()
+    return a.parent.resolve() / a.name
+
+
+def _entries(paths) -> set[Path]:
+    """Each path's directory entry and, for a symbolic link, the file it points to."""
+    out: set[Path] = set()
+    for p in paths:
+        out.add(_entry(p))
+        with contextlib.suppress(OSError, RuntimeError):
+            out.add(Path(p).resolve())
+    return out
+
+
+def inputs_replaced_in(out: Path, inputs, names) -> list[Path]:
+    """The input files (``inputs``: paths as given) that writing files ``names`` into folder ``out``
+    would replace: an input whose directory entry, or whose target if it is a link, is ``out``/name."""
+    folder = Path(out).resolve()
+    targets = {folder / n for n in names}
+    return [Path(p) for p in inputs if _entries([p]) & targets]
+
+
 @contextlib.contextmanager
-def staged_output(out: Path, *, force: bool, stale=None) -> Iterator[Path]:
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold output folder ``out`` for one run: an exclusive flock(2) on the hidden file
+    ``.<name>.lock`` beside it (its parent folders are made; removed again if ``out`` never appears).
+    A second run into the same folder fails at once (OutputError) instead of replacing the first's
+    files one by one. The kernel drops the lock with its process, so a run killed with SIGKILL leaves
+    at most an unlocked file that the next run takes over; the file is removed when the run ends."""
+    import fcntl
+    import socket
+
+    target = Path(out).resolve()  # a symlinked --out and its target share one lock
+    parent, lock = target.parent, target.parent / f".{target.name}.lock"
+    created = [p for p in (parent, *parent.parents) if not p.exists()]
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                _remove_empty(created)
+                raise OutputError(f"{out}: another perfusion run is writing {out}; wait for it or choose another "
+                                  "--out") from None
+            except OSError as exc:  # ENOLCK, EOPNOTSUPP: a filesystem without locks
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    lock.unlink()
+                _remove_empty(created)
+                raise OutputError(f"{out}: cannot lock the folder for this run ({exc.strerror}); choose an --out "
+                                  "on a filesystem with file locks (a local disk, NFS)") from None
+            try:  # the run that held it may have removed the file between our open and our lock
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())  # who holds it, for a person looking
+        # staging folders of this --out left by a killed run (it held the lock, so no run is using them):
+        # they hold a case's maps, which must not linger half-written
+        for where in {Path(out).absolute().parent, parent, Path(out)}:
+            if where.is_dir():
+                for old in where.glob(f".{glob.escape(Path(out).name)}.partial-*"):
+                    if old.is_dir() and not old.is_symlink():
+                        shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise OutputError(f"{out}: cannot write here ({exc.strerror}); choose another --out") from None
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+        if not target.exists():
+            _remove_empty(created)
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders of ``created`` (innermost first) while they are empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, *, force: bool, stale=None, keep=()) -> Iterator[Path]:
     """Yield a private staging folder; on success move its files into ``out``, on failure remove it.
 
     A run that fails leaves ``out`` as it was. Each file lands by an atomic rename. ``stale``: a
     predicate on file names; files of ``out`` it accepts that the new run did not write are removed
-    after the move (an earlier run's outputs, e.g. its report.html, must not pass for this run's).
+    after the move (an earlier run's outputs, e.g. its report.html, must not pass for this run's),
+    except the files of ``keep`` (the run's inputs: paths as given, links followed too).
     """
     out = Path(out)
     check_output_folder(out, force=force)
@@ -801,8 +986,9 @@ def staged_output(out: Path, *, force: bool, stale=None) -> Iterator[Path]:
                 written.add(item.name)
             stage.rmdir()
             if stale is not None:
+                kept = _entries(keep)
                 for old in out.iterdir():
-                    if old.name not in written and old.is_file() and stale(old.name):
+                    if old.name not in written and old.is_file() and stale(old.name) and not _entries([old]) & kept:
                         old.unlink()
     except OSError as exc:
         _discard(stage, created)
@@ -815,11 +1001,7 @@ def staged_output(out: Path, *, force: bool, stale=None) -> Iterator[Path]:
 def _discard(stage: Path, created: list[Path]) -> None:
     """Remove a staging folder and the (empty) parent folders made for it."""
     shutil.rmtree(stage, ignore_errors=True)
-    for folder in created:  # innermost first
-        try:
-            folder.rmdir()
-        except OSError:
-            break
+    _remove_empty(created)
 
 
 # ------------------------------------------------------------------------------- output file names
@@ -863,6 +1045,13 @@ def is_analyze_output(name: str) -> bool:
     known = {output_file(k) for k in BIDS_FILES}
     known |= {sidecar_of(n) for n in known if n.endswith(".nii.gz")}
     return name in known or bool(re.fullmatch(r"mask-[A-Za-z0-9._-]+\.(nii\.gz|json)", name))
+
+
+def analyze_output_names(roi_names=(), prefix: str | None = None) -> set[str]:
+    """Every file name an analyze run with ROIs ``roi_names`` may write into its folder (which of them
+    it writes depends on the options and the data: ftb only with ROIs, k2 only with leakage, ...)."""
+    names = {output_file(k, prefix) for k in BIDS_FILES} | set(roi_mask_files(list(roi_names), prefix).values())
+    return names | {sidecar_of(n) for n in names if n.endswith(".nii.gz")}
 
 
 def sidecar_of(name: str) -> str:

@@ -1047,9 +1047,13 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
     "files" lists them. Returns that mapping (key -> file name)."""
     from . import motion, report
-    from .io import output_file, roi_mask_files, write_json, write_map as _write_map, write_tsv, write_tsv_sidecar
+    from .io import (Redactor, output_file, public_name, roi_mask_files, write_json, write_map as _write_map, write_tsv,
+                     write_tsv_sidecar)
 
     files: dict[str, str] = {}
+    # no output carries an input's path or folder (folders are often named after the patient): the
+    # sources, warnings and reasons quoting one get its file name; report.json does the same
+    result = Redactor(report.input_paths(inputs).values())(result)
 
     def write_map(folder, key, *args, **kwargs):
         files[key] = output_file(key, prefix) if not key.startswith("roi:") else roi_files[key[4:]]
@@ -1090,8 +1094,9 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
               description=f"Reference tissue for rCBV ({result.reference_info['source']})", dtype=np.uint8)
     roi_files = roi_mask_files(inputs.rois, prefix)
     for name, m in inputs.rois.items():  # copies, so the folder alone rebuilds its report and compares
+        given = inputs.paths.get(f"roi:{name}")
         write_map(folder, f"roi:{name}", np.asarray(m).astype(np.uint8), s.affine, units="mask",
-                  description=f"ROI {name} as given to analyze (copy of {inputs.paths.get(f'roi:{name}', name)})",
+                  description=f"ROI {name} as given to analyze (copy of {public_name(given) if given else name})",
                   dtype=np.uint8)
     for key in ("aif", "aif_json", "curves", "curves_json", "report", "report_html"):
         files[key] = output_file(key, prefix)
@@ -1112,7 +1117,7 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
         write_map(folder, "baseline", result.baseline_image, s.affine, units="a.u.",
                   description="Mean signal of the baseline frames (background image for figures)")
     if result.anat is not None:
-        files.update(write_anat(folder, result.anat, inputs.paths.get("anat", ""), prefix=prefix))
+        files.update(write_anat(folder, result.anat, public_name(inputs.paths["anat"]), prefix=prefix))
     if result.motion is not None and "timeseries" in result.motion:
         files["motion"] = output_file("motion", prefix)
         files["motion_json"] = output_file("motion_json", prefix)

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from . import DISCLAIMER, __version__
-from .io import sha256
+from .io import Redactor, public_name, sha256
 from .roi import (CI_PERCENTILES, GATE_NEXT_STEP, HOTSPOT_PERCENTILE, MIXED_SOURCE, N_BOOTSTRAP, NEXT_STEP,
                   PSEUDOPROGRESSION_SOURCE, PSEUDOPROGRESSION_WEEKS, THRESHOLD_SOURCE)
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .pipeline import Inputs, Result
 
 
@@ -18,9 +20,8 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
     """report.json's content; ``files`` (output key -> file name) and ``roi_files`` (ROI name -> mask
     copy) come from pipeline.write_result."""
     s = inputs.series
-    hashed = {str(p): sha256(p) for p in inputs.paths.values() if p is not None}
-    if s.sidecar_path is not None:
-        hashed[str(s.sidecar_path)] = sha256(s.sidecar_path)
+    redact = Redactor(input_paths(inputs).values())
+    result = redact(result)
     cfg = result.config
     import datetime
 
@@ -29,11 +30,11 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
 
     roi_files = roi_files if roi_files is not None else roi_mask_files(inputs.rois, prefix)
 
-    return {
+    return redact({
         "software": {"name": "perfusion", "version": __version__},
         "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
-        "inputs": hashed,
+        "inputs": input_entries(inputs),
         "acquisition": {
             "te": s.te, "te_units": "s", "te_source": s.te_source,
             "tr": s.tr, "tr_units": "s", "tr_source": s.tr_source,
@@ -47,7 +48,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "baseline": result.baseline.as_dict(s.tr),
         "frames_repaired": list(result.frames_repaired),
         "brain": {"n_voxels": int(result.brain.sum()),
-                  "source": str(inputs.paths["brain"]) if "brain" in inputs.paths
+                  "source": public_name(inputs.paths["brain"]) if "brain" in inputs.paths
                   else (result.brain_source or "automatic")},
         "aif": {k: v for k, v in result.aif_info.items() if k != "leakage"},
         **({"fit": dict(result.fit)} if result.fit else {}),
@@ -63,7 +64,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "next_steps": {**NEXT_STEP, "not_assessable_by_reason": GATE_NEXT_STEP},
         "units": {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
                   "volume_ml": "mL", "time": "s", "ftb": "fraction", "k2": "1/s"},
-        **({"anat": anat_entry(result.anat, inputs.paths.get("anat", ""), prefix=prefix)}
+        **({"anat": anat_entry(result.anat, public_name(inputs.paths["anat"]), prefix=prefix)}
            if result.anat is not None else {}),
         **({"motion": {k: v for k, v in result.motion.items() if k != "timeseries"}}
            if result.motion is not None else {}),
@@ -72,7 +73,23 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "seconds": result.seconds,
         "n_voxels_analysed": result.n_voxels,
         "timings_s": dict(result.timings),
-    }
+    })
+
+
+def input_paths(inputs: "Inputs") -> dict[str, "Path"]:
+    """Every file (or DICOM folder) the case was read from, by role: the keys of ``inputs.paths``
+    ("dsc", "brain", "aif", "reference", "vof", "roi:<name>", "anat") and "dsc_sidecar"."""
+    paths = {k: p for k, p in inputs.paths.items() if p is not None}
+    if inputs.series.sidecar_path is not None:
+        paths["dsc_sidecar"] = inputs.series.sidecar_path
+    return paths
+
+
+def input_entries(inputs: "Inputs") -> dict[str, dict[str, str]]:
+    """report.json "inputs": per role, the file name (no folder: folders are often named after the
+    patient) and the SHA-256 of the file's bytes (of a DICOM folder: io.sha256), which identifies the
+    exact input without revealing where it was."""
+    return {k: {"file": public_name(p), "sha256": sha256(p)} for k, p in input_paths(inputs).items()}
 
 
 VERDICT_LABEL = {

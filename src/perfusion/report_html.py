@@ -1,7 +1,7 @@
 """report.html: one self-contained page built from an ``analyze`` output folder.
 
-The page reads only what ``analyze`` wrote (report.json, curves.tsv, the maps and masks) and the ROI
-masks named in report.json ``inputs``. Figures are PNGs from matplotlib (Agg backend) embedded as
+The page reads only what ``analyze`` wrote (report.json, curves.tsv, the maps and masks, the ROI masks'
+copies). Figures are PNGs from matplotlib (Agg backend) embedded as
 base64 data URIs: no external links, scripts or fonts. Everything taken from a file (names, paths,
 reasons, header strings) is HTML-escaped. No numerics beyond what a figure needs (slices, histograms).
 """
@@ -111,8 +111,9 @@ def read_curves(path: Path) -> dict[str, np.ndarray]:
 
 def roi_mask_paths(report: dict, folder: Path | None = None) -> dict[str, Path | None]:
     """Each ROI name of report.json -> its mask: the copy in ``folder`` (report.json ``mask_file``), else
-    the input file whose stem is that name, or None if neither is found."""
-    inputs = [Path(p) for p in report.get("inputs", {})]
+    (a report written before inputs were recorded by file name only) the input path whose stem is that
+    name, or None if neither is found."""
+    inputs = [Path(p) for p, v in report.get("inputs", {}).items() if isinstance(v, str)]
     out: dict[str, Path | None] = {}
     for r in report.get("rois", []):
         copy = Path(folder) / Path(str(r["mask_file"])).name if folder is not None and r.get("mask_file") else None
@@ -122,6 +123,14 @@ def roi_mask_paths(report: dict, folder: Path | None = None) -> dict[str, Path |
         match = [p for p in inputs if stem(p) == r["name"]]
         out[r["name"]] = match[0] if match and match[0].is_file() else None
     return out
+
+
+def input_file_name(key: str, entry: Any) -> str:
+    """The file name of one report.json "inputs" entry: {"file": name, "sha256": ...} by role, or (older
+    reports) the input's path as the key and its hash as the value, shown by its last component."""
+    if isinstance(entry, dict):
+        return str(entry.get("file", ""))
+    return Path(key).name
 
 
 def slices_with_roi(mask: np.ndarray) -> list[int]:
@@ -551,7 +560,7 @@ def build_html(folder: Path) -> str:
     # 1. header
     version = rep.get("software", {}).get("version", "unknown")
     date = rep.get("created_utc")
-    inputs = "".join(f"<li>{_e(Path(p).name)}</li>" for p in rep.get("inputs", {}))
+    inputs = "".join(f"<li>{_e(input_file_name(k, v))}</li>" for k, v in rep.get("inputs", {}).items())
     parts.append("<h1>DSC perfusion report</h1>")
     parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
     aif_rep = rep.get("aif", {})
