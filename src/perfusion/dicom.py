@@ -794,9 +794,12 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
         raw_sidecar_path = nifti.parent / (nifti.name.split(".nii")[0] + ".json")
         raw = _read_raw_sidecar(raw_sidecar_path)
         img = nib.load(str(nifti))
-        from .io import voxel_major_float32
+        from .io import signal_float32
 
-        data = voxel_major_float32(np.asarray(img.dataobj))
+        data, scaled = signal_float32(np.asarray(img.dataobj), where=f"{folder}: series {info.number}",
+                                      nonfinite="the converted series holds NaN or Inf; re-export the series")
+        if scaled:
+            warns.append(scaled)
         affine = np.asarray(img.affine, dtype=np.float64)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -807,8 +810,6 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
     if not info.mosaic and data.shape[2] != info.slices:
         raise InputError(f"{where}: dcm2niix made {data.shape[2]} slices, the headers hold {info.slices}; "
                          "check the series with perfusion dicom-inspect")
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{where}: the converted series holds NaN or Inf; re-export the series")
     verify_note = None if info.mosaic else _verify_order(info, folder, data, affine)
     if verify_note:
         warns.append(f"{where}: {verify_note}")
