@@ -165,7 +165,7 @@ def test_missing_te_is_a_clear_error(case_copy, tmp_path, capsys):
 
 
 def test_te_in_milliseconds_is_refused(phantom_case, tmp_path, capsys):
-    assert _analyze(phantom_case, tmp_path / "o", "--te", "25") == 4
+    assert _analyze(phantom_case, tmp_path / "o", "--te", "25") == 2  # an option out of range: usage
     assert "milliseconds" in capsys.readouterr().err
 
 

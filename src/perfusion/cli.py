@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, PerfusionError
+from .units import MAX_TE_S, MAX_TR_S
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
@@ -30,6 +31,57 @@ LEAKAGE_GATE_HELP = ("Where the leakage correction applies: lesion (default: eve
 MOTION_HELP = ("Head motion: auto (default: register every frame to the baseline and realign frames displaced "
                "by more than 0.5 mm), on (realign every frame displaced by more than 0.25 mm) or off (no estimate). "
                "Writes motion.tsv (deg, mm).")
+
+#: Ranges of the numeric options (flag -> low, high, low included, high included, unit); each is
+#: checked before any work and stated in the option's help. TE/TR upper bounds: units.MAX_TE_S and
+#: MAX_TR_S (larger values are milliseconds by mistake).
+_RANGES = {
+    "--threshold": (0.0, 1.0, False, False, ""),
+    "--oi-target": (0.0, 1.0, False, False, ""),
+    "--te": (0.0, MAX_TE_S, False, True, " s"),
+    "--tr": (0.0, MAX_TR_S, False, True, " s"),
+    "--rcbv-low": (0.0, None, False, False, ""),
+    "--rcbv-high": (0.0, None, False, False, ""),
+    "--aif-voxels": (1, None, True, False, ""),
+    "--weeks-since-radiation": (0.0, None, True, False, " weeks"),
+    "--snr": (0.0, None, False, False, ""),
+    "--seed": (0, None, True, False, ""),
+    # a clinical DSC series has 40-120 frames; fewer than 30 leave no tail after the bolus
+    "--frames": (30, 1000, True, True, ""),
+    "--jobs": (1, None, True, False, ""),
+    "--repeats": (1, None, True, False, ""),
+}
+
+
+def _range_text(flag: str) -> str:
+    lo, hi, lo_in, hi_in, unit = _RANGES[flag]
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}{unit}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}{unit}"
+
+
+def check_options(**values) -> None:
+    """Refuse (UsageError, exit 2) a numeric option outside its range in _RANGES, NaN and Inf included,
+    before any work. Keys are the flags' Python names (``oi_target`` for --oi-target); None is unset."""
+    import math
+
+    from .errors import UsageError
+
+    for key, value in values.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        lo, hi, lo_in, hi_in, unit = _RANGES[flag]
+        finite = isinstance(value, int) or math.isfinite(value)
+        ok = (finite and (value > lo or (lo_in and value == lo))
+              and (hi is None or value < hi or (hi_in and value == hi)))
+        if not ok:
+            hint = ""
+            if unit == " s" and finite and value > hi and 0 < value / 1000 <= hi:
+                hint = f"; this looks like milliseconds: give seconds (e.g. {flag} {value / 1000:g})"
+            kind = "an integer" if isinstance(lo, int) else "a finite number"
+            raise UsageError(f"{flag} {value:g}: must be {kind} {_range_text(flag)}{hint}")
+
 
 app = typer.Typer(
     name="perfusion",
@@ -105,19 +157,19 @@ def analyze(
     reference: Annotated[Optional[Path], typer.Option(help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")] = None,
     roi: Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")] = None,
     method: Annotated[str, typer.Option(help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")] = "model",
-    threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value (ssvd 0.2, csvd 0.1 by default).")] = None,
-    oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Fixed SVD threshold P as a fraction of the largest singular value, in (0, 1) (ssvd 0.2, csvd 0.1 by default).")] = None,
+    oi_target: Annotated[Optional[float], typer.Option(help="oSVD oscillation-index target (dimensionless), in (0, 1) (default 0.095).")] = None,
     leakage: Annotated[str, typer.Option(help="Leakage correction: bidirectional (default; Leu 2016), bsw (Boxerman 2006), residue (Bjornerud 2011) or none.")] = "bidirectional",
     leakage_gate: Annotated[str, typer.Option(help=LEAKAGE_GATE_HELP)] = "lesion",
-    te: Annotated[Optional[float], typer.Option(help="Echo time in s (overrides the sidecar).")] = None,
-    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s (overrides sidecar and header).")] = None,
-    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
-    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
-    aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank.")] = 10,
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s, in (0, 0.2] (overrides the sidecar).")] = None,
+    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s, in (0, 10] (overrides sidecar and header).")] = None,
+    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio, > 0).")] = 1.0,
+    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio, > --rcbv-low).")] = 1.75,
+    aif_voxels: Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank (>= 1).")] = 10,
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF by a venous output function: guarded (default: the automatic VOF, applied only when it shows the AIF is partial-volumed), auto (always), none, or a mask.")] = "guarded",
     recirculation: Annotated[str, typer.Option(help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")] = "keep",
-    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks); below 12 (RANO 2.0) a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
+    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation (weeks, >= 0); below 12 (RANO 2.0) a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
     bevacizumab: Annotated[bool, typer.Option("--bevacizumab", help="The patient is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")] = False,
     steroids: Annotated[bool, typer.Option("--steroids", help="The patient is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")] = False,
     anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' background.")] = None,
@@ -128,6 +180,8 @@ def analyze(
     html: Annotated[bool, typer.Option("--html/--no-html", help="Write report.html (about 1 s of figures); `perfusion report DIR` can write it later.")] = True,
 ) -> None:
     """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
+    check_options(threshold=threshold, oi_target=oi_target, te=te, tr=tr, rcbv_low=rcbv_low, rcbv_high=rcbv_high,
+                  aif_voxels=aif_voxels, weeks_since_radiation=weeks_since_radiation)
     from .commands import run_analyze
 
     run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
@@ -143,17 +197,18 @@ def analyze(
 @_guard
 def phantom(
     out: Annotated[Path, typer.Argument(help="Output folder for the phantom case.")],
-    snr: Annotated[Optional[float], typer.Option(help="Baseline signal-to-noise ratio (S0 / noise SD; default 150, --realistic 50).")] = None,
-    seed: Annotated[int, typer.Option(help="Random seed of the noise.")] = 0,
-    tr: Annotated[float, typer.Option(help="Repetition time in s (a multiple of 0.01; --realistic: of 0.05).")] = 1.5,
-    te: Annotated[Optional[float], typer.Option(help="Echo time in s (default 0.025, --realistic 0.03).")] = None,
-    frames: Annotated[Optional[int], typer.Option(help="Number of frames (default 80, --realistic 60).")] = None,
+    snr: Annotated[Optional[float], typer.Option(help="Baseline signal-to-noise ratio (S0 / noise SD, > 0; default 150, --realistic 50).")] = None,
+    seed: Annotated[int, typer.Option(help="Random seed of the noise (>= 0).")] = 0,
+    tr: Annotated[float, typer.Option(help="Repetition time in s, in (0, 10] (a multiple of 0.01; --realistic: of 0.05).")] = 1.5,
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s, in (0, 0.2] (default 0.025, --realistic 0.03).")] = None,
+    frames: Annotated[Optional[int], typer.Option(help="Number of frames, 30 to 1000 (default 80, --realistic 60).")] = None,
     leaky_lesions: Annotated[bool, typer.Option("--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and T2*-dominant).")] = False,
     realistic: Annotated[bool, typer.Option("--realistic", help="The realistic head instead (physics unlike the methods' models: quadratic blood relaxation, log-normal residues, strong leakage, mixed lesions, scalp and orbits); --snr defaults to 50, --te to 0.03, --frames to 60.")] = False,
     protocol: Annotated[str, typer.Option(help="--realistic: flip60_no_preload (default), flip60_preload or flip30_no_preload.")] = "flip60_no_preload",
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
 ) -> None:
     """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
+    check_options(snr=snr, seed=seed, tr=tr, te=te, frames=frames)
     from .commands import run_phantom
 
     run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force,
@@ -215,7 +270,7 @@ def batch(
     brain_glob: Annotated[Optional[str], typer.Option(help="Brain mask by glob pattern (as --roi-glob).")] = None,
     reference_glob: Annotated[Optional[str], typer.Option(help="Reference (normal-appearing white matter) mask by glob pattern.")] = None,
     aif_glob: Annotated[Optional[str], typer.Option(help="Arterial mask by glob pattern.")] = None,
-    jobs: Annotated[int, typer.Option(help="Cases run at once: 1 (default) runs in this process; N > 1 starts a local Dask cluster of N single-threaded worker processes.")] = 1,
+    jobs: Annotated[int, typer.Option(help="Cases run at once (>= 1): 1 (default) runs in this process; N > 1 starts a local Dask cluster of N single-threaded worker processes.")] = 1,
     scheduler: Annotated[Optional[str], typer.Option(help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")] = None,
     scheduler_file: Annotated[Optional[Path], typer.Option(help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")] = None,
     method: Annotated[str, typer.Option(help="Deconvolution: model (default), osvd, csvd, ssvd or tikhonov.")] = "model",
@@ -223,18 +278,20 @@ def batch(
     leakage_gate: Annotated[str, typer.Option(help=LEAKAGE_GATE_HELP)] = "lesion",
     aif_selection: Annotated[str, typer.Option(help="Automatic AIF: cluster or rank.")] = "cluster",
     vof: Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: guarded (default), auto or none.")] = "guarded",
-    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio).")] = 1.0,
-    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio).")] = 1.75,
-    te: Annotated[Optional[float], typer.Option(help="Echo time in s for every case (overrides sidecars).")] = None,
-    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s for every case (overrides sidecars and headers).")] = None,
+    rcbv_low: Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio, > 0).")] = 1.0,
+    rcbv_high: Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio, > --rcbv-low).")] = 1.75,
+    te: Annotated[Optional[float], typer.Option(help="Echo time in s for every case, in (0, 0.2] (overrides sidecars).")] = None,
+    tr: Annotated[Optional[float], typer.Option(help="Repetition time in s for every case, in (0, 10] (overrides sidecars and headers).")] = None,
     motion_correct: Annotated[str, typer.Option(help=MOTION_HELP)] = "auto",
-    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation for every case (weeks); below 12 a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
+    weeks_since_radiation: Annotated[Optional[float], typer.Option(help="Weeks since the end of chemoradiation for every case (weeks, >= 0); below 12 a high rCBV is 'possible recurrence or pseudoprogression'.")] = None,
     bevacizumab: Annotated[bool, typer.Option("--bevacizumab", help="Every case is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")] = False,
     steroids: Annotated[bool, typer.Option("--steroids", help="Every case is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")] = False,
 ) -> None:
     """Analyse every case of a dataset; resumable (done cases are skipped), on Dask for --jobs > 1.
     Exit code 3 when some cases failed (see summary.tsv)."""
+    check_options(jobs=jobs, rcbv_low=rcbv_low, rcbv_high=rcbv_high, te=te, tr=tr,
+                  weeks_since_radiation=weeks_since_radiation)
     from .commands import run_batch_command
 
     params = {"method": method, "leakage": leakage, "leakage_gate": leakage_gate, "aif_selection": aif_selection,
@@ -284,7 +341,7 @@ def dicom_inspect(
 def bench(
     volumes: Annotated[str, typer.Option(help="Comma-separated standard volumes: clinical (128x128x24x80), high (256x256x30x120).")] = "clinical,high",
     dtypes: Annotated[str, typer.Option(help="Comma-separated data types of the volumes: int16, float32.")] = "int16,float32",
-    repeats: Annotated[int, typer.Option(help="Runs per measurement; the median is reported.")] = 3,
+    repeats: Annotated[int, typer.Option(help="Runs per measurement (>= 1); the median is reported.")] = 3,
     kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Also one run per other deconvolution and leakage method (clinical volume).")] = True,
     compile_time: Annotated[bool, typer.Option("--compile/--no-compile", help="Measure numba's compilation: cold vs warm cache.")] = True,
     quick: Annotated[bool, typer.Option("--quick", help="Clinical int16 only, one run each, no extra kernels.")] = False,
@@ -292,6 +349,7 @@ def bench(
     cache: Annotated[Optional[Path], typer.Option(help="Folder for the generated volumes (default ~/.cache/perfusion/bench).")] = None,
 ) -> None:
     """Time analyze on standard phantom volumes: end to end, per stage (voxels/s), memory, numba compile."""
+    check_options(repeats=repeats)
     from .commands import run_bench
 
     run_bench(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,

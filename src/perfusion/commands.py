@@ -19,15 +19,26 @@ def _console():
     return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
+def own_warnings(caught) -> list[str]:
+    """The messages of the tool's own warnings among ``caught`` (warnings.WarningMessage): plain
+    UserWarnings and perfusion's own categories. Raw library warnings (numpy's RuntimeWarning "overflow
+    encountered in ...", DeprecationWarning, ...) never reach report.json or the terminal: what a user
+    must know is said by the tool in its own sentences."""
+    return [str(w.message) for w in caught
+            if w.category is UserWarning or w.category.__module__.startswith("perfusion")]
+
+
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
                 te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
     A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
-    from .io import load_mask, load_series, mask_regions, stem
+    from .io import check_roi_names, load_mask, load_series, mask_regions, stem
     from .pipeline import Inputs
 
+    names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
+    check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if Path(dsc).is_dir():
@@ -69,10 +80,12 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
                     raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
                 roi_masks[name] = m
                 paths[f"roi:{name}"] = Path(p)
+        if len(roi_masks) > len(rois):  # label maps: their per-label names pass the same rules
+            check_roi_names([(n, paths[f"roi:{n}"]) for n in roi_masks])
     if anat is not None:
         paths["anat"] = Path(anat)
     inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
-    return inputs, [str(w.message) for w in caught]
+    return inputs, own_warnings(caught)
 
 
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
@@ -123,7 +136,7 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
     result = dataclasses.replace(result, motion=motion, timings=timings,
                                  frames_repaired=frames_repaired or result.frames_repaired)
     result.warnings[:0] = frame_notes
-    result.warnings.extend(load_warnings + motion_notes + [str(w.message) for w in caught])
+    result.warnings.extend(load_warnings + motion_notes + own_warnings(caught))
     if anat_image is not None:
         from .register import anat_background
 
@@ -309,11 +322,11 @@ def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float
 def run_validate(*, data: Path | None = None, methods: list[str] | None = None, json_path: Path | None = None,
                  quick: bool = False, quiet: bool = False) -> dict:
     """Run the accuracy suite; print the table; write the JSON (rows and summary) atomically."""
-    import json
     import os
     import tempfile
 
     from . import __version__, validate
+    from .io import dumps_json
     from .pipeline import METHODS
 
     methods = list(methods or METHODS)
@@ -348,8 +361,8 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
         json_path = Path(json_path)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", dir=json_path.parent if str(json_path.parent) else ".")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(report, fh, indent=1, default=float)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(dumps_json(report, indent=1) + "\n")
             os.replace(tmp, json_path)
         except OSError as exc:
             raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
@@ -667,12 +680,11 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
 def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: bool = False) -> dict:
     """Describe every series of a DICOM folder (frames, slices, ordering, frame intervals, checks); print
     a table and write the JSON atomically. Returns the JSON's content. Headers only; no identifier."""
-    import json
     import os
     import tempfile
 
     from .dicom import inspect
-    from .io import MIN_FRAMES
+    from .io import MIN_FRAMES, dumps_json
 
     folder = Path(folder)
     infos = inspect(folder)
@@ -684,8 +696,8 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
         json_path = Path(json_path)
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{json_path.name}.", dir=json_path.parent if str(json_path.parent) else ".")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(data, fh, indent=1)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(dumps_json(data, indent=1) + "\n")
             os.replace(tmp, json_path)
         except OSError as exc:
             raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None

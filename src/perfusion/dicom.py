@@ -860,9 +860,9 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
         raw = _read_raw_sidecar(raw_sidecar_path)
         try:
             img = nib.load(str(nifti))
-            from .io import voxel_major_float32
+            from .io import signal_float32
 
-            data = voxel_major_float32(np.asarray(img.dataobj))
+            raw = np.asarray(img.dataobj)
             affine = np.asarray(img.affine, dtype=np.float64)
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a truncated file
             if isinstance(exc, MemoryError):
@@ -871,6 +871,10 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
                 raise _tmp_full(work, "dcm2niix's image is truncated") from None
             raise InputError(f"{folder}: series {info.number}: dcm2niix wrote an unreadable image "
                              f"({type(exc).__name__}); check the series with perfusion dicom-inspect") from None
+        data, scaled = signal_float32(raw, where=f"{folder}: series {info.number}",
+                                      nonfinite="the converted series holds NaN or Inf; re-export the series")
+        if scaled:
+            warns.append(scaled)
     except OSError as exc:  # the private copies, links or probes: a full or read-only temporary disk
         if exc.errno in WRITE_REFUSED_ERRNOS:
             raise _tmp_full(work, exc.strerror or "a write failed") from None
@@ -884,8 +888,6 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
     if not info.mosaic and data.shape[2] != info.slices:
         raise InputError(f"{where}: dcm2niix made {data.shape[2]} slices, the headers hold {info.slices}; "
                          "check the series with perfusion dicom-inspect")
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{where}: the converted series holds NaN or Inf; re-export the series")
     verify_note = None if info.mosaic else _verify_order(info, folder, data, affine)
     if verify_note:
         warns.append(f"{where}: {verify_note}")

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import InputError, OutputError
+from .errors import InputError, OutputError, UsageError
 from .units import MAX_TE_S, MAX_TR_S, NIFTI_TIME_UNIT_TO_S
 
 #: Fewest frames a DSC series may have: a baseline of a few frames, the bolus and its tail.
@@ -87,6 +87,56 @@ def stem(path: Path) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
+
+
+#: curves.tsv column of a region's mean curve before leakage correction: "<region>" + this suffix.
+UNCORRECTED_SUFFIX = "_uncorrected"
+#: Longest ROI name (characters): its mask copy "mask-<name>.nii.gz" or "<prefix>_label-<name>_mask.nii.gz"
+#: must stay within the 255-byte file-name limit of ext4, XFS and APFS with a BIDS prefix of 40 characters.
+MAX_ROI_NAME = 200
+
+
+def roi_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name an ROI (a curves.tsv column, a report key, a file name), or None.
+    Refused: empty; longer than MAX_ROI_NAME; control characters (tab and newline break curves.tsv's
+    rows and columns; str.splitlines also breaks at \\x0b, \\x0c, \\x1c-\\x1e, \\x85, U+2028 and U+2029);
+    path separators; bytes that are not UTF-8 (a file name decoded with surrogate escapes)."""
+    import unicodedata
+
+    if not name:
+        return "is empty"
+    if len(name) > MAX_ROI_NAME:
+        return f"is longer than {MAX_ROI_NAME} characters"
+    for ch in name:
+        cat = unicodedata.category(ch)
+        if cat == "Cs":
+            return "holds bytes that are not UTF-8"
+        if cat in ("Cc", "Zl", "Zp"):
+            return f"holds the control character {ch!r}"
+        if ch in "/\\":
+            return f"holds the path separator {ch!r}"
+    return None
+
+
+def check_roi_names(named: list[tuple[str, Path]]) -> None:
+    """Refuse (UsageError, before any work) ROI names that cannot be written (``roi_name_problem``), a
+    name given twice, and a name that is another's plus "_uncorrected" (curves.tsv would give both
+    the same column). ``named``: (name, mask path) per ROI."""
+    seen: dict[str, Path] = {}
+    for name, path in named:
+        problem = roi_name_problem(name)
+        if problem:
+            raise UsageError(f"{str(path)!r}: the ROI name {name!r} (the file name) {problem}; rename the file with "
+                             "letters, digits, '-', '_' or '.' (e.g. lesion-1.nii.gz)")
+        if name in seen:
+            raise UsageError(f"{path}: two ROIs are named {name!r} ({seen[name]} and {path}); rename one file")
+        seen[name] = path
+    for name, path in named:
+        base = name.removesuffix(UNCORRECTED_SUFFIX)
+        if base != name and base in seen:
+            raise UsageError(f"{path}: the ROI names {base!r} ({seen[base]}) and {name!r} collide in curves.tsv, "
+                             f"where {base!r}'s curve before leakage correction is {name!r}; rename one file "
+                             f"(e.g. without '{UNCORRECTED_SUFFIX}')")
 
 
 def _load_image(path: Path, what: str):
@@ -226,6 +276,40 @@ def voxel_major_float32(raw: np.ndarray) -> np.ndarray:
     return out
 
 
+#: Largest |signal| analysed as it is. The pipeline's float32 sums of squares over a whole series (up
+#: to 256 x 256 x 30 x 120 = 2.4e8 values) stay below float32's largest value, 3.4e38, while |signal|
+#: <= 2**48 = 2.8e14 (2.4e8 * 2**96 = 1.9e37).
+MAX_SIGNAL = 2.0 ** 48
+#: A series above MAX_SIGNAL is multiplied by a power of two (exact in binary floating point: every
+#: ratio S/S0, hence every map, is unchanged) so that its largest |value| lies in [2**15, 2**16), the
+#: range of the 16-bit integers that scanners store.
+SCALED_PEAK_EXPONENT = 16
+
+
+def signal_float32(raw: np.ndarray, *, where: str, nonfinite: str) -> tuple[np.ndarray, str | None]:
+    """``raw`` (x, y, z, t signal, any dtype) as voxel_major_float32, and a note when it was scaled.
+    InputError "``where``: ``nonfinite``" for NaN or Inf, checked before the float32 cast (a float64
+    value of 1e300 is finite but would become Inf). A series whose largest |value| exceeds MAX_SIGNAL
+    is scaled by 2**-k before the cast (see SCALED_PEAK_EXPONENT)."""
+    import math
+
+    if raw.size == 0:
+        return voxel_major_float32(raw), None
+    lo, hi = raw.min(), raw.max()  # NaN and Inf propagate; no temporary the size of the series
+    if raw.dtype.kind == "f" and not (np.isfinite(lo) and np.isfinite(hi)):
+        raise InputError(f"{where}: {nonfinite}")
+    peak = max(abs(float(lo)), abs(float(hi)))
+    if peak <= MAX_SIGNAL:
+        return voxel_major_float32(raw), None
+    k = math.frexp(peak)[1] - SCALED_PEAK_EXPONENT  # peak < 2**frexp
+    dtype = np.float32 if raw.dtype == np.float32 else np.float64
+    data = voxel_major_float32(np.multiply(raw, dtype(2.0 ** -k), dtype=dtype))
+    note = (f"the DSC signal reaches {peak:.3g}, beyond {MAX_SIGNAL:.2g} where float32 arithmetic can overflow: "
+            f"scaled by 2^-{k} before the analysis (the signal's unit is arbitrary; the maps do not change, "
+            "baseline.nii.gz holds the scaled signal)")
+    return data, note
+
+
 def read_json_object(path: Path, *, what: str, fix: str) -> dict[str, Any]:
     """A JSON file holding an object; InputError naming the file and ``fix`` otherwise."""
     try:  # utf-8-sig: a byte-order mark (Windows editors) is read past
@@ -280,9 +364,10 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         )
     affine = _affine(img, path, "DSC series")
     # raw is nibabel's scaled array (scl_slope/inter applied); integers that stayed integers are finite
-    data = voxel_major_float32(raw)
-    if not np.issubdtype(raw.dtype, np.integer) and not np.all(np.isfinite(data)):
-        raise InputError(f"{path}: contains NaN or Inf values; re-export the series without them")
+    data, scaled = signal_float32(raw, where=str(path), nonfinite="contains NaN or Inf values; re-export the series "
+                                                                  "without them")
+    if scaled:
+        warnings.warn(scaled, stacklevel=2)
 
     sc_path = sidecar_path_for(path)
     sidecar = _read_sidecar(sc_path) if sc_path.is_file() else {}
@@ -795,15 +880,37 @@ def _gzip(raw: bytes) -> bytes:
         return gzip.compress(raw, compresslevel=1)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n", encoding="utf-8")
+def write_json(path: Path, obj: Any, *, indent: int = 2) -> None:
+    """Write ``obj`` as strict JSON (RFC 8259): NaN and +-Infinity, which json.dumps would write as
+    the bare words NaN / Infinity that strict parsers reject, become null. Every JSON output goes
+    through here."""
+    Path(path).write_text(dumps_json(obj, indent=indent) + "\n", encoding="utf-8")
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
+def dumps_json(obj: Any, *, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON text: numpy scalars and arrays as numbers and lists, paths as strings,
+    non-finite numbers as null."""
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=False, allow_nan=False)
+
+
+def json_safe(obj: Any) -> Any:
+    """A copy of ``obj`` that strict JSON can hold: non-finite floats -> None, numpy -> Python,
+    tuples -> lists, paths -> strings; TypeError for anything else that JSON cannot hold."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {(k.item() if isinstance(k, np.generic) else str(k) if isinstance(k, Path) else k): json_safe(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
     if isinstance(obj, np.ndarray):
-        return obj.tolist()
+        return json_safe(obj.tolist())
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
