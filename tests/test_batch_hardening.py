@@ -130,7 +130,7 @@ def test_bids_runs_and_acquisitions_each_keep_their_outputs(bids_run, capsys):
         folder = SERIES[r["case"]]
         assert r["report"] == f"{folder}/{r['case']}_report.html"
         rep = json.loads((out / folder / f"{r['case']}_report.json").read_text())
-        assert any(name.endswith(f"/{r['case']}_dsc.nii.gz") for name in rep["inputs"])  # its own series
+        assert rep["inputs"]["dsc"]["file"] == f"{r['case']}_dsc.nii.gz"  # its own series
         assert all(f.startswith(r["case"] + "_") for f in rep["files"].values())  # every entity in the names
         marker = json.loads((out / folder / MARKER).read_text())
         assert marker["case"] == r["case"] and marker["out"] == folder  # ... and in the done-marker
@@ -268,9 +268,10 @@ def test_no_output_or_log_line_carries_a_folder_above_the_dataset(bids_run):
     for p in out.rglob("*"):  # no absolute path at all in what is text
         if p.is_file() and p.suffix in (".json", ".tsv", ".html"):
             assert str(tmp) not in p.read_text(), p
-    # files are still named, relative to the dataset (or DERIVATIVES/ for --derivatives)
+    # files are still named: relative to the dataset in the summary, by file name and hash in each case's
+    # report.json (analyze's own rule: no folder at all)
     rows = {r["case"]: r for r in _summary(out)}
     assert rows["sub-03"]["status"] == "failed" and "sub-03/perf/sub-03_dsc.nii.gz" in rows["sub-03"]["error"]
     rep = json.loads((out / SERIES["sub-01_run-1"] / "sub-01_run-1_report.json").read_text())
-    assert rep["brain"]["source"] == "DERIVATIVES/sub-01/perf/sub-01_label-brain_mask.nii.gz"
-    assert "sub-01/perf/sub-01_run-1_dsc.nii.gz" in rep["inputs"]
+    assert rep["brain"]["source"] == "sub-01_label-brain_mask.nii.gz"
+    assert rep["inputs"]["dsc"]["file"] == "sub-01_run-1_dsc.nii.gz" and len(rep["inputs"]["dsc"]["sha256"]) == 64

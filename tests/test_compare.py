@@ -128,7 +128,7 @@ def _analyze(case, out):
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
-    base = tmp_path_factory.mktemp("compare")
+    base = tmp_path_factory.mktemp("compare") / "DOE_JOHN_1957"  # a folder named after the patient (privacy)
     cases = {"prior": _write_case(base / "prior", PRIOR_LESIONS, seed=0),
              "current": _write_case(base / "current", CURRENT_LESIONS, seed=1, new_spot=True),
              "moved": _write_case(base / "moved", CURRENT_LESIONS, seed=1, motion=_motion())}
@@ -270,7 +270,7 @@ def test_compare_json_contract(study):
     assert d["disclaimer"] == DISCLAIMER
     for label in ("prior", "current"):
         rep = study["outs"][label] / "report.json"
-        assert d["inputs"][label]["report_json"] == str(rep)
+        assert d["inputs"][label]["report_json"] == "report.json"  # the file name, never its folder
         assert d["inputs"][label]["report_sha256"] == sha256(rep)
     t = d["thresholds"]
     assert (t["volume_growth_relative"], t["volume_shrink_relative"]) == (compare.VOLUME_GROWTH, compare.VOLUME_SHRINK)
@@ -278,6 +278,17 @@ def test_compare_json_contract(study):
     assert "RANO" in t["source"] and "Prah" in t["source"]
     assert d["units"]["volume_ml"] == "mL" and d["units"]["rcbv"] == "ratio"
     assert d["warnings"] == []  # same software, parameters, protocol and kind of reference
+
+
+def test_outputs_name_no_input_folder(study):
+    """Privacy (issue 17): compare.json and compare.html (the registered comparison too) hold neither the
+    analyze folders' paths nor the folder named after the patient above them; before, compare.json gave
+    both analyze folders and, when registered, both baseline images as absolute paths, and compare.html
+    showed the folders."""
+    for folder in (study["same"], study["moved"]):
+        for name in ("compare.json", "compare.html"):
+            text = (folder / name).read_text(encoding="utf-8")
+            assert "DOE_JOHN_1957" not in text and str(study["base"].parent) not in text, (folder.name, name)
 
 
 def test_html_is_self_contained_with_disclaimers(study):

@@ -177,6 +177,26 @@ def _wait_for_lock(proc: subprocess.Popen, out: Path, timeout: float = 60.0) -> 
     raise AssertionError("the first run never took the lock")
 
 
+@pytest.mark.parametrize("command", ["batch", "compare", "convert"])
+def test_every_writing_command_takes_the_folder_lock(command, phantom_case, tmp_path, capsys):
+    """batch, compare and convert take the same lock as analyze: while another run holds OUT (here this
+    process, through io.output_lock, on its own open file), each exits 5 with one line naming the
+    folder and writes nothing."""
+    from perfusion.io import output_lock
+
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = {"batch": ["batch", str(phantom_case["dsc"].parent.parent), str(out)],
+            "compare": ["compare", str(empty), str(empty), "--out", str(out)],
+            "convert": ["convert", str(empty), str(out)]}[command]
+    with output_lock(out):
+        assert main([*args, "-q"]) == 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another perfusion run is writing" in err[0] and str(out) in err[0], err
+    assert not out.exists()
+
+
 def test_second_run_into_the_same_out_fails_at_once(phantom_case, tmp_path):
     """Two real processes into one --out: while the first holds the folder, the second exits 5 at once
     with one line naming it; the first completes, and --out holds its outputs only."""

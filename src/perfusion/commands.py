@@ -493,16 +493,17 @@ def run_compare(*, prior: Path, current: Path, out: Path, force: bool = False, q
     """Compare two analyze output folders (prior, current) and write compare.json, compare.html and, when
     registered, prior_to_current.tfm into ``out``; return the content of compare.json."""
     from .compare import compare_folders, write_comparison
-    from .io import check_output_folder, staged_output
+    from .io import check_output_folder, output_lock, staged_output
 
     out = Path(out)
     check_output_folder(out, force=force)
     for folder in (prior, current):
         if Path(folder).is_dir() and out.resolve() == Path(folder).resolve():
             raise OutputError(f"{out}: is an input folder; choose a separate --out")
-    comparison = compare_folders(Path(prior), Path(current))
-    with staged_output(out, force=force) as stage:
-        write_comparison(comparison, stage)
+    with output_lock(out):  # one run at a time writes a folder (exit 5 for the second)
+        comparison = compare_folders(Path(prior), Path(current))
+        with staged_output(out, force=force) as stage:
+            write_comparison(comparison, stage)
     if not quiet:
         print_comparison(comparison.data, out)
     return comparison.data
@@ -575,51 +576,54 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
         layout_used, cases = discover(input_dir, layout=layout, derivatives=derivatives, roi_globs=tuple(roi_globs),
                                       brain_glob=brain_glob, reference_glob=reference_glob, aif_glob=aif_glob)
     _check_batch_out(input_dir, out, layout_used)
-    err = _console_err()
-    names = Names.of(input_dir, out, derivatives)  # log lines name files relative to INPUT, as the outputs do
-    if not quiet:
-        for w in caught:
-            err.print(f"perfusion: warning: {names.scrub(str(w.message))}")
-    interactive = sys.stdout.isatty() and not quiet
-    counts = {"ok": 0, "failed": 0}
+    from .io import output_lock
 
-    def log(r) -> None:
-        counts["ok" if r.status == "ok" else "failed"] += 1
-        if r.status != "ok":
-            err.print(f"perfusion: case {r.case_id} failed: {r.error}")
-        elif not quiet and not interactive:
-            how = "already done, skipped" if r.resumed else f"{r.seconds:.1f} s"
-            _console().print(f"case {r.case_id}: ok ({how})")
+    with output_lock(out):  # one run at a time writes OUT_DIR (a second batch fails at once, exit 5)
+        err = _console_err()
+        names = Names.of(input_dir, out, derivatives)  # log lines name files relative to INPUT, as the outputs do
+        if not quiet:
+            for w in caught:
+                err.print(f"perfusion: warning: {names.scrub(str(w.message))}")
+        interactive = sys.stdout.isatty() and not quiet
+        counts = {"ok": 0, "failed": 0}
 
-    if interactive:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                   TimeRemainingColumn)
+        def log(r) -> None:
+            counts["ok" if r.status == "ok" else "failed"] += 1
+            if r.status != "ok":
+                err.print(f"perfusion: case {r.case_id} failed: {r.error}")
+            elif not quiet and not interactive:
+                how = "already done, skipped" if r.resumed else f"{r.seconds:.1f} s"
+                _console().print(f"case {r.case_id}: ok ({how})")
 
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("done {task.fields[ok]}, failed {task.fields[failed]}, remaining {task.fields[left]}"),
-                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-        with Progress(*columns, console=_console()) as progress:
-            task = progress.add_task("cases", total=len(cases), ok=0, failed=0, left=len(cases))
+        if interactive:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
 
-            def on_done(r) -> None:
-                log(r)
-                done = counts["ok"] + counts["failed"]
-                progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"], left=len(cases) - done)
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("done {task.fields[ok]}, failed {task.fields[failed]}, remaining {task.fields[left]}"),
+                       TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+            with Progress(*columns, console=_console()) as progress:
+                task = progress.add_task("cases", total=len(cases), ok=0, failed=0, left=len(cases))
 
+                def on_done(r) -> None:
+                    log(r)
+                    done = counts["ok"] + counts["failed"]
+                    progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"], left=len(cases) - done)
+
+                batch = run_batch(cases, out, params, input_root=input_dir, derivatives=derivatives, jobs=jobs,
+                                  scheduler=scheduler, scheduler_file=scheduler_file, on_done=on_done)
+        else:
             batch = run_batch(cases, out, params, input_root=input_dir, derivatives=derivatives, jobs=jobs,
-                              scheduler=scheduler, scheduler_file=scheduler_file, on_done=on_done)
-    else:
-        batch = run_batch(cases, out, params, input_root=input_dir, derivatives=derivatives, jobs=jobs,
-                          scheduler=scheduler, scheduler_file=scheduler_file, on_done=log)
-    written = write_summary(out, batch, layout=layout_used, params=params)
-    if not quiet:
-        from . import DISCLAIMER
+                              scheduler=scheduler, scheduler_file=scheduler_file, on_done=log)
+        written = write_summary(out, batch, layout=layout_used, params=params)
+        if not quiet:
+            from . import DISCLAIMER
 
-        resumed = sum(1 for c in batch.cases if c.resumed)
-        _console().print(f"{len(batch.cases)} cases ({layout_used} layout): {len(batch.cases) - batch.n_failed} ok "
-                         f"({resumed} already done), {batch.n_failed} failed. Summary: {', '.join(written)} in OUT_DIR")
-        _console().print(DISCLAIMER)
-    return EXIT_PARTIAL if batch.n_failed else EXIT_OK
+            resumed = sum(1 for c in batch.cases if c.resumed)
+            _console().print(f"{len(batch.cases)} cases ({layout_used} layout): {len(batch.cases) - batch.n_failed} ok "
+                             f"({resumed} already done), {batch.n_failed} failed. Summary: {', '.join(written)} in OUT_DIR")
+            _console().print(DISCLAIMER)
+        return EXIT_PARTIAL if batch.n_failed else EXIT_OK
 
 
 def _console_err():
@@ -652,7 +656,7 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
     import re
 
     from .dicom import read_dicom_series
-    from .io import check_output_folder, staged_output, write_json, write_nifti
+    from .io import check_output_folder, output_lock, staged_output, write_json, write_nifti
 
     if name is not None and not re.fullmatch(_NAME_PATTERN, name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (e.g. sub-01)")
@@ -660,13 +664,14 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
     check_output_folder(out, force=force)
     if dicom_dir.is_dir() and (out.resolve() == dicom_dir.resolve() or dicom_dir.resolve() in out.resolve().parents):
         raise OutputError(f"{out}: lies inside the DICOM folder {dicom_dir}; choose an output folder outside it")
-    conv = read_dicom_series(dicom_dir, series=series)
-    info = conv.info
-    stem_ = name or (f"series-{info.number}" if info.number is not None else "series")
-    with staged_output(out, force=force) as stage:
-        write_nifti(stage / f"{stem_}_dsc.nii.gz", conv.data, conv.affine, tr=conv.tr_s,
-                    description=f"perfusion convert: DICOM series {info.number}")
-        write_json(stage / f"{stem_}_dsc.json", conv.sidecar)
+    with output_lock(out):  # one run at a time writes a folder (exit 5 for the second)
+        conv = read_dicom_series(dicom_dir, series=series)
+        info = conv.info
+        stem_ = name or (f"series-{info.number}" if info.number is not None else "series")
+        with staged_output(out, force=force) as stage:
+            write_nifti(stage / f"{stem_}_dsc.nii.gz", conv.data, conv.affine, tr=conv.tr_s,
+                        description=f"perfusion convert: DICOM series {info.number}")
+            write_json(stage / f"{stem_}_dsc.json", conv.sidecar)
     paths = {"dsc": out / f"{stem_}_dsc.nii.gz", "sidecar": out / f"{stem_}_dsc.json", "warnings": list(conv.warnings)}
     if not quiet:
         con = _console()
@@ -689,7 +694,8 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
     folder = Path(folder)
     infos = inspect(folder)
     dsc = [i.number for i in infos if i.is_dsc]
-    data = {"folder": str(folder), "dsc_series": dsc[0] if len(dsc) == 1 else None,
+    # no "folder": a DICOM folder is often named after the patient (privacy, issue 17)
+    data = {"dsc_series": dsc[0] if len(dsc) == 1 else None,
             "dsc_rule": f"a series with at least {MIN_FRAMES} frames; with several, choose one with --series N",
             "units": {"time": "s"}, "series": [i.as_dict() for i in infos]}
     if json_path is not None:
@@ -702,11 +708,11 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
         except OSError as exc:
             raise OutputError(f"{json_path}: cannot write ({exc.strerror}); choose another --json path") from None
     if not quiet:
-        print_dicom_inspect(data, json_path)
+        print_dicom_inspect(data, json_path, folder)
     return data
 
 
-def print_dicom_inspect(data: dict, json_path: Path | None) -> None:
+def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> None:
     from rich.table import Table
 
     con = _console()
@@ -714,7 +720,7 @@ def print_dicom_inspect(data: dict, json_path: Path | None) -> None:
     def num(x):
         return "-" if x is None else f"{x:.4g}"
 
-    table = Table(title=f"DICOM series in {data['folder']} (times in s)")
+    table = Table(title=f"DICOM series in {folder} (times in s)")
     for col in ("series", "files", "frames", "slices", "matrix", "TE", "TR", "frame order",
                 "interval (range)", "checks"):
         table.add_column(col, no_wrap=True)

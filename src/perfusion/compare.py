@@ -381,8 +381,9 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
             "reason": f"the two baseline.nii.gz lie on different grids ({why}): prior registered to current",
             "method": "rigid (6 parameters), Mattes mutual information, SimpleITK; prior rCBV resampled linearly "
                       "(NaN-aware), prior ROI masks by nearest neighbour, onto the current grid",
-            "fixed": str(output_path(current_folder, c_rep, "baseline")),
-            "moving": str(output_path(prior_folder, p_rep, "baseline")),
+            # file names only: the folders are often named after the patient (privacy, issue 17)
+            "fixed": f"current: {output_path(current_folder, c_rep, 'baseline').name}",
+            "moving": f"prior: {output_path(prior_folder, p_rep, 'baseline').name}",
             "transform_file": TRANSFORM_FILE,
             **transform.as_dict(),
         }
@@ -434,7 +435,7 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "inputs": {
-            label: {"folder": str(tp.folder), "report_json": str(tp.report_path),
+            label: {"report_json": tp.report_path.name,
                     "report_sha256": sha256(tp.report_path), "analysis_created_utc": tp.report.get("created_utc"),
                     "software_version": tp.report.get("software", {}).get("version")}
             for label, tp in (("prior", prior), ("current", current))},
@@ -598,8 +599,9 @@ def build_html(comp: Comparison) -> str:
     ins = d["inputs"]
     parts.append(
         f"<p>perfusion {_e(__version__)}, {_e(d['created_utc'])}.</p><table>"
-        "<tr><th>time point</th><th>folder</th><th>analysed (UTC)</th><th>perfusion version</th></tr>"
-        + "".join(f"<tr><td>{label}</td><td>{_e(ins[label]['folder'])}</td><td>{_e(ins[label]['analysis_created_utc'])}"
+        "<tr><th>time point</th><th>report SHA-256</th><th>analysed (UTC)</th><th>perfusion version</th></tr>"
+        + "".join(f"<tr><td>{label}</td><td>{_e(str(ins[label]['report_sha256'])[:16])}</td>"
+                  f"<td>{_e(ins[label]['analysis_created_utc'])}"
                   f"</td><td>{_e(ins[label]['software_version'])}</td></tr>" for label in ("prior", "current"))
         + "</table>")
     reg = d["registration"]

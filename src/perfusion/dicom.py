@@ -862,7 +862,7 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
             img = nib.load(str(nifti))
             from .io import signal_float32
 
-            raw = np.asarray(img.dataobj)
+            pixels = np.asarray(img.dataobj)
             affine = np.asarray(img.affine, dtype=np.float64)
         except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a truncated file
             if isinstance(exc, MemoryError):
@@ -871,7 +871,7 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
                 raise _tmp_full(work, "dcm2niix's image is truncated") from None
             raise InputError(f"{folder}: series {info.number}: dcm2niix wrote an unreadable image "
                              f"({type(exc).__name__}); check the series with perfusion dicom-inspect") from None
-        data, scaled = signal_float32(raw, where=f"{folder}: series {info.number}",
+        data, scaled = signal_float32(pixels, where=f"{folder}: series {info.number}",
                                       nonfinite="the converted series holds NaN or Inf; re-export the series")
         if scaled:
             warns.append(scaled)
