@@ -45,6 +45,11 @@ class Series:
     tr_source: str
     sidecar_path: Path | None = None
     sidecar: dict[str, Any] = field(default_factory=dict)
+    # multi-echo (echoes.combine_echoes): the echoes by TE (echoes.Echo), how they were combined into
+    # ``data`` (whose TE is then the effective TE), and notes; empty for a single echo
+    echoes: tuple = ()
+    echo_combination: str = ""
+    echo_notes: tuple[str, ...] = ()
 
     @property
     def shape3d(self) -> tuple[int, int, int]:
