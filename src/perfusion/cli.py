@@ -150,7 +150,7 @@ def _internal(exc: Exception):
 @app.command()
 @_guard
 def analyze(
-    dsc: Annotated[Path, typer.Argument(help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files.")],
+    dsc: Annotated[list[Path], typer.Argument(help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files; for a multi-echo run, one series per echo (any order; each with its sidecar's EchoTime).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")],
     mask: Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")] = None,
     aif: Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")] = "auto",
@@ -184,7 +184,7 @@ def analyze(
                   aif_voxels=aif_voxels, weeks_since_radiation=weeks_since_radiation)
     from .commands import run_analyze
 
-    run_analyze(dsc=dsc, out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
+    run_analyze(dsc=dsc[0] if len(dsc) == 1 else list(dsc), out=out, mask=mask, aif=aif, reference=reference, rois=roi or [], method=method,
                 threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate, te=te, tr=tr,
                 rcbv_low=rcbv_low,
                 rcbv_high=rcbv_high, aif_voxels=aif_voxels, aif_selection=aif_selection, vof=vof,

@@ -28,28 +28,60 @@ def own_warnings(caught) -> list[str]:
             if w.category is UserWarning or w.category.__module__.startswith("perfusion")]
 
 
+def dsc_list(dsc) -> list[Path]:
+    """The series argument as a list: one NIfTI or DICOM folder, or the echoes of a multi-echo run."""
+    return [Path(p) for p in dsc] if isinstance(dsc, (list, tuple)) else [Path(dsc)]
+
+
+def check_echo_options(dscs: list[Path], *, te: float | None, dicom_series: int | None) -> None:
+    """Several series are echoes of one run: each TE comes from its sidecar, and none may be a folder."""
+    for p in dscs:
+        if p.is_dir():
+            raise UsageError(f"{p}: a DICOM folder holds its own echoes; give it alone (perfusion analyze FOLDER)")
+    if te is not None:
+        raise UsageError(f"--te {te:g}: {len(dscs)} echoes were given, each with its own TE; leave --te out and give "
+                         "each echo's EchoTime (s) in its JSON sidecar")
+    if dicom_series is not None:
+        raise UsageError(f"--series {dicom_series} applies to a DICOM folder, not to NIfTI echoes; leave it out")
+    if len({p.resolve() for p in dscs}) < len(dscs):
+        raise UsageError(f"{dscs[0]}: a file is given twice; give each echo once")
+
+
 def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
                 te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
     A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
-    from .io import check_roi_names, load_mask, load_series, mask_regions, stem
+    from .io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
     from .pipeline import Inputs
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
     check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
+    dscs = dsc_list(dsc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if Path(dsc).is_dir():
+        if len(dscs) > 1:  # the echoes of one multi-echo acquisition (echoes.py)
+            from .echoes import combine_echoes
+
+            check_echo_options(dscs, te=te, dicom_series=dicom_series)
+            series = combine_echoes([load_series(p, te=None, tr=tr) for p in dscs])
+            for note in series.echo_notes:
+                warnings.warn(note, stacklevel=1)
+        elif dscs[0].is_dir():
             from .dicom import load_dicom_series
 
-            series = load_dicom_series(dsc, te=te, tr=tr, series=dicom_series)
+            series = load_dicom_series(dscs[0], te=te, tr=tr, series=dicom_series)
         else:
             if dicom_series is not None:
-                raise UsageError(f"{dsc}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
-            series = load_series(dsc, te=te, tr=tr)
-        paths: dict[str, Path] = {"dsc": Path(dsc)}
+                raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+            series = load_series(dscs[0], te=te, tr=tr)
+        paths: dict[str, Path] = {"dsc": Path(series.path)}
+        for i, echo in enumerate(series.echoes[1:], start=2):  # echo 1 (shortest TE) is "dsc"
+            paths[f"dsc_echo-{i}"] = Path(echo.path)
+            side = sidecar_path_for(Path(echo.path))
+            if side.is_file():
+                paths[f"dsc_echo-{i}_sidecar"] = side
         # masks (io.mask_regions): a brain mask's labels are merged (a tissue segmentation); an AIF, VOF or
         # reference label map is refused (one region each); an ROI label map is one ROI per label
         brain = load_mask(mask, series, what="brain mask", labels="merge") if mask else None
@@ -167,7 +199,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     out = Path(out)
     check_output_folder(out, force=force)
     given = _input_files(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=rois, vof=vof, anat=anat)
-    _check_out_spares_inputs(out, dsc=Path(dsc), given=given, rois=rois)
+    _check_out_spares_inputs(out, dsc=dsc, given=given, rois=rois)
     with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
         check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
         from .pipeline import write_result
@@ -196,9 +228,11 @@ def _input_files(*, dsc: Path, mask: Path | None, aif: str, reference: Path | No
     is itself)."""
     from .io import sidecar_path_for
 
-    files = [Path(dsc)]
-    if not Path(dsc).is_dir():
-        files.append(sidecar_path_for(Path(dsc)))
+    files = []
+    for p in dsc_list(dsc):
+        files.append(p)
+        if not p.is_dir():
+            files.append(sidecar_path_for(p))
     files += [Path(p) for p in (mask, reference, anat, *rois) if p is not None]
     files += [Path(p) for p in (aif, vof) if p not in ("auto", "none", "guarded")]
     return files
@@ -211,12 +245,13 @@ def _check_out_spares_inputs(out: Path, *, dsc: Path, given: list[Path], rois) -
     from .io import analyze_output_names, inputs_replaced_in, stem
 
     target = out.resolve()
-    if Path(dsc).is_dir():
-        folder = Path(dsc).resolve()
-        if target == folder or folder in target.parents:
-            raise OutputError(f"{out}: lies inside the DICOM folder {dsc}; choose an output folder outside it")
-    elif target in (Path(dsc).resolve().parent, Path(dsc).absolute().parent.resolve()):
-        raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    for one in dsc_list(dsc):
+        if one.is_dir():
+            folder = one.resolve()
+            if target == folder or folder in target.parents:
+                raise OutputError(f"{out}: lies inside the DICOM folder {one}; choose an output folder outside it")
+        elif target in (one.resolve().parent, one.absolute().parent.resolve()):
+            raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
     replaced = inputs_replaced_in(out, given, analyze_output_names([stem(p) for p in rois]))
     if replaced:
         raise UsageError(f"{replaced[0]}: is an input of this run and an output of the same name would replace it "

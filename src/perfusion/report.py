@@ -43,6 +43,9 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
             "shape": list(s.data.shape), "voxel_volume_ml": s.voxel_volume_ml,
             "flip_angle_deg": s.sidecar.get("FlipAngle"),
             "field_strength_t": s.sidecar.get("MagneticFieldStrength"),
+            # multi-echo (echoes.py): each echo's TE and file, how delta R2* was formed; te is then TE_last - TE1
+            "echoes": [e.as_dict() for e in s.echoes] or None,
+            "echo_combination": s.echo_combination or "single echo",
         },
         "parameters": cfg.as_dict(),
         "baseline": result.baseline.as_dict(s.tr),

@@ -182,6 +182,14 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
         "" if (is15 or is3) else "the consensus TE is defined for 1.5 T and 3 T only")
 
     te = _num(acq.get("te"))
+    echoes = acq.get("echoes") or []
+    if echoes:  # multi-echo: te is the effective TE; the consensus TE is the long echo's
+        tes = [_num(e.get("te_s")) for e in echoes]
+        kind = "dual echo" if len(echoes) == 2 else f"{len(echoes)} echoes"
+        row("Echoes", f"{kind} (TE {', '.join('?' if t is None else f'{t * 1000:.3g}' for t in tes)} ms)",
+            "single or multi echo", True, "delta R2* from the echoes is free of T1 leakage effects "
+            "(Vonken 1999); the leakage correction still runs for T2* effects")
+        te = tes[-1]
     if te is None:
         row("TE", "not recorded", "40-50 ms (1.5 T), 20-35 ms (3 T)", False)
     else:
