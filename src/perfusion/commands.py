@@ -28,7 +28,7 @@ def own_warnings(caught) -> list[str]:
             if w.category is UserWarning or w.category.__module__.startswith("perfusion")]
 
 
-def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
+def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
                 te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
@@ -41,7 +41,13 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
     check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if Path(dsc).is_dir():
+        echo_files = list(dsc) if isinstance(dsc, (list, tuple)) else [dsc]
+        dsc = echo_files[0]
+        if len(echo_files) > 1:  # the echoes of one multi-echo run
+            from .echoes import combine_echoes
+
+            series = combine_echoes([load_series(p, te=None, tr=tr) for p in echo_files])
+        elif Path(dsc).is_dir():
             from .dicom import load_dicom_series
 
             series = load_dicom_series(dsc, te=te, tr=tr, series=dicom_series)

@@ -1,0 +1,158 @@
+"""Multi-echo DSC inputs (issue 18): BIDS ``echo-<index>`` files of one run are one case in ``batch``;
+a DICOM series with several echoes (EchoNumbers, EchoTime per echo) is one multi-echo series in
+``dicom-inspect``, ``convert`` and ``analyze FOLDER``.
+
+Test data: the session phantom (TE 25 ms, SNR 150) turned into two echoes. With S the phantom's
+signal and S0 its baseline (frames 2-11), echo e is  A_e S0 (S / S0)^(TE_e / TE), A_e a T2* factor,
+so the echo ratio gives exactly the phantom's delta R2* (noise included) when TE2 - TE1 = TE:
+TE1 15 ms, TE2 40 ms. A dual-echo case must then give the single-echo case's rCBV (float32 storage
+and the first-echo fallback at the noise floor are the only differences).
+"""
+
+import contextlib
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import folder_digest
+from perfusion.cli import main
+
+TE1, TE2 = 0.015, 0.040
+#: dual vs single echo median rCBV: same delta R2* up to float32 rounding and the noise-floor fallback
+RCBV_RTOL = 0.02
+
+
+def run(args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+def echo_signals(signal: np.ndarray, te: float, tes=(TE1, TE2), amplitudes=(1.2, 0.8)) -> list[np.ndarray]:
+    """The phantom's signal (x y z t) at other echo times: A_e S0 (S / S0)^(TE_e / TE) (module docstring)."""
+    s = np.maximum(signal.astype(np.float64), 1.0)
+    s0 = np.maximum(s[..., 2:12].mean(axis=-1, keepdims=True), 1.0)
+    ratio = s / s0
+    return [a * s0 * ratio ** (t / te) for t, a in zip(tes, amplitudes)]
+
+
+def write_echo(path: Path, data: np.ndarray, affine: np.ndarray, *, te: float, tr: float = 1.5) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data.astype(np.float32), affine), path)
+    Path(str(path).replace(".nii.gz", ".json")).write_text(json.dumps({"EchoTime": te, "RepetitionTime": tr}))
+
+
+@pytest.fixture(scope="module")
+def phantom_echoes(phantom_case):
+    img = nib.load(phantom_case["dsc"])
+    te = json.loads(Path(str(phantom_case["dsc"]).replace(".nii.gz", ".json")).read_text())["EchoTime"]
+    assert te == pytest.approx(TE2 - TE1)
+    return {"signal": np.asarray(img.dataobj), "affine": img.affine, "te": te,
+            "echoes": echo_signals(np.asarray(img.dataobj), te)}
+
+
+def rows_of(out: Path) -> list[dict]:
+    return json.loads((out / "summary.json").read_text())["rows"]
+
+
+# -------------------------------------------------------------------------------------------- BIDS
+
+
+@pytest.fixture(scope="module")
+def bids_run(phantom_case, phantom_echoes, tmp_path_factory):
+    """A BIDS dataset: sub-01 run-1 echo-1 + echo-3 (no echo-2), sub-01 run-2 echo-1 + echo-2 with one
+    frame fewer, sub-02 a single echo (the phantom as it is); a brain mask named for echo-1 of run-1,
+    a tumour mask per subject. Run through ``perfusion batch``."""
+    root = tmp_path_factory.mktemp("echo-bids") / "DOE_JOHN" / "ds"
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    e1, e2 = phantom_echoes["echoes"]
+    aff = phantom_echoes["affine"]
+    perf1 = root / "sub-01" / "perf"
+    write_echo(perf1 / "sub-01_run-1_echo-1_dsc.nii.gz", e1, aff, te=TE1)
+    write_echo(perf1 / "sub-01_run-1_echo-3_dsc.nii.gz", e2, aff, te=TE2)
+    write_echo(perf1 / "sub-01_run-2_echo-1_dsc.nii.gz", e1, aff, te=TE1)
+    write_echo(perf1 / "sub-01_run-2_echo-2_dsc.nii.gz", e2[..., :-1], aff, te=TE2)
+    perf2 = root / "sub-02" / "perf"
+    perf2.mkdir(parents=True)
+    shutil.copy(phantom_case["dsc"], perf2 / "sub-02_dsc.nii.gz")
+    shutil.copy(str(phantom_case["dsc"]).replace(".nii.gz", ".json"), perf2 / "sub-02_dsc.json")
+    masks = root / "derivatives" / "masks"
+    for sub in ("sub-01", "sub-02"):
+        (masks / sub).mkdir(parents=True)
+        shutil.copy(phantom_case["lesion_hyper"], masks / sub / f"{sub}_label-tumor_mask.nii.gz")
+        shutil.copy(phantom_case["nawm"], masks / sub / f"{sub}_label-nawm_mask.nii.gz")
+    shutil.copy(phantom_case["brain"], masks / "sub-01" / "sub-01_run-1_echo-1_label-brain_mask.nii.gz")
+    before = folder_digest(root)
+    out = root.parent / "out"
+    code, stdout, err = run(["batch", root, out, "-q"])
+    return {"root": root, "out": out, "code": code, "stdout": stdout, "err": err, "before": before}
+
+
+def test_bids_echoes_of_one_run_are_one_case(bids_run):
+    out, root = bids_run["out"], bids_run["root"]
+    assert bids_run["code"] == 3, bids_run["err"]  # run-2's echoes do not match: that case only fails
+    rows = {r["case"]: r for r in rows_of(out)}
+    assert set(rows) == {"sub-01_run-1", "sub-01_run-2", "sub-02"}  # echoes grouped, runs never mixed
+    assert rows["sub-01_run-1"]["status"] == rows["sub-02"]["status"] == "ok"
+    folder = out / "sub-01" / "run-1" / "perf"  # the echo entity leaves the folder name, run stays
+    report = json.loads((folder / "sub-01_run-1_report.json").read_text())
+    acq = report["acquisition"]
+    assert acq["te"] == pytest.approx(TE2 - TE1) and acq["te_source"].startswith("multi-echo")
+    assert "15" in acq["te_source"] and "40" in acq["te_source"]
+    marker = json.loads((folder / ".perfusion-done.json").read_text())
+    hashed = marker["fingerprint"]["inputs"]
+    for name in ("sub-01/perf/sub-01_run-1_echo-1_dsc.nii.gz", "sub-01/perf/sub-01_run-1_echo-3_dsc.nii.gz",
+                 "sub-01/perf/sub-01_run-1_echo-1_dsc.json", "sub-01/perf/sub-01_run-1_echo-3_dsc.json",
+                 "derivatives/masks/sub-01/sub-01_run-1_echo-1_label-brain_mask.nii.gz"):
+        assert name in hashed, name
+    assert not [p for p in out.rglob("*") if "echo-" in p.name]
+    # the same delta R2* as the single echo: the same rCBV
+    assert float(rows["sub-01_run-1"]["rcbv_median"]) == pytest.approx(float(rows["sub-02"]["rcbv_median"]),
+                                                                        rel=RCBV_RTOL)
+    single = json.loads((out / "sub-02" / "perf" / "sub-02_report.json").read_text())["acquisition"]
+    assert single["te"] == pytest.approx(0.025) and not single["te_source"].startswith("multi-echo")
+
+
+def test_bids_mismatched_echoes_fail_that_case_only(bids_run):
+    out, err = bids_run["out"], bids_run["err"]
+    row = next(r for r in rows_of(out) if r["case"] == "sub-01_run-2")
+    assert row["status"] == "failed"
+    assert "sub-01_run-2_echo-2_dsc.nii.gz: 79 frames" in row["error"] and "80" in row["error"]
+    assert "echoes of one DSC run" in row["error"]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "sub-01_run-2" in lines[0] and "Traceback" not in err
+    assert not (out / "sub-01" / "run-2").exists()
+
+
+def test_bids_echo_inputs_unchanged_and_named_relative(bids_run):
+    root, out = bids_run["root"], bids_run["out"]
+    assert folder_digest(root) == bids_run["before"]
+    for p in out.rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".tsv", ".html"):
+            text = p.read_text(encoding="utf-8", errors="replace")
+            assert str(root) not in text and "DOE_JOHN" not in text, p
+    assert "DOE_JOHN" not in bids_run["stdout"] + bids_run["err"]
+
+
+def test_bids_echo_resume_sees_each_echo(bids_run, tmp_path):
+    """The done-marker hashes every echo: a changed second echo re-runs the case, nothing else does."""
+    root = tmp_path / "ds"
+    shutil.copytree(bids_run["root"], root)
+    out = tmp_path / "out"
+    shutil.copytree(bids_run["out"], out)
+    code, stdout, err = run(["batch", root, out])
+    assert code == 3 and "sub-01_run-1: ok (already done" in stdout and "sub-02: ok (already done" in stdout
+    echo3 = root / "sub-01" / "perf" / "sub-01_run-1_echo-3_dsc.json"
+    echo3.write_text(json.dumps({"EchoTime": 0.045, "RepetitionTime": 1.5}))
+    code, stdout, err = run(["batch", root, out])
+    assert code == 3 and re.search(r"sub-01_run-1: ok \(\d", stdout) and "sub-02: ok (already done" in stdout
+    report = json.loads((out / "sub-01" / "run-1" / "perf" / "sub-01_run-1_report.json").read_text())
+    assert report["acquisition"]["te"] == pytest.approx(0.045 - TE1)
