@@ -156,3 +156,106 @@ def test_bids_echo_resume_sees_each_echo(bids_run, tmp_path):
     assert code == 3 and re.search(r"sub-01_run-1: ok \(\d", stdout) and "sub-02: ok (already done" in stdout
     report = json.loads((out / "sub-01" / "run-1" / "perf" / "sub-01_run-1_report.json").read_text())
     assert report["acquisition"]["te"] == pytest.approx(0.045 - TE1)
+
+
+# ------------------------------------------------------------------------------------------- DICOM
+
+
+def write_dual_echo(folder: Path, echoes: list[np.ndarray], affine: np.ndarray, *, tes=(TE1, TE2), seed=5,
+                    mutate=None) -> None:
+    """The echoes (x y z t, RAS affine) as one DICOM series: axial LPS slices, EchoNumbers 1, 2, ...,
+    shared UIDs (test_dicom.write_dicom_series); ``mutate(echo_number)`` gives that echo's mutate."""
+    from pydicom.uid import generate_uid
+    from test_dicom import write_dicom_series
+
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine),
+                                           nib.orientations.axcodes2ornt(("L", "P", "S")))
+    lps_affine = affine @ nib.orientations.inv_ornt_aff(ornt, echoes[0].shape[:3])
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    for n, (data, te) in enumerate(zip(echoes, tes), 1):
+        lps = nib.orientations.apply_orientation(data, ornt)
+        write_dicom_series(folder, lps, lps_affine, tr=1.5, te=te, series_number=7, seed=seed + n, echo_number=n,
+                           uids=uids, mutate=mutate(n) if mutate else None)
+
+
+@pytest.fixture(scope="module")
+def dicom_run(phantom_echoes, tmp_path_factory):
+    """The dual-echo phantom as one DICOM series in a folder named like a patient; dicom-inspect,
+    convert and analyze FOLDER on it."""
+    pytest.importorskip("pydicom")
+    root = tmp_path_factory.mktemp("echo-dicom")
+    folder = root / "DOE_JANE"
+    write_dual_echo(folder, phantom_echoes["echoes"], phantom_echoes["affine"])
+    before = folder_digest(folder)
+    res = {"root": root, "folder": folder, "before": before}
+    res["inspect"] = run(["dicom-inspect", folder, "--json", root / "inspect.json"])
+    res["convert"] = run(["convert", folder, root / "conv", "--name", "sub-01"])
+    res["analyze"] = run(["analyze", folder, "--out", root / "ana", "-q"])
+    return res
+
+
+def test_dicom_inspect_lists_the_echoes(dicom_run):
+    code, out, err = dicom_run["inspect"]
+    assert code == 0, err
+    data = json.loads((dicom_run["root"] / "inspect.json").read_text())
+    (s,) = data["series"]
+    assert s["errors"] == [] and s["frames"] == 80 and s["slices_per_frame"] == 5 and s["n_files"] == 800
+    assert [(e["echo"], e["echo_number"], e["n_files"]) for e in s["echoes"]] == [(1, 1, 400), (2, 2, 400)]
+    assert [e["echo_time_s"] for e in s["echoes"]] == pytest.approx([TE1, TE2])
+    assert data["dsc_series"] == 7
+    assert "0.015, 0.04" in out and "2 echoes" in out and "DOE_JANE" not in json.dumps(data)
+
+
+def test_dicom_convert_writes_one_file_per_echo(dicom_run, phantom_echoes):
+    code, out, err = dicom_run["convert"]
+    assert code == 0, err
+    conv = dicom_run["root"] / "conv"
+    assert sorted(p.name for p in conv.iterdir()) == ["sub-01_echo-1_dsc.json", "sub-01_echo-1_dsc.nii.gz",
+                                                       "sub-01_echo-2_dsc.json", "sub-01_echo-2_dsc.nii.gz"]
+    for n, te in ((1, TE1), (2, TE2)):
+        side = json.loads((conv / f"sub-01_echo-{n}_dsc.json").read_text())
+        assert side["EchoTime"] == pytest.approx(te) and side["EchoNumber"] == n
+        img = nib.as_closest_canonical(nib.load(conv / f"sub-01_echo-{n}_dsc.nii.gz"))
+        np.testing.assert_allclose(img.affine, phantom_echoes["affine"], atol=1e-4)
+        # uint16 storage with slope 0.3 rounds by at most 0.15 (test_dicom QUANT_ATOL), float32 near 1e4
+        np.testing.assert_allclose(img.get_fdata(), phantom_echoes["echoes"][n - 1], atol=0.15 + 2e-3)
+
+
+def test_dicom_analyze_folder_combines_the_echoes(dicom_run, phantom_case):
+    code, out, err = dicom_run["analyze"]
+    assert code == 0, err
+    report = json.loads((dicom_run["root"] / "ana" / "report.json").read_text())
+    acq = report["acquisition"]
+    assert acq["te"] == pytest.approx(TE2 - TE1) and acq["te_source"].startswith("multi-echo")
+    assert acq["n_frames"] == 80
+    for p in (dicom_run["root"] / "ana").rglob("*"):
+        if p.is_file() and p.suffix in (".json", ".tsv", ".html"):
+            assert "DOE_JANE" not in p.read_text(encoding="utf-8", errors="replace"), p
+    assert folder_digest(dicom_run["folder"]) == dicom_run["before"]
+
+
+def test_dicom_echo_siblings_are_one_line_errors(tmp_path):
+    """An echo missing its last frame (exit 4), --te for a multi-echo series (exit 2), two echoes with
+    one EchoTime (exit 4): one line naming the folder and the fix, nothing written."""
+    pytest.importorskip("pydicom")
+    from test_dicom import small_series
+
+    data, affine = small_series(shape=(12, 10, 3, 20))
+    folder = tmp_path / "short"
+    write_dual_echo(folder, [data, 0.7 * data], affine,
+                    mutate=lambda n: (lambda ds, t, k: None if n == 2 and t == 19 else ds))
+    code, out, err = run(["convert", folder, tmp_path / "out"])
+    lines = err.strip().splitlines()
+    assert code == 4 and len(lines) == 1 and "echo 2" in err and "19" in err and "re-export" in err, err
+    assert not (tmp_path / "out").exists()
+
+    folder = tmp_path / "ok"
+    write_dual_echo(folder, [data, 0.7 * data], affine)
+    code, out, err = run(["analyze", folder, "--out", tmp_path / "ana", "--te", "0.03"])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "2 echoes" in err and "leave --te out" in err, err
+    assert not (tmp_path / "ana").exists() or not any((tmp_path / "ana").iterdir())
+
+    folder = tmp_path / "same-te"
+    write_dual_echo(folder, [data, 0.7 * data], affine, tes=(0.03, 0.03))
+    code, out, err = run(["convert", folder, tmp_path / "out3"])
+    assert code == 4 and len(err.strip().splitlines()) == 1 and "EchoTime" in err and "Traceback" not in err, err
