@@ -6,7 +6,8 @@ Test data: the session phantom (TE 25 ms, SNR 150) turned into two echoes. With 
 signal and S0 its baseline (frames 2-11), echo e is  A_e S0 (S / S0)^(TE_e / TE), A_e a T2* factor,
 so the echo ratio gives exactly the phantom's delta R2* (noise included) when TE2 - TE1 = TE:
 TE1 15 ms, TE2 40 ms. A dual-echo case must then give the single-echo case's rCBV (float32 storage
-and the first-echo fallback at the noise floor are the only differences).
+and the first-echo fallback at the noise floor are the only differences). A threshold-free check:
+the data follow the echo model exactly, so no constant here is tuned on them.
 """
 
 import contextlib
@@ -24,8 +25,9 @@ from conftest import folder_digest
 from perfusion.cli import main
 
 TE1, TE2 = 0.015, 0.040
-#: dual vs single echo median rCBV: same delta R2* up to float32 rounding and the noise-floor fallback
-RCBV_RTOL = 0.02
+#: dual vs single echo median rCBV: the same delta R2* up to float32 rounding and the noise-floor
+#: fallback; measured 1.2e-5 (hyper, 2.98949 vs 2.98945) and 1.7e-5 (hypo) relative on this phantom
+RCBV_RTOL = 1e-3
 
 
 def run(args) -> tuple[int, str, str]:
