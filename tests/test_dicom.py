@@ -68,18 +68,24 @@ SHORT_TOKENS = ["4711", "0815"]
 
 def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, tr: float, te: float,
                        series_number: int, seed: int, slope: float = SLOPE, intercept: float = INTERCEPT,
-                       temporal: bool = True, description: str = "ep2d_perf Planted", mutate=None) -> int:
+                       temporal: bool = True, description: str = "ep2d_perf Planted", mutate=None,
+                       echo_number: int | None = None, uids: tuple[str, str, str] | None = None) -> int:
     """Write ``data`` (x, y, z, t; signal, a.u.) as single-frame MR images into ``folder``; ``affine``
     (NIfTI, RAS, mm) places voxel (i, j, k): columns run along i, rows along j. TE/TR in s (written
     in ms). ``mutate(ds, t, k)`` may change a dataset or return None to leave it out. Returns the
-    number of files written."""
+    number of files written.
+
+    One echo of a multi-echo series: ``echo_number`` (EchoNumbers, 0018,0086) and the study, series and
+    frame-of-reference UIDs shared by the echoes (``uids``); call once per echo with its TE, into one
+    folder. As a scanner does, the echoes of a slice and frame share their AcquisitionTime; dcm2niix
+    splits them by EchoNumbers / EchoTime into one NIfTI per echo."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     nx, ny, nz, nt = data.shape
     lps = np.array([-1.0, -1.0, 1.0])
     col_step, row_step = affine[:3, 0], affine[:3, 1]  # world step per column (i), per row (j)
     iop = [*(col_step * lps / np.linalg.norm(col_step)), *(row_step * lps / np.linalg.norm(row_step))]
-    study, series, frame_of_ref = generate_uid(), generate_uid(), generate_uid()
+    study, series, frame_of_ref = uids or (generate_uid(), generate_uid(), generate_uid())
     start = 10 * 3600 + 15 * 60.0
     datasets = []
     for t in range(nt):
@@ -100,6 +106,8 @@ def write_dicom_series(folder: Path, data: np.ndarray, affine: np.ndarray, *, tr
             ds.Manufacturer, ds.ManufacturerModelName = "SIEMENS", "Prisma"
             ds.MagneticFieldStrength = 3
             ds.EchoTime, ds.RepetitionTime = te * 1000.0, tr * 1000.0
+            if echo_number is not None:
+                ds.EchoNumbers = echo_number
             ds.FlipAngle = 60
             ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = "EP", "SK", "2D"
             ds.ImageType = ["ORIGINAL", "PRIMARY", "PERFUSION", "NONE"]

@@ -77,8 +77,14 @@ class BatchResult:
 
 
 def case_inputs(case) -> list[Path]:
-    """Every input file of a case (series, sidecar, masks) in a fixed order."""
-    paths = [case.dsc, getattr(case, "sidecar", None), case.brain, case.reference, case.aif, *case.rois]
+    """Every input file of a case (series, sidecar, masks) in a fixed order; every echo of a multi-echo
+    run and each echo's sidecar."""
+    echoes = tuple(getattr(case, "echoes", ()) or ())
+    if echoes:
+        series = [*echoes, *getattr(case, "echo_sidecars", ())]
+    else:
+        series = [case.dsc, getattr(case, "sidecar", None)]
+    paths = [*series, case.brain, case.reference, case.aif, *case.rois]
     return [Path(p) for p in paths if p is not None]
 
 
@@ -282,7 +288,8 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
 
         analysis = {k: v for k, v in params.items() if k not in ("te", "tr")}
         config = make_config(**analysis)
-        result, inputs = compute_case(config, dsc=case.dsc, mask=case.brain, reference=case.reference,
+        echoes = list(getattr(case, "echoes", ()) or ())
+        result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain, reference=case.reference,
                                       aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
                                       te=params.get("te"), tr=params.get("tr"),
                                       vof=params.get("vof", "guarded"), roi_names=roi_names(case))

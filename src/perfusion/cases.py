@@ -17,6 +17,15 @@ BIDS layout (``layout="bids"``, or ``"auto"`` when the root holds ``dataset_desc
     ``.json`` twin of the series (a missing one is not a problem: TE/TR can be given as options). The
     file name's ``sub-`` / ``ses-`` must agree with the folders it lies in.
 
+    Multi-echo runs: files of one perf folder whose names differ only in the ``echo-<index>`` entity
+    (``sub-01_run-1_echo-1_dsc.nii.gz``, ``sub-01_run-1_echo-2_dsc.nii.gz``) are ONE case
+    (``Case.echoes``, ordered by echo index; ``dsc`` is the first); its ``case_id``, ``prefix`` and
+    output folder are the name without the echo entity (``sub-01_run-1``, ``sub-01/run-1/perf``). Echo
+    indices need not be consecutive; runs, sessions or acquisitions never mix. Two files of one echo
+    index (``.nii`` and ``.nii.gz``) are the case's problem. A lone ``echo-`` file is a case as any
+    other (its name keeps the entity). A mask carrying ``echo-`` applies to a multi-echo case when
+    that index is one of its echoes.
+
     Masks come from every folder under ``ROOT/derivatives/`` (or the ``derivatives`` argument, which
     may lie outside the root, and then replaces it), at any depth, named
     ``sub-<label>[_ses-<label>][_<entity>-<value>...]_label-<name>[_desc-<value>]_mask.nii.gz``
@@ -135,6 +144,13 @@ class Case:
     problem: str | None = None  # why the case cannot run: one line naming the file and the fix
     sidecar: Path | None = None  # the DSC file's JSON twin, when present
     notes: tuple[str, ...] = ()  # things worth knowing that do not stop the case (no ROI, empty pattern)
+    echoes: tuple[Path, ...] = ()  # a multi-echo run: every echo's file by echo index (dsc is the first); else ()
+    echo_sidecars: tuple[Path, ...] = ()  # the echoes' JSON twins that are present
+
+    @property
+    def series_paths(self) -> list[Path]:
+        """The series file(s) to analyse: the echoes of a multi-echo run, else [dsc]."""
+        return list(self.echoes) if self.echoes else ([self.dsc] if self.dsc is not None else [])
 
 
 def discover(root: Path, *, layout: str = "auto", derivatives: Path | None = None,
@@ -232,20 +248,64 @@ def _discover_bids(given: Path, root: Path, top: list[_Entry], bases: _Bounds,
             case_id = f"{sub.name}_{ses_name}" if ses_name else sub.name
             files = _scan_or_case(perf, bases, case_id=case_id, out_rel=perf_rel, cases=cases)
             by_name = {f.name: f for f in files or ()}
-            for f in files or ():
-                if (f.is_file or f.broken) and f.name.endswith(_DSC_SUFFIXES):
-                    cases.append(_bids_case(f, sub.name, ses_name, by_name, root, bases, index, patterns))
+            dscs = [f for f in files or () if (f.is_file or f.broken) and f.name.endswith(_DSC_SUFFIXES)]
+            for group in _group_echoes(dscs):
+                cases.append(_bids_case(group, sub.name, ses_name, by_name, root, bases, index, patterns))
     if not cases:
         raise InputError(f"{given}: no DSC series found (looked for sub-*/[ses-*/]perf/*_dsc.nii[.gz]); "
                          "check the dataset, or use the plain layout (one sub-folder per case)")
     return cases
 
 
-def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, by_name: dict[str, _Entry], root: Path,
+def _dsc_prefix(name: str) -> str:
+    return next(name[: -len(s)] for s in _DSC_SUFFIXES if name.endswith(s))
+
+
+def _echo_key(prefix: str) -> tuple[str, str | None]:
+    """(the name without its ``echo-`` part, the echo index or None)."""
+    parts = prefix.split("_")
+    echo = [p for p in parts if p.startswith("echo-")]
+    if len(echo) != 1 or not _ENTITY_PART.fullmatch(echo[0]):
+        return prefix, None
+    return "_".join(p for p in parts if p != echo[0]), echo[0][5:]
+
+
+def _echo_order(index: str) -> tuple[int, int | str]:
+    return (0, int(index)) if index.isdigit() else (1, index)
+
+
+def _group_echoes(dscs: list[_Entry]) -> list[list[_Entry]]:
+    """The DSC files of one perf folder as cases: files that differ only in ``echo-`` form one group,
+    ordered by echo index; every other file is a group of its own."""
+    groups: dict[str, list[tuple[str, _Entry]]] = {}
+    singles: list[list[_Entry]] = []
+    for f in dscs:
+        key, echo = _echo_key(_dsc_prefix(f.name))
+        if echo is None:
+            singles.append([f])
+        else:
+            groups.setdefault(key, []).append((echo, f))
+    out = singles
+    for members in groups.values():
+        out.append([f for _, f in sorted(members, key=lambda m: (_echo_order(m[0]), m[1].name))])
+    return out
+
+
+def _bids_case(group: list[_Entry], sub_name: str, ses_name: str | None, by_name: dict[str, _Entry], root: Path,
                bases: _Bounds, index: list[_Mask], patterns: dict[str, tuple[str, ...]]) -> Case:
-    prefix = next(f.name[: -len(s)] for s in _DSC_SUFFIXES if f.name.endswith(s))
-    ents = _entities(prefix.split("_"))
+    f = group[0]
+    prefix = _dsc_prefix(f.name)
+    echo_values: frozenset[str] = frozenset()
     problems: list[str] = []
+    if len(group) > 1:  # a multi-echo run: named without its echo entity
+        prefix, _ = _echo_key(prefix)
+        indices = [_echo_key(_dsc_prefix(g.name))[1] for g in group]
+        echo_values = frozenset(indices)
+        for a, b in zip(group, group[1:]):
+            if _echo_key(_dsc_prefix(a.name))[1] == _echo_key(_dsc_prefix(b.name))[1]:
+                problems.append(f"{b.path}: echo {_echo_key(_dsc_prefix(b.name))[1]} is also {a.name}; keep one file "
+                                "per echo")
+    ents = _entities(prefix.split("_"))
     out_rel, problem = bids_out_rel(prefix, sub_name, ses_name)
     if problem:
         problems.append(f"{f.path}: {problem}")
@@ -256,25 +316,35 @@ def _bids_case(f: _Entry, sub_name: str, ses_name: str | None, by_name: dict[str
     if ents.get("ses") != ses_label:
         problems.append(f"{f.path}: the file name's session ({_ent_text(ents, 'ses')}) differs from its folder "
                         f"({ses_name or 'no ses- folder'}); rename or move the file")
-    sc = by_name.get(sidecar_path_for(f.path).name)
+    sidecars = [by_name.get(sidecar_path_for(g.path).name) for g in group]
+    sidecars = [sc.path if sc is not None and sc.is_file else None for sc in sidecars]
     values = {k: ents.get(k) for k in PLACEHOLDERS["bids"]} | {"case": prefix}
     found: dict[str, list[_Entry]] = {}
     notes: list[str] = []
+    own = {g.path for g in group}
     for kind in KINDS:
         if patterns[kind]:
-            found[kind] = _match_patterns(patterns[kind], root, values, bases, exclude=f.path, kind=kind,
-                                          case_id=prefix, problems=problems, notes=notes)
+            found[kind] = [e for e in _match_patterns(patterns[kind], root, values, bases, exclude=f.path, kind=kind,
+                                                      case_id=prefix, problems=problems, notes=notes)
+                           if e.path not in own]
         else:
-            found[kind] = [m.entry for m in index if m.kind == kind and m.applies_to(ents)]
+            found[kind] = [m.entry for m in index if m.kind == kind and m.applies_to(ents, echo_values)]
     if not patterns["roi"]:
         for m in index:
-            if m.kind == "ignored" and m.applies_to(ents):
+            if m.kind == "ignored" and m.applies_to(ents, echo_values):
                 notes.append(f"{m.entry.path}: label {m.entities['label']} is {BIDS_IGNORED[m.entities['label'].lower()]}, "
                              "not a lesion: not used by batch (lesions: label-<name>; reference: label-nawm)")
     if not found["roi"] and not patterns["roi"]:
         notes.append(f"{prefix}: no lesion mask (derivatives *_label-<name>_mask.nii.gz) found: maps only, no verdict")
-    return _assemble(prefix, f, sc.path if sc is not None and sc.is_file else None, found, problems, notes,
-                     out_rel=out_rel, prefix=prefix)
+    case = _assemble(prefix, f, sidecars[0], found, problems, notes, out_rel=out_rel, prefix=prefix)
+    if len(group) == 1:
+        return case
+    for g in group[1:]:
+        if g.broken:
+            problems.append(_broken(g.path, "DSC series (echo)"))
+    problem = "; ".join(problems) or None  # _assemble added its own to ``problems``
+    return replace(case, echoes=tuple(g.path for g in group), echo_sidecars=tuple(p for p in sidecars if p),
+                   problem=problem)
 
 
 _ENTITY_PART = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")
@@ -305,8 +375,11 @@ class _Mask:
     entities: dict[str, str]
     kind: str
 
-    def applies_to(self, dsc_entities: dict[str, str]) -> bool:
-        return all(dsc_entities.get(k) == v for k, v in self.entities.items() if k in RAW_ENTITIES)
+    def applies_to(self, dsc_entities: dict[str, str], echoes: frozenset[str] = frozenset()) -> bool:
+        """Every raw entity of the mask has the series' value; ``echo-`` may be any of a multi-echo
+        run's ``echoes``."""
+        return all(dsc_entities.get(k) == v or (k == "echo" and v in echoes)
+                   for k, v in self.entities.items() if k in RAW_ENTITIES)
 
 
 def _index_masks(top: Path, bases: _Bounds) -> list[_Mask]:

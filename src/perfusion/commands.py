@@ -47,7 +47,7 @@ def check_echo_options(dscs: list[Path], *, te: float | None, dicom_series: int 
         raise UsageError(f"{dscs[0]}: a file is given twice; give each echo once")
 
 
-def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
+def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
                 te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
@@ -77,7 +77,9 @@ def load_inputs(*, dsc: Path, mask: Path | None, aif: str, reference: Path | Non
                 raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
             series = load_series(dscs[0], te=te, tr=tr)
         paths: dict[str, Path] = {"dsc": Path(series.path)}
-        for i, echo in enumerate(series.echoes[1:], start=2):  # echo 1 (shortest TE) is "dsc"
+        # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are
+        # named FOLDER/echo-<k>, not files: the folder's hash covers them)
+        for i, echo in enumerate(series.echoes[1:] if not Path(series.path).is_dir() else (), start=2):
             paths[f"dsc_echo-{i}"] = Path(echo.path)
             side = sidecar_path_for(Path(echo.path))
             if side.is_file():
@@ -687,10 +689,12 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
                 force: bool = False, quiet: bool = False) -> dict:
     """Convert the DSC series of a DICOM folder into ``out``/<name>_dsc.nii.gz (float32 signal, a.u.,
     dcm2niix's grid, TR in the header in s) and <name>_dsc.json (the whitelisted sidecar, times in s),
-    atomically. Returns {"dsc": path, "sidecar": path, "warnings": [...]}."""
+    atomically; a multi-echo series as <name>_echo-<k>_dsc.nii.gz and .json per echo (TE order, BIDS
+    names). Returns {"dsc": path, "sidecar": path, "warnings": [...], "echoes": [(nifti, sidecar), ...]}
+    ("dsc" and "sidecar" of the first echo; "echoes" empty for one echo)."""
     import re
 
-    from .dicom import read_dicom_series
+    from .dicom import read_dicom_echoes
     from .io import check_output_folder, output_lock, staged_output, write_json, write_nifti
 
     if name is not None and not re.fullmatch(_NAME_PATTERN, name):
@@ -700,19 +704,28 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
     if dicom_dir.is_dir() and (out.resolve() == dicom_dir.resolve() or dicom_dir.resolve() in out.resolve().parents):
         raise OutputError(f"{out}: lies inside the DICOM folder {dicom_dir}; choose an output folder outside it")
     with output_lock(out):  # one run at a time writes a folder (exit 5 for the second)
-        conv = read_dicom_series(dicom_dir, series=series)
-        info = conv.info
+        convs = read_dicom_echoes(dicom_dir, series=series)
+        info = convs[0].info
         stem_ = name or (f"series-{info.number}" if info.number is not None else "series")
+        stems = [f"{stem_}_echo-{c.echo}" if c.echo else stem_ for c in convs]
         with staged_output(out, force=force) as stage:
-            write_nifti(stage / f"{stem_}_dsc.nii.gz", conv.data, conv.affine, tr=conv.tr_s,
-                        description=f"perfusion convert: DICOM series {info.number}")
-            write_json(stage / f"{stem_}_dsc.json", conv.sidecar)
-    paths = {"dsc": out / f"{stem_}_dsc.nii.gz", "sidecar": out / f"{stem_}_dsc.json", "warnings": list(conv.warnings)}
+            for c, st in zip(convs, stems):
+                write_nifti(stage / f"{st}_dsc.nii.gz", c.data, c.affine, tr=c.tr_s,
+                            description=f"perfusion convert: DICOM series {info.number}"
+                                        + (f" echo {c.echo}" if c.echo else ""))
+                write_json(stage / f"{st}_dsc.json", c.sidecar)
+    files = [(out / f"{st}_dsc.nii.gz", out / f"{st}_dsc.json") for st in stems]
+    warns = [w for c in convs for w in c.warnings]
+    paths = {"dsc": files[0][0], "sidecar": files[0][1], "warnings": warns, "echoes": files if len(files) > 1 else []}
     if not quiet:
         con = _console()
-        con.print(f"{info.summary()} converted to {paths['dsc']} and {paths['sidecar'].name} "
-                  f"(TE {conv.sidecar.get('EchoTime', 'unknown')} s, TR {conv.tr_s} s from {conv.tr_source})")
-        for w in conv.warnings:
+        for c, (nii, side) in zip(convs, files):
+            con.print(f"{info.summary()}{f' echo {c.echo}' if c.echo else ''} converted to {nii} and {side.name} "
+                      f"(TE {c.sidecar.get('EchoTime', 'unknown')} s, TR {c.tr_s} s from {c.tr_source})")
+        if len(convs) > 1:
+            con.print(f"{len(convs)} echoes: analyse them together with perfusion analyze "
+                      + " ".join(nii.name for nii, _ in files))
+        for w in warns:
             con.print(f"warning: {w}")
     return paths
 
@@ -763,16 +776,23 @@ def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> Non
     def count(n, what):
         return f"{n} {what}{'s' if n > 1 else ''}"
 
+    def te(s):
+        return ", ".join(num(e["echo_time_s"]) for e in s["echoes"]) if s.get("echoes") else num(s["echo_time_s"])
+
     for s in data["series"]:
         checks = (count(len(s["errors"]), "error") if s["errors"] else
                   count(len(s["warnings"]), "warning") if s["warnings"] else "ok")
         interval = ("-" if s["interval_median_s"] is None else
                     f"{num(s['interval_median_s'])} ({num(s['interval_min_s'])}-{num(s['interval_max_s'])})")
         table.add_row(str(s["series_number"]), str(s["n_files"]), str(s["frames"]), str(s["slices_per_frame"]),
-                      f"{s['matrix'][0]}x{s['matrix'][1]}", num(s["echo_time_s"]), num(s["repetition_time_s"]),
+                      f"{s['matrix'][0]}x{s['matrix'][1]}", te(s), num(s["repetition_time_s"]),
                       s["ordering_key"], interval, checks)
     con.print(table)
     for s in data["series"]:
+        if s.get("echoes"):
+            con.print(f"series {s['series_number']}: {len(s['echoes'])} echoes, TE "
+                      + ", ".join(f"{num(e['echo_time_s'])} s (echo {e['echo']}, {e['n_files']} files)" for e in s["echoes"])
+                      + ": analyze combines them (multi-echo delta R2*), convert writes one file per echo")
         if s["timing_source"]:
             con.print(f"series {s['series_number']}: frame intervals from {s['timing_source']}")
         for kind in ("errors", "warnings", "notes"):

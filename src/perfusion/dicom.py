@@ -54,6 +54,14 @@ replaced, in private copies made with pydicom, by numbers in our order (frame by
 along the slice normal). Numbers already in order (frame- or slice-major) are used as they are,
 through symbolic links.
 
+Multi-echo series (dual-echo DSC): the images of one series whose EchoNumbers (0018,0086), else
+EchoTime, take several values are the echoes of one acquisition. Each echo is sorted and checked as a
+series of its own (errors named "echo N: ..."), and all echoes must have the same frames, slices
+and matrix. dcm2niix writes one NIfTI per echo (suffix ``_e1``, ``_e2``, ... since v1.0.20190902;
+earlier the first echo had none); each is matched to its echo by the EchoTime of its sidecar and
+checked on the pixels. :func:`read_dicom_echoes` returns one ``DicomSeries`` per echo;
+:func:`load_dicom_series` combines them (``echoes.combine_echoes``) into one series.
+
 Series selection: the series with at least ``io.MIN_FRAMES`` frames (4-D) is the DSC series; with
 several, a UsageError lists them (number, frames, slices, matrix: no description, which can hold
 names) and asks for ``--series N``.
@@ -104,7 +112,7 @@ DCM2NIIX_OPTIONS = ("-b", "y", "-ba", "y", "-z", "y", "-f", "series%s", "-w", "1
 SIDECAR_WHITELIST = (
     "Modality", "MagneticFieldStrength", "Manufacturer", "ManufacturersModelName", "MRAcquisitionType",
     "ScanningSequence", "SequenceVariant", "PulseSequenceType", "ImageType", "SeriesNumber",
-    "EchoTime", "RepetitionTime", "RepetitionTimeExcitation", "FlipAngle", "SliceThickness",
+    "EchoTime", "EchoNumber", "RepetitionTime", "RepetitionTimeExcitation", "FlipAngle", "SliceThickness",
     "SpacingBetweenSlices", "SliceTiming",
     "PhaseEncodingDirection", "PhaseEncodingAxis", "EffectiveEchoSpacing", "TotalReadoutTime",
     "ParallelReductionFactorInPlane", "PartialFourier", "ContrastBolusIngredient",
@@ -130,7 +138,8 @@ _TAGS = ("SOPClassUID", "SeriesInstanceUID", "SeriesNumber", "Rows", "Columns", 
          "ImageOrientationPatient", "PixelSpacing", "AcquisitionTime", "AcquisitionDate",
          "AcquisitionDateTime", "TriggerTime", "TemporalPositionIdentifier", "NumberOfTemporalPositions",
          "InstanceNumber", "RescaleSlope", "RescaleIntercept", "EchoTime", "RepetitionTime", "ImageType",
-         "NumberOfFrames", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence") + _IDENTIFYING
+         "NumberOfFrames", "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence",
+         "EchoNumbers") + _IDENTIFYING
 #: Siemens private tag: number of images in a mosaic.
 _MOSAIC_COUNT_TAG = (0x0019, 0x100A)
 
@@ -178,6 +187,8 @@ class _Image:
     instance: int | None
     slope: float
     intercept: float
+    echo_number: int | None = None  # EchoNumbers (0018,0086)
+    echo_ms: float | None = None  # EchoTime, ms (as in the header)
 
 
 def _float(value: Any) -> float | None:
@@ -275,7 +286,15 @@ def _images_of(ds, path: Path) -> list[_Image]:
         rows=rows, columns=cols, temporal=_int(ds.get("TemporalPositionIdentifier")), acq_s=acq,
         trigger_s=trigger / 1000.0 if trigger is not None else None, instance=_int(ds.get("InstanceNumber")),
         slope=_float(ds.get("RescaleSlope")) or 1.0, intercept=_float(ds.get("RescaleIntercept")) or 0.0,
+        echo_number=_int(_first(ds.get("EchoNumbers"))), echo_ms=_float(ds.get("EchoTime")),
     )]
+
+
+def _first(value: Any) -> Any:
+    """The first value of a multi-valued element (EchoNumbers may hold several)."""
+    if value is not None and (isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue"):
+        return value[0] if len(value) else None
+    return value
 
 
 def _identifiers(ds) -> set[str]:
@@ -327,6 +346,8 @@ class SeriesInfo:
     notes: tuple[str, ...] = ()
     images: tuple = field(default=(), repr=False, compare=False)  # (_Image, frame, slice) per image
     secrets: frozenset = field(default=frozenset(), repr=False, compare=False)  # never output
+    echoes: tuple = ()  # a multi-echo series: one SeriesInfo per echo, by echo (TE order); () for one echo
+    echo_number: int | None = None  # an echo's EchoNumbers (in ``echoes``)
 
     @property
     def is_dsc(self) -> bool:
@@ -361,8 +382,9 @@ class SeriesInfo:
 
     def summary(self) -> str:
         """One line without any free-text header field."""
+        echoes = f", {len(self.echoes)} echoes" if self.echoes else ""
         return (f"series {self.number}: {self.frames} frame{'s' if self.frames != 1 else ''} x {self.slices} "
-                f"slice{'s' if self.slices != 1 else ''}, matrix {self.rows} x {self.columns}")
+                f"slice{'s' if self.slices != 1 else ''}, matrix {self.rows} x {self.columns}{echoes}")
 
     def as_dict(self) -> dict:
         stats = self.interval_stats()
@@ -376,6 +398,8 @@ class SeriesInfo:
             "frame_times_s": [round(t, 6) for t in self.frame_times_s],
             "rescale": [{"slope": s, "intercept": i} for s, i in self.rescale],
             "errors": list(self.errors), "warnings": list(self.all_warnings), "notes": list(self.notes),
+            "echoes": [{"echo": k, "echo_number": e.echo_number, "echo_time_s": e.echo_time_s, "n_files": e.n_files}
+                       for k, e in enumerate(self.echoes, 1)],
         }
 
 
@@ -440,7 +464,7 @@ def inspect(folder: Path) -> list[SeriesInfo]:
             raise InputError(f"{folder}: no DICOM files (no readable DICOM image; {skip_note}: only regular files "
                              "inside the folder are read); copy the DICOM files themselves into the folder")
         raise InputError(f"{folder}: no DICOM files (no readable DICOM image); give the folder holding the series")
-    infos = [_describe(groups[uid], numbers[uid], timing[uid], frozenset(secrets)) for uid in groups]
+    infos = [_describe_echoes(groups[uid], numbers[uid], timing[uid], frozenset(secrets)) for uid in groups]
     if skip_note:  # no file name: DICOM file names can hold identifiers
         note = (f"{skip_note} in the folder: only regular files inside it of at most "
                 f"{MAX_FOLDER_FILE_BYTES / 2 ** 30:g} GiB are read; remove them, or copy linked files into it")
@@ -475,6 +499,49 @@ def _mosaic_count(value: Any) -> int:
     if isinstance(value, (bytes, bytearray)):
         return int.from_bytes(bytes(value[:2]), "little") if len(value) >= 2 else -1
     return _int(value) or -1
+
+
+def _echo_keys(images: list[_Image]) -> list[Any]:
+    """Each image's echo, as dcm2niix splits them: by EchoNumbers when every image has one and they
+    differ, else by EchoTime (to 0.01 ms) when that differs; all None for a single echo."""
+    numbers = [im.echo_number for im in images]
+    if all(n is not None for n in numbers) and len(set(numbers)) > 1:
+        return numbers
+    tes = [None if im.echo_ms is None else round(im.echo_ms, 2) for im in images]
+    if all(t is not None for t in tes) and len(set(tes)) > 1:
+        return tes
+    return [None] * len(images)
+
+
+def _describe_echoes(images: list[_Image], number: int | None, timing: list, secrets: frozenset) -> SeriesInfo:
+    """A series, described echo by echo when its images hold several echoes (module docstring)."""
+    keys = _echo_keys(images)
+    if keys[0] is None:
+        return _describe(images, number, timing, secrets)
+    per = []
+    for key in sorted(set(keys)):
+        subset = [im for im, k in zip(images, keys) if k == key]
+        tes = [im.echo_ms for im in subset if im.echo_ms]
+        info = _describe(subset, number, [(t[0], None, t[2], t[3]) for t in timing], secrets)
+        per.append(dataclasses.replace(info, echo_time_s=float(np.median(tes)) / 1000.0 if tes else None,
+                                       echo_number=subset[0].echo_number))
+    per.sort(key=lambda e: (e.echo_time_s is None, e.echo_time_s or 0.0))
+    first = per[0]
+    errors = [f"echo {k} (TE {e.echo_time_s:.4g} s): {x}" if e.echo_time_s else f"echo {k}: {x}"
+              for k, e in enumerate(per, 1) for x in e.errors]
+    for k, e in enumerate(per[1:], 2):
+        if (e.frames, e.slices, e.rows, e.columns) != (first.frames, first.slices, first.rows, first.columns):
+            errors.append(f"echo {k} has {e.frames} frames x {e.slices} slices of {e.rows} x {e.columns}, echo 1 "
+                          f"{first.frames} x {first.slices} of {first.rows} x {first.columns}; the export is "
+                          "incomplete: re-export the whole series (every echo)")
+    tes = [e.echo_time_s for e in per]
+    if any(t is None for t in tes) or len({round(t * 1e5) for t in tes}) < len(tes):
+        errors.append("the echoes' EchoTime is missing or repeats; re-export the series with its EchoTime per echo")
+    warns = list(first.warnings) + [f"echo {k}: {w}" for k, e in enumerate(per[1:], 2) for w in e.warnings
+                                    if w not in first.warnings]
+    return dataclasses.replace(first, n_files=len({im.path for im in images}), errors=tuple(errors),
+                               warnings=tuple(warns), images=tuple(x for e in per for x in e.images),
+                               echoes=tuple(per), echo_number=None)
 
 
 def _describe(images: list[_Image], number: int | None, timing: list, secrets: frozenset) -> SeriesInfo:
@@ -682,7 +749,16 @@ def find_dcm2niix() -> str:
 def _instance_numbers(info: SeriesInfo) -> dict[Path, int] | None:
     """None when the InstanceNumbers already follow the acquisition (frame by frame, or slice by slice);
     else new numbers, frame-major in our order. dcm2niix sorts the images of a volume, and in part the
-    volumes, by InstanceNumber: numbers out of acquisition order scramble its output."""
+    volumes, by InstanceNumber: numbers out of acquisition order scramble its output. A multi-echo series
+    is renumbered echo by echo (dcm2niix splits the echoes first)."""
+    if info.echoes:
+        if all(_instance_numbers(e) is None for e in info.echoes):
+            return None
+        out: dict[Path, int] = {}
+        for k, e in enumerate(info.echoes):
+            per = max(s for _, _, s in e.images) + 1
+            out.update({im.path: k * e.frames * per + f * per + s + 1 for im, f, s in e.images})
+        return out
     singles = [(im, f, s) for im, f, s in info.images if im.frame_no is None]
     if len(singles) != len(info.images) or info.mosaic or info.frames < 2:
         return None
@@ -734,8 +810,9 @@ def _tmp_full(work: Path, what: str) -> OutputError:
                        "another disk")
 
 
-def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> Path:
-    """Convert the files of ``info`` in ``work``; return the one NIfTI written. Errors by exit code."""
+def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> list[Path]:
+    """Convert the files of ``info`` in ``work``; return the NIfTI written, one per echo in the order of
+    ``info.echoes`` (matched by their sidecar's EchoTime). Errors by exit code."""
     binary = find_dcm2niix()
     src, out = work / "in", work / "out"
     src.mkdir()
@@ -790,10 +867,24 @@ def _run_dcm2niix(info: SeriesInfo, folder: Path, work: Path) -> Path:
         raise _tmp_full(work, "dcm2niix wrote no image")
     if not written:
         raise InputError(f"{where}: dcm2niix wrote no image ({last}); check the series with perfusion dicom-inspect")
-    if len(written) > 1:
-        raise InputError(f"{where}: dcm2niix split the series into {len(written)} images (several echoes, image "
-                         "types or orientations?); export one echo and image type per series")
-    return written[0]
+    n_echoes = max(1, len(info.echoes))
+    if len(written) != n_echoes:
+        what = f"{n_echoes} echoes" if n_echoes > 1 else "one image"
+        raise InputError(f"{where}: dcm2niix split the series into {len(written)} images, the headers hold {what} "
+                         "(image types or orientations mixed?); export one image type per series")
+    if n_echoes == 1:
+        return written
+    by_echo: list[Path | None] = [None] * n_echoes
+    for path in written:
+        te = _read_raw_sidecar(path.parent / (path.name.split(".nii")[0] + ".json")).get("EchoTime")
+        hits = [k for k, e in enumerate(info.echoes) if isinstance(te, (int, float)) and e.echo_time_s is not None
+                and abs(te - e.echo_time_s) < 5e-5]
+        if len(hits) != 1 or by_echo[hits[0]] is not None:
+            raise InputError(f"{where}: dcm2niix's echo images do not match the headers' echo times "
+                             f"({', '.join(f'{e.echo_time_s:g}' for e in info.echoes)} s); check the series with "
+                             "perfusion dicom-inspect")
+        by_echo[hits[0]] = path
+    return by_echo  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -808,6 +899,8 @@ class DicomSeries:
     tr_s: float | None = None  # the frame time: the user's --tr, else dcm2niix's RepetitionTime, else the header's
     tr_source: str = ""
     warnings: tuple[str, ...] = ()
+    echo: int | None = None  # 1, 2, ... for the echoes of a multi-echo series (TE order); None for one echo
+    n_echoes: int = 1
 
 
 def whitelist_sidecar(raw: dict[str, Any], secrets=frozenset()) -> dict[str, Any]:
@@ -837,8 +930,18 @@ def whitelist_sidecar(raw: dict[str, Any], secrets=frozenset()) -> dict[str, Any
 
 
 def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | None = None) -> DicomSeries:
+    """The single-echo DSC series of ``folder`` (read_dicom_echoes); InputError for a multi-echo series."""
+    echoes = read_dicom_echoes(folder, series=series, tr_s=tr_s)
+    if len(echoes) > 1:
+        raise InputError(f"{folder}: series {echoes[0].info.number} holds {len(echoes)} echoes; read it with "
+                         "read_dicom_echoes")
+    return echoes[0]
+
+
+def read_dicom_echoes(folder: Path, *, series: int | None = None, tr_s: float | None = None) -> list[DicomSeries]:
     """Inspect ``folder``, pick the DSC series (``series`` = its SeriesNumber when several), check it,
-    convert it with dcm2niix and verify dcm2niix's frame order on the pixels.
+    convert it with dcm2niix and verify dcm2niix's frame order on the pixels; one DicomSeries per echo
+    (TE order; one for a single-echo series). Warnings of the whole series are on the first echo.
 
     The frame time (``DicomSeries.tr_s``, s) is ``tr_s`` when the user gives it, else dcm2niix's
     RepetitionTime: the header's, except where dcm2niix found the acquisition times further apart
@@ -854,34 +957,49 @@ def read_dicom_series(folder: Path, *, series: int | None = None, tr_s: float | 
     except OSError as exc:
         raise OutputError(f"{tempfile.gettempdir()}: cannot make a temporary folder for the DICOM conversion "
                           f"({exc.strerror or exc}); free space there or set TMPDIR to a writable folder") from None
+    loaded = []
     try:
-        nifti = _run_dcm2niix(info, folder, work)
-        raw_sidecar_path = nifti.parent / (nifti.name.split(".nii")[0] + ".json")
-        raw = _read_raw_sidecar(raw_sidecar_path)
-        try:
-            img = nib.load(str(nifti))
-            from .io import signal_float32
+        for nifti in _run_dcm2niix(info, folder, work):
+            raw_sidecar_path = nifti.parent / (nifti.name.split(".nii")[0] + ".json")
+            raw = _read_raw_sidecar(raw_sidecar_path)
+            try:
+                img = nib.load(str(nifti))
+                from .io import signal_float32
 
-            pixels = np.asarray(img.dataobj)
-            affine = np.asarray(img.affine, dtype=np.float64)
-        except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a truncated file
-            if isinstance(exc, MemoryError):
-                raise
-            if not _tmp_has_room(work, _converted_bytes(info)):
-                raise _tmp_full(work, "dcm2niix's image is truncated") from None
-            raise InputError(f"{folder}: series {info.number}: dcm2niix wrote an unreadable image "
-                             f"({type(exc).__name__}); check the series with perfusion dicom-inspect") from None
-        data, scaled = signal_float32(pixels, where=f"{folder}: series {info.number}",
-                                      nonfinite="the converted series holds NaN or Inf; re-export the series")
-        if scaled:
-            warns.append(scaled)
+                pixels = np.asarray(img.dataobj)
+                affine = np.asarray(img.affine, dtype=np.float64)
+            except Exception as exc:  # noqa: BLE001 - nibabel raises many types for a truncated file
+                if isinstance(exc, MemoryError):
+                    raise
+                if not _tmp_has_room(work, _converted_bytes(info)):
+                    raise _tmp_full(work, "dcm2niix's image is truncated") from None
+                raise InputError(f"{folder}: series {info.number}: dcm2niix wrote an unreadable image "
+                                 f"({type(exc).__name__}); check the series with perfusion dicom-inspect") from None
+            data, scaled = signal_float32(pixels, where=f"{folder}: series {info.number}",
+                                          nonfinite="the converted series holds NaN or Inf; re-export the series")
+            loaded.append((data, affine, raw, [scaled] if scaled else []))
     except OSError as exc:  # the private copies, links or probes: a full or read-only temporary disk
         if exc.errno in WRITE_REFUSED_ERRNOS:
             raise _tmp_full(work, exc.strerror or "a write failed") from None
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    where = f"{folder}: series {info.number}"
+    if not info.echoes:
+        data, affine, raw, extra = loaded[0]
+        return [_checked_echo(info, folder, data, affine, raw, warns + extra, tr_s=tr_s)]
+    out = []
+    for k, (echo, (data, affine, raw, extra)) in enumerate(zip(info.echoes, loaded), 1):
+        conv = _checked_echo(dataclasses.replace(echo, number=info.number), folder, data, affine, raw,
+                             (warns if k == 1 else []) + extra, tr_s=tr_s, echo=k)
+        out.append(dataclasses.replace(conv, info=info, echo=k, n_echoes=len(info.echoes)))
+    return out
+
+
+def _checked_echo(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.ndarray, raw: dict[str, Any],
+                  warns: list[str], *, tr_s: float | None, echo: int | None = None) -> DicomSeries:
+    """One converted image checked against the headers of ``info`` (an echo's, for a multi-echo series),
+    with its frame time."""
+    where = f"{folder}: series {info.number}" + (f" echo {echo}" if echo else "")
     if data.ndim != 4 or data.shape[3] != info.frames:
         raise InputError(f"{where}: dcm2niix made an image of shape {data.shape}, not the {info.frames} frames of the "
                          "headers; check the series with perfusion dicom-inspect")
@@ -996,13 +1114,29 @@ def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None
                       series: int | None = None) -> Series:
     """A DICOM folder as an ``io.Series``: TE/TR in s from ``te`` / ``tr`` if given, else from the DICOM
     header (dcm2niix's sidecar, which converts ms to s). Check warnings are issued with
-    ``warnings.warn``; ``Series.path`` is the folder, ``sidecar`` the whitelisted keys only."""
+    ``warnings.warn``; ``Series.path`` is the folder, ``sidecar`` the whitelisted keys only. A
+    multi-echo series is combined (``echoes.combine_echoes``); each echo is named ``echo-<k>`` (never
+    the folder's name) and ``te`` is refused for it (each echo has its own TE)."""
     folder = Path(folder)
     tr_given = (_check_time(tr, name="TR", flag="--tr", limit=MAX_TR_S, source="--tr", path=folder)
                 if tr is not None else None)
-    conv = read_dicom_series(folder, series=series, tr_s=tr_given)
-    for w in conv.warnings:
-        warnings.warn(w, stacklevel=2)
+    convs = read_dicom_echoes(folder, series=series, tr_s=tr_given)
+    if len(convs) > 1 and te is not None:
+        tes = ", ".join(f"{c.info.echoes[c.echo - 1].echo_time_s:g}" for c in convs)
+        raise UsageError(f"{folder}: series {convs[0].info.number} holds {len(convs)} echoes (TE {tes} s), each with "
+                         "its own TE; leave --te out")
+    for conv in convs:
+        for w in conv.warnings:
+            warnings.warn(w, stacklevel=2)
+    loaded = [_echo_series(conv, folder, te=te) for conv in convs]
+    if len(loaded) == 1:
+        return loaded[0]
+    from .echoes import combine_echoes
+
+    return dataclasses.replace(combine_echoes(loaded), path=folder)
+
+
+def _echo_series(conv: DicomSeries, folder: Path, *, te: float | None) -> Series:
     side = conv.sidecar
     if te is not None:
         te_s = _check_time(te, name="TE", flag="--te", limit=MAX_TE_S, source="--te", path=folder)
@@ -1011,9 +1145,13 @@ def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None
         te_s = _check_time(side["EchoTime"], name="EchoTime", flag="--te", limit=MAX_TE_S,
                            source="the DICOM header", path=folder)
         te_source = "DICOM (dcm2niix sidecar EchoTime)"
-    elif conv.info.echo_time_s is not None:  # dcm2niix's sidecar unreadable: the header itself (ms -> s)
+    elif conv.info.echo_time_s is not None and not conv.echo:  # dcm2niix's sidecar unreadable: the header (ms -> s)
         te_s = _check_time(conv.info.echo_time_s, name="EchoTime", flag="--te", limit=MAX_TE_S,
                            source="the DICOM header", path=folder)
+        te_source = "DICOM header EchoTime (ms, converted)"
+    elif conv.echo and conv.info.echoes[conv.echo - 1].echo_time_s is not None:
+        te_s = _check_time(conv.info.echoes[conv.echo - 1].echo_time_s, name="EchoTime", flag="--te",
+                           limit=MAX_TE_S, source="the DICOM header", path=folder)
         te_source = "DICOM header EchoTime (ms, converted)"
     else:
         raise InputError(f"{folder}: echo time unknown (no EchoTime in the DICOM header); pass --te SECONDS "
@@ -1025,5 +1163,6 @@ def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None
     else:
         raise InputError(f"{folder}: repetition time unknown (no RepetitionTime in the DICOM header); "
                          "pass --tr SECONDS")
-    return Series(data=conv.data, affine=conv.affine, path=folder, te=te_s, tr=tr_s, te_source=te_source,
+    path = folder / f"echo-{conv.echo}" if conv.echo else folder  # an echo's name: never the folder's
+    return Series(data=conv.data, affine=conv.affine, path=path, te=te_s, tr=tr_s, te_source=te_source,
                   tr_source=tr_source, sidecar_path=None, sidecar=dict(side))
