@@ -207,7 +207,7 @@ def phantom(
     leaky_lesions: Annotated[bool, typer.Option("--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and T2*-dominant).")] = False,
     realistic: Annotated[bool, typer.Option("--realistic", help="The realistic head instead (physics unlike the methods' models: quadratic blood relaxation, log-normal residues, strong leakage, mixed lesions, scalp and orbits); --snr defaults to 50, --te to 0.03, --frames to 60.")] = False,
     protocol: Annotated[str, typer.Option(help="--realistic: flip60_no_preload (default), flip60_preload or flip30_no_preload.")] = "flip60_no_preload",
-    echoes: Annotated[Optional[int], typer.Option(help="--realistic: number of echoes, 1 to 8, one series per echo (<prefix>_echo-<k>_dsc.nii.gz with its EchoTime); 2: TE 0.008 and 0.030 s, more: evenly spaced between them.")] = None,
+    echoes: Annotated[Optional[int], typer.Option(help="--realistic: number of echoes in [1, 8], one series per echo (<prefix>_echo-<k>_dsc.nii.gz with its EchoTime); 2: TE 0.008 and 0.030 s, more: evenly spaced between them.")] = None,
     te_list: Annotated[Optional[str], typer.Option("--te-list", help="--realistic: the echo times in s, comma-separated and increasing, each in (0, 0.2] (e.g. 0.008,0.030); one series per echo.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
 ) -> None:
