@@ -180,3 +180,13 @@ def test_bad_echo_options_are_exit_2_and_write_nothing(args, names, fix, tmp_pat
     assert names in line and fix in line, line
     assert "Traceback" not in err
     assert folder_digest(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_validation_inputs_combine_the_echoes_or_take_the_long_one():
+    from perfusion.validate import realistic_inputs
+
+    ph = make_realistic_phantom(RealisticSpec(echo_times=DEFAULT_ECHO_TIMES, lesions=("treatment_t1",), **FAST))
+    combined = realistic_inputs(ph).series
+    assert combined.te == pytest.approx(0.022) and [e.te for e in combined.echoes] == list(DEFAULT_ECHO_TIMES)
+    long = realistic_inputs(ph, echoes="last").series
+    assert long.te == 0.03 and long.data is ph.echo_signals[1] and not long.echoes
