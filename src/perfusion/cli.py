@@ -48,6 +48,8 @@ _RANGES = {
     "--seed": (0, None, True, False, ""),
     # a clinical DSC series has 40-120 frames; fewer than 30 leave no tail after the bolus
     "--frames": (30, 1000, True, True, ""),
+    # phantom_realistic.MAX_ECHOES: one float64 copy of the head per echo
+    "--echoes": (1, 8, True, True, ""),
     "--jobs": (1, None, True, False, ""),
     "--repeats": (1, None, True, False, ""),
 }
@@ -205,14 +207,17 @@ def phantom(
     leaky_lesions: Annotated[bool, typer.Option("--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and T2*-dominant).")] = False,
     realistic: Annotated[bool, typer.Option("--realistic", help="The realistic head instead (physics unlike the methods' models: quadratic blood relaxation, log-normal residues, strong leakage, mixed lesions, scalp and orbits); --snr defaults to 50, --te to 0.03, --frames to 60.")] = False,
     protocol: Annotated[str, typer.Option(help="--realistic: flip60_no_preload (default), flip60_preload or flip30_no_preload.")] = "flip60_no_preload",
+    echoes: Annotated[Optional[int], typer.Option(help="--realistic: number of echoes in [1, 8], one series per echo (<prefix>_echo-<k>_dsc.nii.gz with its EchoTime); 2: TE 0.008 and 0.030 s, more: evenly spaced between them.")] = None,
+    te_list: Annotated[Optional[str], typer.Option("--te-list", help="--realistic: the echo times in s, comma-separated and increasing, each in (0, 0.2] (e.g. 0.008,0.030); one series per echo.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")] = False,
 ) -> None:
     """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
-    check_options(snr=snr, seed=seed, tr=tr, te=te, frames=frames)
-    from .commands import run_phantom
+    check_options(snr=snr, seed=seed, tr=tr, te=te, frames=frames, echoes=echoes)
+    from .commands import echo_times_from_options, run_phantom
 
+    echo_times = echo_times_from_options(echoes=echoes, te_list=te_list, te=te, realistic=realistic)
     run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force,
-                realistic=realistic, protocol=protocol)
+                realistic=realistic, protocol=protocol, echo_times=echo_times)
 
 
 @app.command()

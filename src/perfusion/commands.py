@@ -320,11 +320,56 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
     con.print(DISCLAIMER)
 
 
+def echo_times_from_options(*, echoes: int | None, te_list: str | None, te: float | None,
+                            realistic: bool) -> tuple[float, ...]:
+    """The echo times (s, increasing) of ``phantom --echoes N`` / ``--te-list a,b,...``; () for one
+    echo. UsageError (exit 2) naming the option: not --realistic, --te given too, a list that is not
+    numbers, fewer than 2 or more than 8 echoes, a TE outside (0, 0.2] s (milliseconds named), TEs
+    repeated, or --echoes that does not count the list."""
+    import math
+
+    from .echoes import MIN_ECHO_GAP_S
+    from .phantom_realistic import DEFAULT_ECHO_TIMES, MAX_ECHOES
+    from .units import MAX_TE_S
+
+    if te_list is None and (echoes is None or echoes == 1):
+        return ()
+    flag = "--te-list" if te_list is not None else "--echoes"
+    if not realistic:
+        raise UsageError(f"phantom: {flag} belongs to the --realistic head; add --realistic")
+    if te is not None:
+        raise UsageError(f"phantom: --te and {flag} do not fit together; give every echo time with --te-list")
+    if te_list is None:
+        lo, hi = DEFAULT_ECHO_TIMES
+        return tuple(round(lo + (hi - lo) * i / (echoes - 1), 6) for i in range(echoes))
+    try:
+        tes = [float(x) for x in te_list.split(",")]
+    except ValueError:
+        raise UsageError(f"--te-list {te_list!r}: give echo times in s separated by commas, e.g. --te-list 0.008,0.030") from None
+    if not 2 <= len(tes) <= MAX_ECHOES:
+        raise UsageError(f"--te-list {te_list}: give 2 to {MAX_ECHOES} echo times (one echo: use --te)")
+    for x in tes:
+        if not (math.isfinite(x) and 0 < x <= MAX_TE_S):
+            hint = (f"; this looks like milliseconds: give seconds (e.g. {x / 1000:g})"
+                    if math.isfinite(x) and 0 < x / 1000 <= MAX_TE_S else "")
+            raise UsageError(f"--te-list {te_list}: each echo time must be a finite number in (0, {MAX_TE_S:g}] s{hint}")
+    tes = sorted(tes)
+    if any(b - a < MIN_ECHO_GAP_S for a, b in zip(tes, tes[1:])):
+        raise UsageError(f"--te-list {te_list}: echo times must differ by at least {MIN_ECHO_GAP_S * 1000:g} ms; give "
+                         "each echo once")
+    if echoes is not None and echoes != len(tes):
+        raise UsageError(f"--echoes {echoes} and --te-list {te_list} ({len(tes)} echo times) do not fit together; "
+                         "give one of them")
+    return tuple(tes)
+
+
 def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float = 1.5, te: float | None = None,
                 frames: int | None = None, leaky_lesions: bool = False, force: bool = False, quiet: bool = False,
-                realistic: bool = False, protocol: str = "flip60_no_preload") -> dict:
+                realistic: bool = False, protocol: str = "flip60_no_preload",
+                echo_times: tuple[float, ...] = ()) -> dict:
     """Write a phantom case: phantom.py's (defaults SNR 150, TE 0.025 s, 80 frames) or, ``realistic``,
-    phantom_realistic.py's head (SNR 50, TE 0.03 s, 60 frames, ``protocol``)."""
+    phantom_realistic.py's head (SNR 50, TE 0.03 s, 60 frames, ``protocol``; ``echo_times`` (s): one
+    series per echo, keys ``echo-1``, ``echo-2``, ... instead of ``dsc``)."""
     from .io import staged_output
 
     snr = snr if snr is not None else (50.0 if realistic else 150.0)
@@ -339,7 +384,7 @@ def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float
             from .phantom_realistic import RealisticSpec, make_realistic_phantom, write_realistic
 
             ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=snr, seed=seed, tr=tr, te=te,
-                                                      n_frames=frames))
+                                                      n_frames=frames, echo_times=tuple(echo_times)))
             writer = write_realistic
         else:
             from .phantom import PhantomSpec, make_phantom, write_phantom
@@ -352,7 +397,8 @@ def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float
     with staged_output(Path(out), force=force) as stage:
         paths = writer(ph, stage)
     if not quiet:
-        _console().print(f"Phantom written to {out} (series {paths['dsc'].name}, truth.json, masks, truth/)")
+        series = paths["dsc"].name if "dsc" in paths else ", ".join(v.name for k, v in paths.items() if k.startswith("echo-"))
+        _console().print(f"Phantom written to {out} (series {series}, truth.json, masks, truth/)")
     return {k: Path(out) / v.relative_to(stage) for k, v in paths.items()}
 
 

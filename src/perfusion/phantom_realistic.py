@@ -36,6 +36,15 @@ Contrast agent and relaxation (concentrations in mM, rates in 1/s)
   the lesions' extravascular space before the bolus: their T1 is already short, so the bolus's T1
   effect is several times smaller.
 - Rician noise of SD (white-matter S0) / ``snr``; stored as float32 (no rounding).
+- Multi-echo (``echo_times``, two or more TEs): every echo is the same model at its own TE, so a
+  voxel-frame's T1 (SPGR) factor is shared by all echoes and each echo carries exp(-TE R2*(t)), R2*(t)
+  = blood (quadratic) or tissue (linear) intravascular delta R2* + r2e C_e, on top of the voxel's
+  baseline R2* (BASELINE_R2S_PER_S: it makes the echoes differ in brightness, never in delta R2*). The
+  S0 values above are those of an echo at ``te`` (0.03 s, as the single-echo series): an echo at TE
+  has S0 exp(-(TE - te) R2*_0). The noise SD is the single-echo one, (white-matter S0 at ``te``) /
+  ``snr``, the same for every echo (one receiver bandwidth) and drawn independently per echo: the SNR
+  is defined as today, and an echo at ``te`` is today's series (equal to float32 precision without
+  noise). Stored as one series per echo, ``echo_signals``; ``signal`` is the longest echo.
 
 Head (matrix x matrix x N_SLICES, 2.4 x 2.4 x 5 mm, RAS affine: voxel x grows to the patient's right)
 - Brain: an ellipse with a cortical grey-matter ribbon, white matter, two ventricles (CSF, no
@@ -87,6 +96,18 @@ R1_PER_MM_S = 4.97
 #: Plasma concentration left by a full-dose preload when the bolus is given (mM; 0.1 mmol/kg in about
 #: 15 L of extracellular fluid some minutes before).
 PRELOAD_PLASMA_MM = 0.45
+#: Baseline (pre-contrast) R2* of the multi-echo series, 1/s: brain tissue, lesions, blood and scalp
+#: 22 (T2* 45 ms), a round value of the order measured in cortical grey and white matter at 3 T (T2*
+#: about 40-55 ms); CSF and the orbits' vitreous 5 (T2* 200 ms, long as fluids are). It sets how much
+#: brighter a short echo is and cancels in S/S0 of each echo: no delta R2* depends on it.
+BASELINE_R2S_PER_S = {"tissue": 22.0, "fluid": 5.0}
+#: Echo times of ``perfusion phantom --realistic --echoes 2`` (s): TE2 30 ms, the single-echo default
+#: and the second echo of the real dual-echo curves in shared/reference-data (OSIPI LCB-BNI: 2 and 30
+#: ms, a spiral readout); TE1 8 ms, where the first echo of a dual-echo EPI readout can sit (an EPI echo
+#: train needs several ms before its first echo, a spiral 2 ms). More echoes: evenly spaced between them.
+DEFAULT_ECHO_TIMES = (0.008, 0.030)
+#: Most echoes a phantom may have (memory: one float64 copy of the head per echo).
+MAX_ECHOES = 8
 #: Brain density g/mL (CBV mL/100 g -> volume fraction).
 RHO = 1.04
 #: Treated white matter around the lesions: CBV as a fraction of the NAWM's, and the band's width.
@@ -156,6 +177,12 @@ class RealisticSpec:
     lesions: tuple[str, ...] = tuple(LESIONS)
     delayed_territory: bool = False
     steady_state_boost: tuple[float, ...] = (1.15, 1.03)
+    echo_times: tuple[float, ...] = ()  # s, increasing; empty: one echo at ``te``
+
+    @property
+    def tes(self) -> tuple[float, ...]:
+        """The echo times (s) of the series written: ``echo_times``, else (``te``,)."""
+        return tuple(float(x) for x in self.echo_times) or (float(self.te),)
 
     def check(self) -> "RealisticSpec":
         if self.protocol not in PROTOCOLS:
@@ -167,6 +194,19 @@ class RealisticSpec:
             raise ValueError(f"unknown lesions {sorted(unknown)}; choose from {', '.join(LESIONS)}")
         if self.matrix < 64:
             raise ValueError("the realistic head needs a matrix of at least 64")
+        if self.echo_times:
+            from .echoes import MIN_ECHO_GAP_S
+            from .units import MAX_TE_S
+
+            tes = [float(x) for x in self.echo_times]
+            text = ",".join(f"{x:g}" for x in tes)
+            if not 2 <= len(tes) <= MAX_ECHOES:
+                raise ValueError(f"echo times {text}: give 2 to {MAX_ECHOES} echoes (one echo: set te)")
+            if not all(np.isfinite(x) and 0 < x <= MAX_TE_S for x in tes):
+                raise ValueError(f"echo times {text}: each must be in (0, {MAX_TE_S:g}] s")
+            if any(b - a < MIN_ECHO_GAP_S for a, b in zip(tes, tes[1:])):
+                raise ValueError(f"echo times {text}: must increase, each at least {MIN_ECHO_GAP_S * 1000:g} ms "
+                                 "after the one before")
         return self
 
 
@@ -243,23 +283,48 @@ def extravascular_concentration(c_vasc: np.ndarray, t: np.ndarray, *, cbv: float
     return kt * fftconvolve(c_cap, k)[: t.size] * DT_S
 
 
-def _tissue_signal_factor(params: dict, c_art, t, sample, spec: RealisticSpec, *, delay=0.0, dispersion=0.0):
-    """S(t)/S0 of a tissue (sampled at TR) and its intravascular delta R2* (1/s)."""
+def _tissue_relaxation(params: dict, c_art, t, spec: RealisticSpec, *, delay=0.0, dispersion=0.0):
+    """On the fine grid t: the tissue's intravascular delta R2* (1/s), the leaked agent's delta R2*
+    (r2e C_e, 1/s) and its T1 factor SPGR(R1(t)) / SPGR(R1 before the bolus) (1 without leakage)."""
     proto = PROTOCOLS[spec.protocol]
     c_v = vascular_concentration(c_art, t, cbv=params["cbv"], mtt=params["mtt"], cv=params["cv"], delay=delay,
                                  dispersion=dispersion)
     r2s = TISSUE_R2S_PER_MM * c_v
     kt, ve = params.get("ktrans", 0.0), params.get("ve", 0.3)
+    if kt <= 0:
+        return r2s, np.zeros_like(r2s), np.ones_like(r2s)
     c_e = extravascular_concentration(c_v, t, cbv=params["cbv"], ktrans_per_min=kt, ve=ve)
-    factor = np.exp(-spec.te * r2s)
-    if kt > 0:
-        t10 = params.get("t10", 1.5)
-        c_pre = ve * PRELOAD_PLASMA_MM if proto["preload"] else 0.0
-        r1_base = 1.0 / t10 + R1_PER_MM_S * c_pre
-        sp = spgr_signal(r1_base + R1_PER_MM_S * c_e, tr=spec.tr, flip_angle=proto["flip_angle"])
-        sp0 = spgr_signal(np.array([r1_base]), tr=spec.tr, flip_angle=proto["flip_angle"])[0]
-        factor = factor * (sp / sp0) * np.exp(-spec.te * params.get("r2e", 20.0) * c_e)
-    return factor[sample], r2s[sample]
+    t10 = params.get("t10", 1.5)
+    c_pre = ve * PRELOAD_PLASMA_MM if proto["preload"] else 0.0
+    r1_base = 1.0 / t10 + R1_PER_MM_S * c_pre
+    sp = spgr_signal(r1_base + R1_PER_MM_S * c_e, tr=spec.tr, flip_angle=proto["flip_angle"])
+    sp0 = spgr_signal(np.array([r1_base]), tr=spec.tr, flip_angle=proto["flip_angle"])[0]
+    return r2s, params.get("r2e", 20.0) * c_e, sp / sp0
+
+
+def _tissue_signal_factor(params: dict, c_art, t, sample, spec: RealisticSpec, *, delay=0.0, dispersion=0.0,
+                          tes=None):
+    """S(t)/S0 of a tissue (sampled at TR) and its intravascular delta R2* (1/s). S/S0 is (n_frames,)
+    at ``spec.te``, or (n_echoes, n_frames) at each TE of ``tes`` (s): T1 factor times
+    exp(-TE (intravascular + extravascular delta R2*))."""
+    r2s, r2s_leak, t1 = _tissue_relaxation(params, c_art, t, spec, delay=delay, dispersion=dispersion)
+    te = np.atleast_1d(np.asarray(spec.te if tes is None else tes, dtype=np.float64))[:, None]
+    factor = np.exp(-te * r2s)
+    if params.get("ktrans", 0.0) > 0:
+        factor = factor * t1 * np.exp(-te * r2s_leak)
+    factor = factor[:, sample]
+    return (factor[0] if tes is None else factor), r2s[sample]
+
+
+def tissue_delta_r2s(params: dict, spec: RealisticSpec) -> tuple[np.ndarray, np.ndarray]:
+    """The true curves of a tissue or lesion (``TISSUES`` / ``LESIONS`` entry) at the frames: its
+    delta R2* (1/s; intravascular plus the leaked agent's T2* term, what a T1-free multi-echo
+    measurement gives) and its T1 factor SPGR(R1(t)) / SPGR(R1_0), shared by every echo. The frames'
+    times are ``arange(n_frames) * tr`` s."""
+    spec.check()
+    t, sample = _grid(spec)
+    r2s, r2s_leak, t1 = _tissue_relaxation(params, arterial_concentration(t, spec), t, spec)
+    return (r2s + r2s_leak)[sample], t1[sample]
 
 
 def drops(spec: RealisticSpec = RealisticSpec()) -> dict[str, float]:
@@ -299,9 +364,11 @@ def expected_verdicts(rcbv_values: np.ndarray) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class RealisticPhantom(Phantom):
     """A ``phantom.Phantom`` with each lesion's truth: true median / mean rCBV, FTB high / low,
-    voxels, kind, leakage type ('T1', 'T2*', 'none') and the verdicts a correct analysis may give."""
+    voxels, kind, leakage type ('T1', 'T2*', 'none') and the verdicts a correct analysis may give;
+    ``echo_signals`` one float32 (x, y, z, t) series per TE of ``spec.tes`` (``signal`` is the last)."""
 
     lesions: dict
+    echo_signals: tuple = ()
 
 
 def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPhantom:
@@ -316,6 +383,8 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
     m, nz = spec.matrix, N_SLICES
     t, sample = _grid(spec)
     c_art = arterial_concentration(t, spec)
+    tes = np.asarray(spec.tes)
+    n_echo = tes.size
     proto = PROTOCOLS[spec.protocol]
     c_pre_blood = PRELOAD_PLASMA_MM * (1 - HCT) if proto["preload"] else 0.0
     n_t = spec.n_frames
@@ -333,7 +402,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
         vent |= ((xx - (cx + sx * 0.06 * m)) / (0.03 * m)) ** 2 + ((yy - cy) / (0.12 * m)) ** 2 <= 1.0
 
     shape = (m, m, nz)
-    factor = np.ones(shape + (n_t,), np.float64)  # S(t)/S0 per voxel
+    factor = np.ones((n_echo,) + shape + (n_t,), np.float64)  # S(t)/S0 per echo and voxel
     s0 = np.zeros(shape)
     keys = ("cbv", "cbf", "mtt", "rcbv", "ktrans", "delay")
     truth = {k: np.full(shape, np.nan, np.float32) for k in keys}
@@ -346,15 +415,16 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
     def curve(params: dict, delay=0.0, dispersion=0.0):
         key = (tuple(sorted((k, v) for k, v in params.items() if not isinstance(v, (dict, tuple)))), delay, dispersion)
         if key not in cache:
-            cache[key] = _tissue_signal_factor(params, c_art, t, sample, spec, delay=delay, dispersion=dispersion)
+            cache[key] = _tissue_signal_factor(params, c_art, t, sample, spec, delay=delay, dispersion=dispersion,
+                                               tes=tes)
         return cache[key]
 
     def put(z, cond, params, s0_value, *, delay=0.0, dispersion=0.0, weight=None):
         f, _ = curve(params, delay, dispersion)
         if weight is None:
-            factor[cond, z] = f
+            factor[:, cond, z] = f[:, None, :]
         else:  # a mixture: S/S0 of parts add by volume (linear in the magnetisation)
-            factor[cond, z] += weight[cond][:, None] * (f - 1.0)
+            factor[:, cond, z] += weight[cond][None, :, None] * (f[:, None, :] - 1.0)
         s0[cond, z] = s0_value
 
     def set_truth(z, cond, cbv, mtt, ktrans=0.0, delay=0.0):
@@ -391,7 +461,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
             for sx in (-1, 1):
                 orb = ((xx - (cx + sx * 0.12 * m)) ** 2 + (yy - (cy + ay_ + 4)) ** 2 <= (0.05 * m) ** 2) & ~brain2d
                 s0[orb, z] = 1600.0
-                factor[orb, z] = 1.0
+                factor[:, orb, z] = 1.0
                 masks["orbit"][:, :, z] |= orb
                 masks["head"][:, :, z] |= orb
         # lesions on this slice, each with its treated band
@@ -420,7 +490,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
                 # effect, a few in between: a steep logistic of a smooth random field
                 w[cond] = 1.0 / (1.0 + np.exp(-8.0 * (frac - 0.3)))
                 s0[cond, z] = s0_les
-                factor[cond, z] = 1.0
+                factor[:, cond, z] = 1.0
                 for part, wt in ((rec, w), (trt, 1.0 - w)):
                     put(z, cond, {**part, "t10": les["t10"]}, s0_les, weight=wt)
                 cbv_v = w * rec["cbv"] + (1 - w) * trt["cbv"]
@@ -451,7 +521,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
             }
         # vessels: an MCA per hemisphere and the sagittal sinus
         c_b_art = blood_r2s(c_art, c_pre=c_pre_blood)
-        art_factor = np.exp(-spec.te * c_b_art)[sample]
+        art_factor = np.exp(-tes[:, None] * c_b_art)[:, sample]  # (echo, frame)
         for sx in (-1, 1):
             ax0, ay0 = int(round(cx + sx * 0.18 * m)), int(round(cy + 0.05 * m))
             core = np.zeros((m, m), bool)
@@ -460,10 +530,10 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
             pv = spec.partial_volume_fraction
             s_art = 1100.0
             # partial volume: magnetisations add (artery fraction pv of the voxel)
-            mix = pv * s_art * art_factor + (1 - pv) * s0[ring, z][:, None] * factor[ring, z]
+            mix = pv * s_art * art_factor[:, None, :] + (1 - pv) * s0[ring, z][None, :, None] * factor[:, ring, z]
             s0[ring, z] = pv * s_art + (1 - pv) * s0[ring, z]
-            factor[ring, z] = mix / s0[ring, z][:, None]
-            factor[core, z] = art_factor
+            factor[:, ring, z] = mix / s0[ring, z][None, :, None]
+            factor[:, core, z] = art_factor[:, None, :]
             s0[core, z] = s_art
             masks["aif"][:, :, z] |= core
             for k in truth:
@@ -472,7 +542,7 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
         vcore = np.zeros((m, m), bool)
         vcore[vx - 1: vx + 1, vy: vy + 2] = True
         c_vein = _transport(c_art, t, delay=5.0, dispersion=3.0)
-        factor[vcore, z] = np.exp(-spec.te * blood_r2s(c_vein, c_pre=c_pre_blood))[sample]
+        factor[:, vcore, z] = np.exp(-tes[:, None] * blood_r2s(c_vein, c_pre=c_pre_blood))[:, sample][:, None, :]
         s0[vcore, z] = 1100.0
         masks["vein"][:, :, z] = vcore
         for k in truth:
@@ -485,17 +555,24 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
     if spec.delayed_territory:
         masks["nawm"] &= ~(truth["delay"] > 0)
 
-    ideal = s0[..., None] * factor
-    for i, boost in enumerate(spec.steady_state_boost):
-        ideal[..., i] *= boost
     sigma = TISSUES["wm"]["s0"] / spec.snr
-    noisy = np.hypot(ideal + sigma * rng.standard_normal(ideal.shape), sigma * rng.standard_normal(ideal.shape))
+    r2s0 = np.where(masks["csf"] | masks["orbit"], BASELINE_R2S_PER_S["fluid"], BASELINE_R2S_PER_S["tissue"])
+    signals = []
+    for k, te_k in enumerate(tes):  # noise independent per echo, drawn echo by echo
+        ideal = s0[..., None] * factor[k]
+        if spec.echo_times:
+            ideal *= np.exp(-(te_k - spec.te) * r2s0)[..., None]
+        for i, boost in enumerate(spec.steady_state_boost):
+            ideal[..., i] *= boost
+        noisy = np.hypot(ideal + sigma * rng.standard_normal(ideal.shape), sigma * rng.standard_normal(ideal.shape))
+        signals.append(noisy.astype(np.float32))
+        del ideal, noisy
     vx_mm = spec.voxel_mm
     affine = np.diag([*vx_mm, 1.0])
     affine[:3, 3] = [-(m - 1) / 2 * vx_mm[0], -(m - 1) / 2 * vx_mm[1], -(nz - 1) / 2 * vx_mm[2]]
     aif = np.exp(-spec.te * blood_r2s(c_art, c_pre=c_pre_blood))[sample]
-    return RealisticPhantom(signal=noisy.astype(np.float32), affine=affine, masks=masks, truth=truth, blocks=[],
-                            aif=-np.log(aif) / spec.te, spec=spec, lesions=lesion_truth)
+    return RealisticPhantom(signal=signals[-1], affine=affine, masks=masks, truth=truth, blocks=[],
+                            aif=-np.log(aif) / spec.te, spec=spec, lesions=lesion_truth, echo_signals=tuple(signals))
 
 
 def _leakage_kind(les: dict, spec: RealisticSpec) -> str:
@@ -516,7 +593,10 @@ def _leakage_kind(les: dict, spec: RealisticSpec) -> str:
 
 def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-realistic") -> dict[str, Path]:
     """Write a realistic phantom as a case folder: series + sidecar, masks (mask-brain, mask-aif,
-    mask-reference = the contralateral NAWM, roi-<lesion>), truth maps and truth.json."""
+    mask-reference = the contralateral NAWM, roi-<lesion>), truth maps and truth.json. A multi-echo
+    phantom writes one series and sidecar per echo, ``<prefix>_echo-<k>_dsc.nii.gz`` / ``.json`` (k = 1,
+    2, ... by increasing TE, the BIDS echo entity; the sidecar's EchoTime in s), under the keys
+    ``echo-<k>`` instead of ``dsc``."""
     from . import __version__
     from .io import write_json, write_map, write_nifti
 
@@ -524,12 +604,19 @@ def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-reali
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
-    series = out / f"{prefix}_dsc.nii.gz"
-    write_nifti(series, ph.signal, ph.affine, description="perfusion realistic phantom DSC", tr=spec.tr)
-    write_json(out / f"{prefix}_dsc.json", {
-        "EchoTime": spec.te, "RepetitionTime": spec.tr, "FlipAngle": PROTOCOLS[spec.protocol]["flip_angle"],
-        "MagneticFieldStrength": 3, "Manufacturer": "perfusion realistic phantom", "ContrastBolusIngredient": "GADOLINIUM"})
-    paths["dsc"] = series
+    multi = bool(spec.echo_times)
+    signals = ph.echo_signals or (ph.signal,)
+    for k, (te, sig) in enumerate(zip(spec.tes, signals), start=1):
+        stem = f"{prefix}_echo-{k}_dsc" if multi else f"{prefix}_dsc"
+        series = out / f"{stem}.nii.gz"
+        write_nifti(series, sig, ph.affine, description="perfusion realistic phantom DSC", tr=spec.tr)
+        sidecar = {"EchoTime": te, "RepetitionTime": spec.tr, "FlipAngle": PROTOCOLS[spec.protocol]["flip_angle"],
+                   "MagneticFieldStrength": 3, "Manufacturer": "perfusion realistic phantom",
+                   "ContrastBolusIngredient": "GADOLINIUM"}
+        if multi:
+            sidecar["EchoNumber"] = k
+        write_json(out / f"{stem}.json", sidecar)
+        paths[f"echo-{k}" if multi else "dsc"] = series
     contra = np.zeros(ph.signal.shape[:3], bool)  # the hemisphere without lesions (high x: the patient's right)
     contra[ph.signal.shape[0] // 2 + 1:] = True
     written = {"brain": ("mask-brain", ph.masks["brain"]), "aif": ("mask-aif", ph.masks["aif"]),
@@ -554,10 +641,17 @@ def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-reali
         "nawm": {k: TISSUES["wm"][k] for k in ("cbv", "mtt")},
         "signal_drop_at_peak": drops(spec),
         "lesions": ph.lesions,
+        **({"echoes": [{"file": paths[f"echo-{k}"].name, "te_s": te} for k, te in enumerate(spec.tes, 1)],
+            "noise": {"kind": "Rician", "sd": TISSUES["wm"]["s0"] / spec.snr,
+                      "definition": f"white-matter baseline signal at TE {spec.te:g} s / snr, the same SD for every "
+                                    "echo, drawn independently per echo"}} if multi else {}),
         "physics": {"blood_r2s": f"{BLOOD_R2S_LINEAR} C + {BLOOD_R2S_QUADRATIC} C^2 (1/s, mM)",
                     "tissue_r2s_per_mM": TISSUE_R2S_PER_MM, "r1_per_mM_s": R1_PER_MM_S, "hct": HCT,
                     "residue": "log-normal transit times", "leakage": "driven by the capillary plasma concentration",
-                    "preload_plasma_mM": PRELOAD_PLASMA_MM if PROTOCOLS[spec.protocol]["preload"] else 0.0},
+                    "preload_plasma_mM": PRELOAD_PLASMA_MM if PROTOCOLS[spec.protocol]["preload"] else 0.0,
+                    **({"baseline_r2s_per_s": BASELINE_R2S_PER_S,
+                        "echoes": "one T1 (SPGR) factor per voxel-frame for all echoes, exp(-TE R2*(t)) per echo"}
+                       if multi else {})},
     })
     paths["truth_json"] = out / "truth.json"
     return paths

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -114,13 +114,23 @@ REALISTIC_SEEDS = (0, 1)
 REALISTIC_SNRS = (50.0, 30.0)
 
 
-def realistic_inputs(ph, *, reference: str = "mask") -> Inputs:
+def realistic_inputs(ph, *, reference: str = "mask", echoes: str = "all") -> Inputs:
     """pipeline.Inputs of a realistic phantom as a user gives them: the series and the lesion ROIs, a
     brain mask, and (``reference="mask"``) the NAWM of the hemisphere without lesions as the reference
-    (``"auto"``: none, the pipeline finds it); the AIF is always the automatic one."""
+    (``"auto"``: none, the pipeline finds it); the AIF is always the automatic one. A multi-echo
+    phantom gives its echoes combined (echoes.combine_echoes; ``echoes="all"``) or its longest echo
+    alone (``"last"``)."""
+    from .echoes import combine_echoes
+
     spec = ph.spec
-    series = Series(data=ph.signal, affine=ph.affine, path=Path("<realistic phantom>"), te=spec.te, tr=spec.tr,
-                    te_source="phantom", tr_source="phantom")
+    signals = getattr(ph, "echo_signals", ()) or (ph.signal,)
+    each = [Series(data=sig, affine=ph.affine, path=Path(f"<realistic phantom echo {k}>"), te=te, tr=spec.tr,
+                   te_source="phantom", tr_source="phantom")
+            for k, (te, sig) in enumerate(zip(spec.tes, signals), start=1)]
+    if len(each) == 1:
+        series = replace(each[0], path=Path("<realistic phantom>"))
+    else:
+        series = combine_echoes(each) if echoes == "all" else each[-1]
     contra = np.zeros(ph.signal.shape[:3], bool)
     contra[ph.signal.shape[0] // 2 + 1:] = True  # high x, the patient's right (RAS): the lesions lie on the left
     ref = ph.masks["nawm"] & contra if reference == "mask" else None
@@ -128,11 +138,14 @@ def realistic_inputs(ph, *, reference: str = "mask") -> Inputs:
 
 
 def validate_realistic(*, protocols=REALISTIC_PROTOCOLS, seeds=REALISTIC_SEEDS, snrs=REALISTIC_SNRS,
-                       config: Config | None = None, reference: str = "mask") -> list[dict]:
+                       config: Config | None = None, reference: str = "mask", echo_times: tuple = (),
+                       echoes: str = "all", matrix: int = 96) -> list[dict]:
     """Per protocol, SNR, seed and lesion of the realistic phantom (phantom_realistic.py): true median
     rCBV and the verdicts a correct analysis may give; the analysis's median rCBV, interval and
     verdict; the median rCBV under every leakage correction (rcbv_by_leakage); the CBV change the
-    leakage correction made in grey and white matter (the maps). Whole pipeline, automatic AIF."""
+    leakage correction made in grey and white matter (the maps). Whole pipeline, automatic AIF.
+    ``echo_times`` (s): a multi-echo head, analysed combined (``echoes="all"``) or by its longest echo
+    alone (``"last"``)."""
     from .phantom_realistic import RealisticSpec, make_realistic_phantom
 
     config = config or Config(motion_correct="off")
@@ -140,8 +153,9 @@ def validate_realistic(*, protocols=REALISTIC_PROTOCOLS, seeds=REALISTIC_SEEDS, 
     for protocol in protocols:
         for snr in snrs:
             for seed in seeds:
-                ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=float(snr), seed=int(seed)))
-                res = analyze(realistic_inputs(ph, reference=reference), config)
+                ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=float(snr), seed=int(seed),
+                                                          echo_times=tuple(echo_times), matrix=matrix))
+                res = analyze(realistic_inputs(ph, reference=reference, echoes=echoes), config)
                 normal = {}
                 if "cbv_uncorrected" in res.maps:
                     for tissue in ("gm", "nawm"):
