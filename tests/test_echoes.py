@@ -197,3 +197,38 @@ def test_a_dicom_folder_among_echoes_is_refused(dual_echo_case, tmp_path, capsys
     assert _analyze(dual_echo_case, tmp_path / "out", dual_echo_case["e1"], folder) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "DICOM folder" in err[0], err
+
+
+# ------------------------------------------------------------------------------------- issue 18 target
+
+
+def test_dual_echo_realistic_head_meets_the_target_the_long_echo_alone_misses(tmp_path):
+    """Issue 18's target on the dual-echo realistic head (TE 8 / 30 ms, flip 60 without preload: the leakiest
+    protocol; SNR 30, seed 0), everything through the command line with its defaults (automatic AIF and
+    reference; --leakage auto is BSW for multi-echo): every lesion's median rCBV within 15 % of its truth and
+    every verdict one a correct analysis may give. The 30 ms echo alone, read by the same command (its
+    default, the bidirectional model), is measurably worse. Measured here: dual echo largest error 11.6 %,
+    mean 7.5 %; the long echo alone largest 17.4 % (treatment_t2s), mean 10.9 %. Over SNR 30/50 x seeds 0-1
+    (28 lesion runs) BSW on the dual echo kept 27 within 15 % (the 28th 15.1 %: the mixed lesion, whose
+    truth is a median over a random field), the bidirectional model 23 (pipeline.DEFAULT_LEAKAGE_MULTI_ECHO)."""
+    ph = tmp_path / "head"
+    assert main(["phantom", str(ph), "--realistic", "--echoes", "2", "--snr", "30", "--seed", "0"]) == 0
+    truth = json.loads((ph / "truth.json").read_text())["lesions"]
+    rois = [a for name in sorted(truth) for a in ("--roi", str(ph / f"roi-{name}.nii.gz"))]
+    echo1, echo2 = ph / "sub-realistic_echo-1_dsc.nii.gz", ph / "sub-realistic_echo-2_dsc.nii.gz"
+    assert main(["analyze", str(echo2), str(echo1), "--out", str(tmp_path / "dual"), *rois, "--no-html", "-q"]) == 0
+    assert main(["analyze", str(echo2), "--out", str(tmp_path / "single"), *rois, "--no-html", "-q"]) == 0
+    errors = {}
+    for kind in ("dual", "single"):
+        rep = json.loads((tmp_path / kind / "report.json").read_text())
+        assert rep["parameters"]["leakage"] == ("bsw" if kind == "dual" else "bidirectional")
+        errors[kind] = {}
+        for r in rep["rois"]:
+            name = r["name"].removeprefix("roi-")
+            errors[kind][name] = r["rcbv_median"] / truth[name]["rcbv_median"] - 1
+            if kind == "dual":
+                assert r["verdict"] in truth[name]["expected_verdicts"], (name, r["verdict"], r["rcbv_median"])
+    assert len(errors["dual"]) == 7
+    assert max(abs(e) for e in errors["dual"].values()) <= 0.15, errors["dual"]
+    mean = {k: float(np.mean([abs(e) for e in v.values()])) for k, v in errors.items()}
+    assert mean["single"] >= mean["dual"] + 0.02, mean  # measured 10.9 % against 7.5 %

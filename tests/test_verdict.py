@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfusion import roi
+from perfusion import pipeline, roi
 from perfusion.cli import main
 from perfusion.pipeline import Config
 
@@ -259,7 +259,7 @@ def test_phantom_verdicts_intervals_and_sensitivity(phantom_report):
             # no leakage in these lesions: every correction within 10 % of the truth, same band
             assert abs(v["rcbv_median"] / truth - 1) < 0.10, (name, m, v)
             assert v["verdict"] == verdict
-        default = Config().leakage  # the analysis's own correction is the sensitivity's entry of that name
+        default = pipeline.DEFAULT_LEAKAGE_SINGLE  # the analysis's own correction is the sensitivity's entry of that name
         assert r["rcbv_by_leakage"][default]["rcbv_median"] == pytest.approx(r["rcbv_median"], rel=1e-6)
         assert r["ci_methods"] == list(dict.fromkeys((default, *roi.PLAUSIBLE_LEAKAGE)))
         assert r["mixed"] is False and r["gates_failed"] == []

@@ -123,7 +123,7 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
 
 
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
-                leakage: str = "bidirectional", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
+                leakage: str = "auto", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
                 rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
                 recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
@@ -185,7 +185,7 @@ def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "aut
 
 def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
                 rois: list[Path] = (), method: str = "model", threshold: float | None = None,
-                oi_target: float | None = None, leakage: str = "bidirectional", leakage_gate: str = "lesion",
+                oi_target: float | None = None, leakage: str = "auto", leakage_gate: str = "lesion",
                 te: float | None = None,
                 tr: float | None = None, rcbv_low: float = 1.0, rcbv_high: float = 1.75, aif_voxels: int = 10,
                 aif_selection: str = "cluster", vof: str = "guarded", recirculation: str = "keep",

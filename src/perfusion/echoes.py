@@ -36,6 +36,12 @@ MIN_ECHO_GAP_S = 0.5e-3
 #: of zero true signal at about 1.25 sigma, and within 3 sigma the log of the signal is mostly noise.
 NOISE_FLOOR_SD = 3.0
 
+#: A voxel has a signal (and its noise floor is looked for) when its last echo's mean over the first
+#: frames exceeds this many noise SDs: pure noise (air, the skull's signal void) has a Rician mean of about
+#: 1.25 SD. Measured on the dual-echo realistic head: without it 39 % of all voxel-frames were "at the
+#: floor", 88 % of them outside the head.
+SIGNAL_SD = 10.0
+
 #: Frames at the start of the series used for each voxel's noise SD when no baseline is known: the
 #: first third of the frames before the whole-head minimum, at least 3.
 MIN_NOISE_FRAMES = 3
@@ -114,10 +120,12 @@ def combine_echoes(echoes: list):
     r2s = r2star(logs, tes)
     # the last echo at its noise floor: R2* from the first echo alone, over its baseline R2*
     s_last = last.data.astype(np.float64)
-    floor = s_last < NOISE_FLOOR_SD * _noise_sd(s_last)[..., None]
+    n0 = max(MIN_NOISE_FRAMES, int(np.argmin(s_first.reshape(-1, s_first.shape[-1]).mean(axis=0))) // 3)
+    # only voxels with a signal: outside the head (and in the skull's signal void) every frame is noise
+    has_signal = s_last[..., :n0].mean(axis=-1) > SIGNAL_SD * _noise_sd(s_last)
+    floor = (s_last < NOISE_FLOOR_SD * _noise_sd(s_last)[..., None]) & has_signal[..., None]
     n_floor = int(floor.sum())
     if n_floor:
-        n0 = max(MIN_NOISE_FRAMES, int(np.argmin(s_first.reshape(-1, s_first.shape[-1]).mean(axis=0))) // 3)
         base_r2s = r2s[..., :n0].mean(axis=-1, keepdims=True)
         s1_0 = s_first[..., :n0].mean(axis=-1, keepdims=True)
         single = base_r2s - np.log(np.maximum(s_first, tiny) / np.maximum(s1_0, tiny)) / first.te
@@ -130,8 +138,8 @@ def combine_echoes(echoes: list):
     notes = []
     if n_floor:
         notes.append(f"the last echo (TE {last.te * 1000:.3g} ms) sat at its noise floor in {n_floor} voxel-frames "
-                     f"({100 * n_floor / floor.size:.2g} %, mostly arteries at the bolus peak): R2* from the first echo "
-                     "alone there")
+                     f"of voxels with a signal ({100 * n_floor / max(int(has_signal.sum()) * floor.shape[-1], 1):.2g} %; "
+                     "arteries at the bolus peak): R2* from the first echo alone there")
     return replace(first, data=data, te=te_eff,
                    te_source=f"multi-echo: TE {', '.join(f'{t * 1000:.4g}' for t in tes)} ms; delta R2* by {method}; "
                              f"effective TE = TE{len(tes)} - TE1 = {te_eff:g} s",
