@@ -232,3 +232,18 @@ def test_dual_echo_realistic_head_meets_the_target_the_long_echo_alone_misses(tm
     assert max(abs(e) for e in errors["dual"].values()) <= 0.15, errors["dual"]
     mean = {k: float(np.mean([abs(e) for e in v.values()])) for k, v in errors.items()}
     assert mean["single"] >= mean["dual"] + 0.02, mean  # measured 10.9 % against 7.5 %
+
+
+def test_the_acquisition_panel_says_dual_echo_and_checks_the_long_echo():
+    """report.html's acquisition checks: a multi-echo report gets an "Echoes" row, and the consensus TE
+    (20-35 ms at 3 T) is checked on the long echo, not on the effective TE (TE2 - TE1)."""
+    from perfusion.report_html import check_acquisition
+
+    rep = {"acquisition": {"te": TE2 - TE1, "tr": 1.5, "field_strength_t": 3.0, "flip_angle_deg": 60,
+                           "echoes": [{"te_s": TE1, "file": "a"}, {"te_s": TE2, "file": "b"}]}, "baseline": {}}
+    rows = {r["name"]: r for r in check_acquisition(rep)}
+    assert rows["Echoes"]["value"].startswith("dual echo (TE 8, 30 ms)") and rows["Echoes"]["status"] == "ok"
+    assert rows["TE"]["value"] == "30 ms" and rows["TE"]["status"] == "ok"
+    single = {r["name"]: r for r in check_acquisition({**rep, "acquisition": {**rep["acquisition"], "echoes": None,
+                                                                                "te": 0.03}})}
+    assert "Echoes" not in single and single["TE"]["value"] == "30 ms"
