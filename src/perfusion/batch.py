@@ -281,7 +281,7 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         marker = read_marker(final)
         if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
-        from .commands import compute_case, make_config
+        from .case import compute_case, make_config
         from .io import output_file, write_json
         from .pipeline import write_result
         from .report_html import write_html

@@ -1036,20 +1036,12 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
                   frames_repaired=frames_repaired)
 
 
-def anat_entry(anat, source, *, prefix: str | None = None) -> dict:
-    """report.json "anat": where the registered T1 (a register.AnatBackground) came from and how."""
-    from .io import output_file
-
-    return {"source": str(source), "image": output_file("anat", prefix),
-            "transform_file": output_file("anat_xfm", prefix), "zoom_in_plane": anat.zoom,
-            "registration": anat.transform.as_dict()}
-
-
 def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict[str, str]:
     """The registered T1 (+ sidecar) and its transform, of a register.AnatBackground, into ``folder``;
     returns the "files" entries written."""
     from .io import output_file, write_map
     from .register import write_transform
+    from .report import anat_entry
 
     files = {"anat": output_file("anat", prefix), "anat_xfm": output_file("anat_xfm", prefix)}
     write_map(folder, files["anat"], anat.data, anat.affine, units="a.u.",

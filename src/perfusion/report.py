@@ -26,7 +26,6 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
     import datetime
 
     from .io import roi_mask_files
-    from .pipeline import anat_entry
 
     roi_files = roi_files if roi_files is not None else roi_mask_files(inputs.rois, prefix)
 
@@ -102,3 +101,12 @@ VERDICT_LABEL = {
     "indeterminate": "indeterminate",
     "not_assessable": "not assessable",
 }
+
+
+def anat_entry(anat, source, *, prefix: str | None = None) -> dict:
+    """report.json "anat": where the registered T1 (a register.AnatBackground) came from and how."""
+    from .io import output_file
+
+    return {"source": str(source), "image": output_file("anat", prefix),
+            "transform_file": output_file("anat_xfm", prefix), "zoom_in_plane": anat.zoom,
+            "registration": anat.transform.as_dict()}

@@ -1,0 +1,175 @@
+"""Loading a case and running its analysis, the layer under the command line and batch: the options
+become a validated Config (``make_config``), the series (one NIfTI, a DICOM folder or the echoes of a
+multi-echo run) and masks are loaded and checked (``load_inputs``), and ``compute_case`` repairs frames,
+corrects head motion, analyses and registers the anatomical image. Nothing here prints or writes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from .errors import InputError, UsageError
+
+
+def own_warnings(caught) -> list[str]:
+    """The messages of the tool's own warnings among ``caught`` (warnings.WarningMessage): plain
+    UserWarnings and perfusion's own categories. Raw library warnings (numpy's RuntimeWarning "overflow
+    encountered in ...", DeprecationWarning, ...) never reach report.json or the terminal: what a user
+    must know is said by the tool in its own sentences."""
+    return [str(w.message) for w in caught
+            if w.category is UserWarning or w.category.__module__.startswith("perfusion")]
+
+
+def dsc_list(dsc) -> list[Path]:
+    """The series argument as a list: one NIfTI or DICOM folder, or the echoes of a multi-echo run."""
+    return [Path(p) for p in dsc] if isinstance(dsc, (list, tuple)) else [Path(dsc)]
+
+
+def check_echo_options(dscs: list[Path], *, te: float | None, dicom_series: int | None) -> None:
+    """Several series are echoes of one run: each TE comes from its sidecar, and none may be a folder."""
+    for p in dscs:
+        if p.is_dir():
+            raise UsageError(f"{p}: a DICOM folder holds its own echoes; give it alone (perfusion analyze FOLDER)")
+    if te is not None:
+        raise UsageError(f"--te {te:g}: {len(dscs)} echoes were given, each with its own TE; leave --te out and give "
+                         "each echo's EchoTime (s) in its JSON sidecar")
+    if dicom_series is not None:
+        raise UsageError(f"--series {dicom_series} applies to a DICOM folder, not to NIfTI echoes; leave it out")
+    if len({p.resolve() for p in dscs}) < len(dscs):
+        raise UsageError(f"{dscs[0]}: a file is given twice; give each echo once")
+
+
+def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, reference: Path | None, rois: list[Path],
+                te: float | None, tr: float | None, vof: str = "guarded", anat: Path | None = None,
+                roi_names: list[str] | None = None, dicom_series: int | None = None):
+    """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
+    ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
+    A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
+    from .io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
+    from .pipeline import Inputs
+
+    names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
+    check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
+    dscs = dsc_list(dsc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if len(dscs) > 1:  # the echoes of one multi-echo acquisition (echoes.py)
+            from .echoes import combine_echoes
+
+            check_echo_options(dscs, te=te, dicom_series=dicom_series)
+            series = combine_echoes([load_series(p, te=None, tr=tr) for p in dscs])
+            for note in series.echo_notes:
+                warnings.warn(note, stacklevel=1)
+        elif dscs[0].is_dir():
+            from .dicom import load_dicom_series
+
+            series = load_dicom_series(dscs[0], te=te, tr=tr, series=dicom_series)
+        else:
+            if dicom_series is not None:
+                raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+            series = load_series(dscs[0], te=te, tr=tr)
+        paths: dict[str, Path] = {"dsc": Path(series.path)}
+        # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are
+        # named FOLDER/echo-<k>, not files: the folder's hash covers them)
+        for i, echo in enumerate(series.echoes[1:] if not Path(series.path).is_dir() else (), start=2):
+            paths[f"dsc_echo-{i}"] = Path(echo.path)
+            side = sidecar_path_for(Path(echo.path))
+            if side.is_file():
+                paths[f"dsc_echo-{i}_sidecar"] = side
+        # masks (io.mask_regions): a brain mask's labels are merged (a tissue segmentation); an AIF, VOF or
+        # reference label map is refused (one region each); an ROI label map is one ROI per label
+        brain = load_mask(mask, series, what="brain mask", labels="merge") if mask else None
+        if mask:
+            paths["brain"] = Path(mask)
+        aif_mask = None
+        if aif != "auto":
+            aif_mask = load_mask(Path(aif), series, what="AIF mask")
+            paths["aif"] = Path(aif)
+        ref = load_mask(reference, series, what="reference mask") if reference else None
+        if reference:
+            paths["reference"] = Path(reference)
+        vof_mask = None
+        if vof not in ("none", "guarded", "auto"):
+            vof_mask = load_mask(Path(vof), series, what="VOF mask")
+            paths["vof"] = Path(vof)
+        roi_masks = {}
+        for i, p in enumerate(rois):
+            base = roi_names[i] if roi_names is not None else stem(p)
+            regions = mask_regions(p, series, what="ROI")
+            names = {label: base if label is None else f"{base}-label{label}" for label in regions}
+            if None not in regions:
+                warnings.warn(f"{Path(p).name}: the ROI is a label map with {len(regions)} labels: one ROI per label, "
+                              f"{', '.join(names.values())}", stacklevel=1)
+            for label, m in regions.items():
+                name = names[label]
+                if name in roi_masks:
+                    raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
+                roi_masks[name] = m
+                paths[f"roi:{name}"] = Path(p)
+        if len(roi_masks) > len(rois):  # label maps: their per-label names pass the same rules
+            check_roi_names([(n, paths[f"roi:{n}"]) for n in roi_masks])
+    if anat is not None:
+        paths["anat"] = Path(anat)
+    inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
+    return inputs, own_warnings(caught)
+
+
+def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
+                leakage: str = "auto", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
+                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
+                recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
+                bevacizumab: bool = False, steroids: bool = False):
+    """The pipeline Config of the command-line options, validated (UsageError)."""
+    from .pipeline import Config
+
+    return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
+                  aif_voxels=aif_voxels,
+                  aif_selection=aif_selection, vof=vof if vof in ("none", "guarded", "auto") else "mask",
+                  recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
+                  rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
+                  steroids=steroids).validate()
+
+
+def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
+                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
+                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
+    """Load one case, correct its head motion (``config.motion_correct``), analyse it and register
+    ``anat``; return (Result, Inputs). Writes nothing."""
+    import dataclasses
+    import time
+
+    from .motion import correct_series
+    from .pipeline import analyze, repair_series
+
+    t0 = time.perf_counter()
+    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
+                                        vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
+    anat_image = None
+    if anat is not None:  # read before the analysis so a bad file fails fast
+        from .io import load_volume
+
+        anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
+    t1 = time.perf_counter()
+    series, frames_repaired, frame_notes = repair_series(inputs.series)  # before motion: it registers every frame
+    series, motion, motion_notes = correct_series(series, mode=config.validate().motion_correct,
+                                                  brain=inputs.brain)
+    inputs = dataclasses.replace(inputs, series=series)
+    t2 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = analyze(inputs, config)
+    timings = {"load": round(t1 - t0, 4), "motion": round(t2 - t1, 4), **result.timings}
+    result = dataclasses.replace(result, motion=motion, timings=timings,
+                                 frames_repaired=frames_repaired or result.frames_repaired)
+    result.warnings[:0] = frame_notes
+    result.warnings.extend(load_warnings + motion_notes + own_warnings(caught))
+    if anat_image is not None:
+        from .register import anat_background
+
+        if result.baseline_image is None:
+            raise InputError(f"{anat}: no baseline image to register the anatomical image to; "
+                             "the series needs pre-bolus frames")
+        t3 = time.perf_counter()
+        bg = anat_background(result.baseline_image, inputs.series.affine, *anat_image, path=Path(anat))
+        result = dataclasses.replace(result, anat=bg, timings={**timings, "anat": round(time.perf_counter() - t3, 4)})
+    return result, inputs
