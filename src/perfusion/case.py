@@ -6,9 +6,14 @@ corrects head motion, analyses and registers the anatomical image. Nothing here 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    from .pipeline import Inputs
 
 
 def own_warnings(caught) -> list[str]:
@@ -130,46 +135,103 @@ def make_config(*, method: str = "model", threshold: float | None = None, oi_tar
                   steroids=steroids).validate()
 
 
-def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
-                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
-    """Load one case, correct its head motion (``config.motion_correct``), analyse it and register
-    ``anat``; return (Result, Inputs). Writes nothing."""
-    import dataclasses
-    import time
+@dataclass(frozen=True)
+class Case:
+    """A loaded case (``load_case``): the series and masks (pipeline.Inputs), the loader's warnings and the
+    anatomical image (data, affine) with its file, if one was given."""
 
-    from .motion import correct_series
-    from .pipeline import analyze, repair_series
+    inputs: "Inputs"
+    warnings: tuple[str, ...] = ()
+    anat: tuple | None = None
+    anat_path: Path | None = None
 
-    t0 = time.perf_counter()
-    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te, tr=tr,
-                                        vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
+
+def load_case(dsc, *, mask=None, aif: str = "auto", reference=None, rois=(), te: float | None = None,
+              tr: float | None = None, vof: str = "guarded", anat=None, roi_names: list[str] | None = None,
+              dicom_series: int | None = None) -> Case:
+    """Load one case as ``perfusion analyze`` does: ``dsc`` a 4-D NIfTI (TE/TR in s from its sidecar, or
+    ``te``/``tr``), a DICOM folder, or a list of NIfTI echoes of one multi-echo run; masks on its grid.
+    Raises PerfusionError subclasses (InputError, UsageError) with a one-line message; prints nothing."""
+    inputs, load_warnings = load_inputs(dsc=dsc, mask=mask, aif=aif, reference=reference, rois=list(rois), te=te,
+                                        tr=tr, vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
     anat_image = None
     if anat is not None:  # read before the analysis so a bad file fails fast
         from .io import load_volume
 
         anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
+    return Case(inputs=inputs, warnings=tuple(load_warnings), anat=anat_image,
+                anat_path=Path(anat) if anat is not None else None)
+
+
+def analyze_case(case: Case, config=None):
+    """Analyse a loaded case with every option of ``config`` (pipeline.Config; default: the command
+    line's defaults): frame repair, head motion (``config.motion_correct``), the analysis, and the
+    registration of the anatomical image. Returns the pipeline Result; writes and prints nothing."""
+    import dataclasses
+    import time
+
+    from .motion import correct_series
+    from .pipeline import Config, analyze, repair_series
+
+    config = (config or Config()).validate()
+    inputs = case.inputs
     t1 = time.perf_counter()
     series, frames_repaired, frame_notes = repair_series(inputs.series)  # before motion: it registers every frame
-    series, motion, motion_notes = correct_series(series, mode=config.validate().motion_correct,
-                                                  brain=inputs.brain)
+    series, motion, motion_notes = correct_series(series, mode=config.motion_correct, brain=inputs.brain)
     inputs = dataclasses.replace(inputs, series=series)
     t2 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = analyze(inputs, config)
-    timings = {"load": round(t1 - t0, 4), "motion": round(t2 - t1, 4), **result.timings}
+    timings = {"motion": round(t2 - t1, 4), **result.timings}
     result = dataclasses.replace(result, motion=motion, timings=timings,
-                                 frames_repaired=frames_repaired or result.frames_repaired)
-    result.warnings[:0] = frame_notes
-    result.warnings.extend(load_warnings + motion_notes + own_warnings(caught))
-    if anat_image is not None:
+                                 frames_repaired=frames_repaired or result.frames_repaired,
+                                 warnings=[*frame_notes, *result.warnings, *case.warnings, *motion_notes,
+                                           *own_warnings(caught)])
+    if case.anat is not None:
         from .register import anat_background
 
         if result.baseline_image is None:
-            raise InputError(f"{anat}: no baseline image to register the anatomical image to; "
+            raise InputError(f"{case.anat_path}: no baseline image to register the anatomical image to; "
                              "the series needs pre-bolus frames")
         t3 = time.perf_counter()
-        bg = anat_background(result.baseline_image, inputs.series.affine, *anat_image, path=Path(anat))
+        bg = anat_background(result.baseline_image, inputs.series.affine, *case.anat, path=case.anat_path)
         result = dataclasses.replace(result, anat=bg, timings={**timings, "anat": round(time.perf_counter() - t3, 4)})
-    return result, inputs
+    return result
+
+
+def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
+                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
+                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
+    """``load_case`` then ``analyze_case`` (the command line's and batch's path); return (Result, Inputs)
+    with the loading time in the Result's timings."""
+    import dataclasses
+    import time
+
+    t0 = time.perf_counter()
+    case = load_case(dsc, mask=mask, aif=aif, reference=reference, rois=rois, te=te, tr=tr, vof=vof, anat=anat,
+                     roi_names=roi_names, dicom_series=dicom_series)
+    load_s = round(time.perf_counter() - t0, 4)
+    result = analyze_case(case, config)
+    result = dataclasses.replace(result, timings={"load": load_s, **result.timings})
+    return result, case.inputs
+
+
+def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> Path:
+    """Write a Result into the folder ``out`` as ``perfusion analyze`` does (maps with JSON sidecars,
+    report.json, report.html unless ``html`` is False), atomically and under the folder's lock; ``out``
+    must be empty unless ``force``. Returns ``out``. Raises OutputError (exit 5 on the command line)."""
+    from .io import check_output_folder, output_lock, staged_output
+    from .pipeline import write_result
+
+    out = Path(out)
+    check_output_folder(out, force=force)
+    with output_lock(out):
+        check_output_folder(out, force=force)
+        with staged_output(out, force=force) as stage:
+            write_result(result, case.inputs, stage)
+            if html:
+                from .report_html import write_html
+
+                write_html(stage)
+    return out
