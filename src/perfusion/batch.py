@@ -7,7 +7,8 @@ A case's outputs are written into a hidden staging folder beside its final folde
 then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
 old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
 removes; a case counts as done only when its marker matches. Files are named relative to the input
-folder in everything a batch writes or logs (:class:`Names`), so a copied dataset resumes and no folder
+folder in the markers, summaries and log lines (:class:`Names`; each case's own outputs name their inputs
+by file name, as ``analyze`` does: pipeline.write_result), so a copied dataset resumes and no folder
 above the dataset (often a patient's name) leaks; two cases never share an output folder
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
@@ -180,15 +181,6 @@ class Names:
             text = pattern.sub(sub, text)
         return text
 
-    def scrub_json(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.scrub(value)
-        if isinstance(value, dict):
-            return {self.scrub(k) if isinstance(k, str) else k: self.scrub_json(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self.scrub_json(v) for v in value]
-        return value
-
 
 def fingerprint(case, params: dict[str, Any], names: Names) -> dict[str, Any]:
     """What a case's outputs depend on: input contents (sha256, by names relative to the input folder),
@@ -298,8 +290,7 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         try:
             os.chmod(stage, 0o777 & ~_umask())
             prefix = getattr(case, "prefix", None)
-            files = write_result(result, inputs, stage, prefix=prefix)
-            _scrub_folder(stage, names)
+            files = write_result(result, inputs, stage, prefix=prefix)  # names inputs by file name only
             write_html(stage)
             report = json.loads((stage / files["report"]).read_text(encoding="utf-8"))
             seconds = time.perf_counter() - t0
@@ -318,19 +309,6 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         return failed(f"{exc.filename or case_id}: {exc.strerror or exc}; check the file and free space")
     except Exception as exc:  # a bug, but one case must not stop the batch
         return failed(f"internal error ({type(exc).__name__}: {exc}); please report it")
-
-
-def _scrub_folder(folder: Path, names: Names) -> None:
-    """Rewrite the JSON files of a staged case folder with every absolute path made relative (report.json
-    "inputs" and mask "source", sidecar descriptions, warnings): the pipeline records the paths it was
-    given, and a batch gives absolute ones."""
-    from .io import write_json
-
-    for p in sorted(Path(folder).glob("*.json")):
-        data = json.loads(p.read_text(encoding="utf-8"))
-        clean = names.scrub_json(data)
-        if clean != data:
-            write_json(p, clean)
 
 
 def _now() -> str:
