@@ -240,7 +240,19 @@ def case(tmp_path_factory):
     """The phantom as NIfTI, the same series as DICOM (with a one-frame 'T1' series in the same
     folder), and the outputs of convert, dicom-inspect and analyze on both, with their captured text."""
     root = tmp_path_factory.mktemp("dicom")
-    temp_before = set(Path(tempfile.gettempdir()).glob("perfusion-dicom-*"))
+    # a temporary folder of this fixture's own for the conversions (tempfile.tempdir, which
+    # dicom.read_dicom_series's mkdtemp takes): test workers running other DICOM tests at the same time
+    # make and remove their own perfusion-dicom-* folders in the shared one
+    temp_dir = root / "tmp"
+    temp_dir.mkdir()
+    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(temp_dir)
+    try:
+        return _make_case(root, temp_dir)
+    finally:
+        tempfile.tempdir = saved_tempdir
+
+
+def _make_case(root, temp_dir):
     ph = make_phantom(PhantomSpec(matrix=48))
     paths = write_phantom(ph, root / "nifti")
     # write the DICOM in LPS voxel order, so that its orientation is the usual axial 1 0 0 0 1 0
@@ -280,7 +292,7 @@ def case(tmp_path_factory):
     texts += [out, err]
     return {"phantom": ph, "paths": paths, "folder": folder, "converted": conv, "nifti_out": nifti_out,
             "dicom_out": dicom_out, "inspect_json": root / "inspect.json", "texts": texts, "root": root,
-            "temp_before": temp_before}
+            "temp_dir": temp_dir}
 
 
 # -------------------------------------------------------------------------------------------- tests
@@ -470,7 +482,7 @@ def test_no_identifier_leaves(case, tmp_path):
                    capture_output=True, check=True)
     raw = [t for p in tmp_path.glob("*.json") for t in planted_in(p)]
     assert "Planted General Hospital" in raw
-    assert case["temp_before"] == set(Path(tempfile.gettempdir()).glob("perfusion-dicom-*"))
+    assert list(case["temp_dir"].iterdir()) == []  # the conversions' temporary folders are gone
 
 
 def test_two_dsc_series_need_series_option(tmp_path):
