@@ -122,8 +122,9 @@ def combine_echoes(echoes: list):
     s_last = last.data.astype(np.float64)
     n0 = max(MIN_NOISE_FRAMES, int(np.argmin(s_first.reshape(-1, s_first.shape[-1]).mean(axis=0))) // 3)
     # only voxels with a signal: outside the head (and in the skull's signal void) every frame is noise
-    has_signal = s_last[..., :n0].mean(axis=-1) > SIGNAL_SD * _noise_sd(s_last)
-    floor = (s_last < NOISE_FLOOR_SD * _noise_sd(s_last)[..., None]) & has_signal[..., None]
+    sd_last = _noise_sd(s_last)
+    has_signal = s_last[..., :n0].mean(axis=-1) > SIGNAL_SD * sd_last
+    floor = (s_last < NOISE_FLOOR_SD * sd_last[..., None]) & has_signal[..., None]
     n_floor = int(floor.sum())
     if n_floor:
         base_r2s = r2s[..., :n0].mean(axis=-1, keepdims=True)
