@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the perfusion command line from a checkout: ``python cli.py analyze ...``.
 
-The installed console script ``perfusion`` runs the same app (src/perfusion/cli.py).
+The installed console script ``perfusion`` runs the same app (src/perfusion/cli/app.py).
 """
 
 import sys
@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from perfusion.cli import entry  # noqa: E402
+from perfusion.cli.app import entry  # noqa: E402
 
 if __name__ == "__main__":
     entry()

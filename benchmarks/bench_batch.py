@@ -22,7 +22,7 @@ from pathlib import Path
 
 def make_cases(root: Path, n: int) -> None:
     from perfusion.io import staged_output
-    from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
+    from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
     root.mkdir(parents=True)
     for i in range(n):

@@ -185,7 +185,7 @@ def model_select(c, q, s2, pen, prior, norms, log_mtts, taus, tr, table, t0, dt_
 
 # --- gamma-variate fit
 
-from perfusion._kernels_curves import (  # noqa: E402  (the same damping rules and tolerances as the kernel)
+from perfusion._kernels.curves import (  # noqa: E402  (the same damping rules and tolerances as the kernel)
     GV_DIAG_FLOOR, GV_FTOL, GV_LAM0, GV_LAM_MAX, GV_LAM_MIN, GV_SSE_FLOOR, GV_SSE_ROUND, GV_XTOL,
 )
 

@@ -1,4 +1,4 @@
-"""Plain numpy twins of the kernels in perfusion._kernels_curves: slow where they must be, obviously
+"""Plain numpy twins of the kernels in perfusion._kernels.curves: slow where they must be, obviously
 right, and written the way the domain modules computed these values before the kernels (so they
 also pin that the kernels changed no result). The gamma-variate LM twin is naive.gamma_fit."""
 

@@ -1,7 +1,7 @@
 """Arterial input: cluster selection, venous output function, partial-volume scaling, quality score
 (the absolute-quantification checks of issue 16: tests/test_aif_honesty.py).
 
-On the real phantom (perfusion.phantom): 40 pure arterial voxels (masks["aif"]), each artery ringed by
+On the real phantom (perfusion.tools.phantom): 40 pure arterial voxels (masks["aif"]), each artery ringed by
 partial-volume voxels (30 % AIF, 70 % tissue), veins = the AIF delayed 4 s and dispersed 3 s
 (masks["vein"]). Delta R2* rows are built as the pipeline does: S0 from frames 2-11 (frames 0-1 are
 not yet at steady state), curves from frame 2 on, so they line up with ``ph.aif[2:]``.
@@ -29,9 +29,9 @@ from numpy.testing import assert_allclose, assert_array_equal
 from scipy.cluster.vq import kmeans2
 from scipy.integrate import trapezoid
 
-from perfusion import aif
-from perfusion.phantom import PhantomSpec, make_phantom
-from perfusion.signal import to_delta_r2s
+from perfusion.quantify import aif
+from perfusion.tools.phantom import PhantomSpec, make_phantom
+from perfusion.quantify.signal import to_delta_r2s
 
 AIF_AREA_RTOL = 0.03
 AIF_AREA_RTOL_LOW_SNR = 0.10

@@ -1,10 +1,10 @@
 """An honest AIF (issue 16): partial volume and saturation detected from the AIF's own curve.
 
 Curves whose physics differs from the tool's model:
-- the realistic phantom (perfusion.phantom_realistic): blood delta R2* quadratic in concentration,
+- the realistic phantom (perfusion.tools.phantom_realistic): blood delta R2* quadratic in concentration,
   arteries of 2 x 2 pure voxels ringed by voxels whose *magnetisation* is ``partial_volume_fraction``
   artery (so the ring's delta R2* is not a scaled AIF: its peak is flattened);
-- the old phantom (perfusion.phantom): the ring's *concentration* is the fraction times the AIF
+- the old phantom (perfusion.tools.phantom): the ring's *concentration* is the fraction times the AIF
   (a scaled AIF: only its area tells);
 - the real curves of ../shared/reference-data (FAIR-Unipd's measured AIF, MIT; the OSIPI LCB-BNI
   arterial ROI, Apache-2.0), read in place, skipped when the folder is absent.
@@ -26,9 +26,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from perfusion import aif, signal
-from perfusion.phantom import PhantomSpec, make_phantom
-from perfusion.phantom_realistic import RealisticSpec, make_realistic_phantom
+from perfusion.quantify import aif
+
+from perfusion.quantify import signal
+from perfusion.tools.phantom import PhantomSpec, make_phantom
+from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
 
 VOF_CBV_RTOL = 0.05
 RCBV_ATOL = 0.01
@@ -109,8 +111,7 @@ def test_partial_volume_ring_is_flagged_and_fails_the_bar(realistic_curves):
 def test_cap_leaves_the_verdict_alone(realistic_curves):
     """The cap stays above roi.AIF_UNUSABLE: a partial-volume AIF never makes a lesion not assessable
     (rCBV is a ratio); and a capped score keeps its uncapped value for the record."""
-    from perfusion import roi
-
+    from perfusion.quantify import roi
     assert roi.AIF_UNUSABLE < aif.NOT_QUANTITATIVE_SCORE_CAP < aif.QUALITY_OK == roi.AIF_POOR
     q = _score(realistic_curves[(0.3, 0, 30)], "ring")
     assert q["score_uncapped"] > aif.QUALITY_OK  # the shape components alone passed it (issue 16)
@@ -186,7 +187,7 @@ def test_real_lcb_bni_aif_roi_is_flagged():
 @pytest.fixture(scope="module")
 def realistic_case(tmp_path_factory):
     """The realistic phantom at SNR 30, seed 0, written as a case: its automatic AIF is the ring."""
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     out = tmp_path_factory.mktemp("honesty") / "case"
     run_phantom(out=out, realistic=True, quiet=True, snr=30.0, seed=0)
@@ -194,7 +195,7 @@ def realistic_case(tmp_path_factory):
 
 
 def _cli(case: Path, out: Path, *extra: str) -> dict:
-    from perfusion.cli import main
+    from perfusion.cli.app import main
 
     rois = [a for r in ("recurrence_t1", "treatment_t1") for a in ("--roi", str(case / f"roi-{r}.nii.gz"))]
     code = main(["analyze", str(case / "sub-realistic_dsc.nii.gz"), "--out", str(out), "--mask",
@@ -248,7 +249,7 @@ def test_guarded_vof_leaves_a_pure_aif_alone():
     """Seed 1 (SNR 30): the automatic AIF is already pure; the VOF's factor (0.985 measured) is below
     VOF_GUARD_MIN_FACTOR, so the maps are those of --vof none, where --vof auto would move CBV by 1.5 %."""
     from perfusion.pipeline import Config, analyze
-    from perfusion.validate import realistic_inputs
+    from perfusion.tools.validate import realistic_inputs
 
     ph = make_realistic_phantom(RealisticSpec(seed=1, snr=30.0))
     inputs = realistic_inputs(ph)

@@ -15,8 +15,8 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from conftest import blob_texture
-from perfusion.cli import main
-from perfusion.register import Rigid, Volume, resample, upsampled_affine
+from perfusion.cli.app import main
+from perfusion.quantify.register import Rigid, Volume, resample, upsampled_affine
 
 #: Known motion of the T1 relative to the DSC: degrees about x, y, z (RAS) and mm.
 ANGLES_DEG = (2.0, -1.5, 4.0)
@@ -84,7 +84,7 @@ def _make_anat(dsc_path, out_path):
 
 @pytest.fixture(scope="module")
 def anat_run(tmp_path_factory):
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     base = tmp_path_factory.mktemp("anat")
     case = run_phantom(out=base / "case", quiet=True)

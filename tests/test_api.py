@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import perfusion
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -2,7 +2,7 @@
 parameters, a real Dask scheduler with two workers on 127.0.0.1, a local Dask cluster (--jobs 2), and a
 batch killed with SIGKILL then re-run.
 
-Cases are 48 x 48 phantoms (seeds 1, 2, ...) written with perfusion.phantom; truth: lesion_hyper rCBV
+Cases are 48 x 48 phantoms (seeds 1, 2, ...) written with perfusion.tools.phantom; truth: lesion_hyper rCBV
 3.0, lesion_hypo 0.6. RCBV_TOL 0.10 is test_phantom.py's tolerance for a lesion's median rCBV.
 """
 
@@ -20,8 +20,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion.batch import COLUMNS, MARKER, thread_env
-from perfusion.cli import main
+from perfusion.batch.engine import COLUMNS, MARKER, thread_env
+from perfusion.cli.app import main
 
 MATRIX = 48
 RCBV_TOL = 0.10
@@ -31,7 +31,7 @@ BIN = Path(sys.executable).parent
 
 def _phantom(folder: Path, seed: int) -> dict:
     from perfusion.io import staged_output
-    from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
+    from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
     ph = make_phantom(PhantomSpec(matrix=MATRIX, seed=seed))
     with staged_output(folder, force=False) as stage:

@@ -9,7 +9,7 @@ NIfTI files.
 - nothing written (case outputs, markers, summaries, index.html, NIfTI headers, gzip streams, log lines)
   carries an absolute path or a folder name above the dataset or OUT_DIR.
 
-Cases are 32 x 32 phantoms (perfusion.phantom, seeds 1 and 2; 2 lesions, brain mask): the smallest
+Cases are 32 x 32 phantoms (perfusion.tools.phantom, seeds 1 and 2; 2 lesions, brain mask): the smallest
 matrix whose lesions still get a verdict, so each case takes about a second.
 """
 
@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.batch import MARKER, TOP_FILES
-from perfusion.cli import main
+from perfusion.batch.engine import MARKER, TOP_FILES
+from perfusion.cli.app import main
 
 MATRIX = 32
 SECRET = "DOE_JOHN_1957"  # a patient-named folder above the dataset and above OUT_DIR
@@ -34,7 +34,7 @@ SECRET = "DOE_JOHN_1957"  # a patient-named folder above the dataset and above O
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     from perfusion.io import staged_output
-    from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
+    from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
     base = tmp_path_factory.mktemp("hardening_sources")
     out = []

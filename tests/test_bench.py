@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion import bench
-from perfusion.cli import main
+from perfusion.tools import bench
+from perfusion.cli.app import main
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from perfusion import signal
+from perfusion.quantify import signal
 from perfusion.io import Series
-from perfusion.phantom import make_phantom
-from perfusion.phantom_realistic import RealisticSpec, make_realistic_phantom
+from perfusion.tools.phantom import make_phantom
+from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
 from perfusion.pipeline import AUTO_BRAIN_SOURCE, Config, Inputs, analyze
 
 #: The mask holds at least this share of the true brain without its ventricles (the brief's target;

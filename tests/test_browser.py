@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 WIDTH = 1280
 #: Chromium refuses screenshots taller than this (its texture limit).

@@ -1,4 +1,4 @@
-"""Case discovery for ``perfusion batch`` (perfusion.cases) on real folder trees in tmp_path.
+"""Case discovery for ``perfusion batch`` (perfusion.batch.discovery) on real folder trees in tmp_path.
 
 Discovery reads file names only, so most files are empty placeholders; the DSC series and one mask per
 tree are real NIfTI files written with nibabel, as a dataset would hold. Nothing here reads images.
@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion.cases import Case, discover
+from perfusion.batch.discovery import Case, discover
 from perfusion.errors import InputError, UsageError
 
 

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 MAPS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
         "brain_mask": "mask", "aif_mask": "mask", "gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s",
@@ -206,7 +206,7 @@ def test_help_lists_exit_codes():
 def test_cli_import_is_light():
     """`perfusion --help` stays fast (measured by `perfusion bench`'s README numbers, not here) because
     the CLI module imports no numeric or imaging library: each command imports what it needs."""
-    code = ("import sys, perfusion.cli; heavy = ('numpy', 'scipy', 'numba', 'nibabel', 'SimpleITK', 'matplotlib', "
+    code = ("import sys, perfusion.cli.app; heavy = ('numpy', 'scipy', 'numba', 'nibabel', 'SimpleITK', 'matplotlib', "
             "'distributed', 'pydicom', 'isal'); print([m for m in heavy if m in sys.modules])")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"

@@ -1,6 +1,6 @@
 """perfusion compare: two phantom time points of one "patient", analysed for real, then compared.
 
-Time points (perfusion.phantom at matrix 48, so one analyze takes about 2 s; NAWM CBV 2.0 mL/100 g;
+Time points (perfusion.tools.phantom at matrix 48, so one analyze takes about 2 s; NAWM CBV 2.0 mL/100 g;
 voxels 2 x 2 x 4 mm = 0.016 mL):
 - prior: lesion_a CBF 60 mL/100 g/min x MTT 6 s, CBV 6.0, true rCBV 3.0; lesion_b CBF 14, CBV 1.4,
   true rCBV 0.7; both discs of radius 0.07 x matrix (34 voxels, 0.544 mL).
@@ -45,12 +45,14 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from perfusion import DISCLAIMER, compare
-from perfusion.cli import main
+from perfusion import DISCLAIMER
+
+from perfusion import followup as compare
+from perfusion.cli.app import main
 from perfusion.errors import InputError
 from perfusion.io import sha256, write_nifti
-from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
-from perfusion.report_html import PNG_SIGNATURE
+from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
+from perfusion.report.html import PNG_SIGNATURE
 
 MATRIX = 48
 VOXEL_ML = 2 * 2 * 4 / 1000.0
@@ -140,7 +142,7 @@ def study(tmp_path_factory):
     same = base / "cmp_same"
     assert main(["compare", str(outs["prior"]), str(outs["current"]), "--out", str(same), "-q"]) == 0
     # other grid: registration
-    from perfusion.commands import run_compare
+    from perfusion.cli.commands import run_compare
 
     moved = base / "cmp_moved"
     run_compare(prior=outs["prior"], current=outs["moved"], out=moved, quiet=True)
@@ -321,7 +323,7 @@ def _rename(old, new):
 
 
 def test_names_from_files_are_escaped(study, tmp_path):
-    from perfusion.commands import run_compare
+    from perfusion.cli.commands import run_compare
 
     prior = _copy(study["outs"]["prior"], tmp_path / "prior", _rename("roi-lesion_a", NASTY))
     current = _copy(study["outs"]["current"], tmp_path / "current", _rename("roi-lesion_a", NASTY))
@@ -384,7 +386,7 @@ def test_missing_baseline_names_the_file(study, tmp_path):
 
 
 def test_summary_is_printed(study, capsys):
-    from perfusion.commands import print_comparison
+    from perfusion.cli.commands import print_comparison
 
     print_comparison(study["moved_json"], study["moved"])
     out = capsys.readouterr().out

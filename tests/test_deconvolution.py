@@ -8,8 +8,8 @@ import pytest
 from numpy.testing import assert_allclose
 
 from conftest import DATA
-from perfusion import deconvolution, maps
-
+from perfusion.quantify import deconvolution
+from perfusion.quantify import maps
 TR = 1.5
 N = 80
 

@@ -40,10 +40,10 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
-from perfusion import dicom  # noqa: E402
-from perfusion.cli import main  # noqa: E402
+from perfusion.io import dicom  # noqa: E402
+from perfusion.cli.app import main  # noqa: E402
 from perfusion.errors import InputError, UsageError  # noqa: E402
-from perfusion.phantom import PhantomSpec, make_phantom, write_phantom  # noqa: E402
+from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom  # noqa: E402
 
 SLOPE, INTERCEPT = 0.3, -5.0
 QUANT_ATOL = SLOPE / 2 + 1e-3
@@ -374,8 +374,9 @@ def test_figures_from_dicom_equal_nifti(case, monkeypatch):
     layers; the same NaN pattern). Drawn in voxel order, the DICOM page would be mirrored left-right."""
     from figrecord import assert_same_figures, record
 
-    from perfusion import compare, report_html
+    from perfusion import followup as compare
 
+    from perfusion.report import html as report_html
     def pages(folder):
         with monkeypatch.context() as m:
             calls = record(m)

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 TE1, TE2 = 0.015, 0.040
 #: dual vs single echo median rCBV: the same delta R2* up to float32 rounding and the noise-floor

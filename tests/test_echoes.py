@@ -20,8 +20,8 @@ import pytest
 import scipy.io
 
 from conftest import shared_dir
-from perfusion import echoes
-from perfusion.cli import main
+from perfusion.quantify import echoes
+from perfusion.cli.app import main
 from perfusion.io import Series, sidecar_path_for, write_nifti
 
 TE1, TE2 = 0.008, 0.030
@@ -91,7 +91,7 @@ def test_a_late_echo_at_the_noise_floor_takes_the_first_echo():
 def dual_echo_case(tmp_path_factory):
     """The default phantom as two echoes (TE 8 and 30 ms) of one run: each echo's signal from the
     phantom's delta R2* (S0_TE exp(-TE delta R2*)), with independent noise, and its sidecar."""
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     root = tmp_path_factory.mktemp("echoes")
     paths = run_phantom(out=root / "phantom", quiet=True)
@@ -237,7 +237,7 @@ def test_dual_echo_realistic_head_meets_the_target_the_long_echo_alone_misses(tm
 def test_the_acquisition_panel_says_dual_echo_and_checks_the_long_echo():
     """report.html's acquisition checks: a multi-echo report gets an "Echoes" row, and the consensus TE
     (20-35 ms at 3 T) is checked on the long echo, not on the effective TE (TE2 - TE1)."""
-    from perfusion.report_html import check_acquisition
+    from perfusion.report.html import check_acquisition
 
     rep = {"acquisition": {"te": TE2 - TE1, "tr": 1.5, "field_strength_t": 3.0, "flip_angle_deg": 60,
                            "echoes": [{"te_s": TE1, "file": "a"}, {"te_s": TE2, "file": "b"}]}, "baseline": {}}

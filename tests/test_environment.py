@@ -60,10 +60,10 @@ def _lines(text: str) -> list[str]:
 
 
 def _package_without_cache(tmp_path: Path) -> Path:
-    """A copy of the package whose __pycache__ cannot be made (a regular file holds its name)."""
+    """A copy of the package whose kernels' __pycache__ cannot be made (a regular file holds its name)."""
     dst = tmp_path / "site" / "perfusion"
     shutil.copytree(SRC / "perfusion", dst, ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "__pycache__").write_bytes(b"")
+    (dst / "_kernels" / "__pycache__").write_bytes(b"")
     return dst.parent
 
 
@@ -99,7 +99,7 @@ def test_no_writable_folder_at_all_compiles_in_memory(phantom_case, tmp_path):
     (tempfile falls back to /tmp and the working folder on its own; the temporary folder is pinned to
     an impossible path so that this branch runs.)"""
     site, home = _package_without_cache(tmp_path), _unwritable_home(tmp_path)
-    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1]; from perfusion.cli import main; "
+    code = ("import sys, tempfile; tempfile.tempdir = sys.argv[1]; from perfusion.cli.app import main; "
             "sys.exit(main(sys.argv[2:]))")
     out = tmp_path / "out"
     proc = _run(["-c", code, home.parent / "tmp", "analyze", phantom_case["dsc"], "--out", out, *FAST],
@@ -139,7 +139,7 @@ def _dicom_phantom(folder: Path) -> None:
     """The phantom (48 x 48 x 5, 40 frames) as single-frame DICOM files (tests/test_dicom.py's writer)."""
     from test_dicom import write_dicom_series
 
-    from perfusion.phantom import PhantomSpec, make_phantom
+    from perfusion.tools.phantom import PhantomSpec, make_phantom
 
     ph = make_phantom(PhantomSpec(matrix=48, n_frames=40))
     ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ph.affine),

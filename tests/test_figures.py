@@ -8,7 +8,7 @@
   again. Both for report.html and for compare.html. (The same phantom through DICOM and dcm2niix is
   tests/test_dicom.py::test_figures_from_dicom_equal_nifti.)
 
-Phantom: perfusion.phantom at matrix 48 (one analyze takes a few seconds), analysed with its true
+Phantom: perfusion.tools.phantom at matrix 48 (one analyze takes a few seconds), analysed with its true
 brain, AIF and NAWM masks, so nothing automatic could choose differently between the two storages.
 """
 
@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 
 from figrecord import assert_same_figures, record
-from perfusion import compare, report_html
-from perfusion.cli import main
+from perfusion import followup as compare
+from perfusion.report import html as report_html
+from perfusion.cli.app import main
 from perfusion.io import display_grid
-from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
+from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
 IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import folder_digest
 
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 FAST = ["--method", "csvd", "--leakage", "none", "--motion-correct", "off", "--no-html", "-q"]
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -71,7 +71,7 @@ def test_bad_option_is_exit_2_naming_it_before_any_work(command, flag, value, ph
 
 
 def test_every_range_is_in_the_help():
-    from perfusion.cli import _RANGES, _range_text
+    from perfusion.cli.app import _RANGES, _range_text
 
     texts = {cmd: subprocess.run([sys.executable, "-m", "perfusion", cmd, "--help"], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": SRC, "COLUMNS": "400"}).stdout
@@ -255,7 +255,7 @@ def test_numpy_warnings_do_not_reach_report_json(phantom_case, tmp_path):
     """The capture keeps the tool's own warnings only."""
     import warnings
 
-    from perfusion.commands import own_warnings
+    from perfusion.cli.commands import own_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

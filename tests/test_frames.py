@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.cli import main
+from perfusion.cli.app import main
 from perfusion.io import sidecar_path_for
 
 PEAK, TAIL, BASE = 19, 45, 6  # frames of the small phantom: bolus peak, tail, baseline
@@ -31,7 +31,7 @@ RCBV_RTOL = 0.1
 
 @pytest.fixture(scope="module")
 def small_case(tmp_path_factory):
-    from perfusion.phantom import PhantomSpec, make_phantom, write_phantom
+    from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
     out = tmp_path_factory.mktemp("small") / "case"
     out.mkdir()

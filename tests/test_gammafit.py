@@ -27,9 +27,10 @@ from scipy.special import gamma as gamma_fn
 
 from conftest import KERNEL_RTOL
 from naive import gamma_fit, gamma_model
-from perfusion import _kernels_curves, gammafit
-from perfusion.gammafit import GammaFit, fit_gamma_variate
-from perfusion.phantom import FINE_DT_S, PhantomSpec, aif_curve, gamma_variate, tissue_curve
+from perfusion._kernels import curves as _kernels_curves
+from perfusion.quantify import gammafit
+from perfusion.quantify.gammafit import GammaFit, fit_gamma_variate
+from perfusion.tools.phantom import FINE_DT_S, PhantomSpec, aif_curve, gamma_variate, tissue_curve
 
 TR = 1.5
 NOISE_FREE_RTOL = 1e-6

@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 GOLDEN = Path(__file__).parent / "data" / "golden.json"
 RTOL = 1e-5  # percentiles and rCBV medians

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.cli import main
+from perfusion.cli.app import main
 from perfusion.io import sidecar_path_for
 
 
@@ -239,7 +239,7 @@ def test_integer_series_with_a_scale_slope_and_intercept_is_read_scaled(phantom_
         assert main(["analyze", str(dsc), "--out", str(folder / "out"), "--roi", str(phantom_case["lesion_hyper"]),
                      "-q", "--no-html", "--motion-correct", "off"]) == 0
         cases[label] = folder / "out"
-    from perfusion.signal import to_delta_r2s
+    from perfusion.quantify.signal import to_delta_r2s
 
     lesion = _mask(phantom_case["lesion_hyper"])
     unscaled, _ = to_delta_r2s(stored[lesion].astype(np.float64), te=0.025, baseline=slice(2, 10))

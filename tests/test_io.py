@@ -4,6 +4,8 @@ map writing and the staged output folder."""
 import gzip
 import io
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from perfusion.errors import InputError, OutputError
-from perfusion.io import MIN_FRAMES, load_mask, load_series, staged_output, write_map
+from perfusion.io import MIN_FRAMES, atomic_write, load_mask, load_series, staged_output, write_map
 
 SHAPE = (4, 5, 3)
 N_T = 20
@@ -616,3 +618,30 @@ def test_header_promising_more_than_the_machine_holds_is_refused_before_decoding
     path.write_bytes(gzip.compress(bytes(raw)))
     msg = _input_error(load_series, path)
     assert "more than this machine's" in msg and "memory" in msg
+
+
+# ------------------------------------------------------------------------------ atomic_write
+
+
+def test_atomic_write_text_bytes_and_function(tmp_path):
+    atomic_write(tmp_path / "a.txt", "é\n")
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "é\n"
+    atomic_write(tmp_path / "b.bin", b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
+    atomic_write(tmp_path / "c.txt", lambda p: p.write_text("x"))
+    assert (tmp_path / "c.txt").read_text() == "x"
+    mask = os.umask(0); os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.txt"]
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "t.json"
+    target.write_text("old")
+    def boom(p):
+        p.write_text("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(OutputError, match=r"t\.json: cannot write \(No space left on device\); free it"):
+        atomic_write(target, boom, fix="free it")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["t.json"]

@@ -6,8 +6,8 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from conftest import KERNEL_RTOL
 from naive import osvd_search, oscillation_index
-from perfusion import _kernels
-from perfusion.deconvolution import aif_matrix, group_ends
+from perfusion._kernels import deconv as _kernels
+from perfusion.quantify.deconvolution import aif_matrix, group_ends
 
 
 def _operator(n=40, tr=1.5, seed=0):

@@ -1,4 +1,4 @@
-"""numba kernels of the curve steps (perfusion._kernels_curves) against their numpy twins
+"""numba kernels of the curve steps (perfusion._kernels.curves) against their numpy twins
 (tests/naive_curves.py) at KERNEL_RTOL, on random curves with NaN rows, float32 and float64.
 
 The twins are the numpy code the domain modules ran before the kernels, so these tests also pin
@@ -13,11 +13,12 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from conftest import KERNEL_RTOL
 import naive_curves as naive
-from perfusion import _kernels_curves as kc
-from perfusion import gammafit, leakage
-from perfusion.deconvolution import aif_matrix
-from perfusion.phantom import gamma_variate
-from perfusion.signal import MIN_SIGNAL_RATIO
+from perfusion._kernels import curves as kc
+from perfusion.quantify import gammafit
+from perfusion.quantify import leakage
+from perfusion.quantify.deconvolution import aif_matrix
+from perfusion.tools.phantom import gamma_variate
+from perfusion.quantify.signal import MIN_SIGNAL_RATIO
 
 TR = 1.5
 
@@ -206,7 +207,7 @@ def test_kmeans_matches_numpy_twin_to_the_last_bit(d):
     bit-identical centroids, also with a duplicated centroid (ties go to the lower index) and a
     cluster that empties."""
     from naive_curves import kmeans as kmeans_twin
-    from perfusion.aif import kmeans
+    from perfusion.quantify.aif import kmeans
 
     rng = np.random.default_rng(d)
     x = np.abs(rng.standard_normal((3000, d)))

@@ -19,8 +19,9 @@ from scipy.special import gamma as gamma_fn
 from scipy.special import gammainc
 
 from conftest import shared_dir
-from perfusion import leakage, modelfit
-from perfusion.signal import to_delta_r2s
+from perfusion.quantify import leakage
+from perfusion.quantify import modelfit
+from perfusion.quantify.signal import to_delta_r2s
 
 README_RTOL = 5e-3
 EXACT_RTOL = 1e-10
@@ -194,7 +195,7 @@ def test_bidirectional_recovers_kep_and_helps_when_the_shape_matches():
 
 def _phantom_like_aif(t):
     """A first pass (gamma variate, peak 100 1/s at 24.5 s), a recirculation 8 s later and a slow
-    plateau, as in perfusion.phantom (1/s)."""
+    plateau, as in perfusion.tools.phantom (1/s)."""
     first, _ = _gamma_ref(t, t0=20.0, alpha=3.0, beta=1.5, peak=100.0)
     second, _ = _gamma_ref(t, t0=28.0, alpha=3.0, beta=3.0, peak=1.0)
     second *= 0.2 * first.sum() / second.sum()

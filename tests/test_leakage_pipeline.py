@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from perfusion.cli import main
-from perfusion.commands import load_inputs, run_phantom
+from perfusion.cli.app import main
+from perfusion.cli.commands import load_inputs, run_phantom
 from perfusion import pipeline
 from perfusion.pipeline import Config, analyze
 

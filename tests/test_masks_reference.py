@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 FAST = ["--method", "osvd", "--motion-correct", "off", "--no-html", "-q"]
 

@@ -18,10 +18,13 @@ import numpy as np
 import pytest
 
 from conftest import shared_dir
-from perfusion import deconvolution, maps, modelfit, pipeline
-from perfusion.phantom_realistic import RealisticSpec, make_realistic_phantom
+from perfusion.quantify import deconvolution
+from perfusion.quantify import maps
+from perfusion.quantify import modelfit
+from perfusion import pipeline
+from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
 from perfusion.pipeline import Config, analyze
-from perfusion.validate import realistic_inputs
+from perfusion.tools.validate import realistic_inputs
 
 FIT_TARGET = 0.02
 TMAX_TARGET = 0.02
@@ -115,8 +118,7 @@ def test_residual_sse_matches_the_explicit_product():
 def test_report_counts_fits_at_bounds_as_unusable(tmp_path, monkeypatch):
     """Through report.json and report.html: with MTT bounds narrowed to 4-6 s many fits sit on them;
     the report's unusable count holds them though their maps are finite (oSVD's values)."""
-    from perfusion import report_html
-
+    from perfusion.report import html as report_html
     monkeypatch.setattr(modelfit, "MTT_BOUNDS_S", (4.0, 6.0))
     ph = make_realistic_phantom(RealisticSpec(tr=1.5, n_frames=60, snr=30.0, seed=0, matrix=64,
                                               lesions=("recurrence_t1",)))

@@ -21,8 +21,8 @@ from scipy.stats import gamma, spearmanr
 
 from conftest import KERNEL_RTOL
 from naive import gamma_model_sse, gamma_refine, model_select
-from perfusion import _kernels, modelfit
-
+from perfusion._kernels import deconv as _kernels
+from perfusion.quantify import modelfit
 TR = 1.5
 QUAD_RTOL = 1e-8
 EXACT_RTOL = 1e-4
@@ -214,7 +214,7 @@ def test_fit_marks_unfittable_voxels_invalid():
 
 @pytest.fixture(scope="module")
 def model_result(phantom_case):
-    from perfusion.commands import load_inputs
+    from perfusion.cli.commands import load_inputs
     from perfusion.pipeline import Config, analyze
 
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(phantom_case["aif"]), reference=phantom_case["nawm"],

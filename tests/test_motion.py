@@ -42,9 +42,9 @@ from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
 from conftest import blob_texture
-from perfusion import motion
-from perfusion.cli import main
-from perfusion.phantom import PhantomSpec, make_phantom
+from perfusion.quantify import motion
+from perfusion.cli.app import main
+from perfusion.tools.phantom import PhantomSpec, make_phantom
 
 TILES, PAD_TILES = 5, 1
 TE = 0.1
@@ -490,7 +490,7 @@ def test_rigid_from_matrix_angles_are_itks():
     SimpleITK's Euler3DTransform reports for the same matrix."""
     import SimpleITK as sitk
 
-    from perfusion.register import Rigid, _matrix_ras
+    from perfusion.quantify.register import Rigid, _matrix_ras
 
     rng = np.random.default_rng(1)
     for _ in range(5):

@@ -21,10 +21,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from perfusion import motion, register
+from perfusion.quantify import motion
+
+from perfusion.quantify import register
 from perfusion.io import Series
-from perfusion.phantom import PhantomSpec, make_phantom
-from perfusion.phantom_realistic import RealisticSpec, make_realistic_phantom
+from perfusion.tools.phantom import PhantomSpec, make_phantom
+from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
 from test_motion import TE, _texture, _true_matrix
 
 SEEDS, SNRS = (0, 1, 2), (30.0, 50.0)

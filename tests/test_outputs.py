@@ -28,7 +28,7 @@ import pytest
 
 import perfusion.pipeline  # noqa: F401  (imported once here, so timings measure the command, not imports)
 from conftest import folder_digest
-from perfusion.cli import main
+from perfusion.cli.app import main
 
 FAST = ["--method", "osvd", "--motion-correct", "off"]
 SRC = Path(__file__).resolve().parents[1] / "src"

@@ -1,4 +1,4 @@
-"""Chunked voxel loops on threads (perfusion._parallel): the maps do not depend on the thread count.
+"""Chunked voxel loops on threads (perfusion._kernels.parallel): the maps do not depend on the thread count.
 
 Each chunk runs its BLAS product on one thread and then a serial numba kernel, so a voxel's result
 depends only on its own curve and the chunk boundaries, never on which thread ran it: 1 and 2 threads
@@ -10,9 +10,13 @@ import numpy as np
 import pytest
 from numpy.testing import assert_array_equal
 
-from perfusion import _parallel, deconvolution, modelfit, phantom
+from perfusion._kernels import parallel as _parallel
 
+from perfusion.quantify import deconvolution
 
+from perfusion.quantify import modelfit
+
+from perfusion.tools import phantom
 @pytest.fixture(scope="module")
 def curves():
     """Noisy tissue curves of the phantom's sweep (delta R2*, 1/s) and its AIF: 3000 voxels, three

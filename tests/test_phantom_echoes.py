@@ -22,10 +22,10 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
-from perfusion.cli import main
-from perfusion.echoes import combine_echoes
+from perfusion.cli.app import main
+from perfusion.quantify.echoes import combine_echoes
 from perfusion.io import load_series
-from perfusion.phantom_realistic import (BASELINE_R2S_PER_S, DEFAULT_ECHO_TIMES, LESIONS, RealisticSpec,
+from perfusion.tools.phantom_realistic import (BASELINE_R2S_PER_S, DEFAULT_ECHO_TIMES, LESIONS, RealisticSpec,
                                          make_realistic_phantom, tissue_delta_r2s, write_realistic)
 
 FAST = {"matrix": 64, "n_frames": 40}
@@ -183,7 +183,7 @@ def test_bad_echo_options_are_exit_2_and_write_nothing(args, names, fix, tmp_pat
 
 
 def test_validation_inputs_combine_the_echoes_or_take_the_long_one():
-    from perfusion.validate import realistic_inputs
+    from perfusion.tools.validate import realistic_inputs
 
     ph = make_realistic_phantom(RealisticSpec(echo_times=DEFAULT_ECHO_TIMES, lesions=("treatment_t1",), **FAST))
     combined = realistic_inputs(ph).series

@@ -26,7 +26,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 from scipy.integrate import solve_ivp
 
-from perfusion.phantom import (
+from perfusion.tools.phantom import (
     FINE_DT_S,
     LEAKY_MIN_GAP_VOXELS,
     R1_PER_MM_S,

@@ -14,8 +14,15 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perfusion import deconvolution, maps, modelfit, phantom, signal
+from perfusion.quantify import deconvolution
 
+from perfusion.quantify import maps
+
+from perfusion.quantify import modelfit
+
+from perfusion.tools import phantom
+
+from perfusion.quantify import signal
 TR = 1.5
 N_T = 80
 _PH = phantom.make_phantom(phantom.PhantomSpec(n_frames=N_T))

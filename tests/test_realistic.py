@@ -22,11 +22,13 @@ import json
 import numpy as np
 import pytest
 
-from perfusion import maps, signal
-from perfusion.phantom_realistic import (PROTOCOLS, RealisticSpec, drops, expected_verdicts, make_realistic_phantom,
+from perfusion.quantify import maps
+
+from perfusion.quantify import signal
+from perfusion.tools.phantom_realistic import (PROTOCOLS, RealisticSpec, drops, expected_verdicts, make_realistic_phantom,
                                          write_realistic)
 from perfusion.pipeline import Config, analyze
-from perfusion.validate import realistic_inputs, validate_realistic
+from perfusion.tools.validate import realistic_inputs, validate_realistic
 
 SEEDS = (0, 1, 2)
 SNRS = (30.0, 50.0)
@@ -62,7 +64,7 @@ def test_leakage_strength_per_protocol(protocol):
 def test_truth_is_the_area_ratio_without_leakage():
     """Without leakage and noise, the area ratio of the measured delta R2* gives every lesion's true
     median rCBV within 1 % (the phantom's truth is what its signal holds)."""
-    import perfusion.phantom_realistic as pr
+    import perfusion.tools.phantom_realistic as pr
 
     spec = RealisticSpec(snr=1e6, lesions=("recurrence_t1", "treatment_t1", "indeterminate"))
     saved = dict(pr.LESIONS)
@@ -160,7 +162,7 @@ def test_no_leakage_brain_with_delayed_territory(seed):
 
 
 def test_phantom_command_writes_the_realistic_case(tmp_path):
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     paths = run_phantom(out=tmp_path / "case", realistic=True, protocol="flip30_no_preload", quiet=True)
     truth = json.loads(paths["truth_json"].read_text())

@@ -18,8 +18,7 @@ import pytest
 from numpy.testing import assert_allclose
 from scipy import ndimage
 
-from perfusion import reference
-
+from perfusion.quantify import reference
 NAWM_RTOL = 0.10
 CONTAMINATION = 0.05
 SCALE_RTOL = 1e-6
@@ -270,7 +269,7 @@ def test_realistic_phantom_reference_is_contralateral_nawm():
     from pathlib import Path
 
     from perfusion.io import Series
-    from perfusion.phantom_realistic import LESIONS, RealisticSpec, make_realistic_phantom
+    from perfusion.tools.phantom_realistic import LESIONS, RealisticSpec, make_realistic_phantom
     from perfusion.pipeline import Config, Inputs, analyze
 
     ph = make_realistic_phantom(RealisticSpec())

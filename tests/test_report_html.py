@@ -10,9 +10,11 @@ import shutil
 import numpy as np
 import pytest
 
-from perfusion import DISCLAIMER, report_html
-from perfusion.cli import main
-from perfusion.report_html import check_acquisition, histogram_data, slices_with_roi
+from perfusion import DISCLAIMER
+
+from perfusion.report import html as report_html
+from perfusion.cli.app import main
+from perfusion.report.html import check_acquisition, histogram_data, slices_with_roi
 
 #: A ROI name with every character HTML gives a meaning to, including a script tag.
 NASTY = 'roi-<script>&"x'
@@ -29,7 +31,7 @@ IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     base = tmp_path_factory.mktemp("report_html")
     case = run_phantom(out=base / "case", quiet=True)

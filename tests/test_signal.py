@@ -6,8 +6,8 @@ import scipy.io
 from numpy.testing import assert_allclose, assert_array_equal
 
 from conftest import shared_dir
-from perfusion import signal
-from perfusion.signal import MIN_SIGNAL_RATIO, BaselineError, auto_brain_mask, find_baseline, otsu_threshold, to_delta_r2s
+from perfusion.quantify import signal
+from perfusion.quantify.signal import MIN_SIGNAL_RATIO, BaselineError, auto_brain_mask, find_baseline, otsu_threshold, to_delta_r2s
 
 # ----------------------------------------------------------------------------------- to_delta_r2s
 
@@ -265,7 +265,7 @@ def test_mask_of_empty_image_is_empty():
 def test_otsu_takes_the_middle_of_a_plateau():
     """Two classes with empty bins between them: every threshold in the gap separates them equally;
     the middle of the gap is chosen, not its first bin (which sits on the edge of the lower class)."""
-    from perfusion.signal import otsu_threshold
+    from perfusion.quantify.signal import otsu_threshold
 
     rng = np.random.default_rng(0)
     values = np.r_[rng.uniform(0, 10, 500), rng.uniform(90, 100, 500)]

@@ -7,8 +7,10 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from conftest import KERNEL_RTOL
 from naive import tikhonov_gcv
-from perfusion import _kernels, deconvolution, maps
-from perfusion.deconvolution import aif_matrix
+from perfusion._kernels import deconv as _kernels
+from perfusion.quantify import deconvolution
+from perfusion.quantify import maps
+from perfusion.quantify.deconvolution import aif_matrix
 from test_deconvolution import N, TR, _aif, _osipi_rows, _tissue
 
 #: Whole-frame delays: the circulant Tikhonov solution b = (A^T A + mu^2 I)^-1 A^T c commutes with a

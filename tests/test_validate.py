@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import shared_dir
-from perfusion import validate
-from perfusion.cli import main
+from perfusion.tools import validate
+from perfusion.cli.app import main
 
 
 def _summary(rows):

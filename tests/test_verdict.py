@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfusion import pipeline, roi
-from perfusion.cli import main
+from perfusion import pipeline
+
+from perfusion.quantify import roi
+from perfusion.cli.app import main
 from perfusion.pipeline import Config
 
 GEN = np.random.default_rng(7)
@@ -221,8 +223,9 @@ def test_drugs_make_a_low_rcbv_indeterminate(drug):
 
 
 def test_every_verdict_has_words_and_a_next_step():
-    from perfusion import batch, report, report_html
-
+    from perfusion.batch import engine as batch
+    from perfusion.report import build as report
+    from perfusion.report import html as report_html
     for v in roi.VERDICTS:
         assert v in roi.NEXT_STEP and v in report.VERDICT_LABEL and v in report_html.VERDICT_WORDS
         assert v in report_html.VERDICT_COLOUR and v in batch.VERDICT_WORDS
@@ -236,7 +239,7 @@ TRUTH = {"roi-lesion_hyper": (3.0, "likely_recurrence"), "roi-lesion_hypo": (0.6
 
 @pytest.fixture(scope="module")
 def phantom_report(tmp_path_factory):
-    from perfusion.commands import run_phantom
+    from perfusion.cli.commands import run_phantom
 
     case = run_phantom(out=tmp_path_factory.mktemp("vph") / "case", quiet=True)
     out = tmp_path_factory.mktemp("vout") / "o"
@@ -294,7 +297,7 @@ def test_cli_drug_and_timing_options(phantom_report, tmp_path):
 
 
 def test_pipeline_roi_on_the_arterial_voxels_is_not_assessable(phantom_report):
-    from perfusion.commands import load_inputs
+    from perfusion.cli.commands import load_inputs
     from perfusion.pipeline import Config, analyze
     import dataclasses
 

@@ -55,10 +55,10 @@ def perfusion_compute(dsc: Path, mask: Path, out: Path) -> dict:
 
     t0 = time.perf_counter()
     import perfusion
-    from perfusion.commands import load_inputs, make_config
+    from perfusion.cli.commands import load_inputs, make_config
     from perfusion.io import staged_output
     from perfusion.pipeline import analyze, write_result
-    from perfusion.report_html import write_html
+    from perfusion.report.html import write_html
 
     t_import = time.perf_counter() - t0
     config = make_config(**PERFUSION_OPTIONS)
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     perfusion_cli = str(Path(py).parent / "perfusion")
-    from perfusion.deconvolution import DEFAULT_OI_TARGET
+    from perfusion.quantify.deconvolution import DEFAULT_OI_TARGET
 
     def perfusion_cmd(out: Path) -> list[str]:
         return [perfusion_cli, "analyze", str(dsc), "--mask", str(brain_path), "--method", "osvd", "--leakage", "bsw",

@@ -1,3 +1,3 @@
-from perfusion.cli import entry
+from perfusion.cli.app import entry
 
 entry()

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError, UsageError
+from perfusion.errors import InputError, UsageError
 
 if TYPE_CHECKING:
-    from .pipeline import Inputs
+    from perfusion.pipeline import Inputs
 
 
 def own_warnings(caught) -> list[str]:
@@ -50,8 +50,8 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
     A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
-    from .io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
-    from .pipeline import Inputs
+    from perfusion.io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
+    from perfusion.pipeline import Inputs
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
     check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
@@ -59,14 +59,14 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if len(dscs) > 1:  # the echoes of one multi-echo acquisition (echoes.py)
-            from .echoes import combine_echoes
+            from perfusion.quantify.echoes import combine_echoes
 
             check_echo_options(dscs, te=te, dicom_series=dicom_series)
             series = combine_echoes([load_series(p, te=None, tr=tr) for p in dscs])
             for note in series.echo_notes:
                 warnings.warn(note, stacklevel=1)
         elif dscs[0].is_dir():
-            from .dicom import load_dicom_series
+            from perfusion.io.dicom import load_dicom_series
 
             series = load_dicom_series(dscs[0], te=te, tr=tr, series=dicom_series)
         else:
@@ -125,7 +125,7 @@ def make_config(*, method: str = "model", threshold: float | None = None, oi_tar
                 recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
     """The pipeline Config of the command-line options, validated (UsageError)."""
-    from .pipeline import Config
+    from perfusion.pipeline import Config
 
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
                   aif_voxels=aif_voxels,
@@ -156,7 +156,7 @@ def load_case(dsc, *, mask=None, aif: str = "auto", reference=None, rois=(), te:
                                         tr=tr, vof=vof, anat=anat, roi_names=roi_names, dicom_series=dicom_series)
     anat_image = None
     if anat is not None:  # read before the analysis so a bad file fails fast
-        from .io import load_volume
+        from perfusion.io import load_volume
 
         anat_image = load_volume(Path(anat), what="anatomical image (--anat)")
     return Case(inputs=inputs, warnings=tuple(load_warnings), anat=anat_image,
@@ -170,8 +170,8 @@ def analyze_case(case: Case, config=None):
     import dataclasses
     import time
 
-    from .motion import correct_series
-    from .pipeline import Config, analyze, repair_series
+    from perfusion.quantify.motion import correct_series
+    from perfusion.pipeline import Config, analyze, repair_series
 
     config = (config or Config()).validate()
     inputs = case.inputs
@@ -189,7 +189,7 @@ def analyze_case(case: Case, config=None):
                                  warnings=[*frame_notes, *result.warnings, *case.warnings, *motion_notes,
                                            *own_warnings(caught)])
     if case.anat is not None:
-        from .register import anat_background
+        from perfusion.quantify.register import anat_background
 
         if result.baseline_image is None:
             raise InputError(f"{case.anat_path}: no baseline image to register the anatomical image to; "
@@ -221,8 +221,8 @@ def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> 
     """Write a Result into the folder ``out`` as ``perfusion analyze`` does (maps with JSON sidecars,
     report.json, report.html unless ``html`` is False), atomically and under the folder's lock; ``out``
     must be empty unless ``force``. Returns ``out``. Raises OutputError (exit 5 on the command line)."""
-    from .io import check_output_folder, output_lock, staged_output
-    from .pipeline import write_result
+    from perfusion.io import check_output_folder, output_lock, staged_output
+    from perfusion.pipeline import write_result
 
     out = Path(out)
     check_output_folder(out, force=force)
@@ -231,7 +231,7 @@ def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> 
         with staged_output(out, force=force) as stage:
             write_result(result, case.inputs, stage)
             if html:
-                from .report_html import write_html
+                from perfusion.report.html import write_html
 
                 write_html(stage)
     return out

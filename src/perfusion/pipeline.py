@@ -13,11 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-from . import aif as aif_mod
-from . import deconvolution, gammafit, leakage, maps, modelfit, reference, roi, signal
-from .errors import InputError, UsageError
-from .io import Series
-from .units import KH, RHO_BRAIN_G_PER_ML, cbf_scale, cbv_scale
+from perfusion.quantify import aif as aif_mod
+from perfusion.quantify import deconvolution
+from perfusion.quantify import gammafit
+from perfusion.quantify import leakage
+from perfusion.quantify import maps
+from perfusion.quantify import modelfit
+from perfusion.quantify import reference
+from perfusion.quantify import roi
+from perfusion.quantify import signal
+from perfusion.errors import InputError, UsageError
+from perfusion.io import Series
+from perfusion.units import KH, RHO_BRAIN_G_PER_ML, cbf_scale, cbv_scale
 
 #: --leakage choices: none, or a correction of leakage.py.
 LEAKAGE_METHODS = ("none", "bsw", "bidirectional", "residue")
@@ -225,7 +232,7 @@ def _vof_scaling(inputs: Inputs, config: Config, curve, info: dict, notes: list,
     """
     import warnings
 
-    from .maps import trapezoid
+    from perfusion.quantify.maps import trapezoid
 
     s = inputs.series
     guarded = config.vof == "guarded"
@@ -1039,9 +1046,9 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
 def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict[str, str]:
     """The registered T1 (+ sidecar) and its transform, of a register.AnatBackground, into ``folder``;
     returns the "files" entries written."""
-    from .io import output_file, write_map
-    from .register import write_transform
-    from .report import anat_entry
+    from perfusion.io import output_file, write_map
+    from perfusion.quantify.register import write_transform
+    from perfusion.report.build import anat_entry
 
     files = {"anat": output_file("anat", prefix), "anat_xfm": output_file("anat_xfm", prefix)}
     write_map(folder, files["anat"], anat.data, anat.affine, units="a.u.",
@@ -1056,8 +1063,9 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     """Write maps with sidecars, masks, aif.tsv, curves, motion.tsv and report.json into ``folder`` (a staging
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
     "files" lists them. Returns that mapping (key -> file name)."""
-    from . import motion, report
-    from .io import (Redactor, output_file, public_name, roi_mask_files, write_json, write_map as _write_map, write_tsv,
+    from perfusion.quantify import motion
+    from perfusion.report import build as report
+    from perfusion.io import (Redactor, output_file, public_name, roi_mask_files, write_json, write_map as _write_map, write_tsv,
                      write_tsv_sidecar)
 
     files: dict[str, str] = {}

@@ -1,0 +1,541 @@
+"""Many cases: ``perfusion batch INPUT OUT_DIR``. Each case runs in isolation, is written atomically and
+is marked done with the fingerprint of what made it; a re-run skips done cases and recomputes changed
+ones; ``--jobs N`` or ``--scheduler`` spread the cases over Dask distributed workers.
+
+A case's outputs are written into a hidden staging folder beside its final folder, with the done-marker
+(:data:`MARKER`: input hashes, parameters, software version, the case's summary rows) written last;
+then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
+old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
+removes; a case counts as done only when its marker matches. Files are named relative to the input
+folder in the markers, summaries and log lines (:class:`Names`; each case's own outputs name their inputs
+by file name, as ``analyze`` does: pipeline.write_result), so a copied dataset resumes and no folder
+above the dataset (often a patient's name) leaks; two cases never share an output folder
+(:func:`check_collisions`). Library code: no printing (``on_done`` is
+the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
+problem recorded in its rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from perfusion import DISCLAIMER, __version__
+from perfusion.batch.discovery import OUTPUT_MARKER
+from perfusion.errors import OutputError, PerfusionError, UsageError
+
+#: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it; discovery never
+#: takes masks from a folder holding it).
+MARKER = OUTPUT_MARKER
+#: Prefixes of the hidden staging / replaced folders beside a case folder; leftovers of a killed run.
+STAGE_PREFIX = ".perfusion-partial-"
+OLD_PREFIX = ".perfusion-old-"
+
+#: Columns of summary.tsv, in order (summary.json rows hold the same keys).
+COLUMNS = ("case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high", "ftb_low", "ftb_mid", "ftb_high",
+           "mixed", "verdict", "error", "seconds", "report")
+
+#: Analysis options a batch passes to every case (the ``perfusion analyze`` options without paths).
+ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "leakage_gate", "rcbv_low", "rcbv_high", "aif_voxels",
+                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr",
+                    "bevacizumab", "steroids")
+
+
+@dataclass
+class CaseResult:
+    """What one case contributes to the summary: rows (one per ROI, or one without ROIs) and status."""
+
+    case_id: str
+    status: str  # "ok" or "failed"
+    rows: list[dict[str, Any]]
+    seconds: float
+    resumed: bool = False
+    error: str = ""
+
+
+@dataclass
+class BatchResult:
+    cases: list[CaseResult] = field(default_factory=list)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(1 for c in self.cases if c.status != "ok")
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [r for c in sorted(self.cases, key=lambda c: c.case_id) for r in c.rows]
+
+
+# ---------------------------------------------------------------------------------- one case
+
+
+def case_inputs(case) -> list[Path]:
+    """Every input file of a case (series, sidecar, masks) in a fixed order; every echo of a multi-echo
+    run and each echo's sidecar."""
+    echoes = tuple(getattr(case, "echoes", ()) or ())
+    if echoes:
+        series = [*echoes, *getattr(case, "echo_sidecars", ())]
+    else:
+        series = [case.dsc, getattr(case, "sidecar", None)]
+    paths = [*series, case.brain, case.reference, case.aif, *case.rois]
+    return [Path(p) for p in paths if p is not None]
+
+
+def roi_names(case) -> list[str]:
+    """ROI names of a case: in BIDS (a case with a prefix) the mask's ``label-`` value (``tumor`` of
+    ``sub-01_ses-1_label-tumor_mask.nii.gz``), so one lesion keeps its name across sessions and
+    ``perfusion compare`` can match it; otherwise the file name without extension, as in ``analyze``."""
+    import re
+
+    from perfusion.io import stem
+
+    out = []
+    for p in case.rois:
+        m = re.search(r"(?:^|_)label-([A-Za-z0-9]+)", stem(p)) if getattr(case, "prefix", None) else None
+        out.append(m.group(1) if m else stem(p))
+    return out
+
+
+@dataclass(frozen=True)
+class Names:
+    """How a batch names files in everything it writes (done-markers, case outputs, summary, log lines):
+    relative to the input folder, never absolute, because the folders above a dataset (and above OUT_DIR)
+    are often named after patients or sites. ``input_root``, ``out_root`` and ``derivatives`` are
+    absolute (symlinks not resolved); a dataset moved or copied elsewhere keeps its names, so a done
+    case stays done."""
+
+    input_root: Path
+    out_root: Path
+    derivatives: Path | None = None  # --derivatives given outside the input folder
+
+    @classmethod
+    def of(cls, input_root: Path, out_root: Path, derivatives: Path | None = None) -> Names:
+        root = Path(input_root).absolute()
+        deriv = Path(derivatives).absolute() if derivatives is not None else None
+        if deriv is not None and (deriv == root or root in deriv.parents):
+            deriv = None  # inside the input folder: named relative to it
+        return cls(root, Path(out_root).absolute(), deriv)
+
+    def _bases(self) -> list[tuple[Path, str]]:
+        """(folder, label) pairs, most specific first; the input folder's label is empty."""
+        bases = [(self.out_root, "OUT_DIR")]
+        if self.derivatives is not None:
+            bases.append((self.derivatives, "DERIVATIVES"))
+        bases.append((self.input_root, ""))
+        out = []
+        for folder, label in bases:
+            for form in dict.fromkeys((folder, Path(os.path.realpath(folder)))):
+                out.append((form, label))
+        return sorted(out, key=lambda b: len(b[0].parts), reverse=True)
+
+    def rel(self, path: Path | str) -> str:
+        """``path``'s name relative to the input folder (``sub-01/perf/sub-01_dsc.nii.gz``), or to
+        DERIVATIVES/ or OUT_DIR/; a path outside all of them: its file name only."""
+        p = Path(path)
+        p = p if p.is_absolute() else p.absolute()
+        for base, label in self._bases():
+            try:
+                r = p.relative_to(base).as_posix()
+            except ValueError:
+                continue
+            return f"{label}/{r}" if label else r
+        return p.name
+
+    @functools.cached_property
+    def _replacements(self) -> list[tuple[str, re.Pattern, str]]:
+        """(prefix, pattern, label), longest prefix first; computed once (it resolves symlinks)."""
+        pairs: dict[str, str] = {}
+        for base, label in self._bases():
+            pairs.setdefault(str(base), label)
+        for folder, label in ((self.input_root, ""), (self.out_root, "OUT_DIR/")):
+            for form in dict.fromkeys((folder, Path(os.path.realpath(folder)))):
+                for k, parent in enumerate(form.parents, start=1):  # above: ../, ../../, ...
+                    if parent != Path(parent.anchor):
+                        pairs.setdefault(str(parent), label + "/".join([".."] * k))
+        return [(prefix, re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(/|(?![\w.\-]))"), label)
+                for prefix, label in sorted(pairs.items(), key=lambda pr: len(pr[0]), reverse=True)]
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every absolute path under the input, derivatives, output folder or a folder
+        above the input made relative (``/data/DOE_JOHN/ds/sub-01/x`` -> ``sub-01/x``,
+        ``/data/DOE_JOHN/other`` -> ``../other``, the input folder itself -> ``INPUT``)."""
+        if not text:
+            return text
+        for prefix, pattern, label in self._replacements:
+            if prefix not in text:
+                continue
+
+            def sub(m, label=label):
+                if m.group(1) == "/":
+                    return f"{label}/" if label else ""
+                return label or "INPUT"
+
+            text = pattern.sub(sub, text)
+        return text
+
+
+def fingerprint(case, params: dict[str, Any], names: Names) -> dict[str, Any]:
+    """What a case's outputs depend on: input contents (sha256, by names relative to the input folder),
+    analysis parameters, software version. Not where the dataset lies: a copy is the same case."""
+    from perfusion.io import sha256
+
+    return {"software_version": __version__, "parameters": params,
+            "inputs": {names.rel(p): sha256(p) for p in case_inputs(case) if p.exists()}}  # a DICOM folder: one hash
+
+
+#: Files a batch writes at the top of OUT_DIR; no case folder may take one of these names.
+TOP_FILES = ("summary.tsv", "summary.json", "index.html", "dataset_description.json")
+
+
+def check_collisions(cases, names: Names) -> None:
+    """InputError naming both inputs when two runnable cases would write into one output folder (equal
+    up to letter case, as on macOS and Windows), one case's folder lies inside another's, or a case
+    folder takes the name of a summary file. Cases with a ``problem`` write nothing and are not checked."""
+    from perfusion.errors import InputError
+
+    def what(case) -> str:
+        return names.rel(case.dsc) if case.dsc is not None else case.case_id
+
+    seen: dict[tuple[str, ...], Any] = {}
+    for case in sorted((c for c in cases if not getattr(c, "problem", None)), key=lambda c: len(Path(c.out_rel).parts)):
+        key = tuple(p.casefold() for p in Path(case.out_rel).parts)
+        if not key or key[0] in TOP_FILES:
+            raise InputError(f"{what(case)}: its output folder {Path(case.out_rel).as_posix() or '.'} would replace "
+                             f"the batch's {key[0] if key else 'OUT_DIR'}; rename the case folder")
+        for n in range(1, len(key) + 1):
+            other = seen.get(key[:n])
+            if other is not None:
+                how = "the same output folder" if n == len(key) else "an output folder inside the other's"
+                raise InputError(f"{what(other)} and {what(case)}: both would write into {how} "
+                                 f"({Path(case.out_rel).as_posix()}); rename one so each case has its own folder")
+        seen[key] = case
+
+
+def read_marker(folder: Path) -> dict | None:
+    try:
+        data = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _failed(case_id: str, error: str, seconds: float, names: Names | None = None) -> CaseResult:
+    error = names.scrub(error) if names is not None else error
+    row = {"case": case_id, "roi": "", "status": "failed", "error": error, "seconds": round(seconds, 3)}
+    return CaseResult(case_id, "failed", [row], seconds, error=error)
+
+
+def _rows(case_id: str, report: dict, seconds: float, report_rel: str) -> list[dict[str, Any]]:
+    base = {"case": case_id, "status": "ok", "error": "", "seconds": round(seconds, 3), "report": report_rel}
+    rois = report.get("rois", [])
+    if not rois:
+        return [{**base, "roi": ""}]
+    return [{**base, "roi": r.get("name", ""), "rcbv_median": r.get("rcbv_median"), "rcbv_ci_low": r.get("rcbv_ci_low"),
+             "rcbv_ci_high": r.get("rcbv_ci_high"), "ftb_low": r.get("ftb_low"), "ftb_mid": r.get("ftb_mid"),
+             "ftb_high": r.get("ftb_high"), "mixed": r.get("mixed"), "verdict": r.get("verdict", "")}
+            for r in rois]
+
+
+def _replace_folder(stage: Path, final: Path) -> None:
+    """Put ``stage`` in place of ``final`` by renames (an existing ``final`` is moved aside, then removed)."""
+    old = None
+    if final.exists():
+        old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+        os.rename(final, old)
+    os.rename(stage, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> CaseResult:
+    """Analyse one case into ``out_root``/case.out_rel unless its marker matches; never raises for a
+    problem of the case (it becomes a failed CaseResult). Runs in a Dask worker or in-process.
+    Everything written names files as ``names`` does (relative to the input folder)."""
+    t0 = time.perf_counter()
+    case_id = case.case_id
+
+    def failed(error: str) -> CaseResult:
+        return _failed(case_id, error, time.perf_counter() - t0, names)
+
+    try:
+        if getattr(case, "problem", None):
+            return failed(case.problem)
+        final = Path(out_root) / case.out_rel
+        fp = fingerprint(case, params, names)
+        marker = read_marker(final)
+        if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
+            return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
+        from perfusion.case import compute_case, make_config
+        from perfusion.io import output_file, write_json
+        from perfusion.pipeline import write_result
+        from perfusion.report.html import write_html
+
+        analysis = {k: v for k, v in params.items() if k not in ("te", "tr")}
+        config = make_config(**analysis)
+        echoes = list(getattr(case, "echoes", ()) or ())
+        result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain, reference=case.reference,
+                                      aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
+                                      te=params.get("te"), tr=params.get("tr"),
+                                      vof=params.get("vof", "guarded"), roi_names=roi_names(case))
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
+        try:
+            os.chmod(stage, 0o777 & ~_umask())
+            prefix = getattr(case, "prefix", None)
+            files = write_result(result, inputs, stage, prefix=prefix)  # names inputs by file name only
+            write_html(stage)
+            report = json.loads((stage / files["report"]).read_text(encoding="utf-8"))
+            seconds = time.perf_counter() - t0
+            rel = (Path(case.out_rel) / output_file("report_html", prefix)).as_posix()
+            rows = _rows(case_id, report, seconds, rel)
+            write_json(stage / MARKER, {"case": case_id, "out": Path(case.out_rel).as_posix(), "fingerprint": fp,
+                                        "rows": rows, "seconds": seconds, "finished_utc": _now()})
+            _replace_folder(stage, final)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        return CaseResult(case_id, "ok", rows, seconds)
+    except PerfusionError as exc:
+        return failed(str(exc))
+    except OSError as exc:
+        return failed(f"{exc.filename or case_id}: {exc.strerror or exc}; check the file and free space")
+    except Exception as exc:  # a bug, but one case must not stop the batch
+        return failed(f"internal error ({type(exc).__name__}: {exc}); please report it")
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def clean_leftovers(out_root: Path) -> int:
+    """Remove staging / replaced folders a killed run left under ``out_root``; return how many."""
+    n = 0
+    for dirpath, dirnames, _ in os.walk(out_root):
+        for d in list(dirnames):
+            if d.startswith((STAGE_PREFIX, OLD_PREFIX)):
+                shutil.rmtree(Path(dirpath) / d, ignore_errors=True)
+                dirnames.remove(d)
+                n += 1
+            elif d.startswith("."):
+                dirnames.remove(d)
+    return n
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+def thread_env(n_workers: int, cores: int | None = None) -> dict[str, str]:
+    """Environment of worker processes: numba and BLAS threads bounded so workers x threads <= cores;
+    numba's on-disk cache in a per-user folder (parallel writers into site-packages' __pycache__ are
+    what crashes numba's cache, numba#4807)."""
+    cores = cores or os.cpu_count() or 1
+    per = str(max(1, cores // max(1, n_workers)))
+    from perfusion._kernels.cache import _writable
+
+    env = {"NUMBA_NUM_THREADS": per, "OMP_NUM_THREADS": per, "OPENBLAS_NUM_THREADS": per, "MKL_NUM_THREADS": per}
+    cache = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "perfusion" / f"numba-{__version__}"
+    if _writable(cache):
+        env["NUMBA_CACHE_DIR"] = str(cache)
+    elif os.environ.get("NUMBA_CACHE_DIR"):  # an unwritable HOME: the folder _numba_cache.configure chose
+        env["NUMBA_CACHE_DIR"] = os.environ["NUMBA_CACHE_DIR"]
+    return env  # without NUMBA_CACHE_DIR each worker decides as this process did (_numba_cache.configure)
+
+
+#: Dask settings of the local cluster's workers, each measured on 2 cores with 12 phantom cases on two
+#: workers: the statistical profiler (a stack sample every 10 ms, taking the GIL from the case) and
+#: the system monitor cost 15 % (14.5 -> 12.3 s); distributed's default MALLOC_TRIM_THRESHOLD_=65536 is
+#: dropped: it made each case's analysis about 40 % slower (0.75 -> 1.1 s on the 64 x 64 x 5 phantom,
+#: glibc returning every freed array to the OS).
+WORKER_CONFIG = {"distributed.worker.profile.enabled": False, "distributed.admin.system-monitor.interval": "10s",
+                 "distributed.worker.memory.monitor-interval": "5s"}
+
+
+def _run_local(cases, out_root, params, names, on_done) -> list[CaseResult]:
+    results = []
+    for case in cases:
+        r = run_case(case, out_root, params, names)
+        results.append(r)
+        on_done(r)
+    return results
+
+
+def _run_dask(cases, out_root, params, names, on_done, *, jobs: int, scheduler: str | None,
+              scheduler_file: Path | None) -> list[CaseResult]:
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:  # pragma: no cover - a regular dependency
+        raise UsageError("--jobs > 1 and --scheduler need dask.distributed; run 'make install'") from None
+    import logging
+
+    cluster = None
+    try:
+        if scheduler or scheduler_file:
+            try:
+                client = Client(address=scheduler, scheduler_file=str(scheduler_file) if scheduler_file else None,
+                                timeout="20s")
+            except (OSError, TimeoutError, ValueError) as exc:
+                where = scheduler or scheduler_file
+                raise UsageError(f"{where}: cannot reach the Dask scheduler ({exc}); start it or check the address") \
+                    from None
+        else:
+            import dask
+
+            # the thread variables go in through `env`, set inside each worker process before it runs a
+            # task; distributed's pre-spawn variables are written into this process's os.environ (and
+            # left there), which made numba refuse to run here afterwards ("Cannot set
+            # NUMBA_NUM_THREADS ... once the threads have been launched"): the environment is restored
+            saved = dict(os.environ)
+            try:
+                with dask.config.set(WORKER_CONFIG | {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                    cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
+                                           dashboard_address=None, silence_logs=logging.ERROR, env=thread_env(jobs))
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+            client = Client(cluster)
+        by_key = {}
+        futures = []
+        for case in cases:
+            f = client.submit(run_case, case, out_root, params, names, pure=False,
+                              key=f"perfusion-case-{case.case_id}")
+            by_key[f.key] = case
+            futures.append(f)
+        results = []
+        for f in as_completed(futures):
+            case = by_key[f.key]
+            try:
+                r = f.result()
+            except Exception as exc:  # the worker died (KilledWorker) or the task could not run
+                r = _failed(case.case_id, f"worker failure ({type(exc).__name__}: {exc}); the case was not written",
+                            0.0, names)
+            results.append(r)
+            on_done(r)
+        client.close()
+        return results
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run_batch(cases, out_root: Path, params: dict[str, Any], *, input_root: Path, derivatives: Path | None = None,
+              jobs: int = 1, scheduler: str | None = None, scheduler_file: Path | None = None,
+              on_done: Callable[[CaseResult], None] = lambda r: None) -> BatchResult:
+    """Run every case; one case's failure never stops the others. ``jobs`` 1 runs in this process.
+    InputError before any work when two cases would share an output folder (check_collisions)."""
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    out_root = Path(out_root)
+    names = Names.of(input_root, out_root, derivatives)
+    check_collisions(cases, names)
+    try:
+        out_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out_root}: cannot create the output folder ({exc.strerror}); choose another") from None
+    clean_leftovers(out_root)
+    if jobs == 1 and not scheduler and not scheduler_file:
+        results = _run_local(cases, out_root, params, names, on_done)
+    else:
+        results = _run_dask(cases, out_root, params, names, on_done, jobs=jobs, scheduler=scheduler,
+                            scheduler_file=scheduler_file)
+    return BatchResult(results)
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v).replace("\t", " ").replace("\n", " ")
+
+
+def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
+                  params: dict[str, Any]) -> dict[str, Path]:
+    """summary.tsv, summary.json, index.html (and dataset_description.json in BIDS layout) at the top
+    of ``out_root``, each written to a temporary name and renamed."""
+    from perfusion.io import write_json
+
+    rows = [{k: r.get(k) for k in COLUMNS} for r in batch.rows]
+    tsv = "\t".join(COLUMNS) + "\n" + "".join("\t".join(_fmt(r[k]) for k in COLUMNS) + "\n" for r in rows)
+    summary = {"software": {"name": "perfusion", "version": __version__}, "created_utc": _now(),
+               "disclaimer": DISCLAIMER, "layout": layout, "parameters": params,
+               "paths": "relative to the input folder (report links: to this folder); no absolute path is written",
+               "n_cases": len(batch.cases), "n_failed": batch.n_failed,
+               "units": {"rcbv_median": "ratio", "rcbv_ci_low": "ratio", "rcbv_ci_high": "ratio", "ftb_low": "fraction",
+                         "ftb_mid": "fraction", "ftb_high": "fraction", "mixed": "boolean", "seconds": "s"},
+               "rows": rows}
+    written = {}
+    files: dict[str, Callable[[Path], None]] = {
+        "summary.tsv": lambda p: p.write_text(tsv, encoding="utf-8"),
+        "summary.json": lambda p: write_json(p, summary),
+        "index.html": lambda p: p.write_text(index_html(batch, summary), encoding="utf-8"),
+    }
+    if layout == "bids":
+        files["dataset_description.json"] = lambda p: write_json(p, {
+            "Name": "perfusion: DSC perfusion maps and lesion scores", "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}]})
+        # no SourceDatasets: its URL would be the input's absolute path (folders named after patients);
+        # each case's done-marker and report.json record its inputs by relative name and sha256
+    for name, write in files.items():
+        target = out_root / name
+        tmp = out_root / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); check free space and permissions") \
+                from None
+        written[name] = target
+    return written
+
+
+VERDICT_WORDS = {"likely_recurrence": "likely recurrence", "likely_treatment_effect": "likely treatment effect",
+                 "indeterminate": "indeterminate", "not_assessable": "not assessable",
+                 "possible_recurrence_or_pseudoprogression": "possible recurrence or pseudoprogression"}
+
+
+def index_html(batch: BatchResult, summary: dict) -> str:
+    """One page linking every case's report (relative links), with status and verdicts; escaped."""
+    import html
+
+    def e(x: Any) -> str:
+        return html.escape("" if x is None else str(x), quote=True)
+
+    body = []
+    for r in summary["rows"]:
+        link = f'<a href="{e(r["report"])}">report</a>' if r.get("report") and r["status"] == "ok" else ""
+        rc = r.get("rcbv_median")
+        body.append(f'<tr class="{e(r["status"])}"><td>{e(r["case"])}</td><td>{e(r["roi"])}</td>'
+                    f'<td>{e(r["status"])}</td><td>{"" if rc is None else f"{rc:.2f}"}</td>'
+                    f'<td>{e(VERDICT_WORDS.get(r.get("verdict") or "", r.get("verdict") or ""))}</td>'
+                    f'<td>{link}</td><td>{e(r.get("error") or "")}</td></tr>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>perfusion batch</title><style>"
+            "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}"
+            ".failed td{background:#fff3f3}.disclaimer{border:3px solid #b71c1c;padding:.5em;font-weight:bold}"
+            "</style></head><body>\n"
+            f"<h1>perfusion batch</h1><div class=\"disclaimer\">{e(DISCLAIMER)}</div>"
+            f"<p>{e(summary['layout'])} layout; {summary['n_cases']} cases, "
+            f"{summary['n_failed']} failed; perfusion {e(__version__)}, {e(summary['created_utc'])}.</p>"
+            "<table><tr><th>case</th><th>ROI</th><th>status</th><th>median rCBV</th><th>verdict</th><th>report</th>"
+            "<th>error</th></tr>" + "".join(body) + "</table></body></html>\n")

@@ -1,0 +1,662 @@
+"""Follow-up comparison: two ``perfusion analyze`` output folders of one patient, prior and current.
+
+One post-treatment scan alone cannot tell pseudoprogression from progression well; the change between
+two time points can. Per lesion ROI (matched by name) this module reports the change of volume (mL),
+median rCBV (ratio), fractional tumour burden and verdict, classifies the change of size and of rCBV
+against documented thresholds and names the pattern (a growing lesion whose rCBV falls is the
+pseudoprogression / treatment-effect pattern).
+
+Each time point's own statistics come from its report.json (computed on its native grid). Maps are
+only moved for the figures and for one extra number, the prior rCBV inside the *current* ROI: when the
+two baseline images lie on different grids (shape or affine), the prior baseline is registered rigidly
+to the current one (register.rigid, Mattes mutual information) and the prior rCBV (linear) and ROI
+masks (nearest neighbour) are resampled onto the current grid. On the same grid nothing is moved.
+
+compare.json, compare.html (one self-contained page, everything from files HTML-escaped) and, when
+registered, prior_to_current.tfm are written by :func:`write_comparison` into a staging folder.
+Library code: no printing, errors are PerfusionError subclasses with one-line messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perfusion import DISCLAIMER, __version__
+from perfusion.errors import InputError
+from perfusion.io import find_report, load_volume, output_path, sha256, write_json
+from perfusion.quantify.register import Rigid, Volume, resample, rigid, same_grid, write_transform
+from perfusion.io import display_grid
+from perfusion.report.html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _num,
+                          _show, display_slices, draw_marks, load_report, png_bytes, roi_mask_paths, slices_with_roi)
+
+# ------------------------------------------------------------------------------ pattern thresholds
+# Relative change = current / prior - 1, each time point's value from its own report.json.
+
+#: Volume "grows" at a relative change of +40 % or more. RANO 2.0 (Wen et al. 2023, J Clin Oncol
+#: 41:5187) and the modified RANO criteria (Ellingson et al. 2017, Neurotherapeutics 14:307) define
+#: volumetric progression as a >= 40 % increase of enhancing volume: the volume equivalent of the
+#: bidimensional criterion's 25 % increase of the product of diameters (for a sphere the product
+#: grows as d^2 and the volume as d^3: 1.25^1.5 = 1.40).
+VOLUME_GROWTH = 0.40
+
+#: Volume "shrinks" at a relative change of -65 % or less: the same sources' volumetric partial
+#: response, the equivalent of a 50 % decrease of the product of diameters (0.5^1.5 = 0.35). Changes
+#: in between are "stable" (RANO's stable disease); the asymmetry is RANO's.
+VOLUME_SHRINK = -0.65
+
+#: Median rCBV "rises" when it at least doubles (relative change >= +100 %) and "falls" when it at
+#: least halves (<= -50 %): symmetric on the log scale, |ln(current / prior)| >= ln 2 = 0.69. The
+#: 95 % repeatability coefficient of a ratio measure is 2.77 x its within-subject coefficient of
+#: variation (wCV) on the log scale (Bland-Altman). Prah et al. 2015 (AJNR 36:1654, same-day
+#: test-retest DSC in brain tumours, Table 2) report wCV 0.24-0.31 for normalised tumour rCBV with
+#: the three most repeatable methods (0.31 for the leakage-corrected trapezoid integral this package
+#: uses), i.e. a repeatability coefficient of 0.66-0.86 on the log scale (factor 1.9-2.4). We take
+#: factor 2, the round value at the lower end of that range: a smaller change can be measurement
+#: noise between two scans of an unchanged lesion, so it is called "stable" and the sentence says
+#: so when the verdict changed anyway.
+RCBV_RISE = 1.0
+RCBV_FALL = -0.5
+
+PATTERN_SOURCE = (
+    "volume: RANO 2.0 (Wen et al. 2023, J Clin Oncol 41:5187) / modified RANO (Ellingson et al. 2017, "
+    "Neurotherapeutics 14:307) volumetric progression >= +40 % and partial response <= -65 %; median rCBV: "
+    "doubling or halving, the 95 % repeatability coefficient on the log scale (2.77 x wCV) for the wCV of "
+    "0.24-0.31 that Prah et al. 2015 (AJNR 36:1654) measured for normalised tumour rCBV"
+)
+
+#: The brain masks of the two time points, on the current grid after any registration, overlapping
+#: less than this (Dice) get a warning: the time points may not be aligned. The phantom's time points
+#: (tests/test_compare.py) overlap 1.0 on one grid and after registration (0.99 with 0.9 mm of residual
+#: misregistration); automatic brain masks of one head on two days differ at the edge by a voxel or
+#: so, which costs a few per cent on a DSC grid (one voxel on the phantom's 44-voxel brain disc: 0.97),
+#: while a brain shifted by about an eighth of its width falls below 0.85 (6 voxels: 0.84).
+BRAIN_DICE_WARN = 0.85
+
+#: A resampled prior rCBV voxel is kept where at least this fraction of its linear-interpolation
+#: weight fell on valid (finite, inside the field of view) prior voxels; NaN elsewhere.
+MIN_VALID_WEIGHT = 0.5
+
+#: At most this many slices in the side-by-side figure (evenly spaced among the slices holding a
+#: current ROI): 12 rows keep the page a few MB.
+MAX_FIGURE_SLICES = 12
+
+#: Analysis parameters (report.json ``parameters``) that change rCBV; a difference between the two
+#: time points is a warning, because the change may then come from the analysis, not the lesion.
+COMPARED_PARAMETERS = ("method", "leakage", "recirculation", "aif_selection", "vof", "rcbv_low", "rcbv_high", "kh",
+                       "rho")
+
+#: TE or TR differing by more than this fraction between the time points gets a warning (rCBV
+#: depends on the acquisition; Boxerman et al. 2020 ask for one protocol across follow-up).
+ACQ_REL_TOL = 0.05
+
+TRANSFORM_FILE = "prior_to_current.tfm"
+
+#: Pattern per (volume direction, rCBV direction): a short code and the sentence shown to the reader.
+PATTERNS: dict[tuple[str, str], tuple[str, str]] = {
+    ("grows", "falls"): (
+        "pseudoprogression_pattern",
+        "growing lesion with falling rCBV: the pseudoprogression / treatment-effect pattern. Growth of enhancement "
+        "with less blood volume favours treatment effect; confirm with short-interval follow-up MRI (6-8 weeks) "
+        "before calling progression."),
+    ("grows", "rises"): (
+        "progression_pattern",
+        "growing lesion with rising rCBV: the progression pattern. Refer to neuro-oncology for multidisciplinary "
+        "review."),
+    ("grows", "stable"): (
+        "growth_stable_rcbv",
+        "growing lesion with stable rCBV: the size changed, the blood volume not beyond repeatability. Read it with "
+        "the current verdict; MR spectroscopy, FDG-PET or short-interval follow-up can help."),
+    ("stable", "rises"): (
+        "rcbv_rising",
+        "stable size with rising rCBV: blood volume rising before any growth can precede progression; consider "
+        "early follow-up and neuro-oncology review."),
+    ("stable", "falls"): (
+        "rcbv_falling",
+        "stable size with falling rCBV: consistent with treatment effect or response."),
+    ("stable", "stable"): (
+        "stable",
+        "stable size and stable rCBV: no change beyond the thresholds."),
+    ("shrinks", "falls"): (
+        "response_pattern",
+        "shrinking lesion with falling rCBV: the response pattern."),
+    ("shrinks", "stable"): (
+        "shrinking_stable_rcbv",
+        "shrinking lesion with stable rCBV: response in size, blood volume unchanged beyond repeatability."),
+    ("shrinks", "rises"): (
+        "discordant",
+        "shrinking lesion with rising rCBV: discordant. Check that both ROIs outline the same lesion and read it "
+        "with the current verdict; under anti-angiogenic therapy shrinking enhancement can be pseudoresponse."),
+}
+
+#: Box colour per pattern code on the page (verdict colours of report.html).
+PATTERN_COLOUR = {
+    "progression_pattern": VERDICT_COLOUR["likely_recurrence"],
+    "rcbv_rising": VERDICT_COLOUR["likely_recurrence"],
+    "pseudoprogression_pattern": VERDICT_COLOUR["likely_treatment_effect"],
+    "response_pattern": VERDICT_COLOUR["likely_treatment_effect"],
+    "rcbv_falling": VERDICT_COLOUR["likely_treatment_effect"],
+}
+
+
+# ---------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class TimePoint:
+    """One analyze output folder: its report, baseline and rCBV on its own grid, and its ROI masks."""
+
+    folder: Path
+    report: dict
+    report_path: Path
+    baseline: Volume  # mean baseline signal, a.u.
+    rcbv: np.ndarray  # ratio, same grid as baseline; NaN where not computed
+    brain: np.ndarray | None  # bool
+    masks: dict[str, np.ndarray]  # ROI name -> bool mask on this grid (only those found)
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    path = output_path(folder, report, name)
+    if not path.is_file():
+        if required:
+            raise InputError(f"{path}: not found; re-run 'perfusion analyze' to write the full output folder")
+        return None
+    return load_volume(path, what=name)
+
+
+def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: dict | None = None) -> TimePoint:
+    """Read what the comparison needs from an analyze output folder ``label`` ('prior' or 'current');
+    ``report`` is its report.json when already read."""
+    folder = Path(folder)
+    report = load_report(folder) if report is None else report
+    base, affine = _load_map(folder, report, "baseline", required=True)
+    rcbv, rcbv_affine = _load_map(folder, report, "rcbv", required=True)
+    if rcbv.shape != base.shape or not np.allclose(rcbv_affine, affine, atol=1e-3):
+        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same folder; "
+                         "re-run 'perfusion analyze'")
+    notes: list[str] = []
+    brain_map = _load_map(folder, report, "brain_mask", required=False)
+    brain = brain_map[0] != 0 if brain_map is not None and brain_map[0].shape == base.shape else None
+    masks: dict[str, np.ndarray] = {}
+    paths = roi_mask_paths(report, folder)
+    for name in roi_names:
+        p = paths.get(name)
+        if p is None:
+            notes.append(f"{label} ROI {name}: mask file not found; no contour and no overlap for it")
+            continue
+        data, m_affine = load_volume(p, what=f"ROI mask {name}")
+        if data.shape != base.shape or not np.allclose(m_affine, affine, atol=1e-3):
+            notes.append(f"{label} ROI {name}: mask {p.name} is not on the grid of the maps; not used")
+            continue
+        masks[name] = data != 0
+    return TimePoint(folder=folder, report=report, report_path=find_report(folder),
+                     baseline=Volume(base, affine), rcbv=rcbv.astype(np.float64), brain=brain, masks=masks,
+                     notes=notes)
+
+
+def match_rois(prior: dict, current: dict, *, prior_path: Path,
+               current_path: Path) -> tuple[list[str], list[str], list[str]]:
+    """ROI names in both reports (current report's order), only in the prior, only in the current.
+    InputError naming both report.json files when no name is shared."""
+    p_names = [str(r.get("name")) for r in prior.get("rois", [])]
+    c_names = [str(r.get("name")) for r in current.get("rois", [])]
+    common = [n for n in c_names if n in p_names]
+    if not common:
+        raise InputError(f"{prior_path} and {current_path}: no ROI name in common (prior: "
+                         f"{', '.join(p_names) or 'none'}; current: {', '.join(c_names) or 'none'}); "
+                         "name the lesion masks the same in both analyses")
+    return common, [n for n in p_names if n not in c_names], [n for n in c_names if n not in p_names]
+
+
+# -------------------------------------------------------------------------------------- numerics
+
+
+def relative_change(prior: Any, current: Any) -> float | None:
+    """current / prior - 1, or None when either is missing or prior is not positive."""
+    p, c = _num(prior), _num(current)
+    if p is None or c is None or p <= 0:
+        return None
+    return c / p - 1.0
+
+
+def volume_direction(rel: float | None) -> str:
+    """'grows', 'shrinks' or 'stable' by VOLUME_GROWTH / VOLUME_SHRINK; 'unknown' without a change."""
+    if rel is None:
+        return "unknown"
+    if rel >= VOLUME_GROWTH:
+        return "grows"
+    if rel <= VOLUME_SHRINK:
+        return "shrinks"
+    return "stable"
+
+
+def rcbv_direction(rel: float | None) -> str:
+    """'rises', 'falls' or 'stable' by RCBV_RISE / RCBV_FALL; 'unknown' without a change."""
+    if rel is None:
+        return "unknown"
+    if rel >= RCBV_RISE:
+        return "rises"
+    if rel <= RCBV_FALL:
+        return "falls"
+    return "stable"
+
+
+def describe_pattern(volume_dir: str, rcbv_dir: str, *, verdict_prior: str | None = None,
+                     verdict_current: str | None = None) -> tuple[str, str]:
+    """(code, sentence) for a pair of directions; the sentence notes a verdict change."""
+    if (volume_dir, rcbv_dir) in PATTERNS:
+        code, sentence = PATTERNS[(volume_dir, rcbv_dir)]
+    else:
+        missing = [w for w, d in (("volume", volume_dir), ("median rCBV", rcbv_dir)) if d == "unknown"]
+        code, sentence = "not_comparable", (f"cannot classify the change: {' and '.join(missing) or 'a value'} "
+                                            "missing or zero at one time point.")
+    if verdict_prior and verdict_current and verdict_prior != verdict_current:
+        words = VERDICT_WORDS.get(verdict_prior, verdict_prior), VERDICT_WORDS.get(verdict_current, verdict_current)
+        extra = f" The verdict changed from {words[0].lower()} to {words[1].lower()}"
+        if rcbv_dir == "stable":
+            extra += ", although the rCBV change lies within its repeatability"
+        sentence += extra + "."
+    return code, sentence
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
+    n = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    return None if n == 0 else 2.0 * int(np.count_nonzero(a & b)) / n
+
+
+def _resample_map(values: np.ndarray, moving_affine: np.ndarray, onto: Volume, tx: Rigid) -> np.ndarray:
+    """A map with NaNs resampled linearly: interpolate value x validity and validity, divide, NaN where
+    less than MIN_VALID_WEIGHT of the weight was valid (NaN voxels and outside the field of view)."""
+    valid = np.isfinite(values)
+    num = resample(Volume(np.where(valid, values, 0.0).astype(np.float32), moving_affine), onto, tx)
+    den = resample(Volume(valid.astype(np.float32), moving_affine), onto, tx)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(den >= MIN_VALID_WEIGHT, num / np.maximum(den, 1e-12), np.nan)
+    return out.astype(np.float64)
+
+
+def _resample_mask(mask: np.ndarray, moving_affine: np.ndarray, onto: Volume, tx: Rigid) -> np.ndarray:
+    return resample(Volume(mask.astype(np.float32), moving_affine), onto, tx, nearest=True) > 0.5
+
+
+def _diff(prior: Any, current: Any) -> float | None:
+    p, c = _num(prior), _num(current)
+    return None if p is None or c is None else c - p
+
+
+def _pair(prior: Any, current: Any, *, relative: bool = True) -> dict[str, Any]:
+    out = {"prior": _num(prior), "current": _num(current), "change": _diff(prior, current)}
+    if relative:
+        out["relative_change"] = relative_change(prior, current)
+    return out
+
+
+@dataclass
+class Comparison:
+    """Everything compare.json holds (``data``) plus the arrays the figures need (current grid)."""
+
+    data: dict
+    transform: Rigid | None
+    background: np.ndarray
+    affine: np.ndarray  # the current grid's voxel-to-world affine (mm), for the figures' orientation
+    prior_rcbv: np.ndarray  # prior rCBV on the current grid
+    current_rcbv: np.ndarray
+    current_masks: dict[str, np.ndarray]
+    prior_masks: dict[str, np.ndarray]  # prior ROI masks on the current grid
+    thresholds: tuple[float, float] = (1.0, 1.75)
+
+
+def _reference_kind(source: Any) -> str:
+    """'automatic' or 'mask' from report.json reference.source (a file path when a mask was given)."""
+    return "automatic" if str(source).startswith("automatic") else "mask"
+
+
+def _warnings(prior: dict, current: dict) -> list[str]:
+    out: list[str] = []
+    pv = prior.get("software", {}).get("version")
+    cv = current.get("software", {}).get("version")
+    if pv != cv:
+        out.append(f"software versions differ (prior perfusion {pv}, current {cv}): part of a change may come from "
+                   "the software; re-run both analyses with one version")
+    pp, cp = prior.get("parameters", {}), current.get("parameters", {})
+    for key in COMPARED_PARAMETERS:
+        if key in pp or key in cp:
+            if pp.get(key) != cp.get(key):
+                out.append(f"analysis parameter {key} differs (prior {pp.get(key)}, current {cp.get(key)}): the change "
+                           "may come from the analysis, not the lesion; analyse both time points alike")
+    kinds = [_reference_kind(r.get("reference", {}).get("source")) for r in (prior, current)]
+    if kinds[0] != kinds[1]:
+        out.append(f"reference tissue chosen differently (prior: {kinds[0]}; current: {kinds[1]}): rCBV is "
+                   "normalised differently at the two time points; give a reference mask at both or at neither")
+    pa, ca = prior.get("acquisition", {}), current.get("acquisition", {})
+    for key, name, unit, scale in (("te", "TE", "ms", 1000.0), ("tr", "TR", "s", 1.0)):
+        a, b = _num(pa.get(key)), _num(ca.get(key))
+        if a and b and abs(b / a - 1) > ACQ_REL_TOL:
+            out.append(f"{name} differs (prior {a * scale:g} {unit}, current {b * scale:g} {unit}): rCBV depends on "
+                       "the protocol; follow-up scans should use one protocol")
+    fa, fb = _num(pa.get("field_strength_t")), _num(ca.get("field_strength_t"))
+    if fa and fb and abs(fa - fb) > 0.2:
+        out.append(f"field strength differs (prior {fa:g} T, current {fb:g} T): rCBV is not directly comparable")
+    return out
+
+
+def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
+    """Compare two analyze output folders; see the module docstring. InputError for unusable input."""
+    prior_folder, current_folder = Path(prior_folder), Path(current_folder)
+    for f in (prior_folder, current_folder):
+        if not f.is_dir():
+            raise InputError(f"{f}: folder not found; give a folder written by 'perfusion analyze'")
+    p_rep, c_rep = load_report(prior_folder), load_report(current_folder)
+    common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=find_report(prior_folder),
+                                                  current_path=find_report(current_folder))
+    prior = load_time_point(prior_folder, roi_names=common, label="prior", report=p_rep)
+    current = load_time_point(current_folder, roi_names=common, label="current", report=c_rep)
+    warns = _warnings(p_rep, c_rep) + prior.notes + current.notes
+    if same_grid(prior.baseline, current.baseline) and np.array_equal(prior.baseline.data, current.baseline.data):
+        warns.append("the two baseline images are identical: both folders analysed the same series, so this compares "
+                     "a scan with itself")
+
+    onto = current.baseline
+    if same_grid(prior.baseline, onto):
+        transform = None
+        registration: dict[str, Any] = {
+            "performed": False,
+            "reason": "the two baseline.nii.gz share one grid (shape and affine): no registration; the prior maps "
+                      "are used voxel for voxel"}
+        prior_rcbv = prior.rcbv
+        prior_masks = dict(prior.masks)
+        prior_brain = prior.brain
+    else:
+        p_shape, c_shape = prior.baseline.data.shape, onto.data.shape
+        why = f"shapes differ ({p_shape} vs {c_shape})" if p_shape != c_shape else "affines differ"
+        transform = rigid(onto, prior.baseline, what="prior baseline image (to the current baseline)",
+                          path=output_path(prior_folder, p_rep, "baseline"))
+        registration = {
+            "performed": True,
+            "reason": f"the two baseline.nii.gz lie on different grids ({why}): prior registered to current",
+            "method": "rigid (6 parameters), Mattes mutual information, SimpleITK; prior rCBV resampled linearly "
+                      "(NaN-aware), prior ROI masks by nearest neighbour, onto the current grid",
+            # file names only: the folders are often named after the patient (privacy, issue 17)
+            "fixed": f"current: {output_path(current_folder, c_rep, 'baseline').name}",
+            "moving": f"prior: {output_path(prior_folder, p_rep, 'baseline').name}",
+            "transform_file": TRANSFORM_FILE,
+            **transform.as_dict(),
+        }
+        aff = prior.baseline.affine
+        prior_rcbv = _resample_map(prior.rcbv, aff, onto, transform)
+        prior_masks = {n: _resample_mask(m, aff, onto, transform) for n, m in prior.masks.items()}
+        prior_brain = _resample_mask(prior.brain, aff, onto, transform) if prior.brain is not None else None
+    if prior_brain is not None and current.brain is not None:
+        dice = _dice(prior_brain, current.brain)
+        registration["brain_mask_dice"] = dice
+        if dice is not None and dice < BRAIN_DICE_WARN:
+            warns.append(f"the brain masks of the two time points overlap only {dice:.2f} (Dice) on the current grid: "
+                         "the scans may not be aligned; check the figure before trusting the registered numbers")
+
+    p_rois = {str(r.get("name")): r for r in p_rep.get("rois", [])}
+    c_rois = {str(r.get("name")): r for r in c_rep.get("rois", [])}
+    rows = []
+    for name in common:
+        p, c = p_rois[name], c_rois[name]
+        vol = _pair(p.get("volume_ml"), c.get("volume_ml"))
+        med = _pair(p.get("rcbv_median"), c.get("rcbv_median"))
+        vol["direction"] = volume_direction(vol["relative_change"])
+        med["direction"] = rcbv_direction(med["relative_change"])
+        code, sentence = describe_pattern(vol["direction"], med["direction"], verdict_prior=p.get("verdict"),
+                                          verdict_current=c.get("verdict"))
+        in_current = None
+        if name in current.masks:
+            v = prior_rcbv[current.masks[name]]
+            v = v[np.isfinite(v)]
+            in_current = float(np.median(v)) if v.size else None
+        dice = _dice(prior_masks[name], current.masks[name]) if name in prior_masks and name in current.masks else None
+        rows.append({
+            "name": name,
+            "volume_ml": vol,
+            "rcbv_median": med,
+            "ftb": {k: _pair(p.get(f"ftb_{k}"), c.get(f"ftb_{k}"), relative=False) for k in ("low", "mid", "high")},
+            "verdict": {"prior": p.get("verdict"), "current": c.get("verdict"),
+                        "changed": p.get("verdict") != c.get("verdict")},
+            "prior_rcbv_median_in_current_roi": in_current,
+            "roi_overlap_dice": dice,
+            "pattern": code,
+            "pattern_sentence": sentence,
+        })
+
+    thr = c_rep.get("thresholds", {})
+    low, high = _num(thr.get("rcbv_low")) or 1.0, _num(thr.get("rcbv_high")) or 1.75
+    data = {
+        "software": {"name": "perfusion", "version": __version__},
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": DISCLAIMER,
+        "inputs": {
+            label: {"report_json": tp.report_path.name,
+                    "report_sha256": sha256(tp.report_path), "analysis_created_utc": tp.report.get("created_utc"),
+                    "software_version": tp.report.get("software", {}).get("version")}
+            for label, tp in (("prior", prior), ("current", current))},
+        "registration": registration,
+        "thresholds": {
+            "volume_growth_relative": VOLUME_GROWTH, "volume_shrink_relative": VOLUME_SHRINK,
+            "rcbv_rise_relative": RCBV_RISE, "rcbv_fall_relative": RCBV_FALL,
+            "relative_change": "current / prior - 1",
+            "source": PATTERN_SOURCE,
+            "verdict_rcbv_low": low, "verdict_rcbv_high": high,
+        },
+        "units": {"volume_ml": "mL", "rcbv": "ratio", "ftb": "fraction of ROI voxels (0-1)",
+                  "relative_change": "fraction (0.4 = +40 %)", "translation_mm": "mm", "rotation_deg": "deg"},
+        "rois": rows,
+        "unmatched_rois": {"prior_only": only_prior, "current_only": only_current},
+        "warnings": warns,
+    }
+    return Comparison(data=data, transform=transform, background=onto.data, affine=onto.affine, prior_rcbv=prior_rcbv,
+                      current_rcbv=current.rcbv, current_masks=current.masks, prior_masks=prior_masks,
+                      thresholds=(low, high))
+
+
+# --------------------------------------------------------------------------------------- figures
+
+
+def figure_slices(masks: dict[str, np.ndarray], n_slices: int, *, limit: int = MAX_FIGURE_SLICES) -> list[int]:
+    """Slices holding a current ROI (all slices if none), at most ``limit`` evenly spaced ones."""
+    union = np.zeros(next(iter(masks.values())).shape, bool) if masks else None
+    for m in masks.values():
+        union |= m
+    slices = slices_with_roi(union) if union is not None else []
+    slices = slices or list(range(n_slices))
+    if len(slices) > limit:
+        slices = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, limit).round()]
+    return slices
+
+
+def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, background: np.ndarray,
+                     current_masks: dict[str, np.ndarray], prior_masks: dict[str, np.ndarray],
+                     slices: list[int], *, affine: np.ndarray) -> bytes:
+    """Rows = slices (stored indices of the current grid, drawn in display order); left the prior rCBV on
+    the current grid, right the current rCBV, both over the current baseline on the fixed 0-5 scale;
+    solid contours the current ROIs, dashed the prior ROIs. Radiological convention from ``affine`` (the
+    current grid's, voxel to world; io.display_grid), orientation letters, slice positions (mm)."""
+    from matplotlib import colormaps
+    from matplotlib.lines import Line2D
+
+    grid = display_grid(affine, current_rcbv.shape)
+    prior_rcbv, current_rcbv, background = (grid.apply(a) for a in (prior_rcbv, current_rcbv, background))
+    current_masks = {n: grid.apply(m) for n, m in current_masks.items()}
+    prior_masks = {n: grid.apply(m) for n, m in prior_masks.items()}
+    slices = display_slices(grid, slices)
+
+    lo, hi, unit = SCALES["rcbv"]
+    colours = colormaps["tab10"]
+    names = list(dict.fromkeys([*current_masks, *prior_masks]))
+    fig, axes = _figure(len(slices), 2, figsize=(2 * 3.2 + 1.2, 3.2 * len(slices) + 0.4), images=True)
+    finite = background[np.isfinite(background)]
+    bg_hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
+    im = None
+    for row, z in zip(axes, slices):
+        for ax, data, title in ((row[0], prior_rcbv, "prior (on current grid)"), (row[1], current_rcbv, "current")):
+            ax.axis("off")
+            ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi or 1.0, origin="lower")
+            im = ax.imshow(_show(np.ma.masked_invalid(data[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
+                           origin="lower")
+            for i, name in enumerate(names):
+                for masks, style in ((current_masks, "solid"), (prior_masks, "dashed")):
+                    m = masks.get(name)
+                    if m is not None and m[:, :, z].any():
+                        ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)],
+                                   linewidths=1.2, linestyles=style, origin="lower")
+            ax.set_title(f"{title}, {grid.position_label(z)}", fontsize=9)
+            draw_marks(ax, grid)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
+    handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(names)]
+    handles += [Line2D([], [], color="black", label="current ROI"),
+                Line2D([], [], color="black", linestyle="dashed", label="prior ROI (registered)")]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(handles) - 1) // 4)))
+    return png_bytes(fig)
+
+
+def fig_rcbv_change(rows: list[dict], low: float, high: float) -> bytes:
+    """Median rCBV (ratio) per ROI at the prior and current time point, with the verdict thresholds."""
+    from matplotlib import colormaps
+
+    colours = colormaps["tab10"]
+    fig, axes = _figure(figsize=(5.5, 3.4))
+    ax = axes[0, 0]
+    top = SCALES["rcbv"][1]
+    for i, r in enumerate(rows):
+        p, c = r["rcbv_median"]["prior"], r["rcbv_median"]["current"]
+        ys = [np.nan if p is None else p, np.nan if c is None else c]
+        top = max([top] + [y * 1.1 for y in ys if np.isfinite(y)])
+        ax.plot([0, 1], ys, marker="o", color=colours(i % 10), label=r["name"])
+    ax.axhline(low, color="tab:green", linestyle="--", linewidth=1, label=f"threshold {low:g}")
+    ax.axhline(high, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {high:g}")
+    ax.set_xticks([0, 1], ["prior", "current"])
+    ax.set_xlim(-0.3, 1.3)
+    ax.set_ylim(0, top)
+    ax.set_ylabel("median rCBV (ratio)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    return png_bytes(fig)
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+def _fmt(x: Any, fmt: str = ".2f", *, pct: bool = False, signed: bool = False) -> str:
+    v = _num(x)
+    if v is None:
+        return "n/a"
+    if pct:
+        return f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %"
+    return format(v, ("+" if signed else "") + fmt)
+
+
+def _points(x: Any) -> str:
+    """A change of a fraction in percentage points, or n/a."""
+    v = _num(x)
+    return "n/a" if v is None else f"{100 * v:+.0f} percentage points"
+
+
+def _roi_box(r: dict) -> str:
+    colour = PATTERN_COLOUR.get(r["pattern"], VERDICT_COLOUR["indeterminate"])
+    vol, med, ver = r["volume_ml"], r["rcbv_median"], r["verdict"]
+    ftb_rows = "".join(
+        f"<tr><td>FTB {k} (fraction of voxels)</td><td>{_fmt(f['prior'], pct=True)}</td>"
+        f"<td>{_fmt(f['current'], pct=True)}</td><td>{_points(f['change'])}</td><td></td></tr>"
+        for k, f in r["ftb"].items())
+    words = {k: VERDICT_WORDS.get(str(ver[k]), str(ver[k])) for k in ("prior", "current")}
+    return (
+        f'<div class="verdict" style="border-color:{colour}">'
+        f'<h3>{_e(r["name"])}: <span style="color:{colour}">{_e(r["pattern_sentence"])}</span></h3>'
+        "<table><tr><th>measure</th><th>prior</th><th>current</th><th>change</th><th>direction</th></tr>"
+        f"<tr><td>Volume (mL)</td><td>{_fmt(vol['prior'])}</td><td>{_fmt(vol['current'])}</td>"
+        f"<td>{_fmt(vol['change'], signed=True)} mL ({_fmt(vol['relative_change'], pct=True, signed=True)})</td>"
+        f"<td>{_e(vol['direction'])}</td></tr>"
+        f"<tr><td>Median rCBV (ratio)</td><td>{_fmt(med['prior'])}</td><td>{_fmt(med['current'])}</td>"
+        f"<td>{_fmt(med['change'], signed=True)} ({_fmt(med['relative_change'], pct=True, signed=True)})</td>"
+        f"<td>{_e(med['direction'])}</td></tr>"
+        f"{ftb_rows}"
+        f"<tr><td>Verdict</td><td>{_e(words['prior'])}</td><td>{_e(words['current'])}</td>"
+        f"<td>{'changed' if ver['changed'] else 'unchanged'}</td><td></td></tr></table>"
+        f"<p>Median rCBV of the prior map inside the current ROI: <b>{_fmt(r['prior_rcbv_median_in_current_roi'])}</b> "
+        f"(useful when the ROI was redrawn); overlap of the prior and current ROI (Dice, on the current grid): "
+        f"{_fmt(r['roi_overlap_dice'])}.</p>"
+        f'<p class="small">Pattern code: {_e(r["pattern"])}. Each time point\'s values come from its own '
+        "report.json.</p>"
+        "</div>")
+
+
+def build_html(comp: Comparison) -> str:
+    """compare.html: one self-contained page (figures as base64 PNG, no scripts or links)."""
+    d = comp.data
+    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>",
+                        f'<div class="disclaimer">{_e(DISCLAIMER)}</div>']
+    ins = d["inputs"]
+    parts.append(
+        f"<p>perfusion {_e(__version__)}, {_e(d['created_utc'])}.</p><table>"
+        "<tr><th>time point</th><th>report SHA-256</th><th>analysed (UTC)</th><th>perfusion version</th></tr>"
+        + "".join(f"<tr><td>{label}</td><td>{_e(str(ins[label]['report_sha256'])[:16])}</td>"
+                  f"<td>{_e(ins[label]['analysis_created_utc'])}"
+                  f"</td><td>{_e(ins[label]['software_version'])}</td></tr>" for label in ("prior", "current"))
+        + "</table>")
+    reg = d["registration"]
+    if reg["performed"]:
+        rot = ", ".join(f"{v:.2f}" for v in reg["rotation_deg"])
+        tra = ", ".join(f"{v:.2f}" for v in reg["translation_mm"])
+        parts.append(f"<p><b>Registration:</b> {_e(reg['reason'])}; rigid, Mattes mutual information. Rotation "
+                     f"{rot} deg, translation {tra} mm (saved as {_e(TRANSFORM_FILE)}).")
+    else:
+        parts.append(f"<p><b>Registration:</b> none; {_e(reg['reason'])}.")
+    if reg.get("brain_mask_dice") is not None:
+        parts.append(f" Brain-mask overlap on the current grid (Dice): {reg['brain_mask_dice']:.3f}.")
+    parts.append("</p>")
+
+    parts.append("<h2>Change per ROI</h2>")
+    parts.extend(_roi_box(r) for r in d["rois"])
+    um = d["unmatched_rois"]
+    if um["prior_only"] or um["current_only"]:
+        parts.append("<h3>ROIs without a partner (not compared)</h3><ul>"
+                     + "".join(f"<li>only in the prior analysis: {_e(n)}</li>" for n in um["prior_only"])
+                     + "".join(f"<li>only in the current analysis: {_e(n)}</li>" for n in um["current_only"])
+                     + "</ul><p class=\"small\">ROIs are matched by name: name the lesion masks the same in both "
+                       "analyses.</p>")
+    t = d["thresholds"]
+    parts.append(
+        "<p class=\"small\">Thresholds (relative change = current / prior - 1): volume grows from "
+        f"{100 * t['volume_growth_relative']:+.0f} %, shrinks from {100 * t['volume_shrink_relative']:+.0f} %; median "
+        f"rCBV rises from {100 * t['rcbv_rise_relative']:+.0f} % (doubling), falls from "
+        f"{100 * t['rcbv_fall_relative']:+.0f} % (halving). Sources: {_e(t['source'])}.</p>")
+
+    parts.append("<h2>Figures</h2>")
+    slices = figure_slices(comp.current_masks, comp.background.shape[2])
+    parts.append("<h3>rCBV, prior (left, on the current grid) and current (right), over the current baseline</h3>")
+    parts.append(_img_tag(fig_side_by_side(comp.prior_rcbv, comp.current_rcbv, comp.background, comp.current_masks,
+                                           comp.prior_masks, slices, affine=comp.affine), "rCBV prior and current"))
+    parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); solid lines: current ROIs; dashed: '
+                 f"prior ROIs (registered). {ORIENTATION_NOTE} Both columns are drawn on the current grid.</p>")
+    parts.append("<h3>Median rCBV per ROI</h3>")
+    parts.append(_img_tag(fig_rcbv_change(d["rois"], *comp.thresholds), "median rCBV prior and current"))
+    if d["warnings"]:
+        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_e(w)}</li>" for w in d["warnings"]) + "</ul>")
+    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>DSC perfusion follow-up comparison</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_comparison(comp: Comparison, folder: Path) -> dict[str, Path]:
+    """Write compare.json, compare.html and (when registered) prior_to_current.tfm into ``folder``, a
+    staging folder of io.staged_output. Returns the paths by role."""
+    folder = Path(folder)
+    paths = {"json": folder / "compare.json", "html": folder / "compare.html"}
+    if comp.transform is not None:
+        paths["transform"] = write_transform(folder / TRANSFORM_FILE, comp.transform)
+    page = build_html(comp)
+    write_json(paths["json"], comp.data)
+    paths["html"].write_text(page, encoding="utf-8")
+    return paths
