@@ -259,49 +259,9 @@ class Screen:
 def _screen(data: np.ndarray, reference: np.ndarray, head: np.ndarray, affine: np.ndarray, *,
             baseline: slice, centre_ras: np.ndarray, through_plane: bool) -> Screen:
     n = data.shape[3]
-    k = SCREEN_BIN
-    ref = _binned(np.asarray(reference, dtype=np.float64), k)
-    mask = _binned(np.asarray(head, dtype=np.float64), k) >= k * k / 2.0
-    # the binned grid: bin (i, j) is centred on voxel (k i + (k - 1) / 2, k j + (k - 1) / 2)
-    aff = np.asarray(affine, dtype=np.float64) @ np.array(
-        [[k, 0, 0, (k - 1) / 2.0], [0, k, 0, (k - 1) / 2.0], [0, 0, 1, 0], [0, 0, 0, 1]])
-    vox = np.argwhere(np.moveaxis(mask, 2, 0))[:, [1, 2, 0]]  # (x, y, z) of the bins, slice by slice
-    at = tuple(vox.T)
-    # d ref / d voxel (0 along an axis of one voxel: a single slice), then d ref / d RAS mm
-    grad = np.stack([np.gradient(ref, axis=a)[at] if ref.shape[a] > 1 else np.zeros(len(vox)) for a in range(3)],
-                    axis=-1) @ np.linalg.inv(aff[:3, :3])
-    pos = (np.c_[vox, np.ones(len(vox))] @ aff.T)[:, :3] - np.asarray(centre_ras, dtype=np.float64)
-    r0 = ref[at]
-    # frame(p) = ref(p - delta(p)), delta(p) = omega x (p - c) + t: frame - ref = -grad . delta
-    jac = np.c_[-np.cross(pos, grad), -grad]
-    params = np.arange(6)
-    if not through_plane:
-        axis = int(np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[:3, 2])))
-        params = np.array([axis] + [3 + i for i in range(3) if i != axis])
-    design = np.c_[jac[:, params], r0, np.ones(len(r0))]
-    solve = np.linalg.pinv(design)[:len(params)]  # (n_params, n_vox): omega (rad), t (mm)
-
-    # Both fits are linear, so they commute: the spatial fit of a frame's bolus residual equals the
-    # spatial fit of the frame minus the temporal fit of the frames' spatial fits. Each frame is therefore
-    # reduced to its raw estimate (one product) and the head's summed signal; the rest works on those.
-    # One slice at a time (all frames): a slice is a contiguous block whether time runs fastest (the
-    # pipeline's voxel-major copy) or slowest (NIfTI order), where frame by frame would stride through
-    # the whole series once per frame.
-    raw = np.zeros((len(params), n))
-    g = np.zeros(n)
-    first = 0
-    for z in range(data.shape[2]):
-        inside = mask[:, :, z]
-        count = int(inside.sum())
-        if not count:
-            continue
-        diff = _binned(data[:, :, z, :], k)[inside] - r0[first:first + count, None]  # (n_vox in slice, n_t)
-        raw += solve[:, first:first + count] @ diff
-        g += diff.sum(axis=0)
-        first += count
-    g = g / r0.sum()  # the head's mean relative signal change
-    g = g - np.median(g[baseline])
-    g[:baseline.start] = 0.0  # the steady-state excess is no bolus: the scale column takes it
+    mask, r0, params, solve = _screen_design(reference, head, affine, centre_ras=centre_ras,
+                                             through_plane=through_plane)
+    raw, g = _raw_estimates(data, mask, r0, solve, baseline=baseline)
     regressors = np.c_[np.ones(n), g, np.cumsum(g), np.gradient(g)]
 
     def read(theta):  # small angles: the rotation vector's components are the Euler angles
@@ -329,6 +289,65 @@ def _screen(data: np.ndarray, reference: np.ndarray, head: np.ndarray, affine: n
             break
         left_out = moved
     return Screen(rotation_deg=rot, translation_mm=trans, moved=displacement(rot, trans) > SCREEN_MM, passes=passes)
+
+
+def _screen_design(reference: np.ndarray, head: np.ndarray, affine: np.ndarray, *, centre_ras: np.ndarray,
+                   through_plane: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The screen's linear model on the binned head: its mask (x y z bins), the reference's values in
+    it, the rigid parameters fitted (all six, or the in-plane three) and the least-squares solver
+    (n_params, n_bins) that reads omega (rad) and t (mm) from a frame's difference to the reference."""
+    k = SCREEN_BIN
+    ref = _binned(np.asarray(reference, dtype=np.float64), k)
+    mask = _binned(np.asarray(head, dtype=np.float64), k) >= k * k / 2.0
+    # the binned grid: bin (i, j) is centred on voxel (k i + (k - 1) / 2, k j + (k - 1) / 2)
+    aff = np.asarray(affine, dtype=np.float64) @ np.array(
+        [[k, 0, 0, (k - 1) / 2.0], [0, k, 0, (k - 1) / 2.0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    vox = np.argwhere(np.moveaxis(mask, 2, 0))[:, [1, 2, 0]]  # (x, y, z) of the bins, slice by slice
+    at = tuple(vox.T)
+    # d ref / d voxel (0 along an axis of one voxel: a single slice), then d ref / d RAS mm
+    grad = np.stack([np.gradient(ref, axis=a)[at] if ref.shape[a] > 1 else np.zeros(len(vox)) for a in range(3)],
+                    axis=-1) @ np.linalg.inv(aff[:3, :3])
+    pos = (np.c_[vox, np.ones(len(vox))] @ aff.T)[:, :3] - np.asarray(centre_ras, dtype=np.float64)
+    r0 = ref[at]
+    # frame(p) = ref(p - delta(p)), delta(p) = omega x (p - c) + t: frame - ref = -grad . delta
+    jac = np.c_[-np.cross(pos, grad), -grad]
+    params = np.arange(6)
+    if not through_plane:
+        axis = int(np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[:3, 2])))
+        params = np.array([axis] + [3 + i for i in range(3) if i != axis])
+    design = np.c_[jac[:, params], r0, np.ones(len(r0))]
+    solve = np.linalg.pinv(design)[:len(params)]  # (n_params, n_vox): omega (rad), t (mm)
+    return mask, r0, params, solve
+
+
+def _raw_estimates(data: np.ndarray, mask: np.ndarray, r0: np.ndarray, solve: np.ndarray, *,
+                   baseline: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Every frame's raw rigid estimate (n_params, n_t) and the head's mean relative signal change g
+    (n_t,), baseline median 0, 0 before the baseline.
+
+    Both fits are linear, so they commute: the spatial fit of a frame's bolus residual equals the
+    spatial fit of the frame minus the temporal fit of the frames' spatial fits. Each frame is therefore
+    reduced to its raw estimate (one product) and the head's summed signal; the rest works on those.
+    One slice at a time (all frames): a slice is a contiguous block whether time runs fastest (the
+    pipeline's voxel-major copy) or slowest (NIfTI order), where frame by frame would stride through
+    the whole series once per frame."""
+    n = data.shape[3]
+    raw = np.zeros((solve.shape[0], n))
+    g = np.zeros(n)
+    first = 0
+    for z in range(data.shape[2]):
+        inside = mask[:, :, z]
+        count = int(inside.sum())
+        if not count:
+            continue
+        diff = _binned(data[:, :, z, :], SCREEN_BIN)[inside] - r0[first:first + count, None]  # (n_vox, n_t)
+        raw += solve[:, first:first + count] @ diff
+        g += diff.sum(axis=0)
+        first += count
+    g = g / r0.sum()  # the head's mean relative signal change
+    g = g - np.median(g[baseline])
+    g[:baseline.start] = 0.0  # the steady-state excess is no bolus: the scale column takes it
+    return raw, g
 
 
 def screen_frames(data: np.ndarray, reference: np.ndarray, head: np.ndarray, affine: np.ndarray, *,

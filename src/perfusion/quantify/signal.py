@@ -96,27 +96,13 @@ def find_baseline(curve: np.ndarray, *, tr: float, margin_s: float = ARRIVAL_MAR
     the reference CBV came out 9 times too high.
     """
     g = np.asarray(curve, dtype=np.float64)
-    n = g.size
     peak = int(np.argmin(g))
     if peak < MIN_BASELINE_FRAMES + 1:
         raise BaselineError(
             f"the signal minimum is at frame {peak}: the bolus arrives before {MIN_BASELINE_FRAMES} baseline frames"
         )
     sd = _robust_sd(g)
-    # the first 3 frames within max(8 noise SD, 1 %) of each other: frames approaching the steady state
-    # step down by more, and so does the bolus; the search stops halfway to the minimum
-    start = None
-    for s in range(0, max(1, peak // 2 + 1)):
-        w = g[s: s + MIN_BASELINE_FRAMES]
-        if w.size == MIN_BASELINE_FRAMES and np.ptp(w) <= max(8 * sd, 0.01 * abs(float(np.median(w)))):
-            start = s
-            break
-    if start is None:
-        raise BaselineError(
-            f"no steady baseline: the mean signal never stays level for {MIN_BASELINE_FRAMES} frames between "
-            f"frame 0 and frame {peak // 2 + MIN_BASELINE_FRAMES - 1}, before the bolus minimum at frame {peak}; "
-            f"at least {MIN_BASELINE_FRAMES} steady pre-bolus frames are needed"
-        )
+    start = _steady_start(g, peak, sd)
     ref = float(np.median(g[start: start + MIN_BASELINE_FRAMES]))
     if not np.isfinite(ref) or ref <= 0:
         raise BaselineError("the baseline signal is zero or negative")
@@ -125,17 +111,7 @@ def find_baseline(curve: np.ndarray, *, tr: float, margin_s: float = ARRIVAL_MAR
         raise BaselineError(
             f"no bolus: the mean signal drops by only {100 * drop:.2f} % (at least {100 * MIN_BOLUS_DROP:g} % expected)"
         )
-
-    arrival = peak
-    k = start + MIN_BASELINE_FRAMES
-    while k < peak:
-        window = g[start:k]
-        m = float(window.mean())
-        thr = m - max(4 * sd, 0.005 * m)
-        if g[k] < thr and g[min(k + 1, n - 1)] < thr:
-            arrival = k
-            break
-        k += 1
+    arrival = _arrival(g, start, peak, sd)
     margin = max(1, int(round(margin_s / tr)))
     stop = arrival - margin
     if stop - start < MIN_BASELINE_FRAMES:
@@ -146,6 +122,35 @@ def find_baseline(curve: np.ndarray, *, tr: float, margin_s: float = ARRIVAL_MAR
             f"at least {MIN_BASELINE_FRAMES} are needed"
         )
     return Baseline(start=start, stop=stop, arrival=arrival, peak=peak)
+
+
+def _steady_start(g: np.ndarray, peak: int, sd: float) -> int:
+    """The first of 3 frames within max(8 noise SD, 1 %) of each other: frames approaching the steady
+    state step down by more, and so does the bolus; the search stops halfway to the minimum."""
+    for s in range(0, max(1, peak // 2 + 1)):
+        w = g[s: s + MIN_BASELINE_FRAMES]
+        if w.size == MIN_BASELINE_FRAMES and np.ptp(w) <= max(8 * sd, 0.01 * abs(float(np.median(w)))):
+            return s
+    raise BaselineError(
+        f"no steady baseline: the mean signal never stays level for {MIN_BASELINE_FRAMES} frames between "
+        f"frame 0 and frame {peak // 2 + MIN_BASELINE_FRAMES - 1}, before the bolus minimum at frame {peak}; "
+        f"at least {MIN_BASELINE_FRAMES} steady pre-bolus frames are needed"
+    )
+
+
+def _arrival(g: np.ndarray, start: int, peak: int, sd: float) -> int:
+    """The bolus arrival: the window grows from ``start`` while the next frame stays above its mean
+    minus max(4 noise SD, 0.5 %); the first of two frames below that; the minimum when none is."""
+    n = g.size
+    k = start + MIN_BASELINE_FRAMES
+    while k < peak:
+        window = g[start:k]
+        m = float(window.mean())
+        thr = m - max(4 * sd, 0.005 * m)
+        if g[k] < thr and g[min(k + 1, n - 1)] < thr:
+            return k
+        k += 1
+    return peak
 
 
 def check_first_pass(curve: np.ndarray, base: Baseline, *, tr: float) -> float:
