@@ -364,7 +364,10 @@ class Phantom:
 
 
 def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
-    """Build the phantom described in the module docstring."""
+    """Build the phantom described in the module docstring.
+
+    Long because it is one recipe read top to bottom (the sweep, lesion and leaky slices, vessels,
+    noise) over the arrays every step writes into; each step is a commented block."""
     if abs(spec.tr / FINE_DT_S - round(spec.tr / FINE_DT_S)) > 1e-9:
         raise ValueError(f"TR must be a multiple of {FINE_DT_S} s")
     leaky = spec.leaky_lesions
@@ -536,7 +539,9 @@ def _json_number(x: float) -> int | float:
 
 def write_phantom(ph: Phantom, out: Path, *, prefix: str = "sub-phantom") -> dict[str, Path]:
     """Write the phantom as a BIDS-like case folder: the series, its sidecar, masks, truth maps and
-    ``truth.json``. Returns the written paths by role."""
+    ``truth.json``. Returns the written paths by role.
+
+    Long because it is a list of files written in turn, one statement each."""
     from perfusion import __version__
     from perfusion.io import write_json, write_map, write_nifti
 

@@ -596,7 +596,9 @@ def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-reali
     mask-reference = the contralateral NAWM, roi-<lesion>), truth maps and truth.json. A multi-echo
     phantom writes one series and sidecar per echo, ``<prefix>_echo-<k>_dsc.nii.gz`` / ``.json`` (k = 1,
     2, ... by increasing TE, the BIDS echo entity; the sidecar's EchoTime in s), under the keys
-    ``echo-<k>`` instead of ``dsc``."""
+    ``echo-<k>`` instead of ``dsc``.
+
+    Long because it is a list of files written in turn, one statement each."""
     from perfusion import __version__
     from perfusion.io import write_json, write_map, write_nifti
 
