@@ -69,7 +69,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import overload
+from typing import Generic, TypeVar, overload
 
 import numpy as np
 from scipy.signal import fftconvolve
@@ -360,18 +360,25 @@ def _time_grid(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
     return t_fine, np.arange(spec.n_frames) * step
 
 
+#: The settings a phantom was built from: PhantomSpec here, phantom_realistic's RealisticSpec there.
+SpecT = TypeVar("SpecT")
+
+
 @dataclass(frozen=True)
-class Phantom:
+class Phantom(Generic[SpecT]):
+    """A phantom's series, truth and masks; ``spec`` the settings it was built from (generic so
+    ``phantom_realistic.RealisticPhantom`` carries a RealisticSpec without claiming a PhantomSpec)."""
+
     signal: np.ndarray  # (x, y, z, t) int16
     affine: np.ndarray
     masks: dict[str, np.ndarray]  # bool (x, y, z)
     truth: dict[str, np.ndarray]  # float32 (x, y, z): cbv, cbf, mtt, delay, dispersion (+ ktrans, ve if leaky)
     blocks: list[dict]  # sweep blocks: slice, x/y ranges, cbf, mtt, cbv, delay, dispersion
     aif: np.ndarray  # noise-free AIF delta R2* sampled at TR, (t,)
-    spec: PhantomSpec
+    spec: SpecT
 
 
-def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
+def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom[PhantomSpec]:
     """Build the phantom described in the module docstring.
 
     Long because it is one recipe read top to bottom (the sweep, lesion and leaky slices, vessels,
