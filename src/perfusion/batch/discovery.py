@@ -82,7 +82,9 @@ import fnmatch
 import os
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 from perfusion.errors import InputError, UsageError
@@ -300,8 +302,8 @@ def _bids_case(group: list[_Entry], sub_name: str, ses_name: str | None, by_name
     if len(group) > 1:  # a multi-echo run: named without its echo entity
         prefix, _ = _echo_key(prefix)
         indices = [_echo_key(_dsc_prefix(g.name))[1] for g in group]
-        echo_values = frozenset(indices)
-        for a, b in zip(group, group[1:]):
+        echo_values = frozenset(i for i in indices if i is not None)  # all set: _group_echoes groups echo- files
+        for a, b in pairwise(group):
             if _echo_key(_dsc_prefix(a.name))[1] == _echo_key(_dsc_prefix(b.name))[1]:
                 problems.append(f"{b.path}: echo {_echo_key(_dsc_prefix(b.name))[1]} is also {a.name}; keep one file "
                                 "per echo")
@@ -316,8 +318,8 @@ def _bids_case(group: list[_Entry], sub_name: str, ses_name: str | None, by_name
     if ents.get("ses") != ses_label:
         problems.append(f"{f.path}: the file name's session ({_ent_text(ents, 'ses')}) differs from its folder "
                         f"({ses_name or 'no ses- folder'}); rename or move the file")
-    sidecars = [by_name.get(sidecar_path_for(g.path).name) for g in group]
-    sidecars = [sc.path if sc is not None and sc.is_file else None for sc in sidecars]
+    sidecar_entries = [by_name.get(sidecar_path_for(g.path).name) for g in group]
+    sidecars = [sc.path if sc is not None and sc.is_file else None for sc in sidecar_entries]
     values = {k: ents.get(k) for k in PLACEHOLDERS["bids"]} | {"case": prefix}
     found: dict[str, list[_Entry]] = {}
     notes: list[str] = []
@@ -332,7 +334,8 @@ def _bids_case(group: list[_Entry], sub_name: str, ses_name: str | None, by_name
     if not patterns["roi"]:
         for m in index:
             if m.kind == "ignored" and m.applies_to(ents, echo_values):
-                notes.append(f"{m.entry.path}: label {m.entities['label']} is {BIDS_IGNORED[m.entities['label'].lower()]}, "
+                label = m.entities["label"]
+                notes.append(f"{m.entry.path}: label {label} is {BIDS_IGNORED[label.lower()]}, "
                              "not a lesion: not used by batch (lesions: label-<name>; reference: label-nawm)")
     if not found["roi"] and not patterns["roi"]:
         notes.append(f"{prefix}: no lesion mask (derivatives *_label-<name>_mask.nii.gz) found: maps only, no verdict")
@@ -545,7 +548,7 @@ def _flag_duplicates(cases: list[Case]) -> list[Case]:
             continue
         where = [str(cases[i].dsc or cases[i].out_rel) for i in idx]
         for i in idx:
-            others = ", ".join(w for j, w in zip(idx, where) if j != i)
+            others = ", ".join(w for j, w in zip(idx, where, strict=True) if j != i)
             msg = (f"{where[idx.index(i)]}: case id {cases[i].case_id!r} is also that of {others}; "
                    "rename or remove one so each case has its own id")
             problem = f"{cases[i].problem}; {msg}" if cases[i].problem else msg
@@ -665,21 +668,24 @@ def _glob(base: Path, pattern: str, bases: _Bounds) -> list[_Entry]:
     parts = [p for p in pattern.replace(os.sep, "/").split("/") if p not in ("", ".")]
     if parts and parts[-1] == "**":
         parts.append("*")
-    current = [base]
+    folders = [base]
+    hits: list[_Entry] = []  # files the last part matches
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if part == "**":
-            current = _all_dirs(current, bases)
+            folders = _all_dirs(folders, bases)
             continue
-        nxt = []
-        for folder in current:
+        nxt: list[Path] = []
+        for folder in folders:
             for e in _scan_quiet(folder, bases, hidden=part.startswith(".")):
                 if not fnmatch.fnmatchcase(e.name, part):
                     continue
-                if (last and (e.is_file or e.broken)) or (not last and e.is_dir):
-                    nxt.append(e if last else e.path)
-        current = nxt
-    unique = {e.path: e for e in current if isinstance(e, _Entry)}
+                if last and (e.is_file or e.broken):
+                    hits.append(e)
+                elif not last and e.is_dir:
+                    nxt.append(e.path)
+        folders = nxt
+    unique = {e.path: e for e in hits}
     return [unique[p] for p in sorted(unique)]
 
 
@@ -716,7 +722,7 @@ def _check_pattern(pattern: str, *, layout: str, kind: str) -> None:
                              f"layout; use {allowed}")
 
 
-def _match_patterns(pats: tuple[str, ...], base: Path, values: dict[str, str | None], bases: _Bounds, *,
+def _match_patterns(pats: tuple[str, ...], base: Path, values: Mapping[str, str | None], bases: _Bounds, *,
                     exclude: Path | None, kind: str, case_id: str, problems: list[str],
                     notes: list[str]) -> list[_Entry]:
     """NIfTI files matched by any of ``pats`` after filling the placeholders from ``values``."""

@@ -6,13 +6,17 @@ units.RHO_BRAIN_G_PER_ML; pass 1.0 for both to switch the corrections off (as fo
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
+
 from perfusion.units import KH, RHO_BRAIN_G_PER_ML, SECONDS_PER_MINUTE, cbf_scale, cbv_scale
 
 
-def trapezoid(y: np.ndarray, *, dx: float, axis: int = -1) -> np.ndarray:
+def trapezoid(y: np.ndarray, *, dx: float, axis: int = -1) -> np.ndarray | np.float64:
     """Trapezoid-rule integral of samples ``y`` spaced ``dx`` apart along ``axis`` (numpy only: no
-    scipy.integrate import on the start-up path)."""
+    scipy.integrate import on the start-up path): an array of ``y``'s shape without ``axis``, or a
+    numpy float64 when ``y`` is 1-D."""
     y = np.asarray(y, dtype=np.float64)
     n = y.shape[axis]
     if n < 2:
@@ -22,12 +26,15 @@ def trapezoid(y: np.ndarray, *, dx: float, axis: int = -1) -> np.ndarray:
     return dx * (np.sum(y, axis=axis) - 0.5 * (first + last))
 
 
-def cbv(curves: np.ndarray, aif: np.ndarray, *, tr: float, kh: float = KH, rho: float = RHO_BRAIN_G_PER_ML) -> np.ndarray:
+def cbv(curves: np.ndarray, aif: np.ndarray, *, tr: float, kh: float = KH,
+        rho: float = RHO_BRAIN_G_PER_ML) -> np.ndarray:
     """CBV = kH / rho * int c dt / int a dt * 100 (mL/100 g), trapezoid over all frames; (n_vox,)."""
     area_aif = trapezoid(np.asarray(aif, dtype=np.float64), dx=tr)
     if not area_aif > 0:
         raise ValueError("the AIF area must be positive")
-    return cbv_scale(kh, rho) * trapezoid(np.asarray(curves, dtype=np.float64), dx=tr, axis=-1) / area_aif
+    # (n_vox, n_t) curves integrate to an (n_vox,) array, which mypy cannot tell from a 1-D curve's scalar
+    area_curves = cast(np.ndarray, trapezoid(np.asarray(curves, dtype=np.float64), dx=tr, axis=-1))
+    return cbv_scale(kh, rho) * area_curves / area_aif
 
 
 def cbf(residue: np.ndarray, *, kh: float = KH, rho: float = RHO_BRAIN_G_PER_ML) -> np.ndarray:

@@ -394,7 +394,7 @@ def estimate_motion(data: np.ndarray, affine: np.ndarray, *, tr: float, brain: n
     rot, trans = screen.rotation_deg.copy(), screen.translation_mm.copy()
     screen_mm = screen.displacement_mm
     refined = np.zeros(n, bool)
-    transforms = [Rigid.from_matrix(rigid_matrix(r, t, centre)) for r, t in zip(rot, trans)]
+    transforms = [Rigid.from_matrix(rigid_matrix(r, t, centre)) for r, t in zip(rot, trans, strict=True)]
     moved = np.flatnonzero(screen.moved)
     if moved.size:
         def register(k):
@@ -408,7 +408,8 @@ def estimate_motion(data: np.ndarray, affine: np.ndarray, *, tr: float, brain: n
         try:
             reg = FrameRegistration(reference, affine, head, centre_ras=centre, through_plane=through_plane)
             with one_itk_thread(), ThreadPoolExecutor(min(REGISTRATION_WORKERS, moved.size)) as pool:
-                for k, (tx, again) in zip(moved, pool.map(register, moved)):
+                # frame numbers as Python ints; pool.map returns one result per moved frame
+                for k, (tx, again) in zip(moved.tolist(), pool.map(register, moved), strict=True):
                     r, t = rigid_parameters(tx.matrix, centre)
                     if not through_plane and screen_mm[k] <= AUTO_THRESHOLD_MM < displacement(r, t):
                         continue  # a thin slab: the registration alone is not enough (MIN_SLAB_MM's comment)
@@ -543,7 +544,8 @@ def correct_series(series: Series, *, mode: str, brain: np.ndarray | None = None
         done = (f"{info['n_frames_corrected']} frame(s) realigned to the baseline" if info["applied"]
                 else "no frame realigned")
         notes.append(f"head motion: {len(frames)} frame(s) with framewise displacement above {FD_THRESHOLD_MM:g} mm "
-                     f"(frames {listed}; maximum {info['fd_max_mm']:.2f} mm); {done}; check the maps for motion artefacts")
+                     f"(frames {listed}; maximum {info['fd_max_mm']:.2f} mm); {done}; "
+                     "check the maps for motion artefacts")
     if not info["applied"]:
         return series, info, notes
     return dataclasses.replace(series, data=apply_correction(series.data, series.affine, est, which)), info, notes

@@ -12,6 +12,7 @@ random with a fixed seed and the registration runs on one thread, so results rep
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,13 @@ SHRINK = (4, 2, 1)
 SMOOTH_MM = (4.0, 2.0, 0.0)
 
 
+def _xyz(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three numbers (x, y, z) as Python floats: the typed triple that ``Rigid`` keeps, from a
+    generator or an array row, which mypy sees only as a tuple of unknown length."""
+    x, y, z = (float(v) for v in values)
+    return (x, y, z)
+
+
 @dataclass(frozen=True)
 class Volume:
     data: np.ndarray  # (x, y, z)
@@ -60,11 +68,11 @@ class Rigid:
     _itk: object = None  # the SimpleITK transform, for saving
 
     @classmethod
-    def identity(cls) -> "Rigid":
+    def identity(cls) -> Rigid:
         return cls(np.eye(4), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0), float("nan"), None)
 
     @classmethod
-    def from_matrix(cls, matrix: np.ndarray) -> "Rigid":
+    def from_matrix(cls, matrix: np.ndarray) -> Rigid:
         """A rigid 4 x 4 RAS matrix that no registration produced (no metric, no ITK object; SimpleITK is
         not imported): the motion screen's estimate of a still frame. Angles as Euler3DTransform reports
         them (its matrix Rz Rx Ry, in LPS)."""
@@ -73,8 +81,7 @@ class Rigid:
         ax = float(np.arcsin(np.clip(lps[2, 1], -1.0, 1.0)))
         ay = float(np.arctan2(-lps[2, 0], lps[2, 2]))
         az = float(np.arctan2(-lps[0, 1], lps[1, 1]))
-        return cls(m, tuple(float(np.degrees(a)) for a in (ax, ay, az)), tuple(float(t) for t in m[:3, 3]),
-                   float("nan"), None)
+        return cls(m, _xyz(np.degrees(a) for a in (ax, ay, az)), _xyz(m[:3, 3]), float("nan"), None)
 
     def as_dict(self) -> dict:
         return {"matrix_ras_mm": self.matrix.tolist(), "rotation_deg": list(self.rotation_deg),
@@ -173,9 +180,9 @@ def rigid(fixed: Volume, moving: Volume, *, what: str = "image", path: Path | No
                          "and overlaps the DSC field of view") from None
     euler = sitk.Euler3DTransform(sitk.CompositeTransform(tx).GetNthTransform(0)) \
         if tx.GetName() == "CompositeTransform" else sitk.Euler3DTransform(tx)
-    angles = tuple(float(np.degrees(a)) for a in (euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()))
+    angles = _xyz(np.degrees(a) for a in (euler.GetAngleX(), euler.GetAngleY(), euler.GetAngleZ()))
     matrix = _matrix_ras(euler)
-    return Rigid(matrix=matrix, rotation_deg=angles, translation_mm=tuple(float(t) for t in matrix[:3, 3]),
+    return Rigid(matrix=matrix, rotation_deg=angles, translation_mm=_xyz(matrix[:3, 3]),
                  metric=float(reg.GetMetricValue()), _itk=euler)
 
 
@@ -277,7 +284,8 @@ class FrameRegistration:
         self._weights = None  # Euler3D parameters: angles about x, y, z, then translations along x, y, z
         if not through_plane:
             axis = int(np.argmax(np.abs(self.affine[:3, 2])))  # physical axis nearest the slice direction
-            self._weights = [1.0 if i == axis else 0.0 for i in range(3)] + [0.0 if i == axis else 1.0 for i in range(3)]
+            self._weights = ([1.0 if i == axis else 0.0 for i in range(3)]
+                             + [0.0 if i == axis else 1.0 for i in range(3)])
 
     def _start(self, start: Rigid | None):
         sitk = _sitk()
@@ -334,8 +342,8 @@ class FrameRegistration:
         reg.SetInitialTransform(tx, inPlace=True)
         reg.Execute(fixed, moving)
         matrix = _matrix_ras(tx)
-        angles = tuple(float(np.degrees(a)) for a in (tx.GetAngleX(), tx.GetAngleY(), tx.GetAngleZ()))
-        return Rigid(matrix=matrix, rotation_deg=angles, translation_mm=tuple(float(t) for t in matrix[:3, 3]),
+        angles = _xyz(np.degrees(a) for a in (tx.GetAngleX(), tx.GetAngleY(), tx.GetAngleZ()))
+        return Rigid(matrix=matrix, rotation_deg=angles, translation_mm=_xyz(matrix[:3, 3]),
                      metric=float(reg.GetMetricValue()), _itk=tx)
 
 

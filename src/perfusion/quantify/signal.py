@@ -7,11 +7,14 @@ of the pre-bolus frames found from the data, never a fixed window.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage
 
-from perfusion._kernels import curves as _kernels_curves  #: Smallest S/S0 used in the log: a voxel whose signal falls to the noise floor would otherwise
+from perfusion._kernels import curves as _kernels_curves
+
+#: Smallest S/S0 used in the log: a voxel whose signal falls to the noise floor would otherwise
 #: give an infinite delta R2*. At TE 30 ms this caps delta R2* at -ln(1e-3)/0.03 = 230 1/s.
 MIN_SIGNAL_RATIO = 1e-3
 
@@ -433,8 +436,8 @@ def find_bad_frames(data: np.ndarray, *, tr: float, head: np.ndarray | None = No
     kinds: dict[int, dict[int, str]] = {}  # frame -> slice -> kind
 
     med = np.nanmedian(curves, axis=1)
-    for z in checked:
-        for k in np.flatnonzero(curves[z] < DROPPED_FRACTION * med[z]):
+    for z in checked.tolist():  # Python ints: slice and frame numbers are dict keys and BadFrame fields
+        for k in np.flatnonzero(curves[z] < DROPPED_FRACTION * med[z]).tolist():
             kinds.setdefault(int(k), {})[int(z)] = "dropped"
         for k in range(1, n_t):
             if z not in kinds.get(k, {}) and np.array_equal(data[:, :, z, k], data[:, :, z, k - 1]):
@@ -450,7 +453,7 @@ def find_bad_frames(data: np.ndarray, *, tr: float, head: np.ndarray | None = No
         peak = int(np.argmin(ndimage.median_filter(whole, size=3, mode="nearest")))
         lo = peak - int(np.ceil(BOLUS_WINDOW_S[0] / tr))
         hi = peak + int(np.ceil(BOLUS_WINDOW_S[1] / tr))
-        for z in checked:
+        for z in checked.tolist():
             bad = np.array([z in kinds.get(k, {}) for k in range(n_t)])
             g = _fill(curves[z], bad)
             thr = max(SPIKE_NOISE_SD * _robust_sd(g), SPIKE_FRACTION * med[z])
@@ -487,7 +490,7 @@ def bad_frame_problem(bad: list[BadFrame], n_t: int) -> str:
     if len(bad) > limit:
         return (f"{len(bad)} of {n_t} frames are dropped, duplicated or spiking (frames "
                 f"{_listed([b.frame for b in bad])}; at most {limit} can be repaired)")
-    for a, b in zip(bad, bad[1:]):
+    for a, b in pairwise(bad):
         if b.frame == a.frame + 1 and set(a.slices) & set(b.slices):
             return (f"frames {a.frame} and {b.frame} are both bad ({a.kind}, {b.kind}): two adjacent bad frames "
                     "cannot be interpolated")

@@ -69,6 +69,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar, overload
 
 import numpy as np
 from scipy.signal import fftconvolve
@@ -253,9 +254,16 @@ def tofts_ees(cp: np.ndarray, t: np.ndarray, *, ktrans_per_s: float, ve: float) 
     return ktrans_per_s * fftconvolve(cp, kernel)[: t.size] * FINE_DT_S
 
 
-def spgr_signal(r1: np.ndarray, *, tr: float, flip_angle: float) -> np.ndarray:
+@overload
+def spgr_signal(r1: float, *, tr: float, flip_angle: float) -> np.float64: ...
+@overload
+def spgr_signal(r1: np.ndarray, *, tr: float, flip_angle: float) -> np.ndarray: ...
+
+
+def spgr_signal(r1: np.ndarray | float, *, tr: float, flip_angle: float) -> np.ndarray | np.float64:
     """Spoiled gradient-echo steady state per unit M0 (T2* decay left out): sin(a) (1 - E1) /
-    (1 - cos(a) E1), E1 = exp(-TR R1); R1 in 1/s, TR in s, flip angle in degrees."""
+    (1 - cos(a) E1), E1 = exp(-TR R1); R1 in 1/s, TR in s, flip angle in degrees. The shape of ``r1``:
+    a float64 for a single R1."""
     a = np.deg2rad(flip_angle)
     e1 = np.exp(-tr * np.asarray(r1, dtype=np.float64))
     return np.sin(a) * (1.0 - e1) / (1.0 - np.cos(a) * e1)
@@ -352,18 +360,25 @@ def _time_grid(spec: PhantomSpec) -> tuple[np.ndarray, np.ndarray]:
     return t_fine, np.arange(spec.n_frames) * step
 
 
+#: The settings a phantom was built from: PhantomSpec here, phantom_realistic's RealisticSpec there.
+SpecT = TypeVar("SpecT")
+
+
 @dataclass(frozen=True)
-class Phantom:
+class Phantom(Generic[SpecT]):
+    """A phantom's series, truth and masks; ``spec`` the settings it was built from (generic so
+    ``phantom_realistic.RealisticPhantom`` carries a RealisticSpec without claiming a PhantomSpec)."""
+
     signal: np.ndarray  # (x, y, z, t) int16
     affine: np.ndarray
     masks: dict[str, np.ndarray]  # bool (x, y, z)
     truth: dict[str, np.ndarray]  # float32 (x, y, z): cbv, cbf, mtt, delay, dispersion (+ ktrans, ve if leaky)
     blocks: list[dict]  # sweep blocks: slice, x/y ranges, cbf, mtt, cbv, delay, dispersion
     aif: np.ndarray  # noise-free AIF delta R2* sampled at TR, (t,)
-    spec: PhantomSpec
+    spec: SpecT
 
 
-def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
+def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom[PhantomSpec]:
     """Build the phantom described in the module docstring.
 
     Long because it is one recipe read top to bottom (the sweep, lesion and leaky slices, vessels,
@@ -438,13 +453,15 @@ def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
                 if not cond.any() or (cond & ~disc).any():
                     raise ValueError(f"lesion {name!r}: radius {radius_les / m:g} of the matrix leaves it empty or "
                                      "outside the brain; choose a radius in (0, 0.11]")
-                put(z, cond, tissue_curve(aif_fine, t_fine, cbf=les["cbf"], mtt=les["mtt"]), cbf=les["cbf"], mtt=les["mtt"])
+                put(z, cond, tissue_curve(aif_fine, t_fine, cbf=les["cbf"], mtt=les["mtt"]),
+                    cbf=les["cbf"], mtt=les["mtt"])
                 masks[name][:, :, z] = cond
                 masks["nawm"][:, :, z] &= ~_dilate2d(cond, 2)
         else:  # the leaky slice
             off = LEAKY_OFFSET_FRACTION * m
             centres = [(c - off, c - off), (c - off, c + off), (c + off, c - off), (c + off, c + off)]
-            for (cx, cy), (name, p) in zip(centres, spec.leaky_lesion_params.items()):
+            # one to four leaky lesions (_check_leaky_spec), one per quadrant: fewer lesions than centres
+            for (cx, cy), (name, p) in zip(centres, spec.leaky_lesion_params.items(), strict=False):
                 cond = (xx - cx) ** 2 + (yy - cy) ** 2 <= (LEAKY_RADIUS_FRACTION * m) ** 2
                 vascular, _, factor = leaky_curves[name]
                 curves[cond, z] = vascular
@@ -469,16 +486,16 @@ def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom:
             curves[core, z] = aif_fine[sample]
             masks["aif"][:, :, z] |= core
             masks["nawm"][:, :, z] &= ~_dilate2d(core, 3)
-            for k in truth:
-                truth[k][core | ring, z] = np.nan
+            for key in truth:
+                truth[key][core | ring, z] = np.nan
         vcore = np.zeros((m, m), bool)
         vcore[vein[0]: vein[0] + 3, vein[1]: vein[1] + 2] = True
         vof = _disperse(_shift(aif_fine, spec.vein_delay_s), spec.vein_dispersion_s, t_fine)
         curves[vcore, z] = vof[sample]
         masks["vein"][:, :, z] = vcore
         masks["nawm"][:, :, z] &= ~_dilate2d(vcore, 3)
-        for k in truth:
-            truth[k][vcore, z] = np.nan
+        for key in truth:
+            truth[key][vcore, z] = np.nan
 
     ideal = spec.s0 * np.exp(-spec.te * curves) * masks["brain"][..., None]
     if leaky:

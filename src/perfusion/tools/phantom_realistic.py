@@ -72,7 +72,9 @@ and FTB of the voxels' true rCBV, leakage type, the verdicts a correct analysis 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.signal import fftconvolve
@@ -142,7 +144,7 @@ _TRT = {"cbv": 1.5, "mtt": 7.0, "cv": 0.8, "ktrans": 0.06, "ve": 0.45, "r2e": 10
 #: Ktrans 1/min, ve, r2e 1/(mM s), T10 s, radius in voxels; mixed / necrotic / vessel add their parts.
 #: Ktrans 0.02-0.15 /min and ve 0.2-0.5: enhancing glioblastoma and radiation necrosis (DCE,
 #: Skinner 2016 AJNR 37:80 about 0.1 /min; ranges in ../shared/DOMAIN.md).
-LESIONS = {
+LESIONS: dict[str, dict[str, Any]] = {
     "recurrence_t1": {"slice": 1, "pos": "anterior", **_REC, "t10": 1.6, "radius": 6},
     "treatment_t1": {"slice": 1, "pos": "posterior", **_TRT, "t10": 1.7, "radius": 6},
     "treatment_t2s": {"slice": 2, "pos": "anterior", "cbv": 1.8, "mtt": 6.0, "cv": 0.8, "ktrans": 0.06, "ve": 0.2,
@@ -184,7 +186,7 @@ class RealisticSpec:
         """The echo times (s) of the series written: ``echo_times``, else (``te``,)."""
         return tuple(float(x) for x in self.echo_times) or (float(self.te),)
 
-    def check(self) -> "RealisticSpec":
+    def check(self) -> RealisticSpec:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if abs(self.tr / DT_S - round(self.tr / DT_S)) > 1e-9:
@@ -204,7 +206,7 @@ class RealisticSpec:
                 raise ValueError(f"echo times {text}: give 2 to {MAX_ECHOES} echoes (one echo: set te)")
             if not all(np.isfinite(x) and 0 < x <= MAX_TE_S for x in tes):
                 raise ValueError(f"echo times {text}: each must be in (0, {MAX_TE_S:g}] s")
-            if any(b - a < MIN_ECHO_GAP_S for a, b in zip(tes, tes[1:])):
+            if any(b - a < MIN_ECHO_GAP_S for a, b in pairwise(tes)):
                 raise ValueError(f"echo times {text}: must increase, each at least {MIN_ECHO_GAP_S * 1000:g} ms "
                                  "after the one before")
         return self
@@ -362,13 +364,13 @@ def expected_verdicts(rcbv_values: np.ndarray) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class RealisticPhantom(Phantom):
+class RealisticPhantom(Phantom[RealisticSpec]):
     """A ``phantom.Phantom`` with each lesion's truth: true median / mean rCBV, FTB high / low,
     voxels, kind, leakage type ('T1', 'T2*', 'none') and the verdicts a correct analysis may give;
     ``echo_signals`` one float32 (x, y, z, t) series per TE of ``spec.tes`` (``signal`` is the last)."""
 
-    lesions: dict
-    echo_signals: tuple = ()
+    lesions: dict[str, dict[str, Any]]
+    echo_signals: tuple[np.ndarray, ...] = ()
 
 
 def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPhantom:
@@ -536,8 +538,8 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
             factor[:, core, z] = art_factor[:, None, :]
             s0[core, z] = s_art
             masks["aif"][:, :, z] |= core
-            for k in truth:
-                truth[k][core | ring, z] = np.nan
+            for key in truth:
+                truth[key][core | ring, z] = np.nan
         vx, vy = int(round(cx)), int(round(cy - ay_ + 2))
         vcore = np.zeros((m, m), bool)
         vcore[vx - 1: vx + 1, vy: vy + 2] = True
@@ -545,8 +547,8 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
         factor[:, vcore, z] = np.exp(-tes[:, None] * blood_r2s(c_vein, c_pre=c_pre_blood))[:, sample][:, None, :]
         s0[vcore, z] = 1100.0
         masks["vein"][:, :, z] = vcore
-        for k in truth:
-            truth[k][vcore, z] = np.nan
+        for key in truth:
+            truth[key][vcore, z] = np.nan
     lesions_any = np.zeros(shape, bool)
     for n in spec.lesions:
         lesions_any |= masks[n]
@@ -608,7 +610,7 @@ def write_realistic(ph: RealisticPhantom, out: Path, *, prefix: str = "sub-reali
     paths: dict[str, Path] = {}
     multi = bool(spec.echo_times)
     signals = ph.echo_signals or (ph.signal,)
-    for k, (te, sig) in enumerate(zip(spec.tes, signals), start=1):
+    for k, (te, sig) in enumerate(zip(spec.tes, signals, strict=True), start=1):  # one series per TE
         stem = f"{prefix}_echo-{k}_dsc" if multi else f"{prefix}_dsc"
         series = out / f"{stem}.nii.gz"
         write_nifti(series, sig, ph.affine, description="perfusion realistic phantom DSC", tr=spec.tr)
