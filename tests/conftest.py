@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parents[1] / "src" / "perfusion" / "data"  # pac
 @pytest.fixture(scope="session")
 def phantom_case(tmp_path_factory):
     """The default phantom (SNR 150, TR 1.5 s, seed 0) written once as a case folder."""
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     out = tmp_path_factory.mktemp("phantom") / "case"
     paths = run_phantom(out=out, quiet=True)

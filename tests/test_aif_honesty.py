@@ -187,7 +187,7 @@ def test_real_lcb_bni_aif_roi_is_flagged():
 @pytest.fixture(scope="module")
 def realistic_case(tmp_path_factory):
     """The realistic phantom at SNR 30, seed 0, written as a case: its automatic AIF is the ring."""
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     out = tmp_path_factory.mktemp("honesty") / "case"
     run_phantom(out=out, realistic=True, quiet=True, snr=30.0, seed=0)

@@ -84,7 +84,7 @@ def _make_anat(dsc_path, out_path):
 
 @pytest.fixture(scope="module")
 def anat_run(tmp_path_factory):
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     base = tmp_path_factory.mktemp("anat")
     case = run_phantom(out=base / "case", quiet=True)

@@ -249,3 +249,73 @@ def test_ftb_map_and_weeks_since_radiation(phantom_case, tmp_path):
     # relative peak height (ROI median gamma-variate peak / reference median): truth 3.0 and 0.6 in
     # CBV; peaks scale with CBV / MTT-dependent spread, so only the side of 1 is asserted
     assert rois["roi-lesion_hyper"]["relative_peak_height"] > 1.5 > 1 > rois["roi-lesion_hypo"]["relative_peak_height"]
+
+
+# --- the command line's structure (issue 19): options defined once, one Config, no library import of cli
+
+
+def _click_params(command: str) -> dict:
+    import typer
+
+    from perfusion.cli.app import app
+
+    group = typer.main.get_command(app)
+    return {p.name: p for p in group.commands[command].params}
+
+
+def test_analysis_option_defaults_are_the_configs():
+    """analyze and batch give every Config option the Config's own default, and batch's recorded
+    parameters keep their names and order (summary.json, each case's done-marker)."""
+    import dataclasses
+
+    import perfusion
+    from perfusion.cli.options import batch_params
+
+    defaults = {f.name: f.default for f in dataclasses.fields(perfusion.Config)}
+    for command in ("analyze", "batch"):
+        params = _click_params(command)
+        shared = {k: p.default for k, p in params.items() if k in defaults}
+        assert shared == {k: defaults[k] for k in shared}, command
+    batch = {k: p.default for k, p in _click_params("batch").items()}
+    assert list(batch_params(batch)) == ["method", "leakage", "leakage_gate", "aif_selection", "vof", "rcbv_low",
+                                         "rcbv_high", "te", "tr", "motion_correct", "weeks_since_radiation",
+                                         "bevacizumab", "steroids"]
+
+
+def test_shared_options_share_their_help():
+    """An option that analyze and batch both take is the same option: same flags, same range; its help
+    is the same unless batch words it for every case of a dataset (options.Batch* aliases)."""
+    analyze, batch = _click_params("analyze"), _click_params("batch")
+    for name in analyze.keys() & batch.keys() - {"out"}:
+        assert analyze[name].opts == batch[name].opts, name
+    same = {"leakage_gate", "rcbv_low", "rcbv_high", "motion_correct"}
+    assert all(analyze[k].help == batch[k].help for k in same)
+
+
+def test_batch_engine_refuses_unknown_parameters():
+    from perfusion.batch.engine import analysis_config
+    from perfusion.errors import UsageError
+
+    assert analysis_config({"method": "osvd", "te": 0.03, "tr": None}).method == "osvd"
+    with pytest.raises(UsageError, match="methd"):
+        analysis_config({"methd": "osvd"})
+    with pytest.raises(UsageError, match="--method"):
+        analysis_config({"method": "fft"})
+
+
+def test_no_library_module_imports_the_command_line():
+    import ast
+    from pathlib import Path
+
+    import perfusion
+
+    root = Path(perfusion.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if "cli" in path.relative_to(root).parts or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{path.name}: {n}" for n in names if n.startswith("perfusion.cli")]
+    assert offenders == []

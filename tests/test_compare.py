@@ -142,7 +142,7 @@ def study(tmp_path_factory):
     same = base / "cmp_same"
     assert main(["compare", str(outs["prior"]), str(outs["current"]), "--out", str(same), "-q"]) == 0
     # other grid: registration
-    from perfusion.cli.commands import run_compare
+    from perfusion.cli.compare import run_compare
 
     moved = base / "cmp_moved"
     run_compare(prior=outs["prior"], current=outs["moved"], out=moved, quiet=True)
@@ -323,7 +323,7 @@ def _rename(old, new):
 
 
 def test_names_from_files_are_escaped(study, tmp_path):
-    from perfusion.cli.commands import run_compare
+    from perfusion.cli.compare import run_compare
 
     prior = _copy(study["outs"]["prior"], tmp_path / "prior", _rename("roi-lesion_a", NASTY))
     current = _copy(study["outs"]["current"], tmp_path / "current", _rename("roi-lesion_a", NASTY))
@@ -386,7 +386,7 @@ def test_missing_baseline_names_the_file(study, tmp_path):
 
 
 def test_summary_is_printed(study, capsys):
-    from perfusion.cli.commands import print_comparison
+    from perfusion.cli.compare import print_comparison
 
     print_comparison(study["moved_json"], study["moved"])
     out = capsys.readouterr().out

@@ -91,7 +91,7 @@ def test_a_late_echo_at_the_noise_floor_takes_the_first_echo():
 def dual_echo_case(tmp_path_factory):
     """The default phantom as two echoes (TE 8 and 30 ms) of one run: each echo's signal from the
     phantom's delta R2* (S0_TE exp(-TE delta R2*)), with independent noise, and its sidecar."""
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     root = tmp_path_factory.mktemp("echoes")
     paths = run_phantom(out=root / "phantom", quiet=True)

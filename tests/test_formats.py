@@ -71,7 +71,7 @@ def test_bad_option_is_exit_2_naming_it_before_any_work(command, flag, value, ph
 
 
 def test_every_range_is_in_the_help():
-    from perfusion.cli.app import _RANGES, _range_text
+    from perfusion.cli.options import _RANGES, _range_text
 
     texts = {cmd: subprocess.run([sys.executable, "-m", "perfusion", cmd, "--help"], capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": SRC, "COLUMNS": "400"}).stdout
@@ -255,7 +255,7 @@ def test_numpy_warnings_do_not_reach_report_json(phantom_case, tmp_path):
     """The capture keeps the tool's own warnings only."""
     import warnings
 
-    from perfusion.cli.commands import own_warnings
+    from perfusion.case import own_warnings
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from perfusion.cli.app import main
-from perfusion.cli.commands import load_inputs, run_phantom
+from perfusion.case import load_inputs
+from perfusion.cli.phantom import run_phantom
 from perfusion import pipeline
 from perfusion.pipeline import Config, analyze
 

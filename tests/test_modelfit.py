@@ -214,7 +214,7 @@ def test_fit_marks_unfittable_voxels_invalid():
 
 @pytest.fixture(scope="module")
 def model_result(phantom_case):
-    from perfusion.cli.commands import load_inputs
+    from perfusion.case import load_inputs
     from perfusion.pipeline import Config, analyze
 
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(phantom_case["aif"]), reference=phantom_case["nawm"],

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from perfusion.cli.commands import load_inputs
+from perfusion.case import load_inputs
 from perfusion.tools.phantom import FINE_DT_S, PhantomSpec, aif_curve, make_phantom, tissue_curve
 from perfusion.pipeline import Config, analyze
 from perfusion.units import KH, RHO_BRAIN_G_PER_ML

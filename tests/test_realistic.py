@@ -162,7 +162,7 @@ def test_no_leakage_brain_with_delayed_territory(seed):
 
 
 def test_phantom_command_writes_the_realistic_case(tmp_path):
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     paths = run_phantom(out=tmp_path / "case", realistic=True, protocol="flip30_no_preload", quiet=True)
     truth = json.loads(paths["truth_json"].read_text())

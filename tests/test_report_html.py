@@ -31,7 +31,7 @@ IMG_RE = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     base = tmp_path_factory.mktemp("report_html")
     case = run_phantom(out=base / "case", quiet=True)

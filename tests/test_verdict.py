@@ -239,7 +239,7 @@ TRUTH = {"roi-lesion_hyper": (3.0, "likely_recurrence"), "roi-lesion_hypo": (0.6
 
 @pytest.fixture(scope="module")
 def phantom_report(tmp_path_factory):
-    from perfusion.cli.commands import run_phantom
+    from perfusion.cli.phantom import run_phantom
 
     case = run_phantom(out=tmp_path_factory.mktemp("vph") / "case", quiet=True)
     out = tmp_path_factory.mktemp("vout") / "o"
@@ -297,7 +297,7 @@ def test_cli_drug_and_timing_options(phantom_report, tmp_path):
 
 
 def test_pipeline_roi_on_the_arterial_voxels_is_not_assessable(phantom_report):
-    from perfusion.cli.commands import load_inputs
+    from perfusion.case import load_inputs
     from perfusion.pipeline import Config, analyze
     import dataclasses
 

@@ -9,7 +9,7 @@ them) add a lesion/normal CBV check. Each repetition runs, one after the other (
 machine drifts over all of them alike), each as a fresh process:
 
 - ``perfusion analyze DSC --mask BRAIN --method osvd --leakage bsw --motion-correct off --no-html -q``: end to end;
-- perfusion's compute only: ``commands.load_inputs`` (load), ``pipeline.analyze`` (compute),
+- perfusion's compute only: ``case.load_inputs`` (load), ``pipeline.analyze`` (compute),
   ``pipeline.write_result`` + ``report_html.write_html`` (save), same options, timed inside a process;
 - ``osipy_run.py`` in benchmarks/.venv-osipy: osipy's oSVD with its leakage correction, given
   perfusion's AIF (aif.tsv, delta R2* in 1/s) and perfusion's steady-state start and baseline frames;
@@ -55,7 +55,7 @@ def perfusion_compute(dsc: Path, mask: Path, out: Path) -> dict:
 
     t0 = time.perf_counter()
     import perfusion
-    from perfusion.cli.commands import load_inputs, make_config
+    from perfusion.case import load_inputs, make_config
     from perfusion.io import staged_output
     from perfusion.pipeline import analyze, write_result
     from perfusion.report.html import write_html

@@ -42,3 +42,13 @@ def cbv_scale(kh: float = KH, rho: float = RHO_BRAIN_G_PER_ML) -> float:
 def cbf_scale(kh: float = KH, rho: float = RHO_BRAIN_G_PER_ML) -> float:
     """Factor from a residue peak F*R(t) in 1/s to CBF in mL/100 g/min: kH / rho * 100 * 60."""
     return kh / rho * PER_100 * SECONDS_PER_MINUTE
+
+
+#: Unit of each map ``analyze`` writes (the NIfTI sidecar's "Units"), by map name; report.html's colour
+#: scales and the terminal summary name units from here. report.json's "units" describe per-ROI
+#: figures, where "ftb" is a fraction of the ROI's voxels rather than the ftb map's class label.
+MAP_UNITS = {
+    "cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
+    "srcbv": "standardized units", "gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s",
+    "gv_quality": "ratio", "ftb": "label", "k2": "1/s", "cbv_uncorrected": "mL/100 g",
+}

@@ -31,6 +31,7 @@ from typing import Any, Callable
 from perfusion import DISCLAIMER, __version__
 from perfusion.batch.discovery import OUTPUT_MARKER
 from perfusion.errors import OutputError, PerfusionError, UsageError
+from perfusion.verdicts import VERDICT_WORDS  # the index's verdict column
 
 #: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it; discovery never
 #: takes masks from a folder holding it).
@@ -43,10 +44,25 @@ OLD_PREFIX = ".perfusion-old-"
 COLUMNS = ("case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high", "ftb_low", "ftb_mid", "ftb_high",
            "mixed", "verdict", "error", "seconds", "report")
 
-#: Analysis options a batch passes to every case (the ``perfusion analyze`` options without paths).
-ANALYSIS_OPTIONS = ("method", "threshold", "oi_target", "leakage", "leakage_gate", "rcbv_low", "rcbv_high", "aif_voxels",
-                    "aif_selection", "vof", "recirculation", "weeks_since_radiation", "motion_correct", "te", "tr",
-                    "bevacizumab", "steroids")
+#: Keys of a batch's ``params`` that load each case (TE and TR in s, overriding the sidecars) besides
+#: the pipeline Config's fields; ``params`` holds nothing else (analysis_config).
+LOAD_PARAMS = ("te", "tr")
+
+
+def analysis_config(params: dict[str, Any]):
+    """The validated pipeline Config of a batch's ``params`` (the analysis options every case gets, by
+    name, as ``perfusion analyze`` takes them): UsageError for a bad option or a key that is neither a
+    Config field nor in LOAD_PARAMS."""
+    import dataclasses
+
+    import perfusion
+    from perfusion.case import make_config
+
+    fields = {f.name for f in dataclasses.fields(perfusion.Config)}
+    unknown = [k for k in params if k not in fields and k not in LOAD_PARAMS]
+    if unknown:
+        raise UsageError(f"batch parameters {', '.join(unknown)}: not analysis options")
+    return make_config(**{k: v for k, v in params.items() if k in fields})
 
 
 @dataclass
@@ -273,13 +289,12 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         marker = read_marker(final)
         if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
-        from perfusion.case import compute_case, make_config
+        from perfusion.case import compute_case
         from perfusion.io import output_file, write_json
         from perfusion.pipeline import write_result
         from perfusion.report.html import write_html
 
-        analysis = {k: v for k, v in params.items() if k not in ("te", "tr")}
-        config = make_config(**analysis)
+        config = analysis_config(params)
         echoes = list(getattr(case, "echoes", ()) or ())
         result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain, reference=case.reference,
                                       aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
@@ -507,11 +522,6 @@ def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
                 from None
         written[name] = target
     return written
-
-
-VERDICT_WORDS = {"likely_recurrence": "likely recurrence", "likely_treatment_effect": "likely treatment effect",
-                 "indeterminate": "indeterminate", "not_assessable": "not assessable",
-                 "possible_recurrence_or_pseudoprogression": "possible recurrence or pseudoprogression"}
 
 
 def index_html(batch: BatchResult, summary: dict) -> str:

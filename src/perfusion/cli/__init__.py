@@ -1,2 +1,4 @@
-"""The ``perfusion`` command line: app (the typer commands, option checks, exit codes) and commands
-(what each command does and prints). Nothing in the library imports from here."""
+"""The ``perfusion`` command line: app (the typer app, the error guard, exit codes), options (the
+options several commands share, each defined once, and the Config they make), console, and one module
+per command holding the command, its run_ function and its printing. Nothing in the library imports
+from here."""

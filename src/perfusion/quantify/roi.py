@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from perfusion.quantify.aif import QUALITY_OK
+from perfusion.verdicts import VERDICTS  # noqa: F401 - the verdict codes and their words: verdicts.py
 
 #: rCBV thresholds of the verdict and of the fractional tumour burden (FTB) classes: below LOW
 #: treatment effect is likely, above HIGH recurrence is likely, in between indeterminate.
@@ -19,10 +20,6 @@ THRESHOLD_SOURCE = (
     "AJNR 40:1649; published cut-offs range from about 0.7 to 2.6 across protocols and software"
 )
 
-#: Verdict codes. ``possible_recurrence_or_pseudoprogression``: a high rCBV inside the pseudoprogression
-#: window; ``not_assessable``: a gate (GATES) failed, the rCBV is not read.
-VERDICTS = ("likely_recurrence", "possible_recurrence_or_pseudoprogression", "likely_treatment_effect",
-            "indeterminate", "not_assessable")
 
 NEXT_STEP = {
     "likely_recurrence": ("High blood volume favours tumour recurrence: refer to neuro-oncology for review by the "

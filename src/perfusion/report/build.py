@@ -8,6 +8,7 @@ from perfusion import DISCLAIMER, __version__
 from perfusion.io import Redactor, public_name, sha256
 from perfusion.quantify.roi import (CI_PERCENTILES, GATE_NEXT_STEP, HOTSPOT_PERCENTILE, MIXED_SOURCE, N_BOOTSTRAP, NEXT_STEP,
                   PSEUDOPROGRESSION_SOURCE, PSEUDOPROGRESSION_WEEKS, THRESHOLD_SOURCE)
+from perfusion.verdicts import VERDICT_LABEL  # noqa: F401 - re-exported: the words of each verdict
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -92,15 +93,6 @@ def input_entries(inputs: "Inputs") -> dict[str, dict[str, str]]:
     patient) and the SHA-256 of the file's bytes (of a DICOM folder: io.sha256), which identifies the
     exact input without revealing where it was."""
     return {k: {"file": public_name(p), "sha256": sha256(p)} for k, p in input_paths(inputs).items()}
-
-
-VERDICT_LABEL = {
-    "likely_recurrence": "likely recurrence",
-    "possible_recurrence_or_pseudoprogression": "possible recurrence or pseudoprogression: confirm at short interval",
-    "likely_treatment_effect": "likely treatment effect",
-    "indeterminate": "indeterminate",
-    "not_assessable": "not assessable",
-}
 
 
 def anat_entry(anat, source, *, prefix: str | None = None) -> dict:

@@ -22,6 +22,8 @@ import numpy as np
 from perfusion import DISCLAIMER, __version__
 from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from perfusion.errors import InputError, OutputError
+from perfusion.units import MAP_UNITS
+from perfusion.verdicts import VERDICT_HEADING
 from perfusion.io import (DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object,
                  stem)
 
@@ -31,11 +33,11 @@ from perfusion.io import (DisplayGrid, display_grid, find_report, load_array, lo
 #: CBF 0-100 mL/100 g/min: white matter about 20-25, grey matter about 50-60.
 #: MTT 0-15 s and Tmax 0-6 s: normal tissue about 3-5 s and 0-2 s; the tops flag delayed tissue.
 SCALES = {
-    "rcbv": (0.0, 5.0, "ratio"),
-    "cbv": (0.0, 10.0, "mL/100 g"),
-    "cbf": (0.0, 100.0, "mL/100 g/min"),
-    "mtt": (0.0, 15.0, "s"),
-    "tmax": (0.0, 6.0, "s"),
+    "rcbv": (0.0, 5.0, MAP_UNITS["rcbv"]),
+    "cbv": (0.0, 10.0, MAP_UNITS["cbv"]),
+    "cbf": (0.0, 100.0, MAP_UNITS["cbf"]),
+    "mtt": (0.0, 15.0, MAP_UNITS["mtt"]),
+    "tmax": (0.0, 6.0, MAP_UNITS["tmax"]),
 }
 
 #: K2's symmetric scale is +/- this percentile of |K2| in the brain eroded by one voxel in-plane: K2
@@ -435,13 +437,8 @@ def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
 
 # ----------------------------------------------------------------------------------------- page
 
-VERDICT_WORDS = {
-    "likely_recurrence": "Likely recurrence",
-    "possible_recurrence_or_pseudoprogression": "Possible recurrence or pseudoprogression: confirm at short interval",
-    "likely_treatment_effect": "Likely treatment effect",
-    "indeterminate": "Indeterminate",
-    "not_assessable": "Not assessable",
-}
+#: The verdict headings (capitalised labels, verdicts.py); compare.html uses them too.
+VERDICT_WORDS = VERDICT_HEADING
 VERDICT_COLOUR = {"likely_recurrence": "#b71c1c", "possible_recurrence_or_pseudoprogression": "#c43e00",
                   "likely_treatment_effect": "#1b5e20", "indeterminate": "#8d6e00", "not_assessable": "#455a64"}
 

@@ -1,0 +1,194 @@
+"""``perfusion analyze``: one case in, maps, report.json and report.html out, and its summary printed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+import typer
+
+from perfusion.cli.options import (Aif, AifSelection, AifVoxels, Anat, Bevacizumab, DicomSeries, Force, Html, Leakage,
+                                   LeakageGate, Mask, Method, MotionCorrect, OiTarget, Quiet, RcbvHigh, RcbvLow,
+                                   Recirculation, Reference, Roi, Steroids, Te, Threshold, Tr, Vof, WeeksSinceRadiation,
+                                   case_inputs, check_options)
+from perfusion.errors import OutputError, UsageError
+
+
+def analyze(
+    dsc: Annotated[list[Path], typer.Argument(help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files; for a multi-echo run, one series per echo (any order; each with its sidecar's EchoTime).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")],
+    mask: Mask = None,
+    aif: Aif = "auto",
+    reference: Reference = None,
+    roi: Roi = None,
+    method: Method = "model",
+    threshold: Threshold = None,
+    oi_target: OiTarget = None,
+    leakage: Leakage = "auto",
+    leakage_gate: LeakageGate = "lesion",
+    te: Te = None,
+    tr: Tr = None,
+    rcbv_low: RcbvLow = 1.0,
+    rcbv_high: RcbvHigh = 1.75,
+    aif_voxels: AifVoxels = 10,
+    aif_selection: AifSelection = "cluster",
+    vof: Vof = "guarded",
+    recirculation: Recirculation = "keep",
+    weeks_since_radiation: WeeksSinceRadiation = None,
+    bevacizumab: Bevacizumab = False,
+    steroids: Steroids = False,
+    anat: Anat = None,
+    motion_correct: MotionCorrect = "auto",
+    force: Force = False,
+    quiet: Quiet = False,
+    dicom_series: DicomSeries = None,
+    html: Html = True,
+) -> None:
+    """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
+    values = dict(locals())  # every option by name, as the signature orders them
+    check_options(values)
+    run_analyze(dsc=dsc[0] if len(dsc) == 1 else list(dsc), out=out, options=values, force=force, quiet=quiet,
+                html=html)
+
+
+def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = False, quiet: bool = False,
+                html: bool = True):
+    """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc``: a NIfTI
+    series, a DICOM folder or the echoes of one run (a list). ``options``: the analyze command's values
+    by name (options.py): what the case loads (options.case_inputs; ``dicom_series``: a DICOM folder's
+    SeriesNumber when it holds several) and the analysis Config (options.build_config)."""
+    from perfusion.cli.options import build_config
+    from perfusion.io import check_output_folder, is_analyze_output, output_lock, staged_output
+
+    # the output checks and the lock come first, before the pipeline is imported (1.3 s here): a second
+    # run into the same folder is turned away in the time the interpreter takes to start
+    out, inputs = Path(out), case_inputs(options)
+    check_output_folder(out, force=force)
+    given = _input_files(dsc, inputs)
+    _check_out_spares_inputs(out, dsc=dsc, given=given, rois=inputs["rois"])
+    with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
+        check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
+        from perfusion.case import compute_case
+        from perfusion.pipeline import write_result
+
+        result, loaded = compute_case(build_config(options), dsc=dsc, **inputs)
+        with staged_output(out, force=force, stale=is_analyze_output, keep=given) as stage:
+            write_result(result, loaded, stage)
+            if html:
+                from perfusion.report.html import write_html
+
+                write_html(stage)
+    if not quiet:
+        print_summary(result, out, html=html)
+    return result
+
+
+def _input_files(dsc, inputs: Mapping[str, Any]) -> list[Path]:
+    """Every file an analyze run reads, as given (the series' BIDS sidecar included; a DICOM folder
+    is itself). ``inputs``: options.case_inputs."""
+    from perfusion.case import dsc_list
+    from perfusion.io import sidecar_path_for
+
+    files = []
+    for p in dsc_list(dsc):
+        files.append(p)
+        if not p.is_dir():
+            files.append(sidecar_path_for(p))
+    files += [Path(p) for p in (inputs["mask"], inputs["reference"], inputs["anat"], *inputs["rois"]) if p is not None]
+    files += [Path(p) for p in (inputs["aif"], inputs["vof"]) if p not in ("auto", "none", "guarded")]
+    return files
+
+
+def _check_out_spares_inputs(out: Path, *, dsc, given: list[Path], rois) -> None:
+    """Before any work: ``out`` may not be the series' folder nor lie inside a DICOM input folder, and no
+    input may sit in ``out`` under a name an output takes (it would be replaced; inputs there under
+    other names are kept, never removed as an earlier run's outputs)."""
+    from perfusion.case import dsc_list
+    from perfusion.io import analyze_output_names, inputs_replaced_in, stem
+
+    target = out.resolve()
+    for one in dsc_list(dsc):
+        if one.is_dir():
+            folder = one.resolve()
+            if target == folder or folder in target.parents:
+                raise OutputError(f"{out}: lies inside the DICOM folder {one}; choose an output folder outside it")
+        elif target in (one.resolve().parent, one.absolute().parent.resolve()):
+            raise OutputError(f"{out}: is the folder of the input series; choose a separate --out")
+    replaced = inputs_replaced_in(out, given, analyze_output_names([stem(p) for p in rois]))
+    if replaced:
+        raise UsageError(f"{replaced[0]}: is an input of this run and an output of the same name would replace it "
+                         f"in {out}; move the input out of {out} or choose another --out")
+
+
+def _rule_line(result) -> str:
+    from perfusion.quantify.roi import verdict_rule
+
+    return "Rule: " + verdict_rule(result.config.rcbv_low, result.config.rcbv_high,
+                                   mixed_fraction=result.config.mixed_fraction)
+
+
+def print_summary(result, out: Path, *, html: bool = True) -> None:
+    """The terminal summary of an analysis: AIF, reference, one table row and a paragraph per lesion,
+    the rule, the warnings, where the outputs are, and the disclaimer."""
+    from perfusion import DISCLAIMER
+    from perfusion.cli.console import console
+
+    con = console()
+    _print_aif_and_reference(con, result)
+    if result.rois:
+        _print_rois(con, result)
+        con.print(_rule_line(result))
+    else:
+        con.print("No --roi given: maps only, no verdict.")
+    for w in result.warnings:
+        con.print(f"warning: {w}")
+    con.print(f"Maps, report.json{' and report.html' if html else ''} written to {out}")
+    con.print(DISCLAIMER)
+
+
+def _print_aif_and_reference(con, result) -> None:
+    from perfusion.units import MAP_UNITS
+
+    aif, ref = result.aif_info, result.reference_info
+    con.print(f"AIF: {aif['n_voxels']} voxels ({aif['source']}), peak {aif['peak_delta_r2s_per_s']:.1f} 1/s at "
+              f"{aif['peak_time_s']:.1f} s, quality {aif['quality_score']:.2f}")
+    if aif.get("absolute_quantification") is False:
+        from perfusion.quantify.aif import NOT_QUANTITATIVE, RELATIVE_VALID
+
+        con.print(f"AIF: {NOT_QUANTITATIVE} ({RELATIVE_VALID}):")
+        for reason in aif.get("absolute_quantification_reasons", []):
+            con.print(f"  - {reason}")
+    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.get("side"), "")
+    con.print(f"Reference: {ref['n_voxels']} voxels{', ' + side if side else ''}, median CBV {ref['cbv_median']:.2f} "
+              f"{MAP_UNITS['cbv']} ({ref['source']})")
+
+
+def _print_rois(con, result) -> None:
+    """The lesions' table, then per lesion its verdict, figures and reasons."""
+    from rich.table import Table
+
+    from perfusion.verdicts import VERDICT_LABEL
+
+    table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
+    for col in ("ROI", "voxels", "volume mL", "median rCBV [95 % CI]", "FTB low / mid / high", "verdict"):
+        table.add_column(col, no_wrap=True)
+    for r in result.rois:
+        table.add_row(r.name, str(r.n_voxels), f"{r.volume_ml:.2f}",
+                      f"{r.rcbv_median:.2f} [{r.rcbv_ci_low:.2f}, {r.rcbv_ci_high:.2f}]",
+                      f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}" + (" mixed" if r.mixed else ""),
+                      VERDICT_LABEL[r.verdict])
+    con.print(table)
+    for r in result.rois:
+        con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, 95 % interval "
+                  f"{r.rcbv_ci_low:.2f}-{r.rcbv_ci_high:.2f}, PSR {r.psr_percent:.0f} %). {r.next_step}")
+        std = (result.reference_info.get("standardized") or {}).get("rois", {}).get(r.name)
+        if std is not None:
+            con.print(f"  standardised CBV (Bedekar 2010; brain median = 1000): {std:.0f}")
+        if r.rcbv_by_leakage:
+            con.print("  rCBV by leakage correction: " + ", ".join(
+                f"{m} {v['rcbv_median']:.2f}" for m, v in r.rcbv_by_leakage.items()))
+        con.print(f"  rCBV mean {r.rcbv_mean:.2f}, p90 {r.rcbv_p90:.2f}; relative peak height {r.relative_peak_height:.2f}"
+                  + (f"; K2 median {r.k2_median_per_s:.2g} 1/s, leakage correction changed CBV by {r.leakage_cbv_change:+.0%}"
+                     if r.leakage_cbv_change == r.leakage_cbv_change else ""))
+        for reason in r.reasons[0 if r.verdict == "not_assessable" else 1:]:
+            con.print(f"  - {reason}")

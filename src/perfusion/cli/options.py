@@ -1,0 +1,192 @@
+"""The command-line options that several commands share, each defined once: its flag, help text and
+range check. ``analyze`` and ``batch`` take the analysis options from here; a command's values become
+one pipeline Config through :func:`build_config` and, for a batch, one mapping (:func:`batch_params`)
+that the batch engine records and analyses every case with.
+
+Where ``batch`` words an option's help for every case of a dataset ("Every case is on bevacizumab"),
+its ``Batch...`` alias stands beside the ``analyze`` one: same flag, same range, the batch's wording.
+Defaults stay in the commands' signatures (typer takes them from there); tests/test_cli.py checks
+that they are the pipeline Config's. Nothing here imports more than typer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Mapping, Optional
+
+import typer
+
+from perfusion.units import MAX_TE_S, MAX_TR_S
+
+# ------------------------------------------------------------------------------------ range checks
+
+#: Ranges of the numeric options (flag -> low, high, low included, high included, unit); each is
+#: checked before any work (:func:`check_options`) and stated in the option's help. TE/TR upper
+#: bounds: units.MAX_TE_S and MAX_TR_S (larger values are milliseconds by mistake).
+_RANGES = {
+    "--threshold": (0.0, 1.0, False, False, ""),
+    "--oi-target": (0.0, 1.0, False, False, ""),
+    "--te": (0.0, MAX_TE_S, False, True, " s"),
+    "--tr": (0.0, MAX_TR_S, False, True, " s"),
+    "--rcbv-low": (0.0, None, False, False, ""),
+    "--rcbv-high": (0.0, None, False, False, ""),
+    "--aif-voxels": (1, None, True, False, ""),
+    "--weeks-since-radiation": (0.0, None, True, False, " weeks"),
+    "--snr": (0.0, None, False, False, ""),
+    "--seed": (0, None, True, False, ""),
+    # a clinical DSC series has 40-120 frames; fewer than 30 leave no tail after the bolus
+    "--frames": (30, 1000, True, True, ""),
+    # phantom_realistic.MAX_ECHOES: one float64 copy of the head per echo
+    "--echoes": (1, 8, True, True, ""),
+    "--jobs": (1, None, True, False, ""),
+    "--repeats": (1, None, True, False, ""),
+}
+
+
+def _range_text(flag: str) -> str:
+    lo, hi, lo_in, hi_in, unit = _RANGES[flag]
+    if hi is None:
+        return f"{'>=' if lo_in else '>'} {lo:g}{unit}"
+    return f"in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}{unit}"
+
+
+def check_options(values: Mapping[str, Any]) -> None:
+    """Refuse (UsageError, exit 2) a numeric option outside its range in _RANGES, NaN and Inf included,
+    before any work. ``values``: a command's parameters by Python name (``oi_target`` for --oi-target),
+    in the command's order; those without a range, and None (unset), are passed over."""
+    from perfusion.errors import UsageError
+
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or flag not in _RANGES:
+            continue
+        lo, hi, lo_in, hi_in, unit = _RANGES[flag]
+        finite = isinstance(value, int) or math.isfinite(value)
+        ok = (finite and (value > lo or (lo_in and value == lo))
+              and (hi is None or value < hi or (hi_in and value == hi)))
+        if not ok:
+            hint = ""
+            if unit == " s" and finite and value > hi and 0 < value / 1000 <= hi:
+                hint = f"; this looks like milliseconds: give seconds (e.g. {flag} {value / 1000:g})"
+            kind = "an integer" if isinstance(lo, int) else "a finite number"
+            raise UsageError(f"{flag} {value:g}: must be {kind} {_range_text(flag)}{hint}")
+
+
+# ------------------------------------------------------------------------------ the Config, once
+
+
+def build_config(values: Mapping[str, Any]):
+    """The validated pipeline Config (UsageError, exit 2) of a command's values: those that name a
+    Config field configure it (``vof`` given as a mask file becomes "mask"), the rest (input files,
+    TE/TR, output switches) are passed over; options a command does not take keep Config's defaults.
+    Imports the pipeline (about 1 s): call it after the checks that can turn a run away at once."""
+    import dataclasses
+
+    import perfusion
+    from perfusion.case import make_config
+
+    fields = {f.name for f in dataclasses.fields(perfusion.Config)}
+    return make_config(**{k: v for k, v in values.items() if k in fields})
+
+
+#: Options a batch applies to every case besides the Config's: TE and TR (s) overriding sidecars.
+BATCH_LOAD_OPTIONS = ("te", "tr")
+
+
+def batch_params(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The analysis options of a ``batch`` command's values, in the command's order: the mapping the
+    batch engine analyses every case with and records in each done-marker and summary.json. Keys:
+    the Config options (:func:`build_config`) and BATCH_LOAD_OPTIONS; dataset, engine and output
+    options are left out."""
+    import dataclasses
+
+    import perfusion
+
+    keep = {f.name for f in dataclasses.fields(perfusion.Config)} | set(BATCH_LOAD_OPTIONS)
+    return {k: v for k, v in values.items() if k in keep}
+
+
+def case_inputs(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What ``analyze`` loads, as case.compute_case's keywords: the masks (``--roi`` is ``rois``), the
+    AIF and VOF (a mask or a mode), the anatomical image, TE and TR (s) and the DICOM series."""
+    keys = ("mask", "aif", "reference", "te", "tr", "vof", "anat", "dicom_series")
+    return {**{k: values[k] for k in keys}, "rois": list(values["roi"] or [])}
+
+
+# --------------------------------------------------------------------------------- output options
+
+Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+BatchQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")]
+
+# -------------------------------------------------------------------------------- analysis options
+# analyze takes all of them, batch those without a file (a batch finds each case's masks by --*-glob).
+
+Mask = Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")]
+Aif = Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")]
+Reference = Annotated[Optional[Path], typer.Option(
+    help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")]
+Roi = Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")]
+Anat = Annotated[Optional[Path], typer.Option(
+    help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' "
+         "background.")]
+DicomSeries = Annotated[Optional[int], typer.Option(
+    "--series", help="DICOM folder input: SeriesNumber of the DSC series when the folder holds several.")]
+Html = Annotated[bool, typer.Option(
+    "--html/--no-html", help="Write report.html (about 1 s of figures); `perfusion report DIR` can write it later.")]
+
+Method = Annotated[str, typer.Option(
+    help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")]
+BatchMethod = Annotated[str, typer.Option(help="Deconvolution: model (default), osvd, csvd, ssvd or tikhonov.")]
+Threshold = Annotated[Optional[float], typer.Option(
+    help="Fixed SVD threshold P as a fraction of the largest singular value, in (0, 1) (ssvd 0.2, csvd 0.1 by "
+         "default).")]
+OiTarget = Annotated[Optional[float], typer.Option(
+    help="oSVD oscillation-index target (dimensionless), in (0, 1) (default 0.095).")]
+Leakage = Annotated[str, typer.Option(
+    help="Leakage correction: auto (default: bidirectional, Leu 2016, for one echo; bsw, Boxerman 2006, for "
+         "multi-echo), bidirectional, bsw, residue (Bjornerud 2011) or none.")]
+BatchLeakage = Annotated[str, typer.Option(
+    help="Leakage correction: auto (default: bidirectional for one echo, bsw for multi-echo), bidirectional, bsw, "
+         "residue or none.")]
+LeakageGate = Annotated[str, typer.Option(
+    help="Where the leakage correction applies: lesion (default: every voxel of the --roi lesions, elsewhere only "
+         "where the leak is significant, |K2| > 3 SE), voxel (only where significant, lesions included) or none "
+         "(everywhere, as published).")]
+Te = Annotated[Optional[float], typer.Option(help="Echo time in s, in (0, 0.2] (overrides the sidecar).")]
+BatchTe = Annotated[Optional[float], typer.Option(
+    help="Echo time in s for every case, in (0, 0.2] (overrides sidecars).")]
+Tr = Annotated[Optional[float], typer.Option(help="Repetition time in s, in (0, 10] (overrides sidecar and header).")]
+BatchTr = Annotated[Optional[float], typer.Option(
+    help="Repetition time in s for every case, in (0, 10] (overrides sidecars and headers).")]
+RcbvLow = Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio, > 0).")]
+RcbvHigh = Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio, > --rcbv-low).")]
+AifVoxels = Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank (>= 1).")]
+AifSelection = Annotated[str, typer.Option(
+    help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")]
+BatchAifSelection = Annotated[str, typer.Option(help="Automatic AIF: cluster or rank.")]
+Vof = Annotated[str, typer.Option(
+    help="Partial-volume scaling of the AIF by a venous output function: guarded (default: the automatic VOF, "
+         "applied only when it shows the AIF is partial-volumed), auto (always), none, or a mask.")]
+BatchVof = Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: guarded (default), auto or none.")]
+Recirculation = Annotated[str, typer.Option(
+    help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")]
+MotionCorrect = Annotated[str, typer.Option(
+    help="Head motion: auto (default: register every frame to the baseline and realign frames displaced by more "
+         "than 0.5 mm), on (realign every frame displaced by more than 0.25 mm) or off (no estimate). Writes "
+         "motion.tsv (deg, mm).")]
+WeeksSinceRadiation = Annotated[Optional[float], typer.Option(
+    help="Weeks since the end of chemoradiation (weeks, >= 0); below 12 (RANO 2.0) a high rCBV is 'possible "
+         "recurrence or pseudoprogression'.")]
+BatchWeeksSinceRadiation = Annotated[Optional[float], typer.Option(
+    help="Weeks since the end of chemoradiation for every case (weeks, >= 0); below 12 a high rCBV is 'possible "
+         "recurrence or pseudoprogression'.")]
+Bevacizumab = Annotated[bool, typer.Option(
+    "--bevacizumab", help="The patient is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")]
+BatchBevacizumab = Annotated[bool, typer.Option(
+    "--bevacizumab", help="Every case is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")]
+Steroids = Annotated[bool, typer.Option(
+    "--steroids", help="The patient is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")]
+BatchSteroids = Annotated[bool, typer.Option(
+    "--steroids", help="Every case is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")]
