@@ -316,33 +316,3 @@ def run_bench(*, volumes: list[str], dtypes: list[str], repeats: int, kernels: b
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
-
-
-def print_tables(result: dict, console) -> None:
-    from rich.table import Table
-
-    m = result["machine"]
-    console.print(f"perfusion {m['perfusion']} on {m['cpus']} CPUs ({m['processor']}), Python {m['python']}, "
-                  f"numpy {m['numpy']}, numba {m['numba']} ({m['numba_threads']} threads)")
-    t = Table(title="perfusion analyze, end to end (fresh process, --no-html; median)")
-    for col in ("volume", "dtype", "config", "wall s", "analysis s", "peak RSS MB", "x input (float32)"):
-        t.add_column(col, no_wrap=True)
-    for r in result["end_to_end"]:
-        t.add_row(r["volume"], r["dtype"], r["config"], f"{r['wall_s_median']:.2f}", f"{r['analysis_s_median']:.2f}",
-                  f"{r['peak_rss_mb']:.0f}", f"{r['peak_over_input']:.2f}")
-    console.print(t)
-    t = Table(title="stages (report.json timings_s; median)")
-    for col in ("volume", "dtype", "config", "stage", "s", "Mvoxel/s"):
-        t.add_column(col, no_wrap=True)
-    for r in result["stages"]:
-        vps = r["voxels_per_s"]
-        t.add_row(r["volume"], r["dtype"], r["config"], r["stage"], f"{r['seconds_median']:.3f}",
-                  f"{vps / 1e6:.2f}" if vps else "-")
-    console.print(t)
-    for r in result.get("osvd_floor", []):
-        console.print(f"oSVD on {r['voxels']} voxels x {r['frames']} frames ({r['volume']}): {r['osvd_s']:.2f} s; one "
-                      f"fixed-threshold matrix product {r['floor_s']:.2f} s; ratio {r['ratio']:.1f}")
-    c = result.get("compile")
-    if c:
-        console.print(f"numba: cold start (empty cache) {c['cold_s']:.1f} s, warm cache {c['warm_s']:.1f} s: "
-                      f"compiling costs {c['compile_s']:.1f} s once per machine ({c['case']})")
