@@ -440,77 +440,11 @@ def decide(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxe
         if valid.size:
             reasons.append(f"for information only: median rCBV {med:.2f} {_fmt_ci(ci)}, FTB-high {ftb[2]:.0%}")
     else:
-        if med > high and ci[0] > high:
-            verdict = "likely_recurrence"
-            reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}) is above {high:g}")
-        elif (med < low and ci[1] < low and ftb[2] < mixed_fraction and np.isfinite(ftb_high_ci[1])
-              and ftb_high_ci[1] < mixed_fraction and p90 <= high):
-            verdict = "likely_treatment_effect"
-            reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}) is below {low:g}, "
-                           f"{ftb[2]:.0%} of the voxels above {high:g} and the {HOTSPOT_PERCENTILE:.0f}th percentile "
-                           f"{p90:.2f} not above it")
-        else:
-            verdict = "indeterminate"
-            reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}); thresholds {low:g} and {high:g}")
-            if not np.isfinite(ci[0]):
-                reasons.append("no confidence interval was computed: at most indeterminate")
-            elif (med > high and ci[0] <= high) or (med < low and ci[1] >= low):
-                crossed = high if med > high else low
-                reasons.append(f"the 95 % interval {_fmt_ci(ci)} of the median crosses {crossed:g}: at most "
-                               "indeterminate")
-            if med < low and not mixed and (p90 > high or not ftb_high_ci[1] < mixed_fraction):
-                reasons.append(f"a high-rCBV hotspot: {HOTSPOT_PERCENTILE:.0f}th percentile {p90:.2f}, FTB-high "
-                               f"{ftb[2]:.0%} (interval up to {ftb_high_ci[1]:.0%}): not called treatment effect")
-        if mixed:
-            reasons.append(f"mixed lesion: {ftb[2]:.0%} of the voxels (95 % interval {ftb_high_ci[0]:.0%}-"
-                           f"{ftb_high_ci[1]:.0%}) have rCBV above {high:g} (>= {mixed_fraction:.0%}) and "
-                           f"{1 - ftb[2]:.0%} do not: a recurrent component is likely whatever the median; never "
-                           "called treatment effect")
-        if verdict == "likely_recurrence" and context.weeks_since_radiation is not None \
-                and context.weeks_since_radiation < PSEUDOPROGRESSION_WEEKS:
-            verdict = "possible_recurrence_or_pseudoprogression"
-            reasons.append(f"{context.weeks_since_radiation:g} weeks since radiation, within the "
-                           f"{PSEUDOPROGRESSION_WEEKS}-week pseudoprogression window ({PSEUDOPROGRESSION_SOURCE}): "
-                           "possible recurrence or pseudoprogression, confirm at short interval")
-        drugs = [d for d, on in (("bevacizumab", context.bevacizumab), ("steroids", context.steroids)) if on]
-        if drugs:
-            if verdict == "likely_treatment_effect":
-                verdict = "indeterminate"
-                reasons.append(f"under {' and '.join(drugs)}: {'both lower' if len(drugs) > 1 else 'it lowers'} rCBV "
-                               "(bevacizumab normalises leaky vessels, steroids reduce blood volume and leakage), so a "
-                               "low rCBV does not rule out recurrence: at most indeterminate")
-            else:
-                reasons.append(f"under {' and '.join(drugs)}, which lower rCBV: a high value is reached despite it, "
-                               "a low one would not rule out recurrence")
+        verdict = _band(med, ci, p90, ftb[2], ftb_high_ci, mixed, reasons, low=low, high=high,
+                        mixed_fraction=mixed_fraction)
+        verdict = _in_context(verdict, context, reasons)
         next_step = NEXT_STEP[verdict]
-
-    # context that does not change the verdict
-    if verdict != "not_assessable":
-        if context.weeks_since_radiation is None:
-            reasons.append(f"time since radiation unknown (--weeks-since-radiation): within {PSEUDOPROGRESSION_WEEKS} "
-                           "weeks of chemoradiation a high rCBV can be pseudoprogression")
-        elif context.weeks_since_radiation < PSEUDOPROGRESSION_WEEKS and verdict != "possible_recurrence_or_pseudoprogression":
-            reasons.append(f"{context.weeks_since_radiation:g} weeks since radiation: pseudoprogression is most common "
-                           f"within {PSEUDOPROGRESSION_WEEKS} weeks; compare with prior scans")
-    bands = {m: verdict_for(v["rcbv_median"], low=low, high=high) for m, v in by_leakage.items()
-             if np.isfinite(v.get("rcbv_median", nan))}
-    if len(set(bands.values())) > 1:
-        reasons.append("the verdict band depends on the leakage correction: "
-                       + ", ".join(f"{m} {by_leakage[m]['rcbv_median']:.2f}" for m in bands))
-    if 0 < n_voxels - valid.size and valid.size and (n_voxels - valid.size) / n_voxels <= MAX_UNFITTABLE_FRACTION:
-        reasons.append(f"{n_voxels - valid.size} of {n_voxels} voxels have no valid CBV and were left out")
-    if context.aif_quality is not None and AIF_UNUSABLE <= context.aif_quality < AIF_POOR:
-        reasons.append(f"poor arterial input function (quality {context.aif_quality:.2f}): absolute values are "
-                       "unreliable")
-    if context.outside_brain and context.outside_brain / max(n_voxels, 1) <= MAX_OUTSIDE_BRAIN_FRACTION:
-        reasons.append(f"{context.outside_brain} voxels ({context.outside_brain / max(n_voxels, 1):.0%}) lie outside "
-                       "the brain mask")
-    if np.isfinite(context.leakage_cbv_change) and abs(context.leakage_cbv_change) > STRONG_LEAKAGE_CHANGE:
-        reasons.append(f"strong contrast leakage: the correction changed the median CBV by "
-                       f"{context.leakage_cbv_change:+.0%} (information: the size of a correction is no reason to "
-                       "refuse; see the leakage sensitivity)")
-    if context.reference_note:
-        reasons.append(context.reference_note)
+    _notes(verdict, context, by_leakage, n_voxels, int(valid.size), reasons, low=low, high=high)
 
     return RoiScore(
         name=name, n_voxels=n_voxels, n_valid=int(valid.size), volume_ml=n_voxels * voxel_volume_ml,
@@ -529,6 +463,92 @@ def decide(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxe
                              if np.isfinite(v["rcbv_median"]) else "not_assessable"}
                          for m, v in by_leakage.items()},
     )
+
+
+def _band(med: float, ci: tuple[float, float], p90: float, ftb_high: float, ftb_high_ci: tuple[float, float],
+          mixed: bool, reasons: list[str], *, low: float, high: float, mixed_fraction: float) -> str:
+    """The verdict from the rCBV statistics alone (decide's rule), its reasons appended to ``reasons``."""
+    if med > high and ci[0] > high:
+        verdict = "likely_recurrence"
+        reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}) is above {high:g}")
+    elif (med < low and ci[1] < low and ftb_high < mixed_fraction and np.isfinite(ftb_high_ci[1])
+          and ftb_high_ci[1] < mixed_fraction and p90 <= high):
+        verdict = "likely_treatment_effect"
+        reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}) is below {low:g}, "
+                       f"{ftb_high:.0%} of the voxels above {high:g} and the {HOTSPOT_PERCENTILE:.0f}th percentile "
+                       f"{p90:.2f} not above it")
+    else:
+        verdict = "indeterminate"
+        reasons.append(f"median rCBV {med:.2f} (95 % interval {_fmt_ci(ci)}); thresholds {low:g} and {high:g}")
+        if not np.isfinite(ci[0]):
+            reasons.append("no confidence interval was computed: at most indeterminate")
+        elif (med > high and ci[0] <= high) or (med < low and ci[1] >= low):
+            crossed = high if med > high else low
+            reasons.append(f"the 95 % interval {_fmt_ci(ci)} of the median crosses {crossed:g}: at most "
+                           "indeterminate")
+        if med < low and not mixed and (p90 > high or not ftb_high_ci[1] < mixed_fraction):
+            reasons.append(f"a high-rCBV hotspot: {HOTSPOT_PERCENTILE:.0f}th percentile {p90:.2f}, FTB-high "
+                           f"{ftb_high:.0%} (interval up to {ftb_high_ci[1]:.0%}): not called treatment effect")
+    if mixed:
+        reasons.append(f"mixed lesion: {ftb_high:.0%} of the voxels (95 % interval {ftb_high_ci[0]:.0%}-"
+                       f"{ftb_high_ci[1]:.0%}) have rCBV above {high:g} (>= {mixed_fraction:.0%}) and "
+                       f"{1 - ftb_high:.0%} do not: a recurrent component is likely whatever the median; never "
+                       "called treatment effect")
+    return verdict
+
+
+def _in_context(verdict: str, context: Context, reasons: list[str]) -> str:
+    """The verdict within the pseudoprogression window and under bevacizumab or steroids."""
+    if verdict == "likely_recurrence" and context.weeks_since_radiation is not None \
+            and context.weeks_since_radiation < PSEUDOPROGRESSION_WEEKS:
+        verdict = "possible_recurrence_or_pseudoprogression"
+        reasons.append(f"{context.weeks_since_radiation:g} weeks since radiation, within the "
+                       f"{PSEUDOPROGRESSION_WEEKS}-week pseudoprogression window ({PSEUDOPROGRESSION_SOURCE}): "
+                       "possible recurrence or pseudoprogression, confirm at short interval")
+    drugs = [d for d, on in (("bevacizumab", context.bevacizumab), ("steroids", context.steroids)) if on]
+    if drugs:
+        if verdict == "likely_treatment_effect":
+            verdict = "indeterminate"
+            reasons.append(f"under {' and '.join(drugs)}: {'both lower' if len(drugs) > 1 else 'it lowers'} rCBV "
+                           "(bevacizumab normalises leaky vessels, steroids reduce blood volume and leakage), so a "
+                           "low rCBV does not rule out recurrence: at most indeterminate")
+        else:
+            reasons.append(f"under {' and '.join(drugs)}, which lower rCBV: a high value is reached despite it, "
+                           "a low one would not rule out recurrence")
+    return verdict
+
+
+def _notes(verdict: str, context: Context, by_leakage: dict, n_voxels: int, n_valid: int, reasons: list[str], *,
+           low: float, high: float) -> None:
+    """Context that does not change the verdict, appended to ``reasons``."""
+    nan = float("nan")
+    if verdict != "not_assessable":
+        if context.weeks_since_radiation is None:
+            reasons.append(f"time since radiation unknown (--weeks-since-radiation): within {PSEUDOPROGRESSION_WEEKS} "
+                           "weeks of chemoradiation a high rCBV can be pseudoprogression")
+        elif context.weeks_since_radiation < PSEUDOPROGRESSION_WEEKS \
+                and verdict != "possible_recurrence_or_pseudoprogression":
+            reasons.append(f"{context.weeks_since_radiation:g} weeks since radiation: pseudoprogression is most common "
+                           f"within {PSEUDOPROGRESSION_WEEKS} weeks; compare with prior scans")
+    bands = {m: verdict_for(v["rcbv_median"], low=low, high=high) for m, v in by_leakage.items()
+             if np.isfinite(v.get("rcbv_median", nan))}
+    if len(set(bands.values())) > 1:
+        reasons.append("the verdict band depends on the leakage correction: "
+                       + ", ".join(f"{m} {by_leakage[m]['rcbv_median']:.2f}" for m in bands))
+    if 0 < n_voxels - n_valid and n_valid and (n_voxels - n_valid) / n_voxels <= MAX_UNFITTABLE_FRACTION:
+        reasons.append(f"{n_voxels - n_valid} of {n_voxels} voxels have no valid CBV and were left out")
+    if context.aif_quality is not None and AIF_UNUSABLE <= context.aif_quality < AIF_POOR:
+        reasons.append(f"poor arterial input function (quality {context.aif_quality:.2f}): absolute values are "
+                       "unreliable")
+    if context.outside_brain and context.outside_brain / max(n_voxels, 1) <= MAX_OUTSIDE_BRAIN_FRACTION:
+        reasons.append(f"{context.outside_brain} voxels ({context.outside_brain / max(n_voxels, 1):.0%}) lie outside "
+                       "the brain mask")
+    if np.isfinite(context.leakage_cbv_change) and abs(context.leakage_cbv_change) > STRONG_LEAKAGE_CHANGE:
+        reasons.append(f"strong contrast leakage: the correction changed the median CBV by "
+                       f"{context.leakage_cbv_change:+.0%} (information: the size of a correction is no reason to "
+                       "refuse; see the leakage sensitivity)")
+    if context.reference_note:
+        reasons.append(context.reference_note)
 
 
 def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxels: int,
