@@ -376,13 +376,14 @@ def test_figures_from_dicom_equal_nifti(case, monkeypatch):
     from figrecord import assert_same_figures, record
 
     from perfusion import followup as compare
-
+    from perfusion.report import followup_html
     from perfusion.report import html as report_html
+
     def pages(folder):
         with monkeypatch.context() as m:
             calls = record(m)
             report_html.build_html(folder)
-            compare.build_html(compare.compare_folders(folder, folder))
+            followup_html.build_html(compare.compare_folders(folder, folder))
         return calls
 
     def close(a, b, kind):
