@@ -146,6 +146,7 @@ class TimePoint:
 
 
 def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``."""
     path = output_path(folder, report, name)
     if not path.is_file():
         if required:
@@ -275,6 +276,7 @@ def _diff(prior: Any, current: Any) -> float | None:
 
 
 def _pair(prior: Any, current: Any, *, relative: bool = True) -> dict[str, Any]:
+    """compare.json's record of one measure: prior, current, change (and relative change)."""
     out = {"prior": num(prior), "current": num(current), "change": _diff(prior, current)}
     if relative:
         out["relative_change"] = relative_change(prior, current)
@@ -302,6 +304,8 @@ def _reference_kind(source: Any) -> str:
 
 
 def _warnings(prior: dict, current: dict) -> list[str]:
+    """Differences between the two reports that make the change less comparable: software version,
+    analysis parameters, reference tissue, TE / TR, field strength."""
     out: list[str] = []
     pv = prior.get("software", {}).get("version")
     cv = current.get("software", {}).get("version")

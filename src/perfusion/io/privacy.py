@@ -86,12 +86,14 @@ class Redactor:
                          if self._table else None)
 
     def _replace(self, m: re.Match) -> str:
+        """The replacement of one match: group 1 the spelling, group 2 a '/' after it or None."""
         label = self._table[m.group(1)]
         if m.group(2):
             return f"{label}/" if label else ""
         return label or self._bare
 
     def text(self, s: str) -> str:
+        """``s`` rewritten by the policy (the same object when nothing matched)."""
         if self._pattern is None or not s:
             return s
         return self._pattern.sub(self._replace, s)

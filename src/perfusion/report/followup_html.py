@@ -138,6 +138,7 @@ def _points(x: Any) -> str:
 
 
 def _roi_box(r: dict) -> str:
+    """One ROI's box: the pattern sentence in its colour and the table of prior, current and change."""
     colour = PATTERN_COLOUR.get(r["pattern"], VERDICT_COLOUR["indeterminate"])
     vol, med, ver = r["volume_ml"], r["rcbv_median"], r["verdict"]
     ftb_rows = "".join(

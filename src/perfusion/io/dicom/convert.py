@@ -148,6 +148,7 @@ def _instance_numbers(info: SeriesInfo) -> dict[Path, int] | None:
 
 
 def _last_line(text: str, secrets) -> str:
+    """dcm2niix's last message line, identifiers scrubbed, at most 200 characters."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return scrub(lines[-1], secrets)[:200] if lines else "no message"
 
@@ -528,6 +529,8 @@ def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None
 
 
 def _echo_series(conv: DicomSeries, folder: Path, *, te: float | None) -> Series:
+    """One converted echo (or single-echo series) as a Series: TE from ``te``, else dcm2niix's sidecar,
+    else the header (ms -> s); TR from the conversion (checked, s)."""
     side = conv.sidecar
     if te is not None:
         te_s = check_time(te, name="TE", flag="--te", limit=MAX_TE_S, source="--te", path=folder)
