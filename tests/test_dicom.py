@@ -41,6 +41,7 @@ from pydicom.sequence import Sequence  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid  # noqa: E402
 
 from perfusion.io import dicom  # noqa: E402
+from perfusion.io.dicom import convert  # noqa: E402
 from perfusion.cli.app import main  # noqa: E402
 from perfusion.errors import InputError, UsageError  # noqa: E402
 from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom  # noqa: E402
@@ -375,13 +376,14 @@ def test_figures_from_dicom_equal_nifti(case, monkeypatch):
     from figrecord import assert_same_figures, record
 
     from perfusion import followup as compare
-
+    from perfusion.report import followup_html
     from perfusion.report import html as report_html
+
     def pages(folder):
         with monkeypatch.context() as m:
             calls = record(m)
             report_html.build_html(folder)
-            compare.build_html(compare.compare_folders(folder, folder))
+            followup_html.build_html(compare.compare_folders(folder, folder))
         return calls
 
     def close(a, b, kind):
@@ -620,7 +622,7 @@ def test_instance_numbers_out_of_order(tmp_path):
     swapped = conv.data.copy()
     swapped[..., [3, 4]] = swapped[..., [4, 3]]
     with pytest.raises(InputError, match="another order than the acquisition .* frame 4"):
-        dicom._verify_order(conv.info, folder, swapped, conv.affine)
+        convert._verify_order(conv.info, folder, swapped, conv.affine)
 
 
 def test_folder_without_dicom(tmp_path):

@@ -22,6 +22,7 @@ import pytest
 
 from figrecord import assert_same_figures, record
 from perfusion import followup as compare
+from perfusion.report import followup_html
 from perfusion.report import html as report_html
 from perfusion.cli.app import main
 from perfusion.io import display_grid
@@ -169,7 +170,7 @@ def _report(folder, monkeypatch):
 def _compare(folder, monkeypatch):
     with monkeypatch.context() as m:
         calls = record(m)
-        page = compare.build_html(compare.compare_folders(folder, folder))
+        page = followup_html.build_html(compare.compare_folders(folder, folder))
     return page, calls
 
 

@@ -140,7 +140,9 @@ def test_oracle_refuses_a_loader_that_lets_nibabel_print(monkeypatch):
     one line). With that silencing taken away, committed inputs fail the oracle."""
     import contextlib
 
-    monkeypatch.setattr(target.pio, "_quiet_nibabel", contextlib.nullcontext)
+    import perfusion.io.nifti as nifti
+
+    monkeypatch.setattr(nifti, "_quiet_nibabel", contextlib.nullcontext)  # where read_image uses it
     assert target.run_input(b"") == "ok series"  # the valid case logs nothing
     failed = 0
     for path in _files("corpus") + _files("regressions"):

@@ -12,9 +12,10 @@ two baseline images lie on different grids (shape or affine), the prior baseline
 to the current one (register.rigid, Mattes mutual information) and the prior rCBV (linear) and ROI
 masks (nearest neighbour) are resampled onto the current grid. On the same grid nothing is moved.
 
-compare.json, compare.html (one self-contained page, everything from files HTML-escaped) and, when
-registered, prior_to_current.tfm are written by :func:`write_comparison` into a staging folder.
-Library code: no printing, errors are PerfusionError subclasses with one-line messages.
+compare.json, compare.html (one self-contained page, everything from files HTML-escaped: built by
+:mod:`perfusion.report.followup_html`) and, when registered, prior_to_current.tfm are written by
+:func:`write_comparison` into a staging folder. This module holds the numbers and the patterns, not
+the page. Library code: no printing, errors are PerfusionError subclasses with one-line messages.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ import numpy as np
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.errors import InputError
-from perfusion.io import find_report, load_volume, output_path, sha256, write_json
+from perfusion.io import atomic_write, find_report, load_volume, output_path, sha256, write_json
 from perfusion.quantify.register import Rigid, Volume, resample, rigid, same_grid, write_transform
-from perfusion.io import display_grid
-from perfusion.report.html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, _e, _figure, _img_tag, _num,
-                          _show, display_slices, draw_marks, load_report, png_bytes, roi_mask_paths, slices_with_roi)
+from perfusion.report.html import VERDICT_WORDS, load_report, num, roi_mask_paths
 
 # ------------------------------------------------------------------------------ pattern thresholds
 # Relative change = current / prior - 1, each time point's value from its own report.json.
@@ -80,10 +79,6 @@ BRAIN_DICE_WARN = 0.85
 #: A resampled prior rCBV voxel is kept where at least this fraction of its linear-interpolation
 #: weight fell on valid (finite, inside the field of view) prior voxels; NaN elsewhere.
 MIN_VALID_WEIGHT = 0.5
-
-#: At most this many slices in the side-by-side figure (evenly spaced among the slices holding a
-#: current ROI): 12 rows keep the page a few MB.
-MAX_FIGURE_SLICES = 12
 
 #: Analysis parameters (report.json ``parameters``) that change rCBV; a difference between the two
 #: time points is a warning, because the change may then come from the analysis, not the lesion.
@@ -133,16 +128,6 @@ PATTERNS: dict[tuple[str, str], tuple[str, str]] = {
         "with the current verdict; under anti-angiogenic therapy shrinking enhancement can be pseudoresponse."),
 }
 
-#: Box colour per pattern code on the page (verdict colours of report.html).
-PATTERN_COLOUR = {
-    "progression_pattern": VERDICT_COLOUR["likely_recurrence"],
-    "rcbv_rising": VERDICT_COLOUR["likely_recurrence"],
-    "pseudoprogression_pattern": VERDICT_COLOUR["likely_treatment_effect"],
-    "response_pattern": VERDICT_COLOUR["likely_treatment_effect"],
-    "rcbv_falling": VERDICT_COLOUR["likely_treatment_effect"],
-}
-
-
 # ---------------------------------------------------------------------------------------- inputs
 
 
@@ -161,6 +146,7 @@ class TimePoint:
 
 
 def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``."""
     path = output_path(folder, report, name)
     if not path.is_file():
         if required:
@@ -218,7 +204,7 @@ def match_rois(prior: dict, current: dict, *, prior_path: Path,
 
 def relative_change(prior: Any, current: Any) -> float | None:
     """current / prior - 1, or None when either is missing or prior is not positive."""
-    p, c = _num(prior), _num(current)
+    p, c = num(prior), num(current)
     if p is None or c is None or p <= 0:
         return None
     return c / p - 1.0
@@ -273,10 +259,10 @@ def _resample_map(values: np.ndarray, moving_affine: np.ndarray, onto: Volume, t
     """A map with NaNs resampled linearly: interpolate value x validity and validity, divide, NaN where
     less than MIN_VALID_WEIGHT of the weight was valid (NaN voxels and outside the field of view)."""
     valid = np.isfinite(values)
-    num = resample(Volume(np.where(valid, values, 0.0).astype(np.float32), moving_affine), onto, tx)
+    weighted = resample(Volume(np.where(valid, values, 0.0).astype(np.float32), moving_affine), onto, tx)
     den = resample(Volume(valid.astype(np.float32), moving_affine), onto, tx)
     with np.errstate(invalid="ignore", divide="ignore"):
-        out = np.where(den >= MIN_VALID_WEIGHT, num / np.maximum(den, 1e-12), np.nan)
+        out = np.where(den >= MIN_VALID_WEIGHT, weighted / np.maximum(den, 1e-12), np.nan)
     return out.astype(np.float64)
 
 
@@ -285,12 +271,13 @@ def _resample_mask(mask: np.ndarray, moving_affine: np.ndarray, onto: Volume, tx
 
 
 def _diff(prior: Any, current: Any) -> float | None:
-    p, c = _num(prior), _num(current)
+    p, c = num(prior), num(current)
     return None if p is None or c is None else c - p
 
 
 def _pair(prior: Any, current: Any, *, relative: bool = True) -> dict[str, Any]:
-    out = {"prior": _num(prior), "current": _num(current), "change": _diff(prior, current)}
+    """compare.json's record of one measure: prior, current, change (and relative change)."""
+    out = {"prior": num(prior), "current": num(current), "change": _diff(prior, current)}
     if relative:
         out["relative_change"] = relative_change(prior, current)
     return out
@@ -317,6 +304,8 @@ def _reference_kind(source: Any) -> str:
 
 
 def _warnings(prior: dict, current: dict) -> list[str]:
+    """Differences between the two reports that make the change less comparable: software version,
+    analysis parameters, reference tissue, TE / TR, field strength."""
     out: list[str] = []
     pv = prior.get("software", {}).get("version")
     cv = current.get("software", {}).get("version")
@@ -335,11 +324,11 @@ def _warnings(prior: dict, current: dict) -> list[str]:
                    "normalised differently at the two time points; give a reference mask at both or at neither")
     pa, ca = prior.get("acquisition", {}), current.get("acquisition", {})
     for key, name, unit, scale in (("te", "TE", "ms", 1000.0), ("tr", "TR", "s", 1.0)):
-        a, b = _num(pa.get(key)), _num(ca.get(key))
+        a, b = num(pa.get(key)), num(ca.get(key))
         if a and b and abs(b / a - 1) > ACQ_REL_TOL:
             out.append(f"{name} differs (prior {a * scale:g} {unit}, current {b * scale:g} {unit}): rCBV depends on "
                        "the protocol; follow-up scans should use one protocol")
-    fa, fb = _num(pa.get("field_strength_t")), _num(ca.get("field_strength_t"))
+    fa, fb = num(pa.get("field_strength_t")), num(ca.get("field_strength_t"))
     if fa and fb and abs(fa - fb) > 0.2:
         out.append(f"field strength differs (prior {fa:g} T, current {fb:g} T): rCBV is not directly comparable")
     return out
@@ -360,46 +349,72 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
     if same_grid(prior.baseline, current.baseline) and np.array_equal(prior.baseline.data, current.baseline.data):
         warns.append("the two baseline images are identical: both folders analysed the same series, so this compares "
                      "a scan with itself")
-
-    onto = current.baseline
-    if same_grid(prior.baseline, onto):
-        transform = None
-        registration: dict[str, Any] = {
-            "performed": False,
-            "reason": "the two baseline.nii.gz share one grid (shape and affine): no registration; the prior maps "
-                      "are used voxel for voxel"}
-        prior_rcbv = prior.rcbv
-        prior_masks = dict(prior.masks)
-        prior_brain = prior.brain
-    else:
-        p_shape, c_shape = prior.baseline.data.shape, onto.data.shape
-        why = f"shapes differ ({p_shape} vs {c_shape})" if p_shape != c_shape else "affines differ"
-        transform = rigid(onto, prior.baseline, what="prior baseline image (to the current baseline)",
-                          path=output_path(prior_folder, p_rep, "baseline"))
-        registration = {
-            "performed": True,
-            "reason": f"the two baseline.nii.gz lie on different grids ({why}): prior registered to current",
-            "method": "rigid (6 parameters), Mattes mutual information, SimpleITK; prior rCBV resampled linearly "
-                      "(NaN-aware), prior ROI masks by nearest neighbour, onto the current grid",
-            # file names only: the folders are often named after the patient (privacy, issue 17)
-            "fixed": f"current: {output_path(current_folder, c_rep, 'baseline').name}",
-            "moving": f"prior: {output_path(prior_folder, p_rep, 'baseline').name}",
-            "transform_file": TRANSFORM_FILE,
-            **transform.as_dict(),
-        }
-        aff = prior.baseline.affine
-        prior_rcbv = _resample_map(prior.rcbv, aff, onto, transform)
-        prior_masks = {n: _resample_mask(m, aff, onto, transform) for n, m in prior.masks.items()}
-        prior_brain = _resample_mask(prior.brain, aff, onto, transform) if prior.brain is not None else None
-    if prior_brain is not None and current.brain is not None:
-        dice = _dice(prior_brain, current.brain)
-        registration["brain_mask_dice"] = dice
+    moved = _prior_on_current_grid(prior, current)
+    if moved.brain is not None and current.brain is not None:
+        dice = _dice(moved.brain, current.brain)
+        moved.registration["brain_mask_dice"] = dice
         if dice is not None and dice < BRAIN_DICE_WARN:
             warns.append(f"the brain masks of the two time points overlap only {dice:.2f} (Dice) on the current grid: "
                          "the scans may not be aligned; check the figure before trusting the registered numbers")
+    rows = _roi_rows(common, prior, current, moved)
+    thr = c_rep.get("thresholds", {})
+    low, high = num(thr.get("rcbv_low")) or 1.0, num(thr.get("rcbv_high")) or 1.75
+    data = _comparison_data(prior, current, moved.registration, rows, (low, high), warns,
+                            unmatched={"prior_only": only_prior, "current_only": only_current})
+    onto = current.baseline
+    return Comparison(data=data, transform=moved.transform, background=onto.data, affine=onto.affine,
+                      prior_rcbv=moved.rcbv, current_rcbv=current.rcbv, current_masks=current.masks,
+                      prior_masks=moved.masks, thresholds=(low, high))
 
-    p_rois = {str(r.get("name")): r for r in p_rep.get("rois", [])}
-    c_rois = {str(r.get("name")): r for r in c_rep.get("rois", [])}
+
+@dataclass
+class _Moved:
+    """The prior time point on the current grid: its rCBV, ROI masks and brain mask, the transform
+    (None on a shared grid) and compare.json's "registration"."""
+
+    rcbv: np.ndarray
+    masks: dict[str, np.ndarray]
+    brain: np.ndarray | None
+    transform: Rigid | None
+    registration: dict[str, Any]
+
+
+def _prior_on_current_grid(prior: TimePoint, current: TimePoint) -> _Moved:
+    """The prior maps as they are when both baselines share one grid; else registered rigidly to the
+    current baseline and resampled onto its grid (module docstring)."""
+    onto = current.baseline
+    if same_grid(prior.baseline, onto):
+        return _Moved(rcbv=prior.rcbv, masks=dict(prior.masks), brain=prior.brain, transform=None, registration={
+            "performed": False,
+            "reason": "the two baseline.nii.gz share one grid (shape and affine): no registration; the prior maps "
+                      "are used voxel for voxel"})
+    p_shape, c_shape = prior.baseline.data.shape, onto.data.shape
+    why = f"shapes differ ({p_shape} vs {c_shape})" if p_shape != c_shape else "affines differ"
+    transform = rigid(onto, prior.baseline, what="prior baseline image (to the current baseline)",
+                      path=output_path(prior.folder, prior.report, "baseline"))
+    registration = {
+        "performed": True,
+        "reason": f"the two baseline.nii.gz lie on different grids ({why}): prior registered to current",
+        "method": "rigid (6 parameters), Mattes mutual information, SimpleITK; prior rCBV resampled linearly "
+                  "(NaN-aware), prior ROI masks by nearest neighbour, onto the current grid",
+        # file names only: the folders are often named after the patient (privacy, issue 17)
+        "fixed": f"current: {output_path(current.folder, current.report, 'baseline').name}",
+        "moving": f"prior: {output_path(prior.folder, prior.report, 'baseline').name}",
+        "transform_file": TRANSFORM_FILE,
+        **transform.as_dict(),
+    }
+    aff = prior.baseline.affine
+    return _Moved(rcbv=_resample_map(prior.rcbv, aff, onto, transform),
+                  masks={n: _resample_mask(m, aff, onto, transform) for n, m in prior.masks.items()},
+                  brain=_resample_mask(prior.brain, aff, onto, transform) if prior.brain is not None else None,
+                  transform=transform, registration=registration)
+
+
+def _roi_rows(common: list[str], prior: TimePoint, current: TimePoint, moved: _Moved) -> list[dict[str, Any]]:
+    """compare.json's "rois": per ROI in both reports, the change of volume (mL), median rCBV (ratio),
+    FTB and verdict, the pattern, the prior rCBV in the current ROI and the ROIs' overlap (Dice)."""
+    p_rois = {str(r.get("name")): r for r in prior.report.get("rois", [])}
+    c_rois = {str(r.get("name")): r for r in current.report.get("rois", [])}
     rows = []
     for name in common:
         p, c = p_rois[name], c_rois[name]
@@ -411,10 +426,10 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
                                           verdict_current=c.get("verdict"))
         in_current = None
         if name in current.masks:
-            v = prior_rcbv[current.masks[name]]
+            v = moved.rcbv[current.masks[name]]
             v = v[np.isfinite(v)]
             in_current = float(np.median(v)) if v.size else None
-        dice = _dice(prior_masks[name], current.masks[name]) if name in prior_masks and name in current.masks else None
+        dice = _dice(moved.masks[name], current.masks[name]) if name in moved.masks and name in current.masks else None
         rows.append({
             "name": name,
             "volume_ml": vol,
@@ -427,10 +442,16 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
             "pattern": code,
             "pattern_sentence": sentence,
         })
+    return rows
 
-    thr = c_rep.get("thresholds", {})
-    low, high = _num(thr.get("rcbv_low")) or 1.0, _num(thr.get("rcbv_high")) or 1.75
-    data = {
+
+def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[str, Any], rows: list[dict[str, Any]],
+                     verdict_thresholds: tuple[float, float], warns: list[str], *,
+                     unmatched: dict[str, list[str]]) -> dict[str, Any]:
+    """What compare.json holds (its keys in order); ``verdict_thresholds``: the current analysis's rCBV
+    thresholds (ratio)."""
+    low, high = verdict_thresholds
+    return {
         "software": {"name": "perfusion", "version": __version__},
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
@@ -450,213 +471,21 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         "units": {"volume_ml": "mL", "rcbv": "ratio", "ftb": "fraction of ROI voxels (0-1)",
                   "relative_change": "fraction (0.4 = +40 %)", "translation_mm": "mm", "rotation_deg": "deg"},
         "rois": rows,
-        "unmatched_rois": {"prior_only": only_prior, "current_only": only_current},
+        "unmatched_rois": unmatched,
         "warnings": warns,
     }
-    return Comparison(data=data, transform=transform, background=onto.data, affine=onto.affine, prior_rcbv=prior_rcbv,
-                      current_rcbv=current.rcbv, current_masks=current.masks, prior_masks=prior_masks,
-                      thresholds=(low, high))
-
-
-# --------------------------------------------------------------------------------------- figures
-
-
-def figure_slices(masks: dict[str, np.ndarray], n_slices: int, *, limit: int = MAX_FIGURE_SLICES) -> list[int]:
-    """Slices holding a current ROI (all slices if none), at most ``limit`` evenly spaced ones."""
-    union = np.zeros(next(iter(masks.values())).shape, bool) if masks else None
-    for m in masks.values():
-        union |= m
-    slices = slices_with_roi(union) if union is not None else []
-    slices = slices or list(range(n_slices))
-    if len(slices) > limit:
-        slices = [slices[int(i)] for i in np.linspace(0, len(slices) - 1, limit).round()]
-    return slices
-
-
-def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, background: np.ndarray,
-                     current_masks: dict[str, np.ndarray], prior_masks: dict[str, np.ndarray],
-                     slices: list[int], *, affine: np.ndarray) -> bytes:
-    """Rows = slices (stored indices of the current grid, drawn in display order); left the prior rCBV on
-    the current grid, right the current rCBV, both over the current baseline on the fixed 0-5 scale;
-    solid contours the current ROIs, dashed the prior ROIs. Radiological convention from ``affine`` (the
-    current grid's, voxel to world; io.display_grid), orientation letters, slice positions (mm)."""
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
-
-    grid = display_grid(affine, current_rcbv.shape)
-    prior_rcbv, current_rcbv, background = (grid.apply(a) for a in (prior_rcbv, current_rcbv, background))
-    current_masks = {n: grid.apply(m) for n, m in current_masks.items()}
-    prior_masks = {n: grid.apply(m) for n, m in prior_masks.items()}
-    slices = display_slices(grid, slices)
-
-    lo, hi, unit = SCALES["rcbv"]
-    colours = colormaps["tab10"]
-    names = list(dict.fromkeys([*current_masks, *prior_masks]))
-    fig, axes = _figure(len(slices), 2, figsize=(2 * 3.2 + 1.2, 3.2 * len(slices) + 0.4), images=True)
-    finite = background[np.isfinite(background)]
-    bg_hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
-    im = None
-    for row, z in zip(axes, slices):
-        for ax, data, title in ((row[0], prior_rcbv, "prior (on current grid)"), (row[1], current_rcbv, "current")):
-            ax.axis("off")
-            ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi or 1.0, origin="lower")
-            im = ax.imshow(_show(np.ma.masked_invalid(data[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
-                           origin="lower")
-            for i, name in enumerate(names):
-                for masks, style in ((current_masks, "solid"), (prior_masks, "dashed")):
-                    m = masks.get(name)
-                    if m is not None and m[:, :, z].any():
-                        ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)],
-                                   linewidths=1.2, linestyles=style, origin="lower")
-            ax.set_title(f"{title}, {grid.position_label(z)}", fontsize=9)
-            draw_marks(ax, grid)
-    if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
-    handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(names)]
-    handles += [Line2D([], [], color="black", label="current ROI"),
-                Line2D([], [], color="black", linestyle="dashed", label="prior ROI (registered)")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False,
-               bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(handles) - 1) // 4)))
-    return png_bytes(fig)
-
-
-def fig_rcbv_change(rows: list[dict], low: float, high: float) -> bytes:
-    """Median rCBV (ratio) per ROI at the prior and current time point, with the verdict thresholds."""
-    from matplotlib import colormaps
-
-    colours = colormaps["tab10"]
-    fig, axes = _figure(figsize=(5.5, 3.4))
-    ax = axes[0, 0]
-    top = SCALES["rcbv"][1]
-    for i, r in enumerate(rows):
-        p, c = r["rcbv_median"]["prior"], r["rcbv_median"]["current"]
-        ys = [np.nan if p is None else p, np.nan if c is None else c]
-        top = max([top] + [y * 1.1 for y in ys if np.isfinite(y)])
-        ax.plot([0, 1], ys, marker="o", color=colours(i % 10), label=r["name"])
-    ax.axhline(low, color="tab:green", linestyle="--", linewidth=1, label=f"threshold {low:g}")
-    ax.axhline(high, color="tab:red", linestyle="--", linewidth=1, label=f"threshold {high:g}")
-    ax.set_xticks([0, 1], ["prior", "current"])
-    ax.set_xlim(-0.3, 1.3)
-    ax.set_ylim(0, top)
-    ax.set_ylabel("median rCBV (ratio)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
-    return png_bytes(fig)
-
-
-# ------------------------------------------------------------------------------------------ page
-
-
-def _fmt(x: Any, fmt: str = ".2f", *, pct: bool = False, signed: bool = False) -> str:
-    v = _num(x)
-    if v is None:
-        return "n/a"
-    if pct:
-        return f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %"
-    return format(v, ("+" if signed else "") + fmt)
-
-
-def _points(x: Any) -> str:
-    """A change of a fraction in percentage points, or n/a."""
-    v = _num(x)
-    return "n/a" if v is None else f"{100 * v:+.0f} percentage points"
-
-
-def _roi_box(r: dict) -> str:
-    colour = PATTERN_COLOUR.get(r["pattern"], VERDICT_COLOUR["indeterminate"])
-    vol, med, ver = r["volume_ml"], r["rcbv_median"], r["verdict"]
-    ftb_rows = "".join(
-        f"<tr><td>FTB {k} (fraction of voxels)</td><td>{_fmt(f['prior'], pct=True)}</td>"
-        f"<td>{_fmt(f['current'], pct=True)}</td><td>{_points(f['change'])}</td><td></td></tr>"
-        for k, f in r["ftb"].items())
-    words = {k: VERDICT_WORDS.get(str(ver[k]), str(ver[k])) for k in ("prior", "current")}
-    return (
-        f'<div class="verdict" style="border-color:{colour}">'
-        f'<h3>{_e(r["name"])}: <span style="color:{colour}">{_e(r["pattern_sentence"])}</span></h3>'
-        "<table><tr><th>measure</th><th>prior</th><th>current</th><th>change</th><th>direction</th></tr>"
-        f"<tr><td>Volume (mL)</td><td>{_fmt(vol['prior'])}</td><td>{_fmt(vol['current'])}</td>"
-        f"<td>{_fmt(vol['change'], signed=True)} mL ({_fmt(vol['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{_e(vol['direction'])}</td></tr>"
-        f"<tr><td>Median rCBV (ratio)</td><td>{_fmt(med['prior'])}</td><td>{_fmt(med['current'])}</td>"
-        f"<td>{_fmt(med['change'], signed=True)} ({_fmt(med['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{_e(med['direction'])}</td></tr>"
-        f"{ftb_rows}"
-        f"<tr><td>Verdict</td><td>{_e(words['prior'])}</td><td>{_e(words['current'])}</td>"
-        f"<td>{'changed' if ver['changed'] else 'unchanged'}</td><td></td></tr></table>"
-        f"<p>Median rCBV of the prior map inside the current ROI: <b>{_fmt(r['prior_rcbv_median_in_current_roi'])}</b> "
-        f"(useful when the ROI was redrawn); overlap of the prior and current ROI (Dice, on the current grid): "
-        f"{_fmt(r['roi_overlap_dice'])}.</p>"
-        f'<p class="small">Pattern code: {_e(r["pattern"])}. Each time point\'s values come from its own '
-        "report.json.</p>"
-        "</div>")
-
-
-def build_html(comp: Comparison) -> str:
-    """compare.html: one self-contained page (figures as base64 PNG, no scripts or links)."""
-    d = comp.data
-    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>",
-                        f'<div class="disclaimer">{_e(DISCLAIMER)}</div>']
-    ins = d["inputs"]
-    parts.append(
-        f"<p>perfusion {_e(__version__)}, {_e(d['created_utc'])}.</p><table>"
-        "<tr><th>time point</th><th>report SHA-256</th><th>analysed (UTC)</th><th>perfusion version</th></tr>"
-        + "".join(f"<tr><td>{label}</td><td>{_e(str(ins[label]['report_sha256'])[:16])}</td>"
-                  f"<td>{_e(ins[label]['analysis_created_utc'])}"
-                  f"</td><td>{_e(ins[label]['software_version'])}</td></tr>" for label in ("prior", "current"))
-        + "</table>")
-    reg = d["registration"]
-    if reg["performed"]:
-        rot = ", ".join(f"{v:.2f}" for v in reg["rotation_deg"])
-        tra = ", ".join(f"{v:.2f}" for v in reg["translation_mm"])
-        parts.append(f"<p><b>Registration:</b> {_e(reg['reason'])}; rigid, Mattes mutual information. Rotation "
-                     f"{rot} deg, translation {tra} mm (saved as {_e(TRANSFORM_FILE)}).")
-    else:
-        parts.append(f"<p><b>Registration:</b> none; {_e(reg['reason'])}.")
-    if reg.get("brain_mask_dice") is not None:
-        parts.append(f" Brain-mask overlap on the current grid (Dice): {reg['brain_mask_dice']:.3f}.")
-    parts.append("</p>")
-
-    parts.append("<h2>Change per ROI</h2>")
-    parts.extend(_roi_box(r) for r in d["rois"])
-    um = d["unmatched_rois"]
-    if um["prior_only"] or um["current_only"]:
-        parts.append("<h3>ROIs without a partner (not compared)</h3><ul>"
-                     + "".join(f"<li>only in the prior analysis: {_e(n)}</li>" for n in um["prior_only"])
-                     + "".join(f"<li>only in the current analysis: {_e(n)}</li>" for n in um["current_only"])
-                     + "</ul><p class=\"small\">ROIs are matched by name: name the lesion masks the same in both "
-                       "analyses.</p>")
-    t = d["thresholds"]
-    parts.append(
-        "<p class=\"small\">Thresholds (relative change = current / prior - 1): volume grows from "
-        f"{100 * t['volume_growth_relative']:+.0f} %, shrinks from {100 * t['volume_shrink_relative']:+.0f} %; median "
-        f"rCBV rises from {100 * t['rcbv_rise_relative']:+.0f} % (doubling), falls from "
-        f"{100 * t['rcbv_fall_relative']:+.0f} % (halving). Sources: {_e(t['source'])}.</p>")
-
-    parts.append("<h2>Figures</h2>")
-    slices = figure_slices(comp.current_masks, comp.background.shape[2])
-    parts.append("<h3>rCBV, prior (left, on the current grid) and current (right), over the current baseline</h3>")
-    parts.append(_img_tag(fig_side_by_side(comp.prior_rcbv, comp.current_rcbv, comp.background, comp.current_masks,
-                                           comp.prior_masks, slices, affine=comp.affine), "rCBV prior and current"))
-    parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); solid lines: current ROIs; dashed: '
-                 f"prior ROIs (registered). {ORIENTATION_NOTE} Both columns are drawn on the current grid.</p>")
-    parts.append("<h3>Median rCBV per ROI</h3>")
-    parts.append(_img_tag(fig_rcbv_change(d["rois"], *comp.thresholds), "median rCBV prior and current"))
-    if d["warnings"]:
-        parts.append("<h2>Warnings</h2><ul>" + "".join(f"<li>{_e(w)}</li>" for w in d["warnings"]) + "</ul>")
-    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>DSC perfusion follow-up comparison</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
 def write_comparison(comp: Comparison, folder: Path) -> dict[str, Path]:
-    """Write compare.json, compare.html and (when registered) prior_to_current.tfm into ``folder``, a
-    staging folder of io.staged_output. Returns the paths by role."""
+    """Write compare.json, compare.html (report.followup_html) and (when registered) prior_to_current.tfm
+    into ``folder``, a staging folder of io.staged_output. Returns the paths by role."""
+    from perfusion.report.followup_html import build_html  # it imports this module
+
     folder = Path(folder)
     paths = {"json": folder / "compare.json", "html": folder / "compare.html"}
     if comp.transform is not None:
         paths["transform"] = write_transform(folder / TRANSFORM_FILE, comp.transform)
     page = build_html(comp)
     write_json(paths["json"], comp.data)
-    paths["html"].write_text(page, encoding="utf-8")
+    atomic_write(paths["html"], page, fix=None)
     return paths

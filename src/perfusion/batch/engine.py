@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
@@ -31,6 +30,7 @@ from typing import Any, Callable
 from perfusion import DISCLAIMER, __version__
 from perfusion.batch.discovery import OUTPUT_MARKER
 from perfusion.errors import OutputError, PerfusionError, UsageError
+from perfusion.io import Redactor, atomic_write, dumps_json
 from perfusion.verdicts import VERDICT_WORDS  # the index's verdict column
 
 #: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it; discovery never
@@ -165,9 +165,11 @@ class Names:
             return f"{label}/{r}" if label else r
         return p.name
 
-    @functools.cached_property
-    def _replacements(self) -> list[tuple[str, re.Pattern, str]]:
-        """(prefix, pattern, label), longest prefix first; computed once (it resolves symlinks)."""
+    def _table(self) -> dict[str, str]:
+        """batch's naming policy as an io.Redactor table, each folder's spelling (as given and with
+        symlinks resolved) -> its label: the output folder "OUT_DIR", DERIVATIVES, the input folder ""
+        (paths under it become relative), the folders above the input folder and OUT_DIR "..", "../.."
+        and "OUT_DIR/..", ... (the longest spelling of a path wins)."""
         pairs: dict[str, str] = {}
         for base, label in self._bases():
             pairs.setdefault(str(base), label)
@@ -176,26 +178,19 @@ class Names:
                 for k, parent in enumerate(form.parents, start=1):  # above: ../, ../../, ...
                     if parent != Path(parent.anchor):
                         pairs.setdefault(str(parent), label + "/".join([".."] * k))
-        return [(prefix, re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(/|(?![\w.\-]))"), label)
-                for prefix, label in sorted(pairs.items(), key=lambda pr: len(pr[0]), reverse=True)]
+        return pairs
+
+    @functools.cached_property
+    def _redactor(self) -> Redactor:
+        """Built once (it resolves symlinks)."""
+        return Redactor(table=self._table(), bare="INPUT")
 
     def scrub(self, text: str) -> str:
         """``text`` with every absolute path under the input, derivatives, output folder or a folder
         above the input made relative (``/data/DOE_JOHN/ds/sub-01/x`` -> ``sub-01/x``,
-        ``/data/DOE_JOHN/other`` -> ``../other``, the input folder itself -> ``INPUT``)."""
-        if not text:
-            return text
-        for prefix, pattern, label in self._replacements:
-            if prefix not in text:
-                continue
-
-            def sub(m, label=label):
-                if m.group(1) == "/":
-                    return f"{label}/" if label else ""
-                return label or "INPUT"
-
-            text = pattern.sub(sub, text)
-        return text
+        ``/data/DOE_JOHN/other`` -> ``../other``, the input folder itself -> ``INPUT``): io.Redactor
+        with this policy."""
+        return self._redactor.text(text)
 
 
 def fingerprint(case, params: dict[str, Any], names: Names) -> dict[str, Any]:
@@ -485,9 +480,7 @@ def _fmt(v: Any) -> str:
 def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
                   params: dict[str, Any]) -> dict[str, Path]:
     """summary.tsv, summary.json, index.html (and dataset_description.json in BIDS layout) at the top
-    of ``out_root``, each written to a temporary name and renamed."""
-    from perfusion.io import write_json
-
+    of ``out_root``, each whole or not at all (io.atomic_write; OutputError naming the file)."""
     rows = [{k: r.get(k) for k in COLUMNS} for r in batch.rows]
     tsv = "\t".join(COLUMNS) + "\n" + "".join("\t".join(_fmt(r[k]) for k in COLUMNS) + "\n" for r in rows)
     summary = {"software": {"name": "perfusion", "version": __version__}, "created_utc": _now(),
@@ -497,31 +490,15 @@ def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
                "units": {"rcbv_median": "ratio", "rcbv_ci_low": "ratio", "rcbv_ci_high": "ratio", "ftb_low": "fraction",
                          "ftb_mid": "fraction", "ftb_high": "fraction", "mixed": "boolean", "seconds": "s"},
                "rows": rows}
-    written = {}
-    files: dict[str, Callable[[Path], None]] = {
-        "summary.tsv": lambda p: p.write_text(tsv, encoding="utf-8"),
-        "summary.json": lambda p: write_json(p, summary),
-        "index.html": lambda p: p.write_text(index_html(batch, summary), encoding="utf-8"),
-    }
+    files = {"summary.tsv": tsv, "summary.json": dumps_json(summary) + "\n", "index.html": index_html(batch, summary)}
     if layout == "bids":
-        files["dataset_description.json"] = lambda p: write_json(p, {
+        files["dataset_description.json"] = dumps_json({
             "Name": "perfusion: DSC perfusion maps and lesion scores", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}]})
+            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}]}) + "\n"
         # no SourceDatasets: its URL would be the input's absolute path (folders named after patients);
         # each case's done-marker and report.json record its inputs by relative name and sha256
-    for name, write in files.items():
-        target = out_root / name
-        tmp = out_root / f".{name}.tmp-{os.getpid()}"
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); check free space and permissions") \
-                from None
-        written[name] = target
-    return written
+    return {name: atomic_write(out_root / name, text) for name, text in files.items()}
 
 
 def index_html(batch: BatchResult, summary: dict) -> str:

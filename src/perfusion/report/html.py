@@ -11,8 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io as _bytes_io
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,11 +19,11 @@ import numpy as np
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
-from perfusion.errors import InputError, OutputError
+from perfusion.errors import InputError
+from perfusion.io import (DisplayGrid, atomic_write, display_grid, find_report, load_array, load_array_affine,
+                          output_path, read_json_object, stem)
 from perfusion.units import MAP_UNITS
 from perfusion.verdicts import VERDICT_HEADING
-from perfusion.io import (DisplayGrid, display_grid, find_report, load_array, load_array_affine, output_path, read_json_object,
-                 stem)
 
 #: Fixed colour scales (value range, unit) so pages of different cases compare at a glance.
 #: rCBV 0-5: the verdict thresholds (1.0, 1.75) sit in the lower half, hot lesions (3-5) stay visible.
@@ -177,16 +175,16 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
         rows.append({"name": name, "value": value, "expected": expected,
                      "status": "ok" if ok else "warning", "note": note})
 
-    field = _num(acq.get("field_strength_t"))
+    field = num(acq.get("field_strength_t"))
     is15 = field is not None and abs(field - 1.5) <= FIELD_TOL_T
     is3 = field is not None and abs(field - 3.0) <= FIELD_TOL_T
     row("Field strength", "not recorded" if field is None else f"{field:g} T", "1.5 T or 3 T", is15 or is3,
         "" if (is15 or is3) else "the consensus TE is defined for 1.5 T and 3 T only")
 
-    te = _num(acq.get("te"))
+    te = num(acq.get("te"))
     echoes = acq.get("echoes") or []
     if echoes:  # multi-echo: te is the effective TE; the consensus TE is the long echo's
-        tes = [_num(e.get("te_s")) for e in echoes]
+        tes = [num(e.get("te_s")) for e in echoes]
         kind = "dual echo" if len(echoes) == 2 else f"{len(echoes)} echoes"
         row("Echoes", f"{kind} (TE {', '.join('?' if t is None else f'{t * 1000:.3g}' for t in tes)} ms)",
             "single or multi echo", True, "delta R2* from the echoes is free of T1 leakage effects "
@@ -203,18 +201,18 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
         else:
             row("TE", f"{te_ms:.0f} ms", "40-50 ms (1.5 T), 20-35 ms (3 T)", False, "field strength unknown")
 
-    tr = _num(acq.get("tr"))
+    tr = num(acq.get("tr"))
     row("TR (temporal resolution)", "not recorded" if tr is None else f"{tr:g} s", "about 1-1.5 s",
         tr is not None and 1.0 - 1e-6 <= tr <= 1.5 + 1e-6)
 
-    flip = _num(acq.get("flip_angle_deg"))
+    flip = num(acq.get("flip_angle_deg"))
     near60 = flip is not None and abs(flip - 60.0) <= FLIP_TOL_DEG
     near30 = flip is not None and abs(flip - 30.0) <= FLIP_TOL_DEG
     row("Flip angle", "not recorded" if flip is None else f"{flip:g} deg",
         "60 deg with preload, 30 deg without", near60 or near30,
         "60 deg assumes a preload dose, 30 deg none; the preload is not recorded" if (near60 or near30) else "")
 
-    n = _num(acq.get("n_frames"))
+    n = num(acq.get("n_frames"))
     dur = n * tr if (n is not None and tr is not None) else None
     row("Frames", "not recorded" if n is None else f"{n:.0f}" + (f" ({dur:.0f} s)" if dur is not None else ""),
         "baseline, first pass and recirculation", n is not None and base.get("bolus_arrival_frame") is not None
@@ -229,7 +227,8 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
     return rows
 
 
-def _num(v) -> float | None:
+def num(v) -> float | None:
+    """``v`` as a finite float, or None (missing, not a number, NaN or infinite: shown as n/a)."""
     try:
         f = float(v)
     except (TypeError, ValueError):
@@ -240,7 +239,7 @@ def _num(v) -> float | None:
 # -------------------------------------------------------------------------------------- figures
 
 
-def _figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], images: bool = False):
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], images: bool = False):
     """A matplotlib Figure on the Agg canvas and its axes (2-D array). pyplot is not used, so the
     user's backend and pyplot's global figure list are left alone. ``images``: axes without ticks or
     frame, for image panels (hidden ticks were still laid out: 45 % of a montage's drawing time)."""
@@ -260,12 +259,13 @@ def png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def _img_tag(png: bytes, alt: str) -> str:
+def img_tag(png: bytes, alt: str) -> str:
+    """An <img> holding ``png`` as a base64 data URI (pages are self-contained), ``alt`` escaped."""
     data = base64.b64encode(png).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def _show(a2d: np.ndarray) -> np.ndarray:
+def as_image(a2d: np.ndarray) -> np.ndarray:
     """An (x, y) slice of a display-oriented array (DisplayGrid.apply) as an image: x across, y up
     (displayed with origin='lower'), so the radiological convention of io.DISPLAY_AXCODES."""
     return np.asarray(a2d).T
@@ -321,7 +321,7 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
     slices = display_slices(grid, slices)
     lo, hi, unit = SCALES["rcbv"]
     nr, nc = _grid(len(slices), max_cols=4)
-    fig, axes = _figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
+    fig, axes = figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
     colours = colormaps["tab10"]
     im = None
     bg_hi = float(np.percentile(background[np.isfinite(background)], 99.5)) if np.isfinite(background).any() else 1.0
@@ -329,15 +329,15 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
         ax.axis("off")
     extent = (-0.5, rcbv.shape[0] - 0.5, -0.5, rcbv.shape[1] - 0.5)
     for ax, z in zip(axes.ravel(), slices):
-        ax.imshow(_show(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
-        im = ax.imshow(_show(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
+        ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
+        im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
                        origin="lower", extent=extent)
         for i, (name, m) in enumerate(rois.items()):
             if m[:, :, z].any():
-                ax.contour(_show(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
+                ax.contour(as_image(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
                            origin="lower")
         if reference is not None and reference[:, :, z].any():
-            ax.contour(_show(reference[:, :, z].astype(float)), levels=[0.5], colors=["white"], linewidths=0.6,
+            ax.contour(as_image(reference[:, :, z].astype(float)), levels=[0.5], colors=["white"], linewidths=0.6,
                        linestyles="dashed", origin="lower")
         ax.set_title(grid.position_label(z), fontsize=9)
         draw_marks(ax, grid)
@@ -376,12 +376,12 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
     data = grid.apply(data)
     nz = data.shape[2]
     nr, nc = _grid(nz)
-    fig, axes = _figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3), images=True)
+    fig, axes = figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3), images=True)
     im = None
     for ax in axes.ravel():
         ax.axis("off")
     for z, ax in zip(range(nz), axes.ravel()):
-        im = ax.imshow(_show(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+        im = ax.imshow(as_image(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
         ax.set_title(grid.position_label(z), fontsize=8)
         draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
@@ -389,7 +389,7 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
 
 
 def fig_aif(time_s: np.ndarray, aif: np.ndarray, n_voxels: Any) -> bytes:
-    fig, axes = _figure(figsize=(6, 3))
+    fig, axes = figure(figsize=(6, 3))
     ax = axes[0, 0]
     ax.plot(time_s, aif, color="crimson", label=f"AIF ({n_voxels} voxels)")
     ax.set_xlabel("time (s)")
@@ -401,7 +401,7 @@ def fig_aif(time_s: np.ndarray, aif: np.ndarray, n_voxels: Any) -> bytes:
 
 def fig_roi_curves(time_s: np.ndarray, curves: dict[str, np.ndarray], name: str) -> bytes:
     """Mean delta R2* (1/s) of one ROI, uncorrected and corrected, with the reference's."""
-    fig, axes = _figure(figsize=(6, 3))
+    fig, axes = figure(figsize=(6, 3))
     ax = axes[0, 0]
     key = f"roi:{name}"
     if key + "_uncorrected" in curves:
@@ -419,7 +419,7 @@ def fig_roi_curves(time_s: np.ndarray, curves: dict[str, np.ndarray], name: str)
 
 
 def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
-    fig, axes = _figure(figsize=(6, 3))
+    fig, axes = figure(figsize=(6, 3))
     ax = axes[0, 0]
     edges = hist["edges"]
     ax.stairs(hist["counts"], edges, fill=True, color="tab:gray")  # one artist, not one bar per bin
@@ -454,17 +454,18 @@ img{max-width:100%}.small{font-size:.85em;color:#555}
 """
 
 
-def _e(x: Any) -> str:
+def esc(x: Any) -> str:
+    """``x`` as text safe inside HTML, attribute values included (everything taken from a file)."""
     return html.escape(str(x), quote=True)
 
 
 def _f(x: Any, fmt: str = ".2f") -> str:
-    v = _num(x)
+    v = num(x)
     return "n/a" if v is None else format(v, fmt)
 
 
 def _pct(x: Any, *, signed: bool = False) -> str:
-    v = _num(x)
+    v = num(x)
     return "n/a" if v is None else (f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %")
 
 
@@ -476,7 +477,7 @@ def _n_warnings(r: dict) -> int:
 def _ci(r: dict, key: str = "rcbv", pct: bool = False) -> str:
     """The interval of a figure as "[lo, hi]" ("n/a" without one)."""
     lo, hi = (r.get("rcbv_ci_low"), r.get("rcbv_ci_high")) if key == "rcbv" else tuple((r.get(key) or [None, None])[:2])
-    if _num(lo) is None or _num(hi) is None:
+    if num(lo) is None or num(hi) is None:
         return "n/a"
     return f"[{_pct(lo)}, {_pct(hi)}]" if pct else f"[{_f(lo)}, {_f(hi)}]"
 
@@ -487,8 +488,8 @@ def _leakage_table(r: dict) -> str:
     if not by:
         return ""
     pooled = set(r.get("ci_methods") or [])
-    rows = "".join(f'<tr><td>{_e(m)}{" *" if m in pooled else ""}</td><td>{_f(v.get("rcbv_median"))}</td>'
-                   f'<td>{_e(VERDICT_WORDS.get(v.get("verdict"), v.get("verdict", "?")))}</td></tr>'
+    rows = "".join(f'<tr><td>{esc(m)}{" *" if m in pooled else ""}</td><td>{_f(v.get("rcbv_median"))}</td>'
+                   f'<td>{esc(VERDICT_WORDS.get(v.get("verdict"), v.get("verdict", "?")))}</td></tr>'
                    for m, v in by.items())
     return ('<table class="small"><tr><th>leakage correction</th><th>median rCBV</th><th>band</th></tr>' + rows
             + "</table><p class=\"small\">* pooled into the 95 % interval</p>")
@@ -497,9 +498,9 @@ def _leakage_table(r: dict) -> str:
 def _summary_table(rois: list[dict]) -> str:
     """One line per ROI above the detailed boxes: what a reader needs at a glance."""
     rows = "".join(
-        f'<tr><td>{_e(r.get("name", "?"))}</td>'
+        f'<tr><td>{esc(r.get("name", "?"))}</td>'
         f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict"), "#555")}"><b>'
-        f'{_e(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
+        f'{esc(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
         f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td><td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
         f'{_pct(r.get("ftb_high"))}</td><td>{"yes" if r.get("mixed") else "no"}</td><td>{_f(r.get("volume_ml"))}</td>'
         f'<td>{_n_warnings(r)}</td></tr>'
@@ -520,14 +521,14 @@ def _standardized(r: dict, standardized: dict | None) -> str:
 def _verdict_box(r: dict, thresholds: dict, standardized: dict | None = None) -> str:
     v = r.get("verdict", "indeterminate")
     colour = VERDICT_COLOUR.get(v, "#555")
-    reasons = "".join(f"<li>{_e(x)}</li>" for x in r.get("reasons", []))
+    reasons = "".join(f"<li>{esc(x)}</li>" for x in r.get("reasons", []))
     return (
         f'<div class="verdict" style="border-color:{colour}">'
-        f'<h3>{_e(r.get("name", "?"))}: <span style="color:{colour}">{_e(VERDICT_WORDS.get(v, v))}</span></h3>'
+        f'<h3>{esc(r.get("name", "?"))}: <span style="color:{colour}">{esc(VERDICT_WORDS.get(v, v))}</span></h3>'
         f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b>, 95 % interval <b>{_ci(r)}</b> (bootstrap over lesion and "
-        f"reference voxels and the leakage corrections {_e(', '.join(r.get('ci_methods') or []) or 'n/a')}); mean "
+        f"reference voxels and the leakage corrections {esc(', '.join(r.get('ci_methods') or []) or 'n/a')}); mean "
         f"{_f(r.get('rcbv_mean'))}, 90th percentile {_f(r.get('rcbv_p90'))} {_ci(r, 'rcbv_p90_ci')}; "
-        f"{_e(r.get('n_valid', '?'))} of {_e(r.get('n_voxels', '?'))} voxels valid, {_f(r.get('volume_ml'))} mL.<br>"
+        f"{esc(r.get('n_valid', '?'))} of {esc(r.get('n_voxels', '?'))} voxels valid, {_f(r.get('volume_ml'))} mL.<br>"
         f"Fractional tumour burden: {_pct(r.get('ftb_low'))} {_ci(r, 'ftb_low_ci', True)} below "
         f"{_f(thresholds.get('rcbv_low'), 'g')}, {_pct(r.get('ftb_mid'))} {_ci(r, 'ftb_mid_ci', True)} between, "
         f"{_pct(r.get('ftb_high'))} {_ci(r, 'ftb_high_ci', True)} above {_f(thresholds.get('rcbv_high'), 'g')}"
@@ -536,8 +537,8 @@ def _verdict_box(r: dict, thresholds: dict, standardized: dict | None = None) ->
         f"{_f(r.get('relative_peak_height'))}; leakage correction changed CBV by "
         f"{_pct(r.get('leakage_cbv_change'), signed=True)}.</p>"
         f"<p>Reasons and warnings:</p><ul>{reasons}</ul>{_leakage_table(r)}"
-        f"<p><b>Next step:</b> {_e(r.get('next_step', ''))}</p>"
-        f'<p class="small">Rule: {_e(r.get("rule", ""))}</p></div>'
+        f"<p><b>Next step:</b> {esc(r.get('next_step', ''))}</p>"
+        f'<p class="small">Rule: {esc(r.get("rule", ""))}</p></div>'
     )
 
 
@@ -565,19 +566,19 @@ def build_html(folder: Path) -> str:
     # 1. header
     version = rep.get("software", {}).get("version", "unknown")
     date = rep.get("created_utc")
-    inputs = "".join(f"<li>{_e(input_file_name(k, v))}</li>" for k, v in rep.get("inputs", {}).items())
+    inputs = "".join(f"<li>{esc(input_file_name(k, v))}</li>" for k, v in rep.get("inputs", {}).items())
     parts.append("<h1>DSC perfusion report</h1>")
-    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
     aif_rep = rep.get("aif", {})
     if aif_rep.get("absolute_quantification") is False:
-        reasons = "".join(f"<li>{_e(r)}</li>" for r in aif_rep.get("absolute_quantification_reasons", []))
-        parts.append(f'<div class="absolute"><p>AIF: {_e(NOT_QUANTITATIVE)}.</p><p class="small">'
-                     f"{_e(RELATIVE_VALID)}. Absolute CBV (mL/100 g), CBF (mL/100 g/min) and MTT (s) in the maps "
+        reasons = "".join(f"<li>{esc(r)}</li>" for r in aif_rep.get("absolute_quantification_reasons", []))
+        parts.append(f'<div class="absolute"><p>AIF: {esc(NOT_QUANTITATIVE)}.</p><p class="small">'
+                     f"{esc(RELATIVE_VALID)}. Absolute CBV (mL/100 g), CBF (mL/100 g/min) and MTT (s) in the maps "
                      f"are not.</p><ul class=\"small\">{reasons}</ul></div>")
     parts.append(
-        f"<p>perfusion {_e(version)} (analysis); page written by perfusion {_e(__version__)} on "
+        f"<p>perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on "
         f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Analysis date: "
-        f"{_e(date) if date else 'not recorded in report.json'}.</p>"
+        f"{esc(date) if date else 'not recorded in report.json'}.</p>"
         f"<p>Input files:</p><ul>{inputs}</ul>"
     )
 
@@ -586,7 +587,7 @@ def build_html(folder: Path) -> str:
     if rois:
         parts.append(_summary_table(rois))
         parts.extend(_verdict_box(r, thr, rep.get("reference", {}).get("standardized")) for r in rois)
-        parts.append(f'<p class="small">Thresholds: {_e(thr.get("source", ""))}</p>')
+        parts.append(f'<p class="small">Thresholds: {esc(thr.get("source", ""))}</p>')
     else:
         parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
 
@@ -626,7 +627,7 @@ def build_html(folder: Path) -> str:
         slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
         what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
         parts.append(f"<h3>rCBV over {bg_name} ({what})</h3>")
-        parts.append(_img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine,
+        parts.append(img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine,
                                                background_affine=bg_affine), "rCBV overlay"))
         parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
                      f"dashed white: reference tissue. {ORIENTATION_NOTE}</p>")
@@ -640,29 +641,29 @@ def build_html(folder: Path) -> str:
             continue
         lo, hi, unit = SCALES[name]
         parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
-        parts.append(_img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
+        parts.append(img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
                               f"{title} montage"))
     k2, k2_affine = _load_with_affine(folder, rep, "k2")
     if k2 is not None:
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
-        parts.append(_img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
+        parts.append(img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
                               "K2 montage"))
     parts.append(f'<p class="small">{ORIENTATION_NOTE}</p>')
     curves = read_curves(output_path(folder, rep, "curves"))
     if "time_s" in curves and "aif" in curves:
         parts.append("<h3>Arterial input function</h3>")
-        parts.append(_img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
+        parts.append(img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
     else:
         notes.append("curves.tsv not found or without an aif column: no AIF or ROI curves")
     for r in rois:
         name = r.get("name", "?")
-        parts.append(f"<h3>ROI {_e(name)}</h3>")
+        parts.append(f"<h3>ROI {esc(name)}</h3>")
         if "time_s" in curves and f"roi:{name}" in curves:
-            parts.append(_img_tag(fig_roi_curves(curves["time_s"], curves, name), f"curves {name}"))
+            parts.append(img_tag(fig_roi_curves(curves["time_s"], curves, name), f"curves {name}"))
         if rcbv is not None and name in masks:
             h = histogram_data(rcbv[masks[name]], low, high)
-            parts.append(_img_tag(fig_histogram(h, name), f"rCBV histogram {name}"))
+            parts.append(img_tag(fig_histogram(h, name), f"rCBV histogram {name}"))
             if h["n_clipped"]:
                 parts.append(f'<p class="small">{h["n_clipped"]} voxels outside {HIST_RANGE[0]:g}-{HIST_RANGE[1]:g} '
                              "are counted in the end bins.</p>")
@@ -670,16 +671,16 @@ def build_html(folder: Path) -> str:
     # 4. quality
     parts.append("<h2>Quality</h2>")
     rows = "".join(
-        f"<tr><td>{_e(c['name'])}</td><td>{_e(c['value'])}</td><td>{_e(c['expected'])}</td>"
-        f"<td class=\"{c['status']}\">{c['status']}</td><td>{_e(c['note'])}</td></tr>"
+        f"<tr><td>{esc(c['name'])}</td><td>{esc(c['value'])}</td><td>{esc(c['expected'])}</td>"
+        f"<td class=\"{c['status']}\">{c['status']}</td><td>{esc(c['note'])}</td></tr>"
         for c in check_acquisition(rep))
     parts.append("<h3>Acquisition against the consensus protocol (Boxerman et al. 2020, Neuro-Oncology 22:1262)</h3>"
                  "<table><tr><th>parameter</th><th>value</th><th>consensus</th><th>status</th><th>note</th></tr>"
                  f"{rows}</table>")
     acq = rep.get("acquisition", {})
-    parts.append(f'<p class="small">TE from {_e(acq.get("te_source", "?"))}; TR from {_e(acq.get("tr_source", "?"))}.</p>')
+    parts.append(f'<p class="small">TE from {esc(acq.get("te_source", "?"))}; TR from {esc(acq.get("tr_source", "?"))}.</p>')
     aif = rep.get("aif", {})
-    score = _num(aif.get("quality_score"))
+    score = num(aif.get("quality_score"))
     status = "warning" if score is None or score < AIF_SCORE_OK or aif.get("absolute_quantification") is False else "ok"
     qrows = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
               f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
@@ -723,7 +724,7 @@ def build_html(folder: Path) -> str:
             qrows.append(("Head motion", "not assessed", f"framewise displacement <= {fd_thr} mm", "warning",
                           str(mot.get("reason") or "--motion-correct off: no frame was registered")))
         else:
-            n_above = _num(mot.get("n_frames_above_threshold")) or 0
+            n_above = num(mot.get("n_frames_above_threshold")) or 0
             done = (f"{mot.get('n_frames_corrected', '?')} frame(s) realigned" if mot.get("applied")
                     else "no frame realigned")
             qrows.append(("Head motion", f"max FD {_f(mot.get('fd_max_mm'))} mm, mean {_f(mot.get('fd_mean_mm'), '.3f')} mm",
@@ -736,14 +737,14 @@ def build_html(folder: Path) -> str:
                   "warning" if leak.get("method", "none") == "none" else "ok",
                   f"fraction corrected {_pct(leak.get('fraction_corrected'))}; fit R^2 median {_f(leak.get('fit_r2_median'))}"))
     parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
-                 + "".join(f"<tr><td>{_e(a)}</td><td>{_e(b)}</td><td>{_e(c)}</td><td class=\"{d}\">{d}</td>"
-                           f"<td>{_e(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
+                 + "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td class=\"{d}\">{d}</td>"
+                           f"<td>{esc(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
     warns = rep.get("warnings", [])
     if warns:
-        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{_e(w)}</li>" for w in warns) + "</ul>")
+        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>")
     if notes:
-        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
-    parts.append(f'<div class="disclaimer">{_e(DISCLAIMER)}</div>')
+        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>DSC perfusion report</title>"
@@ -751,26 +752,7 @@ def build_html(folder: Path) -> str:
 
 
 def write_html(folder: Path) -> Path:
-    """Write ``folder``/report.html atomically (a temporary file, then os.replace); return its path."""
+    """Write ``folder``/report.html whole or not at all (io.atomic_write); return its path."""
     folder = Path(folder)
     page = build_html(folder)
-    target = output_path(folder, load_report(folder), "report_html")
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".report.html.", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(page)
-            os.chmod(tmp, 0o666 & ~_umask())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-    except OSError as exc:
-        raise OutputError(f"{target}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(output_path(folder, load_report(folder), "report_html"), page)

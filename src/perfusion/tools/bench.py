@@ -117,7 +117,10 @@ def build_volume(name: str, dtype: str, cache: Path) -> Volume:
     del slabs
     affine = np.diag([FOV_MM / x, FOV_MM / y, SLAB_MM / z, 1.0])
     affine[:3, 3] = [-FOV_MM / 2, -FOV_MM / 2, -SLAB_MM / 2]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{dtype}.partial-", dir=cache if cache.is_dir() else None))
+    # built in a hidden folder beside its final place (the same filesystem: os.replace cannot move a
+    # folder across filesystems), which then takes the final folder's place
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-{dtype}.partial-", dir=cache))
     try:
         write_nifti(tmp / "dsc.nii.gz", signal, affine, tr=TR_S, dtype=np.dtype(dtype),
                     description="perfusion bench phantom")
@@ -125,7 +128,6 @@ def build_volume(name: str, dtype: str, cache: Path) -> Volume:
             write_nifti(tmp / f"{k}.nii.gz", np.concatenate(masks[k], axis=2)[:, :, :z], affine, dtype=np.uint8)
         write_json(tmp / "dsc.json", {"EchoTime": TE_S, "RepetitionTime": TR_S})
         write_json(tmp / "volume.json", spec)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

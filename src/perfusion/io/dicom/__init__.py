@@ -1,0 +1,25 @@
+"""DICOM in: a folder straight from PACS becomes an ``io.Series``, with no patient identifier carried out.
+
+Two tools, each for what it does best, in two modules:
+
+- :mod:`~perfusion.io.dicom.headers`: **pydicom** reads the headers only, sorts the files into series,
+  frames and slices and checks them (:func:`inspect`, :func:`select_series`, :func:`check_series`).
+- :mod:`~perfusion.io.dicom.convert`: **dcm2niix** converts the one selected series; its output is
+  checked against the headers and its pixels against the DICOM pixels (:func:`read_dicom_echoes`,
+  :func:`load_dicom_series`).
+
+Their public names are re-exported here (``from perfusion.io.dicom import load_dicom_series``).
+"""
+
+from __future__ import annotations
+
+from perfusion.io.dicom.convert import (DCM2NIIX_ENV, DCM2NIIX_OPTIONS, SIDECAR_WHITELIST, DicomSeries,
+                                        find_dcm2niix, load_dicom_series, read_dicom_echoes, read_dicom_series,
+                                        whitelist_sidecar)
+from perfusion.io.dicom.headers import (INTERVAL_JITTER, INTERVAL_TR_TOLERANCE, INTERVAL_UNUSABLE, SeriesInfo,
+                                        check_series, inspect, scrub, select_series)
+
+__all__ = ["DCM2NIIX_ENV", "DCM2NIIX_OPTIONS", "INTERVAL_JITTER", "INTERVAL_TR_TOLERANCE", "INTERVAL_UNUSABLE",
+           "SIDECAR_WHITELIST", "DicomSeries", "SeriesInfo", "check_series", "find_dcm2niix", "inspect",
+           "load_dicom_series", "read_dicom_echoes", "read_dicom_series", "scrub", "select_series",
+           "whitelist_sidecar"]
