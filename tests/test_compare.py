@@ -47,7 +47,7 @@ from scipy.spatial.transform import Rotation
 
 from perfusion import DISCLAIMER
 
-from perfusion import followup as compare
+from perfusion.followup import compare
 from perfusion.cli.app import main
 from perfusion.errors import InputError
 from perfusion.io import sha256, write_nifti

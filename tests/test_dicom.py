@@ -375,8 +375,8 @@ def test_figures_from_dicom_equal_nifti(case, monkeypatch):
     layers; the same NaN pattern). Drawn in voxel order, the DICOM page would be mirrored left-right."""
     from figrecord import assert_same_figures, record
 
-    from perfusion import followup as compare
-    from perfusion.report import followup_html
+    from perfusion.followup import compare
+    from perfusion.followup import page as followup_html
     from perfusion.report import html as report_html
 
     def pages(folder):

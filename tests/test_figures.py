@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from figrecord import assert_same_figures, record
-from perfusion import followup as compare
-from perfusion.report import followup_html
+from perfusion.followup import compare
+from perfusion.followup import page as followup_html
 from perfusion.report import html as report_html
 from perfusion.cli.app import main
 from perfusion.io import display_grid

@@ -6,7 +6,7 @@ corrects head motion, analyses and registers the anatomical image. Nothing here 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,7 +49,7 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
-    A folder ``dsc`` is a DICOM folder (dicom.load_dicom_series; ``dicom_series`` its SeriesNumber)."""
+    A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its SeriesNumber)."""
     from perfusion.io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
     from perfusion.pipeline import Inputs
 
@@ -66,9 +66,11 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
             for note in series.echo_notes:
                 warnings.warn(note, stacklevel=1)
         elif dscs[0].is_dir():
-            from perfusion.io.dicom import load_dicom_series
+            from perfusion.io.dicom import load_dicom_echoes
+            from perfusion.quantify.echoes import combine_echoes
 
-            series = load_dicom_series(dscs[0], te=te, tr=tr, series=dicom_series)
+            loaded = load_dicom_echoes(dscs[0], te=te, tr=tr, series=dicom_series)
+            series = loaded[0] if len(loaded) == 1 else replace(combine_echoes(loaded), path=dscs[0])
         else:
             if dicom_series is not None:
                 raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")

@@ -27,7 +27,8 @@ def compare(
 def run_compare(*, prior: Path, current: Path, out: Path, force: bool = False, quiet: bool = False) -> dict:
     """Compare two analyze output folders (prior, current) and write compare.json, compare.html and, when
     registered, prior_to_current.tfm into ``out``; return the content of compare.json."""
-    from perfusion.followup import compare_folders, write_comparison
+    from perfusion.followup.compare import compare_folders
+    from perfusion.followup.page import write_comparison
     from perfusion.io import check_output_folder, output_lock, staged_output
 
     out = Path(out)

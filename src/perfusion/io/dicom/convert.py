@@ -37,7 +37,7 @@ already in order (frame- or slice-major) are used as they are, through symbolic 
 A multi-echo series: dcm2niix writes one NIfTI per echo (suffix ``_e1``, ``_e2``, ... since
 v1.0.20190902; earlier the first echo had none); each is matched to its echo by the EchoTime of its
 sidecar and checked on the pixels. :func:`read_dicom_echoes` returns one ``DicomSeries`` per echo;
-:func:`load_dicom_series` combines them (``echoes.combine_echoes``) into one series.
+:func:`load_dicom_echoes` loads them as ``io.Series`` (combined by the caller: case.load_inputs).
 
 Orientation: the NIfTI keeps dcm2niix's grid (for axial slices usually LAS: it flips the row axis,
 never reorients), so masks drawn on any dcm2niix conversion of the series (``perfusion convert``)
@@ -502,13 +502,14 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     return None
 
 
-def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None = None,
-                      series: int | None = None) -> Series:
-    """A DICOM folder as an ``io.Series``: TE/TR in s from ``te`` / ``tr`` if given, else from the DICOM
-    header (dcm2niix's sidecar, which converts ms to s). Check warnings are issued with
-    ``warnings.warn``; ``Series.path`` is the folder, ``sidecar`` the whitelisted keys only. A
-    multi-echo series is combined (``echoes.combine_echoes``); each echo is named ``echo-<k>`` (never
-    the folder's name) and ``te`` is refused for it (each echo has its own TE)."""
+def load_dicom_echoes(folder: Path, *, te: float | None = None, tr: float | None = None,
+                      series: int | None = None) -> list[Series]:
+    """A DICOM folder's DSC series as ``io.Series``, one per echo (TE order; one for a single-echo
+    series): TE/TR in s from ``te`` / ``tr`` if given, else from the DICOM header (dcm2niix's sidecar,
+    which converts ms to s). Check warnings are issued with ``warnings.warn``; ``Series.path`` is the
+    folder (``FOLDER/echo-<k>`` for an echo, never the folder's name alone), ``sidecar`` the whitelisted
+    keys only. ``te`` is refused for a multi-echo series (each echo has its own TE). Combining the
+    echoes is the caller's (quantify.echoes.combine_echoes; case.load_inputs does it)."""
     folder = Path(folder)
     tr_given = (check_time(tr, name="TR", flag="--tr", limit=MAX_TR_S, source="--tr", path=folder)
                 if tr is not None else None)
@@ -520,12 +521,18 @@ def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None
     for conv in convs:
         for w in conv.warnings:
             warnings.warn(w, stacklevel=2)
-    loaded = [_echo_series(conv, folder, te=te) for conv in convs]
-    if len(loaded) == 1:
-        return loaded[0]
-    from perfusion.quantify.echoes import combine_echoes
+    return [_echo_series(conv, folder, te=te) for conv in convs]
 
-    return dataclasses.replace(combine_echoes(loaded), path=folder)
+
+def load_dicom_series(folder: Path, *, te: float | None = None, tr: float | None = None,
+                      series: int | None = None) -> Series:
+    """The single-echo DSC series of a DICOM folder (load_dicom_echoes); UsageError for a multi-echo
+    series, whose echoes load_dicom_echoes returns for combining."""
+    echoes = load_dicom_echoes(folder, te=te, tr=tr, series=series)
+    if len(echoes) > 1:
+        raise UsageError(f"{folder}: a multi-echo series ({len(echoes)} echoes): load it with load_dicom_echoes and "
+                         "combine the echoes (perfusion.load_case does both)")
+    return echoes[0]
 
 
 def _echo_series(conv: DicomSeries, folder: Path, *, te: float | None) -> Series:

@@ -13,7 +13,7 @@ to the current one (register.rigid, Mattes mutual information) and the prior rCB
 masks (nearest neighbour) are resampled onto the current grid. On the same grid nothing is moved.
 
 compare.json, compare.html (one self-contained page, everything from files HTML-escaped: built by
-:mod:`perfusion.report.followup_html`) and, when registered, prior_to_current.tfm are written by
+:mod:`perfusion.followup.page`) and, when registered, prior_to_current.tfm are written by
 :func:`write_comparison` into a staging folder. This module holds the numbers and the patterns, not
 the page. Library code: no printing, errors are PerfusionError subclasses with one-line messages.
 """
@@ -29,8 +29,8 @@ import numpy as np
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.errors import InputError
-from perfusion.io import atomic_write, find_report, load_volume, output_path, sha256, write_json
-from perfusion.quantify.register import Rigid, Volume, resample, rigid, same_grid, write_transform
+from perfusion.io import find_report, load_volume, output_path, sha256
+from perfusion.quantify.register import Rigid, Volume, resample, rigid, same_grid
 from perfusion.report.html import VERDICT_WORDS, load_report, num, roi_mask_paths
 
 # ------------------------------------------------------------------------------ pattern thresholds
@@ -474,18 +474,3 @@ def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[st
         "unmatched_rois": unmatched,
         "warnings": warns,
     }
-
-
-def write_comparison(comp: Comparison, folder: Path) -> dict[str, Path]:
-    """Write compare.json, compare.html (report.followup_html) and (when registered) prior_to_current.tfm
-    into ``folder``, a staging folder of io.staged_output. Returns the paths by role."""
-    from perfusion.report.followup_html import build_html  # it imports this module
-
-    folder = Path(folder)
-    paths = {"json": folder / "compare.json", "html": folder / "compare.html"}
-    if comp.transform is not None:
-        paths["transform"] = write_transform(folder / TRANSFORM_FILE, comp.transform)
-    page = build_html(comp)
-    write_json(paths["json"], comp.data)
-    atomic_write(paths["html"], page, fix=None)
-    return paths

@@ -1,20 +1,23 @@
-"""compare.html: the follow-up comparison (perfusion.followup) as one self-contained page.
+"""compare.html: the follow-up comparison (perfusion.followup.compare) as one self-contained page, and
+write_comparison (compare.json, compare.html, the prior-to-current transform).
 
 Figures are PNGs from matplotlib (Agg) embedded as base64 data URIs, drawn on the current time
 point's grid in the radiological convention (io.display_grid); everything taken from a file is
 HTML-escaped. The page shares its style, scales and helpers with report.html (report.html); the
-numbers all come from :class:`perfusion.followup.Comparison`.
+numbers all come from :class:`perfusion.followup.compare.Comparison`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.followup import TRANSFORM_FILE, Comparison
-from perfusion.io import display_grid
+from perfusion.followup.compare import TRANSFORM_FILE, Comparison
+from perfusion.io import atomic_write, display_grid, write_json
+from perfusion.quantify.register import write_transform
 from perfusion.report.html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, as_image,
                                    display_slices, draw_marks, esc, figure, img_tag, num, png_bytes, slices_with_roi)
 
@@ -223,3 +226,16 @@ def build_html(comp: Comparison) -> str:
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<title>DSC perfusion follow-up comparison</title>"
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+
+
+def write_comparison(comp: Comparison, folder: Path) -> dict[str, Path]:
+    """Write compare.json, compare.html (build_html) and (when registered) prior_to_current.tfm
+    into ``folder``, a staging folder of io.staged_output. Returns the paths by role."""
+    folder = Path(folder)
+    paths = {"json": folder / "compare.json", "html": folder / "compare.html"}
+    if comp.transform is not None:
+        paths["transform"] = write_transform(folder / TRANSFORM_FILE, comp.transform)
+    page = build_html(comp)
+    write_json(paths["json"], comp.data)
+    atomic_write(paths["html"], page, fix=None)
+    return paths
