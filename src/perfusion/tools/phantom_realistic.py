@@ -377,7 +377,11 @@ def make_realistic_phantom(spec: RealisticSpec = RealisticSpec()) -> RealisticPh
     """Build the realistic head phantom (module docstring). Returns a ``phantom.Phantom``: signal
     float32 (x, y, z, t), RAS affine, masks, truth maps, ``blocks`` empty, ``aif`` the noise-free
     delta R2* (1/s) of a pure arterial voxel, ``spec`` this RealisticSpec; the lesions' truth in
-    ``ph.lesions``."""
+    ``ph.lesions``.
+
+    Long because it is one recipe read top to bottom (anatomy, vessels, lesions, curves, echoes, noise)
+    over arrays every step writes into; each step is a commented block, and the physics lives in the
+    small functions it calls."""
     from scipy import ndimage
 
     spec.check()
