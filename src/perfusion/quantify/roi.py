@@ -422,12 +422,10 @@ def decide(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxe
     rule = verdict_rule(low, high, mixed_fraction=mixed_fraction)
     med = float(np.median(valid)) if valid.size else nan
     p90 = float(np.percentile(valid, HOTSPOT_PERCENTILE)) if valid.size else nan
-    ftb = ((float(np.mean(valid < low)), float(np.mean((valid >= low) & (valid <= high))),
-            float(np.mean(valid > high))) if valid.size else (nan, nan, nan))
+    ftb = _ftb(valid, low, high)
     # mixed: a substantial high-rCBV component and a substantial rest (a lesion all above high is not mixed)
     mixed = bool(valid.size and ftb[2] >= mixed_fraction and 1.0 - ftb[2] >= mixed_fraction)
-    ci = interval.median if interval is not None else (nan, nan)
-    ftb_high_ci = interval.ftb_high if interval is not None else (nan, nan)
+    ci, ftb_high_ci = (interval.median, interval.ftb_high) if interval is not None else ((nan, nan), (nan, nan))
 
     gates = _gates(valid, n_voxels, med, context, interval, by_leakage, low=low, high=high)
     if valid.size == 0 and not any(code == "unfittable" for code, _ in gates):
@@ -463,6 +461,13 @@ def decide(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_voxe
                              if np.isfinite(v["rcbv_median"]) else "not_assessable"}
                          for m, v in by_leakage.items()},
     )
+
+
+def _ftb(valid: np.ndarray, low: float, high: float) -> tuple[float, float, float]:
+    """Fractional tumour burden: the fractions of valid rCBV values below ``low``, between, above ``high``."""
+    if not valid.size:
+        return (float("nan"),) * 3
+    return float(np.mean(valid < low)), float(np.mean((valid >= low) & (valid <= high))), float(np.mean(valid > high))
 
 
 def _band(med: float, ci: tuple[float, float], p90: float, ftb_high: float, ftb_high_ci: tuple[float, float],

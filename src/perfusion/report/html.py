@@ -181,25 +181,7 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
     row("Field strength", "not recorded" if field is None else f"{field:g} T", "1.5 T or 3 T", is15 or is3,
         "" if (is15 or is3) else "the consensus TE is defined for 1.5 T and 3 T only")
 
-    te = num(acq.get("te"))
-    echoes = acq.get("echoes") or []
-    if echoes:  # multi-echo: te is the effective TE; the consensus TE is the long echo's
-        tes = [num(e.get("te_s")) for e in echoes]
-        kind = "dual echo" if len(echoes) == 2 else f"{len(echoes)} echoes"
-        row("Echoes", f"{kind} (TE {', '.join('?' if t is None else f'{t * 1000:.3g}' for t in tes)} ms)",
-            "single or multi echo", True, "delta R2* from the echoes is free of T1 leakage effects "
-            "(Vonken 1999); the leakage correction still runs for T2* effects")
-        te = tes[-1]
-    if te is None:
-        row("TE", "not recorded", "40-50 ms (1.5 T), 20-35 ms (3 T)", False)
-    else:
-        te_ms = te * 1000.0
-        if is15:
-            row("TE", f"{te_ms:.0f} ms", "40-50 ms at 1.5 T", 40.0 - 1e-6 <= te_ms <= 50.0 + 1e-6)
-        elif is3:
-            row("TE", f"{te_ms:.0f} ms", "20-35 ms at 3 T", 20.0 - 1e-6 <= te_ms <= 35.0 + 1e-6)
-        else:
-            row("TE", f"{te_ms:.0f} ms", "40-50 ms (1.5 T), 20-35 ms (3 T)", False, "field strength unknown")
+    rows.extend(_echo_rows(acq, is15=is15, is3=is3))
 
     tr = num(acq.get("tr"))
     row("TR (temporal resolution)", "not recorded" if tr is None else f"{tr:g} s", "about 1-1.5 s",
@@ -224,6 +206,36 @@ def check_acquisition(report: dict) -> list[dict[str, str]]:
     row("Baseline frames", "not recorded" if arrival is None else
         f"{arrival} before the bolus" + (f" ({used} used)" if used is not None else ""),
         f"tens of frames (at least {MIN_BASELINE_FRAMES})", arrival is not None and arrival >= MIN_BASELINE_FRAMES)
+    return rows
+
+
+def _echo_rows(acq: dict, *, is15: bool, is3: bool) -> list[dict[str, str]]:
+    """check_acquisition's rows for the echoes and TE (a multi-echo run: the consensus TE is the long echo's)."""
+    rows: list[dict[str, str]] = []
+
+    def row(name, value, expected, ok, note=""):
+        rows.append({"name": name, "value": value, "expected": expected,
+                     "status": "ok" if ok else "warning", "note": note})
+
+    te = num(acq.get("te"))
+    echoes = acq.get("echoes") or []
+    if echoes:  # multi-echo: te is the effective TE
+        tes = [num(e.get("te_s")) for e in echoes]
+        kind = "dual echo" if len(echoes) == 2 else f"{len(echoes)} echoes"
+        row("Echoes", f"{kind} (TE {', '.join('?' if t is None else f'{t * 1000:.3g}' for t in tes)} ms)",
+            "single or multi echo", True, "delta R2* from the echoes is free of T1 leakage effects "
+            "(Vonken 1999); the leakage correction still runs for T2* effects")
+        te = tes[-1]
+    if te is None:
+        row("TE", "not recorded", "40-50 ms (1.5 T), 20-35 ms (3 T)", False)
+        return rows
+    te_ms = te * 1000.0
+    if is15:
+        row("TE", f"{te_ms:.0f} ms", "40-50 ms at 1.5 T", 40.0 - 1e-6 <= te_ms <= 50.0 + 1e-6)
+    elif is3:
+        row("TE", f"{te_ms:.0f} ms", "20-35 ms at 3 T", 20.0 - 1e-6 <= te_ms <= 35.0 + 1e-6)
+    else:
+        row("TE", f"{te_ms:.0f} ms", "40-50 ms (1.5 T), 20-35 ms (3 T)", False, "field strength unknown")
     return rows
 
 
@@ -554,21 +566,37 @@ def _load_with_affine(folder: Path, rep: dict, name: str) -> tuple[np.ndarray | 
 
 
 def build_html(folder: Path) -> str:
-    """The report page of an ``analyze`` output folder as one self-contained HTML string."""
+    """The report page of an ``analyze`` output folder as one self-contained HTML string: the header,
+    the verdicts, the figures and the quality tables, in that order."""
     folder = Path(folder)
     rep = load_report(folder)
-    thr = rep.get("thresholds", {})
-    low, high = float(thr.get("rcbv_low", 1.0)), float(thr.get("rcbv_high", 1.75))
-    rois = rep.get("rois", [])
-    parts: list[str] = []
     notes: list[str] = []
+    rcbv, rcbv_affine = _load_with_affine(folder, rep, "rcbv")
+    brain = _load(folder, rep, "brain_mask")
+    masks = _roi_masks(folder, rep, rcbv, notes)
+    parts = [*_header(rep), *_verdicts(rep), "<h2>Figures</h2>",
+             *_rcbv_figure(folder, rep, rcbv, rcbv_affine, masks, notes),
+             *_montages(folder, rep, brain, notes), *_curve_figures(folder, rep, rcbv, masks, notes),
+             *_quality(folder, rep, brain)]
+    if notes:
+        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
+    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<title>DSC perfusion report</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
-    # 1. header
+
+def _thresholds(rep: dict) -> tuple[float, float]:
+    thr = rep.get("thresholds", {})
+    return float(thr.get("rcbv_low", 1.0)), float(thr.get("rcbv_high", 1.75))
+
+
+def _header(rep: dict) -> list[str]:
+    """Title, disclaimer, the not-quantitative notice of a partial-volume AIF, versions, dates, inputs."""
     version = rep.get("software", {}).get("version", "unknown")
     date = rep.get("created_utc")
     inputs = "".join(f"<li>{esc(input_file_name(k, v))}</li>" for k, v in rep.get("inputs", {}).items())
-    parts.append("<h1>DSC perfusion report</h1>")
-    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
+    parts = ["<h1>DSC perfusion report</h1>", f'<div class="disclaimer">{esc(DISCLAIMER)}</div>']
     aif_rep = rep.get("aif", {})
     if aif_rep.get("absolute_quantification") is False:
         reasons = "".join(f"<li>{esc(r)}</li>" for r in aif_rep.get("absolute_quantification_reasons", []))
@@ -581,22 +609,25 @@ def build_html(folder: Path) -> str:
         f"{esc(date) if date else 'not recorded in report.json'}.</p>"
         f"<p>Input files:</p><ul>{inputs}</ul>"
     )
+    return parts
 
-    # 2. verdicts
-    parts.append("<h2>Verdict per ROI</h2>")
+
+def _verdicts(rep: dict) -> list[str]:
+    """The verdict table and one box per ROI."""
+    thr = rep.get("thresholds", {})
+    rois = rep.get("rois", [])
+    parts = ["<h2>Verdict per ROI</h2>"]
     if rois:
         parts.append(_summary_table(rois))
         parts.extend(_verdict_box(r, thr, rep.get("reference", {}).get("standardized")) for r in rois)
         parts.append(f'<p class="small">Thresholds: {esc(thr.get("source", ""))}</p>')
     else:
         parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
+    return parts
 
-    # 3. figures
-    rcbv, rcbv_affine = _load_with_affine(folder, rep, "rcbv")
-    anat, anat_affine = _load_with_affine(folder, rep, "anat")
-    background = _load(folder, rep, "baseline")
-    reference = _load(folder, rep, "reference_mask")
-    brain = _load(folder, rep, "brain_mask")
+
+def _roi_masks(folder: Path, rep: dict, rcbv: np.ndarray | None, notes: list[str]) -> dict[str, np.ndarray]:
+    """The ROI masks that can be drawn on the maps (bool x y z); why the others cannot, in ``notes``."""
     masks: dict[str, np.ndarray] = {}
     for name, p in roi_mask_paths(rep, folder).items():
         if p is None:
@@ -611,29 +642,41 @@ def build_html(folder: Path) -> str:
             notes.append(f"ROI {name}: mask shape {m.shape} differs from the maps; no contour drawn")
             continue
         masks[name] = m
-    parts.append("<h2>Figures</h2>")
-    if rcbv is not None:
-        bg_name, bg_affine = "the baseline image", rcbv_affine
-        if anat is not None and anat.shape[2] == rcbv.shape[2] and anat.shape[0] % rcbv.shape[0] == 0:
-            bg, bg_name, bg_affine = anat, "the registered anatomical image (--anat)", anat_affine
-        else:
-            if anat is not None:
-                notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {rcbv.shape}; baseline used")
-            bg = background if background is not None else np.nan_to_num(rcbv)
-        ref = reference != 0 if reference is not None else None
-        union = np.zeros(rcbv.shape, bool)
-        for m in masks.values():
-            union |= m
-        slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
-        what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
-        parts.append(f"<h3>rCBV over {bg_name} ({what})</h3>")
-        parts.append(img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine,
-                                               background_affine=bg_affine), "rCBV overlay"))
-        parts.append('<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
-                     f"dashed white: reference tissue. {ORIENTATION_NOTE}</p>")
-    else:
+    return masks
+
+
+def _rcbv_figure(folder: Path, rep: dict, rcbv: np.ndarray | None, rcbv_affine, masks: dict[str, np.ndarray],
+                 notes: list[str]) -> list[str]:
+    """rCBV over the registered anatomy (or the baseline image), slices holding an ROI, contours drawn."""
+    if rcbv is None:
         notes.append("rcbv.nii.gz not found: no rCBV figure")
-    parts.append("<h3>Maps, all slices</h3>")
+        return []
+    anat, anat_affine = _load_with_affine(folder, rep, "anat")
+    background = _load(folder, rep, "baseline")
+    reference = _load(folder, rep, "reference_mask")
+    bg_name, bg_affine = "the baseline image", rcbv_affine
+    if anat is not None and anat.shape[2] == rcbv.shape[2] and anat.shape[0] % rcbv.shape[0] == 0:
+        bg, bg_name, bg_affine = anat, "the registered anatomical image (--anat)", anat_affine
+    else:
+        if anat is not None:
+            notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {rcbv.shape}; baseline used")
+        bg = background if background is not None else np.nan_to_num(rcbv)
+    ref = reference != 0 if reference is not None else None
+    union = np.zeros(rcbv.shape, bool)
+    for m in masks.values():
+        union |= m
+    slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
+    what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
+    return [f"<h3>rCBV over {bg_name} ({what})</h3>",
+            img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine, background_affine=bg_affine),
+                    "rCBV overlay"),
+            '<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
+            f"dashed white: reference tissue. {ORIENTATION_NOTE}</p>"]
+
+
+def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str]) -> list[str]:
+    """CBV, CBF, MTT and Tmax on fixed scales and K2 on a symmetric one, all slices."""
+    parts = ["<h3>Maps, all slices</h3>"]
     for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
         data, affine = _load_with_affine(folder, rep, name)
         if data is None:
@@ -642,21 +685,29 @@ def build_html(folder: Path) -> str:
         lo, hi, unit = SCALES[name]
         parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
         parts.append(img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
-                              f"{title} montage"))
+                             f"{title} montage"))
     k2, k2_affine = _load_with_affine(folder, rep, "k2")
     if k2 is not None:
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
         parts.append(img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
-                              "K2 montage"))
+                             "K2 montage"))
     parts.append(f'<p class="small">{ORIENTATION_NOTE}</p>')
+    return parts
+
+
+def _curve_figures(folder: Path, rep: dict, rcbv: np.ndarray | None, masks: dict[str, np.ndarray],
+                   notes: list[str]) -> list[str]:
+    """The AIF, and per ROI its mean curves and its rCBV histogram."""
+    low, high = _thresholds(rep)
+    parts: list[str] = []
     curves = read_curves(output_path(folder, rep, "curves"))
     if "time_s" in curves and "aif" in curves:
         parts.append("<h3>Arterial input function</h3>")
         parts.append(img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
     else:
         notes.append("curves.tsv not found or without an aif column: no AIF or ROI curves")
-    for r in rois:
+    for r in rep.get("rois", []):
         name = r.get("name", "?")
         parts.append(f"<h3>ROI {esc(name)}</h3>")
         if "time_s" in curves and f"roi:{name}" in curves:
@@ -667,9 +718,12 @@ def build_html(folder: Path) -> str:
             if h["n_clipped"]:
                 parts.append(f'<p class="small">{h["n_clipped"]} voxels outside {HIST_RANGE[0]:g}-{HIST_RANGE[1]:g} '
                              "are counted in the end bins.</p>")
+    return parts
 
-    # 4. quality
-    parts.append("<h2>Quality</h2>")
+
+def _quality(folder: Path, rep: dict, brain: np.ndarray | None) -> list[str]:
+    """The acquisition against the consensus protocol, the analysis's quality table, its warnings."""
+    parts = ["<h2>Quality</h2>"]
     rows = "".join(
         f"<tr><td>{esc(c['name'])}</td><td>{esc(c['value'])}</td><td>{esc(c['expected'])}</td>"
         f"<td class=\"{c['status']}\">{c['status']}</td><td>{esc(c['note'])}</td></tr>"
@@ -679,21 +733,39 @@ def build_html(folder: Path) -> str:
                  f"{rows}</table>")
     acq = rep.get("acquisition", {})
     parts.append(f'<p class="small">TE from {esc(acq.get("te_source", "?"))}; TR from {esc(acq.get("tr_source", "?"))}.</p>')
+    qrows = [*_aif_rows(rep), *_fit_rows(folder, rep, brain), *_registration_rows(rep), *_motion_rows(rep),
+             _leakage_row(rep)]
+    parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
+                 + "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td class=\"{d}\">{d}</td>"
+                           f"<td>{esc(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
+    warns = rep.get("warnings", [])
+    if warns:
+        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>")
+    return parts
+
+
+QualityRow = tuple[str, str, str, str, str]  # item, value, expected, status ("ok"/"warning"), note
+
+
+def _aif_rows(rep: dict) -> list[QualityRow]:
     aif = rep.get("aif", {})
     score = num(aif.get("quality_score"))
     status = "warning" if score is None or score < AIF_SCORE_OK or aif.get("absolute_quantification") is False else "ok"
-    qrows = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
-              f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
+    rows: list[QualityRow] = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
+                               f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
     if "absolute_quantification" in aif:
         ok_abs = bool(aif["absolute_quantification"])
         m = (aif.get("absolute_checks") or {}).get("measures", {})
         b = (aif.get("absolute_checks") or {}).get("bounds", {})
-        qrows.append(("AIF absolute quantification", "yes" if ok_abs else "no",
-                      f"tail <= {_f(b.get('tail_fraction'), 'g')}, area ratio >= {_f(b.get('area_ratio'), 'g')}, "
-                      f"FWHM <= {_f(b.get('fwhm_s'), 'g')} s", "ok" if ok_abs else "warning",
-                      f"tail {_f(m.get('tail_fraction'))}, area / tissue {_f(m.get('area_ratio'), '.1f')}, FWHM "
-                      f"{_f(m.get('fwhm_s'), '.1f')} s" + ("" if ok_abs else f"; {RELATIVE_VALID}")))
-    maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt")) if m is not None]
+        rows.append(("AIF absolute quantification", "yes" if ok_abs else "no",
+                     f"tail <= {_f(b.get('tail_fraction'), 'g')}, area ratio >= {_f(b.get('area_ratio'), 'g')}, "
+                     f"FWHM <= {_f(b.get('fwhm_s'), 'g')} s", "ok" if ok_abs else "warning",
+                     f"tail {_f(m.get('tail_fraction'))}, area / tissue {_f(m.get('area_ratio'), '.1f')}, FWHM "
+                     f"{_f(m.get('fwhm_s'), '.1f')} s" + ("" if ok_abs else f"; {RELATIVE_VALID}")))
+    return rows
+
+
+def _fit_rows(folder: Path, rep: dict, brain: np.ndarray | None) -> list[QualityRow]:
     fit = rep.get("fit")
     if isinstance(fit, dict) and "unusable_fraction" in fit:  # counted by the pipeline (reports of older versions: NaN only)
         frac = float(fit["unusable_fraction"])
@@ -702,53 +774,54 @@ def build_html(folder: Path) -> str:
             what += (f", or the model fit at a bound ({fit.get('model_at_bound', 0)} voxels), its residual far above "
                      f"oSVD's ({fit.get('model_residual_high', 0)}) or failed ({fit.get('model_failed', 0)}): these "
                      "show oSVD's values")
-        qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
-                      "ok" if frac < UNUSABLE_WARN else "warning", f"{what}; warning from {UNUSABLE_WARN:.0%}"))
-    elif brain is not None and maps_for_fit:
+        return [("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
+                 "ok" if frac < UNUSABLE_WARN else "warning", f"{what}; warning from {UNUSABLE_WARN:.0%}")]
+    maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt"))
+                    if m is not None]
+    if brain is not None and maps_for_fit:
         frac = unusable_fraction(brain, maps_for_fit)
-        qrows.append(("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small", "ok" if frac < UNUSABLE_WARN else "warning",
-                      f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}"))
+        return [("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
+                 "ok" if frac < UNUSABLE_WARN else "warning",
+                 f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}")]
+    return []
+
+
+def _registration_rows(rep: dict) -> list[QualityRow]:
     reg = rep.get("anat", {}).get("registration")
-    if reg:
-        rot = max(abs(float(a)) for a in reg.get("rotation_deg", [0.0]))
-        qrows.append(("Anatomical image registration", f"MI {_f(reg.get('mattes_mi'), '.3f')}",
-                      "rigid, to the DSC baseline", "ok",
-                      f"largest rotation {rot:.1f} deg, translation {np.linalg.norm(reg.get('translation_mm', [0]*3)):.1f} mm; "
-                      f"transform {rep['anat'].get('transform_file', '')}; check the contours sit on the anatomy"))
+    if not reg:
+        return []
+    rot = max(abs(float(a)) for a in reg.get("rotation_deg", [0.0]))
+    return [("Anatomical image registration", f"MI {_f(reg.get('mattes_mi'), '.3f')}",
+             "rigid, to the DSC baseline", "ok",
+             f"largest rotation {rot:.1f} deg, translation {np.linalg.norm(reg.get('translation_mm', [0]*3)):.1f} mm; "
+             f"transform {rep['anat'].get('transform_file', '')}; check the contours sit on the anatomy")]
+
+
+def _motion_rows(rep: dict) -> list[QualityRow]:
     mot = rep.get("motion")
-    if isinstance(mot, dict):  # reports of older versions have none
-        from perfusion.quantify.motion import FD_THRESHOLD_MM
+    if not isinstance(mot, dict):  # reports of older versions have none
+        return []
+    from perfusion.quantify.motion import FD_THRESHOLD_MM
 
-        fd_thr = _f(mot.get("fd_threshold_mm", FD_THRESHOLD_MM), "g")
-        if not mot.get("assessed"):
-            qrows.append(("Head motion", "not assessed", f"framewise displacement <= {fd_thr} mm", "warning",
-                          str(mot.get("reason") or "--motion-correct off: no frame was registered")))
-        else:
-            n_above = num(mot.get("n_frames_above_threshold")) or 0
-            done = (f"{mot.get('n_frames_corrected', '?')} frame(s) realigned" if mot.get("applied")
-                    else "no frame realigned")
-            qrows.append(("Head motion", f"max FD {_f(mot.get('fd_max_mm'))} mm, mean {_f(mot.get('fd_mean_mm'), '.3f')} mm",
-                          f"framewise displacement <= {fd_thr} mm", "warning" if n_above else "ok",
-                          f"{n_above:g} frame(s) above {fd_thr} mm ({mot.get('fd_threshold_source', '')}); {done} "
-                          f"(--motion-correct {mot.get('correction', '?')}); per frame in "
-                          f"{(rep.get('files') or {}).get('motion', 'motion.tsv')}"))
+    fd_thr = _f(mot.get("fd_threshold_mm", FD_THRESHOLD_MM), "g")
+    if not mot.get("assessed"):
+        return [("Head motion", "not assessed", f"framewise displacement <= {fd_thr} mm", "warning",
+                 str(mot.get("reason") or "--motion-correct off: no frame was registered"))]
+    n_above = num(mot.get("n_frames_above_threshold")) or 0
+    done = (f"{mot.get('n_frames_corrected', '?')} frame(s) realigned" if mot.get("applied")
+            else "no frame realigned")
+    return [("Head motion", f"max FD {_f(mot.get('fd_max_mm'))} mm, mean {_f(mot.get('fd_mean_mm'), '.3f')} mm",
+             f"framewise displacement <= {fd_thr} mm", "warning" if n_above else "ok",
+             f"{n_above:g} frame(s) above {fd_thr} mm ({mot.get('fd_threshold_source', '')}); {done} "
+             f"(--motion-correct {mot.get('correction', '?')}); per frame in "
+             f"{(rep.get('files') or {}).get('motion', 'motion.tsv')}")]
+
+
+def _leakage_row(rep: dict) -> QualityRow:
     leak = rep.get("leakage", {})
-    qrows.append(("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
-                  "warning" if leak.get("method", "none") == "none" else "ok",
-                  f"fraction corrected {_pct(leak.get('fraction_corrected'))}; fit R^2 median {_f(leak.get('fit_r2_median'))}"))
-    parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
-                 + "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td class=\"{d}\">{d}</td>"
-                           f"<td>{esc(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
-    warns = rep.get("warnings", [])
-    if warns:
-        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>")
-    if notes:
-        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
-    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
-
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<title>DSC perfusion report</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    return ("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
+            "warning" if leak.get("method", "none") == "none" else "ok",
+            f"fraction corrected {_pct(leak.get('fraction_corrected'))}; fit R^2 median {_f(leak.get('fit_r2_median'))}")
 
 
 def write_html(folder: Path) -> Path:
