@@ -44,7 +44,7 @@ def run_analyze(*, dsc: Path, out: Path, mask: Path | None = None, aif: str = "a
     _check_out_spares_inputs(out, dsc=dsc, given=given, rois=rois)
     with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
         check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
-        from perfusion.pipeline import write_result
+        from perfusion.report.outputs import write_result
 
         config = make_config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage,
                              leakage_gate=leakage_gate, rcbv_low=rcbv_low, rcbv_high=rcbv_high, aif_voxels=aif_voxels,
@@ -114,19 +114,19 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
     from perfusion.report.build import VERDICT_LABEL
 
     con = _console()
-    ref = result.reference_info
-    con.print(f"AIF: {result.aif_info['n_voxels']} voxels ({result.aif_info['source']}), "
-              f"peak {result.aif_info['peak_delta_r2s_per_s']:.1f} 1/s at {result.aif_info['peak_time_s']:.1f} s, "
-              f"quality {result.aif_info['quality_score']:.2f}")
-    if result.aif_info.get("absolute_quantification") is False:
+    ref, aif = result.reference, result.aif
+    con.print(f"AIF: {aif.n_voxels} voxels ({aif.source}), "
+              f"peak {aif.peak_delta_r2s_per_s:.1f} 1/s at {aif.peak_time_s:.1f} s, "
+              f"quality {aif.quality_score:.2f}")
+    if aif.absolute_quantification is False:
         from perfusion.quantify.aif import NOT_QUANTITATIVE, RELATIVE_VALID
 
         con.print(f"AIF: {NOT_QUANTITATIVE} ({RELATIVE_VALID}):")
-        for reason in result.aif_info.get("absolute_quantification_reasons", []):
+        for reason in aif.absolute_quantification_reasons:
             con.print(f"  - {reason}")
-    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.get("side"), "")
-    con.print(f"Reference: {ref['n_voxels']} voxels{', ' + side if side else ''}, median CBV {ref['cbv_median']:.2f} "
-              f"mL/100 g ({ref['source']})")
+    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.side, "")
+    con.print(f"Reference: {ref.n_voxels} voxels{', ' + side if side else ''}, median CBV {ref.cbv_median:.2f} "
+              f"mL/100 g ({ref.source})")
     if result.rois:
         table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
         for col in ("ROI", "voxels", "volume mL", "median rCBV [95 % CI]", "FTB low / mid / high", "verdict"):
@@ -140,7 +140,7 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
         for r in result.rois:
             con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, 95 % interval "
                       f"{r.rcbv_ci_low:.2f}-{r.rcbv_ci_high:.2f}, PSR {r.psr_percent:.0f} %). {r.next_step}")
-            std = (result.reference_info.get("standardized") or {}).get("rois", {}).get(r.name)
+            std = ref.standardized.rois.get(r.name) if ref.standardized is not None else None
             if std is not None:
                 con.print(f"  standardised CBV (Bedekar 2010; brain median = 1000): {std:.0f}")
             if r.rcbv_by_leakage:
@@ -251,7 +251,7 @@ def run_validate(*, data: Path | None = None, methods: list[str] | None = None, 
     from perfusion import __version__
     from perfusion.tools import validate
     from perfusion.io import dumps_json
-    from perfusion.pipeline import METHODS
+    from perfusion.config import METHODS
 
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -320,7 +320,7 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
     import tempfile
 
     from perfusion.io import find_report, load_volume, output_path, sha256, sidecar_of, write_json
-    from perfusion.pipeline import write_anat
+    from perfusion.report.outputs import write_anat
     from perfusion.report.build import anat_entry
     from perfusion.quantify.register import anat_background
 
