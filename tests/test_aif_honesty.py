@@ -248,14 +248,15 @@ def test_cli_says_absolute_values_are_not_quantitative(realistic_case, tmp_path,
 def test_guarded_vof_leaves_a_pure_aif_alone():
     """Seed 1 (SNR 30): the automatic AIF is already pure; the VOF's factor (0.985 measured) is below
     VOF_GUARD_MIN_FACTOR, so the maps are those of --vof none, where --vof auto would move CBV by 1.5 %."""
-    from perfusion.pipeline import Config, analyze
+    from perfusion.config import Config
+    from perfusion.pipeline import analyze
     from perfusion.tools.validate import realistic_inputs
 
     ph = make_realistic_phantom(RealisticSpec(seed=1, snr=30.0))
     inputs = realistic_inputs(ph)
     guarded = analyze(inputs, Config(motion_correct="off"))
     plain = analyze(inputs, Config(motion_correct="off", vof="none"))
-    v = guarded.aif_info["vof"]
-    assert v["mode"] == "guarded" and v["applied"] is False and v["scale_factor"] < aif.VOF_GUARD_MIN_FACTOR
-    assert guarded.aif_info["absolute_quantification"] is True
+    v = guarded.aif.vof
+    assert v.mode == "guarded" and v.applied is False and v.scale_factor < aif.VOF_GUARD_MIN_FACTOR
+    assert guarded.aif.absolute_quantification is True
     np.testing.assert_array_equal(guarded.maps["cbv"], plain.maps["cbv"])

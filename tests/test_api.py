@@ -45,8 +45,8 @@ def test_every_option_is_honoured_from_python(phantom_case):
     case = perfusion.load_case(phantom_case["dsc"], rois=[phantom_case["lesion_hyper"]])
     off = perfusion.analyze(case, perfusion.Config(method="osvd", motion_correct="off"))
     auto = perfusion.analyze(case, perfusion.Config(method="osvd", motion_correct="auto"))
-    assert off.motion["correction"] == "off" and off.motion["assessed"] is False, off.motion
-    assert auto.motion["correction"] == "auto" and auto.motion["assessed"] is True, auto.motion
+    assert off.motion.correction == "off" and off.motion.assessed is False, off.motion
+    assert auto.motion.correction == "auto" and auto.motion.assessed is True, auto.motion
     assert off.config.method == "osvd" and off.config.leakage == "bidirectional"  # auto made concrete
 
 

@@ -17,7 +17,8 @@ from perfusion.quantify import signal
 from perfusion.io import Series
 from perfusion.tools.phantom import make_phantom
 from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
-from perfusion.pipeline import AUTO_BRAIN_SOURCE, Config, Inputs, analyze
+from perfusion.config import Config
+from perfusion.pipeline import AUTO_BRAIN_SOURCE, Inputs, analyze
 
 #: The mask holds at least this share of the true brain without its ventricles (the brief's target;
 #: measured 99.4-100 %: the voxels missed are bright lesion voxels that do not drop, e.g. a necrotic

@@ -210,7 +210,7 @@ def test_dual_echo_realistic_head_meets_the_target_the_long_echo_alone_misses(tm
     default, the bidirectional model), is measurably worse. Measured here: dual echo largest error 11.6 %,
     mean 7.5 %; the long echo alone largest 17.4 % (treatment_t2s), mean 10.9 %. Over SNR 30/50 x seeds 0-1
     (28 lesion runs) BSW on the dual echo kept 27 within 15 % (the 28th 15.1 %: the mixed lesion, whose
-    truth is a median over a random field), the bidirectional model 23 (pipeline.DEFAULT_LEAKAGE_MULTI_ECHO)."""
+    truth is a median over a random field), the bidirectional model 23 (config.DEFAULT_LEAKAGE_MULTI_ECHO)."""
     ph = tmp_path / "head"
     assert main(["phantom", str(ph), "--realistic", "--echoes", "2", "--snr", "30", "--seed", "0"]) == 0
     truth = json.loads((ph / "truth.json").read_text())["lesions"]

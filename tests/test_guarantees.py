@@ -101,20 +101,20 @@ def test_ctrl_c_during_the_analysis_leaves_no_output(phantom_case, tmp_path, mon
 def test_ctrl_c_while_writing_keeps_the_earlier_results(phantom_case, tmp_path, monkeypatch, capsys):
     """Ctrl-C after some maps are written (into the staging folder): the folder of an earlier run is left
     exactly as it was and no staging folder remains."""
-    import perfusion.pipeline as pipeline
+    import perfusion.report.outputs as outputs
 
     out = tmp_path / "out"
     assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--no-html",
                  "--motion-correct", "off"]) == 0
     before = folder_digest(out)
-    real = pipeline.write_result
+    real = outputs.write_result
 
     def write_then_interrupt(result, inputs, folder, **kw):
         real(result, inputs, folder, **kw)
         assert (Path(folder) / "cbv.nii.gz").is_file()  # the staging folder is half full
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "write_result", write_then_interrupt)
+    monkeypatch.setattr(outputs, "write_result", write_then_interrupt)
     assert main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--force", "--method", "csvd",
                  "--motion-correct", "off"]) == 130
     _one_line(capsys.readouterr().err)
@@ -155,9 +155,9 @@ def test_a_file_too_large_for_the_disk_fails_cleanly(phantom_case, tmp_path, mon
     import errno
     import resource
 
-    import perfusion.pipeline as pipeline
+    import perfusion.report.outputs as outputs
 
-    real = pipeline.write_result
+    real = outputs.write_result
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     seen = {}
 
@@ -171,7 +171,7 @@ def test_a_file_too_large_for_the_disk_fails_cleanly(phantom_case, tmp_path, mon
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
-    monkeypatch.setattr(pipeline, "write_result", write_under_a_limit)
+    monkeypatch.setattr(outputs, "write_result", write_under_a_limit)
     out = tmp_path / "results" / "case"
     code = main(["analyze", str(phantom_case["dsc"]), "--out", str(out), "-q", "--motion-correct", "off"])
     line = _one_line(capsys.readouterr().err)

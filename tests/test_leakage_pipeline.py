@@ -20,8 +20,9 @@ import pytest
 from perfusion.cli.app import main
 from perfusion.case import load_inputs
 from perfusion.cli.phantom import run_phantom
-from perfusion import pipeline
-from perfusion.pipeline import Config, analyze
+from perfusion import config
+from perfusion.config import Config
+from perfusion.pipeline import analyze
 
 RCBV_TOL = 0.20
 NONLEAKY_PP = 0.01
@@ -81,8 +82,8 @@ def test_correction_does_not_damage_non_leaky_tissue(phantom_case):
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(phantom_case["aif"]),
                          reference=phantom_case["nawm"], rois=[], te=None, tr=None)[0]
     errs = {}
-    for leak in ("none", pipeline.DEFAULT_LEAKAGE_SINGLE):
+    for leak in ("none", config.DEFAULT_LEAKAGE_SINGLE):
         res = analyze(inputs, Config(leakage=leak))
         errs[leak] = np.median([abs(np.median(res.maps["cbv"][(slice(*b["x"]), slice(*b["y"]), b["slice"])]) / b["cbv"] - 1)
                                 for b in truth["blocks"]])
-    assert abs(errs[pipeline.DEFAULT_LEAKAGE_SINGLE] - errs["none"]) <= NONLEAKY_PP, errs
+    assert abs(errs[config.DEFAULT_LEAKAGE_SINGLE] - errs["none"]) <= NONLEAKY_PP, errs

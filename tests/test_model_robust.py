@@ -23,7 +23,9 @@ from perfusion.quantify import maps
 from perfusion.quantify import modelfit
 from perfusion import pipeline
 from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom
-from perfusion.pipeline import Config, analyze
+from perfusion.config import Config
+from perfusion.pipeline import analyze
+from perfusion.report.outputs import write_result
 from perfusion.tools.validate import realistic_inputs
 
 FIT_TARGET = 0.02
@@ -126,7 +128,7 @@ def test_report_counts_fits_at_bounds_as_unusable(tmp_path, monkeypatch):
     result = analyze(inputs, Config(motion_correct="off"))
     out = tmp_path / "out"
     out.mkdir()
-    pipeline.write_result(result, inputs, out)
+    write_result(result, inputs, out)
     rep = json.loads((out / "report.json").read_text())
     fit = rep["fit"]
     n_brain = int(result.brain.sum())

@@ -215,7 +215,8 @@ def test_fit_marks_unfittable_voxels_invalid():
 @pytest.fixture(scope="module")
 def model_result(phantom_case):
     from perfusion.case import load_inputs
-    from perfusion.pipeline import Config, analyze
+    from perfusion.config import Config
+    from perfusion.pipeline import analyze
 
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(phantom_case["aif"]), reference=phantom_case["nawm"],
                          rois=[], te=None, tr=None)[0]

@@ -16,7 +16,8 @@ from numpy.testing import assert_allclose
 
 from perfusion.case import load_inputs
 from perfusion.tools.phantom import FINE_DT_S, PhantomSpec, aif_curve, make_phantom, tissue_curve
-from perfusion.pipeline import Config, analyze
+from perfusion.config import Config
+from perfusion.pipeline import analyze
 from perfusion.units import KH, RHO_BRAIN_G_PER_ML
 
 CBV_TOL = 0.05
@@ -117,10 +118,10 @@ def test_auto_aif_close_to_true_aif(phantom_case, capsys):
     cbf_ratio = np.median(auto.maps["cbf"][both] / true.maps["cbf"][both])
     with capsys.disabled():
         print(f"\nauto AIF / true AIF median ratio: CBV {cbv_ratio:.4f}, CBF {cbf_ratio:.4f}; "
-              f"AIF quality score {auto.aif_info['quality_score']:.2f}")
+              f"AIF quality score {auto.aif.quality_score:.2f}")
     assert abs(cbv_ratio - 1) <= AUTO_AIF_CBV_TOL
     assert abs(cbf_ratio - 1) <= AUTO_AIF_CBF_TOL
-    assert auto.aif_info["quality_score"] >= 0.8
+    assert auto.aif.quality_score >= 0.8
 
 
 def test_vof_scaling_restores_partial_volume_aif(phantom_case, tmp_path):
@@ -143,16 +144,16 @@ def test_vof_scaling_restores_partial_volume_aif(phantom_case, tmp_path):
     unscaled = analyze(inputs, Config(vof="none"))
     scaled = analyze(inputs, Config(vof="auto"))
     guarded = analyze(inputs, Config())  # the default: the VOF shows this AIF is partial-volumed, so it applies
-    assert guarded.aif_info["vof"]["applied"] is True
+    assert guarded.aif.vof.applied is True
     np.testing.assert_array_equal(guarded.maps["cbv"], scaled.maps["cbv"])
     ok = np.isfinite(true.maps["cbv"]) & true.brain
     r_unscaled = np.median(unscaled.maps["cbv"][ok] / true.maps["cbv"][ok])
     r_scaled = np.median(scaled.maps["cbv"][ok] / true.maps["cbv"][ok])
     print(f"partial-volume AIF: CBV ratio {r_unscaled:.3f} unscaled, {r_scaled:.3f} with VOF scaling "
-          f"(factor {scaled.aif_info['vof']['scale_factor']:.3f})")
+          f"(factor {scaled.aif.vof.scale_factor:.3f})")
     assert r_unscaled > 1.5  # the ring's AIF area is far too small
     assert abs(r_scaled - 1) <= 0.05
-    assert scaled.aif_info["vof"]["source"] == "automatic" and scaled.aif_info["vof"]["n_voxels"] > 0
+    assert scaled.aif.vof.source == "automatic" and scaled.aif.vof.n_voxels > 0
 
 
 def test_auto_reference_and_verdicts(phantom_case, truth):
@@ -169,9 +170,9 @@ def test_auto_reference_and_verdicts(phantom_case, truth):
     assert scores["roi-lesion_hyper"].verdict == "likely_recurrence"
     assert scores["roi-lesion_hypo"].verdict == "likely_treatment_effect"
     # lesions on both sides of the phantom's midline: both hemispheres, away from each ROI, said so
-    info = res.reference_info
-    assert info["automatic"] is True and info["side"] == "both" and "both sides" in info["why_side"]
-    assert info["hemispheres"]["midline_index"] == 31.5  # the disc's centre on the 64 grid
+    info = res.reference
+    assert info.automatic is True and info.side == "both" and "both sides" in info.why_side
+    assert info.hemispheres["midline_index"] == 31.5  # the disc's centre on the 64 grid
 
 
 def test_auto_reference_contralateral_to_one_lesion(phantom_case, truth):
@@ -180,10 +181,10 @@ def test_auto_reference_contralateral_to_one_lesion(phantom_case, truth):
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif="auto", reference=None,
                          rois=[phantom_case["lesion_hyper"]], te=None, tr=None)[0]
     res = analyze(inputs, Config())
-    info = res.reference_info
-    assert info["roi_sides"] == {"roi-lesion_hyper": "left"} and info["side"] == "right"
-    assert info["fallback"] is None and not any("automatic reference" in w for w in res.warnings)
+    info = res.reference
+    assert info.roi_sides == {"roi-lesion_hyper": "left"} and info.side == "right"
+    assert info.fallback is None and not any("automatic reference" in w for w in res.warnings)
     assert np.nonzero(res.reference_mask)[0].min() > 31.5 + 2.5  # midline 31.5, 5 mm = 2.5 voxels
     score = res.rois[0]
-    print(f"one lesion: reference {info['n_voxels']} voxels on the {info['side']}, rCBV {score.rcbv_median:.3f}")
+    print(f"one lesion: reference {info.n_voxels} voxels on the {info.side}, rCBV {score.rcbv_median:.3f}")
     assert abs(score.rcbv_median / truth["lesions"]["lesion_hyper"]["rcbv"] - 1) <= RCBV_TOL

@@ -27,7 +27,8 @@ from perfusion.quantify import maps
 from perfusion.quantify import signal
 from perfusion.tools.phantom_realistic import (PROTOCOLS, RealisticSpec, drops, expected_verdicts, make_realistic_phantom,
                                          write_realistic)
-from perfusion.pipeline import Config, analyze
+from perfusion.config import Config
+from perfusion.pipeline import analyze
 from perfusion.tools.validate import realistic_inputs, validate_realistic
 
 SEEDS = (0, 1, 2)
@@ -224,7 +225,7 @@ def test_not_assessable_cases_on_the_realistic_head():
     wm_aif = np.zeros_like(white)
     wm_aif[tuple(np.argwhere(white)[:30].T)] = True
     bad = analyze(replace(inputs, aif=wm_aif), Config(motion_correct="off"))
-    assert bad.aif_info["quality_score"] < 0.2
+    assert bad.aif.quality_score < 0.2
     assert all(r.gates_failed == ("unusable_aif",) for r in bad.rois)
 
 
@@ -240,6 +241,6 @@ def test_automatic_reference_and_high_snr():
             assert abs(r["rel_error"]) <= bound, (r["protocol"], r["snr"], r["lesion"], r["rel_error"])
     ph = make_realistic_phantom(RealisticSpec(seed=3, lesions=("treatment_t1",)))
     res = analyze(realistic_inputs(ph, reference="auto"), Config(motion_correct="off"))
-    assert res.reference_info["automatic"] and res.reference_info["side"] == "right"
-    assert 0 <= res.reference_info["regional_spread"] < 0.1
+    assert res.reference.automatic and res.reference.side == "right"
+    assert 0 <= res.reference.regional_spread < 0.1
     assert any("chosen automatically" in x for x in res.rois[0].reasons)

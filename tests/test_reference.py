@@ -270,19 +270,20 @@ def test_realistic_phantom_reference_is_contralateral_nawm():
 
     from perfusion.io import Series
     from perfusion.tools.phantom_realistic import LESIONS, RealisticSpec, make_realistic_phantom
-    from perfusion.pipeline import Config, Inputs, analyze
+    from perfusion.config import Config
+    from perfusion.pipeline import Inputs, analyze
 
     ph = make_realistic_phantom(RealisticSpec())
     series = Series(data=ph.signal, affine=ph.affine, path=Path("realistic.nii"), te=ph.spec.te, tr=ph.spec.tr,
                     te_source="phantom", tr_source="phantom")
     rois = {n: ph.masks[n] for n in LESIONS if ph.masks[n].any()}
     res = analyze(Inputs(series=series, brain=ph.masks["brain"], rois=rois), Config())
-    info, m = res.reference_info, res.reference_mask
-    lesion_side = set(info["roi_sides"].values())
-    assert len(lesion_side) == 1 and info["side"] == {"left": "right", "right": "left"}[lesion_side.pop()]
-    assert info["automatic"] is True and info["fallback"] is None
+    info, m = res.reference, res.reference_mask
+    lesion_side = set(info.roi_sides.values())
+    assert len(lesion_side) == 1 and info.side == {"left": "right", "right": "left"}[lesion_side.pop()]
+    assert info.automatic is True and info.fallback is None
     assert np.mean(ph.masks["nawm"][m]) >= 1 - CONTAMINATION
     nawm_cbv = float(np.nanmedian(res.maps["cbv"][ph.masks["nawm"]]))
-    print(f"realistic: {m.sum()} voxels on the {info['side']}, {np.mean(ph.masks['nawm'][m]):.1%} in NAWM, "
-          f"median {info['cbv_median']:.2f} vs NAWM-mask median {nawm_cbv:.2f}")
-    assert abs(info["cbv_median"] / nawm_cbv - 1) <= NAWM_RTOL
+    print(f"realistic: {m.sum()} voxels on the {info.side}, {np.mean(ph.masks['nawm'][m]):.1%} in NAWM, "
+          f"median {info.cbv_median:.2f} vs NAWM-mask median {nawm_cbv:.2f}")
+    assert abs(info.cbv_median / nawm_cbv - 1) <= NAWM_RTOL

@@ -15,11 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perfusion import pipeline
-
 from perfusion.quantify import roi
 from perfusion.cli.app import main
-from perfusion.pipeline import Config
+from perfusion.config import DEFAULT_LEAKAGE_SINGLE, Config
 
 GEN = np.random.default_rng(7)
 REF = GEN.normal(2.0, 0.2, 400)  # reference CBV, mL/100 g
@@ -262,7 +260,7 @@ def test_phantom_verdicts_intervals_and_sensitivity(phantom_report):
             # no leakage in these lesions: every correction within 10 % of the truth, same band
             assert abs(v["rcbv_median"] / truth - 1) < 0.10, (name, m, v)
             assert v["verdict"] == verdict
-        default = pipeline.DEFAULT_LEAKAGE_SINGLE  # the analysis's own correction is the sensitivity's entry of that name
+        default = DEFAULT_LEAKAGE_SINGLE  # the analysis's own correction is the sensitivity's entry of that name
         assert r["rcbv_by_leakage"][default]["rcbv_median"] == pytest.approx(r["rcbv_median"], rel=1e-6)
         assert r["ci_methods"] == list(dict.fromkeys((default, *roi.PLAUSIBLE_LEAKAGE)))
         assert r["mixed"] is False and r["gates_failed"] == []
@@ -298,7 +296,7 @@ def test_cli_drug_and_timing_options(phantom_report, tmp_path):
 
 def test_pipeline_roi_on_the_arterial_voxels_is_not_assessable(phantom_report):
     from perfusion.case import load_inputs
-    from perfusion.pipeline import Config, analyze
+    from perfusion.pipeline import analyze
     import dataclasses
 
     case, _, _ = phantom_report

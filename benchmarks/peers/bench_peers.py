@@ -10,7 +10,7 @@ machine drifts over all of them alike), each as a fresh process:
 
 - ``perfusion analyze DSC --mask BRAIN --method osvd --leakage bsw --motion-correct off --no-html -q``: end to end;
 - perfusion's compute only: ``case.load_inputs`` (load), ``pipeline.analyze`` (compute),
-  ``pipeline.write_result`` + ``report_html.write_html`` (save), same options, timed inside a process;
+  ``report.outputs.write_result`` + ``report.html.write_html`` (save), same options, timed inside a process;
 - ``osipy_run.py`` in benchmarks/.venv-osipy: osipy's oSVD with its leakage correction, given
   perfusion's AIF (aif.tsv, delta R2* in 1/s) and perfusion's steady-state start and baseline frames;
 - ``numpy_svd.py --method osvd --leakage bsw`` (the same method written plainly) and
@@ -57,7 +57,8 @@ def perfusion_compute(dsc: Path, mask: Path, out: Path) -> dict:
     import perfusion
     from perfusion.case import load_inputs, make_config
     from perfusion.io import staged_output
-    from perfusion.pipeline import analyze, write_result
+    from perfusion.pipeline import analyze
+    from perfusion.report.outputs import write_result
     from perfusion.report.html import write_html
 
     t_import = time.perf_counter() - t0

@@ -19,7 +19,7 @@ __all__ = ["__version__", "DISCLAIMER", "Case", "Config", "load_case", "analyze"
 
 #: The public API, imported on first use (``import perfusion`` stays instant for the command line).
 _API = {"Case": ("case", "Case"), "load_case": ("case", "load_case"), "analyze": ("case", "analyze_case"),
-        "save": ("case", "save"), "Config": ("pipeline", "Config")}
+        "save": ("case", "save"), "Config": ("config", "Config")}
 
 
 def __getattr__(name: str):

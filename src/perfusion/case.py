@@ -1,5 +1,5 @@
 """Loading a case and running its analysis, the layer under the command line and batch: the options
-become a validated Config (``make_config``), the series (one NIfTI, a DICOM folder or the echoes of a
+become a Config (``make_config``, config.py: validated as it is made), the series (one NIfTI, a DICOM folder or the echoes of a
 multi-echo run) and masks are loaded and checked (``load_inputs``), and ``compute_case`` repairs frames,
 corrects head motion, analyses and registers the anatomical image. Nothing here prints or writes."""
 
@@ -50,39 +50,15 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
     A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its SeriesNumber)."""
-    from perfusion.io import check_roi_names, load_mask, load_series, mask_regions, sidecar_path_for, stem
+    from perfusion.config import VOF_WITHOUT_FILE
+    from perfusion.io import check_roi_names, load_mask, stem
     from perfusion.pipeline import Inputs
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
     check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
-    dscs = dsc_list(dsc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if len(dscs) > 1:  # the echoes of one multi-echo acquisition (echoes.py)
-            from perfusion.quantify.echoes import combine_echoes
-
-            check_echo_options(dscs, te=te, dicom_series=dicom_series)
-            series = combine_echoes([load_series(p, te=None, tr=tr) for p in dscs])
-            for note in series.echo_notes:
-                warnings.warn(note, stacklevel=1)
-        elif dscs[0].is_dir():
-            from perfusion.io.dicom import load_dicom_echoes
-            from perfusion.quantify.echoes import combine_echoes
-
-            loaded = load_dicom_echoes(dscs[0], te=te, tr=tr, series=dicom_series)
-            series = loaded[0] if len(loaded) == 1 else replace(combine_echoes(loaded), path=dscs[0])
-        else:
-            if dicom_series is not None:
-                raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
-            series = load_series(dscs[0], te=te, tr=tr)
-        paths: dict[str, Path] = {"dsc": Path(series.path)}
-        # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are
-        # named FOLDER/echo-<k>, not files: the folder's hash covers them)
-        for i, echo in enumerate(series.echoes[1:] if not Path(series.path).is_dir() else (), start=2):
-            paths[f"dsc_echo-{i}"] = Path(echo.path)
-            side = sidecar_path_for(Path(echo.path))
-            if side.is_file():
-                paths[f"dsc_echo-{i}_sidecar"] = side
+        series, paths = _load_series(dsc_list(dsc), te=te, tr=tr, dicom_series=dicom_series)
         # masks (io.mask_regions): a brain mask's labels are merged (a tissue segmentation); an AIF, VOF or
         # reference label map is refused (one region each); an ROI label map is one ROI per label
         brain = load_mask(mask, series, what="brain mask", labels="merge") if mask else None
@@ -96,29 +72,72 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
         if reference:
             paths["reference"] = Path(reference)
         vof_mask = None
-        if vof not in ("none", "guarded", "auto"):
+        if vof not in VOF_WITHOUT_FILE:
             vof_mask = load_mask(Path(vof), series, what="VOF mask")
             paths["vof"] = Path(vof)
-        roi_masks = {}
-        for i, p in enumerate(rois):
-            base = roi_names[i] if roi_names is not None else stem(p)
-            regions = mask_regions(p, series, what="ROI")
-            names = {label: base if label is None else f"{base}-label{label}" for label in regions}
-            if None not in regions:
-                warnings.warn(f"{Path(p).name}: the ROI is a label map with {len(regions)} labels: one ROI per label, "
-                              f"{', '.join(names.values())}", stacklevel=1)
-            for label, m in regions.items():
-                name = names[label]
-                if name in roi_masks:
-                    raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
-                roi_masks[name] = m
-                paths[f"roi:{name}"] = Path(p)
-        if len(roi_masks) > len(rois):  # label maps: their per-label names pass the same rules
-            check_roi_names([(n, paths[f"roi:{n}"]) for n in roi_masks])
+        roi_masks = _load_rois(rois, roi_names, series, paths)
     if anat is not None:
         paths["anat"] = Path(anat)
     inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
     return inputs, own_warnings(caught)
+
+
+def _load_series(dscs: list[Path], *, te: float | None, tr: float | None, dicom_series: int | None):
+    """The series (io.Series) of one NIfTI, a DICOM folder or the NIfTI echoes of one multi-echo run
+    (echoes.combine_echoes), and its input paths: "dsc" and, for NIfTI echoes, each further echo
+    ("dsc_echo-<k>") and its sidecar."""
+    from perfusion.io import load_series, sidecar_path_for
+
+    if len(dscs) > 1:  # the echoes of one multi-echo acquisition (echoes.py)
+        from perfusion.quantify.echoes import combine_echoes
+
+        check_echo_options(dscs, te=te, dicom_series=dicom_series)
+        series = combine_echoes([load_series(p, te=None, tr=tr) for p in dscs])
+        for note in series.echo_notes:
+            warnings.warn(note, stacklevel=1)
+    elif dscs[0].is_dir():
+        from perfusion.io.dicom import load_dicom_echoes
+        from perfusion.quantify.echoes import combine_echoes
+
+        loaded = load_dicom_echoes(dscs[0], te=te, tr=tr, series=dicom_series)
+        series = loaded[0] if len(loaded) == 1 else replace(combine_echoes(loaded), path=dscs[0])
+    else:
+        if dicom_series is not None:
+            raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+        series = load_series(dscs[0], te=te, tr=tr)
+    paths: dict[str, Path] = {"dsc": Path(series.path)}
+    # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are
+    # named FOLDER/echo-<k>, not files: the folder's hash covers them)
+    for i, echo in enumerate(series.echoes[1:] if not Path(series.path).is_dir() else (), start=2):
+        paths[f"dsc_echo-{i}"] = Path(echo.path)
+        side = sidecar_path_for(Path(echo.path))
+        if side.is_file():
+            paths[f"dsc_echo-{i}_sidecar"] = side
+    return series, paths
+
+
+def _load_rois(rois: list[Path], roi_names: list[str] | None, series, paths: dict[str, Path]) -> dict:
+    """The lesion ROIs by name (bool x y z), a label map one ROI per label ("<name>-label<k>", with a
+    warning); adds each ROI's file to ``paths`` ("roi:<name>"). UsageError for two ROIs of one name."""
+    from perfusion.io import check_roi_names, mask_regions, stem
+
+    roi_masks = {}
+    for i, p in enumerate(rois):
+        base = roi_names[i] if roi_names is not None else stem(p)
+        regions = mask_regions(p, series, what="ROI")
+        names = {label: base if label is None else f"{base}-label{label}" for label in regions}
+        if None not in regions:
+            warnings.warn(f"{Path(p).name}: the ROI is a label map with {len(regions)} labels: one ROI per label, "
+                          f"{', '.join(names.values())}", stacklevel=1)
+        for label, m in regions.items():
+            name = names[label]
+            if name in roi_masks:
+                raise UsageError(f"{p}: two ROIs are named {name!r}; rename one file")
+            roi_masks[name] = m
+            paths[f"roi:{name}"] = Path(p)
+    if len(roi_masks) > len(rois):  # label maps: their per-label names pass the same rules
+        check_roi_names([(n, paths[f"roi:{n}"]) for n in roi_masks])
+    return roi_masks
 
 
 def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
@@ -126,15 +145,16 @@ def make_config(*, method: str = "model", threshold: float | None = None, oi_tar
                 rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
                 recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
-    """The pipeline Config of the command-line options, validated (UsageError)."""
-    from perfusion.pipeline import Config
+    """The Config of the command-line options (a --vof mask file becomes "mask"), validated as it is
+    made (UsageError)."""
+    from perfusion.config import VOF_WITHOUT_FILE, Config
 
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
                   aif_voxels=aif_voxels,
-                  aif_selection=aif_selection, vof=vof if vof in ("none", "guarded", "auto") else "mask",
+                  aif_selection=aif_selection, vof=vof if vof in VOF_WITHOUT_FILE else "mask",
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
-                  steroids=steroids).validate()
+                  steroids=steroids)
 
 
 @dataclass(frozen=True)
@@ -166,20 +186,23 @@ def load_case(dsc, *, mask=None, aif: str = "auto", reference=None, rois=(), te:
 
 
 def analyze_case(case: Case, config=None):
-    """Analyse a loaded case with every option of ``config`` (pipeline.Config; default: the command
+    """Analyse a loaded case with every option of ``config`` (config.Config; default: the command
     line's defaults): frame repair, head motion (``config.motion_correct``), the analysis, and the
-    registration of the anatomical image. Returns the pipeline Result; writes and prints nothing."""
+    registration of the anatomical image. Returns the results.Result; writes and prints nothing."""
     import dataclasses
     import time
 
+    from perfusion.config import Config
+    from perfusion.pipeline import analyze, repair_series
     from perfusion.quantify.motion import correct_series
-    from perfusion.pipeline import Config, analyze, repair_series
+    from perfusion.results import Motion
 
-    config = (config or Config()).validate()
+    config = config or Config()
     inputs = case.inputs
     t1 = time.perf_counter()
     series, frames_repaired, frame_notes = repair_series(inputs.series)  # before motion: it registers every frame
-    series, motion, motion_notes = correct_series(series, mode=config.motion_correct, brain=inputs.brain)
+    series, motion_entry, motion_notes = correct_series(series, mode=config.motion_correct, brain=inputs.brain)
+    motion = Motion.of(motion_entry)
     inputs = dataclasses.replace(inputs, series=series)
     t2 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
@@ -224,7 +247,7 @@ def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> 
     report.json, report.html unless ``html`` is False), atomically and under the folder's lock; ``out``
     must be empty unless ``force``. Returns ``out``. Raises OutputError (exit 5 on the command line)."""
     from perfusion.io import check_output_folder, output_lock, staged_output
-    from perfusion.pipeline import write_result
+    from perfusion.report.outputs import write_result
 
     out = Path(out)
     check_output_folder(out, force=force)

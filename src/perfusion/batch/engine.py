@@ -8,7 +8,7 @@ then the staging folder replaces the final one by renames. A batch killed at any
 old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
 removes; a case counts as done only when its marker matches. Files are named relative to the input
 folder in the markers, summaries and log lines (:class:`Names`; each case's own outputs name their inputs
-by file name, as ``analyze`` does: pipeline.write_result), so a copied dataset resumes and no folder
+by file name, as ``analyze`` does: report.outputs.write_result), so a copied dataset resumes and no folder
 above the dataset (often a patient's name) leaks; two cases never share an output folder
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
@@ -286,7 +286,7 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
         from perfusion.case import compute_case
         from perfusion.io import output_file, write_json
-        from perfusion.pipeline import write_result
+        from perfusion.report.outputs import write_result
         from perfusion.report.html import write_html
 
         config = analysis_config(params)

@@ -69,7 +69,7 @@ def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = Fal
     with output_lock(out):  # held until the outputs are in place: a second run into ``out`` fails at once
         check_output_folder(out, force=force)  # a run that held the lock before us may have filled it
         from perfusion.case import compute_case
-        from perfusion.pipeline import write_result
+        from perfusion.report.outputs import write_result
 
         result, loaded = compute_case(build_config(options), dsc=dsc, **inputs)
         with staged_output(out, force=force, stale=is_analyze_output, keep=given) as stage:
@@ -149,18 +149,18 @@ def print_summary(result, out: Path, *, html: bool = True) -> None:
 def _print_aif_and_reference(con, result) -> None:
     from perfusion.units import MAP_UNITS
 
-    aif, ref = result.aif_info, result.reference_info
-    con.print(f"AIF: {aif['n_voxels']} voxels ({aif['source']}), peak {aif['peak_delta_r2s_per_s']:.1f} 1/s at "
-              f"{aif['peak_time_s']:.1f} s, quality {aif['quality_score']:.2f}")
-    if aif.get("absolute_quantification") is False:
+    aif, ref = result.aif, result.reference
+    con.print(f"AIF: {aif.n_voxels} voxels ({aif.source}), peak {aif.peak_delta_r2s_per_s:.1f} 1/s at "
+              f"{aif.peak_time_s:.1f} s, quality {aif.quality_score:.2f}")
+    if aif.absolute_quantification is False:
         from perfusion.quantify.aif import NOT_QUANTITATIVE, RELATIVE_VALID
 
         con.print(f"AIF: {NOT_QUANTITATIVE} ({RELATIVE_VALID}):")
-        for reason in aif.get("absolute_quantification_reasons", []):
+        for reason in aif.absolute_quantification_reasons:
             con.print(f"  - {reason}")
-    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.get("side"), "")
-    con.print(f"Reference: {ref['n_voxels']} voxels{', ' + side if side else ''}, median CBV {ref['cbv_median']:.2f} "
-              f"{MAP_UNITS['cbv']} ({ref['source']})")
+    side = {"both": "both hemispheres", "left": "patient's left", "right": "patient's right"}.get(ref.side, "")
+    con.print(f"Reference: {ref.n_voxels} voxels{', ' + side if side else ''}, median CBV {ref.cbv_median:.2f} "
+              f"{MAP_UNITS['cbv']} ({ref.source})")
 
 
 def _print_rois(con, result) -> None:
@@ -181,7 +181,7 @@ def _print_rois(con, result) -> None:
     for r in result.rois:
         con.print(f"{r.name}: {VERDICT_LABEL[r.verdict]} (median rCBV {r.rcbv_median:.2f}, 95 % interval "
                   f"{r.rcbv_ci_low:.2f}-{r.rcbv_ci_high:.2f}, PSR {r.psr_percent:.0f} %). {r.next_step}")
-        std = (result.reference_info.get("standardized") or {}).get("rois", {}).get(r.name)
+        std = result.reference.standardized.rois.get(r.name) if result.reference.standardized is not None else None
         if std is not None:
             con.print(f"  standardised CBV (Bedekar 2010; brain median = 1000): {std:.0f}")
         if r.rcbv_by_leakage:

@@ -32,6 +32,10 @@
 
 ``standardize_cbv``: histogram-landmark standardisation of the brain's CBV (Bedekar et al. 2010,
 MRM 64:907, after Nyul & Udupa 1999, MRM 42:1072), no reference tissue.
+
+The pipeline's reference stage: ``select_reference`` (the --reference mask or the automatic choice,
+checked, with report.json's "reference" entry, results.Reference) and ``standardized`` (the srCBV map
+and its entry).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from perfusion.errors import InputError
 from perfusion.quantify.signal import otsu_threshold
 
 #: Around every ROI, this much tissue (mm, 3-D) is never reference. Treated white matter around a
@@ -210,7 +215,8 @@ def auto_reference(cbv: np.ndarray, brain: np.ndarray, *, affine: np.ndarray,
     voxel -> RAS mm), ``rois`` (name -> bool x y z lesion masks), ``exclude`` (bool x y z: arterial
     and venous voxels), ``eligible`` (bool x y z: voxels that may be reference; None for all).
     Margins in mm, ``min_reference_ml`` in mL. Returns the mask (empty when nothing qualifies) with
-    its ``info`` and warnings."""
+    its ``info`` and warnings. Long because it is the module docstring's steps 1-5 in order, each reading
+    the masks of the steps before."""
     cbv = np.asarray(cbv, dtype=np.float64)
     brain = np.asarray(brain, bool)
     rois = dict(rois or {})
@@ -424,3 +430,85 @@ def standardize_cbv(cbv: np.ndarray, brain: np.ndarray, *, percentiles=STANDARD_
     landmarks = {"percentiles": pct.tolist(), "cbv": marks.tolist(), "standard": std.tolist(),
                  "units": "standardized units", "source": STANDARD_SOURCE}
     return out, landmarks
+
+
+# --- the pipeline's reference stage
+
+
+def select_reference(cbv: np.ndarray, brain: np.ndarray, *, affine: np.ndarray, given: np.ndarray | None,
+                     given_source: str, rois: dict[str, np.ndarray], exclude: np.ndarray, eligible: np.ndarray,
+                     vessels: np.ndarray, where: str):
+    """The reference tissue (bool x y z) for rCBV: the --reference mask ``given`` (from ``given_source``),
+    taken inside the brain, or ``auto_reference`` (contralateral normal-appearing white matter;
+    ``eligible``: non-enhancing, stable baseline; ``exclude``: arterial and venous voxels). Returns
+    (results.Reference: source, automatic, side, voxels, median CBV mL/100 g and IQR, for the automatic
+    choice its criteria and any fallback, "plausibility": ``check_reference``'s figures and problem,
+    a verdict gate), the mask and warnings. ``cbv`` mL/100 g (x y z); ``vessels``: arterial and
+    venous voxels (bool x y z). InputError naming ``where`` when fewer than MIN_REFERENCE_VOXELS voxels
+    of a given mask (any for the automatic one) have a valid CBV, or the median is not positive."""
+    from perfusion.results import Reference
+
+    if given is not None:
+        fields, ref_mask, notes = _given_reference(cbv, brain, affine=affine, given=given, source=given_source)
+    else:
+        choice = auto_reference(cbv, brain, affine=affine, rois=rois, exclude=exclude, eligible=eligible)
+        ref_mask, notes = choice.mask, list(choice.warnings)
+        fields = {"source": "automatic (normal-appearing white matter: low, homogeneous CBV on the side away from "
+                            "the ROIs; non-enhancing, stable baseline, away from ROIs, midline, vessels and CSF; see "
+                            "README)", **choice.info}
+    median = _reference_median(cbv, ref_mask, given=given is not None, fallback=fields.get("fallback"), where=where)
+    figures, problem = check_reference(cbv, ref_mask, brain, vessels)
+    if problem:
+        notes.append(f"reference tissue not plausible white matter: {problem}; every lesion is not assessable")
+    entry = Reference(**fields, n_voxels=int(ref_mask.sum()), cbv_median=median,
+                      cbv_iqr=tuple(float(q) for q in np.percentile(cbv[ref_mask], [25, 75])),
+                      plausibility={**figures, "problem": problem or None})
+    return entry, ref_mask, notes
+
+
+def _given_reference(cbv, brain, *, affine, given, source: str) -> tuple[dict, np.ndarray, list[str]]:
+    """A --reference mask: its voxels inside the brain with a finite CBV, the entry's first fields
+    (source, automatic, side, fallback, hemispheres) and a warning for voxels left out."""
+    notes = []
+    outside = int((given & ~brain).sum())
+    if outside:
+        notes.append(f"{outside} of the reference mask's {int(given.sum())} voxels lie outside the "
+                     "brain mask and were left out")
+    ref_mask = given & brain & np.isfinite(cbv)
+    hemi = hemispheres(brain, affine)
+    fields = {"source": source, "automatic": False, "side": side_of(ref_mask, hemi.offset_mm(brain.shape)),
+              "fallback": None, "hemispheres": hemi.as_dict()}
+    return fields, ref_mask, notes
+
+
+def _reference_median(cbv, ref_mask, *, given: bool, fallback: str | None, where: str) -> float:
+    """The reference's median CBV (mL/100 g), or InputError naming ``where`` (module: select_reference)."""
+    if not ref_mask.any():
+        why = f" ({fallback})" if fallback else ""
+        raise InputError(f"{where}: no reference voxel with a valid CBV{why}; "
+                         "give a normal-appearing white-matter mask with --reference")
+    if given and ref_mask.sum() < MIN_REFERENCE_VOXELS:
+        raise InputError(f"{where}: only {int(ref_mask.sum())} reference voxels have a valid CBV, fewer than "
+                         f"{MIN_REFERENCE_VOXELS}; draw the reference in normal-appearing white matter, "
+                         "about 0.5 mL")
+    median = float(np.median(cbv[ref_mask]))
+    if not median > 0:
+        raise InputError(f"{where}: reference CBV median is {median:.3g}, "
+                         "not positive; give a normal-appearing white-matter mask with --reference")
+    return median
+
+
+def standardized(cbv: np.ndarray, brain: np.ndarray, rois: dict[str, np.ndarray]):
+    """Standardised rCBV (``standardize_cbv`` of the CBV map, mL/100 g x y z): (the map in standardized
+    units, float32 x y z, or None when the brain's CBV histogram has no usable landmarks;
+    results.Standardized with each ROI's median; warnings)."""
+    from perfusion.results import Standardized
+
+    try:
+        srcbv, landmarks = standardize_cbv(cbv, brain)
+    except ValueError as exc:
+        return None, Standardized(landmarks=None, rois={}, why_not=str(exc)), [
+            f"standardised rCBV not computed: {exc}"]
+    rois_median = {n: (float(np.nanmedian(srcbv[m])) if np.isfinite(srcbv[m]).any() else float("nan"))
+                   for n, m in rois.items()}
+    return srcbv.astype(np.float32), Standardized(landmarks=landmarks, rois=rois_median), []

@@ -1,4 +1,5 @@
-"""report.json, built from a Result. No numerics here (report.html: report_html.py)."""
+"""report.json, built from a Result (its typed entries give their own parts: results.py). No numerics
+here (report.html: html.py; writing the outputs: outputs.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,14 @@ from perfusion.verdicts import VERDICT_LABEL  # noqa: F401 - re-exported: the wo
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from perfusion.pipeline import Inputs, Result
+    from perfusion.pipeline import Inputs
+    from perfusion.results import Result
 
 
 def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | None = None,
                  roi_files: dict[str, str] | None = None, prefix: str | None = None) -> dict:
     """report.json's content; ``files`` (output key -> file name) and ``roi_files`` (ROI name -> mask
-    copy) come from pipeline.write_result."""
+    copy) come from outputs.write_result."""
     s = inputs.series
     redact = Redactor(input_paths(inputs).values())
     result = redact(result)
@@ -53,10 +55,10 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
         "brain": {"n_voxels": int(result.brain.sum()),
                   "source": public_name(inputs.paths["brain"]) if "brain" in inputs.paths
                   else (result.brain_source or "automatic")},
-        "aif": {k: v for k, v in result.aif_info.items() if k != "leakage"},
+        "aif": result.aif.as_report(),
         **({"fit": dict(result.fit)} if result.fit else {}),
-        "leakage": result.aif_info.get("leakage", {"method": "none"}),
-        "reference": {**result.reference_info},
+        "leakage": result.leakage.as_report(),
+        "reference": result.reference.as_report(),
         "thresholds": {"rcbv_low": cfg.rcbv_low, "rcbv_high": cfg.rcbv_high, "source": THRESHOLD_SOURCE,
                        "mixed_fraction": cfg.mixed_fraction, "mixed_source": MIXED_SOURCE,
                        "hotspot_percentile": HOTSPOT_PERCENTILE, "ci_percentiles": list(CI_PERCENTILES),
@@ -69,8 +71,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
                   "volume_ml": "mL", "time": "s", "ftb": "fraction", "k2": "1/s"},
         **({"anat": anat_entry(result.anat, public_name(inputs.paths["anat"]), prefix=prefix)}
            if result.anat is not None else {}),
-        **({"motion": {k: v for k, v in result.motion.items() if k != "timeseries"}}
-           if result.motion is not None else {}),
+        **({"motion": result.motion.as_report()} if result.motion is not None else {}),
         "files": {k: v for k, v in (files or {}).items() if not k.startswith("roi:")},
         "warnings": list(result.warnings),
         "seconds": result.seconds,

@@ -28,7 +28,8 @@ import numpy as np
 from perfusion.quantify import signal
 from perfusion.io import Series, load_array
 from perfusion.tools.phantom import PhantomSpec, make_phantom
-from perfusion.pipeline import METHODS, Config, Inputs, analyze, prepare_operator, quantify
+from perfusion.config import METHODS, Config
+from perfusion.pipeline import Inputs, analyze, prepare_operator, quantify
 
 QUANTITIES = ("cbv", "cbf", "mtt")
 
