@@ -77,6 +77,21 @@ def test_without_correction_a_verdict_is_wrong(leaky_case, tmp_path):
     assert wrong, "leakage does not change any verdict: the phantom would not test the correction"
 
 
+@pytest.mark.parametrize("method", ["residue", "bidirectional"])
+def test_a_per_voxel_gate_with_any_method_scores_the_lesions(leaky_case, tmp_path, method):
+    """--leakage-gate voxel with a correction other than BSW once ended in an internal error
+    (KeyError 'residue_gated'): the lesions' fit R^2 was looked up under the gated key, which the
+    sensitivity does not compute. The R^2 is the method's own fit's; every lesion gets a verdict."""
+    paths, _ = leaky_case
+    out, rois = _run(paths, tmp_path, "--leakage", method, "--leakage-gate", "voxel")
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["leakage"]["method"] == method and rep["parameters"]["leakage_gate"] == "voxel"
+    for name in LEAKY:
+        r = rois[f"roi-{name}"]
+        assert r["verdict"] in ("likely_recurrence", "likely_treatment_effect", "indeterminate"), (name, r["verdict"])
+        assert 0 < r["fit_r2_median"] <= 1, (name, r["fit_r2_median"])
+
+
 def test_correction_does_not_damage_non_leaky_tissue(phantom_case):
     truth = json.loads(phantom_case["truth_json"].read_text())
     inputs = load_inputs(dsc=phantom_case["dsc"], mask=None, aif=str(phantom_case["aif"]),

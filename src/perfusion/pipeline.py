@@ -944,7 +944,9 @@ def _roi_leakage(sens: _Sensitivity, sl: slice, rows: np.ndarray, *, config: Con
                          if np.isfinite(v).any() and np.isfinite(sens.ref_median[k]) else float("nan")}
     interval = roi.rcbv_interval({k: sens.cbv[k][sl] for k in sens.pooled}, sens.ref_boot, low=config.rcbv_low,
                                  high=config.rcbv_high) if sens.pooled else None
-    r2 = sens.r2[sens.key][sl]
+    # the fit R^2 of the analysis's own correction; a per-voxel gate (``<method>_gated``) only decides where
+    # the method's fit is applied, so its R^2 is the method's
+    r2 = sens.r2[sens.key if sens.key in sens.r2 else plan.method][sl]
     fit_r2 = float(np.nanmedian(r2)) if np.isfinite(r2).any() else float("nan")
     fit_r2_curve = float("nan")
     if plan.method != "none":
