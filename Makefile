@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := sample_data/sub-demo
 
-.PHONY: install demo test bench fuzz browser clean help
+.PHONY: install demo test lint bench fuzz browser clean help
 
 help:
 	@echo "make demo    set up .venv and analyse the embedded sample case"
-	@echo "make test    set up .venv and run the test suite"
+	@echo "make test    set up .venv, lint the package (ruff, mypy) and run the test suite"
+	@echo "make lint    ruff and mypy on the package (settings in pyproject.toml)"
 	@echo "make install create .venv with the package and its test tools"
 	@echo "make bench   speed and memory on standard volumes, and against osipy and numpy (benchmarks/results/)"
 	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
@@ -30,8 +31,13 @@ demo: install
 # two workers, each test file on one of them (module fixtures are built once): 5.4 min instead of 7.9 on
 # this 2-core machine; PYTEST_ARGS= runs it serially
 PYTEST_ARGS ?= -n 2 --dist loadfile
-test: install browser
+test: install browser lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (pycodestyle, pyflakes, bugbear, pyupgrade, import order) and mypy on the package; a few seconds warm
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
 
 # `perfusion bench` (end to end, stages, memory, numba compile) then the peer benchmark (osipy in its
 # own Python 3.12 venv, plain numpy) on the same clinical volume; JSON in benchmarks/results/
@@ -63,4 +69,4 @@ browser:
 	@./tests/ensure-chromium.sh
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache
