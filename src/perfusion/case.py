@@ -162,7 +162,7 @@ class Case:
     """A loaded case (``load_case``): the series and masks (pipeline.Inputs), the loader's warnings and the
     anatomical image (data, affine) with its file, if one was given."""
 
-    inputs: "Inputs"
+    inputs: Inputs
     warnings: tuple[str, ...] = ()
     anat: tuple | None = None
     anat_path: Path | None = None

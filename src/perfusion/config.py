@@ -13,8 +13,7 @@ from typing import Literal, get_args
 
 from perfusion.errors import UsageError
 from perfusion.quantify import aif as aif_mod
-from perfusion.quantify import deconvolution
-from perfusion.quantify import roi
+from perfusion.quantify import deconvolution, roi
 from perfusion.units import KH, RHO_BRAIN_G_PER_ML
 
 #: --method: the SVD family and Tikhonov (deconvolution.METHODS, in its order) and the model fit

@@ -579,7 +579,7 @@ def leakage_key(method: str, gate: str) -> str:
 
 
 def correct_leakage(c: np.ndarray, *, method: str, gate: str, in_lesion: np.ndarray | None, tr: float,
-                    reference, aif, baseline: slice, bsw_reference=None) -> "leakage.LeakageFit":
+                    reference, aif, baseline: slice, bsw_reference=None) -> leakage.LeakageFit:
     """``method``'s leakage correction of delta R2* rows (1/s, (n, n_t)), applied where the --leakage-gate
     ``gate`` says (config.LEAKAGE_GATES): the rows in lesion ROIs (``in_lesion``, bool (n,)) with "lesion",
     and with "lesion" or "voxel" the rows whose BSW K2 is significant (leakage.bsw_significant, against

@@ -23,9 +23,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.batch.discovery import OUTPUT_MARKER
@@ -286,8 +287,8 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
         from perfusion.case import compute_case
         from perfusion.io import output_file, write_json
-        from perfusion.report.outputs import write_result
         from perfusion.report.html import write_html
+        from perfusion.report.outputs import write_result
 
         config = analysis_config(params)
         echoes = list(getattr(case, "echoes", ()) or ())
@@ -322,9 +323,9 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
 
 
 def _now() -> str:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _umask() -> int:

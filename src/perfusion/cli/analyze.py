@@ -2,15 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 import typer
 
-from perfusion.cli.options import (Aif, AifSelection, AifVoxels, Anat, Bevacizumab, DicomSeries, Force, Html, Leakage,
-                                   LeakageGate, Mask, Method, MotionCorrect, OiTarget, Quiet, RcbvHigh, RcbvLow,
-                                   Recirculation, Reference, Roi, Steroids, Te, Threshold, Tr, Vof, WeeksSinceRadiation,
-                                   case_inputs, check_options)
+from perfusion.cli.options import (
+    Aif,
+    AifSelection,
+    AifVoxels,
+    Anat,
+    Bevacizumab,
+    DicomSeries,
+    Force,
+    Html,
+    Leakage,
+    LeakageGate,
+    Mask,
+    Method,
+    MotionCorrect,
+    OiTarget,
+    Quiet,
+    RcbvHigh,
+    RcbvLow,
+    Recirculation,
+    Reference,
+    Roi,
+    Steroids,
+    Te,
+    Threshold,
+    Tr,
+    Vof,
+    WeeksSinceRadiation,
+    case_inputs,
+    check_options,
+)
 from perfusion.errors import OutputError, UsageError
 
 

@@ -9,9 +9,24 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from perfusion.cli.options import (BatchAifSelection, BatchBevacizumab, BatchLeakage, BatchMethod, BatchQuiet,
-                                   BatchSteroids, BatchTe, BatchTr, BatchVof, BatchWeeksSinceRadiation, LeakageGate,
-                                   MotionCorrect, RcbvHigh, RcbvLow, batch_params, check_options)
+from perfusion.cli.options import (
+    BatchAifSelection,
+    BatchBevacizumab,
+    BatchLeakage,
+    BatchMethod,
+    BatchQuiet,
+    BatchSteroids,
+    BatchTe,
+    BatchTr,
+    BatchVof,
+    BatchWeeksSinceRadiation,
+    LeakageGate,
+    MotionCorrect,
+    RcbvHigh,
+    RcbvLow,
+    batch_params,
+    check_options,
+)
 from perfusion.errors import UsageError
 
 
@@ -118,7 +133,14 @@ def _run_cases(cases, out: Path, params: dict[str, Any], *, quiet: bool, **engin
 
     if not interactive:
         return run_batch(cases, out, params, on_done=log, **engine)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("done {task.fields[ok]}, failed {task.fields[failed]}, remaining {task.fields[left]}"),

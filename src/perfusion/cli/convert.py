@@ -36,8 +36,8 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
     ("dsc" and "sidecar" of the first echo; "echoes" empty for one echo)."""
     import re
 
-    from perfusion.io.dicom import read_dicom_echoes
     from perfusion.io import check_output_folder, output_lock, staged_output, write_json, write_nifti
+    from perfusion.io.dicom import read_dicom_echoes
 
     if name is not None and not re.fullmatch(_NAME_PATTERN, name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (e.g. sub-01)")

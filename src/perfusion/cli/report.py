@@ -50,9 +50,9 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
     import tempfile
 
     from perfusion.io import atomic_write, find_report, load_volume, output_path, sha256, sidecar_of, write_json
-    from perfusion.report.outputs import write_anat
     from perfusion.quantify.register import anat_background
     from perfusion.report.build import anat_entry
+    from perfusion.report.outputs import write_anat
 
     report_name = find_report(folder).name
     prefix = report_name[: -len("_report.json")] if report_name.endswith("_report.json") else None

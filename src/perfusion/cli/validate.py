@@ -24,8 +24,8 @@ def validate(
 def run_validate(*, data: Path | None = None, methods: list[str] | None = None, json_path: Path | None = None,
                  quick: bool = False, quiet: bool = False) -> dict:
     """Run the accuracy suite; print the table; write the JSON (rows and summary) atomically."""
-    from perfusion.io import atomic_write, dumps_json
     from perfusion.config import METHODS
+    from perfusion.io import atomic_write, dumps_json
 
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]

@@ -21,7 +21,7 @@ the page. Library code: no printing, errors are PerfusionError subclasses with o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +453,7 @@ def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[st
     low, high = verdict_thresholds
     return {
         "software": {"name": "perfusion", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "inputs": {
             label: {"report_json": tp.report_path.name,

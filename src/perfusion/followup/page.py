@@ -18,9 +18,22 @@ from perfusion import DISCLAIMER, __version__
 from perfusion.followup.compare import TRANSFORM_FILE, Comparison
 from perfusion.io import atomic_write, display_grid, write_json
 from perfusion.quantify.register import write_transform
-from perfusion.report.html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, as_image,
-                                   display_slices, draw_marks, esc, figure, img_tag, num, png_bytes, slices_with_roi)
-
+from perfusion.report.html import (
+    CSS,
+    ORIENTATION_NOTE,
+    SCALES,
+    VERDICT_COLOUR,
+    VERDICT_WORDS,
+    as_image,
+    display_slices,
+    draw_marks,
+    esc,
+    figure,
+    img_tag,
+    num,
+    png_bytes,
+    slices_with_roi,
+)
 
 #: At most this many slices in the side-by-side figure (evenly spaced among the slices holding a
 #: current ROI): 12 rows keep the page a few MB.

@@ -13,8 +13,8 @@ import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from perfusion.errors import OutputError
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from perfusion.errors import InputError
 
-
 #: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
 PLAIN_FILES = {"aif": "aif.tsv", "aif_json": "aif.json", "curves": "curves.tsv", "curves_json": "curves.json",
                "report": "report.json", "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm",

@@ -18,7 +18,6 @@ from perfusion.errors import InputError
 from perfusion.io.nifti import image_affine, read_image, read_json_object, sidecar_path_for, signal_float32
 from perfusion.units import MAX_TE_S, MAX_TR_S, NIFTI_TIME_UNIT_TO_S
 
-
 #: Fewest frames a DSC series may have: a baseline of a few frames, the bolus and its tail.
 MIN_FRAMES = 15
 

@@ -11,17 +11,26 @@ from __future__ import annotations
 import base64
 import html
 import io as _bytes_io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from perfusion.errors import InputError
-from perfusion.io import (DisplayGrid, atomic_write, display_grid, find_report, load_array, load_array_affine,
-                          output_path, read_json_object, stem)
+from perfusion.io import (
+    DisplayGrid,
+    atomic_write,
+    display_grid,
+    find_report,
+    load_array,
+    load_array_affine,
+    output_path,
+    read_json_object,
+    stem,
+)
+from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from perfusion.units import MAP_UNITS
 from perfusion.verdicts import VERDICT_HEADING
 
@@ -605,7 +614,7 @@ def _header(rep: dict) -> list[str]:
                      f"are not.</p><ul class=\"small\">{reasons}</ul></div>")
     parts.append(
         f"<p>perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Analysis date: "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Analysis date: "
         f"{esc(date) if date else 'not recorded in report.json'}.</p>"
         f"<p>Input files:</p><ul>{inputs}</ul>"
     )

@@ -213,10 +213,8 @@ def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
     once outside the timing, with BLAS on all cores. Both warm; medians of ``repeats``."""
     import numpy as np
 
-    from perfusion.quantify import deconvolution
-
-    from perfusion.quantify import signal
     from perfusion.io import load_mask, load_series
+    from perfusion.quantify import deconvolution, signal
 
     s = load_series(vol.dsc)
     brain = load_mask(vol.brain, s, what="brain mask")

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from perfusion.quantify import signal
-from perfusion.io import Series, load_array
-from perfusion.tools.phantom import PhantomSpec, make_phantom
 from perfusion.config import METHODS, Config
+from perfusion.io import Series, load_array
 from perfusion.pipeline import Inputs, analyze, prepare_operator, quantify
+from perfusion.quantify import signal
+from perfusion.tools.phantom import PhantomSpec, make_phantom
 
 QUANTITIES = ("cbv", "cbf", "mtt")
 

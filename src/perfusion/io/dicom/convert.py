@@ -64,12 +64,19 @@ from typing import Any
 import numpy as np
 
 from perfusion.errors import WRITE_REFUSED_ERRNOS, InputError, OutputError, PerfusionError, UsageError
-from perfusion.io.dicom.headers import (INTERVAL_TR_TOLERANCE, SeriesInfo, check_series, import_pydicom, inspect,
-                                        quiet_pydicom, scrub, select_series)
+from perfusion.io.dicom.headers import (
+    INTERVAL_TR_TOLERANCE,
+    SeriesInfo,
+    check_series,
+    import_pydicom,
+    inspect,
+    quiet_pydicom,
+    scrub,
+    select_series,
+)
 from perfusion.io.nifti import signal_float32
 from perfusion.io.series import Series, check_time
 from perfusion.units import MAX_TE_S, MAX_TR_S
-
 
 #: Environment variable naming the dcm2niix binary to use instead of the wheel's.
 DCM2NIIX_ENV = "PERFUSION_DCM2NIIX"

@@ -38,16 +38,16 @@ import logging
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from perfusion.errors import InputError, UsageError
 from perfusion.io.files import MAX_FOLDER_FILE_BYTES, describe_skipped, folder_files, open_regular
 from perfusion.io.series import MIN_FRAMES
-
 
 #: An interval departing from the median interval by more than this fraction makes the time axis
 #: unusable (a missing or doubled frame shifts every later frame by a whole interval).
