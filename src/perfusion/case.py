@@ -1,6 +1,7 @@
 """Loading a case and running its analysis, the layer under the command line and batch: the options
-become a Config (``make_config``, config.py: validated as it is made), the series (one NIfTI, a DICOM folder or the echoes of a
-multi-echo run) and masks are loaded and checked (``load_inputs``), and ``compute_case`` repairs frames,
+become a Config (``make_config``, config.py: validated as it is made), the series (one NIfTI, a DICOM
+folder or the echoes of a multi-echo run) and masks are loaded and checked (``load_inputs``), and
+``compute_case`` repairs frames,
 corrects head motion, analyses and registers the anatomical image. Nothing here prints or writes."""
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
-    A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its SeriesNumber)."""
+    A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its
+    SeriesNumber)."""
     from perfusion.config import VOF_WITHOUT_FILE
     from perfusion.io import check_roi_names, load_mask, stem
     from perfusion.pipeline import Inputs
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
-    check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
+    check_roi_names(list(zip(names, map(Path, rois), strict=True)))  # before any file is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         series, paths = _load_series(dsc_list(dsc), te=te, tr=tr, dicom_series=dicom_series)
@@ -103,7 +105,8 @@ def _load_series(dscs: list[Path], *, te: float | None, tr: float | None, dicom_
         series = loaded[0] if len(loaded) == 1 else replace(combine_echoes(loaded), path=dscs[0])
     else:
         if dicom_series is not None:
-            raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+            raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; "
+                             "leave it out")
         series = load_series(dscs[0], te=te, tr=tr)
     paths: dict[str, Path] = {"dsc": Path(series.path)}
     # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are

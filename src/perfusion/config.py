@@ -84,7 +84,8 @@ class Config:
     method: Method = "model"
     threshold: float | None = None  # fixed relative SVD threshold P (ssvd, csvd)
     oi_target: float | None = None  # oSVD oscillation-index target
-    leakage: LeakageChoice = "auto"  # auto: DEFAULT_LEAKAGE_SINGLE or DEFAULT_LEAKAGE_MULTI_ECHO by the series (resolve_leakage)
+    # auto: DEFAULT_LEAKAGE_SINGLE or DEFAULT_LEAKAGE_MULTI_ECHO by the series (resolve_leakage)
+    leakage: LeakageChoice = "auto"
     leakage_gate: LeakageGate = "lesion"  # where the correction applies: LEAKAGE_GATES
     aif_selection: AifSelection = "cluster"
     vof: VofMode = "guarded"

@@ -14,7 +14,9 @@ from perfusion.errors import InputError, OutputError
 
 def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' (holds report.json).")],
-    anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
+    anat: Annotated[Optional[Path], typer.Option(
+        help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and "
+             "used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Write report.html (verdicts, maps, curves, quality checks; one self-contained file) into FOLDER."""

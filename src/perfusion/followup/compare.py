@@ -163,8 +163,8 @@ def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: d
     base, affine = _load_map(folder, report, "baseline", required=True)
     rcbv, rcbv_affine = _load_map(folder, report, "rcbv", required=True)
     if rcbv.shape != base.shape or not np.allclose(rcbv_affine, affine, atol=1e-3):
-        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same folder; "
-                         "re-run 'perfusion analyze'")
+        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same "
+                         "folder; re-run 'perfusion analyze'")
     notes: list[str] = []
     brain_map = _load_map(folder, report, "brain_mask", required=False)
     brain = brain_map[0] != 0 if brain_map is not None and brain_map[0].shape == base.shape else None

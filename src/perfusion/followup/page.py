@@ -87,7 +87,7 @@ def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, backgroun
     finite = background[np.isfinite(background)]
     bg_hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
     im = None
-    for row, z in zip(axes, slices):
+    for row, z in zip(axes, slices, strict=True):
         for ax, data, title in ((row[0], prior_rcbv, "prior (on current grid)"), (row[1], current_rcbv, "current")):
             ax.axis("off")
             ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi or 1.0, origin="lower")

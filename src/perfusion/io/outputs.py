@@ -156,6 +156,6 @@ def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:
     """Write a TSV table whole or not at all: a header row of the column names, then one row per
     sample, each value with 6 significant digits. An OSError propagates (see the module docstring)."""
     names = list(columns)
-    rows = zip(*(np.asarray(columns[n]) for n in names))
+    rows = zip(*(np.asarray(columns[n]) for n in names), strict=False)
     lines = ["\t".join(names)] + ["\t".join(f"{v:.6g}" for v in row) for row in rows]
     atomic_write(path, "\n".join(lines) + "\n", fix=None)

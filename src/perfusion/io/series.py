@@ -96,7 +96,8 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
     if raw.ndim == 5 and raw.shape[3] == 1:
         raw = raw[:, :, :, 0, :]
     if raw.ndim != 4:
-        raise InputError(f"{path}: DSC series must be 4-D (x, y, z, time), got shape {raw.shape}; give the dynamic series")
+        raise InputError(f"{path}: DSC series must be 4-D (x, y, z, time), got shape {raw.shape}; give the "
+                         "dynamic series")
     if raw.shape[3] < MIN_FRAMES:
         raise InputError(
             f"{path}: only {raw.shape[3]} frames; a DSC series needs at least {MIN_FRAMES} (baseline, bolus, tail)"
@@ -156,8 +157,8 @@ def _repetition_time(tr: float | None, sidecar: dict[str, Any], sc_path: Path, h
     if header_tr is not None:
         return (check_time(header_tr, name="TR", flag="--tr", limit=MAX_TR_S, source="NIfTI header", path=path),
                 "NIfTI header pixdim[4]")
-    raise InputError(f"{path}: repetition time unknown (no RepetitionTime in a sidecar and no time unit in the header); "
-                     "pass --tr SECONDS")
+    raise InputError(f"{path}: repetition time unknown (no RepetitionTime in a sidecar and no time unit in the "
+                     "header); pass --tr SECONDS")
 
 
 def _header_tr(img) -> float | None:

@@ -50,7 +50,8 @@ def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None
             "te": s.te, "te_units": "s", "te_source": s.te_source,
             "tr": s.tr, "tr_units": "s", "tr_source": s.tr_source,
             "n_frames": s.n_frames,
-            "n_frames_source": "DICOM (dcm2niix, checked against the headers)" if s.path.is_dir() else "NIfTI header dim[4]",
+            "n_frames_source": ("DICOM (dcm2niix, checked against the headers)" if s.path.is_dir()
+                                else "NIfTI header dim[4]"),
             "shape": list(s.data.shape), "voxel_volume_ml": s.voxel_volume_ml,
             "flip_angle_deg": s.sidecar.get("FlipAngle"),
             "field_strength_t": s.sidecar.get("MagneticFieldStrength"),

@@ -33,9 +33,11 @@ MAP_UNITS = {
     "gv_peak": ("1/s", "Peak delta R2* of the fitted gamma variate"),
     "gv_ttp": ("s", "Time to peak of the fitted gamma variate, from the first frame"),
     "gv_fwhm": ("s", "Full width at half maximum of the fitted gamma variate"),
-    "gv_quality": ("ratio", "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
+    "gv_quality": ("ratio",
+                   "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
     "ftb": ("label", "Fractional tumour burden class inside the ROIs: 1 rCBV < low, 2 between, 3 > high, 0 outside"),
-    "k2": ("1/s", "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
+    "k2": ("1/s",
+           "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
     "cbv_uncorrected": ("mL/100 g", "CBV before leakage correction (area ratio of the measured curve)"),
 }
 
@@ -106,7 +108,8 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
 def _write_maps(out: _Outputs, result: Result, s: Series) -> None:
     """Every map of MAP_UNITS the result holds (ftb only with ROIs), its sidecar naming the parameters."""
     cfg = result.config
-    params = {"method": cfg.method, **{k: v for k, v in cfg.as_dict().items() if k in ("threshold", "oi_target", "kh", "rho")},
+    params = {"method": cfg.method,
+              **{k: v for k, v in cfg.as_dict().items() if k in ("threshold", "oi_target", "kh", "rho")},
               "te_s": s.te, "tr_s": s.tr, "aif": result.aif.source, "leakage": cfg.leakage}
     for name, (unit, desc) in MAP_UNITS.items():
         if name not in result.maps:

@@ -183,7 +183,7 @@ def _median(values: list[float]) -> float:
 def measure_config(vol: Volume, config: str, extra: list[str], *, repeats: int, work: Path,
                    progress=None) -> tuple[dict, list[dict]]:
     runs = []
-    for i in range(repeats):
+    for _ in range(repeats):
         runs.append(run_analyze(vol, work / f"{vol.name}-{vol.dtype}-{config}", extra))
         if progress:
             progress()

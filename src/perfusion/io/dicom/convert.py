@@ -387,7 +387,7 @@ def read_dicom_echoes(folder: Path, *, series: int | None = None, tr_s: float | 
         data, affine, raw, extra = loaded[0]
         return [_checked_echo(info, folder, data, affine, raw, warns + extra, tr_s=tr_s)]
     out = []
-    for k, (echo, (data, affine, raw, extra)) in enumerate(zip(info.echoes, loaded), 1):
+    for k, (echo, (data, affine, raw, extra)) in enumerate(zip(info.echoes, loaded, strict=True), 1):
         conv = _checked_echo(dataclasses.replace(echo, number=info.number), folder, data, affine, raw,
                              (warns if k == 1 else []) + extra, tr_s=tr_s, echo=k)
         out.append(dataclasses.replace(conv, info=info, echo=k, n_echoes=len(info.echoes)))
@@ -464,7 +464,6 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     mid = info.slices // 2
     chosen = [(im, f, s) for im, f, s in info.images if s == mid or f == 0]
     inv = np.linalg.inv(affine)
-    lps_to_ras = np.array([-1.0, -1.0, 1.0])
     cache: dict[Path, Any] = {}
     with quiet_pydicom():
         for im, f, s in sorted(chosen, key=lambda x: (x[1], x[2])):
@@ -481,15 +480,7 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
                 pixels = pixels[im.frame_no]
             if pixels.shape != (im.rows, im.columns):
                 return "dcm2niix's frame order not verified (unexpected pixel array shape)"
-            row, col = np.array(im.orientation[:3]), np.array(im.orientation[3:])
-            origin = np.asarray(im.position)
-
-            def voxel(r, c):
-                world = (origin + row * im.spacing[1] * c + col * im.spacing[0] * r) * lps_to_ras
-                return (inv @ np.append(world, 1.0))[:3]
-
-            v0 = voxel(0, 0)
-            dc, dr = voxel(0, 1) - v0, voxel(1, 0) - v0
+            v0, dr, dc = _pixel_steps(im, inv)
             rr, cc = np.mgrid[0:im.rows, 0:im.columns]
             idx = v0 + rr[..., None] * dr + cc[..., None] * dc
             rounded = np.rint(idx).astype(int)
@@ -507,6 +498,22 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
                                  "re-export the series with TemporalPositionIdentifier or with instance numbers in "
                                  "acquisition order")
     return None
+
+
+def _pixel_steps(im, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where pixel (row 0, column 0) of the DICOM image ``im`` lies in the converted image (voxel
+    coordinates, through ``inv``, the inverse of its affine) and the voxel step of one pixel row and of
+    one pixel column, from the image's own geometry (position and orientation: DICOM LPS, mm)."""
+    row, col = np.array(im.orientation[:3]), np.array(im.orientation[3:])
+    origin = np.asarray(im.position)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+
+    def voxel(r: int, c: int) -> np.ndarray:
+        world = (origin + row * im.spacing[1] * c + col * im.spacing[0] * r) * lps_to_ras
+        return (inv @ np.append(world, 1.0))[:3]
+
+    v0 = voxel(0, 0)
+    return v0, voxel(1, 0) - v0, voxel(0, 1) - v0
 
 
 def load_dicom_echoes(folder: Path, *, te: float | None = None, tr: float | None = None,

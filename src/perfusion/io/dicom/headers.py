@@ -451,7 +451,7 @@ def _describe_echoes(images: list[_Image], number: int | None, timing: list, sec
         return _describe(images, number, timing, secrets)
     per = []
     for key in sorted(set(keys)):
-        subset = [im for im, k in zip(images, keys) if k == key]
+        subset = [im for im, k in zip(images, keys, strict=True) if k == key]
         tes = [im.echo_ms for im in subset if im.echo_ms]
         info = _describe(subset, number, [(t[0], None, t[2], t[3]) for t in timing], secrets)
         per.append(dataclasses.replace(info, echo_time_s=float(np.median(tes)) / 1000.0 if tes else None,
@@ -505,7 +505,8 @@ def _describe(images: list[_Image], number: int | None, timing: list, secrets: f
         repetition_time_s=float(np.median(trs)) / 1000.0 if trs else None,
         echo_time_s=float(np.median(tes)) / 1000.0 if tes else None,
         rescale=rescale, errors=tuple(errors), warnings=tuple(warns), notes=tuple(notes),
-        images=tuple((im, int(f), int(s)) for im, f, s in zip(images, frame_of, slice_of)), secrets=secrets,
+        images=tuple((im, int(f), int(s)) for im, f, s in zip(images, frame_of, slice_of, strict=True)),
+        secrets=secrets,
     )
 
 
