@@ -7,13 +7,15 @@ corrects head motion, analyses and registers the anatomical image. Nothing here 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from perfusion.errors import InputError, UsageError
 
 if TYPE_CHECKING:
+    from perfusion.config import AifSelection, LeakageChoice, LeakageGate, Method, MotionMode, Recirculation, VofMode
     from perfusion.pipeline import Inputs
 
 
@@ -143,18 +145,21 @@ def _load_rois(rois: list[Path], roi_names: list[str] | None, series, paths: dic
     return roi_masks
 
 
-def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
-                leakage: str = "auto", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
-                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
-                recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
+def make_config(*, method: Method = "model", threshold: float | None = None, oi_target: float | None = None,
+                leakage: LeakageChoice = "auto", leakage_gate: LeakageGate = "lesion", rcbv_low: float = 1.0,
+                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: AifSelection = "cluster",
+                vof: str = "guarded", recirculation: Recirculation = "keep",
+                weeks_since_radiation: float | None = None, motion_correct: MotionMode = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
     """The Config of the command-line options (a --vof mask file becomes "mask"), validated as it is
-    made (UsageError)."""
+    made (UsageError: the option strings are typed as Config's choices, which Config checks)."""
     from perfusion.config import VOF_WITHOUT_FILE, Config
 
+    # cast: a --vof value of VOF_WITHOUT_FILE is one of VofMode (membership in a tuple does not narrow a str)
+    vof_mode = cast("VofMode", vof) if vof in VOF_WITHOUT_FILE else "mask"
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
                   aif_voxels=aif_voxels,
-                  aif_selection=aif_selection, vof=vof if vof in VOF_WITHOUT_FILE else "mask",
+                  aif_selection=aif_selection, vof=vof_mode,
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
                   steroids=steroids)
@@ -228,9 +233,10 @@ def analyze_case(case: Case, config=None):
     return result
 
 
-def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
-                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
+def compute_case(config, *, dsc: Path | list[Path], mask: Path | None = None, aif: str = "auto",
+                 reference: Path | None = None, rois: Sequence[Path] = (), te: float | None = None,
+                 tr: float | None = None, vof: str = "guarded", anat: Path | None = None,
+                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """``load_case`` then ``analyze_case`` (the command line's and batch's path); return (Result, Inputs)
     with the loading time in the Result's timings."""
     import dataclasses

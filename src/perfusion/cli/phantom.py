@@ -58,7 +58,8 @@ def echo_times_from_options(*, echoes: int | None, te_list: str | None, te: floa
     from perfusion.tools.phantom_realistic import DEFAULT_ECHO_TIMES, MAX_ECHOES
     from perfusion.units import MAX_TE_S
 
-    if te_list is None and (echoes is None or echoes == 1):
+    n_echoes = echoes if echoes is not None else 1
+    if te_list is None and n_echoes == 1:
         return ()
     flag = "--te-list" if te_list is not None else "--echoes"
     if not realistic:
@@ -67,7 +68,7 @@ def echo_times_from_options(*, echoes: int | None, te_list: str | None, te: floa
         raise UsageError(f"phantom: --te and {flag} do not fit together; give every echo time with --te-list")
     if te_list is None:
         lo, hi = DEFAULT_ECHO_TIMES
-        return tuple(round(lo + (hi - lo) * i / (echoes - 1), 6) for i in range(echoes))
+        return tuple(round(lo + (hi - lo) * i / (n_echoes - 1), 6) for i in range(n_echoes))
     try:
         tes = [float(x) for x in te_list.split(",")]
     except ValueError:
@@ -98,6 +99,8 @@ def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float
     """Write a phantom case: phantom.py's (defaults SNR 150, TE 0.025 s, 80 frames) or, ``realistic``,
     phantom_realistic.py's head (SNR 50, TE 0.03 s, 60 frames, ``protocol``; ``echo_times`` (s): one
     series per echo, keys ``echo-1``, ``echo-2``, ... instead of ``dsc``)."""
+    from functools import partial
+
     from perfusion.io import staged_output
 
     snr = snr if snr is not None else (50.0 if realistic else 150.0)
@@ -112,19 +115,19 @@ def run_phantom(*, out: Path, snr: float | None = None, seed: int = 0, tr: float
         if realistic:
             from perfusion.tools.phantom_realistic import RealisticSpec, make_realistic_phantom, write_realistic
 
-            ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=snr, seed=seed, tr=tr, te=te,
-                                                      n_frames=frames, echo_times=tuple(echo_times)))
-            writer = write_realistic
+            realistic_ph = make_realistic_phantom(RealisticSpec(protocol=protocol, snr=snr, seed=seed, tr=tr, te=te,
+                                                                n_frames=frames, echo_times=tuple(echo_times)))
+            write = partial(write_realistic, realistic_ph)
         else:
             from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
             ph = make_phantom(PhantomSpec(snr=snr, seed=seed, tr=tr, te=te, n_frames=frames,
                                           leaky_lesions=leaky_lesions))
-            writer = write_phantom
+            write = partial(write_phantom, ph)
     except ValueError as exc:
         raise UsageError(f"phantom: {exc}") from None
     with staged_output(Path(out), force=force) as stage:
-        paths = writer(ph, stage)
+        paths = write(stage)
     if not quiet:
         from perfusion.cli.console import console
 

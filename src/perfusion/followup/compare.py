@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -145,8 +145,19 @@ class TimePoint:
     notes: list[str] = field(default_factory=list)
 
 
+@overload
+def _load_map(folder: Path, report: dict, name: str, *, required: Literal[True]) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+
+@overload
 def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``."""
+    ...
+
+
+def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``
+    (InputError when ``required``: the overloads say so to the type checker)."""
     path = output_path(folder, report, name)
     if not path.is_file():
         if required:

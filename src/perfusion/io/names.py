@@ -106,6 +106,8 @@ def find_report(folder: Path) -> Path:
 
 def output_path(folder: Path, report: dict, key: str) -> Path:
     """Path of output ``key`` in ``folder`` by report.json "files", or its plain name (older reports)."""
-    files = report.get("files") if isinstance(report.get("files"), dict) else {}
+    files = report.get("files")
+    if not isinstance(files, dict):
+        files = {}
     name = files.get(key) or output_file(key)
     return Path(folder) / Path(str(name)).name

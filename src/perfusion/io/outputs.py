@@ -139,7 +139,7 @@ def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, 
     file = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
     out = folder / file
     write_nifti(out, data, affine, description=f"{stem(Path(file))} [{units}]", dtype=dtype)
-    sidecar = {"Units": units, "Description": description}
+    sidecar: dict[str, Any] = {"Units": units, "Description": description}
     if parameters:
         sidecar["Parameters"] = parameters
     write_json(folder / sidecar_of(file), sidecar)

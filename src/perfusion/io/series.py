@@ -43,7 +43,7 @@ class Series:
 
     @property
     def shape3d(self) -> tuple[int, int, int]:
-        return tuple(self.data.shape[:3])  # type: ignore[return-value]
+        return tuple(self.data.shape[:3])
 
     @property
     def n_frames(self) -> int:

@@ -520,8 +520,8 @@ def _summary_table(rois: list[dict]) -> str:
     """One line per ROI above the detailed boxes: what a reader needs at a glance."""
     rows = "".join(
         f'<tr><td>{esc(r.get("name", "?"))}</td>'
-        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict"), "#555")}"><b>'
-        f'{esc(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
+        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict", ""), "#555")}"><b>'
+        f'{esc(VERDICT_WORDS.get(r.get("verdict", ""), r.get("verdict", "?")))}</b></td>'
         f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td>'
         f'<td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
         f'{_pct(r.get("ftb_high"))}</td><td>{"yes" if r.get("mixed") else "no"}</td><td>{_f(r.get("volume_ml"))}</td>'
@@ -689,7 +689,7 @@ def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str
     parts = ["<h3>Maps, all slices</h3>"]
     for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
         data, affine = _load_with_affine(folder, rep, name)
-        if data is None:
+        if data is None or affine is None:  # both None together
             notes.append(f"{name}.nii.gz not found: no {title} montage")
             continue
         lo, hi, unit = SCALES[name]
@@ -697,7 +697,7 @@ def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str
         parts.append(img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
                              f"{title} montage"))
     k2, k2_affine = _load_with_affine(folder, rep, "k2")
-    if k2 is not None:
+    if k2 is not None and k2_affine is not None:  # both None together
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
         parts.append(img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),

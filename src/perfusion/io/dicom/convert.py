@@ -412,6 +412,7 @@ def _checked_echo(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     header = info.repetition_time_s
     side_tr = sidecar.get("RepetitionTime")
     side_tr = float(side_tr) if isinstance(side_tr, (int, float)) and side_tr > 0 else None
+    tr_used: float | None
     if tr_s is not None:
         tr_used, tr_source = tr_s, "option --tr"
     elif side_tr is not None and header and abs(side_tr / header - 1) > INTERVAL_TR_TOLERANCE:
@@ -529,7 +530,7 @@ def load_dicom_echoes(folder: Path, *, te: float | None = None, tr: float | None
                 if tr is not None else None)
     convs = read_dicom_echoes(folder, series=series, tr_s=tr_given)
     if len(convs) > 1 and te is not None:
-        tes = ", ".join(f"{c.info.echoes[c.echo - 1].echo_time_s:g}" for c in convs)
+        tes = ", ".join(f"{e.echo_time_s:g}" for e in convs[0].info.echoes)  # each conv's info: the whole series
         raise UsageError(f"{folder}: series {convs[0].info.number} holds {len(convs)} echoes (TE {tes} s), each with "
                          "its own TE; leave --te out")
     for conv in convs:
