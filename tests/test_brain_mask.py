@@ -6,7 +6,7 @@ on slice 0, ventricles (bright CSF, no contrast). The truth is its masks: "brain
 outline, ventricles included), "csf", "orbit", "head".
 """
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,7 @@ NEGATIVE_CBV_EXCESS = 0.0005
 MAX_CSF_KEPT = 0.05
 
 
-@lru_cache(maxsize=None)
+@cache
 def _head(seed: int = 0, snr: float = 30.0, lesions: bool = True):
     spec = RealisticSpec(seed=seed, snr=snr) if lesions else RealisticSpec(seed=seed, snr=snr, lesions=())
     return make_realistic_phantom(spec)

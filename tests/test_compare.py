@@ -40,7 +40,6 @@ import json
 import re
 import shutil
 
-import nibabel as nib
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation

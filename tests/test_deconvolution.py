@@ -1,7 +1,6 @@
 """Deconvolution: exact recovery on exactly discretised data, delay (in)sensitivity, OSIPI's DRO."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -101,7 +101,7 @@ def bids_run(phantom_case, phantom_echoes, tmp_path_factory):
 
 
 def test_bids_echoes_of_one_run_are_one_case(bids_run):
-    out, root = bids_run["out"], bids_run["root"]
+    out = bids_run["out"]
     assert bids_run["code"] == 3, bids_run["err"]  # run-2's echoes do not match: that case only fails
     rows = {r["case"]: r for r in rows_of(out)}
     assert set(rows) == {"sub-01_run-1", "sub-01_run-2", "sub-02"}  # echoes grouped, runs never mixed

@@ -292,7 +292,7 @@ def test_full_tmpfs_is_exit_5(dicom_folder, tmp_path):
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     out = tmp_path / "out"
-    script = f'mount -t tmpfs -o size=300k tmpfs "$1" && shift && exec "$@"'
+    script = 'mount -t tmpfs -o size=300k tmpfs "$1" && shift && exec "$@"'
     proc = subprocess.run([unshare, "-rm", "sh", "-c", script, "sh", str(tmp), sys.executable, "-m", "perfusion",
                            "convert", str(dicom_folder), str(out)], capture_output=True, text=True,
                           env=_env(TMPDIR=str(tmp)), timeout=120)

@@ -630,7 +630,8 @@ def test_atomic_write_text_bytes_and_function(tmp_path):
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"
     atomic_write(tmp_path / "c.txt", lambda p: p.write_text("x"))
     assert (tmp_path / "c.txt").read_text() == "x"
-    mask = os.umask(0); os.umask(mask)
+    mask = os.umask(0)
+    os.umask(mask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~mask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.bin", "c.txt"]
 

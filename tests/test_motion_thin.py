@@ -14,7 +14,7 @@ no still frame may be flagged (framewise displacement above 0.5 mm) or realigned
 in-plane by 1.5 mm or 1.5 deg (the motion a thin slab can show) must be realigned.
 """
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -40,12 +40,12 @@ TEXTURED_SLABS = {1: 5, 2: 1, 3: 3}
 MOVES = {5: (0.0, (1.5, 0.0)), 13: (1.5, (0.0, 0.0)), 16: (0.0, (0.0, -1.5)), 30: (-1.5, (0.0, 0.0))}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _realistic(seed: int, snr: float):
     return make_realistic_phantom(RealisticSpec(seed=seed, snr=snr, tr=2.0, n_frames=50))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _textured(seed: int):
     """The textured phantom with leaky lesions, noise-free, blurred as in test_motion.py."""
     ph = make_phantom(PhantomSpec(te=TE, snr=1e6, seed=seed, leaky_lesions=True))

@@ -15,7 +15,6 @@ Guards (each fails if a method regresses), measured values in the README table:
 import json
 
 import numpy as np
-import pytest
 
 from conftest import shared_dir
 from perfusion.tools import validate

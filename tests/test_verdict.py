@@ -10,7 +10,6 @@ Provenance of the numbers:
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

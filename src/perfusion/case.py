@@ -1,18 +1,21 @@
 """Loading a case and running its analysis, the layer under the command line and batch: the options
-become a Config (``make_config``, config.py: validated as it is made), the series (one NIfTI, a DICOM folder or the echoes of a
-multi-echo run) and masks are loaded and checked (``load_inputs``), and ``compute_case`` repairs frames,
+become a Config (``make_config``, config.py: validated as it is made), the series (one NIfTI, a DICOM
+folder or the echoes of a multi-echo run) and masks are loaded and checked (``load_inputs``), and
+``compute_case`` repairs frames,
 corrects head motion, analyses and registers the anatomical image. Nothing here prints or writes."""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from perfusion.errors import InputError, UsageError
 
 if TYPE_CHECKING:
+    from perfusion.config import AifSelection, LeakageChoice, LeakageGate, Method, MotionMode, Recirculation, VofMode
     from perfusion.pipeline import Inputs
 
 
@@ -49,13 +52,14 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """Load the series and every mask, checking grids; return pipeline.Inputs and loader warnings.
     ROI names are the file names without extension unless ``roi_names`` (one per ROI) are given.
-    A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its SeriesNumber)."""
+    A folder ``dsc`` is a DICOM folder (io.dicom.load_dicom_echoes, echoes combined; ``dicom_series`` its
+    SeriesNumber)."""
     from perfusion.config import VOF_WITHOUT_FILE
     from perfusion.io import check_roi_names, load_mask, stem
     from perfusion.pipeline import Inputs
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
-    check_roi_names(list(zip(names, map(Path, rois))))  # before any file is read
+    check_roi_names(list(zip(names, map(Path, rois), strict=True)))  # before any file is read
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         series, paths = _load_series(dsc_list(dsc), te=te, tr=tr, dicom_series=dicom_series)
@@ -103,7 +107,8 @@ def _load_series(dscs: list[Path], *, te: float | None, tr: float | None, dicom_
         series = loaded[0] if len(loaded) == 1 else replace(combine_echoes(loaded), path=dscs[0])
     else:
         if dicom_series is not None:
-            raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; leave it out")
+            raise UsageError(f"{dscs[0]}: --series {dicom_series} applies to a DICOM folder, not a NIfTI file; "
+                             "leave it out")
         series = load_series(dscs[0], te=te, tr=tr)
     paths: dict[str, Path] = {"dsc": Path(series.path)}
     # NIfTI echoes: echo 1 (shortest TE) is "dsc", the others are hashed too (a DICOM folder's echoes are
@@ -140,18 +145,21 @@ def _load_rois(rois: list[Path], roi_names: list[str] | None, series, paths: dic
     return roi_masks
 
 
-def make_config(*, method: str = "model", threshold: float | None = None, oi_target: float | None = None,
-                leakage: str = "auto", leakage_gate: str = "lesion", rcbv_low: float = 1.0,
-                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: str = "cluster", vof: str = "guarded",
-                recirculation: str = "keep", weeks_since_radiation: float | None = None, motion_correct: str = "auto",
+def make_config(*, method: Method = "model", threshold: float | None = None, oi_target: float | None = None,
+                leakage: LeakageChoice = "auto", leakage_gate: LeakageGate = "lesion", rcbv_low: float = 1.0,
+                rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: AifSelection = "cluster",
+                vof: str = "guarded", recirculation: Recirculation = "keep",
+                weeks_since_radiation: float | None = None, motion_correct: MotionMode = "auto",
                 bevacizumab: bool = False, steroids: bool = False):
     """The Config of the command-line options (a --vof mask file becomes "mask"), validated as it is
-    made (UsageError)."""
+    made (UsageError: the option strings are typed as Config's choices, which Config checks)."""
     from perfusion.config import VOF_WITHOUT_FILE, Config
 
+    # cast: a --vof value of VOF_WITHOUT_FILE is one of VofMode (membership in a tuple does not narrow a str)
+    vof_mode = cast("VofMode", vof) if vof in VOF_WITHOUT_FILE else "mask"
     return Config(method=method, threshold=threshold, oi_target=oi_target, leakage=leakage, leakage_gate=leakage_gate,
                   aif_voxels=aif_voxels,
-                  aif_selection=aif_selection, vof=vof if vof in VOF_WITHOUT_FILE else "mask",
+                  aif_selection=aif_selection, vof=vof_mode,
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
                   steroids=steroids)
@@ -162,7 +170,7 @@ class Case:
     """A loaded case (``load_case``): the series and masks (pipeline.Inputs), the loader's warnings and the
     anatomical image (data, affine) with its file, if one was given."""
 
-    inputs: "Inputs"
+    inputs: Inputs
     warnings: tuple[str, ...] = ()
     anat: tuple | None = None
     anat_path: Path | None = None
@@ -225,9 +233,10 @@ def analyze_case(case: Case, config=None):
     return result
 
 
-def compute_case(config, *, dsc: Path, mask: Path | None = None, aif: str = "auto", reference: Path | None = None,
-                 rois: list[Path] = (), te: float | None = None, tr: float | None = None, vof: str = "guarded",
-                 anat: Path | None = None, roi_names: list[str] | None = None, dicom_series: int | None = None):
+def compute_case(config, *, dsc: Path | list[Path], mask: Path | None = None, aif: str = "auto",
+                 reference: Path | None = None, rois: Sequence[Path] = (), te: float | None = None,
+                 tr: float | None = None, vof: str = "guarded", anat: Path | None = None,
+                 roi_names: list[str] | None = None, dicom_series: int | None = None):
     """``load_case`` then ``analyze_case`` (the command line's and batch's path); return (Result, Inputs)
     with the loading time in the Result's timings."""
     import dataclasses

@@ -13,8 +13,7 @@ from typing import Literal, get_args
 
 from perfusion.errors import UsageError
 from perfusion.quantify import aif as aif_mod
-from perfusion.quantify import deconvolution
-from perfusion.quantify import roi
+from perfusion.quantify import deconvolution, roi
 from perfusion.units import KH, RHO_BRAIN_G_PER_ML
 
 #: --method: the SVD family and Tikhonov (deconvolution.METHODS, in its order) and the model fit
@@ -85,7 +84,8 @@ class Config:
     method: Method = "model"
     threshold: float | None = None  # fixed relative SVD threshold P (ssvd, csvd)
     oi_target: float | None = None  # oSVD oscillation-index target
-    leakage: LeakageChoice = "auto"  # auto: DEFAULT_LEAKAGE_SINGLE or DEFAULT_LEAKAGE_MULTI_ECHO by the series (resolve_leakage)
+    # auto: DEFAULT_LEAKAGE_SINGLE or DEFAULT_LEAKAGE_MULTI_ECHO by the series (resolve_leakage)
+    leakage: LeakageChoice = "auto"
     leakage_gate: LeakageGate = "lesion"  # where the correction applies: LEAKAGE_GATES
     aif_selection: AifSelection = "cluster"
     vof: VofMode = "guarded"

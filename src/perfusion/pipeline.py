@@ -152,8 +152,8 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     scores = []
     if inputs.rois:
         scores, ref, volumes["rcbv"] = _score_rois(inputs, config, vox, volumes, plan=plan, ref=ref, ref_mask=ref_mask,
-                                                   aif_curve=aif_curve, aif_used=aif_used, aif_quality=aif.quality_score,
-                                                   vessels=vessels)
+                                                   aif_curve=aif_curve, aif_used=aif_used,
+                                                   aif_quality=aif.quality_score, vessels=vessels)
         volumes["ftb"] = _ftb(inputs.rois, volumes["rcbv"], config)
 
     # -- mean curves of the reference and the ROIs, before and after leakage correction (for the report)
@@ -579,7 +579,7 @@ def leakage_key(method: str, gate: str) -> str:
 
 
 def correct_leakage(c: np.ndarray, *, method: str, gate: str, in_lesion: np.ndarray | None, tr: float,
-                    reference, aif, baseline: slice, bsw_reference=None) -> "leakage.LeakageFit":
+                    reference, aif, baseline: slice, bsw_reference=None) -> leakage.LeakageFit:
     """``method``'s leakage correction of delta R2* rows (1/s, (n, n_t)), applied where the --leakage-gate
     ``gate`` says (config.LEAKAGE_GATES): the rows in lesion ROIs (``in_lesion``, bool (n,)) with "lesion",
     and with "lesion" or "voxel" the rows whose BSW K2 is significant (leakage.bsw_significant, against
@@ -711,7 +711,8 @@ def _chunk_maps(vox: _Voxels, config: Config, op, plan: _LeakagePlan, *, aif_cur
     leakage correction and CBV uncorrected use; ``aif_used``: the one deconvolved (1/s)."""
     s = vox.series
     n_vox = vox.n_vox
-    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *(("k2", "cbv_uncorrected") if config.leakage != "none" else ()))
+    leakage_maps = ("k2", "cbv_uncorrected") if config.leakage != "none" else ()
+    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *leakage_maps)
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
     fit_status = np.full(n_vox, np.nan, np.float32)  # modelfit.STATUS_* (model only)
     n_applied, r2_values = 0, []
@@ -923,7 +924,8 @@ def _automatic_reference_spread(ref: Reference, ref_boot: dict, cbv: np.ndarray,
     if not ref.automatic:
         return ref, ref_boot, ""
     spread = roi.reference_spread(cbv, ref_mask, np.linalg.norm(affine[:3, :3], axis=0))
-    note = (f"the reference tissue was chosen automatically ({ref.side} hemisphere{'s' if ref.side == 'both' else ''}); "
+    note = (f"the reference tissue was chosen automatically "
+            f"({ref.side} hemisphere{'s' if ref.side == 'both' else ''}); "
             f"its two halves differ by +/-{spread:.0%}, included in the interval; give --reference with a "
             "normal-appearing white-matter mask to replace it")
     return (replace(ref, regional_spread=spread), {k: roi.widen_reference(v, spread) for k, v in ref_boot.items()},

@@ -242,10 +242,11 @@ class Motion:
     timeseries: dict[str, np.ndarray] | None = _opt()  # motion.tsv columns (units in the names)
 
     @classmethod
-    def of(cls, entry: dict) -> "Motion":
+    def of(cls, entry: dict) -> Motion:
         """From motion.correct_series's dict (report.json "motion" plus "timeseries"); a key this class
         does not know is a TypeError, so a new one cannot be dropped from report.json unnoticed."""
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()})
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items()}
+        return cls(**values)  # each value of its own field's type, hence Any
 
     def as_report(self) -> dict:
         return report_entry(self, leave_out=("timeseries",))

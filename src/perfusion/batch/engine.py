@@ -23,9 +23,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.batch.discovery import OUTPUT_MARKER
@@ -286,12 +287,13 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
             return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
         from perfusion.case import compute_case
         from perfusion.io import output_file, write_json
-        from perfusion.report.outputs import write_result
         from perfusion.report.html import write_html
+        from perfusion.report.outputs import write_result
 
         config = analysis_config(params)
         echoes = list(getattr(case, "echoes", ()) or ())
-        result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain, reference=case.reference,
+        result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain,
+                                      reference=case.reference,
                                       aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
                                       te=params.get("te"), tr=params.get("tr"),
                                       vof=params.get("vof", "guarded"), roi_names=roi_names(case))
@@ -322,9 +324,9 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
 
 
 def _now() -> str:
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def _umask() -> int:
@@ -359,7 +361,8 @@ def thread_env(n_workers: int, cores: int | None = None) -> dict[str, str]:
     from perfusion._kernels.cache import _writable
 
     env = {"NUMBA_NUM_THREADS": per, "OMP_NUM_THREADS": per, "OPENBLAS_NUM_THREADS": per, "MKL_NUM_THREADS": per}
-    cache = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))) / "perfusion" / f"numba-{__version__}"
+    cache_home = Path(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")))
+    cache = cache_home / "perfusion" / f"numba-{__version__}"
     if _writable(cache):
         env["NUMBA_CACHE_DIR"] = str(cache)
     elif os.environ.get("NUMBA_CACHE_DIR"):  # an unwritable HOME: the folder _numba_cache.configure chose
@@ -412,7 +415,8 @@ def _run_dask(cases, out_root, params, names, on_done, *, jobs: int, scheduler: 
             # NUMBA_NUM_THREADS ... once the threads have been launched"): the environment is restored
             saved = dict(os.environ)
             try:
-                with dask.config.set(WORKER_CONFIG | {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+                no_trim = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+                with dask.config.set(WORKER_CONFIG | no_trim):
                     cluster = LocalCluster(n_workers=jobs, threads_per_worker=1, processes=True,
                                            dashboard_address=None, silence_logs=logging.ERROR, env=thread_env(jobs))
             finally:

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any
 
 import typer
 
-from perfusion.cli.options import (Aif, AifSelection, AifVoxels, Anat, Bevacizumab, DicomSeries, Force, Html, Leakage,
-                                   LeakageGate, Mask, Method, MotionCorrect, OiTarget, Quiet, RcbvHigh, RcbvLow,
-                                   Recirculation, Reference, Roi, Steroids, Te, Threshold, Tr, Vof, WeeksSinceRadiation,
-                                   case_inputs, check_options)
+from perfusion.cli.options import (
+    Aif,
+    AifSelection,
+    AifVoxels,
+    Anat,
+    Bevacizumab,
+    DicomSeries,
+    Force,
+    Html,
+    Leakage,
+    LeakageGate,
+    Mask,
+    Method,
+    MotionCorrect,
+    OiTarget,
+    Quiet,
+    RcbvHigh,
+    RcbvLow,
+    Recirculation,
+    Reference,
+    Roi,
+    Steroids,
+    Te,
+    Threshold,
+    Tr,
+    Vof,
+    WeeksSinceRadiation,
+    case_inputs,
+    check_options,
+)
 from perfusion.errors import OutputError, UsageError
 
 
 def analyze(
-    dsc: Annotated[list[Path], typer.Argument(help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files; for a multi-echo run, one series per echo (any order; each with its sidecar's EchoTime).")],
+    dsc: Annotated[list[Path], typer.Argument(
+        help="4-D DSC series (.nii or .nii.gz; TE/TR from its BIDS sidecar) or a folder of DICOM files; for a "
+             "multi-echo run, one series per echo (any order; each with its sidecar's EchoTime).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (created; must be empty unless --force).")],
     mask: Mask = None,
     aif: Aif = "auto",
@@ -187,8 +216,9 @@ def _print_rois(con, result) -> None:
         if r.rcbv_by_leakage:
             con.print("  rCBV by leakage correction: " + ", ".join(
                 f"{m} {v['rcbv_median']:.2f}" for m, v in r.rcbv_by_leakage.items()))
-        con.print(f"  rCBV mean {r.rcbv_mean:.2f}, p90 {r.rcbv_p90:.2f}; relative peak height {r.relative_peak_height:.2f}"
-                  + (f"; K2 median {r.k2_median_per_s:.2g} 1/s, leakage correction changed CBV by {r.leakage_cbv_change:+.0%}"
-                     if r.leakage_cbv_change == r.leakage_cbv_change else ""))
+        leak = (f"; K2 median {r.k2_median_per_s:.2g} 1/s, leakage correction changed CBV by "
+                f"{r.leakage_cbv_change:+.0%}" if r.leakage_cbv_change == r.leakage_cbv_change else "")
+        con.print(f"  rCBV mean {r.rcbv_mean:.2f}, p90 {r.rcbv_p90:.2f}; relative peak height "
+                  f"{r.relative_peak_height:.2f}" + leak)
         for reason in r.reasons[0 if r.verdict == "not_assessable" else 1:]:
             con.print(f"  - {reason}")

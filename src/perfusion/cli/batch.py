@@ -9,24 +9,49 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from perfusion.cli.options import (BatchAifSelection, BatchBevacizumab, BatchLeakage, BatchMethod, BatchQuiet,
-                                   BatchSteroids, BatchTe, BatchTr, BatchVof, BatchWeeksSinceRadiation, LeakageGate,
-                                   MotionCorrect, RcbvHigh, RcbvLow, batch_params, check_options)
+from perfusion.cli.options import (
+    BatchAifSelection,
+    BatchBevacizumab,
+    BatchLeakage,
+    BatchMethod,
+    BatchQuiet,
+    BatchSteroids,
+    BatchTe,
+    BatchTr,
+    BatchVof,
+    BatchWeeksSinceRadiation,
+    LeakageGate,
+    MotionCorrect,
+    RcbvHigh,
+    RcbvLow,
+    batch_params,
+    check_options,
+)
 from perfusion.errors import UsageError
 
 
 def batch(
-    input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="A BIDS dataset (sub-*/[ses-*/]perf/*_dsc.nii.gz) or a folder of case folders.")],
-    out: Annotated[Path, typer.Argument(metavar="OUT_DIR", help="Output folder: one folder per case, summary.tsv/.json and index.html at the top.")],
+    input_dir: Annotated[Path, typer.Argument(
+        metavar="INPUT", help="A BIDS dataset (sub-*/[ses-*/]perf/*_dsc.nii.gz) or a folder of case folders.")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT_DIR", help="Output folder: one folder per case, summary.tsv/.json and index.html at the top.")],
     layout: Annotated[str, typer.Option(help="auto, bids or plain.")] = "auto",
-    derivatives: Annotated[Optional[Path], typer.Option(help="BIDS: folder searched for *_label-<name>_mask.nii.gz (default INPUT/derivatives).")] = None,
-    roi_glob: Annotated[Optional[list[str]], typer.Option(help="Lesion masks by glob pattern, relative to INPUT (BIDS) or the case folder, with {sub} {ses} {case} placeholders; repeatable.")] = None,
+    derivatives: Annotated[Optional[Path], typer.Option(
+        help="BIDS: folder searched for *_label-<name>_mask.nii.gz (default INPUT/derivatives).")] = None,
+    roi_glob: Annotated[Optional[list[str]], typer.Option(
+        help="Lesion masks by glob pattern, relative to INPUT (BIDS) or the case folder, with {sub} {ses} "
+             "{case} placeholders; repeatable.")] = None,
     brain_glob: Annotated[Optional[str], typer.Option(help="Brain mask by glob pattern (as --roi-glob).")] = None,
-    reference_glob: Annotated[Optional[str], typer.Option(help="Reference (normal-appearing white matter) mask by glob pattern.")] = None,
+    reference_glob: Annotated[Optional[str], typer.Option(
+        help="Reference (normal-appearing white matter) mask by glob pattern.")] = None,
     aif_glob: Annotated[Optional[str], typer.Option(help="Arterial mask by glob pattern.")] = None,
-    jobs: Annotated[int, typer.Option(help="Cases run at once (>= 1): 1 (default) runs in this process; N > 1 starts a local Dask cluster of N single-threaded worker processes.")] = 1,
-    scheduler: Annotated[Optional[str], typer.Option(help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")] = None,
-    scheduler_file: Annotated[Optional[Path], typer.Option(help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")] = None,
+    jobs: Annotated[int, typer.Option(
+        help="Cases run at once (>= 1): 1 (default) runs in this process; N > 1 starts a local Dask cluster of "
+             "N single-threaded worker processes.")] = 1,
+    scheduler: Annotated[Optional[str], typer.Option(
+        help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")] = None,
+    scheduler_file: Annotated[Optional[Path], typer.Option(
+        help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")] = None,
     method: BatchMethod = "model",
     leakage: BatchLeakage = "auto",
     leakage_gate: LeakageGate = "lesion",
@@ -91,7 +116,8 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
 
             resumed = sum(1 for c in batch.cases if c.resumed)
             console().print(f"{len(batch.cases)} cases ({layout_used} layout): {len(batch.cases) - batch.n_failed} ok "
-                            f"({resumed} already done), {batch.n_failed} failed. Summary: {', '.join(written)} in OUT_DIR")
+                            f"({resumed} already done), {batch.n_failed} failed. "
+                            f"Summary: {', '.join(written)} in OUT_DIR")
             console().print(DISCLAIMER)
         return EXIT_PARTIAL if batch.n_failed else EXIT_OK
 
@@ -118,7 +144,14 @@ def _run_cases(cases, out: Path, params: dict[str, Any], *, quiet: bool, **engin
 
     if not interactive:
         return run_batch(cases, out, params, on_done=log, **engine)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("done {task.fields[ok]}, failed {task.fields[failed]}, remaining {task.fields[left]}"),

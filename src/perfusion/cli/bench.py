@@ -13,14 +13,22 @@ from perfusion.errors import UsageError
 
 
 def bench(
-    volumes: Annotated[str, typer.Option(help="Comma-separated standard volumes: clinical (128x128x24x80), high (256x256x30x120).")] = "clinical,high",
-    dtypes: Annotated[str, typer.Option(help="Comma-separated data types of the volumes: int16, float32.")] = "int16,float32",
+    volumes: Annotated[str, typer.Option(
+        help="Comma-separated standard volumes: clinical (128x128x24x80), high (256x256x30x120).")] = "clinical,high",
+    dtypes: Annotated[str, typer.Option(
+        help="Comma-separated data types of the volumes: int16, float32.")] = "int16,float32",
     repeats: Annotated[int, typer.Option(help="Runs per measurement (>= 1); the median is reported.")] = 3,
-    kernels: Annotated[bool, typer.Option("--kernels/--no-kernels", help="Also one run per other deconvolution and leakage method (clinical volume).")] = True,
-    compile_time: Annotated[bool, typer.Option("--compile/--no-compile", help="Measure numba's compilation: cold vs warm cache.")] = True,
-    quick: Annotated[bool, typer.Option("--quick", help="Clinical int16 only, one run each, no extra kernels.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the results as JSON (schema perfusion-bench/1).")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="Folder for the generated volumes (default ~/.cache/perfusion/bench).")] = None,
+    kernels: Annotated[bool, typer.Option(
+        "--kernels/--no-kernels", help="Also one run per other deconvolution and leakage method (clinical "
+                                       "volume).")] = True,
+    compile_time: Annotated[bool, typer.Option(
+        "--compile/--no-compile", help="Measure numba's compilation: cold vs warm cache.")] = True,
+    quick: Annotated[bool, typer.Option(
+        "--quick", help="Clinical int16 only, one run each, no extra kernels.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write the results as JSON (schema perfusion-bench/1).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(
+        help="Folder for the generated volumes (default ~/.cache/perfusion/bench).")] = None,
 ) -> None:
     """Time analyze on standard phantom volumes: end to end, per stage (voxels/s), memory, numba compile."""
     check_options(dict(locals()))

@@ -12,9 +12,13 @@ from perfusion.errors import OutputError
 
 
 def compare(
-    prior: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' at the earlier time point (holds report.json).")],
-    current: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' at the later time point; ROIs are matched by name.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for compare.json, compare.html and prior_to_current.tfm (created; must be empty unless --force).")],
+    prior: Annotated[Path, typer.Argument(
+        help="Output folder of 'perfusion analyze' at the earlier time point (holds report.json).")],
+    current: Annotated[Path, typer.Argument(
+        help="Output folder of 'perfusion analyze' at the later time point; ROIs are matched by name.")],
+    out: Annotated[Path, typer.Option(
+        "--out", "-o", help="Output folder for compare.json, compare.html and prior_to_current.tfm (created; must "
+                            "be empty unless --force).")],
     force: Force = False,
     quiet: Quiet = False,
 ) -> None:
@@ -62,7 +66,8 @@ def print_comparison(data: dict, out: Path) -> None:
 
     reg = data["registration"]
     if reg["performed"]:
-        con.print(f"Registration: prior registered to current (rotation {', '.join(f'{v:.1f}' for v in reg['rotation_deg'])} "
+        con.print(f"Registration: prior registered to current "
+                  f"(rotation {', '.join(f'{v:.1f}' for v in reg['rotation_deg'])} "
                   f"deg, translation {', '.join(f'{v:.1f}' for v in reg['translation_mm'])} mm)")
     else:
         con.print("Registration: none (same grid)")
@@ -72,9 +77,11 @@ def print_comparison(data: dict, out: Path) -> None:
         table.add_column(col, no_wrap=True)
     for r in data["rois"]:
         v, m, ver = r["volume_ml"], r["rcbv_median"], r["verdict"]
-        table.add_row(r["name"], f"{num(v['prior'])} -> {num(v['current'])} ({pct(v['relative_change'])}) {v['direction']}",
+        table.add_row(r["name"],
+                      f"{num(v['prior'])} -> {num(v['current'])} ({pct(v['relative_change'])}) {v['direction']}",
                       f"{num(m['prior'])} -> {num(m['current'])} ({pct(m['relative_change'])}) {m['direction']}",
-                      f"{VERDICT_LABEL.get(ver['prior'], ver['prior'])} -> {VERDICT_LABEL.get(ver['current'], ver['current'])}")
+                      f"{VERDICT_LABEL.get(ver['prior'], ver['prior'])} -> "
+                      f"{VERDICT_LABEL.get(ver['current'], ver['current'])}")
     con.print(table)
     for r in data["rois"]:
         con.print(f"{r['name']}: {r['pattern_sentence']}")

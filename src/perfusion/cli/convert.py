@@ -15,9 +15,13 @@ _NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"
 
 
 def convert(
-    dicom_dir: Annotated[Path, typer.Argument(metavar="DICOM_DIR", help="Folder of DICOM files from PACS or the scanner (sub-folders searched).")],
-    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output folder for <name>_dsc.nii.gz and <name>_dsc.json (created; must be empty unless --force).")],
-    series: Annotated[Optional[int], typer.Option(help="SeriesNumber of the DSC series when the folder holds several (see dicom-inspect).")] = None,
+    dicom_dir: Annotated[Path, typer.Argument(
+        metavar="DICOM_DIR", help="Folder of DICOM files from PACS or the scanner (sub-folders searched).")],
+    out: Annotated[Path, typer.Argument(
+        metavar="OUT", help="Output folder for <name>_dsc.nii.gz and <name>_dsc.json (created; must be empty unless "
+                            "--force).")],
+    series: Annotated[Optional[int], typer.Option(
+        help="SeriesNumber of the DSC series when the folder holds several (see dicom-inspect).")] = None,
     name: Annotated[Optional[str], typer.Option(help="File-name stem, e.g. sub-01 (default series-<N>).")] = None,
     force: Force = False,
     quiet: Quiet = False,
@@ -36,8 +40,8 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
     ("dsc" and "sidecar" of the first echo; "echoes" empty for one echo)."""
     import re
 
-    from perfusion.io.dicom import read_dicom_echoes
     from perfusion.io import check_output_folder, output_lock, staged_output, write_json, write_nifti
+    from perfusion.io.dicom import read_dicom_echoes
 
     if name is not None and not re.fullmatch(_NAME_PATTERN, name):
         raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only (e.g. sub-01)")
@@ -51,7 +55,7 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
         stem_ = name or (f"series-{info.number}" if info.number is not None else "series")
         stems = [f"{stem_}_echo-{c.echo}" if c.echo else stem_ for c in convs]
         with staged_output(out, force=force) as stage:
-            for c, st in zip(convs, stems):
+            for c, st in zip(convs, stems, strict=True):
                 write_nifti(stage / f"{st}_dsc.nii.gz", c.data, c.affine, tr=c.tr_s,
                             description=f"perfusion convert: DICOM series {info.number}"
                                         + (f" echo {c.echo}" if c.echo else ""))
@@ -63,7 +67,7 @@ def run_convert(*, dicom_dir: Path, out: Path, series: int | None = None, name: 
         from perfusion.cli.console import console
 
         con = console()
-        for c, (nii, side) in zip(convs, files):
+        for c, (nii, side) in zip(convs, files, strict=True):
             con.print(f"{info.summary()}{f' echo {c.echo}' if c.echo else ''} converted to {nii} and {side.name} "
                       f"(TE {c.sidecar.get('EchoTime', 'unknown')} s, TR {c.tr_s} s from {c.tr_source})")
         if len(convs) > 1:

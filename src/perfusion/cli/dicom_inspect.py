@@ -11,7 +11,8 @@ import typer
 
 def dicom_inspect(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of DICOM files (sub-folders searched).")],
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the description as JSON here.")] = None,
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="Also write the description as JSON here.")] = None,
 ) -> None:
     """List the series of a DICOM folder: frames, slices, frame ordering, frame intervals (s) against the TR,
     and the checks an analysis runs (slice counts, per-frame rescaling, timing). Headers only."""
@@ -72,7 +73,8 @@ def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> Non
     for s in data["series"]:
         if s.get("echoes"):
             con.print(f"series {s['series_number']}: {len(s['echoes'])} echoes, TE "
-                      + ", ".join(f"{num(e['echo_time_s'])} s (echo {e['echo']}, {e['n_files']} files)" for e in s["echoes"])
+                      + ", ".join(f"{num(e['echo_time_s'])} s (echo {e['echo']}, {e['n_files']} files)"
+                                  for e in s["echoes"])
                       + ": analyze combines them (multi-echo delta R2*), convert writes one file per echo")
         if s["timing_source"]:
             con.print(f"series {s['series_number']}: frame intervals from {s['timing_source']}")

@@ -12,8 +12,9 @@ that they are the pipeline Config's. Nothing here imports more than typer.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 

@@ -14,7 +14,9 @@ from perfusion.errors import InputError, OutputError
 
 def report(
     folder: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' (holds report.json).")],
-    anat: Annotated[Optional[Path], typer.Option(help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
+    anat: Annotated[Optional[Path], typer.Option(
+        help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and "
+             "used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
     quiet: Quiet = False,
 ) -> None:
     """Write report.html (verdicts, maps, curves, quality checks; one self-contained file) into FOLDER."""
@@ -50,9 +52,9 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
     import tempfile
 
     from perfusion.io import atomic_write, find_report, load_volume, output_path, sha256, sidecar_of, write_json
-    from perfusion.report.outputs import write_anat
     from perfusion.quantify.register import anat_background
     from perfusion.report.build import anat_entry
+    from perfusion.report.outputs import write_anat
 
     report_name = find_report(folder).name
     prefix = report_name[: -len("_report.json")] if report_name.endswith("_report.json") else None

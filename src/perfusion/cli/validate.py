@@ -12,9 +12,12 @@ from perfusion.errors import InputError, UsageError
 
 
 def validate(
-    data: Annotated[Optional[Path], typer.Option(help="Reference-data folder holding bezier-dsc-dro/ (default: shared/reference-data or ../shared/reference-data if present).")] = None,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Reference-data folder holding bezier-dsc-dro/ (default: shared/reference-data or "
+             "../shared/reference-data if present).")] = None,
     methods: Annotated[Optional[str], typer.Option(help="Comma-separated methods (default: all).")] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Write rows and summary as JSON here.")] = Path("validation.json"),
+    json_path: Annotated[Optional[Path], typer.Option(
+        "--json", help="Write rows and summary as JSON here.")] = Path("validation.json"),
     quick: Annotated[bool, typer.Option("--quick", help="A smaller phantom (48 x 48) for a fast check.")] = False,
 ) -> None:
     """Run the accuracy suite (phantom sweep, OSIPI DRO, Bezier DRO) and print CBV/CBF/MTT errors per method."""
@@ -24,8 +27,8 @@ def validate(
 def run_validate(*, data: Path | None = None, methods: list[str] | None = None, json_path: Path | None = None,
                  quick: bool = False, quiet: bool = False) -> dict:
     """Run the accuracy suite; print the table; write the JSON (rows and summary) atomically."""
-    from perfusion.io import atomic_write, dumps_json
     from perfusion.config import METHODS
+    from perfusion.io import atomic_write, dumps_json
 
     methods = list(methods or METHODS)
     unknown = [m for m in methods if m not in METHODS]
@@ -99,7 +102,8 @@ def print_validation(summary: list[dict], skipped: list[str], json_path: Path | 
         for col in ("lesion", "Ktrans 1/min", "truth", *methods):
             table.add_column(col, no_wrap=True)
         for r in leak_rows:
-            cells = [f"{r[m]['rcbv_median']:.2f}" + ("" if r[m]["verdict"] == r["truth_verdict"] else " x") for m in methods]
+            cells = [f"{r[m]['rcbv_median']:.2f}" + ("" if r[m]["verdict"] == r["truth_verdict"] else " x")
+                     for m in methods]
             table.add_row(r["lesion"], f"{r['ktrans_per_min']:g}", f"{r['truth_rcbv']:.2f}", *cells)
         con.print(table)
     if realistic_rows:
@@ -120,14 +124,16 @@ def print_realistic(con, rows: list[dict]) -> None:
 
     snr, seed = min(r["snr"] for r in rows), min(r["seed"] for r in rows)
     table = Table(title=f"realistic phantom (SNR {snr:g}, seed {seed}; automatic AIF, NAWM reference): median rCBV "
-                        "[95 % interval], verdict (x: not one a correct analysis may give); rCBV per leakage correction")
+                        "[95 % interval], verdict (x: not one a correct analysis may give); rCBV per leakage "
+                        "correction")
     for col in ("protocol", "lesion", "truth", "rCBV [interval]", "verdict", *SENSITIVITY_METHODS):
         table.add_column(col, overflow="fold")  # cells fold rather than truncate in a 120-column log
     for r in rows:
         if r["snr"] != snr or r["seed"] != seed:
             continue
         lo, hi = r["rcbv_ci"]
-        table.add_row(r["protocol"], r["lesion"], f"{r['truth_rcbv']:.2f}", f"{r['rcbv_median']:.2f} [{lo:.2f}, {hi:.2f}]",
+        table.add_row(r["protocol"], r["lesion"], f"{r['truth_rcbv']:.2f}",
+                      f"{r['rcbv_median']:.2f} [{lo:.2f}, {hi:.2f}]",
                       r["verdict"] + ("" if r["verdict_ok"] else " x"),
                       *[f"{r['rcbv_by_leakage'].get(k, float('nan')):.2f}" for k in SENSITIVITY_METHODS])
     con.print(table)

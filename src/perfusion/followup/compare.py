@@ -21,9 +21,9 @@ the page. Library code: no printing, errors are PerfusionError subclasses with o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -145,8 +145,19 @@ class TimePoint:
     notes: list[str] = field(default_factory=list)
 
 
+@overload
+def _load_map(folder: Path, report: dict, name: str, *, required: Literal[True]) -> tuple[np.ndarray, np.ndarray]:
+    ...
+
+
+@overload
 def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
-    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``."""
+    ...
+
+
+def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Output ``name`` of an analyze folder and its affine; None when missing and not ``required``
+    (InputError when ``required``: the overloads say so to the type checker)."""
     path = output_path(folder, report, name)
     if not path.is_file():
         if required:
@@ -163,8 +174,8 @@ def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: d
     base, affine = _load_map(folder, report, "baseline", required=True)
     rcbv, rcbv_affine = _load_map(folder, report, "rcbv", required=True)
     if rcbv.shape != base.shape or not np.allclose(rcbv_affine, affine, atol=1e-3):
-        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same folder; "
-                         "re-run 'perfusion analyze'")
+        raise InputError(f"{output_path(folder, report, 'rcbv')}: grid differs from the baseline image in the same "
+                         "folder; re-run 'perfusion analyze'")
     notes: list[str] = []
     brain_map = _load_map(folder, report, "brain_mask", required=False)
     brain = brain_map[0] != 0 if brain_map is not None and brain_map[0].shape == base.shape else None
@@ -453,7 +464,7 @@ def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[st
     low, high = verdict_thresholds
     return {
         "software": {"name": "perfusion", "version": __version__},
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.now(UTC).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "inputs": {
             label: {"report_json": tp.report_path.name,

@@ -18,9 +18,22 @@ from perfusion import DISCLAIMER, __version__
 from perfusion.followup.compare import TRANSFORM_FILE, Comparison
 from perfusion.io import atomic_write, display_grid, write_json
 from perfusion.quantify.register import write_transform
-from perfusion.report.html import (CSS, ORIENTATION_NOTE, SCALES, VERDICT_COLOUR, VERDICT_WORDS, as_image,
-                                   display_slices, draw_marks, esc, figure, img_tag, num, png_bytes, slices_with_roi)
-
+from perfusion.report.html import (
+    CSS,
+    ORIENTATION_NOTE,
+    SCALES,
+    VERDICT_COLOUR,
+    VERDICT_WORDS,
+    as_image,
+    display_slices,
+    draw_marks,
+    esc,
+    figure,
+    img_tag,
+    num,
+    png_bytes,
+    slices_with_roi,
+)
 
 #: At most this many slices in the side-by-side figure (evenly spaced among the slices holding a
 #: current ROI): 12 rows keep the page a few MB.
@@ -74,7 +87,7 @@ def fig_side_by_side(prior_rcbv: np.ndarray, current_rcbv: np.ndarray, backgroun
     finite = background[np.isfinite(background)]
     bg_hi = float(np.percentile(finite, 99.5)) if finite.size else 1.0
     im = None
-    for row, z in zip(axes, slices):
+    for row, z in zip(axes, slices, strict=True):
         for ax, data, title in ((row[0], prior_rcbv, "prior (on current grid)"), (row[1], current_rcbv, "current")):
             ax.axis("off")
             ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi or 1.0, origin="lower")

@@ -23,15 +23,52 @@ from __future__ import annotations
 from perfusion.io.display import DISPLAY_AXCODES, DisplayGrid, display_grid
 from perfusion.io.files import MAX_FOLDER_FILE_BYTES, describe_skipped, folder_files, open_regular, sha256
 from perfusion.io.folders import check_output_folder, inputs_replaced_in, output_lock, staged_output
-from perfusion.io.masks import (AFFINE_ATOL_MM, MASK_LABEL_MODES, MASK_PROBABILITY_THRESHOLD, MAX_ROI_NAME,
-                                UNCORRECTED_SUFFIX, check_roi_names, load_mask, mask_regions, roi_name_problem)
-from perfusion.io.names import (BIDS_FILES, PLAIN_FILES, analyze_output_names, find_report, is_analyze_output,
-                                output_file, output_path, roi_mask_files, sidecar_of)
-from perfusion.io.nifti import (MAX_SIGNAL, SCALED_PEAK_EXPONENT, image_affine, load_array, load_array_affine,
-                                load_volume, read_image, read_json_object, sidecar_path_for, signal_float32, stem,
-                                voxel_major_float32)
-from perfusion.io.outputs import (atomic_write, dumps_json, json_safe, write_json, write_map, write_nifti, write_tsv,
-                                  write_tsv_sidecar)
+from perfusion.io.masks import (
+    AFFINE_ATOL_MM,
+    MASK_LABEL_MODES,
+    MASK_PROBABILITY_THRESHOLD,
+    MAX_ROI_NAME,
+    UNCORRECTED_SUFFIX,
+    check_roi_names,
+    load_mask,
+    mask_regions,
+    roi_name_problem,
+)
+from perfusion.io.names import (
+    BIDS_FILES,
+    PLAIN_FILES,
+    analyze_output_names,
+    find_report,
+    is_analyze_output,
+    output_file,
+    output_path,
+    roi_mask_files,
+    sidecar_of,
+)
+from perfusion.io.nifti import (
+    MAX_SIGNAL,
+    SCALED_PEAK_EXPONENT,
+    image_affine,
+    load_array,
+    load_array_affine,
+    load_volume,
+    read_image,
+    read_json_object,
+    sidecar_path_for,
+    signal_float32,
+    stem,
+    voxel_major_float32,
+)
+from perfusion.io.outputs import (
+    atomic_write,
+    dumps_json,
+    json_safe,
+    write_json,
+    write_map,
+    write_nifti,
+    write_tsv,
+    write_tsv_sidecar,
+)
 from perfusion.io.privacy import DICOM_FOLDER_NAME, INPUT_FOLDER_NAME, Redactor, input_names, public_name
 from perfusion.io.series import MIN_FRAMES, Series, check_time, load_series
 

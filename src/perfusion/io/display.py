@@ -74,7 +74,7 @@ def display_grid(affine: np.ndarray, shape: tuple[int, ...]) -> DisplayGrid:
     grid gets its nearest plane's letters)."""
     nib = _nib()
     affine = np.asarray(affine, dtype=np.float64)
-    shape3 = tuple(int(n) for n in shape[:3])
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     start = nib.orientations.io_orientation(affine)
     plane = ("sagittal", "coronal", "axial")[int(start[2, 0])]
     codes = DISPLAY_AXCODES[plane]

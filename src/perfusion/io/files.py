@@ -13,7 +13,6 @@ import hashlib
 import os
 from pathlib import Path
 
-
 #: Largest file of an input folder that is read (a DICOM folder), bytes. A DICOM file's uncompressed
 #: Pixel Data is one element with a 32-bit length (at most 0xFFFFFFFE bytes), so 5 GiB holds any
 #: DICOM file a scanner or PACS writes with room for its header (an Enhanced MR file of a

@@ -13,8 +13,8 @@ import glob
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from perfusion.errors import OutputError
 
@@ -174,7 +174,8 @@ def staged_output(out: Path, *, force: bool, stale=None, keep=()) -> Iterator[Pa
                         old.unlink()
     except OSError as exc:
         _discard(stage, created)
-        raise OutputError(f"{out}: writing the results failed ({exc.strerror or exc}); check free space and permissions") from None
+        raise OutputError(f"{out}: writing the results failed ({exc.strerror or exc}); check free space and "
+                          "permissions") from None
     except BaseException:
         _discard(stage, created)
         raise

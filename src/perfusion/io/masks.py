@@ -17,7 +17,6 @@ from perfusion.errors import InputError, UsageError
 from perfusion.io.nifti import read_image
 from perfusion.io.series import Series
 
-
 #: Affines of masks and series must agree to this (mm), element-wise, after float32 storage.
 AFFINE_ATOL_MM = 1e-3
 

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from perfusion.errors import InputError
 
-
 #: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
 PLAIN_FILES = {"aif": "aif.tsv", "aif_json": "aif.json", "curves": "curves.tsv", "curves_json": "curves.json",
                "report": "report.json", "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm",
@@ -107,6 +106,8 @@ def find_report(folder: Path) -> Path:
 
 def output_path(folder: Path, report: dict, key: str) -> Path:
     """Path of output ``key`` in ``folder`` by report.json "files", or its plain name (older reports)."""
-    files = report.get("files") if isinstance(report.get("files"), dict) else {}
+    files = report.get("files")
+    if not isinstance(files, dict):
+        files = {}
     name = files.get(key) or output_file(key)
     return Path(folder) / Path(str(name)).name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,7 @@ def _gunzip_nifti(blob: bytes) -> bytes:
     than the image (the rest is decoded and dropped, to check its CRC), and a header promising more than
     this machine's memory is refused before decoding. Several gzip members are read in turn.
     ValueError/EOFError/zlib error on a broken stream."""
+    decompressobj: Callable[..., Any]  # isal's and zlib's: the same call, typed apart in their stubs
     try:
         from isal.isal_zlib import decompressobj
     except ImportError:  # pragma: no cover - isal is a dependency; a source build may lack it

@@ -139,7 +139,7 @@ def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, 
     file = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
     out = folder / file
     write_nifti(out, data, affine, description=f"{stem(Path(file))} [{units}]", dtype=dtype)
-    sidecar = {"Units": units, "Description": description}
+    sidecar: dict[str, Any] = {"Units": units, "Description": description}
     if parameters:
         sidecar["Parameters"] = parameters
     write_json(folder / sidecar_of(file), sidecar)
@@ -156,6 +156,6 @@ def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:
     """Write a TSV table whole or not at all: a header row of the column names, then one row per
     sample, each value with 6 significant digits. An OSError propagates (see the module docstring)."""
     names = list(columns)
-    rows = zip(*(np.asarray(columns[n]) for n in names))
+    rows = zip(*(np.asarray(columns[n]) for n in names), strict=False)
     lines = ["\t".join(names)] + ["\t".join(f"{v:.6g}" for v in row) for row in rows]
     atomic_write(path, "\n".join(lines) + "\n", fix=None)

@@ -18,7 +18,6 @@ from perfusion.errors import InputError
 from perfusion.io.nifti import image_affine, read_image, read_json_object, sidecar_path_for, signal_float32
 from perfusion.units import MAX_TE_S, MAX_TR_S, NIFTI_TIME_UNIT_TO_S
 
-
 #: Fewest frames a DSC series may have: a baseline of a few frames, the bolus and its tail.
 MIN_FRAMES = 15
 
@@ -44,7 +43,7 @@ class Series:
 
     @property
     def shape3d(self) -> tuple[int, int, int]:
-        return tuple(self.data.shape[:3])  # type: ignore[return-value]
+        return tuple(self.data.shape[:3])
 
     @property
     def n_frames(self) -> int:
@@ -97,7 +96,8 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
     if raw.ndim == 5 and raw.shape[3] == 1:
         raw = raw[:, :, :, 0, :]
     if raw.ndim != 4:
-        raise InputError(f"{path}: DSC series must be 4-D (x, y, z, time), got shape {raw.shape}; give the dynamic series")
+        raise InputError(f"{path}: DSC series must be 4-D (x, y, z, time), got shape {raw.shape}; give the "
+                         "dynamic series")
     if raw.shape[3] < MIN_FRAMES:
         raise InputError(
             f"{path}: only {raw.shape[3]} frames; a DSC series needs at least {MIN_FRAMES} (baseline, bolus, tail)"
@@ -157,8 +157,8 @@ def _repetition_time(tr: float | None, sidecar: dict[str, Any], sc_path: Path, h
     if header_tr is not None:
         return (check_time(header_tr, name="TR", flag="--tr", limit=MAX_TR_S, source="NIfTI header", path=path),
                 "NIfTI header pixdim[4]")
-    raise InputError(f"{path}: repetition time unknown (no RepetitionTime in a sidecar and no time unit in the header); "
-                     "pass --tr SECONDS")
+    raise InputError(f"{path}: repetition time unknown (no RepetitionTime in a sidecar and no time unit in the "
+                     "header); pass --tr SECONDS")
 
 
 def _header_tr(img) -> float | None:

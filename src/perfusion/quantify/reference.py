@@ -460,8 +460,8 @@ def select_reference(cbv: np.ndarray, brain: np.ndarray, *, affine: np.ndarray, 
     figures, problem = check_reference(cbv, ref_mask, brain, vessels)
     if problem:
         notes.append(f"reference tissue not plausible white matter: {problem}; every lesion is not assessable")
-    entry = Reference(**fields, n_voxels=int(ref_mask.sum()), cbv_median=median,
-                      cbv_iqr=tuple(float(q) for q in np.percentile(cbv[ref_mask], [25, 75])),
+    q25, q75 = np.percentile(cbv[ref_mask], [25, 75])
+    entry = Reference(**fields, n_voxels=int(ref_mask.sum()), cbv_median=median, cbv_iqr=(float(q25), float(q75)),
                       plausibility={**figures, "problem": problem or None})
     return entry, ref_mask, notes
 

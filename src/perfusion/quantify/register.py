@@ -411,9 +411,10 @@ def anat_zoom(dsc_affine: np.ndarray, anat_affine: np.ndarray) -> int:
 
 
 def anat_background(baseline: np.ndarray, dsc_affine: np.ndarray, anat: np.ndarray, anat_affine: np.ndarray, *,
-                    path: Path) -> AnatBackground:
+                    path: Path | None) -> AnatBackground:
     """Register the T1 ``anat`` (any grid) rigidly to the DSC ``baseline`` image and resample it on the
-    DSC slices, upsampled in-plane (linear interpolation, sampled at slice centres)."""
+    DSC slices, upsampled in-plane (linear interpolation, sampled at slice centres). InputError naming
+    ``path`` (the T1's file, when known) if that fails."""
     fixed = Volume(np.asarray(baseline, dtype=np.float32), dsc_affine)
     moving = Volume(np.asarray(anat, dtype=np.float32), anat_affine)
     tx = rigid(fixed, moving, what="anatomical image (--anat)", path=path)
@@ -422,6 +423,7 @@ def anat_background(baseline: np.ndarray, dsc_affine: np.ndarray, anat: np.ndarr
     up = upsampled_affine(dsc_affine, zoom)
     data = resample(moving, Volume(np.zeros(shape, np.float32), up), tx)
     if not np.any(data != 0):
-        raise InputError(f"{path}: the registered anatomical image does not overlap the DSC slices; "
+        where = f"{path}: " if path is not None else ""
+        raise InputError(f"{where}the registered anatomical image does not overlap the DSC slices; "
                          "check that it shows the same head")
     return AnatBackground(data=data.astype(np.float32), affine=up, zoom=zoom, transform=tx)

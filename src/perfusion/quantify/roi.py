@@ -113,11 +113,11 @@ GATE_NEXT_STEP = {
                       "Boxerman 2020) or use other imaging: MR spectroscopy, amino-acid PET (FET/FDOPA) or FDG-PET."),
     "poor_leakage_fit": ("Repeat perfusion with a preload dose or a lower flip angle to reduce leakage (Boxerman 2020 "
                          "consensus), or use other imaging: MR spectroscopy, amino-acid PET (FET/FDOPA) or FDG-PET."),
-    "k2_out_of_range": ("Check the lesion's curves (a vessel, motion, a bolus-timing mismatch); repeat perfusion with a "
-                        "preload dose, or use amino-acid PET (FET/FDOPA), MR spectroscopy or FDG-PET."),
-    "leakage_disagreement": ("Repeat perfusion with a preload dose or a lower flip angle (Boxerman 2020), or use other "
-                             "imaging: amino-acid PET (FET/FDOPA), MR spectroscopy or FDG-PET; biopsy if the stakes are "
-                             "high."),
+    "k2_out_of_range": ("Check the lesion's curves (a vessel, motion, a bolus-timing mismatch); repeat perfusion "
+                        "with a preload dose, or use amino-acid PET (FET/FDOPA), MR spectroscopy or FDG-PET."),
+    "leakage_disagreement": ("Repeat perfusion with a preload dose or a lower flip angle (Boxerman 2020), or use "
+                             "other imaging: amino-acid PET (FET/FDOPA), MR spectroscopy or FDG-PET; biopsy if the "
+                             "stakes are high."),
     "unfittable": ("Repeat perfusion (check the signal in the lesion: susceptibility artefact from blood, metal or "
                    "air, a dropout) or use amino-acid PET (FET/FDOPA), MR spectroscopy or FDG-PET."),
     "too_few_voxels": ("Too small for perfusion: follow-up MRI, or amino-acid PET (FET/FDOPA) / MR spectroscopy if a "
@@ -360,7 +360,8 @@ def _gates(valid: np.ndarray, n_voxels: int, med: float, ctx: Context, interval:
                                   f"have no valid CBV: most of the lesion is unfittable "
                                   f"(more than {MAX_UNFITTABLE_FRACTION:.0%})"))
     if n_valid < MIN_ROI_VOXELS:
-        out.append(("too_few_voxels", f"only {n_valid} valid voxels (fewer than {MIN_ROI_VOXELS}): the median is noise"))
+        out.append(("too_few_voxels",
+                    f"only {n_valid} valid voxels (fewer than {MIN_ROI_VOXELS}): the median is noise"))
     if n_voxels and ctx.outside_brain / n_voxels > MAX_OUTSIDE_BRAIN_FRACTION:
         out.append(("outside_brain", f"{ctx.outside_brain} of {n_voxels} voxels ({ctx.outside_brain / n_voxels:.0%}) "
                                      "lie outside the brain mask: the ROI is mostly outside the brain"))
@@ -574,14 +575,15 @@ def score_roi(name: str, rcbv_in_roi: np.ndarray, *, voxel_volume_ml: float, n_v
 
 
 def verdict_rule(low: float, high: float, *, mixed_fraction: float = MIXED_FTB_HIGH) -> str:
-    return (f"not_assessable when a gate fails (too few or mostly unfittable voxels, ROI mostly outside the brain or on "
-            f"a vessel, reference tissue not plausible white matter, unusable AIF, negative median rCBV, leakage fit "
-            f"R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
+    return (f"not_assessable when a gate fails (too few or mostly unfittable voxels, ROI mostly outside the brain "
+            f"or on a vessel, reference tissue not plausible white matter, unusable AIF, negative median rCBV, "
+            f"leakage fit R^2 < {MIN_FIT_R2:g} on the ROI's mean curve "
             f"or K2 out of range, "
             f"leakage corrections disagreeing beyond their intervals); likely_recurrence: median rCBV and its 95 % "
             f"interval's lower bound > {high:g}; likely_treatment_effect: median and the interval's upper bound < "
             f"{low:g}, FTB-high (and its upper bound) < {mixed_fraction:g} and {HOTSPOT_PERCENTILE:.0f}th percentile "
-            f"<= {high:g}; otherwise indeterminate (mixed when FTB-high and the rest are both >= {mixed_fraction:g}). Within "
+            f"<= {high:g}; otherwise indeterminate (mixed when FTB-high and the rest are both >= {mixed_fraction:g}). "
+            f"Within "
             f"{PSEUDOPROGRESSION_WEEKS} weeks of radiation a recurrence is possible_recurrence_or_pseudoprogression; "
             f"under bevacizumab or steroids a treatment effect is indeterminate "
             f"({THRESHOLD_SOURCE.split(';')[0]}; {MIXED_SOURCE}; {PSEUDOPROGRESSION_SOURCE})")

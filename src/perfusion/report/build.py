@@ -7,8 +7,17 @@ from typing import TYPE_CHECKING
 
 from perfusion import DISCLAIMER, __version__
 from perfusion.io import Redactor, public_name, sha256
-from perfusion.quantify.roi import (CI_PERCENTILES, GATE_NEXT_STEP, HOTSPOT_PERCENTILE, MIXED_SOURCE, N_BOOTSTRAP, NEXT_STEP,
-                  PSEUDOPROGRESSION_SOURCE, PSEUDOPROGRESSION_WEEKS, THRESHOLD_SOURCE)
+from perfusion.quantify.roi import (
+    CI_PERCENTILES,
+    GATE_NEXT_STEP,
+    HOTSPOT_PERCENTILE,
+    MIXED_SOURCE,
+    N_BOOTSTRAP,
+    NEXT_STEP,
+    PSEUDOPROGRESSION_SOURCE,
+    PSEUDOPROGRESSION_WEEKS,
+    THRESHOLD_SOURCE,
+)
 from perfusion.verdicts import VERDICT_LABEL  # noqa: F401 - re-exported: the words of each verdict
 
 if TYPE_CHECKING:
@@ -18,7 +27,7 @@ if TYPE_CHECKING:
     from perfusion.results import Result
 
 
-def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | None = None,
+def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None = None,
                  roi_files: dict[str, str] | None = None, prefix: str | None = None) -> dict:
     """report.json's content; ``files`` (output key -> file name) and ``roi_files`` (ROI name -> mask
     copy) come from outputs.write_result."""
@@ -34,14 +43,15 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
 
     return redact({
         "software": {"name": "perfusion", "version": __version__},
-        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
         "inputs": input_entries(inputs),
         "acquisition": {
             "te": s.te, "te_units": "s", "te_source": s.te_source,
             "tr": s.tr, "tr_units": "s", "tr_source": s.tr_source,
             "n_frames": s.n_frames,
-            "n_frames_source": "DICOM (dcm2niix, checked against the headers)" if s.path.is_dir() else "NIfTI header dim[4]",
+            "n_frames_source": ("DICOM (dcm2niix, checked against the headers)" if s.path.is_dir()
+                                else "NIfTI header dim[4]"),
             "shape": list(s.data.shape), "voxel_volume_ml": s.voxel_volume_ml,
             "flip_angle_deg": s.sidecar.get("FlipAngle"),
             "field_strength_t": s.sidecar.get("MagneticFieldStrength"),
@@ -80,7 +90,7 @@ def build_report(result: "Result", inputs: "Inputs", *, files: dict[str, str] | 
     })
 
 
-def input_paths(inputs: "Inputs") -> dict[str, "Path"]:
+def input_paths(inputs: Inputs) -> dict[str, Path]:
     """Every file (or DICOM folder) the case was read from, by role: the keys of ``inputs.paths``
     ("dsc", "brain", "aif", "reference", "vof", "roi:<name>", "anat") and "dsc_sidecar"."""
     paths = {k: p for k, p in inputs.paths.items() if p is not None}
@@ -89,7 +99,7 @@ def input_paths(inputs: "Inputs") -> dict[str, "Path"]:
     return paths
 
 
-def input_entries(inputs: "Inputs") -> dict[str, dict[str, str]]:
+def input_entries(inputs: Inputs) -> dict[str, dict[str, str]]:
     """report.json "inputs": per role, the file name (no folder: folders are often named after the
     patient) and the SHA-256 of the file's bytes (of a DICOM folder: io.sha256), which identifies the
     exact input without revealing where it was."""

@@ -11,17 +11,26 @@ from __future__ import annotations
 import base64
 import html
 import io as _bytes_io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from perfusion.errors import InputError
-from perfusion.io import (DisplayGrid, atomic_write, display_grid, find_report, load_array, load_array_affine,
-                          output_path, read_json_object, stem)
+from perfusion.io import (
+    DisplayGrid,
+    atomic_write,
+    display_grid,
+    find_report,
+    load_array,
+    load_array_affine,
+    output_path,
+    read_json_object,
+    stem,
+)
+from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
 from perfusion.units import MAP_UNITS
 from perfusion.verdicts import VERDICT_HEADING
 
@@ -340,11 +349,11 @@ def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, n
     for ax in axes.ravel():
         ax.axis("off")
     extent = (-0.5, rcbv.shape[0] - 0.5, -0.5, rcbv.shape[1] - 0.5)
-    for ax, z in zip(axes.ravel(), slices):
+    for ax, z in zip(axes.ravel(), slices, strict=False):  # the grid may hold more axes
         ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
         im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
                        origin="lower", extent=extent)
-        for i, (name, m) in enumerate(rois.items()):
+        for i, m in enumerate(rois.values()):
             if m[:, :, z].any():
                 ax.contour(as_image(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
                            origin="lower")
@@ -392,7 +401,7 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
     im = None
     for ax in axes.ravel():
         ax.axis("off")
-    for z, ax in zip(range(nz), axes.ravel()):
+    for z, ax in zip(range(nz), axes.ravel(), strict=False):  # the grid may hold more axes
         im = ax.imshow(as_image(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
         ax.set_title(grid.position_label(z), fontsize=8)
         draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1)
@@ -435,7 +444,7 @@ def fig_histogram(hist: dict[str, Any], name: str = "") -> bytes:
     ax = axes[0, 0]
     edges = hist["edges"]
     ax.stairs(hist["counts"], edges, fill=True, color="tab:gray")  # one artist, not one bar per bin
-    for x, colour in zip(hist["lines"], ("tab:green", "tab:red")):
+    for x, colour in zip(hist["lines"], ("tab:green", "tab:red"), strict=True):
         ax.axvline(x, color=colour, linestyle="--", label=f"threshold {x:g}")
     if np.isfinite(hist["median"]):
         ax.axvline(min(max(hist["median"], edges[0]), edges[-1]), color="black", label=f"median {hist['median']:.2f}")
@@ -511,9 +520,10 @@ def _summary_table(rois: list[dict]) -> str:
     """One line per ROI above the detailed boxes: what a reader needs at a glance."""
     rows = "".join(
         f'<tr><td>{esc(r.get("name", "?"))}</td>'
-        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict"), "#555")}"><b>'
-        f'{esc(VERDICT_WORDS.get(r.get("verdict"), r.get("verdict", "?")))}</b></td>'
-        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td><td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
+        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict", ""), "#555")}"><b>'
+        f'{esc(VERDICT_WORDS.get(r.get("verdict", ""), r.get("verdict", "?")))}</b></td>'
+        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td>'
+        f'<td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
         f'{_pct(r.get("ftb_high"))}</td><td>{"yes" if r.get("mixed") else "no"}</td><td>{_f(r.get("volume_ml"))}</td>'
         f'<td>{_n_warnings(r)}</td></tr>'
         for r in rois)
@@ -605,7 +615,7 @@ def _header(rep: dict) -> list[str]:
                      f"are not.</p><ul class=\"small\">{reasons}</ul></div>")
     parts.append(
         f"<p>perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on "
-        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Analysis date: "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Analysis date: "
         f"{esc(date) if date else 'not recorded in report.json'}.</p>"
         f"<p>Input files:</p><ul>{inputs}</ul>"
     )
@@ -679,7 +689,7 @@ def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str
     parts = ["<h3>Maps, all slices</h3>"]
     for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
         data, affine = _load_with_affine(folder, rep, name)
-        if data is None:
+        if data is None or affine is None:  # both None together
             notes.append(f"{name}.nii.gz not found: no {title} montage")
             continue
         lo, hi, unit = SCALES[name]
@@ -687,7 +697,7 @@ def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str
         parts.append(img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
                              f"{title} montage"))
     k2, k2_affine = _load_with_affine(folder, rep, "k2")
-    if k2 is not None:
+    if k2 is not None and k2_affine is not None:  # both None together
         lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
         parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
         parts.append(img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
@@ -732,7 +742,8 @@ def _quality(folder: Path, rep: dict, brain: np.ndarray | None) -> list[str]:
                  "<table><tr><th>parameter</th><th>value</th><th>consensus</th><th>status</th><th>note</th></tr>"
                  f"{rows}</table>")
     acq = rep.get("acquisition", {})
-    parts.append(f'<p class="small">TE from {esc(acq.get("te_source", "?"))}; TR from {esc(acq.get("tr_source", "?"))}.</p>')
+    parts.append(f'<p class="small">TE from {esc(acq.get("te_source", "?"))}; '
+                 f'TR from {esc(acq.get("tr_source", "?"))}.</p>')
     qrows = [*_aif_rows(rep), *_fit_rows(folder, rep, brain), *_registration_rows(rep), *_motion_rows(rep),
              _leakage_row(rep)]
     parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
@@ -767,7 +778,8 @@ def _aif_rows(rep: dict) -> list[QualityRow]:
 
 def _fit_rows(folder: Path, rep: dict, brain: np.ndarray | None) -> list[QualityRow]:
     fit = rep.get("fit")
-    if isinstance(fit, dict) and "unusable_fraction" in fit:  # counted by the pipeline (reports of older versions: NaN only)
+    # counted by the pipeline (reports of older versions: NaN only)
+    if isinstance(fit, dict) and "unusable_fraction" in fit:
         frac = float(fit["unusable_fraction"])
         what = "NaN in CBV, CBF or MTT"
         if "fallback_osvd" in fit:
@@ -821,7 +833,8 @@ def _leakage_row(rep: dict) -> QualityRow:
     leak = rep.get("leakage", {})
     return ("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
             "warning" if leak.get("method", "none") == "none" else "ok",
-            f"fraction corrected {_pct(leak.get('fraction_corrected'))}; fit R^2 median {_f(leak.get('fit_r2_median'))}")
+            f"fraction corrected {_pct(leak.get('fraction_corrected'))}; "
+            f"fit R^2 median {_f(leak.get('fit_r2_median'))}")
 
 
 def write_html(folder: Path) -> Path:

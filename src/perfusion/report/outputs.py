@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from perfusion.io import Series
     from perfusion.pipeline import Inputs
-    from perfusion.results import Motion, Result
+    from perfusion.results import Result
 
 #: Each map's units and description (its JSON sidecar).
 MAP_UNITS = {
@@ -33,9 +33,11 @@ MAP_UNITS = {
     "gv_peak": ("1/s", "Peak delta R2* of the fitted gamma variate"),
     "gv_ttp": ("s", "Time to peak of the fitted gamma variate, from the first frame"),
     "gv_fwhm": ("s", "Full width at half maximum of the fitted gamma variate"),
-    "gv_quality": ("ratio", "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
+    "gv_quality": ("ratio",
+                   "Gamma-variate fit quality: RMS residual in the fit window / fitted peak (NaN: fit failed)"),
     "ftb": ("label", "Fractional tumour burden class inside the ROIs: 1 rCBV < low, 2 between, 3 > high, 0 outside"),
-    "k2": ("1/s", "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
+    "k2": ("1/s",
+           "Leakage rate K2 of the leakage correction (> 0 T1-dominant, < 0 T2*-dominant); NaN where not fitted"),
     "cbv_uncorrected": ("mL/100 g", "CBV before leakage correction (area ratio of the measured curve)"),
 }
 
@@ -97,7 +99,7 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
     if result.anat is not None:
         out.files.update(write_anat(folder, result.anat, public_name(inputs.paths["anat"]), prefix=prefix))
     if result.motion is not None and result.motion.timeseries is not None:
-        _write_motion(out, result.motion)
+        _write_motion(out, result.motion.timeseries)
     rep = report.build_report(result, inputs, files=out.files, roi_files=out.roi_files, prefix=prefix)
     write_json(folder / out.files["report"], rep)
     return out.files
@@ -106,7 +108,8 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
 def _write_maps(out: _Outputs, result: Result, s: Series) -> None:
     """Every map of MAP_UNITS the result holds (ftb only with ROIs), its sidecar naming the parameters."""
     cfg = result.config
-    params = {"method": cfg.method, **{k: v for k, v in cfg.as_dict().items() if k in ("threshold", "oi_target", "kh", "rho")},
+    params = {"method": cfg.method,
+              **{k: v for k, v in cfg.as_dict().items() if k in ("threshold", "oi_target", "kh", "rho")},
               "te_s": s.te, "tr_s": s.tr, "aif": result.aif.source, "leakage": cfg.leakage}
     for name, (unit, desc) in MAP_UNITS.items():
         if name not in result.maps:
@@ -119,7 +122,7 @@ def _write_maps(out: _Outputs, result: Result, s: Series) -> None:
             p["reference_cbv_median"] = result.reference.cbv_median
         if name == "ftb":
             p["rcbv_low"], p["rcbv_high"] = cfg.rcbv_low, cfg.rcbv_high
-        if name == "srcbv":
+        if name == "srcbv" and result.reference.standardized is not None:  # made with the srcbv map
             p["landmarks"] = result.reference.standardized.landmarks
         out.map(name, result.maps[name], units=unit, description=desc, parameters=p,
                 dtype=np.uint8 if name == "ftb" else np.float32)
@@ -164,14 +167,14 @@ def _write_tables(out: _Outputs, result: Result) -> None:
     write_tsv_sidecar(folder / files["curves_json"], curve_cols)
 
 
-def _write_motion(out: _Outputs, motion: Motion) -> None:
-    """motion.tsv (the head motion per frame) and its sidecar."""
+def _write_motion(out: _Outputs, timeseries: dict[str, np.ndarray]) -> None:
+    """motion.tsv (the head motion per frame: Motion.timeseries, units in the column names) and its sidecar."""
     from perfusion.io import write_tsv, write_tsv_sidecar
     from perfusion.quantify.motion import TIMESERIES_COLUMNS
 
-    write_tsv(out.folder / out.name("motion"), motion.timeseries)
+    write_tsv(out.folder / out.name("motion"), timeseries)
     write_tsv_sidecar(out.folder / out.name("motion_json"), {k: v for k, v in TIMESERIES_COLUMNS.items()
-                                                             if k in motion.timeseries})
+                                                             if k in timeseries})
 
 
 def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict[str, str]:

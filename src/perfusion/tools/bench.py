@@ -34,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 SCHEMA = "perfusion-bench/1"
 
@@ -106,7 +107,9 @@ def build_volume(name: str, dtype: str, cache: Path) -> Volume:
     if stamp.is_file() and json.loads(stamp.read_text()) == spec and vol.dsc.is_file() and vol.brain.is_file():
         return vol
     x, y, z, t = VOLUMES[name]
-    slabs, masks, seed = [], {k: [] for k in MASKS}, 0
+    slabs: list[np.ndarray] = []
+    masks: dict[str, list[np.ndarray]] = {k: [] for k in MASKS}
+    seed = 0
     while sum(s.shape[2] for s in slabs) < z:
         ph = make_phantom(PhantomSpec(matrix=x, n_frames=t, seed=seed, tr=TR_S, te=TE_S))
         slabs.append(ph.signal)
@@ -183,7 +186,7 @@ def _median(values: list[float]) -> float:
 def measure_config(vol: Volume, config: str, extra: list[str], *, repeats: int, work: Path,
                    progress=None) -> tuple[dict, list[dict]]:
     runs = []
-    for i in range(repeats):
+    for _ in range(repeats):
         runs.append(run_analyze(vol, work / f"{vol.name}-{vol.dtype}-{config}", extra))
         if progress:
             progress()
@@ -213,10 +216,8 @@ def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
     once outside the timing, with BLAS on all cores. Both warm; medians of ``repeats``."""
     import numpy as np
 
-    from perfusion.quantify import deconvolution
-
-    from perfusion.quantify import signal
     from perfusion.io import load_mask, load_series
+    from perfusion.quantify import deconvolution, signal
 
     s = load_series(vol.dsc)
     brain = load_mask(vol.brain, s, what="brain mask")
@@ -260,7 +261,7 @@ def measure_compile(work: Path) -> dict:
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
-    out = {}
+    out: dict[str, Any] = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
         subprocess.run([*_perfusion_cmd(), "analyze", str(dsc), "--out", str(work / "compile-out"), "--force", "-q",
@@ -277,7 +278,9 @@ def machine() -> dict:
 
     from perfusion import __version__
     return {"perfusion": __version__, "python": platform.python_version(), "numpy": numpy.__version__,
-            "numba": numba.__version__, "cpus": os.cpu_count(), "numba_threads": int(numba.config.NUMBA_NUM_THREADS),
+            "numba": numba.__version__, "cpus": os.cpu_count(),
+            # numba.config sets its NUMBA_* names from the environment at import: mypy cannot see them
+            "numba_threads": int(numba.config.NUMBA_NUM_THREADS),  # type: ignore[attr-defined]
             "platform": platform.platform(), "processor": platform.machine()}
 
 
@@ -286,9 +289,10 @@ def run_bench(*, volumes: list[str], dtypes: list[str], repeats: int, kernels: b
     """Every measurement; returns the JSON-able result."""
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="perfusion-bench-"))
-    result = {"schema": SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": machine(), "settings": {"repeats": repeats, "volumes": volumes, "dtypes": dtypes},
-              "volumes": {}, "end_to_end": [], "stages": [], "osvd_floor": [], "compile": None}
+    result: dict[str, Any] = {
+        "schema": SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine(), "settings": {"repeats": repeats, "volumes": volumes, "dtypes": dtypes},
+        "volumes": {}, "end_to_end": [], "stages": [], "osvd_floor": [], "compile": None}
     step = on_step or (lambda msg: None)
     try:
         if compile_time:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from perfusion.quantify import signal
-from perfusion.io import Series, load_array
-from perfusion.tools.phantom import PhantomSpec, make_phantom
 from perfusion.config import METHODS, Config
+from perfusion.io import Series, load_array
 from perfusion.pipeline import Inputs, analyze, prepare_operator, quantify
+from perfusion.quantify import signal
+from perfusion.tools.phantom import PhantomSpec, make_phantom
 
 QUANTITIES = ("cbv", "cbf", "mtt")
 
@@ -68,7 +68,8 @@ def validate_phantom(methods=METHODS, *, spec: PhantomSpec = PhantomSpec()) -> l
             sl = (slice(*b["x"]), slice(*b["y"]), b["slice"])
             group = "dispersed" if b["dispersion"] > 0 else "undispersed"
             est = _medians({q: res.maps[q][sl] for q in QUANTITIES})
-            rows.append(Row("phantom", group, method, f"z{b['slice']} cbf {b['cbf']:g} mtt {b['mtt']:g} delay {b['delay']:g}",
+            label = f"z{b['slice']} cbf {b['cbf']:g} mtt {b['mtt']:g} delay {b['delay']:g}"
+            rows.append(Row("phantom", group, method, label,
                             {q: float(b[q]) for q in QUANTITIES}, est))
     return rows
 
@@ -127,7 +128,7 @@ def realistic_inputs(ph, *, reference: str = "mask", echoes: str = "all") -> Inp
     signals = getattr(ph, "echo_signals", ()) or (ph.signal,)
     each = [Series(data=sig, affine=ph.affine, path=Path(f"<realistic phantom echo {k}>"), te=te, tr=spec.tr,
                    te_source="phantom", tr_source="phantom")
-            for k, (te, sig) in enumerate(zip(spec.tes, signals), start=1)]
+            for k, (te, sig) in enumerate(zip(spec.tes, signals, strict=True), start=1)]
     if len(each) == 1:
         series = replace(each[0], path=Path("<realistic phantom>"))
     else:
@@ -161,7 +162,8 @@ def validate_realistic(*, protocols=REALISTIC_PROTOCOLS, seeds=REALISTIC_SEEDS, 
                 if "cbv_uncorrected" in res.maps:
                     for tissue in ("gm", "nawm"):
                         m = ph.masks[tissue]
-                        normal[tissue] = float(np.nanmedian(res.maps["cbv"][m]) / np.nanmedian(res.maps["cbv_uncorrected"][m]) - 1)
+                        normal[tissue] = float(np.nanmedian(res.maps["cbv"][m])
+                                               / np.nanmedian(res.maps["cbv_uncorrected"][m]) - 1)
                 for r in res.rois:
                     t = ph.lesions[r.name]
                     rows.append({
@@ -249,7 +251,8 @@ def validate_bezier(folder: Path, methods=METHODS) -> list[Row]:
         c_aif = aifs[aif_path]
         data = load_array(path, what="DRO series")
         nx, ny = data.shape[:2]
-        conc = signal.to_delta_r2s(data.reshape(-1, data.shape[-1]), te=te, baseline=baseline)[0] / float(meta["kappa_s"])
+        conc = (signal.to_delta_r2s(data.reshape(-1, data.shape[-1]), te=te, baseline=baseline)[0]
+                / float(meta["kappa_s"]))
         group = _bezier_condition(name, meta)
         for method in methods:
             cfg = Config(method=method, kh=1.0, rho=1.0)

@@ -13,11 +13,28 @@ Their public names are re-exported here (``from perfusion.io.dicom import load_d
 
 from __future__ import annotations
 
-from perfusion.io.dicom.convert import (DCM2NIIX_ENV, DCM2NIIX_OPTIONS, SIDECAR_WHITELIST, DicomSeries,
-                                        find_dcm2niix, load_dicom_echoes, load_dicom_series, read_dicom_echoes, read_dicom_series,
-                                        whitelist_sidecar)
-from perfusion.io.dicom.headers import (INTERVAL_JITTER, INTERVAL_TR_TOLERANCE, INTERVAL_UNUSABLE, SeriesInfo,
-                                        check_series, inspect, scrub, select_series)
+from perfusion.io.dicom.convert import (
+    DCM2NIIX_ENV,
+    DCM2NIIX_OPTIONS,
+    SIDECAR_WHITELIST,
+    DicomSeries,
+    find_dcm2niix,
+    load_dicom_echoes,
+    load_dicom_series,
+    read_dicom_echoes,
+    read_dicom_series,
+    whitelist_sidecar,
+)
+from perfusion.io.dicom.headers import (
+    INTERVAL_JITTER,
+    INTERVAL_TR_TOLERANCE,
+    INTERVAL_UNUSABLE,
+    SeriesInfo,
+    check_series,
+    inspect,
+    scrub,
+    select_series,
+)
 
 __all__ = ["DCM2NIIX_ENV", "DCM2NIIX_OPTIONS", "INTERVAL_JITTER", "INTERVAL_TR_TOLERANCE", "INTERVAL_UNUSABLE",
            "SIDECAR_WHITELIST", "DicomSeries", "SeriesInfo", "check_series", "find_dcm2niix", "inspect",

@@ -64,12 +64,19 @@ from typing import Any
 import numpy as np
 
 from perfusion.errors import WRITE_REFUSED_ERRNOS, InputError, OutputError, PerfusionError, UsageError
-from perfusion.io.dicom.headers import (INTERVAL_TR_TOLERANCE, SeriesInfo, check_series, import_pydicom, inspect,
-                                        quiet_pydicom, scrub, select_series)
+from perfusion.io.dicom.headers import (
+    INTERVAL_TR_TOLERANCE,
+    SeriesInfo,
+    check_series,
+    import_pydicom,
+    inspect,
+    quiet_pydicom,
+    scrub,
+    select_series,
+)
 from perfusion.io.nifti import signal_float32
 from perfusion.io.series import Series, check_time
 from perfusion.units import MAX_TE_S, MAX_TR_S
-
 
 #: Environment variable naming the dcm2niix binary to use instead of the wheel's.
 DCM2NIIX_ENV = "PERFUSION_DCM2NIIX"
@@ -380,7 +387,7 @@ def read_dicom_echoes(folder: Path, *, series: int | None = None, tr_s: float | 
         data, affine, raw, extra = loaded[0]
         return [_checked_echo(info, folder, data, affine, raw, warns + extra, tr_s=tr_s)]
     out = []
-    for k, (echo, (data, affine, raw, extra)) in enumerate(zip(info.echoes, loaded), 1):
+    for k, (echo, (data, affine, raw, extra)) in enumerate(zip(info.echoes, loaded, strict=True), 1):
         conv = _checked_echo(dataclasses.replace(echo, number=info.number), folder, data, affine, raw,
                              (warns if k == 1 else []) + extra, tr_s=tr_s, echo=k)
         out.append(dataclasses.replace(conv, info=info, echo=k, n_echoes=len(info.echoes)))
@@ -405,6 +412,7 @@ def _checked_echo(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     header = info.repetition_time_s
     side_tr = sidecar.get("RepetitionTime")
     side_tr = float(side_tr) if isinstance(side_tr, (int, float)) and side_tr > 0 else None
+    tr_used: float | None
     if tr_s is not None:
         tr_used, tr_source = tr_s, "option --tr"
     elif side_tr is not None and header and abs(side_tr / header - 1) > INTERVAL_TR_TOLERANCE:
@@ -457,7 +465,6 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     mid = info.slices // 2
     chosen = [(im, f, s) for im, f, s in info.images if s == mid or f == 0]
     inv = np.linalg.inv(affine)
-    lps_to_ras = np.array([-1.0, -1.0, 1.0])
     cache: dict[Path, Any] = {}
     with quiet_pydicom():
         for im, f, s in sorted(chosen, key=lambda x: (x[1], x[2])):
@@ -474,15 +481,7 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
                 pixels = pixels[im.frame_no]
             if pixels.shape != (im.rows, im.columns):
                 return "dcm2niix's frame order not verified (unexpected pixel array shape)"
-            row, col = np.array(im.orientation[:3]), np.array(im.orientation[3:])
-            origin = np.asarray(im.position)
-
-            def voxel(r, c):
-                world = (origin + row * im.spacing[1] * c + col * im.spacing[0] * r) * lps_to_ras
-                return (inv @ np.append(world, 1.0))[:3]
-
-            v0 = voxel(0, 0)
-            dc, dr = voxel(0, 1) - v0, voxel(1, 0) - v0
+            v0, dr, dc = _pixel_steps(im, inv)
             rr, cc = np.mgrid[0:im.rows, 0:im.columns]
             idx = v0 + rr[..., None] * dr + cc[..., None] * dc
             rounded = np.rint(idx).astype(int)
@@ -502,6 +501,22 @@ def _verify_order(info: SeriesInfo, folder: Path, data: np.ndarray, affine: np.n
     return None
 
 
+def _pixel_steps(im, inv: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where pixel (row 0, column 0) of the DICOM image ``im`` lies in the converted image (voxel
+    coordinates, through ``inv``, the inverse of its affine) and the voxel step of one pixel row and of
+    one pixel column, from the image's own geometry (position and orientation: DICOM LPS, mm)."""
+    row, col = np.array(im.orientation[:3]), np.array(im.orientation[3:])
+    origin = np.asarray(im.position)
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+
+    def voxel(r: int, c: int) -> np.ndarray:
+        world = (origin + row * im.spacing[1] * c + col * im.spacing[0] * r) * lps_to_ras
+        return (inv @ np.append(world, 1.0))[:3]
+
+    v0 = voxel(0, 0)
+    return v0, voxel(1, 0) - v0, voxel(0, 1) - v0
+
+
 def load_dicom_echoes(folder: Path, *, te: float | None = None, tr: float | None = None,
                       series: int | None = None) -> list[Series]:
     """A DICOM folder's DSC series as ``io.Series``, one per echo (TE order; one for a single-echo
@@ -515,7 +530,7 @@ def load_dicom_echoes(folder: Path, *, te: float | None = None, tr: float | None
                 if tr is not None else None)
     convs = read_dicom_echoes(folder, series=series, tr_s=tr_given)
     if len(convs) > 1 and te is not None:
-        tes = ", ".join(f"{c.info.echoes[c.echo - 1].echo_time_s:g}" for c in convs)
+        tes = ", ".join(f"{e.echo_time_s:g}" for e in convs[0].info.echoes)  # each conv's info: the whole series
         raise UsageError(f"{folder}: series {convs[0].info.number} holds {len(convs)} echoes (TE {tes} s), each with "
                          "its own TE; leave --te out")
     for conv in convs:

@@ -38,16 +38,16 @@ import logging
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, cast
 
 import numpy as np
 
 from perfusion.errors import InputError, UsageError
 from perfusion.io.files import MAX_FOLDER_FILE_BYTES, describe_skipped, folder_files, open_regular
 from perfusion.io.series import MIN_FRAMES
-
 
 #: An interval departing from the median interval by more than this fraction makes the time axis
 #: unusable (a missing or doubled frame shifts every later frame by a whole interval).
@@ -194,15 +194,17 @@ def _images_of(ds, path: Path) -> list[_Image]:
             if plane is None or orient is None:
                 return []
             out.append(_Image(
-                path=path, frame_no=i, position=tuple(float(v) for v in plane.ImagePositionPatient),
+                # casts: ImagePositionPatient holds 3 values, PixelSpacing 2 (their DICOM VM; not checked here)
+                path=path, frame_no=i,
+                position=cast("tuple[float, float, float]", tuple(float(v) for v in plane.ImagePositionPatient)),
                 orientation=tuple(float(v) for v in orient.ImageOrientationPatient),
-                spacing=(tuple(float(v) for v in meas.PixelSpacing) if meas is not None and "PixelSpacing" in meas
-                         else (1.0, 1.0)),
+                spacing=(cast("tuple[float, float]", tuple(float(v) for v in meas.PixelSpacing))
+                         if meas is not None and "PixelSpacing" in meas else (1.0, 1.0)),
                 rows=rows, columns=cols,
                 temporal=_int(content.get("TemporalPositionIndex")) if content is not None else None,
                 acq_s=_datetime_s(content.get("FrameAcquisitionDateTime")) if content is not None else None,
                 trigger_s=None, instance=_int(ds.get("InstanceNumber")),
-                slope=_float(pvt.get("RescaleSlope")) if pvt is not None and _float(pvt.get("RescaleSlope")) else 1.0,
+                slope=_float(pvt.get("RescaleSlope")) or 1.0 if pvt is not None else 1.0,
                 intercept=_float(pvt.get("RescaleIntercept")) or 0.0 if pvt is not None else 0.0,
             ))
         return out
@@ -215,8 +217,9 @@ def _images_of(ds, path: Path) -> list[_Image]:
     trigger = _float(ds.get("TriggerTime"))
     spacing = ds.get("PixelSpacing")
     return [_Image(
-        path=path, frame_no=None, position=tuple(float(v) for v in ipp), orientation=tuple(float(v) for v in iop),
-        spacing=tuple(float(v) for v in spacing) if spacing is not None and len(spacing) == 2 else (1.0, 1.0),
+        path=path, frame_no=None, position=(float(ipp[0]), float(ipp[1]), float(ipp[2])),
+        orientation=tuple(float(v) for v in iop),
+        spacing=(float(spacing[0]), float(spacing[1])) if spacing is not None and len(spacing) == 2 else (1.0, 1.0),
         rows=rows, columns=cols, temporal=_int(ds.get("TemporalPositionIdentifier")), acq_s=acq,
         trigger_s=trigger / 1000.0 if trigger is not None else None, instance=_int(ds.get("InstanceNumber")),
         slope=_float(ds.get("RescaleSlope")) or 1.0, intercept=_float(ds.get("RescaleIntercept")) or 0.0,
@@ -451,7 +454,7 @@ def _describe_echoes(images: list[_Image], number: int | None, timing: list, sec
         return _describe(images, number, timing, secrets)
     per = []
     for key in sorted(set(keys)):
-        subset = [im for im, k in zip(images, keys) if k == key]
+        subset = [im for im, k in zip(images, keys, strict=True) if k == key]
         tes = [im.echo_ms for im in subset if im.echo_ms]
         info = _describe(subset, number, [(t[0], None, t[2], t[3]) for t in timing], secrets)
         per.append(dataclasses.replace(info, echo_time_s=float(np.median(tes)) / 1000.0 if tes else None,
@@ -465,8 +468,8 @@ def _describe_echoes(images: list[_Image], number: int | None, timing: list, sec
             errors.append(f"echo {k} has {e.frames} frames x {e.slices} slices of {e.rows} x {e.columns}, echo 1 "
                           f"{first.frames} x {first.slices} of {first.rows} x {first.columns}; the export is "
                           "incomplete: re-export the whole series (every echo)")
-    tes = [e.echo_time_s for e in per]
-    if any(t is None for t in tes) or len({round(t * 1e5) for t in tes}) < len(tes):
+    echo_times = [e.echo_time_s for e in per if e.echo_time_s is not None]
+    if len(echo_times) < len(per) or len({round(t * 1e5) for t in echo_times}) < len(echo_times):
         errors.append("the echoes' EchoTime is missing or repeats; re-export the series with its EchoTime per echo")
     warns = list(first.warnings) + [f"echo {k}: {w}" for k, e in enumerate(per[1:], 2) for w in e.warnings
                                     if w not in first.warnings]
@@ -505,7 +508,8 @@ def _describe(images: list[_Image], number: int | None, timing: list, secrets: f
         repetition_time_s=float(np.median(trs)) / 1000.0 if trs else None,
         echo_time_s=float(np.median(tes)) / 1000.0 if tes else None,
         rescale=rescale, errors=tuple(errors), warnings=tuple(warns), notes=tuple(notes),
-        images=tuple((im, int(f), int(s)) for im, f, s in zip(images, frame_of, slice_of)), secrets=secrets,
+        images=tuple((im, int(f), int(s)) for im, f, s in zip(images, frame_of, slice_of, strict=True)),
+        secrets=secrets,
     )
 
 
@@ -622,8 +626,8 @@ def _assign_frames(images: list[_Image], slice_of: np.ndarray, n_slices: int) ->
     per_slice = np.bincount(slice_of, minlength=n_slices)
     if per_slice.max() <= 1:
         return "single frame", np.zeros(len(images), int)
-    temporal = [im.temporal for im in images]
-    if all(v is not None for v in temporal) and len(set(temporal)) > 1:
+    temporal = [im.temporal for im in images if im.temporal is not None]
+    if len(temporal) == len(images) and len(set(temporal)) > 1:
         levels = sorted(set(temporal))
         name = "TemporalPositionIndex" if images[0].frame_no is not None else "TemporalPositionIdentifier"
         return name, np.searchsorted(levels, temporal)
