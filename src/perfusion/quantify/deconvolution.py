@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfusion._kernels import deconv as _kernels
-
 from perfusion._kernels import parallel as _parallel
+
 METHODS = ("osvd", "csvd", "ssvd", "tikhonov")
 
 #: Fixed relative SVD thresholds P (fraction of the largest singular value).
@@ -35,8 +35,8 @@ DEFAULT_THRESHOLD = {"ssvd": 0.2, "csvd": 0.1}
 #: The value is chosen by measurement on the phantom; see the README's accuracy table.
 DEFAULT_OI_TARGET = 0.095
 
-#: Voxels per chunk of the per-voxel kernels (one chunk per thread at a time: _parallel.py).
-CHUNK = 1024
+#: Voxels per chunk of the per-voxel kernels (one chunk per thread at a time: _kernels/parallel.py).
+CHUNK = _parallel.CHUNK
 
 #: oSVD never keeps singular values below this fraction of the largest.
 OSVD_MIN_THRESHOLD = 0.005
