@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := sample_data/sub-demo
 
-.PHONY: install demo test lint bench fuzz browser clean help
+.PHONY: install demo test test-nojit lint bench fuzz browser clean help
 
 help:
 	@echo "make demo    set up .venv and analyse the embedded sample case"
 	@echo "make test    set up .venv, lint the package (ruff, mypy) and run the test suite"
 	@echo "make lint    ruff and mypy on the package (settings in pyproject.toml)"
+	@echo "make test-nojit  the numba kernels' tests with the JIT off (plain Python, for coverage tools; ~1 min)"
 	@echo "make install create .venv with the package and its test tools"
 	@echo "make bench   speed and memory on standard volumes, and against osipy and numpy (benchmarks/results/)"
 	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
@@ -38,6 +39,19 @@ test: install browser lint
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+
+# The numba kernels' tests (each kernel against its numpy twin, and the chunked thread loops) with
+# NUMBA_DISABLE_JIT=1: the kernels run as plain Python, so coverage tools see their lines (e.g.
+# NOJIT_PYTEST="$(BIN)/coverage run -m pytest" with coverage installed). The tests shrink their inputs
+# without the JIT (tests/naive.py NOJIT). numpy scalars warn where the compiled kernels give inf or NaN
+# silently (error_model="numpy"): those RuntimeWarnings are not shown.
+NOJIT_PYTEST ?= $(BIN)/python -m pytest
+NOJIT_TESTS  := tests/test_kernels.py tests/test_kernels_curves.py tests/test_parallel.py tests/test_tikhonov.py \
+                tests/test_gammafit.py tests/test_modelfit.py
+NOJIT_SELECT := test_kernels or test_parallel or tikhonov_gcv or kernel_matches_twin
+test-nojit: install
+	NUMBA_DISABLE_JIT=1 $(NOJIT_PYTEST) -q -p no:cacheprovider -W ignore::RuntimeWarning $(NOJIT_TESTS) \
+	  -k "$(NOJIT_SELECT)"
 
 # `perfusion bench` (end to end, stages, memory, numba compile) then the peer benchmark (osipy in its
 # own Python 3.12 venv, plain numpy) on the same clinical volume; JSON in benchmarks/results/

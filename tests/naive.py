@@ -1,6 +1,11 @@
 """Slow, obviously correct numpy twins of the numba kernels in perfusion._kernels."""
 
+import numba
 import numpy as np
+
+#: numba's JIT is off (NUMBA_DISABLE_JIT=1, ``make test-nojit``): the kernels run as plain Python, a few
+#: hundred times slower, and the kernel tests shrink their inputs (same cases, fewer voxels).
+NOJIT = bool(numba.config.DISABLE_JIT)
 
 
 def oscillation_index(b):

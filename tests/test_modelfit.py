@@ -75,8 +75,8 @@ def _refine_inputs(seed=0):
     aif = _aif()
     op = modelfit.prepare(aif, tr=TR)
     rng = np.random.default_rng(seed)
-    c = np.stack([0.01 * modelfit.model_curves(aif, tr=TR, mtt=m, lam=l, tau=t)
-                  for m, l, t in ((3.0, 1.0, 0.7), (7.0, 4.0, 2.2), (2.0, 10.0, 0.0))])
+    c = np.stack([0.01 * modelfit.model_curves(aif, tr=TR, mtt=m, lam=lam, tau=t)
+                  for m, lam, t in ((3.0, 1.0, 0.7), (7.0, 4.0, 2.2), (2.0, 10.0, 0.0))])
     c = c + 0.002 * rng.standard_normal(c.shape)
     c = np.vstack([c, np.zeros(aif.size)])
     il = np.array([0, 2, 3, 1])
@@ -97,12 +97,19 @@ def test_gamma_model_kernel_matches_twin():
         assert_allclose(got, ref, rtol=KERNEL_RTOL, atol=1e-15)
 
 
+def _fit_settings(op, h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds, n_shapes=1):
+    """The kernels' settings array (_kernels.pack_fit) of the twins' positional arguments."""
+    t0, dt_t = op.table_log_mtt[0], op.table_log_mtt[1] - op.table_log_mtt[0]
+    return _kernels.pack_fit(tr=TR, t0=t0, dt_table=dt_t, h_logm=h_logm, h_tau=h_tau, lo_logm=lo_logm,
+                             hi_logm=hi_logm, lo_tau=lo_tau, hi_tau=hi_tau, n_shapes=n_shapes, rounds=rounds)
+
+
 def _refine_all(c, cc, op, il, state, s2, args):
     """_kernels._refine_one on every voxel; updates state = [log_m, tau, flow, sse] in place."""
-    t0, dt_t = op.table_log_mtt[0], op.table_log_mtt[1] - op.table_log_mtt[0]
+    fit = _fit_settings(op, *args)
     for v in range(c.shape[0]):
-        out = _kernels._refine_one(c[v], cc[v], TR, op.table, t0, dt_t, il[v], state[0][v], state[1][v],
-                                   state[2][v], state[3][v], s2[v], op.prior, *args)
+        out = _kernels._refine_one(c[v], cc[v], op.table, fit, il[v], state[0][v], state[1][v], state[2][v],
+                                   state[3][v], s2[v], op.prior)
         for s, o in zip(state, out):
             s[v] = o
 
@@ -174,9 +181,11 @@ def test_model_select_kernel_matches_twin(prior):
           "strong": 100 * modelfit.noise_weight(q, cc, aif.size)}[prior]
     ref = model_select(c, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t,
                        op.lambdas.size, *args)
-    got = [np.empty(n), np.empty(n), np.empty(n, np.int64), np.empty(n), np.empty(n)]
-    _kernels._model_select(c, cc, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, TR, op.table, t0, dt_t,
-                           op.lambdas.size, *args, got[0], got[1], got[2], got[3], got[4])
+    out = np.empty((n, _kernels.OUT_SIZE))
+    _kernels._model_select(c, cc, q, s2, (op.pen, op.norms, log_mtts, op.taus), op.table, op.prior,
+                           _fit_settings(op, *args[1:], n_shapes=args[0]), out)
+    got = [out[:, _kernels.OUT_FLOW], out[:, _kernels.OUT_LOGM], out[:, _kernels.OUT_SHAPE].astype(np.int64),
+           out[:, _kernels.OUT_TAU], out[:, _kernels.OUT_SSE]]
     # with no positive flow (the zero and the negative curve, invalid fits) the objective is the prior
     # alone, flat over most of the grid: which of equal points a step lands on is a matter of rounding
     fitted = ref[0] > 0

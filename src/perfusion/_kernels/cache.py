@@ -73,7 +73,7 @@ def _disable_disk_cache() -> None:
     """Make ``@njit(cache=True)`` compile in memory only: numba's dispatcher keeps its NullCache."""
     from numba.core.dispatcher import Dispatcher
 
-    Dispatcher.enable_caching = lambda self: None
+    Dispatcher.enable_caching = lambda self: None  # type: ignore[method-assign]  # on purpose: numba's own switch
 
 
 def configure() -> str | None:
@@ -91,7 +91,7 @@ def configure() -> str | None:
         os.environ["NUMBA_CACHE_DIR"] = str(folder)
         config = sys.modules.get("numba.core.config")
         if config is not None:  # numba read the variable when it was imported
-            config.CACHE_DIR = str(folder)
+            setattr(config, "CACHE_DIR", str(folder))  # noqa: B010  (a module attribute mypy cannot see)
         return (f"numba cannot write its cache of compiled kernels ({tried} are not writable); it is kept in "
                 f"{folder} instead; set NUMBA_CACHE_DIR to a writable folder to choose another")
     _disable_disk_cache()

@@ -3,8 +3,9 @@ rows of an (n_vox, n_t) array, no validation, no I/O, no fastmath.
 
 Each kernel has a plain numpy twin in ``tests/naive_curves.py`` and is compared with it at rtol 1e-10
 (tests/test_kernels_curves.py). Curves may be float32 or float64; every value is taken to float64
-before use. ``error_model="numpy"``: a division by 0 gives inf or NaN, as in numpy, instead of
-raising. The public wrappers that validate arguments live in the domain modules.
+before use. A division by 0 gives inf or NaN, as in numpy (jit.py). Every kernel is serial over the
+rows it is given; the domain modules, which also validate the arguments, run chunks of rows on
+threads (parallel.run_chunks).
 
 Why kernels here: each step is a handful of numpy passes over the whole (n_vox, n_t) array, every
 pass allocating a temporary of that size; one loop per row does all of them while the row is in
@@ -14,27 +15,12 @@ cache, and writes only the outputs.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
 
-from perfusion._kernels.cache import configure as _configure_cache
-
-_configure_cache()  # before the first @njit: numba picks each kernel's cache folder when it decorates it
+from perfusion._kernels.jit import kernel
+from perfusion._kernels.rows import row_finite
 
 
-#: Rows per block of a parallel loop that needs per-row work space (allocated once per block).
-BLOCK = 256
-
-
-@njit(cache=True, nogil=True)
-def _row_finite(c, v):
-    """True when every value of row v of c is finite."""
-    for i in range(c.shape[1]):
-        if not np.isfinite(c[v, i]):
-            return False
-    return True
-
-
-@njit(cache=True, nogil=True)
+@kernel
 def _sum_block(a, lo, n):
     """Sum of a[lo:lo + n] as numpy sums a block of up to 128 values: in order below 8 values, else 8
     running sums, combined pairwise, then the remainder in order."""
@@ -69,7 +55,7 @@ def _sum_block(a, lo, n):
     return s
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _halves(n):
     """numpy's split of more than 128 values: the first half rounded down to a multiple of 8."""
     n2 = n // 2
@@ -81,7 +67,7 @@ def _halves(n):
 # to about 1000 values, blocks of 8 running sums beyond.
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _sum_1(a, lo, n):
     if n <= 128:
         return _sum_block(a, lo, n)
@@ -89,7 +75,7 @@ def _sum_1(a, lo, n):
     return _sum_block(a, lo, n2) + _sum_block(a, lo + n2, n - n2)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _sum_2(a, lo, n):
     if n <= 128:
         return _sum_block(a, lo, n)
@@ -97,7 +83,7 @@ def _sum_2(a, lo, n):
     return _sum_1(a, lo, n2) + _sum_1(a, lo + n2, n - n2)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _sum(a, lo, n):
     """Sum of a[lo:lo + n] in numpy's order (pairwise summation), so that a sum over a row equals
     numpy's (np.sum, mean, std over a contiguous axis) to the last bit for rows of up to about 1000
@@ -108,7 +94,7 @@ def _sum(a, lo, n):
     return _sum_2(a, lo, n2) + _sum_2(a, lo + n2, n - n2)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _mean_ssd(x, n, work):
     """Mean of x[:n] and the sum of squared deviations from it, each as numpy computes them
     (x.mean(), ((x - x.mean()) ** 2).sum()); work (>= n,) is overwritten."""
@@ -122,7 +108,7 @@ def _mean_ssd(x, n, work):
 # --- signal.py
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@kernel
 def _delta_r2s(sig, base, te, min_ratio, out, out_s0, out_ratio_min, out_ratio_sd):
     """S(t) -> delta R2*(t) = -ln(max(S / S0, min_ratio)) / te per row, S0 the mean of the frames
     ``base`` (int array, at least one frame); NaN rows where S0 is not positive.
@@ -133,41 +119,64 @@ def _delta_r2s(sig, base, te, min_ratio, out, out_s0, out_ratio_min, out_ratio_s
     """
     n_vox, n_t = sig.shape
     nb = base.shape[0]
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        x = np.empty(nb)
-        work = np.empty(nb)
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            for j in range(nb):
-                x[j] = sig[v, base[j]]
-            s0 = _sum(x, 0, nb) / nb
-            out_s0[v] = s0
-            ok = s0 > 0.0
-            rmin = np.inf
-            has_nan = False
-            for i in range(n_t):
-                r = np.float64(sig[v, i]) / s0
-                if r < rmin:
-                    rmin = r
-                elif np.isnan(r):
-                    has_nan = True
-                if ok:
-                    if r < min_ratio:
-                        r = min_ratio
-                    out[v, i] = -np.log(r) / te
-                else:
-                    out[v, i] = np.nan
-            out_ratio_min[v] = np.nan if has_nan else rmin
-            for j in range(nb):
-                x[j] = x[j] / s0
-            _, ssd = _mean_ssd(x, nb, work)
-            out_ratio_sd[v] = np.sqrt(ssd / (nb - 1))
+    x = np.empty(nb)
+    work = np.empty(nb)
+    for v in range(n_vox):
+        for j in range(nb):
+            x[j] = sig[v, base[j]]
+        s0 = _sum(x, 0, nb) / nb
+        out_s0[v] = s0
+        ok = s0 > 0.0
+        rmin = np.inf
+        has_nan = False
+        for i in range(n_t):
+            r = np.float64(sig[v, i]) / s0
+            if r < rmin:
+                rmin = r
+            elif np.isnan(r):
+                has_nan = True
+            if ok:
+                if r < min_ratio:
+                    r = min_ratio
+                out[v, i] = -np.log(r) / te
+            else:
+                out[v, i] = np.nan
+        out_ratio_min[v] = np.nan if has_nan else rmin
+        for j in range(nb):
+            x[j] = x[j] / s0
+        _, ssd = _mean_ssd(x, nb, work)
+        out_ratio_sd[v] = np.sqrt(ssd / (nb - 1))
 
 
 # --- aif.py
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@kernel
+def _peak_width_moment(y, work):
+    """A finite row y's first maximum and its frame, the frames at or above half of it, and the first
+    moment sum t y+ / sum y+ (frames, y+ = max(y, 0)); work (>= n_t,) is overwritten."""
+    n_t = y.shape[0]
+    peak_frame = 0
+    peak = y[0]
+    pos_t = 0.0
+    for i in range(n_t):
+        x = y[i]
+        if x > peak:
+            peak = x
+            peak_frame = i
+        pos = x if x > 0.0 else 0.0
+        work[i] = pos
+        pos_t += pos * i
+    pos = _sum(work, 0, n_t)
+    half = 0.5 * peak
+    n_above = 0
+    for i in range(n_t):
+        if y[i] >= half:
+            n_above += 1
+    return peak, peak_frame, n_above, pos_t / pos
+
+
+@kernel
 def _curve_features(c, base, tr, out_peak, out_peak_frame, out_area, out_fwhm, out_first_moment,
                     out_irregularity, out_cnr, out_finite):
     """Shape features of each row of c (n_vox, n_t), delta R2* 1/s, frames every tr s; a row with a
@@ -181,64 +190,46 @@ def _curve_features(c, base, tr, out_peak, out_peak_frame, out_area, out_fwhm, o
     """
     n_vox, n_t = c.shape
     nb = base.shape[0]
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        y = np.empty(n_t)
-        work = np.empty(n_t)
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            if not _row_finite(c, v):
-                out_finite[v] = False
-                out_peak[v] = 0.0
-                out_peak_frame[v] = 0
-                out_area[v] = 0.0 * tr
-                out_fwhm[v] = n_t
-                out_first_moment[v] = np.inf
-                out_irregularity[v] = np.inf
-                out_cnr[v] = 0.0
-                continue
-            out_finite[v] = True
-            for i in range(n_t):
-                y[i] = c[v, i]
-            peak_frame = 0
-            peak = y[0]
-            pos_t = 0.0
-            for i in range(n_t):
-                x = y[i]
-                if x > peak:
-                    peak = x
-                    peak_frame = i
-                pos = x if x > 0.0 else 0.0
-                work[i] = pos
-                pos_t += pos * i
-            pos = _sum(work, 0, n_t)
-            half = 0.5 * peak
-            n_above = 0
-            for i in range(n_t):
-                if y[i] >= half:
-                    n_above += 1
-            for i in range(n_t - 2):
-                d2 = (y[i + 2] - y[i + 1]) - (y[i + 1] - y[i])
-                work[i] = d2 * d2
-            rough = _sum(work, 0, n_t - 2)
-            area = _sum(y, 0, n_t) * tr
-            a = area / tr
-            for j in range(nb):
-                work[j] = y[base[j]]
-            _, ssd = _mean_ssd(work, nb, work)
-            cnr = peak / np.sqrt(ssd / (nb - 1))
-            out_peak[v] = peak
-            out_peak_frame[v] = peak_frame
-            out_area[v] = area
-            out_fwhm[v] = n_above
-            out_first_moment[v] = pos_t / pos
-            out_irregularity[v] = rough / (a * a)
-            out_cnr[v] = cnr if np.isfinite(cnr) else 0.0
+    y = np.empty(n_t)
+    work = np.empty(n_t)
+    for v in range(n_vox):
+        if not row_finite(c[v]):
+            out_finite[v] = False
+            out_peak[v] = 0.0
+            out_peak_frame[v] = 0
+            out_area[v] = 0.0 * tr
+            out_fwhm[v] = n_t
+            out_first_moment[v] = np.inf
+            out_irregularity[v] = np.inf
+            out_cnr[v] = 0.0
+            continue
+        out_finite[v] = True
+        for i in range(n_t):
+            y[i] = c[v, i]
+        peak, peak_frame, n_above, first_moment = _peak_width_moment(y, work)
+        for i in range(n_t - 2):
+            d2 = (y[i + 2] - y[i + 1]) - (y[i + 1] - y[i])
+            work[i] = d2 * d2
+        rough = _sum(work, 0, n_t - 2)
+        area = _sum(y, 0, n_t) * tr
+        a = area / tr
+        for j in range(nb):
+            work[j] = y[base[j]]
+        _, ssd = _mean_ssd(work, nb, work)
+        cnr = peak / np.sqrt(ssd / (nb - 1))
+        out_peak[v] = peak
+        out_peak_frame[v] = peak_frame
+        out_area[v] = area
+        out_fwhm[v] = n_above
+        out_first_moment[v] = first_moment
+        out_irregularity[v] = rough / (a * a)
+        out_cnr[v] = cnr if np.isfinite(cnr) else 0.0
 
 
 # --- leakage.py
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@kernel
 def _residue_fixed_kep(c, ukg, uk_t, q, dof, var_factor, out_ka, out_se, out_r2, out_leakage, out_corrected):
     """Residue-domain leakage correction with one kep for all voxels (leakage.residue_domain).
 
@@ -253,48 +244,46 @@ def _residue_fixed_kep(c, ukg, uk_t, q, dof, var_factor, out_ka, out_se, out_r2,
     """
     n_vox, n_t = c.shape
     k = uk_t.shape[0]
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        coef = np.empty(k + 1)
-        y = np.empty(n_t)
-        resid = np.empty(n_t)
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            ka = np.nan
-            if _row_finite(c, v):
-                for i in range(n_t):
-                    y[i] = c[v, i]
-                coef[:] = 0.0
-                for i in range(n_t):
-                    for j in range(k + 1):
-                        coef[j] += ukg[i, j] * y[i]
-                ka = coef[k]
-            if not np.isfinite(ka):
-                out_ka[v] = np.nan
-                out_se[v] = np.nan
-                out_r2[v] = np.nan
-                for i in range(n_t):
-                    out_leakage[v, i] = np.nan
-                    out_corrected[v, i] = np.nan
-                continue
+    coef = np.empty(k + 1)
+    y = np.empty(n_t)
+    resid = np.empty(n_t)
+    for v in range(n_vox):
+        ka = np.nan
+        if row_finite(c[v]):
             for i in range(n_t):
-                resid[i] = y[i]
-            for j in range(k):
-                for i in range(n_t):
-                    resid[i] -= uk_t[j, i] * coef[j]
+                y[i] = c[v, i]
+            coef[:] = 0.0
             for i in range(n_t):
-                resid[i] = resid[i] * resid[i]
-            resid2 = _sum(resid, 0, n_t)
-            _, sst = _mean_ssd(y, n_t, resid)
-            out_ka[v] = ka
-            out_se[v] = np.sqrt(resid2 / dof * var_factor)
-            out_r2[v] = 1.0 - resid2 / sst if sst > 0.0 else np.nan
+                for j in range(k + 1):
+                    coef[j] += ukg[i, j] * y[i]
+            ka = coef[k]
+        if not np.isfinite(ka):
+            out_ka[v] = np.nan
+            out_se[v] = np.nan
+            out_r2[v] = np.nan
             for i in range(n_t):
-                lk = ka * q[i]
-                out_leakage[v, i] = lk
-                out_corrected[v, i] = y[i] + lk
+                out_leakage[v, i] = np.nan
+                out_corrected[v, i] = np.nan
+            continue
+        for i in range(n_t):
+            resid[i] = y[i]
+        for j in range(k):
+            for i in range(n_t):
+                resid[i] -= uk_t[j, i] * coef[j]
+        for i in range(n_t):
+            resid[i] = resid[i] * resid[i]
+        resid2 = _sum(resid, 0, n_t)
+        _, sst = _mean_ssd(y, n_t, resid)
+        out_ka[v] = ka
+        out_se[v] = np.sqrt(resid2 / dof * var_factor)
+        out_r2[v] = 1.0 - resid2 / sst if sst > 0.0 else np.nan
+        for i in range(n_t):
+            lk = ka * q[i]
+            out_leakage[v, i] = lk
+            out_corrected[v, i] = y[i] + lk
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
+@kernel
 def _two_regressor_shared(c, r, q, rr, qq, rq, solvable, dof, var_factor, gate_k, out_k1, out_k2, out_se,
                           out_r2, out_leakage, out_corrected, out_applied):
     """Least squares c ~ k1 r - k2 q per row with r, q (n_t,) shared by all rows (leakage.bsw), and
@@ -309,60 +298,58 @@ def _two_regressor_shared(c, r, q, rr, qq, rq, solvable, dof, var_factor, gate_k
     """
     n_vox, n_t = c.shape
     det = rr * qq - rq * rq
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        y = np.empty(n_t)
-        work = np.empty(n_t)
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            ok = solvable and _row_finite(c, v)
-            k1 = np.nan
-            k2 = np.nan
-            yr = 0.0
-            yq = 0.0
-            yy = 0.0
-            if ok:
-                for i in range(n_t):
-                    y[i] = c[v, i]
-                    yr += y[i] * r[i]
-                    yq += y[i] * q[i]
-                    yy += y[i] * y[i]
-                k1 = (qq * yr - rq * yq) / det
-                k2 = (rq * yr - rr * yq) / det
-            if not (ok and np.isfinite(k2)):
-                out_k1[v] = np.nan
-                out_k2[v] = np.nan
-                out_se[v] = np.nan
-                out_r2[v] = np.nan
-                out_applied[v] = False
-                for i in range(n_t):
-                    out_leakage[v, i] = np.nan
-                    out_corrected[v, i] = np.nan
-                continue
-            sse = yy - k1 * yr + k2 * yq
-            if sse < 0.0:
-                sse = 0.0
-            se = np.sqrt(sse / dof * var_factor)
-            _, sst = _mean_ssd(y, n_t, work)
-            out_k1[v] = k1
-            out_k2[v] = k2
-            out_se[v] = se
-            out_r2[v] = 1.0 - sse / sst if sst > 0.0 else np.nan
-            apply = gate_k < 0.0 or abs(k2) > gate_k * se
-            out_applied[v] = apply
+    y = np.empty(n_t)
+    work = np.empty(n_t)
+    for v in range(n_vox):
+        ok = solvable and row_finite(c[v])
+        k1 = np.nan
+        k2 = np.nan
+        yr = 0.0
+        yq = 0.0
+        yy = 0.0
+        if ok:
             for i in range(n_t):
-                if apply:
-                    lk = k2 * q[i]
-                    out_leakage[v, i] = lk
-                    out_corrected[v, i] = y[i] + lk
-                else:
-                    out_leakage[v, i] = 0.0
-                    out_corrected[v, i] = y[i]
+                y[i] = c[v, i]
+                yr += y[i] * r[i]
+                yq += y[i] * q[i]
+                yy += y[i] * y[i]
+            k1 = (qq * yr - rq * yq) / det
+            k2 = (rq * yr - rr * yq) / det
+        if not (ok and np.isfinite(k2)):
+            out_k1[v] = np.nan
+            out_k2[v] = np.nan
+            out_se[v] = np.nan
+            out_r2[v] = np.nan
+            out_applied[v] = False
+            for i in range(n_t):
+                out_leakage[v, i] = np.nan
+                out_corrected[v, i] = np.nan
+            continue
+        sse = yy - k1 * yr + k2 * yq
+        if sse < 0.0:
+            sse = 0.0
+        se = np.sqrt(sse / dof * var_factor)
+        _, sst = _mean_ssd(y, n_t, work)
+        out_k1[v] = k1
+        out_k2[v] = k2
+        out_se[v] = se
+        out_r2[v] = 1.0 - sse / sst if sst > 0.0 else np.nan
+        apply = gate_k < 0.0 or abs(k2) > gate_k * se
+        out_applied[v] = apply
+        for i in range(n_t):
+            if apply:
+                lk = k2 * q[i]
+                out_leakage[v, i] = lk
+                out_corrected[v, i] = y[i] + lk
+            else:
+                out_leakage[v, i] = 0.0
+                out_corrected[v, i] = y[i]
 
 
 # --- gammafit.py
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _select(a, n, k):
     """The k-th smallest of a[:n] (0-based), by Hoare's selection in place: afterwards a[k] holds it,
     a[:k] values at or below it and a[k + 1:n] values at or above it. Finite values only."""
@@ -397,7 +384,7 @@ def _select(a, n, k):
     return a[k]
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _median(a, n):
     """Median of a[:n] (n >= 1, finite values), the mean of the two middle values for even n, as
     numpy's; a[:n] is reordered."""
@@ -411,7 +398,7 @@ def _median(a, n):
     return 0.5 * (lo + hi)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _above_noise(d, n, peak, min_snr):
     """peak >= min_snr * noise SD, the SD 1.4826 median(d[:n]) / sqrt 2 (d: |first differences|,
     n >= 1; d[:n] is reordered). Counting d against the median that would make the two sides equal
@@ -435,12 +422,22 @@ def _above_noise(d, n, peak, min_snr):
     return peak >= min_snr * (1.4826 * _median(d, n) / np.sqrt(2.0))
 
 
-@njit(cache=True, nogil=True)
-def _crossing(t, c, v, i, level):
-    """Time where row v of c (non-finite read as 0) crosses ``level`` between frames i and i + 1
-    (linear interpolation, clipped to the interval)."""
-    c0 = np.float64(c[v, i])
-    c1 = np.float64(c[v, i + 1])
+@kernel
+def _n_finite(y, lo, hi):
+    """The finite values of y[lo:hi]."""
+    n_ok = 0
+    for i in range(lo, hi):
+        if np.isfinite(y[i]):
+            n_ok += 1
+    return n_ok
+
+
+@kernel
+def _crossing(t, row, i, level):
+    """Time where a row (non-finite read as 0) crosses ``level`` between frames i and i + 1 (linear
+    interpolation, clipped to the interval)."""
+    c0 = np.float64(row[i])
+    c1 = np.float64(row[i + 1])
     if not np.isfinite(c0):
         c0 = 0.0
     if not np.isfinite(c1):
@@ -453,109 +450,153 @@ def _crossing(t, c, v, i, level):
     return t[i] + w * (t[i + 1] - t[i])
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _gv_windows(c, t, tr, rise_fraction, tail_fraction, pre_frames, min_snr, m_min, alpha_lo, alpha_hi,
-                fwhm_per_sd, out_lo, out_hi, out_p0, out_lower, out_upper, out_n_used):
+#: The gamma-variate window rules' settings, packed into one float64 array by :func:`pack_windows`;
+#: its indices. WIN_RISE, WIN_TAIL: the foot and the tail levels as fractions of the peak; WIN_PRE:
+#: frames kept before the foot (a whole number); WIN_MIN_SNR: the peak's least height in noise SDs
+#: for a bolus; WIN_M_MIN: the smallest m (s); WIN_ALPHA_LO, WIN_ALPHA_HI: alpha's bounds;
+#: WIN_FWHM_PER_SD: 2 sqrt(2 ln 2).
+WIN_RISE, WIN_TAIL, WIN_PRE, WIN_MIN_SNR, WIN_M_MIN, WIN_ALPHA_LO, WIN_ALPHA_HI, WIN_FWHM_PER_SD = range(8)
+WIN_SIZE = 8
+
+
+def pack_windows(*, rise_fraction: float, tail_fraction: float, pre_frames: int, min_snr: float, m_min: float,
+                 alpha_lo: float, alpha_hi: float, fwhm_per_sd: float) -> np.ndarray:
+    """The window rules' settings as the float64 array (WIN_SIZE,) _gv_windows reads by the WIN_*
+    indices (plain Python: called once per fit, not per voxel)."""
+    win = np.empty(WIN_SIZE)
+    win[WIN_RISE], win[WIN_TAIL], win[WIN_PRE], win[WIN_MIN_SNR] = rise_fraction, tail_fraction, pre_frames, min_snr
+    win[WIN_M_MIN], win[WIN_ALPHA_LO], win[WIN_ALPHA_HI], win[WIN_FWHM_PER_SD] = m_min, alpha_lo, alpha_hi, fwhm_per_sd
+    return win
+
+
+@kernel
+def _peak(row):
+    """The first largest finite sample of a row: (frame, value); (0, NaN) where none is finite."""
+    ip = 0
+    peak = -np.inf
+    any_finite = False
+    for i in range(row.shape[0]):
+        x = np.float64(row[i])
+        if np.isfinite(x):
+            any_finite = True
+            if x > peak:
+                peak = x
+                ip = i
+    if not any_finite:
+        peak = np.nan
+    return ip, peak
+
+
+@kernel
+def _shows_bolus(row, peak, min_snr, diffs):
+    """A bolus: the peak at least min_snr noise SDs (_above_noise), from the |first differences| of
+    finite neighbours; diffs (>= n_t - 1,) is work space."""
+    n_d = 0
+    for i in range(row.shape[0] - 1):
+        a = np.float64(row[i])
+        b = np.float64(row[i + 1])
+        if np.isfinite(a) and np.isfinite(b):
+            diffs[n_d] = abs(b - a)
+            n_d += 1
+    return peak > 0.0 and n_d > 0 and _above_noise(diffs, n_d, peak, min_snr)
+
+
+@kernel
+def _foot_and_tail(row, ip, peak, rise_fraction, tail_fraction):
+    """Frames of a row around its peak at frame ip, finite samples only: before it, the last below
+    rise_fraction x peak (foot) and the last below half the peak (i_up); after it, one past the first
+    below tail_fraction x peak (hi; n_t if none) and the first below half the peak (i_dn). -1 where
+    there is none. Returns (foot, i_up, hi, i_dn)."""
+    n_t = row.shape[0]
+    rise_level = rise_fraction * peak
+    half = 0.5 * peak
+    tail_level = tail_fraction * peak
+    foot = -1
+    i_up = -1
+    for i in range(ip):
+        x = np.float64(row[i])
+        if np.isfinite(x):
+            if x < rise_level:
+                foot = i
+            if x < half:
+                i_up = i
+    hi = n_t
+    i_dn = -1
+    for i in range(n_t - 1, ip, -1):
+        x = np.float64(row[i])
+        if np.isfinite(x):
+            if x < tail_level:
+                hi = i + 1
+            if x < half:
+                i_dn = i
+    return foot, i_up, hi, i_dn
+
+
+@kernel
+def _start_alpha(t, row, ip, foot, i_up, i_dn, hi, half, fwhm_per_sd):
+    """alpha's start value, from the width at half the peak (half) where the row falls through it
+    inside the window: alpha = (fwhm_per_sd m / FWHM)^2, m = t[ip] - t[foot]; else 3; within [1, 10]."""
+    n_t = row.shape[0]
+    has_dn = i_dn >= 0 and i_dn < hi
+    if i_up < 0:
+        i_up = n_t - 1
+    t_up = _crossing(t, row, min(max(i_up, 0), n_t - 2), half)
+    t_dn = _crossing(t, row, min(max(i_dn - 1 if i_dn >= 0 else -1, 0), n_t - 2), half)
+    m = t[ip] - t[foot]
+    alpha = 3.0
+    if has_dn and t_dn > t_up:
+        z = fwhm_per_sd * m / (t_dn - t_up)
+        alpha = z * z
+    if np.isnan(alpha):
+        alpha = 3.0
+    return min(max(alpha, 1.0), 10.0)
+
+
+@kernel
+def _gv_window_one(row, t, win, diffs, p0, lower, upper):
+    """One row's window, start and bounds (_gv_windows): writes p0, lower, upper (4,), returns
+    (lo, hi, n_used); diffs (>= n_t - 1,) is work space."""
+    ip, peak = _peak(row)
+    bolus = _shows_bolus(row, peak, win[WIN_MIN_SNR], diffs)
+    foot, i_up, hi, i_dn = _foot_and_tail(row, ip, peak, win[WIN_RISE], win[WIN_TAIL])
+    if not (bolus and foot >= 0):
+        for j in range(4):
+            p0[j] = 1.0
+            lower[j] = 0.0
+            upper[j] = 2.0
+        return 0, 0, 0
+    lo = max(foot - max(int(win[WIN_PRE]), ip - foot), 0)
+    p0[0] = peak
+    p0[1] = t[foot]
+    p0[2] = t[ip] - t[foot]
+    p0[3] = _start_alpha(t, row, ip, foot, i_up, i_dn, hi, 0.5 * peak, win[WIN_FWHM_PER_SD])
+    lower[0] = 0.0
+    lower[1] = t[lo]
+    lower[2] = win[WIN_M_MIN]
+    lower[3] = win[WIN_ALPHA_LO]
+    upper[0] = np.inf
+    upper[1] = t[ip]
+    upper[2] = t[hi - 1] - t[lo]
+    upper[3] = win[WIN_ALPHA_HI]
+    return lo, hi, _n_finite(row, lo, hi)
+
+
+@kernel
+def _gv_windows(c, t, win, out_lo, out_hi, out_p0, out_lower, out_upper, out_n_used):
     """Fit window [lo, hi), start values and bounds of the gamma-variate fit for each row of c
-    (n_vox, n_t), delta R2* 1/s at times t (s); the rules are set out in gammafit's module docstring.
+    (n_vox, n_t), delta R2* 1/s at times t (s); the rules are set out in gammafit's module docstring,
+    their settings in win (WIN_*, pack_windows).
 
     Writes out_lo, out_hi (n_vox,) frames, out_p0, out_lower, out_upper (n_vox, 4) of (A 1/s, t0 s,
     m s, alpha), and out_n_used, the finite samples in the window. Rows without a bolus or a foot
-    get lo = hi = 0 with placeholder start (1) and bounds (0, 2). m_min = the smallest m (s);
-    alpha in [alpha_lo, alpha_hi]; fwhm_per_sd = 2 sqrt(2 ln 2).
+    get lo = hi = 0 with placeholder start (1) and bounds (0, 2).
     """
-    n_vox, n_t = c.shape
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        diffs = np.empty(max(n_t - 1, 1))
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            # peak: the first largest finite sample (frame 0, NaN peak if none is finite)
-            ip = 0
-            peak = -np.inf
-            any_finite = False
-            for i in range(n_t):
-                x = np.float64(c[v, i])
-                if np.isfinite(x):
-                    any_finite = True
-                    if x > peak:
-                        peak = x
-                        ip = i
-            if not any_finite:
-                peak = np.nan
-            # a bolus: the peak at least min_snr noise SDs, from the |first differences| of finite neighbours
-            n_d = 0
-            for i in range(n_t - 1):
-                a = np.float64(c[v, i])
-                b = np.float64(c[v, i + 1])
-                if np.isfinite(a) and np.isfinite(b):
-                    diffs[n_d] = abs(b - a)
-                    n_d += 1
-            bolus = peak > 0.0 and n_d > 0 and _above_noise(diffs, n_d, peak, min_snr)
-            # foot, half-peak frames before the peak; tail and half-peak frames after it
-            rise_level = rise_fraction * peak
-            half = 0.5 * peak
-            tail_level = tail_fraction * peak
-            foot = -1
-            i_up = -1
-            for i in range(ip):
-                x = np.float64(c[v, i])
-                if np.isfinite(x):
-                    if x < rise_level:
-                        foot = i
-                    if x < half:
-                        i_up = i
-            hi = n_t
-            i_dn = -1
-            for i in range(n_t - 1, ip, -1):
-                x = np.float64(c[v, i])
-                if np.isfinite(x):
-                    if x < tail_level:
-                        hi = i + 1
-                    if x < half:
-                        i_dn = i
-            if not (bolus and foot >= 0):
-                out_lo[v] = 0
-                out_hi[v] = 0
-                for j in range(4):
-                    out_p0[v, j] = 1.0
-                    out_lower[v, j] = 0.0
-                    out_upper[v, j] = 2.0
-                out_n_used[v] = 0
-                continue
-            lo = max(foot - max(pre_frames, ip - foot), 0)
-            has_dn = i_dn >= 0 and i_dn < hi
-            if i_up < 0:
-                i_up = n_t - 1
-            t_up = _crossing(t, c, v, min(max(i_up, 0), n_t - 2), half)
-            t_dn = _crossing(t, c, v, min(max(i_dn - 1 if i_dn >= 0 else -1, 0), n_t - 2), half)
-            t0 = t[foot]
-            m = t[ip] - t0
-            alpha = 3.0
-            if has_dn and t_dn > t_up:
-                z = fwhm_per_sd * m / (t_dn - t_up)
-                alpha = z * z
-            if np.isnan(alpha):
-                alpha = 3.0
-            alpha = min(max(alpha, 1.0), 10.0)
-            out_lo[v] = lo
-            out_hi[v] = hi
-            out_p0[v, 0] = peak
-            out_p0[v, 1] = t0
-            out_p0[v, 2] = m
-            out_p0[v, 3] = alpha
-            out_lower[v, 0] = 0.0
-            out_lower[v, 1] = t[lo]
-            out_lower[v, 2] = m_min
-            out_lower[v, 3] = alpha_lo
-            out_upper[v, 0] = np.inf
-            out_upper[v, 1] = t[ip]
-            out_upper[v, 2] = t[hi - 1] - t[lo]
-            out_upper[v, 3] = alpha_hi
-            n_used = 0
-            for i in range(lo, hi):
-                if np.isfinite(c[v, i]):
-                    n_used += 1
-            out_n_used[v] = n_used
+    diffs = np.empty(max(c.shape[1] - 1, 1))
+    for v in range(c.shape[0]):
+        lo, hi, n_used = _gv_window_one(c[v], t, win, diffs, out_p0[v], out_lower[v], out_upper[v])
+        out_lo[v] = lo
+        out_hi[v] = hi
+        out_n_used[v] = n_used
 
 
 # gamma-variate fit: the Levenberg-Marquardt rules
@@ -590,7 +631,7 @@ GV_SSE_FLOOR = 1e-24
 GV_DIAG_FLOOR = 1e-12
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _solve4(a, b, out):
     """Solve a out = b (4 x 4) by Gaussian elimination with partial pivoting; a and b are
     overwritten. Returns False where a pivot is 0 or a result not finite."""
@@ -627,7 +668,7 @@ def _solve4(a, b, out):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _gv_step(h, g, lam, p, lower, upper, a, b, delta, p_new):
     """One damped trial step: solve (h + lam D) delta = g, D = diag(h) floored at GV_DIAG_FLOOR of
     its largest entry, with delta_i = 0 for a parameter on a bound that g pushes outwards (active
@@ -655,7 +696,7 @@ def _gv_step(h, g, lam, p, lower, upper, a, b, delta, p_new):
     return True
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _gv_sse_keep(y, t, lo, hi, p, lg, e):
     """The model's SSE (twin: tests/naive.py gamma_fit), keeping for each finite sample
     after t0 its ln u + 1 - u in lg and exp(alpha (ln u + 1 - u)) in e, for _gv_normal_kept."""
@@ -675,7 +716,7 @@ def _gv_sse_keep(y, t, lo, hi, p, lg, e):
     return acc
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _gv_normal_kept(y, t, lo, hi, p, lg, e, h, g, jac):
     """The Gauss-Newton normal equations J^T J, J^T r with ln u + 1 - u and the exponential read from lg and e, as
     _gv_sse_keep left them at the same p: no logarithm or exponential is computed again."""
@@ -703,16 +744,43 @@ def _gv_normal_kept(y, t, lo, hi, p, lg, e, h, g, jac):
                 h[a, b] += jac[a] * jac[b]
 
 
-@njit(cache=True, nogil=True)
+@kernel
+def _gv_scale(y, lo, hi, sse):
+    """The SSE's scale S = the starting SSE + sum y^2 over the finite samples of y[lo:hi] (GV_SSE_ROUND)."""
+    scale = sse
+    for i in range(lo, hi):
+        yi = np.float64(y[i])
+        if np.isfinite(yi):
+            scale += yi * yi
+    return scale
+
+
+@kernel
+def _gv_predicted(h, g, delta):
+    """The SSE decrease the linear model predicts for the step delta: delta . (2 g - h delta)."""
+    pred = 0.0
+    for i in range(4):
+        hd = 0.0
+        for j in range(4):
+            hd += h[i, j] * delta[j]
+        pred += delta[i] * (2.0 * g[i] - hd)
+    return pred
+
+
+@kernel
+def _gv_small_step(delta, p):
+    """The step delta moves every parameter by at most GV_XTOL of its scale (A: |A|; t0, m: m; alpha: alpha)."""
+    return (abs(delta[0]) <= GV_XTOL * abs(p[0]) and abs(delta[1]) <= GV_XTOL * p[2]
+            and abs(delta[2]) <= GV_XTOL * p[2] and abs(delta[3]) <= GV_XTOL * p[3])
+
+
+@kernel
 def _gv_fit_one_kept(y, t, lo, hi, p0, lower, upper, max_iter, p, lg_a, e_a, lg_b, e_b):
     """One voxel's bounded Levenberg-Marquardt fit with the model
     terms of the SSE at the current parameters kept for the normal equations, which then need no
-    logarithm or exponential: about half of them per step. lg_a, e_a, lg_b, e_b (n_t,): work space."""
-    n_ok = 0
-    for i in range(lo, hi):
-        if np.isfinite(y[i]):
-            n_ok += 1
-    if n_ok <= 4:
+    logarithm or exponential: about half of them per step. lg_a, e_a, lg_b, e_b (n_t,): work space.
+    Returns (SSE, iterations, status), the fitted parameters in p."""
+    if _n_finite(y, lo, hi) <= 4:
         for i in range(4):
             p[i] = np.nan
         return np.nan, 0, -1
@@ -727,11 +795,7 @@ def _gv_fit_one_kept(y, t, lo, hi, p0, lower, upper, max_iter, p, lg_a, e_a, lg_
     p_new = np.empty(4)
     lg, e, lg_new, e_new = lg_a, e_a, lg_b, e_b  # model terms at p and at p_new
     sse = _gv_sse_keep(y, t, lo, hi, p, lg, e)
-    scale = sse
-    for i in range(lo, hi):
-        yi = np.float64(y[i])
-        if np.isfinite(yi):
-            scale += yi * yi
+    scale = _gv_scale(y, lo, hi, sse)
     lam = GV_LAM0
     nu = 2.0
     status = 0
@@ -748,17 +812,11 @@ def _gv_fit_one_kept(y, t, lo, hi, p0, lower, upper, max_iter, p, lg_a, e_a, lg_
         sse_new = _gv_sse_keep(y, t, lo, hi, p_new, lg_new, e_new)
         if sse_new <= sse + GV_SSE_ROUND * np.sqrt(sse * scale):
             # the step taken (after projection) and the decrease the linear model predicts for it
-            pred = 0.0
             for i in range(4):
                 delta[i] = p_new[i] - p[i]
-            for i in range(4):
-                hd = 0.0
-                for j in range(4):
-                    hd += h[i, j] * delta[j]
-                pred += delta[i] * (2.0 * g[i] - hd)
+            pred = _gv_predicted(h, g, delta)
             rho = min(max((sse - sse_new) / pred, 0.0), 1.0) if pred > 0.0 else 0.0
-            small = (abs(delta[0]) <= GV_XTOL * abs(p[0]) and abs(delta[1]) <= GV_XTOL * p[2]
-                     and abs(delta[2]) <= GV_XTOL * p[2] and abs(delta[3]) <= GV_XTOL * p[3])
+            small = _gv_small_step(delta, p)
             for i in range(4):
                 p[i] = p_new[i]
             lg, lg_new = lg_new, lg
@@ -779,37 +837,37 @@ def _gv_fit_one_kept(y, t, lo, hi, p0, lower, upper, max_iter, p, lg_a, e_a, lg_
     return sse, it, status
 
 
-@njit(cache=True, parallel=True)
+@kernel
 def _gv_fit(curves, t, lo, hi, p0, lower, upper, max_iter, out_p, out_sse, out_iter, out_status):
     """Per-voxel bounded LM fit of the gamma variate (twin: tests/naive.py gamma_fit), the model terms of
-    each SSE evaluation kept for the normal equations (_gv_fit_one_kept). Rows come in blocks of BLOCK
-    that share their work space."""
+    each SSE evaluation kept for the normal equations (_gv_fit_one_kept). curves (n_vox, n_t) 1/s at
+    times t (s); lo, hi (n_vox,) the windows; p0, lower, upper (n_vox, 4) the start and the bounds of
+    (A 1/s, t0 s, m s, alpha). Writes out_p (n_vox, 4), out_sse, out_iter and out_status (n_vox,).
+    The rows share their work space."""
     n_vox, n_t = curves.shape
-    n_blocks = (n_vox + BLOCK - 1) // BLOCK
-    for blk in prange(n_blocks):
-        lg_a = np.empty(n_t)
-        e_a = np.empty(n_t)
-        lg_b = np.empty(n_t)
-        e_b = np.empty(n_t)
-        for v in range(blk * BLOCK, min((blk + 1) * BLOCK, n_vox)):
-            if hi[v] <= lo[v]:  # no window: what _gv_fit_one returns for fewer than 5 samples
-                for j in range(4):
-                    out_p[v, j] = np.nan
-                out_sse[v] = np.nan
-                out_iter[v] = 0
-                out_status[v] = -1
-                continue
-            sse, it, status = _gv_fit_one_kept(curves[v], t, lo[v], hi[v], p0[v], lower[v], upper[v], max_iter,
-                                               out_p[v], lg_a, e_a, lg_b, e_b)
-            out_sse[v] = sse
-            out_iter[v] = it
-            out_status[v] = status
+    lg_a = np.empty(n_t)
+    e_a = np.empty(n_t)
+    lg_b = np.empty(n_t)
+    e_b = np.empty(n_t)
+    for v in range(n_vox):
+        if hi[v] <= lo[v]:  # no window: what _gv_fit_one returns for fewer than 5 samples
+            for j in range(4):
+                out_p[v, j] = np.nan
+            out_sse[v] = np.nan
+            out_iter[v] = 0
+            out_status[v] = -1
+            continue
+        sse, it, status = _gv_fit_one_kept(curves[v], t, lo[v], hi[v], p0[v], lower[v], upper[v], max_iter,
+                                           out_p[v], lg_a, e_a, lg_b, e_b)
+        out_sse[v] = sse
+        out_iter[v] = it
+        out_status[v] = status
 
 
 # --- aif.py: k-means
 
 
-@njit(cache=True, parallel=True)
+@kernel
 def _kmeans_assign(x, cent, out_labels):
     """Nearest centroid of each row of x (n, d) among cent (k, d) by squared Euclidean distance, the
     first on a tie (np.argmin). Each distance is summed in numpy's order (``_sum``), so the labels
@@ -817,21 +875,20 @@ def _kmeans_assign(x, cent, out_labels):
     Returns whether any label changed."""
     n, d = x.shape
     k = cent.shape[0]
-    changed = np.zeros(n, np.bool_)
-    for b in prange((n + BLOCK - 1) // BLOCK):
-        sq = np.empty(d)
-        for v in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
-            best = -1
-            best_d = np.inf
-            for j in range(k):
-                for i in range(d):
-                    diff = x[v, i] - cent[j, i]
-                    sq[i] = diff * diff
-                dist = _sum(sq, 0, d)
-                if best < 0 or dist < best_d:
-                    best = j
-                    best_d = dist
-            if out_labels[v] != best:
-                changed[v] = True
-                out_labels[v] = best
-    return changed.any()
+    changed = False
+    sq = np.empty(d)
+    for v in range(n):
+        best = -1
+        best_d = np.inf
+        for j in range(k):
+            for i in range(d):
+                diff = x[v, i] - cent[j, i]
+                sq[i] = diff * diff
+            dist = _sum(sq, 0, d)
+            if best < 0 or dist < best_d:
+                best = j
+                best_d = dist
+        if out_labels[v] != best:
+            changed = True
+            out_labels[v] = best
+    return changed

@@ -1,20 +1,19 @@
-"""numba kernels: small loops, no validation, no I/O, no fastmath.
+"""numba kernels of the deconvolution and the model fit: small loops, no validation, no I/O, no fastmath.
 
 Each kernel has a plain numpy twin in ``tests/naive.py`` and is compared with it at rtol 1e-10.
-The public wrappers that validate arguments live in the domain modules.
+The public wrappers that validate arguments live in the domain modules. Every kernel is serial over
+the voxels it is given; the callers run chunks of voxels on threads (parallel.run_chunks).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
-from perfusion._kernels.cache import configure as _configure_cache
-
-_configure_cache()  # before the first @njit: numba picks each kernel's cache folder when it decorates it
+from perfusion._kernels.jit import kernel
+from perfusion._kernels.rows import row_finite
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _oscillation_index(b):
     """Wu 2003 oscillation index of one residue b (length L >= 2):
     OI = 1 / (L max b) * sum_{t>=2} |b[t] - 2 b[t-1] + b[t-2]|; +inf where max b <= 0.
@@ -47,16 +46,7 @@ def _oscillation_index(b):
     return ((a0 + a1) + (a2 + a3)) / (n * fmax)
 
 
-@njit(cache=True, nogil=True)
-def _row_finite(row):
-    """True when every value of a 1-D row is finite."""
-    for i in range(row.shape[0]):
-        if not np.isfinite(row[i]):
-            return False
-    return True
-
-
-@njit(cache=True, nogil=True)
+@kernel
 def _osvd_search(x, s, vt, ends, k_max, oi_target, out_b, out_k):
     """Per-voxel oSVD truncation search.
 
@@ -72,7 +62,7 @@ def _osvd_search(x, s, vt, ends, k_max, oi_target, out_b, out_k):
     n_vox, length = x.shape
     b = np.empty(length)
     for v in range(n_vox):
-        if not _row_finite(x[v]):
+        if not row_finite(x[v]):
             for i in range(length):
                 out_b[v, i] = np.nan
             out_k[v] = 0
@@ -97,11 +87,36 @@ def _osvd_search(x, s, vt, ends, k_max, oi_target, out_b, out_k):
         out_k[v] = best
 
 
+# --- gamma-residue model fit (modelfit.py)
 
-# --- gamma-residue model refinement (modelfit.py)
+#: The model fit's scalar settings, packed into one float64 array by :func:`pack_fit`; its indices.
+#: FIT_TR: frame spacing (s); FIT_T0, FIT_DT_TABLE: the response table's first log MTT and its step;
+#: FIT_H_LOGM, FIT_H_TAU: the first refinement steps in log MTT and in tau (s), halved each round;
+#: FIT_LO_*, FIT_HI_*: the bounds of log MTT and of tau (s); FIT_N_SHAPES: shapes refined per voxel;
+#: FIT_ROUNDS: exact refinement rounds. (The counts are whole numbers stored as floats.)
+(FIT_TR, FIT_T0, FIT_DT_TABLE, FIT_H_LOGM, FIT_H_TAU, FIT_LO_LOGM, FIT_HI_LOGM, FIT_LO_TAU, FIT_HI_TAU, FIT_N_SHAPES,
+ FIT_ROUNDS) = range(11)
+FIT_SIZE = 11
+#: Columns of the model fit's output, one (n_vox, OUT_SIZE) float64 array: flow F of the unit-flow model
+#: (1/s), log MTT (MTT in s), delay tau (s), the plain residual (sum of squares, 1/s^2) and the shape's
+#: index into the grid's lambdas (a whole number).
+OUT_FLOW, OUT_LOGM, OUT_TAU, OUT_SSE, OUT_SHAPE = range(5)
+OUT_SIZE = 5
 
 
-@njit(cache=True, nogil=True)
+def pack_fit(*, tr: float, t0: float, dt_table: float, h_logm: float, h_tau: float, lo_logm: float, hi_logm: float,
+             lo_tau: float, hi_tau: float, n_shapes: int, rounds: int) -> np.ndarray:
+    """The model fit's settings as the float64 array (FIT_SIZE,) the kernels read by the FIT_* indices
+    (plain Python: called once per fit, not per voxel)."""
+    fit = np.empty(FIT_SIZE)
+    fit[FIT_TR], fit[FIT_T0], fit[FIT_DT_TABLE] = tr, t0, dt_table
+    fit[FIT_H_LOGM], fit[FIT_H_TAU] = h_logm, h_tau
+    fit[FIT_LO_LOGM], fit[FIT_HI_LOGM], fit[FIT_LO_TAU], fit[FIT_HI_TAU] = lo_logm, hi_logm, lo_tau, hi_tau
+    fit[FIT_N_SHAPES], fit[FIT_ROUNDS] = n_shapes, rounds
+    return fit
+
+
+@kernel
 def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
     """Flow F >= 0 (projected) and residual of the unit-flow model at (shape il, log MTT, tau): the
     unit response Y interpolated linearly in log MTT from ``table`` (uniform grid t0 + k dt_table),
@@ -110,7 +125,8 @@ def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
     Sample k reads Y at k - tau / tr, so every sample falls the same fraction g past a table index
     k + off: the four interpolation weights are the same for all k. Requires the table to extend at
     least 2 samples past N - 1 - tau / tr (modelfit.extension guarantees it within DELAY_BOUNDS_S;
-    past the end the last pair would be used with the same weights)."""
+    past the end the last pair would be used with the same weights). One function of about 60 lines:
+    the weights, the two running sums and the tail loop share a dozen locals."""
     n = c.shape[0]
     size = table.shape[1]
     m = table.shape[2]
@@ -166,7 +182,7 @@ def _gamma_model_sse(c, cc, tr, table, t0, dt_table, il, logm, tau):
     return flow, cc - flow * yc
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _prior_penalty(logm, tau, prior):
     """Weak-prior penalty (in units of the noise variance) of log MTT and tau, each a half-normal on
     either side of its centre: prior = (centre of log MTT, 1 / SD below it, 1 / SD above it, centre of
@@ -179,17 +195,19 @@ def _prior_penalty(logm, tau, prior):
     return a * a + b * b
 
 
-@njit(cache=True, nogil=True)
-def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, prior, h_logm, h_tau,
-                lo_logm, hi_logm, lo_tau, hi_tau, rounds):
-    """``rounds`` rounds of parabolic steps in log MTT then tau (steps h, halved each round) on the
-    exact model for one voxel, on the objective J = sse + s2 * _prior_penalty (s2 the voxel's noise
-    variance times the prior's weight; 0: least squares); a step is kept only if it lowers J.
-    Returns the updated (log_m, tau, flow, sse), sse the plain residual."""
-    h0 = h_logm
-    h1 = h_tau
+@kernel
+def _refine_one(c, cc, table, fit, il, log_m, tau, flow, sse, s2, prior):
+    """FIT_ROUNDS rounds of parabolic steps in log MTT then tau (first steps FIT_H_LOGM, FIT_H_TAU,
+    halved each round; within the FIT_LO/HI bounds) on the exact model for one voxel, on the objective
+    J = sse + s2 * _prior_penalty (s2 the voxel's noise variance times the prior's weight; 0: least
+    squares); a step is kept only if it lowers J. Returns the updated (log_m, tau, flow, sse), sse the
+    plain residual. One function of about 60 lines: the model fit's hot loop, and with its step in a
+    function of its own (not inlined by numba) the whole fit took 15 % longer."""
+    tr, t0, dt_table = fit[FIT_TR], fit[FIT_T0], fit[FIT_DT_TABLE]
+    h0, h1 = fit[FIT_H_LOGM], fit[FIT_H_TAU]
+    lo_logm, hi_logm, lo_tau, hi_tau = fit[FIT_LO_LOGM], fit[FIT_HI_LOGM], fit[FIT_LO_TAU], fit[FIT_HI_TAU]
     obj = sse + s2 * _prior_penalty(log_m, tau, prior)
-    for r in range(rounds):
+    for _ in range(int(fit[FIT_ROUNDS])):
         for d in range(2):
             h = h0 if d == 0 else h1
             lo = lo_logm if d == 0 else lo_tau
@@ -235,7 +253,7 @@ def _refine_one(c, cc, tr, table, t0, dt_table, il, log_m, tau, flow, sse, s2, p
     return log_m, tau, flow, sse
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _parabola_step(f_minus, f0, f_plus):
     """Vertex offset (grid steps, within [-1, 1]) of the parabola through three equally spaced points;
     0 where it is not convex."""
@@ -245,7 +263,7 @@ def _parabola_step(f_minus, f0, f_plus):
     return min(max(0.5 * (f_minus - f_plus) / denom, -1.0), 1.0)
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _grid_sse(q, cc, g):
     """Residual of grid curve g with its projected flow (F >= 0), from its normalised projection q[g]."""
     p = np.float64(q[g])
@@ -254,99 +272,111 @@ def _grid_sse(q, cc, g):
     return cc
 
 
-@njit(cache=True, nogil=True)
-def _model_select(c, cc, q, s2, pen, prior, norms, log_mtts, taus, tr, table, t0, dt_table, n_lam, n_shapes,
-                  h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds, out_flow, out_logm, out_il, out_tau,
-                  out_sse):
-    """The model fit from the grid projections on, per voxel (modelfit's module docstring).
+@kernel
+def _best_per_shape(qv, ccv, w, pen, per_shape, best_g, top):
+    """One voxel's grid pick: for each shape i (best_g.shape[0] of them, per_shape grid points each),
+    the grid point of least J = _grid_sse + w * pen (the first on a tie) into best_g[i], its J into top[i]."""
+    for i in range(best_g.shape[0]):
+        base = i * per_shape
+        bi = base
+        bj = _grid_sse(qv, ccv, base) + w * pen[base]
+        for g in range(base + 1, base + per_shape):
+            jg = _grid_sse(qv, ccv, g) + w * pen[g]
+            if jg < bj:
+                bj = jg
+                bi = g
+        best_g[i] = bi
+        top[i] = bj
 
-    q: (n_vox, G) float32 projections <c, y_g> / |y_g| on the unit-norm grid curves, laid out as
-    (shape, MTT, tau) with len(log_mtts) x len(taus) points per shape; norms: (G,) |y_g|. Objective
-    J = residual + s2[v] * penalty: s2 (n_vox,) the weight of the prior (noise variance x weight; 0:
-    least squares), pen (G,) the prior penalty of each grid point (_prior_penalty at its log MTT and
-    tau), prior the same penalty's parameters for the refinement. The grid point of least J is each
-    shape's best (the residual of a flow F >= 0 is cc - q^2 where q > 0, else cc); of the ``n_shapes``
-    shapes with the least best J (ties: lower index first), each is refined: one parabolic step in log
-    MTT and in tau on the grid's J, kept if the exact model's J is then lower, then ``rounds`` exact
-    rounds (``_refine_one``). The candidate of least J wins (ties: the earlier). Writes the plain
-    residual into out_sse. Serial over voxels: the caller runs chunks on threads (nogil)."""
+
+@kernel
+def _next_shape(top, used):
+    """The shape not yet used whose best J (top) is least, the lower index on a tie; marked used."""
+    il = -1
+    for i in range(top.shape[0]):
+        if not used[i] and (il < 0 or top[i] < top[il]):
+            il = i
+    used[il] = True
+    return il
+
+
+@kernel
+def _grid_start(cv, ccv, qv, w, il, g0, grid, table, prior, fit):
+    """Where one voxel's refinement of shape il starts, from its best grid point g0: one parabolic step
+    in log MTT and in tau on the grid's J (inside the grid only), kept if the exact model's J is then
+    below g0's; else g0 itself with its projected flow. Returns (log_m, tau, flow, sse)."""
+    pen, norms, log_mtts, taus = grid
     gm = log_mtts.shape[0]
     gt = taus.shape[0]
-    per_shape = gm * gt
-    dlogm = log_mtts[1] - log_mtts[0]
-    dtau = taus[1] - taus[0]
+    im = (g0 - il * gm * gt) // gt
+    it = (g0 - il * gm * gt) - im * gt
+    s0 = _grid_sse(qv, ccv, g0)
+    j0 = s0 + w * pen[g0]
+    step_m = 0.0
+    if im > 0 and im < gm - 1:
+        step_m = _parabola_step(_grid_sse(qv, ccv, g0 - gt) + w * pen[g0 - gt], j0,
+                                _grid_sse(qv, ccv, g0 + gt) + w * pen[g0 + gt])
+    step_t = 0.0
+    if it > 0 and it < gt - 1:
+        step_t = _parabola_step(_grid_sse(qv, ccv, g0 - 1) + w * pen[g0 - 1], j0,
+                                _grid_sse(qv, ccv, g0 + 1) + w * pen[g0 + 1])
+    logm = log_mtts[im] + step_m * (log_mtts[1] - log_mtts[0])
+    tau = taus[it] + step_t * (taus[1] - taus[0])
+    f_ref, s_ref = _gamma_model_sse(cv, ccv, fit[FIT_TR], table, fit[FIT_T0], fit[FIT_DT_TABLE], il, logm, tau)
+    if s_ref + w * _prior_penalty(logm, tau, prior) < j0:
+        return logm, tau, f_ref, s_ref
+    p0 = np.float64(qv[g0])
+    return log_mtts[im], taus[it], p0 / norms[g0] if p0 > 0.0 else 0.0, s0
+
+
+@kernel
+def _model_select(c, cc, q, s2, grid, table, prior, fit, out):
+    """The model fit from the grid projections on, per voxel (modelfit's module docstring).
+
+    c (n_vox, N) curves, cc (n_vox,) their sums of squares; q: (n_vox, G) float32 projections
+    <c, y_g> / |y_g| on the unit-norm grid curves, laid out as (shape, MTT, tau); grid = (pen, norms,
+    log_mtts, taus): pen (G,) the prior penalty of each grid point (_prior_penalty at its log MTT and
+    tau), norms (G,) |y_g|, and the grid's log MTTs and taus (s), len(log_mtts) x len(taus) points
+    per shape; table (G_l shapes, T, N + extension) the unit responses; fit the FIT_* settings.
+    Objective J = residual + s2[v] * penalty: s2 (n_vox,) the weight of the prior (noise variance x
+    weight; 0: least squares), prior the penalty's parameters. The grid point of least J is each
+    shape's best (_best_per_shape); of the FIT_N_SHAPES shapes with the least best J (ties: lower
+    index first), each is refined (_grid_start, then _refine_one). The candidate of least J wins
+    (ties: the earlier). Writes out (n_vox, OUT_SIZE) by the OUT_* columns, the residual plain.
+    Serial over voxels: the caller runs chunks on threads (nogil)."""
+    n_lam = table.shape[0]
+    per_shape = grid[2].shape[0] * grid[3].shape[0]
     best_g = np.empty(n_lam, np.int64)
     top = np.empty(n_lam)
     used = np.empty(n_lam, np.bool_)
     for v in range(c.shape[0]):
-        qv = q[v]
         w = s2[v]
-        ccv = cc[v]
-        for l in range(n_lam):
-            base = l * per_shape
-            bi = base
-            bj = _grid_sse(qv, ccv, base) + w * pen[base]
-            for g in range(base + 1, base + per_shape):
-                jg = _grid_sse(qv, ccv, g) + w * pen[g]
-                if jg < bj:
-                    bj = jg
-                    bi = g
-            best_g[l] = bi
-            top[l] = bj
-            used[l] = False
+        _best_per_shape(q[v], cc[v], w, grid[0], per_shape, best_g, top)
+        used[:] = False
         r_flow = 0.0
         r_logm = 0.0
         r_tau = 0.0
         r_sse = np.inf
         r_obj = np.inf
         r_il = -1
-        for rank in range(min(n_shapes, n_lam)):
-            il = -1
-            for l in range(n_lam):
-                if not used[l] and (il < 0 or top[l] < top[il]):
-                    il = l
-            used[il] = True
-            g0 = best_g[il]
-            im = (g0 - il * per_shape) // gt
-            it = (g0 - il * per_shape) - im * gt
-            s0 = _grid_sse(qv, ccv, g0)
-            j0 = s0 + w * pen[g0]
-            step_m = 0.0
-            if im > 0 and im < gm - 1:
-                step_m = _parabola_step(_grid_sse(qv, ccv, g0 - gt) + w * pen[g0 - gt], j0,
-                                        _grid_sse(qv, ccv, g0 + gt) + w * pen[g0 + gt])
-            step_t = 0.0
-            if it > 0 and it < gt - 1:
-                step_t = _parabola_step(_grid_sse(qv, ccv, g0 - 1) + w * pen[g0 - 1], j0,
-                                        _grid_sse(qv, ccv, g0 + 1) + w * pen[g0 + 1])
-            logm = log_mtts[im] + step_m * dlogm
-            tau = taus[it] + step_t * dtau
-            f_ref, s_ref = _gamma_model_sse(c[v], ccv, tr, table, t0, dt_table, il, logm, tau)
-            if s_ref + w * _prior_penalty(logm, tau, prior) < j0:
-                flow = f_ref
-                sse = s_ref
-            else:
-                p0 = np.float64(qv[g0])
-                flow = p0 / norms[g0] if p0 > 0.0 else 0.0
-                logm = log_mtts[im]
-                tau = taus[it]
-                sse = s0
-            logm, tau, flow, sse = _refine_one(c[v], ccv, tr, table, t0, dt_table, il, logm, tau, flow, sse, w,
-                                               prior, h_logm, h_tau, lo_logm, hi_logm, lo_tau, hi_tau, rounds)
+        for _ in range(min(int(fit[FIT_N_SHAPES]), n_lam)):
+            il = _next_shape(top, used)
+            logm, tau, flow, sse = _grid_start(c[v], cc[v], q[v], w, il, best_g[il], grid, table, prior, fit)
+            logm, tau, flow, sse = _refine_one(c[v], cc[v], table, fit, il, logm, tau, flow, sse, w, prior)
             obj = sse + w * _prior_penalty(logm, tau, prior)
             if r_il < 0 or obj < r_obj:
                 r_flow, r_logm, r_tau, r_sse, r_obj, r_il = flow, logm, tau, sse, obj, il
-        out_flow[v] = r_flow
-        out_logm[v] = r_logm
-        out_tau[v] = r_tau
-        out_sse[v] = r_sse
-        out_il[v] = r_il
+        out[v, OUT_FLOW] = r_flow
+        out[v, OUT_LOGM] = r_logm
+        out[v, OUT_TAU] = r_tau
+        out[v, OUT_SSE] = r_sse
+        out[v, OUT_SHAPE] = r_il
 
 
 # --- Tikhonov / GCV
 
 
-@njit(cache=True, nogil=True)
+@kernel
 def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
     """Per-voxel Tikhonov deconvolution with mu chosen by generalised cross-validation.
 
@@ -374,7 +404,7 @@ def _tikhonov_gcv(x, s, vt, mus, out_b, out_mu):
             acc += g[j, i]
         den[j] = acc * acc
     for v in range(n_vox):
-        finite = _row_finite(x[v])
+        finite = row_finite(x[v])
         best = np.inf
         jbest = -1
         if finite:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfusion._kernels import curves as _kernels_curves
+from perfusion._kernels import parallel as _parallel
 from perfusion.quantify.signal import MIN_SIGNAL_RATIO
 
 #: Default number of arterial voxels averaged.
@@ -66,8 +67,10 @@ def curve_features(delta_r2s: np.ndarray, signal_ratio_min: np.ndarray, ratio_no
     peak, area, fwhm, first_moment, irregularity, cnr = (np.empty(n_vox) for _ in range(6))
     peak_frame = np.empty(n_vox, np.int64)
     finite = np.empty(n_vox, bool)
-    _kernels_curves._curve_features(c, np.arange(c.shape[1])[baseline], float(tr), peak, peak_frame, area, fwhm,
-                                    first_moment, irregularity, cnr, finite)
+    base, tr = np.arange(c.shape[1])[baseline], float(tr)
+    _parallel.run_chunks(lambda sl: _kernels_curves._curve_features(
+        c[sl], base, tr, peak[sl], peak_frame[sl], area[sl], fwhm[sl], first_moment[sl], irregularity[sl], cnr[sl],
+        finite[sl]), n_vox)
     saturated = (np.asarray(signal_ratio_min) <= MIN_SIGNAL_RATIO * 1.0001) | (
         np.asarray(signal_ratio_min) < 3.0 * np.asarray(ratio_noise_sd))
     return CurveFeatures(peak=peak, peak_frame=peak_frame, area=area, fwhm_frames=fwhm, first_moment=first_moment,
@@ -233,7 +236,8 @@ def kmeans(x: np.ndarray, init: np.ndarray, *, max_iter: int = 100) -> tuple[np.
         # the assignment in one pass (kernel; the same distances, to the last bit, as numpy's
         # sum((x[:, None] - cent[None]) ** 2, axis=2), whose (n, k, d) temporary took 45 ms an
         # iteration for 130 000 candidates)
-        if not _kernels_curves._kmeans_assign(x, cent, labels):
+        if not any(_parallel.run_chunks(lambda sl: _kernels_curves._kmeans_assign(x[sl], cent, labels[sl]),
+                                        x.shape[0])):
             break
         # centroids: per-cluster sums in row order, as x[labels == k].mean(axis=0) adds them
         counts = np.bincount(labels, minlength=cent.shape[0])
@@ -618,9 +622,11 @@ def aif_quality_score(curve: np.ndarray, *, tr: float, baseline: slice, tissue_p
         score = min(score, NOT_QUANTITATIVE_SCORE_CAP)
         out["warnings"].append(f"{NOT_QUANTITATIVE} ({RELATIVE_VALID}): " + "; ".join(absolute["reasons"]))
     if score < QUALITY_OK:
-        out["warnings"].append(f"AIF quality score {score:.2f} is poor (ok from {QUALITY_OK:g}); check the arterial voxels")
-    out.update(score=score, absolute=absolute, components=components, cnr=measures["cnr"], peak_to_tissue_ratio=measures.get("peak_ratio"),
-               lead_s=measures["lead_s"], fwhm_s=measures["fwhm_s"], post_bolus_fraction=measures.get("post_bolus"))
+        out["warnings"].append(f"AIF quality score {score:.2f} is poor (ok from {QUALITY_OK:g}); "
+                               "check the arterial voxels")
+    out.update(score=score, absolute=absolute, components=components, cnr=measures["cnr"],
+               peak_to_tissue_ratio=measures.get("peak_ratio"), lead_s=measures["lead_s"], fwhm_s=measures["fwhm_s"],
+               post_bolus_fraction=measures.get("post_bolus"))
     return out
 
 
@@ -711,7 +717,8 @@ def _guarded_vof_scaling(curve, vof_curve, *, tr: float, source: str, n_voxels: 
     if why:
         return curve, entry, []
     return scaled, entry, [f"the AIF was scaled by {factor:.2f} to the area of an automatic venous output function "
-                           f"({n_voxels} voxels): partial volume (--vof guarded, the default; --vof none to switch off)"]
+                           f"({n_voxels} voxels): partial volume (--vof guarded, the default; --vof none to "
+                           "switch off)"]
 
 
 def arterial_entry(curve: np.ndarray, *, measured: dict, tr: float, baseline: slice, t0: float,

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from perfusion._kernels import deconv as _kernels
-
 from perfusion._kernels import parallel as _parallel
+
 METHODS = ("osvd", "csvd", "ssvd", "tikhonov")
 
 #: Fixed relative SVD thresholds P (fraction of the largest singular value).
@@ -35,8 +35,8 @@ DEFAULT_THRESHOLD = {"ssvd": 0.2, "csvd": 0.1}
 #: The value is chosen by measurement on the phantom; see the README's accuracy table.
 DEFAULT_OI_TARGET = 0.095
 
-#: Voxels per chunk of the per-voxel kernels (one chunk per thread at a time: _parallel.py).
-CHUNK = 1024
+#: Voxels per chunk of the per-voxel kernels (one chunk per thread at a time: _kernels/parallel.py).
+CHUNK = _parallel.CHUNK
 
 #: oSVD never keeps singular values below this fraction of the largest.
 OSVD_MIN_THRESHOLD = 0.005
@@ -161,23 +161,23 @@ def deconvolve(op: Deconvolver, curves: np.ndarray) -> Residues:
     n = c.shape[0]
     out = np.empty((n, op.length))
     k = np.empty(n, dtype=np.int64)
-    mu = np.empty(n) if op.method == "tikhonov" else None
     if op.method == "osvd":
         u = op.u[: op.n_t]  # the curves are zero-padded to L, so only U's first N rows count
 
-        def work(sl):
+        def osvd_chunk(sl):
             x = c[sl] @ u  # row v holds U^T c_v
             _kernels._osvd_search(x, op.s, op.vt, op.ends, op.k_max, op.oi_target, out[sl], k[sl])
 
-        _parallel.run_chunks(work, n, CHUNK)
+        _parallel.run_chunks(osvd_chunk, n, CHUNK)
         return Residues(residue=out, k=k)
     if op.method == "tikhonov":
         u = op.u[: op.n_t]
+        mu = np.empty(n)
 
-        def work(sl):
+        def tikhonov_chunk(sl):
             _kernels._tikhonov_gcv(c[sl] @ u, op.s, op.vt, op.mus, out[sl], mu[sl])
 
-        _parallel.run_chunks(work, n, CHUNK)
+        _parallel.run_chunks(tikhonov_chunk, n, CHUNK)
         with np.errstate(invalid="ignore"):
             k[:] = np.count_nonzero(op.s[None, :] >= mu[:, None], axis=1)  # 0 where mu is NaN
         return Residues(residue=out, k=k, mu=mu)

@@ -22,6 +22,7 @@ contrast. ``Series.echoes`` lists the echoes and ``Series.echo_combination`` say
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,8 @@ def check_echoes(echoes: list) -> list:
     for e in echoes[1:]:
         what = f"{Path(e.path).name} and {Path(first.path).name} are not echoes of one acquisition"
         if e.shape3d != first.shape3d:
-            raise InputError(f"{e.path}: grid {e.shape3d} differs from {first.shape3d} ({what}); give the echoes of one "
-                             "DSC run")
+            raise InputError(f"{e.path}: grid {e.shape3d} differs from {first.shape3d} ({what}); give the echoes of "
+                             "one DSC run")
         if not np.allclose(e.affine, first.affine, atol=AFFINE_ATOL_MM):
             raise InputError(f"{e.path}: position or orientation differs from {Path(first.path).name}'s ({what}); give "
                              "the echoes of one DSC run")
@@ -83,7 +84,7 @@ def check_echoes(echoes: list) -> list:
             raise InputError(f"{e.path}: frame time {e.tr:g} s, {Path(first.path).name} has {first.tr:g} s ({what}); "
                              "give the echoes of one DSC run, or fix the RepetitionTime in the sidecars")
     ordered = sorted(echoes, key=lambda e: e.te)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in pairwise(ordered):
         if b.te - a.te < MIN_ECHO_GAP_S:
             raise InputError(f"{b.path}: EchoTime {b.te:g} s equals {Path(a.path).name}'s ({a.te:g} s); each file must "
                              "be another echo (check the sidecars' EchoTime), or analyse one of them alone")
@@ -139,7 +140,8 @@ def combine_echoes(echoes: list):
     notes = []
     if n_floor:
         notes.append(f"the last echo (TE {last.te * 1000:.3g} ms) sat at its noise floor in {n_floor} voxel-frames "
-                     f"of voxels with a signal ({100 * n_floor / max(int(has_signal.sum()) * floor.shape[-1], 1):.2g} %; "
+                     f"of voxels with a signal "
+                     f"({100 * n_floor / max(int(has_signal.sum()) * floor.shape[-1], 1):.2g} %; "
                      "arteries at the bolus peak): R2* from the first echo alone there")
     return replace(first, data=data, te=te_eff,
                    te_source=f"multi-echo: TE {', '.join(f'{t * 1000:.4g}' for t in tes)} ms; delta R2* by {method}; "

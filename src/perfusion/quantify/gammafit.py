@@ -52,6 +52,7 @@ import numpy as np
 from scipy.special import gammaln, lambertw
 
 from perfusion._kernels import curves as _kernels_curves
+from perfusion._kernels import parallel as _parallel
 from perfusion.units import MAX_TR_S
 
 #: Shape bounds. A tissue curve with a long MTT (fast rise, exponential tail) is no gamma variate and
@@ -117,9 +118,11 @@ def _windows(c: np.ndarray, t: np.ndarray, *, tr: float, rise_fraction: float, t
     n_vox = c.shape[0]
     lo, hi, n_used = (np.empty(n_vox, np.int64) for _ in range(3))
     p0, lower, upper = (np.empty((n_vox, 4)) for _ in range(3))
-    _kernels_curves._gv_windows(c, t, float(tr), float(rise_fraction), float(tail_fraction), int(pre_frames),
-                                float(min_snr), M_MIN_TR * tr, ALPHA_BOUNDS[0], ALPHA_BOUNDS[1], _FWHM_PER_SD,
-                                lo, hi, p0, lower, upper, n_used)
+    win = _kernels_curves.pack_windows(rise_fraction=float(rise_fraction), tail_fraction=float(tail_fraction),
+                                       pre_frames=int(pre_frames), min_snr=float(min_snr), m_min=M_MIN_TR * tr,
+                                       alpha_lo=ALPHA_BOUNDS[0], alpha_hi=ALPHA_BOUNDS[1], fwhm_per_sd=_FWHM_PER_SD)
+    _parallel.run_chunks(lambda sl: _kernels_curves._gv_windows(c[sl], t, win, lo[sl], hi[sl], p0[sl], lower[sl],
+                                                                upper[sl], n_used[sl]), n_vox)
     return lo, hi, p0, lower, upper, n_used
 
 
@@ -162,7 +165,9 @@ def fit_gamma_variate(curves: np.ndarray, *, tr: float, t_first: float = 0.0, ri
     sse = np.empty(n_vox)
     n_iter = np.empty(n_vox, dtype=np.int64)
     status = np.empty(n_vox, dtype=np.int64)
-    _kernels_curves._gv_fit(c, t, lo, hi, p0, lower, upper, int(max_iter), p, sse, n_iter, status)
+    max_iter = int(max_iter)
+    _parallel.run_chunks(lambda sl: _kernels_curves._gv_fit(c[sl], t, lo[sl], hi[sl], p0[sl], lower[sl], upper[sl],
+                                                            max_iter, p[sl], sse[sl], n_iter[sl], status[sl]), n_vox)
     margin = BOUND_MARGIN * (upper - lower)
     margin[:, 0] = 0.0  # A has no upper bound; A = 0 is caught below
     with np.errstate(invalid="ignore"):
@@ -181,7 +186,7 @@ def fit_gamma_variate(curves: np.ndarray, *, tr: float, t_first: float = 0.0, ri
         valid &= np.isfinite(fwhm)
         out.insert(7, fwhm)
     nan = np.where(valid, 1.0, np.nan)
-    return GammaFit(*(a * nan for a in out), valid=valid)
+    return GammaFit(*(a * nan for a in out), valid=valid)  # type: ignore[misc]  # mypy cannot count the 8 maps
 
 
 def evaluate(fit: GammaFit, t: np.ndarray) -> np.ndarray:

@@ -86,9 +86,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from perfusion._kernels import curves as _kernels_curves  #: BSW's reference voxels: those that "did not demonstrate signal intensity enhancement (averaged over
-
+from perfusion._kernels import curves as _kernels_curves
+from perfusion._kernels import parallel as _parallel
 from perfusion.quantify import deconvolution
+
+#: BSW's reference voxels: those that "did not demonstrate signal intensity enhancement (averaged over
 #: the final 10 time points) greater than 1 SD above that pixel's average baseline" (Boxerman et al.
 #: 2006, methods, as a comment in the FAIR dsc-mri-toolbox, utils/DSC_mri_cbv_lc.m, gives it; the
 #: paper's full text was not available here, and FAIR's own code departs from it: the median of the
@@ -443,9 +445,11 @@ def _bsw(delta_r2s, reference, *, tr: float, integral: str, baseline: slice | No
     k1, k2, k2_se, r2 = (np.empty(n_vox) for _ in range(4))
     leak, corrected = np.empty(c.shape), np.empty(c.shape)
     applied = np.empty(n_vox, bool)
-    _kernels_curves._two_regressor_shared(c, ref, q, float(rr), float(qq), float(rq), solvable, float(dof),
-                                          float(var_factor), -1.0 if gate_k is None else float(gate_k), k1, k2,
-                                          k2_se, r2, leak, corrected, applied)
+    rr, qq, rq, dof, var_factor = float(rr), float(qq), float(rq), float(dof), float(var_factor)
+    gate_k = -1.0 if gate_k is None else float(gate_k)
+    _parallel.run_chunks(lambda sl: _kernels_curves._two_regressor_shared(
+        c[sl], ref, q, rr, qq, rq, solvable, dof, var_factor, gate_k, k1[sl], k2[sl], k2_se[sl], r2[sl], leak[sl],
+        corrected[sl], applied[sl]), n_vox)
     valid = np.isfinite(k2)
     return LeakageFit(method="bsw", k1=k1, k2=k2, kep=np.where(valid, 0.0, np.nan), k2_se=k2_se, r2=r2,
                       leakage=leak, corrected=corrected, valid=valid, applied=applied)
@@ -647,8 +651,9 @@ def _residue_fixed_kep(c: np.ndarray, op: _ResidueOperator, a: np.ndarray, *, tr
     ka, ka_se, r2 = np.empty(n_vox), np.empty(n_vox), np.empty(n_vox)
     leak, corrected = np.empty(c.shape), np.empty(c.shape)
     ukg = np.concatenate([op.u[:, :op.k], g[:, None]], axis=1)
-    _kernels_curves._residue_fixed_kep(c, ukg, op.uk_t, q, float(dof), float(var_factor),
-                                       ka, ka_se, r2, leak, corrected)
+    dof, var_factor = float(dof), float(var_factor)
+    _parallel.run_chunks(lambda sl: _kernels_curves._residue_fixed_kep(
+        c[sl], ukg, op.uk_t, q, dof, var_factor, ka[sl], ka_se[sl], r2[sl], leak[sl], corrected[sl]), n_vox)
     valid = np.isfinite(ka)
     return LeakageFit(method="residue", k1=np.full(n_vox, np.nan), k2=ka, kep=np.where(valid, kep, np.nan),
                       k2_se=ka_se, r2=r2, leakage=leak, corrected=corrected, valid=valid, applied=valid.copy())

@@ -3,8 +3,8 @@
 Model: c(t) = F int a(u - tau) R(t - u) du with R(t) = 1 - G(t; lambda, MTT / lambda), the residue of
 a gamma distribution of capillary transit times (Mouridsen, Friston, Hjort, Gyldensted, Ostergaard,
 Kiebel: Bayesian estimation of cerebral perfusion using a physiological model of microvasculature,
-NeuroImage 2006;33:570; Chappell et al. 2015, Verbena): lambda = 1 is the exponential (one-compartment) residue, large lambda
-approaches a boxcar. F (1/s) is CBF before kH/rho scaling, MTT (s) the mean transit time, tau (s)
+NeuroImage 2006;33:570; Chappell et al. 2015, Verbena): lambda = 1 is the exponential (one-compartment)
+residue, large lambda approaches a boxcar. F (1/s) is CBF before kH/rho scaling, MTT (s) the mean transit time, tau (s)
 the tissue delay; R peaks at t = tau, so Tmax = tau.
 
 Discretisation: the AIF is taken as piecewise linear between its samples, so the convolution at the
@@ -32,11 +32,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import gammainc
 
-from perfusion._kernels import deconv as _kernels  #: Residue shapes (lambda) on the grid: 1 exponential ... 100 nearly a boxcar. Five values: a finer
-
+from perfusion._kernels import deconv as _kernels
 from perfusion._kernels import parallel as _parallel
-
 from perfusion.quantify import deconvolution
+
+#: Residue shapes (lambda) on the grid: 1 exponential ... 100 nearly a boxcar. Five values: a finer
 #: set (8 values, 1-100) was slower and, at SNR 150, fitted noise into the shape (phantom CBF error
 #: 9.1 % vs 7.3 %).
 LAMBDAS = (1.0, 2.0, 4.0, 10.0, 100.0)
@@ -113,7 +113,7 @@ STATUS_NAMES = {STATUS_MODEL: "model", STATUS_BOUND: "model at a bound of MTT or
 
 #: Voxels per chunk (one float32 projection matrix of chunk x grid size, 8.6 MB at 1024 x 2100;
 #: one chunk per thread at a time).
-CHUNK = 1024
+CHUNK = _parallel.CHUNK
 
 
 def residue_q(x, mtt, lam):
@@ -229,7 +229,8 @@ class ModelOperator:
     unit32: np.ndarray  # (N, G) float32: the curves divided by their norms, transposed, for the projections
     table_log_mtt: np.ndarray  # (T,) uniform fine log-MTT grid of the response table
     table: np.ndarray  # (G_l, T, N + extension) unit responses Y = a * R, interpolated linearly in log MTT
-    prior: np.ndarray  # (6,) centre of log MTT, 1 / SD below, above; of tau (s), 1 / SD below, above: _kernels._prior_penalty
+    # (6,) centre of log MTT, 1 / SD below, above; of tau (s), 1 / SD below, above: _kernels._prior_penalty
+    prior: np.ndarray
     pen: np.ndarray  # (G,) the prior penalty of each grid point
     fallback: deconvolution.Deconvolver | None = None  # oSVD of the same AIF, for voxels the model does not fit
 
@@ -291,10 +292,9 @@ def _select(op: ModelOperator, c: np.ndarray, *, prior: bool) -> tuple[np.ndarra
     """flow, log MTT, shape index, tau, residual of finite curves c (n_vox, N) by _kernels._model_select,
     least squares or (``prior``) with the priors weighted by each voxel's noise variance."""
     n = c.shape[0]
-    flow, log_m, tau, sse = (np.empty(n) for _ in range(4))
-    il = np.empty(n, np.int64)
-    t0, t1 = op.table_log_mtt[0], op.table_log_mtt[1]
-    log_mtts = np.log(op.mtts)
+    out = np.empty((n, _kernels.OUT_SIZE))
+    grid = (op.pen, op.norms, np.log(op.mtts), op.taus)
+    settings = fit_settings(op)
 
     def work(sl):
         cs = c[sl]
@@ -303,14 +303,23 @@ def _select(op: ModelOperator, c: np.ndarray, *, prior: bool) -> tuple[np.ndarra
         # neighbours' residuals of the first parabolic step; the chosen points are re-evaluated in float64
         q = cs.astype(np.float32) @ op.unit32
         s2 = noise_weight(q, cc, cs.shape[1]) if prior else np.zeros(cs.shape[0])
-        _kernels._model_select(cs, cc, q, s2, op.pen, op.prior, op.norms, log_mtts, op.taus, op.tr, op.table, t0,
-                               t1 - t0, op.lambdas.size, N_SHAPES_REFINED, 0.5 * np.log(op.mtts[1] / op.mtts[0]),
-                               0.5 * (op.taus[1] - op.taus[0]), np.log(MTT_BOUNDS_S[0]), np.log(MTT_BOUNDS_S[1]),
-                               DELAY_BOUNDS_S[0], DELAY_BOUNDS_S[1], N_EXACT_ROUNDS, flow[sl], log_m[sl], il[sl],
-                               tau[sl], sse[sl])
+        _kernels._model_select(cs, cc, q, s2, grid, op.table, op.prior, settings, out[sl])
 
     _parallel.run_chunks(work, n, CHUNK)
-    return flow, log_m, il, tau, sse
+    columns = (_kernels.OUT_FLOW, _kernels.OUT_LOGM, _kernels.OUT_SHAPE, _kernels.OUT_TAU, _kernels.OUT_SSE)
+    flow, log_m, il, tau, sse = (out[:, j] for j in columns)
+    return flow, log_m, il.astype(np.int64), tau, sse
+
+
+def fit_settings(op: ModelOperator) -> np.ndarray:
+    """The scalar settings of _kernels._model_select for ``op`` (_kernels.pack_fit): the response table's
+    log-MTT grid, half a grid step in log MTT and in tau as the first refinement steps, the fit's bounds,
+    N_SHAPES_REFINED shapes and N_EXACT_ROUNDS rounds."""
+    t0, t1 = op.table_log_mtt[0], op.table_log_mtt[1]
+    return _kernels.pack_fit(tr=op.tr, t0=t0, dt_table=t1 - t0, h_logm=0.5 * np.log(op.mtts[1] / op.mtts[0]),
+                             h_tau=0.5 * (op.taus[1] - op.taus[0]), lo_logm=np.log(MTT_BOUNDS_S[0]),
+                             hi_logm=np.log(MTT_BOUNDS_S[1]), lo_tau=DELAY_BOUNDS_S[0], hi_tau=DELAY_BOUNDS_S[1],
+                             n_shapes=N_SHAPES_REFINED, rounds=N_EXACT_ROUNDS)
 
 
 def _on_bound(log_m: np.ndarray, tau: np.ndarray) -> np.ndarray:
@@ -339,7 +348,7 @@ def fit(op: ModelOperator, curves: np.ndarray) -> ModelFit:
         if again.size:
             new = _select(op, c[again], prior=True)
             keep = whole[again]
-            for out, values in zip((flow, log_m, il, tau, sse), new):
+            for out, values in zip((flow, log_m, il, tau, sse), new, strict=True):
                 out[again[keep]] = values[keep]
             tmax[again] = new[3]
     mtt, lam = np.exp(log_m), op.lambdas[il]

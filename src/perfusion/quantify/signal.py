@@ -13,6 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from perfusion._kernels import curves as _kernels_curves
+from perfusion._kernels import parallel as _parallel
 
 #: Smallest S/S0 used in the log: a voxel whose signal falls to the noise floor would otherwise
 #: give an infinite delta R2*. At TE 30 ms this caps delta R2* at -ln(1e-3)/0.03 = 230 1/s.
@@ -204,7 +205,9 @@ def to_delta_r2s_with_ratio(signal: np.ndarray, *, te: float, baseline: slice, o
     elif out.shape != s.shape or out.dtype not in (np.float32, np.float64):
         raise ValueError(f"out must be a float32 or float64 array of shape {s.shape}")
     s0, ratio_min, ratio_sd = np.empty(n_vox), np.empty(n_vox), np.empty(n_vox)
-    _kernels_curves._delta_r2s(s, base, float(te), MIN_SIGNAL_RATIO, out, s0, ratio_min, ratio_sd)
+    te = float(te)
+    _parallel.run_chunks(lambda sl: _kernels_curves._delta_r2s(s[sl], base, te, MIN_SIGNAL_RATIO, out[sl], s0[sl],
+                                                               ratio_min[sl], ratio_sd[sl]), n_vox)
     return out, s0, ratio_min, ratio_sd
 
 
