@@ -196,7 +196,7 @@ def load_case(dsc, *, mask=None, aif: str = "auto", reference=None, rois=(), te:
 def analyze_case(case: Case, config=None):
     """Analyse a loaded case with every option of ``config`` (config.Config; default: the command
     line's defaults): frame repair, head motion (``config.motion_correct``), the analysis, and the
-    registration of the anatomical image. Returns the results.Result; writes and prints nothing."""
+    registration of the anatomical image. Returns the pipeline.Result; writes and prints nothing."""
     import dataclasses
     import time
 

@@ -22,7 +22,10 @@ from perfusion.io import Series
 from perfusion.quantify import aif as aif_mod
 from perfusion.quantify import deconvolution, gammafit, leakage, maps, modelfit, roi, signal
 from perfusion.quantify import reference as reference_mod
-from perfusion.results import AifGammaVariate, Leakage, Reference, Result, VenousOutput
+from perfusion.quantify.register import AnatBackground
+from perfusion.quantify.roi import RoiScore
+from perfusion.quantify.signal import Baseline
+from perfusion.results import AifGammaVariate, ArterialInput, Leakage, Motion, Reference, VenousOutput, with_units
 from perfusion.units import cbf_scale, cbv_scale
 
 #: Why cbv.nii.gz is the trapezoid ratio and not the fitted first pass (measured, issue 3).
@@ -69,6 +72,38 @@ class Inputs:
     vof: np.ndarray | None = None
     rois: dict[str, np.ndarray] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    """Maps (float32, x y z, NaN where not computed) and everything the report needs. Made once, by
+    pipeline.analyze (case.analyze_case adds motion, timings and the anatomical image by making a new
+    one with dataclasses.replace): never changed after it is made."""
+
+    maps: dict[str, np.ndarray]
+    brain: np.ndarray  # bool x y z
+    aif_mask: np.ndarray  # bool x y z
+    reference_mask: np.ndarray  # bool x y z
+    aif_curve: np.ndarray = with_units("1/s")  # (n_t,)
+    time_s: np.ndarray = with_units("s")  # (n_t,), from the start of the series
+    baseline: Baseline = with_units()
+    aif: ArterialInput = with_units()  # report.json "aif"
+    leakage: Leakage = with_units()  # report.json "leakage"
+    reference: Reference = with_units()  # report.json "reference"
+    rois: list[RoiScore] = with_units()
+    warnings: list[str] = with_units()
+    config: Config = with_units()
+    seconds: float = with_units("s")
+    curves: dict[str, np.ndarray] = with_units("1/s", default_factory=dict)  # mean delta R2* per region
+    baseline_image: np.ndarray | None = with_units("a.u.", default=None)  # mean signal of the baseline frames (x y z)
+    anat: AnatBackground | None = with_units(default=None)  # when --anat was given (case.analyze_case)
+    motion: Motion | None = with_units(default=None)  # head motion (case.analyze_case)
+    timings: dict[str, float] = with_units("s", default_factory=dict)  # wall s per stage (report.json "timings_s")
+    n_voxels: int = with_units("voxels", default=0)  # voxels analysed (brain and every mask)
+    brain_source: str = with_units(default="")  # the brain mask's file, or how the automatic one was made
+    peak_mb: dict[str, float] = with_units("MB", default_factory=dict)  # traced peak per stage (tracemalloc on only)
+    fit: dict = with_units(default_factory=dict)  # report.json "fit": brain voxels by fit outcome (pipeline._fit_info)
+    frames_repaired: list = with_units(default_factory=list)  # report.json "frames_repaired" (pipeline.repair_series)
 
 
 # ============================================================================ the composition

@@ -1,5 +1,5 @@
-"""The typed results of an analysis: ``Result`` (pipeline.analyze, case.analyze_case) and the report.json
-entries it carries, each a frozen dataclass.
+"""The typed report.json entries of an analysis, each a frozen dataclass, which ``pipeline.Result``
+carries (pipeline.analyze, case.analyze_case).
 
 Each entry's ``as_report()`` gives exactly its report.json entry (the same keys, values and order as
 the dicts of earlier versions: tests/test_golden.py pins every key path); report/build.py puts them
@@ -8,8 +8,8 @@ optional in its metadata is left out of report.json when it is None (it applies 
 only, e.g. the automatic reference's criteria); every other field is always written.
 
 The entries are keyword-only (``kw_only``): each is made by name, and an optional field may come
-before a required one so the fields stand in report.json's order. This module imports no stage at
-run time (only for type checking): the stages build these entries.
+before a required one so the fields stand in report.json's order. This module imports nothing of the
+package: the stages build these entries.
 """
 
 from __future__ import annotations
@@ -21,15 +21,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from perfusion.config import Config
-    from perfusion.quantify.register import AnatBackground
-    from perfusion.quantify.roi import RoiScore
-    from perfusion.quantify.signal import Baseline
 
-
-def _f(units: str | None = None, **kwargs) -> Any:
-    """A field with its units (None: a text, a flag or a nested entry)."""
+def with_units(units: str | None = None, **kwargs) -> Any:
+    """A dataclass field with its units in its metadata (None: a text, a flag or a nested entry)."""
     return field(metadata={"units": units}, **kwargs)
+
+
+_f = with_units
 
 
 def _opt(units: str | None = None) -> Any:
@@ -250,38 +248,3 @@ class Motion:
 
     def as_report(self) -> dict:
         return report_entry(self, leave_out=("timeseries",))
-
-
-# ------------------------------------------------------------------------------------ the Result
-
-
-@dataclass(frozen=True)
-class Result:
-    """Maps (float32, x y z, NaN where not computed) and everything the report needs. Made once, by
-    pipeline.analyze (case.analyze_case adds motion, timings and the anatomical image by making a new
-    one with dataclasses.replace): never changed after it is made."""
-
-    maps: dict[str, np.ndarray]
-    brain: np.ndarray  # bool x y z
-    aif_mask: np.ndarray  # bool x y z
-    reference_mask: np.ndarray  # bool x y z
-    aif_curve: np.ndarray = _f("1/s")  # (n_t,)
-    time_s: np.ndarray = _f("s")  # (n_t,), from the start of the series
-    baseline: Baseline = _f()
-    aif: ArterialInput = _f()  # report.json "aif"
-    leakage: Leakage = _f()  # report.json "leakage"
-    reference: Reference = _f()  # report.json "reference"
-    rois: list[RoiScore] = _f()
-    warnings: list[str] = _f()
-    config: Config = _f()
-    seconds: float = _f("s")
-    curves: dict[str, np.ndarray] = _f("1/s", default_factory=dict)  # mean delta R2* per region
-    baseline_image: np.ndarray | None = _f("a.u.", default=None)  # mean signal of the baseline frames (x y z)
-    anat: AnatBackground | None = _f(default=None)  # when --anat was given (case.analyze_case)
-    motion: Motion | None = _f(default=None)  # head motion (case.analyze_case)
-    timings: dict[str, float] = _f("s", default_factory=dict)  # wall s per stage (report.json "timings_s")
-    n_voxels: int = _f("voxels", default=0)  # voxels analysed (brain and every mask)
-    brain_source: str = _f(default="")  # the brain mask's file, or how the automatic one was made
-    peak_mb: dict[str, float] = _f("MB", default_factory=dict)  # traced peak per stage (tracemalloc on only)
-    fit: dict = _f(default_factory=dict)  # report.json "fit": brain voxels by fit outcome (pipeline._fit_info)
-    frames_repaired: list = _f(default_factory=list)  # report.json "frames_repaired" (pipeline.repair_series)

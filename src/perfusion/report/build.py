@@ -23,8 +23,7 @@ from perfusion.verdicts import VERDICT_LABEL  # noqa: F401 - re-exported: the wo
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from perfusion.pipeline import Inputs
-    from perfusion.results import Result
+    from perfusion.pipeline import Inputs, Result
 
 
 def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None = None,

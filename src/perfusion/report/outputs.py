@@ -16,8 +16,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from perfusion.io import Series
-    from perfusion.pipeline import Inputs
-    from perfusion.results import Result
+    from perfusion.pipeline import Inputs, Result
 
 #: Each map's units and description (its JSON sidecar).
 MAP_UNITS = {
