@@ -31,7 +31,7 @@ from typing import Any
 from perfusion import DISCLAIMER, __version__
 from perfusion.batch.discovery import OUTPUT_MARKER
 from perfusion.errors import OutputError, PerfusionError, UsageError
-from perfusion.io import Redactor, atomic_write, dumps_json
+from perfusion.io import Redactor, atomic_write, current_umask, dumps_json
 from perfusion.verdicts import VERDICT_WORDS  # the index's verdict column
 
 #: Done-marker file inside each case's output folder (hidden: BIDS tools ignore it; discovery never
@@ -300,7 +300,7 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         final.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
         try:
-            os.chmod(stage, 0o777 & ~_umask())
+            os.chmod(stage, 0o777 & ~current_umask())
             prefix = getattr(case, "prefix", None)
             files = write_result(result, inputs, stage, prefix=prefix)  # names inputs by file name only
             write_html(stage)
@@ -327,12 +327,6 @@ def _now() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def clean_leftovers(out_root: Path) -> int:

@@ -61,6 +61,7 @@ from perfusion.io.nifti import (
 )
 from perfusion.io.outputs import (
     atomic_write,
+    current_umask,
     dumps_json,
     json_safe,
     write_json,
@@ -76,7 +77,8 @@ __all__ = [
     "AFFINE_ATOL_MM", "BIDS_FILES", "DICOM_FOLDER_NAME", "DISPLAY_AXCODES", "DisplayGrid", "INPUT_FOLDER_NAME",
     "MASK_LABEL_MODES", "MASK_PROBABILITY_THRESHOLD", "MAX_FOLDER_FILE_BYTES", "MAX_ROI_NAME", "MAX_SIGNAL",
     "MIN_FRAMES", "PLAIN_FILES", "Redactor", "SCALED_PEAK_EXPONENT", "Series", "UNCORRECTED_SUFFIX",
-    "analyze_output_names", "atomic_write", "check_output_folder", "check_roi_names", "check_time",
+    "analyze_output_names", "atomic_write",
+    "current_umask", "check_output_folder", "check_roi_names", "check_time",
     "describe_skipped", "display_grid", "dumps_json", "find_report", "folder_files", "image_affine",
     "input_names", "inputs_replaced_in", "is_analyze_output", "json_safe", "load_array", "load_array_affine",
     "load_mask", "load_series", "load_volume", "mask_regions", "open_regular", "output_file", "output_lock",

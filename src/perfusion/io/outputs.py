@@ -77,7 +77,7 @@ def atomic_write(target: Path, content: str | bytes | Callable[[Path], None], *,
                 content(tmp)
             else:
                 tmp.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~current_umask())
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -89,7 +89,8 @@ def atomic_write(target: Path, content: str | bytes | Callable[[Path], None], *,
     return target
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's file-mode creation mask (os.umask can only be read by setting it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
