@@ -112,13 +112,19 @@ def test_patient_left_is_drawn_on_the_right(monkeypatch):
     calls = record(monkeypatch)
     report_html.fig_montage(data, affine=RAS, label="CBV", vmin=0, vmax=5)
     images = [x for k, x in calls if k.startswith("imshow")]
-    assert len(images) == 2
-    for img in images:  # rows = display y (anterior up with origin='lower'), columns = display x
-        cols = np.flatnonzero(img.max(axis=0) > 0)
-        assert cols.min() >= data.shape[0] // 2  # the blob is in the image's right half
-    texts = [x.split()[-1] for k, x in calls if k == "text"]
-    assert texts[:4] == ["R", "L", "A", "P"]  # left, right, top, bottom edge
-    assert [x for k, x in calls if k == "title"] == ["I 6.0 mm", "I 2.0 mm"]
+    assert len(images) == 1  # the slices tiled into one image, side by side
+    img = images[0]
+    inside = np.isfinite(img).any(axis=0)  # the panels' columns; NaN between them
+    edges = np.flatnonzero(np.diff(np.r_[0, inside.astype(int), 0]))
+    panels = list(zip(edges[::2], edges[1::2]))
+    assert len(panels) == 2
+    for lo, hi in panels:  # columns = display x within each panel
+        assert hi - lo == data.shape[0]
+        cols = lo + np.flatnonzero(np.nan_to_num(img[:, lo:hi]).max(axis=0) > 0)
+        assert cols.min() >= lo + data.shape[0] // 2  # the blob is in the panel's right half
+    texts = [x.split(" ", 2)[-1] for k, x in calls if k == "text"]
+    # per panel: its position (mm) above it, then the letters at its left, right, top and bottom edges
+    assert texts == ["I 6.0 mm", "R", "L", "A", "P", "I 2.0 mm", "R", "L", "A", "P"]
 
 
 # --------------------------------------------------------------------- one case, two storages

@@ -129,7 +129,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     t_start = time.perf_counter()
     stages = Stages()
     config = resolve_leakage(config, inputs.series)
-    series, frames_repaired, notes = repair_series(inputs.series)  # no-op after case.analyze_case's
+    series, frames_repaired, notes = repair_series(inputs.series)  # done already after case.analyze_case's
     inputs = replace(inputs, series=series)
     s = inputs.series
 
@@ -229,15 +229,17 @@ def repair_series(series: Series) -> tuple[Series, list[dict], list[str]]:
     """``series`` with its dropped, duplicated and spiking frames (signal.find_bad_frames) interpolated in
     time (signal.repair_frames); report.json's "frames_repaired" entries and the warning. InputError
     naming the file when they cannot be repaired (signal.bad_frame_problem)."""
+    if series.frames_checked:
+        return series, [], []
     bad = signal.find_bad_frames(series.data, tr=series.tr)
     if not bad:
-        return series, [], []
+        return replace(series, frames_checked=True), [], []
     why = signal.bad_frame_problem(bad, series.n_frames)
     if why:
         raise InputError(f"{series.path}: {why}; re-export the series from the scanner, or repeat the acquisition")
     n_z = series.shape3d[2]
-    return (replace(series, data=signal.repair_frames(series.data, bad)), [b.as_dict(n_z) for b in bad],
-            [signal.describe_bad_frames(bad, n_z)])
+    repaired = replace(series, data=signal.repair_frames(series.data, bad), frames_checked=True)
+    return repaired, [b.as_dict(n_z) for b in bad], [signal.describe_bad_frames(bad, n_z)]
 
 
 def _brain_mask(inputs: Inputs) -> tuple[np.ndarray, str]:

@@ -40,6 +40,9 @@ class Series:
     echoes: tuple = ()
     echo_combination: str = ""
     echo_notes: tuple[str, ...] = ()
+    # True once pipeline.repair_series has checked (and repaired) the frames: the check reads every
+    # voxel of every frame, and case.analyze_case runs it before head motion, so analyze need not again
+    frames_checked: bool = False
 
     @property
     def shape3d(self) -> tuple[int, int, int]:

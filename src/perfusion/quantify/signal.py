@@ -439,10 +439,14 @@ def find_bad_frames(data: np.ndarray, *, tr: float, head: np.ndarray | None = No
     kinds: dict[int, dict[int, str]] = {}  # frame -> slice -> kind
 
     med = np.nanmedian(curves, axis=1)
+    # a slice identical to the frame before has the same sum, to the last bit (same values, same order):
+    # only those pairs are compared voxel by voxel
+    sums = data.sum(axis=(0, 1), dtype=np.float64)  # (z, t)
+    same_sum = sums[:, 1:] == sums[:, :-1]
     for z in checked.tolist():  # Python ints: slice and frame numbers are dict keys and BadFrame fields
         for k in np.flatnonzero(curves[z] < DROPPED_FRACTION * med[z]).tolist():
             kinds.setdefault(int(k), {})[int(z)] = "dropped"
-        for k in range(1, n_t):
+        for k in (np.flatnonzero(same_sum[z]) + 1).tolist():
             if z not in kinds.get(k, {}) and np.array_equal(data[:, :, z, k], data[:, :, z, k - 1]):
                 kinds.setdefault(k, {})[int(z)] = "duplicated"
 

@@ -79,6 +79,10 @@ UNUSABLE_WARN = 0.05
 
 #: Figure resolution (dots per inch): sharp on screen, a page of a few MB for 6 slices.
 DPI = 90
+#: zlib level of the figures' PNGs. A map montage is mostly noise, which does not compress: on the
+#: clinical bench volume's CBF montage level 1 gave 802 kB in 0.30 s where the default level 6 gave
+#: 790 kB in 0.72 s (the encoder was 45 % of the montage's time).
+PNG_COMPRESS_LEVEL = 1
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -260,23 +264,29 @@ def num(v) -> float | None:
 # -------------------------------------------------------------------------------------- figures
 
 
-def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], images: bool = False):
-    """A matplotlib Figure on the Agg canvas and its axes (2-D array). pyplot is not used, so the
-    user's backend and pyplot's global figure list are left alone. ``images``: axes without ticks or
-    frame, for image panels (hidden ticks were still laid out: 45 % of a montage's drawing time)."""
+def figure(nrows: int = 1, ncols: int = 1, *, figsize: tuple[float, float], images: bool = False,
+           axes: bool = True):
+    """A matplotlib Figure on the Agg canvas and its axes (2-D array; None with ``axes=False``, for a
+    figure that places its own). pyplot is not used, so the user's backend and pyplot's global figure
+    list are left alone. ``images``: axes without ticks or frame, for image panels (hidden ticks were
+    still laid out: 45 % of a montage's drawing time)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
+    if not axes:
+        return fig, None
     kw = {"xticks": [], "yticks": [], "frame_on": False} if images else {}
     return fig, fig.subplots(nrows, ncols, squeeze=False, subplot_kw=kw)
 
 
-def png_bytes(fig) -> bytes:
-    """A matplotlib figure as PNG bytes."""
+def png_bytes(fig, *, tight: bool = True) -> bytes:
+    """A matplotlib figure as PNG bytes; ``tight``: cropped to what is drawn (which draws the figure
+    twice: a figure that lays itself out exactly passes False). zlib level PNG_COMPRESS_LEVEL."""
     buf = _bytes_io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", facecolor="white")
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight" if tight else None, facecolor="white",
+                pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return buf.getvalue()
 
 
@@ -297,19 +307,27 @@ MARK_FONTSIZE = 7
 MARK_INSET = 0.015
 
 
-def draw_marks(ax, grid: DisplayGrid, *, fontsize: float = MARK_FONTSIZE) -> None:
+def draw_marks(ax, grid: DisplayGrid, *, fontsize: float = MARK_FONTSIZE,
+               box: tuple[float, float, float, float] | None = None) -> None:
     """The patient directions at the four edges of an image panel (R / L / A / P for an axial slice),
-    white with a black outline so they read on any background."""
+    white with a black outline so they read on any background. The panel is the whole axes, or
+    ``box`` = (top row, left column, width, height) in the data coordinates of an image drawn from the
+    top (a montage's panel)."""
     from matplotlib import patheffects
 
     stroke = [patheffects.withStroke(linewidth=1.8, foreground="black")]
     m = grid.marks
-    for text, x, y, ha, va in ((m["left"], MARK_INSET, 0.5, "left", "center"),
-                               (m["right"], 1 - MARK_INSET, 0.5, "right", "center"),
-                               (m["top"], 0.5, 1 - MARK_INSET, "center", "top"),
-                               (m["bottom"], 0.5, MARK_INSET, "center", "bottom")):
-        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=fontsize,
-                fontweight="bold", path_effects=stroke)
+    for text, fx, fy, ha, va in ((m["left"], MARK_INSET, 0.5, "left", "center"),
+                                 (m["right"], 1 - MARK_INSET, 0.5, "right", "center"),
+                                 (m["top"], 0.5, 1 - MARK_INSET, "center", "top"),
+                                 (m["bottom"], 0.5, MARK_INSET, "center", "bottom")):
+        if box is None:
+            ax.text(fx, fy, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=fontsize,
+                    fontweight="bold", path_effects=stroke)
+        else:
+            row0, col0, w, h = box
+            ax.text(col0 - 0.5 + fx * w, row0 - 0.5 + (1 - fy) * h, text, ha=ha, va=va, color="white",
+                    fontsize=fontsize, fontweight="bold", path_effects=stroke)
 
 
 def display_slices(grid: DisplayGrid, slices: list[int]) -> list[int]:
@@ -388,25 +406,60 @@ def k2_limit(k2: np.ndarray, brain: np.ndarray) -> float:
     return lim if lim > 0 else 1e-6  # a flat map still needs a scale of non-zero width
 
 
+#: A montage's slice panel: its longer side in pixels (at DPI: a 128-matrix slice one pixel per voxel,
+#: the size the page shows it at), the band above it for the slice position (a fraction of the panel's
+#: height) and the gap between panels (voxels).
+MONTAGE_PANEL_PX = 128
+MONTAGE_TITLE_BAND = 0.14
+MONTAGE_GAP = 2
+
+
 def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float, vmax: float,
                 cmap: str = "viridis") -> bytes:
     """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``, in
     radiological convention (io.display_grid of ``affine``, voxel to world), with orientation letters
-    and each slice's position (mm) as its title."""
+    and each slice's position (mm) above it.
+
+    The slices are tiled into one image (``montage_tiles``) drawn on one axes: a panel per slice cost
+    an axes each, and laying out and drawing 24 axes took most of report.html's time."""
     grid = display_grid(affine, data.shape)
     data = grid.apply(data)
-    nz = data.shape[2]
-    nr, nc = _grid(nz)
-    fig, axes = figure(nr, nc, figsize=(1.9 * nc + 1.0, 1.9 * nr + 0.3), images=True)
-    im = None
-    for ax in axes.ravel():
-        ax.axis("off")
-    for z, ax in zip(range(nz), axes.ravel(), strict=False):  # the grid may hold more axes
-        im = ax.imshow(as_image(np.ma.masked_invalid(data[:, :, z])), cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
-        ax.set_title(grid.position_label(z), fontsize=8)
-        draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1)
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
-    return png_bytes(fig)
+    nr, nc = _grid(data.shape[2])
+    tiles, origins = montage_tiles(data, nc, title_band=MONTAGE_TITLE_BAND, gap=MONTAGE_GAP)
+    w_px, h_px = data.shape[0], data.shape[1]
+    scale = MONTAGE_PANEL_PX / DPI / max(w_px, h_px)  # inches per voxel
+    img_w, img_h = tiles.shape[1] * scale, tiles.shape[0] * scale
+    fig_w = img_w + 1.1  # the colourbar, its ticks and its label on the right
+    fig, _ = figure(figsize=(fig_w, img_h), images=True, axes=False)
+    ax = fig.add_axes((0.0, 0.0, img_w / fig_w, 1.0), xticks=[], yticks=[], frame_on=False)
+    im = ax.imshow(np.ma.masked_invalid(tiles), cmap=cmap, vmin=vmin, vmax=vmax, origin="upper",
+                   interpolation="nearest")
+    band = MONTAGE_TITLE_BAND * h_px
+    for z, (row0, col0) in enumerate(origins):
+        ax.text(col0 + w_px / 2, row0 - band / 2, grid.position_label(z), ha="center", va="center", fontsize=7)
+        draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1, box=(row0, col0, w_px, h_px))
+    cax = fig.add_axes((img_w / fig_w + 0.15 / fig_w, 0.1, 0.18 / fig_w, 0.8))
+    fig.colorbar(im, cax=cax, label=label)
+    return png_bytes(fig, tight=False)
+
+
+def montage_tiles(data: np.ndarray, n_cols: int, *, title_band: float, gap: int) -> tuple[np.ndarray, list]:
+    """The slices of a display-oriented 3-D array (x, y, z) as one image, ``n_cols`` panels per row in
+    slice order, each as ``as_image`` shows it with y up (so flipped for an image drawn from the top),
+    NaN between panels and in a band of ``title_band`` x the panel height above each row. Returns the
+    image (float64) and each panel's top-left corner (row, column) in it."""
+    w, h, nz = data.shape
+    band = int(round(title_band * h))
+    nr = -(-nz // n_cols)
+    cell_w, cell_h = w + gap, band + h + gap
+    out = np.full((nr * cell_h - gap, n_cols * cell_w - gap), np.nan)
+    origins = []
+    for z in range(nz):
+        r, c = divmod(z, n_cols)
+        row0, col0 = r * cell_h + band, c * cell_w
+        out[row0:row0 + h, col0:col0 + w] = as_image(data[:, :, z])[::-1]
+        origins.append((row0, col0))
+    return out, origins
 
 
 def fig_aif(time_s: np.ndarray, aif: np.ndarray, n_voxels: Any) -> bytes:
