@@ -32,8 +32,9 @@ def bench(
     compile_time: Annotated[bool, typer.Option(
         "--compile/--no-compile", help="Measure numba's compilation: cold vs warm cache.")] = True,
     quick: Annotated[bool, typer.Option(
-        "--quick", help="Clinical int16 volume, default configuration only, --repeats runs, no warm-up run, no "
-                        "oSVD floor, no other kernels, no compile measurement (about a minute).")] = False,
+        "--quick", help="The clinical int16 volume and the default configuration only, --repeats analyses of it "
+                        "(3 by default); no warm-up run, no oSVD floor, no other kernels, no compile "
+                        "measurement.")] = False,
     json_out: Annotated[Optional[Path], typer.Option(
         "--json", help="Write the results, every run's time included, as JSON (schema perfusion-bench/2).")] = None,
     cache: Annotated[Optional[Path], typer.Option(
