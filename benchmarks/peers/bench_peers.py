@@ -281,18 +281,16 @@ def format_table(rows: list[dict]) -> list[str]:
     head = f"{'row':56s} {'medians':>20s} {'value':>9s} {'range':>15s} {'target':>9s}  met"
     lines = [head, "-" * len(head)]
     for r in rows:
-        unit = "x" if r["kind"] != "minus" else " s"
-        target = f"{r['op']} {r['target']:g}{unit.strip()}"
-        if r.get("value") is None:
-            lines.append(f"{r['row']:56s} {r['note']}")
-            continue
-        if r["kind"] == "memory":
-            medians = f"{r['num_median']:.0f} / {r['den_median']:.0f} MB"
-        else:
-            medians = f"{r['num_median']:.2f} / {r['den_median']:.2f} s"
-        rng = f"{r['low']:.2f}-{r['high']:.2f}{unit.strip()}"
+        unit = " s" if r["kind"] == "minus" else "x"
         label = f"{r['row']} ({r['numerator']})" if r["kind"] == "memory" else r["row"]
-        lines.append(f"{label:56s} {medians:>20s} {r['value']:8.2f}{unit.strip():1s} {rng:>15s} {target:>9s}  "
+        if r.get("value") is None:
+            lines.append(f"{label:56s} {r['note']}")
+            continue
+        medians = (f"{r['num_median']:.0f} / {r['den_median']:.0f} MB" if r["kind"] == "memory"
+                   else f"{r['num_median']:.2f} / {r['den_median']:.2f} s")
+        value, rng = f"{r['value']:.2f}{unit}", f"{r['low']:.2f}-{r['high']:.2f}{unit}"
+        target = f"{r['op']} {r['target']:g}{unit}"
+        lines.append(f"{label:56s} {medians:>20s} {value:>9s} {rng:>15s} {target:>9s}  "
                      f"{'met' if r['met'] else 'NOT met'}")
     return lines
 
