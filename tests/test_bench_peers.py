@@ -34,6 +34,7 @@ def test_rows_are_ratios_of_medians_with_per_round_ranges(tools):
     rows = {r["row"]: r for r in (peers.target_row(t, tools, input_mb=125.8, missing={}) for t in peers.TARGETS)}
     r = rows["analyze --no-html / numpy cSVD script"]
     assert r["value"] == pytest.approx(6.0 / 4.0) and r["met"] is True  # 1.5 <= 1.5
+    assert r["cpu_value"] == pytest.approx(6.0 / 4.0)  # the fake runs' CPU equals their wall
     assert (r["low"], r["high"]) == pytest.approx((1.0, 7.0 / 3.5))  # round 2: 5/5, round 3: 7/3.5
     assert rows["analyze (with report.html) / script"]["met"] is False  # 9/4 = 2.25 > 2
     cold = rows["cold start: empty numba cache - warm, s"]

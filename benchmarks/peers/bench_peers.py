@@ -271,14 +271,16 @@ def target_row(row: tuple, tools: dict[str, Tool], *, input_mb: float, missing: 
         pairs = list(zip(a, b, strict=True))  # the same round: a drift of the load hits both
         paired = [x / y for x, y in pairs] if kind == "ratio" else [x - y for x, y in pairs]
         value = _median(a) / _median(b) if kind == "ratio" else _median(a) - _median(b)
-        entry.update(num_median=_median(a), den_median=_median(b), value=value, low=min(paired), high=max(paired))
+        ca, cb = _median([r["cpu_s"] for r in tools[num].runs]), _median([r["cpu_s"] for r in tools[den].runs])
+        entry.update(num_median=_median(a), den_median=_median(b), value=value, low=min(paired), high=max(paired),
+                     cpu_value=ca / cb if kind == "ratio" else ca - cb)
     entry["met"] = entry["value"] <= target if op == "<=" else entry["value"] >= target
     return entry
 
 
 def format_table(rows: list[dict]) -> list[str]:
     """The targets table as text lines (one per row)."""
-    head = f"{'row':56s} {'medians':>20s} {'value':>9s} {'range':>15s} {'target':>9s}  met"
+    head = f"{'row':56s} {'medians':>20s} {'value':>9s} {'range':>15s} {'CPU':>8s} {'target':>9s}  met"
     lines = [head, "-" * len(head)]
     for r in rows:
         unit = " s" if r["kind"] == "minus" else "x"
@@ -290,7 +292,8 @@ def format_table(rows: list[dict]) -> list[str]:
                    else f"{r['num_median']:.2f} / {r['den_median']:.2f} s")
         value, rng = f"{r['value']:.2f}{unit}", f"{r['low']:.2f}-{r['high']:.2f}{unit}"
         target = f"{r['op']} {r['target']:g}{unit}"
-        lines.append(f"{label:56s} {medians:>20s} {value:>9s} {rng:>15s} {target:>9s}  "
+        cpu = f"{r['cpu_value']:.2f}{unit}" if r.get("cpu_value") is not None else "-"
+        lines.append(f"{label:56s} {medians:>20s} {value:>9s} {rng:>15s} {cpu:>8s} {target:>9s}  "
                      f"{'met' if r['met'] else 'NOT met'}")
     return lines
 
@@ -502,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {_num(load_before)} before, {_num(machine['load_avg_after'])} after, on {os.cpu_count()} CPUs")
     for line in format_table(rows):
         print(line)
+    print("value: from the wall medians; range: each round's own value; CPU: the same from CPU time (user + "
+          "system, all threads): steadier on a busy machine, but a multi-threaded tool spends more CPU than wall")
     if machine["busy"]:
         print(f"warning: the machine was busy ({machine['why']}): times are noisier than usual")
     if summary is not None:
