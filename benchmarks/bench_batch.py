@@ -76,7 +76,8 @@ def main() -> None:
                              "case_seconds_sum": busy, "overhead_per_case_s": (jobs * wall - busy) / args.cases}
         speedup = results["1"]["wall_s"] / results["2"]["wall_s"]
         speedup_1t = results["1t"]["wall_s"] / results["2"]["wall_s"]
-        report = {"cases": args.cases, "runs": results, "speedup_2_vs_1": speedup, "speedup_2_vs_1_one_thread": speedup_1t}
+        report = {"cases": args.cases, "runs": results, "speedup_2_vs_1": speedup,
+                  "speedup_2_vs_1_one_thread": speedup_1t}
         print(f"{args.cases} phantom cases (64 x 64 x 5 x 80), median of {args.repeats} runs each")
         labels = {"1": "--jobs 1", "1t": "--jobs 1, one thread", "2": "--jobs 2"}
         for name, r in results.items():

@@ -1,5 +1,6 @@
 """`perfusion bench` on a small volume: the JSON it writes and the table it prints (not a timing test:
-no assertion on any speed, only that every measurement is there and sane)."""
+no assertion on any speed, only that every measurement is there and sane). The busy-machine rule and
+the baseline comparison are tested on numbers given to them (tests/test_bench_compare.py)."""
 
 import json
 
@@ -43,13 +44,16 @@ def test_bench_command_writes_stable_json(small_bench, tmp_path, capsys):
     res = json.loads(out.read_text())
     assert res["schema"] == bench.SCHEMA
     assert set(res) >= {"machine", "settings", "volumes", "end_to_end", "stages", "osvd_floor", "compile"}
+    assert set(res["machine"]) >= {"busy", "load_avg", "steal_pct", "cpus"} and isinstance(res["machine"]["busy"], bool)
     fl = res["osvd_floor"][0]
     assert fl["voxels"] > 5000 and fl["osvd_s"] > 0 and fl["floor_s"] > 0 and fl["ratio"] == pytest.approx(fl["osvd_s"] / fl["floor_s"], rel=0.05, abs=0.01)
+    assert len(fl["osvd_s_runs"]) == len(fl["floor_s_runs"]) == 2 and fl["osvd_s_min"] <= fl["osvd_s"] <= fl["osvd_s_max"]
     assert res["volumes"]["clinical-int16"]["shape"] == [48, 48, 7, 40]
     e2e = {r["config"]: r for r in res["end_to_end"]}
     assert set(e2e) == set(bench.CONFIGS)
     for r in e2e.values():
-        assert len(r["wall_s_runs"]) == 2 and r["wall_s_median"] > 0
+        assert len(r["wall_s_runs"]) == len(r["analysis_s_runs"]) == len(r["peak_rss_mb_runs"]) == 2
+        assert r["wall_s_min"] == min(r["wall_s_runs"]) <= r["wall_s_median"] <= r["wall_s_max"] == max(r["wall_s_runs"])
         assert 0 < r["analysis_s_median"] < r["wall_s_median"]
         assert r["peak_rss_mb"] > 50 and r["peak_over_input"] == pytest.approx(r["peak_rss_mb"] / r["input_float32_mb"], rel=0.01)
     stages = {(r["config"], r["stage"]): r for r in res["stages"]}
@@ -57,8 +61,10 @@ def test_bench_command_writes_stable_json(small_bench, tmp_path, capsys):
         for stage in ("delta_r2s", "aif", "deconvolution", "leakage"):
             r = stages[(config, stage)]
             assert r["voxels"] > 5000 and r["voxels_per_s"] > 0
+            assert len(r["seconds_runs"]) == 2 and r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"]
     printed = capsys.readouterr().out
     assert "end to end" in printed and "osvd-bsw" in printed and str(out) in printed
+    assert "min-max" in printed and "spread %" in printed
 
 
 def test_bench_refuses_an_unknown_volume(tmp_path, capsys):

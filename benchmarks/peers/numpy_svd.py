@@ -18,7 +18,10 @@ Over the masked voxels, as rows of an (n_vox, n_t) float64 array processed in ch
     (default 0.095, perfusion's DEFAULT_OI_TARGET; Wu 2003 quotes 0.095, osipy uses 0.035), found by
     growing the residue one singular value at a time for all voxels of a chunk at once;
 - CBV = kH / rho * trapezoid(c) / trapezoid(aif) * 100 (mL/100 g), CBF = kH / rho * max_t b(t) *
-  6000 (mL/100 g/min), kH = 0.733, rho = 1.04 g/mL (Rempp 1994).
+  6000 (mL/100 g/min), kH = 0.733, rho = 1.04 g/mL (Rempp 1994); MTT = CBV / CBF * 60 (s; the central
+  volume theorem, NaN where CBF <= 0).
+
+Writes cbv.nii.gz, cbf.nii.gz and mtt.nii.gz (float32, NaN outside the mask) into --out.
 
 Prints one JSON line: wall_s (process start to end), load_s, compute_s (after loading, before
 saving), save_s, voxels.
@@ -33,9 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import frame_range, load_aif, process_age_s  # noqa: E402
-
 import numpy as np  # noqa: E402
+from _common import frame_range, load_aif, process_age_s  # noqa: E402
 
 KH = (1 - 0.45) / (1 - 0.25)  # large- / small-vessel haematocrit correction (Rempp 1994)
 RHO = 1.04  # g/mL, brain density
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--oi-target", type=float, default=0.095, help="osvd: oscillation index target")
     ap.add_argument("--leakage", choices=("none", "bsw"), default="none")
     ap.add_argument("--chunk", type=int, default=16384, help="voxels per chunk")
-    ap.add_argument("--out", type=Path, required=True, help="output folder (cbv.nii.gz, cbf.nii.gz)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder (cbv.nii.gz, cbf.nii.gz, mtt.nii.gz)")
     args = ap.parse_args(argv)
 
     import nibabel as nib
@@ -176,11 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             b = deconvolve_osvd(x, s, vt, args.oi_target)
         cbf[lo:lo + args.chunk] = KH / RHO * 6000.0 * b.max(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mtt = np.where(cbf > 0, cbv / cbf * 60.0, np.nan)  # s: mL/100 g over mL/100 g/min
     t2 = time.perf_counter()
     c2 = time.process_time()
 
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, values in (("cbv", cbv), ("cbf", cbf)):
+    for name, values in (("cbv", cbv), ("cbf", cbf), ("mtt", mtt)):
         vol = np.full(mask.shape, np.nan, np.float32)
         vol[mask] = values
         nib.save(nib.Nifti1Image(vol, img.affine), args.out / f"{name}.nii.gz")

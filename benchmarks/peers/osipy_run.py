@@ -49,9 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="output folder (cbv.nii.gz, cbf.nii.gz)")
     args = ap.parse_args(argv)
 
-    import numpy as np
     import nibabel as nib
-
+    import numpy as np
     import osipy
     from osipy.common.config import construct_from_config
     from osipy.common.io.nifti import load_nifti, save_nifti
@@ -88,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         baseline = args.baseline or (args.first_frame, args.first_frame + min(10, n_t // 4))
         bl = np.arange(baseline[0] - args.first_frame, baseline[1] - args.first_frame)
         if bl[0] < 0 or bl[-1] >= n_t:
-            raise SystemExit(f"--baseline {baseline} lies outside frames {args.first_frame}..{args.first_frame + n_t - 1}")
+            raise SystemExit(f"--baseline {baseline} lies outside frames "
+                             f"{args.first_frame}..{args.first_frame + n_t - 1}")
         delta_r2 = signal_to_delta_r2(signal, te_ms, baseline_indices=bl)
         if args.leakage == "on":
             delta_r2 = correct_leakage(delta_r2=delta_r2, aif=aif, time=time_s, mask=mask).corrected_delta_r2

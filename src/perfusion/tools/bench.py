@@ -5,16 +5,26 @@ Volumes (``VOLUMES``): the clinical 128 x 128 x 24 slices x 80 frames and the hi
 synthetic phantom's 5-slice slabs (``phantom.make_phantom``, a new noise seed per slab) on a 240 mm
 field of view, written once into a cache folder and reused.
 
-What is measured, each as the median of ``repeats`` runs:
+What is measured (a ``Plan``), each over ``repeats`` runs, the configurations of one volume taking
+turns (A B C A B C ...) so that a drift of the machine's load hits all of them alike:
 - end to end: ``perfusion analyze VOL --mask BRAIN --no-html`` in a fresh process (import, load, motion
   screening, mask, AIF, maps, writing the maps and report.json), for the default method and leakage
   correction and for ``--method osvd --leakage bsw``; the peak resident memory of that process
   (/proc VmHWM, polled every 20 ms), also as a multiple of the input's size in float32;
-- stages: the analysis's own stage timings (report.json ``timings_s``) of the same runs, and of one
-  run per other deconvolution method and leakage method on the clinical volume, as voxels per second
-  over the voxels analysed;
+- stages: the analysis's own stage timings (report.json ``timings_s``) of the same runs, and of runs
+  of every other deconvolution and leakage method on the clinical volume, as voxels per second over
+  the voxels analysed;
+- oSVD against one fixed-threshold matrix product, in this process;
 - numba compilation: the same command on a small phantom twice, each in a fresh process, with an
   empty NUMBA_CACHE_DIR (cold: every kernel compiles and is cached) and then that filled cache (warm).
+
+Every timed row keeps all its run times and their median, minimum and maximum, so that a reader can
+tell noise from a change. The machine's state is recorded beside them: the 1-minute load average
+before the start and the CPU time stolen by the hypervisor during the run (/proc/stat), and whether
+either says the machine was busy (``machine_state``).
+
+A saved result can be the baseline of a later one (``compare``): each stage and end-to-end row is
+matched by its key, volume-dtype/config/stage, and the medians are compared.
 
 The JSON (``--json FILE``) has a schema tag and only plain keys, so CI can diff two runs.
 Wall times depend on the machine and on whatever else runs on it; ratios between runs of the same
@@ -24,6 +34,7 @@ machine are the figure to compare.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import shutil
@@ -36,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = "perfusion-bench/1"
+SCHEMA = "perfusion-bench/2"
 
 #: name -> (x, y, slices, frames)
 VOLUMES = {"clinical": (128, 128, 24, 80), "high": (256, 256, 30, 120)}
@@ -48,8 +59,8 @@ TR_S = 1.5
 
 #: The two configurations of the issue's targets, by name: extra ``perfusion analyze`` arguments.
 CONFIGS = {"default": [], "osvd-bsw": ["--method", "osvd", "--leakage", "bsw"]}
-#: One run each on the clinical volume for the other kernels' throughput (motion screening off:
-#: the stage timings are what they are for).
+#: Runs on the clinical volume for the other kernels' throughput (motion screening off: the stage
+#: timings are what they are for); stage rows only.
 KERNEL_CONFIGS = {
     **{f"{m}-residue": ["--method", m, "--motion-correct", "off"] for m in ("csvd", "ssvd", "tikhonov", "osvd")},
     **{f"model-{lk}": ["--leakage", lk, "--motion-correct", "off"] for lk in ("none", "bsw", "bidirectional")},
@@ -59,6 +70,40 @@ KERNEL_CONFIGS = {
 MASKS = ("brain", "lesion_hyper", "nawm")
 #: Bump when the volumes' content changes, so cached copies are rebuilt.
 VOLUME_VERSION = 2
+#: Stages of report.json ``timings_s`` that are not the analysis proper (reading and preparing the input).
+NOT_ANALYSIS = ("load", "motion", "anat")
+
+#: The machine counts as busy when its 1-minute load average before the start exceeds this per CPU ...
+LOAD_BUSY_PER_CPU = 0.5
+#: ... or when the hypervisor took more than this share of the CPU time during the run (steal, %).
+STEAL_BUSY_PCT = 5.0
+#: Baseline comparison: a row is judged only when it is at least this long (s) on one side and a
+#: slowdown only when it adds at least this much: a few ms of scheduling make any ratio below it.
+FLOOR_S = 0.02
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one ``run_bench`` measures. ``configs``: names in CONFIGS timed end to end; ``kernels``:
+    the KERNEL_CONFIGS too (clinical volume, first dtype); ``warmup``: one untimed run per volume first
+    (the file in the page cache, the kernels in numba's cache; the oSVD floor needs its AIF)."""
+
+    volumes: list[str]
+    dtypes: list[str]
+    repeats: int = 3
+    configs: tuple[str, ...] = tuple(CONFIGS)
+    kernels: bool = True
+    compile_time: bool = True
+    osvd_floor: bool = True
+    warmup: bool = True
+
+
+def quick_plan(repeats: int = 3) -> Plan:
+    """``perfusion bench --quick``: the clinical int16 volume, the default configuration only, ``repeats``
+    runs for a spread; no warm-up run (the median of three absorbs a first run that reads the file from
+    disk), no oSVD floor, no other kernels, no compile measurement. About ``repeats`` analyses."""
+    return Plan(volumes=["clinical"], dtypes=["int16"], repeats=repeats, configs=("default",), kernels=False,
+                compile_time=False, osvd_floor=False, warmup=False)
 
 
 @dataclass(frozen=True)
@@ -183,30 +228,56 @@ def _median(values: list[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 
 
-def measure_config(vol: Volume, config: str, extra: list[str], *, repeats: int, work: Path,
-                   progress=None) -> tuple[dict, list[dict]]:
-    runs = []
-    for _ in range(repeats):
-        runs.append(run_analyze(vol, work / f"{vol.name}-{vol.dtype}-{config}", extra))
-        if progress:
-            progress()
-    e2e = {"volume": vol.name, "dtype": vol.dtype, "config": config, "args": " ".join(extra),
-           "wall_s_median": round(_median([r["wall_s"] for r in runs]), 3),
-           "wall_s_runs": [round(r["wall_s"], 3) for r in runs],
-           "peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs), 1),
-           "input_float32_mb": round(vol.input_mb, 1)}
-    e2e["peak_over_input"] = round(e2e["peak_rss_mb"] / vol.input_mb, 2)
-    stages = []
-    names = list(runs[0]["timings_s"])
+def spread(values: list[float], digits: int = 4) -> dict:
+    """Median, minimum and maximum of run times (s), rounded: the spread that tells noise from a change."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return {"median": None, "min": None, "max": None}
+    return {"median": round(_median(vals), digits), "min": round(min(vals), digits), "max": round(max(vals), digits)}
+
+
+def measure_volume(vol: Volume, configs: dict[str, list[str]], *, repeats: int, work: Path,
+                   step=None) -> dict[str, list[dict]]:
+    """``repeats`` rounds of one ``run_analyze`` per configuration, in turn (A B C A B C ...): a drift
+    of the machine's load hits every configuration alike. Returns each configuration's runs."""
+    runs: dict[str, list[dict]] = {c: [] for c in configs}
+    for i in range(repeats):
+        if step:
+            step(f"{vol.name} {vol.dtype}: round {i + 1}/{repeats} of {', '.join(configs)}")
+        for config, extra in configs.items():
+            runs[config].append(run_analyze(vol, work / f"{vol.name}-{vol.dtype}-{config}", extra))
+    return runs
+
+
+def summarise_end_to_end(vol: Volume, config: str, extra: list[str], runs: list[dict]) -> dict:
+    """The end-to-end row of one configuration: wall and analysis seconds (all runs, median, min, max)
+    and the peak resident memory (the largest of the runs), also over the input's size in float32."""
+    walls = [r["wall_s"] for r in runs]
+    analysis = [sum(v for k, v in r["timings_s"].items() if k not in NOT_ANALYSIS) for r in runs]
+    w, a = spread(walls, 3), spread(analysis, 3)
+    peak = max(r["peak_rss_mb"] for r in runs)
+    return {"volume": vol.name, "dtype": vol.dtype, "config": config, "args": " ".join(extra),
+            "wall_s_median": w["median"], "wall_s_min": w["min"], "wall_s_max": w["max"],
+            "wall_s_runs": [round(x, 3) for x in walls],
+            "analysis_s_median": a["median"], "analysis_s_runs": [round(x, 3) for x in analysis],
+            "peak_rss_mb": round(peak, 1), "peak_rss_mb_runs": [round(r["peak_rss_mb"], 1) for r in runs],
+            "input_float32_mb": round(vol.input_mb, 1), "peak_over_input": round(peak / vol.input_mb, 2)}
+
+
+def summarise_stages(vol: Volume, config: str, runs: list[dict]) -> list[dict]:
+    """One row per stage of report.json ``timings_s``: all run times, median, min, max, and the
+    throughput at the median over the voxels analysed."""
+    rows = []
     voxels = runs[0]["voxels"]
-    for stage in names:
-        s = _median([r["timings_s"].get(stage, float("nan")) for r in runs])
-        stages.append({"volume": vol.name, "dtype": vol.dtype, "config": config, "stage": stage,
-                       "seconds_median": round(s, 4), "voxels": voxels,
-                       "voxels_per_s": round(voxels / s) if s > 0 else None})
-    e2e["analysis_s_median"] = round(sum(st["seconds_median"] for st in stages
-                                         if st["stage"] not in ("load", "motion", "anat")), 3)
-    return e2e, stages
+    for stage in runs[0]["timings_s"]:
+        times = [r["timings_s"].get(stage, float("nan")) for r in runs]
+        s = spread(times)
+        med = s["median"]
+        rows.append({"volume": vol.name, "dtype": vol.dtype, "config": config, "stage": stage,
+                     "seconds_median": med, "seconds_min": s["min"], "seconds_max": s["max"],
+                     "seconds_runs": [round(t, 4) for t in times], "voxels": voxels,
+                     "voxels_per_s": round(voxels / med) if med else None})
+    return rows
 
 
 def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
@@ -242,9 +313,12 @@ def measure_osvd_floor(vol: Volume, aif_tsv: Path, *, repeats: int) -> dict:
         t0 = time.perf_counter()
         _ = c @ pinv
         t_floor.append(time.perf_counter() - t0)
-    o, f = _median(t_osvd), _median(t_floor)
+    o, f = spread(t_osvd, 6), spread(t_floor, 6)
     return {"volume": vol.name, "dtype": vol.dtype, "voxels": int(c.shape[0]), "frames": int(c.shape[1]),
-            "osvd_s": round(o, 6), "floor_s": round(f, 6), "ratio": round(o / f, 2)}
+            "osvd_s": o["median"], "osvd_s_min": o["min"], "osvd_s_max": o["max"],
+            "osvd_s_runs": [round(t, 6) for t in t_osvd],
+            "floor_s": f["median"], "floor_s_min": f["min"], "floor_s_max": f["max"],
+            "floor_s_runs": [round(t, 6) for t in t_floor], "ratio": round(o["median"] / f["median"], 2)}
 
 
 def measure_compile(work: Path) -> dict:
@@ -284,41 +358,172 @@ def machine() -> dict:
             "platform": platform.platform(), "processor": platform.machine()}
 
 
-def run_bench(*, volumes: list[str], dtypes: list[str], repeats: int, kernels: bool, compile_time: bool,
-              cache: Path, on_step=None) -> dict:
-    """Every measurement; returns the JSON-able result."""
+def load_avg_1min() -> float | None:
+    """The 1-minute load average; None where the system does not keep one."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def read_proc_stat(path: str = "/proc/stat") -> str | None:
+    """The text of /proc/stat; None where there is none (not Linux)."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_steal_jiffies(text: str | None) -> tuple[int, int] | None:
+    """(steal, total) clock ticks of all CPUs from /proc/stat's ``cpu`` line (user nice system idle
+    iowait irq softirq steal ...); None without that line or its steal field."""
+    for line in (text or "").splitlines():
+        fields = line.split()
+        if fields[:1] == ["cpu"]:
+            try:
+                ticks = [int(x) for x in fields[1:9]]
+            except ValueError:
+                return None
+            return (ticks[7], sum(ticks)) if len(ticks) == 8 else None
+    return None
+
+
+def steal_percent(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of CPU time the hypervisor took between two readings of ``cpu_steal_jiffies``, %."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return 100.0 * max(after[0] - before[0], 0) / (after[1] - before[1])
+
+
+def machine_state(*, load_avg: float | None, cpus: int | None, steal_pct: float | None) -> dict:
+    """Busy or not, from the load average before the start (above LOAD_BUSY_PER_CPU per CPU) and the CPU
+    steal over the run (above STEAL_BUSY_PCT %); either may be None (not measurable here: not judged).
+    ``why``: a phrase for the warning, None when not busy."""
+    why = []
+    if load_avg is not None and cpus and load_avg > LOAD_BUSY_PER_CPU * cpus:
+        why.append(f"load average {load_avg:.2f} on {cpus} CPUs before the start")
+    if steal_pct is not None and steal_pct > STEAL_BUSY_PCT:
+        why.append(f"{steal_pct:.1f} % of the CPU time stolen by the hypervisor during the run")
+    return {"busy": bool(why), "load_avg": None if load_avg is None else round(load_avg, 2),
+            "steal_pct": None if steal_pct is None else round(steal_pct, 2), "why": "; ".join(why) or None}
+
+
+def run_bench(plan: Plan, *, cache: Path, on_step=None) -> dict:
+    """Every measurement of ``plan``; returns the JSON-able result, the machine's state included."""
     cache.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="perfusion-bench-"))
+    load_before, stat_before = load_avg_1min(), cpu_steal_jiffies(read_proc_stat())
     result: dict[str, Any] = {
         "schema": SCHEMA, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine(), "settings": {"repeats": repeats, "volumes": volumes, "dtypes": dtypes},
+        "machine": machine(), "settings": {"repeats": plan.repeats, "volumes": plan.volumes, "dtypes": plan.dtypes,
+                                           "configs": list(plan.configs), "kernels": plan.kernels,
+                                           "warmup": plan.warmup or plan.osvd_floor},
         "volumes": {}, "end_to_end": [], "stages": [], "osvd_floor": [], "compile": None}
     step = on_step or (lambda msg: None)
     try:
-        if compile_time:
+        if plan.compile_time:
             step("numba compile: cold and warm cache")
             result["compile"] = measure_compile(work)
-        for name in volumes:
-            for dtype in dtypes:
-                step(f"volume {name} {dtype}: building or reading the cache")
-                vol = build_volume(name, dtype, cache)
-                result["volumes"][f"{name}-{dtype}"] = {"shape": list(vol.shape), "dtype": dtype,
-                                                         "input_float32_mb": round(vol.input_mb, 1)}
-                # one untimed run: the page cache holds the file and numba's cache the kernels
-                run_analyze(vol, work / "warmup", ["--motion-correct", "off"])
-                if dtype == dtypes[0]:
-                    step(f"{name}: oSVD against one fixed-threshold matrix product")
-                    result["osvd_floor"].append(measure_osvd_floor(vol, work / "warmup" / "aif.tsv", repeats=repeats))
-                for config, extra in CONFIGS.items():
-                    step(f"{name} {dtype}: analyze {config} x {repeats}")
-                    e2e, stages = measure_config(vol, config, extra, repeats=repeats, work=work)
-                    result["end_to_end"].append(e2e)
-                    result["stages"] += stages
-                if kernels and name == "clinical" and dtype == dtypes[0]:
-                    for config, extra in KERNEL_CONFIGS.items():
-                        step(f"{name} {dtype}: analyze {config}")
-                        _, stages = measure_config(vol, config, extra, repeats=max(1, repeats // 2), work=work)
-                        result["stages"] += stages
+        for name in plan.volumes:
+            for dtype in plan.dtypes:
+                _bench_volume(plan, name, dtype, cache=cache, work=work, result=result, step=step)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    steal = steal_percent(stat_before, cpu_steal_jiffies(read_proc_stat()))
+    result["machine"].update(machine_state(load_avg=load_before, cpus=os.cpu_count(), steal_pct=steal))
     return result
+
+
+def _bench_volume(plan: Plan, name: str, dtype: str, *, cache: Path, work: Path, result: dict, step) -> None:
+    """One volume in one dtype: build or read it, the optional warm-up and oSVD floor, then the
+    configurations in turn; the rows go into ``result``."""
+    step(f"volume {name} {dtype}: building or reading the cache")
+    vol = build_volume(name, dtype, cache)
+    result["volumes"][f"{name}-{dtype}"] = {"shape": list(vol.shape), "dtype": dtype,
+                                             "input_float32_mb": round(vol.input_mb, 1)}
+    if plan.warmup or plan.osvd_floor:
+        # one untimed run: the page cache holds the file and numba's cache the kernels
+        run_analyze(vol, work / "warmup", ["--motion-correct", "off"])
+    if plan.osvd_floor and dtype == plan.dtypes[0]:
+        step(f"{name}: oSVD against one fixed-threshold matrix product")
+        result["osvd_floor"].append(measure_osvd_floor(vol, work / "warmup" / "aif.tsv", repeats=plan.repeats))
+    configs = {c: CONFIGS[c] for c in plan.configs}
+    if plan.kernels and name == "clinical" and dtype == plan.dtypes[0]:
+        configs.update(KERNEL_CONFIGS)
+    runs = measure_volume(vol, configs, repeats=plan.repeats, work=work, step=step)
+    for config, extra in configs.items():
+        if config in plan.configs:
+            result["end_to_end"].append(summarise_end_to_end(vol, config, extra, runs[config]))
+        result["stages"] += summarise_stages(vol, config, runs[config])
+
+
+# ------------------------------------------------------------------------- against a saved baseline
+
+
+def median_rows(result: dict) -> dict[str, float | None]:
+    """Each end-to-end row's median wall (s) and each stage's median (s) by key
+    ``volume-dtype/config/end_to_end`` or ``volume-dtype/config/STAGE``; KeyError or TypeError when
+    ``result`` is not shaped as ``run_bench``'s."""
+    rows: dict[str, float | None] = {}
+    for r in result["end_to_end"]:
+        rows[f"{r['volume']}-{r['dtype']}/{r['config']}/end_to_end"] = _seconds(r["wall_s_median"])
+    for r in result["stages"]:
+        rows[f"{r['volume']}-{r['dtype']}/{r['config']}/{r['stage']}"] = _seconds(r["seconds_median"])
+    return rows
+
+
+def _seconds(value: Any) -> float | None:
+    """A median from JSON: a finite number >= 0, None (NaN written as null), else TypeError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise TypeError(f"{value!r} is not a time in s")
+    return float(value)
+
+
+def load_baseline(path: Path) -> dict:
+    """A saved ``perfusion bench --json`` result of this schema; ValueError with a short reason
+    (unreadable, not JSON, another schema, not a bench result) otherwise."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError("is not JSON") from None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    if schema != SCHEMA:
+        raise ValueError(f"has schema {schema!r}, not {SCHEMA!r}: measure the baseline again with this version")
+    try:
+        median_rows(data)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"is not a perfusion bench result ({type(exc).__name__}: {exc})") from None
+    return data
+
+
+def compare(result: dict, baseline: dict, *, fail_above: float | None = None, floor_s: float = FLOOR_S) -> dict:
+    """Each row's median now against the baseline's (ratio now / baseline; above 1 slower). Status:
+    "slower" when the ratio exceeds ``fail_above`` and the row got at least ``floor_s`` slower (a
+    failure); "short" when both medians are under ``floor_s`` (not judged: noise); "ok"; "only in
+    baseline" / "only now" for rows on one side and "no value" for a NaN median (listed, never failed)."""
+    now, base = median_rows(result), median_rows(baseline)
+    rows = []
+    for key in [*base, *(k for k in now if k not in base)]:
+        b, n = base.get(key), now.get(key)
+        ratio = n / b if b and n is not None else None
+        if key not in base or key not in now:
+            status = "only now" if key not in base else "only in baseline"
+        elif b is None or n is None:
+            status = "no value"
+        elif max(b, n) < floor_s:
+            status = "short"
+        elif fail_above is not None and n - b >= floor_s and (ratio is None or ratio > fail_above):
+            status = "slower"
+        else:
+            status = "ok"
+        rows.append({"key": key, "baseline_s": b, "now_s": n, "ratio": None if ratio is None else round(ratio, 3),
+                     "status": status})
+    failed = [r["key"] for r in rows if r["status"] == "slower"]
+    return {"fail_above": fail_above, "floor_s": floor_s, "rows": rows, "failed": failed,
+            "baseline_machine": {k: baseline.get("machine", {}).get(k) for k in ("cpus", "processor", "platform")},
+            "baseline_created_utc": baseline.get("created_utc")}
