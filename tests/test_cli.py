@@ -15,8 +15,9 @@ import pytest
 from perfusion.cli.app import main
 
 MAPS = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "ttp": "s", "tmax": "s", "rcbv": "ratio",
-        "brain_mask": "mask", "aif_mask": "mask", "gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s",
-        "gv_quality": "ratio", "ftb": "label", "srcbv": "standardized units"}
+        "brain_mask": "mask", "aif_mask": "mask", "ftb": "label", "srcbv": "standardized units"}
+#: Written with --gamma-maps only (tests/test_gamma_maps.py).
+GV_MAPS = {"gv_cbv": "mL/100 g", "gv_peak": "1/s", "gv_ttp": "s", "gv_fwhm": "s", "gv_quality": "ratio"}
 
 
 def _analyze(case, out, *extra):
@@ -37,6 +38,7 @@ def test_output_contract(analyzed, phantom_case):
         assert img.shape == phantom_case_shape(phantom_case)
         side = json.loads((analyzed / f"{name}.json").read_text())
         assert side["Units"] == unit and side["Description"]
+    assert not any((analyzed / f"{name}.nii.gz").exists() for name in GV_MAPS)
     assert "method" in json.loads((analyzed / "cbv.json").read_text())["Parameters"]
     header, *rows = (analyzed / "aif.tsv").read_text().splitlines()
     assert header.split("\t") == ["time_s", "delta_r2s"]
@@ -216,7 +218,7 @@ def test_recirculation_remove_uses_first_passes(phantom_case, tmp_path):
     """--recirculation remove deconvolves the gamma-variate first passes: its CBV map is the fitted
     first-pass ratio (gv_cbv) wherever the tissue fit is valid, NaN elsewhere; recorded in the report."""
     out = tmp_path / "rr"
-    assert _analyze(phantom_case, out, "--recirculation", "remove", "--aif", str(phantom_case["aif"])) == 0
+    assert _analyze(phantom_case, out, "--recirculation", "remove", "--aif", str(phantom_case["aif"]), "--gamma-maps") == 0
     cbv = np.asarray(nib.load(out / "cbv.nii.gz").dataobj)
     gv = np.asarray(nib.load(out / "gv_cbv.nii.gz").dataobj)
     both = np.isfinite(gv) & np.isfinite(cbv)
@@ -279,7 +281,7 @@ def test_analysis_option_defaults_are_the_configs():
     batch = {k: p.default for k, p in _click_params("batch").items()}
     assert list(batch_params(batch)) == ["method", "leakage", "leakage_gate", "aif_selection", "vof", "rcbv_low",
                                          "rcbv_high", "te", "tr", "motion_correct", "weeks_since_radiation",
-                                         "bevacizumab", "steroids"]
+                                         "bevacizumab", "steroids", "gamma_maps"]
 
 
 def test_shared_options_share_their_help():

@@ -150,7 +150,7 @@ def make_config(*, method: Method = "model", threshold: float | None = None, oi_
                 rcbv_high: float = 1.75, aif_voxels: int = 10, aif_selection: AifSelection = "cluster",
                 vof: str = "guarded", recirculation: Recirculation = "keep",
                 weeks_since_radiation: float | None = None, motion_correct: MotionMode = "auto",
-                bevacizumab: bool = False, steroids: bool = False):
+                bevacizumab: bool = False, steroids: bool = False, gamma_maps: bool = False):
     """The Config of the command-line options (a --vof mask file becomes "mask"), validated as it is
     made (UsageError: the option strings are typed as Config's choices, which Config checks)."""
     from perfusion.config import VOF_WITHOUT_FILE, Config
@@ -162,7 +162,7 @@ def make_config(*, method: Method = "model", threshold: float | None = None, oi_
                   aif_selection=aif_selection, vof=vof_mode,
                   recirculation=recirculation, weeks_since_radiation=weeks_since_radiation,
                   rcbv_low=rcbv_low, rcbv_high=rcbv_high, motion_correct=motion_correct, bevacizumab=bevacizumab,
-                  steroids=steroids)
+                  steroids=steroids, gamma_maps=gamma_maps)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,9 @@ class Config:
     aif_selection: AifSelection = "cluster"
     vof: VofMode = "guarded"
     recirculation: Recirculation = "keep"
+    # --gamma-maps: fit the gamma variate to every voxel and write the gv_* maps; without it, only the
+    # voxels the ROI scores read (the ROIs' and the reference's: relative peak height) are fitted
+    gamma_maps: bool = False
     weeks_since_radiation: float | None = None  # context for the verdict (pseudoprogression window)
     bevacizumab: bool = False  # under bevacizumab (lowers rCBV): a low rCBV is at most indeterminate
     steroids: bool = False  # under corticosteroids (lower rCBV): a low rCBV is at most indeterminate

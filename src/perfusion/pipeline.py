@@ -33,7 +33,8 @@ GV_CBV_CHOICE = ("measured on the phantom (recirculation and an 8 % plateau in t
                  "median block error 3.5 %, fitted first-pass CBV 9.5 % (the plateau under the first pass is fitted "
                  "into it) with 29 % of tissue voxels unfittable")
 
-#: Maps from the voxel-wise gamma-variate fit (gammafit.py).
+#: Maps from the voxel-wise gamma-variate fit (gammafit.py), in Result.maps and written only with
+#: Config.gamma_maps (--gamma-maps).
 GV_MAPS = ("gv_cbv", "gv_peak", "gv_ttp", "gv_fwhm", "gv_quality")
 
 #: report.json "brain" "source" of the automatic brain mask (signal.auto_brain_mask).
@@ -151,7 +152,7 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     aif_mask = vox.mask_of(aif_rows)
     stages.lap("aif")
 
-    # -- gamma-variate first pass of the AIF (for the gv_* maps and --recirculation remove)
+    # -- gamma-variate first pass of the AIF (for the gv_cbv map and --recirculation remove)
     gv_aif, aif_used, gv_notes = _aif_first_pass(inputs, config, vox, aif_curve)
     notes += gv_notes
     stages.lap("gamma_variate")
@@ -163,14 +164,12 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
     notes += leak_notes
     stages.lap("leakage")
 
-    # -- maps, chunk by chunk (leakage correction, gamma-variate fit, deconvolution)
+    # -- maps, chunk by chunk (leakage correction, gamma-variate fit where every voxel's is needed, deconvolution)
     out, fit_status, leak = _chunk_maps(vox, config, op, plan, aif_curve=aif_curve, aif_used=aif_used, gv_aif=gv_aif,
                                         stages=stages)
-    aif = replace(aif, gamma_variate=_aif_gamma_variate(gv_aif, aif_curve, out["gv_quality"][vox.brain_rows],
-                                                        tr=s.tr, config=config))
     fit_info = _fit_info(config.method, fit_status[vox.brain_rows], out, vox.brain_rows)
     stages.lap("maps")
-    volumes = {k: vox.volume(vals) for k, vals in out.items()}
+    volumes = {k: vox.volume(vals) for k, vals in out.items() if config.gamma_maps or k not in GV_MAPS}
 
     # -- reference tissue, rCBV and standardised rCBV
     vessels = _vessels(inputs, vox, aif_mask, vof_rows)  # the vessel gates of the reference and the lesions
@@ -182,13 +181,23 @@ def _analyze(inputs: Inputs, config: Config) -> Result:
         volumes["srcbv"] = srcbv
     ref = replace(ref, standardized=standardized)
     notes += std_notes
+    stages.lap("reference_rois")
+
+    # -- the gamma-variate fit of the voxels the ROI scores read (the ROIs' and the reference's), the same
+    # with and without --gamma-maps; report.json's share of the fitted brain voxels whose fit succeeded
+    gv_rows = vox.rows_of(ref_mask | _any_roi(inputs.rois, vox.shape)) if inputs.rois else np.array([], np.intp)
+    gv_region = _region_gamma_variate(vox, config, plan, gv_rows, aif_curve=aif_curve)
+    aif = replace(aif, gamma_variate=_aif_gamma_variate(gv_aif, aif_curve, _tissue_fits(config, vox, out, gv_region),
+                                                        tr=s.tr, config=config))
+    stages.lap("gamma_variate")
 
     # -- ROIs: leakage sensitivity and bootstrap interval on the ROI and reference rows only, then the verdicts
     scores = []
     if inputs.rois:
         scores, ref, volumes["rcbv"] = _score_rois(inputs, config, vox, volumes, plan=plan, ref=ref, ref_mask=ref_mask,
                                                    aif_curve=aif_curve, aif_used=aif_used,
-                                                   aif_quality=aif.quality_score, vessels=vessels)
+                                                   aif_quality=aif.quality_score, vessels=vessels,
+                                                   gv_peak=vox.volume(gv_region["gv_peak"]))
         volumes["ftb"] = _ftb(inputs.rois, volumes["rcbv"], config)
 
     # -- mean curves of the reference and the ROIs, before and after leakage correction (for the report)
@@ -535,20 +544,46 @@ def _aif_first_pass(inputs: Inputs, config: Config, vox: _Voxels, aif_curve: np.
         if not ok:
             raise InputError(f"{s.path}: the gamma-variate fit of the AIF failed; run without --recirculation remove")
         aif_used = gammafit.evaluate(gv_aif, vox.t_frames)[0]
-    return gv_aif, aif_used, ([] if ok else ["the gamma-variate fit of the AIF failed: the gv_* maps are empty"])
+    failed = "the gamma-variate fit of the AIF failed" + (": the gv_cbv map is empty" if config.gamma_maps else "")
+    return gv_aif, aif_used, ([] if ok else [failed])
 
 
-def _aif_gamma_variate(gv_aif, aif_curve: np.ndarray, gv_quality_brain: np.ndarray, *, tr: float,
+def _aif_gamma_variate(gv_aif, aif_curve: np.ndarray, tissue: tuple[np.ndarray, str], *, tr: float,
                        config: Config) -> AifGammaVariate:
-    """report.json "aif" "gamma_variate": the AIF's fit and the share of brain voxels whose own fit
-    succeeded (``gv_quality_brain``: the gv_quality map's brain rows, NaN where the fit failed)."""
-    gv_ok = np.isfinite(gv_quality_brain)
+    """report.json "aif" "gamma_variate": the AIF's fit and the share of the fitted brain voxels whose
+    own fit succeeded (``tissue``: their fit quality, NaN where the fit failed, and which voxels they
+    are: _tissue_fits); NaN (null) when no brain voxel was fitted."""
+    quality, fitted = tissue
+    gv_ok = np.isfinite(quality)
     return AifGammaVariate(valid=bool(gv_aif.valid[0]), first_pass_area=float(gv_aif.area[0]),
                            trapezoid_area=float(maps.trapezoid(aif_curve, dx=tr)),
                            quality_nrmse=float(gv_aif.quality[0]),
-                           tissue_valid_fraction=float(gv_ok.mean()) if gv_ok.size else 0.0,
+                           tissue_valid_fraction=float(gv_ok.mean()) if gv_ok.size else float("nan"),
+                           tissue_fitted=fitted, tissue_fitted_voxels=int(gv_ok.size),
                            default_cbv="trapezoid" if config.recirculation == "keep" else "gamma-variate first pass",
                            why=GV_CBV_CHOICE)
+
+
+def _fits_every_voxel(config: Config) -> bool:
+    """Whether the chunk loop fits the gamma variate to every voxel: for the gv_* maps (--gamma-maps), and
+    for --recirculation remove, which deconvolves every voxel's fitted first pass."""
+    return config.gamma_maps or config.recirculation == "remove"
+
+
+def _tissue_fits(config: Config, vox: _Voxels, out: dict[str, np.ndarray],
+                 region: dict[str, np.ndarray]) -> tuple[np.ndarray, str]:
+    """The fit quality (NaN where the fit failed) of the brain voxels whose gamma variate was fitted, and
+    report.json's words for which they are: every brain voxel when the chunk loop fitted them all
+    (_fits_every_voxel), else those of the ROIs and the reference that lie in the brain (``region``:
+    _region_gamma_variate), none without an ROI."""
+    if _fits_every_voxel(config):
+        why = "--gamma-maps" if config.gamma_maps else "--recirculation remove"
+        return out["gv_quality"][vox.brain_rows], f"every brain voxel ({why})"
+    quality = region["gv_quality"][vox.brain_rows]
+    fitted = region["fitted"][vox.brain_rows]
+    if not fitted.any():
+        return quality[fitted], "none (no ROI: nothing reads the fit; --gamma-maps fits every voxel)"
+    return quality[fitted], "the ROIs' and the reference's voxels (--gamma-maps fits every voxel)"
 
 
 # ============================================================================ deconvolution
@@ -743,42 +778,89 @@ def _leakage_entry(plan: _LeakagePlan, *, n_applied: int, r2_values: list[np.nda
 def _chunk_maps(vox: _Voxels, config: Config, op, plan: _LeakagePlan, *, aif_curve, aif_used, gv_aif,
                 stages: Stages) -> tuple[dict[str, np.ndarray], np.ndarray, Leakage]:
     """Every map's values per row (float32 (n_vox,), NaN where not computed), ``config.chunk_voxels``
-    rows at a time: leakage correction, gamma-variate fit, deconvolution (``quantify``). Returns them,
-    the model's fit status per row and report.json's "leakage". ``aif_curve``: the AIF (1/s) the
-    leakage correction and CBV uncorrected use; ``aif_used``: the one deconvolved (1/s)."""
+    rows at a time: leakage correction, gamma-variate fit (GV_MAPS, only where every voxel's fit is
+    needed: _fits_every_voxel), deconvolution (``quantify``). Returns them, the model's fit status per
+    row and report.json's "leakage". ``aif_curve``: the AIF (1/s) the leakage correction and CBV
+    uncorrected use; ``aif_used``: the one deconvolved (1/s)."""
     s = vox.series
     n_vox = vox.n_vox
+    fit_gamma = _fits_every_voxel(config)
     leakage_maps = ("k2", "cbv_uncorrected") if config.leakage != "none" else ()
-    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *GV_MAPS, *leakage_maps)
+    names = ("cbv", "cbf", "mtt", "ttp", "tmax", *(GV_MAPS if fit_gamma else ()), *leakage_maps)
     out = {k: np.full(n_vox, np.nan, np.float32) for k in names}
     fit_status = np.full(n_vox, np.nan, np.float32)  # modelfit.STATUS_* (model only)
     n_applied, r2_values = 0, []
-    gv_aif_ok = bool(gv_aif.valid[0])
     for lo in range(0, n_vox, config.chunk_voxels):
         sl = slice(lo, min(lo + config.chunk_voxels, n_vox))
         c = vox.dr2s[sl].astype(np.float64)
         if plan.method != "none":
-            fit = plan.correct(c, in_lesion=plan.in_lesion[sl], tr=s.tr, aif=aif_curve, baseline=vox.bl)
-            out["k2"][sl] = np.where(fit.valid, fit.k2, np.nan)
             out["cbv_uncorrected"][sl] = maps.cbv(c, aif_curve, tr=s.tr, kh=config.kh, rho=config.rho)
-            c = np.where(fit.valid[:, None], fit.corrected, c)
+            c, fit = _corrected(c, plan, plan.in_lesion[sl], vox=vox, aif_curve=aif_curve)
+            out["k2"][sl] = np.where(fit.valid, fit.k2, np.nan)
             n_applied += int(fit.applied.sum())
             r2_values.append(fit.r2[fit.valid])
         stages.lap("leakage")
-        gv = gammafit.fit_gamma_variate(c, tr=s.tr, t_first=vox.t_first_s)
-        c_used = gammafit.evaluate(gv, vox.t_frames) if config.recirculation == "remove" else c
+        c_used = c
+        if fit_gamma:
+            gv = gammafit.fit_gamma_variate(c, tr=s.tr, t_first=vox.t_first_s)
+            c_used = gammafit.evaluate(gv, vox.t_frames) if config.recirculation == "remove" else c
+            _put_gamma_maps(out, sl, gv, gv_aif, config)
         stages.lap("gamma_variate")
         for key, values in quantify(op, c_used, aif_used, tr=s.tr, config=config).items():
             (fit_status if key == "fit_status" else out[key])[sl] = values
         stages.lap("deconvolution")
         out["ttp"][sl] = maps.ttp(c, tr=s.tr) + vox.t_first_s
-        if gv_aif_ok:
-            out["gv_cbv"][sl] = cbv_scale(config.kh, config.rho) * gv.area / gv_aif.area[0]
-        out["gv_peak"][sl] = gv.peak
-        out["gv_ttp"][sl] = gv.ttp
-        out["gv_fwhm"][sl] = gv.fwhm
-        out["gv_quality"][sl] = gv.quality
     return out, fit_status, _leakage_entry(plan, n_applied=n_applied, r2_values=r2_values, n_vox=n_vox)
+
+
+def _corrected(c: np.ndarray, plan: _LeakagePlan, in_lesion: np.ndarray, *, vox: _Voxels, aif_curve: np.ndarray):
+    """Rows ``c`` (delta R2*, 1/s, float64 (n, n_t)) corrected for leakage by the plan (``in_lesion``:
+    bool (n,), the rows in lesion ROIs), each left as measured where the correction was not valid or
+    not applied; and the leakage.LeakageFit."""
+    fit = plan.correct(c, in_lesion=in_lesion, tr=vox.series.tr, aif=aif_curve, baseline=vox.bl)
+    return np.where(fit.valid[:, None], fit.corrected, c), fit
+
+
+def _put_gamma_maps(out: dict[str, np.ndarray], sl, gv, gv_aif, config: Config) -> None:
+    """The GV_MAPS values of the rows ``sl`` from their gammafit.GammaFit ``gv``; gv_cbv (mL/100 g) only
+    when the AIF's own fit ``gv_aif`` is valid (it is the ratio of the two first-pass areas)."""
+    if bool(gv_aif.valid[0]):
+        out["gv_cbv"][sl] = cbv_scale(config.kh, config.rho) * gv.area / gv_aif.area[0]
+    out["gv_peak"][sl] = gv.peak
+    out["gv_ttp"][sl] = gv.ttp
+    out["gv_fwhm"][sl] = gv.fwhm
+    out["gv_quality"][sl] = gv.quality
+
+
+def _any_roi(rois: dict[str, np.ndarray], shape: tuple[int, int, int]) -> np.ndarray:
+    """The union of the ROI masks (bool x y z)."""
+    union = np.zeros(shape, bool)
+    for m in rois.values():
+        union |= m
+    return union
+
+
+def _region_gamma_variate(vox: _Voxels, config: Config, plan: _LeakagePlan, rows: np.ndarray, *,
+                          aif_curve: np.ndarray) -> dict[str, np.ndarray]:
+    """The gamma-variate fit of ``rows`` (the ROIs' and the reference's), ``config.chunk_voxels`` at a
+    time, of their curves corrected for leakage as the chunk loop corrects them: "gv_peak" (1/s) and
+    "gv_quality" per row (float32 (n_vox,), NaN outside ``rows`` and where the fit failed) and "fitted"
+    (bool (n_vox,)). Run the same way with and without --gamma-maps, so that the ROI scores do not depend
+    on it: the leakage correction's products may round a row's last bit differently among other rows
+    (measured with the bidirectional model: 1e-16), and the chunk loop groups the rows differently."""
+    s = vox.series
+    out = {k: np.full(vox.n_vox, np.nan, np.float32) for k in ("gv_peak", "gv_quality")}
+    fitted = np.zeros(vox.n_vox, bool)
+    for lo in range(0, rows.size, config.chunk_voxels):
+        part = rows[lo: lo + config.chunk_voxels]
+        c = vox.dr2s[part].astype(np.float64)
+        if plan.method != "none":
+            c, _ = _corrected(c, plan, plan.in_lesion[part], vox=vox, aif_curve=aif_curve)
+        gv = gammafit.fit_gamma_variate(c, tr=s.tr, t_first=vox.t_first_s)
+        out["gv_peak"][part] = gv.peak
+        out["gv_quality"][part] = gv.quality
+        fitted[part] = True
+    return {**out, "fitted": fitted}
 
 
 def _fit_info(method: str, status: np.ndarray, out: dict, brain_rows: np.ndarray) -> dict:
@@ -896,10 +978,13 @@ class _Sensitivity:
 
 
 def _score_rois(inputs: Inputs, config: Config, vox: _Voxels, volumes: dict[str, np.ndarray], *, plan: _LeakagePlan,
-                ref: Reference, ref_mask: np.ndarray, aif_curve, aif_used, aif_quality: float, vessels: np.ndarray):
+                ref: Reference, ref_mask: np.ndarray, aif_curve, aif_used, aif_quality: float, vessels: np.ndarray,
+                gv_peak: np.ndarray):
     """The ROI stage: the leakage sensitivity and the bootstrap interval on the ROI and reference rows
-    only, then each ROI's score and verdict (roi.decide). Returns (the scores, the reference entry with
-    its medians by correction, the rCBV map: divided by the reference corrected alike when it is)."""
+    only, then each ROI's score and verdict (roi.decide). ``gv_peak``: the fitted gamma variate's peak
+    (1/s, x y z) in the ROIs and the reference (_region_gamma_variate), for the relative peak height.
+    Returns (the scores, the reference entry with its medians by correction, the rCBV map: divided by
+    the reference corrected alike when it is)."""
     s = vox.series
     key = leakage_key(plan.method, config.leakage_gate)
     roi_rows = {name: vox.rows_of(m) for name, m in inputs.rois.items()}
@@ -920,8 +1005,8 @@ def _score_rois(inputs: Inputs, config: Config, vox: _Voxels, volumes: dict[str,
     ref = replace(ref, cbv_median_by_leakage=ref_med)
     sens = _Sensitivity(key=key, cbv=sens_cbv, r2=sens_r2, n_ref=ref_rows.size, ref_median=ref_med, pooled=pooled,
                         ref_boot=ref_boot)
-    volumes = {**volumes, "rcbv": rcbv}
-    gv_ref = volumes["gv_peak"][ref_mask]
+    volumes = {**volumes, "rcbv": rcbv, "gv_peak": gv_peak}
+    gv_ref = gv_peak[ref_mask]
     ref_peak = float(np.nanmedian(gv_ref)) if np.isfinite(gv_ref).any() else np.nan
     scores, start = [], ref_rows.size
     for name, m in inputs.rois.items():

@@ -96,11 +96,15 @@ class VenousOutput:
 class AifGammaVariate:
     """report.json "aif" "gamma_variate": the gamma-variate fit of the AIF's first pass and of the tissue."""
 
-    valid: bool  # the AIF's fit succeeded (else the gv_* maps are empty)
+    valid: bool  # the AIF's fit succeeded (else the gv_cbv map, with --gamma-maps, is empty)
     first_pass_area: float = _f("1/s x s")  # area of the fitted first pass of the AIF
     trapezoid_area: float = _f("1/s x s")  # trapezoid area of the measured AIF (recirculation included)
     quality_nrmse: float = _f("ratio")  # RMS residual in the fit window / fitted peak
-    tissue_valid_fraction: float = _f("fraction")  # brain voxels whose fit succeeded
+    # of the brain voxels whose own fit was run (tissue_fitted: every brain voxel with --gamma-maps or
+    # --recirculation remove, else the ROIs' and the reference's), the share whose fit succeeded; null if none
+    tissue_valid_fraction: float = _f("fraction")
+    tissue_fitted: str = _f()  # which voxels were fitted, in words (pipeline._tissue_fits)
+    tissue_fitted_voxels: int = _f("voxels")  # brain voxels fitted (tissue_valid_fraction's denominator)
     default_cbv: str = _f()  # what cbv.nii.gz is: "trapezoid" or "gamma-variate first pass"
     why: str = _f()  # why (pipeline.GV_CBV_CHOICE)
 

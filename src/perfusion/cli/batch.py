@@ -20,6 +20,7 @@ from perfusion.cli.options import (
     BatchTr,
     BatchVof,
     BatchWeeksSinceRadiation,
+    GammaMaps,
     LeakageGate,
     MotionCorrect,
     RcbvHigh,
@@ -65,6 +66,7 @@ def batch(
     weeks_since_radiation: BatchWeeksSinceRadiation = None,
     bevacizumab: BatchBevacizumab = False,
     steroids: BatchSteroids = False,
+    gamma_maps: GammaMaps = False,
     quiet: BatchQuiet = False,
 ) -> None:
     """Analyse every case of a dataset; resumable (done cases are skipped), on Dask for --jobs > 1.

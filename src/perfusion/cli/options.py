@@ -173,6 +173,10 @@ Vof = Annotated[str, typer.Option(
 BatchVof = Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: guarded (default), auto or none.")]
 Recirculation = Annotated[str, typer.Option(
     help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")]
+GammaMaps = Annotated[bool, typer.Option(
+    "--gamma-maps", help="Also fit a gamma variate to every voxel's first pass and write the gv_* maps (first-pass "
+                         "CBV, peak, TTP, FWHM, fit quality). Without it only the ROIs' and the reference's voxels "
+                         "are fitted (for the relative peak height); every other output is the same.")]
 MotionCorrect = Annotated[str, typer.Option(
     help="Head motion: auto (default: register every frame to the baseline and realign frames displaced by more "
          "than 0.5 mm), on (realign every frame displaced by more than 0.25 mm) or off (no estimate). Writes "

@@ -28,6 +28,7 @@ MAP_UNITS = {
     "rcbv": ("ratio", "Relative CBV: CBV / median CBV of the reference tissue"),
     "srcbv": ("standardized units", "Standardised rCBV (Bedekar 2010, no reference tissue): the brain's CBV "
                                     "percentiles 1, 50 and 99.8 mapped piecewise linearly onto 0, 1000 and 4095"),
+    # the gamma-variate maps: in the Result, and so written, only with --gamma-maps (Config.gamma_maps)
     "gv_cbv": ("mL/100 g", "First-pass CBV: kH/rho * fitted gamma-variate area of the tissue / of the AIF * 100"),
     "gv_peak": ("1/s", "Peak delta R2* of the fitted gamma variate"),
     "gv_ttp": ("s", "Time to peak of the fitted gamma variate, from the first frame"),
