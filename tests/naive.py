@@ -18,7 +18,8 @@ def oscillation_index(b):
 
 def osvd_search(x, s, vt, k_max, oi_target, ends=None):
     """For each voxel, the residue with the largest k <= k_max that ends a group of equal singular values
-    (``ends[k - 1]``; every k when None) and whose OI <= target (the first such k if none)."""
+    (``ends[k - 1]``; every k when None) and whose OI <= target (the first such k if none; k = 0 and a zero
+    residue if no group ends within k_max). Voxels with a projection that is not finite: NaN and k = 0."""
     ends = np.ones(len(s), bool) if ends is None else np.asarray(ends, bool)
     n_vox, length = x.shape
     out_b = np.full((n_vox, length), np.nan)
@@ -26,6 +27,7 @@ def osvd_search(x, s, vt, k_max, oi_target, ends=None):
     for v in range(n_vox):
         if not np.all(np.isfinite(x[v])):
             continue
+        out_b[v] = 0.0
         for k in range(1, k_max + 1):
             if not ends[k - 1]:
                 continue

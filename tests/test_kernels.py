@@ -5,7 +5,7 @@ import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
 from conftest import KERNEL_RTOL
-from naive import osvd_search, oscillation_index
+from naive import NOJIT, osvd_search, oscillation_index
 from perfusion._kernels import deconv as _kernels
 from perfusion.quantify.deconvolution import aif_matrix, group_ends
 
@@ -18,24 +18,20 @@ def _operator(n=40, tr=1.5, seed=0):
 
 
 def _run(x, s, vt, k_max, target, ends=None):
+    """The kernel on projections x (n_vox, L), given to it one voxel per column as deconvolve does."""
     out_b = np.empty((x.shape[0], x.shape[1]))
     out_k = np.empty(x.shape[0], dtype=np.int64)
     ends = np.ones(s.size, np.uint8) if ends is None else ends
-    _kernels._osvd_search(x, s, vt, ends, k_max, target, out_b, out_k)
+    _kernels._osvd_search(np.ascontiguousarray(x.T), s, vt, ends, k_max, target, out_b, out_k)
     return out_b, out_k
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_oscillation_index_matches_numpy(seed):
-    rng = np.random.default_rng(seed)
-    for b in (rng.standard_normal(80), np.abs(rng.standard_normal(3)), np.linspace(1, 0, 50)):
-        assert_allclose(_kernels._oscillation_index(b), oscillation_index(b), rtol=KERNEL_RTOL)
-
-
-def test_oscillation_index_non_positive_max_is_inf():
-    assert _kernels._oscillation_index(np.zeros(10)) == np.inf
-    assert _kernels._oscillation_index(-np.ones(10)) == np.inf
+def test_oscillation_index_twin():
+    """The twin's OI: sum |second difference| / (L max b), inf where max b <= 0."""
+    b = np.array([0.0, 1.0, 0.0, 2.0])
+    assert oscillation_index(b) == (2 + 3) / (4 * 2)
     assert oscillation_index(np.zeros(10)) == np.inf
+    assert oscillation_index(-np.ones(10)) == np.inf
 
 
 @pytest.mark.parametrize("grouped", [False, True])
@@ -56,6 +52,53 @@ def test_osvd_search_matches_numpy_on_random_curves(target, grouped):
     assert np.all((k >= 1) & (k <= k_max))
     if grouped:
         assert np.all(ends[k - 1] == 1)
+
+
+def _noisy_curves(u, n, seed):
+    """Projections U^T c of n noisy gamma-like tissue curves (80 frames) of random amplitude."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(80)
+    tissue = np.exp(-((t - 20) / 6.0) ** 2)[None, :] * rng.uniform(0.1, 2, (n, 1))
+    return (tissue + 0.02 * rng.standard_normal(tissue.shape)) @ u
+
+
+def test_osvd_search_matches_numpy_across_tiles():
+    """The kernel searches a tile of voxels at a time (_kernels.deconv._tile_lanes: 128 at L = 160): several
+    tiles, the last one partial, voxels that are not finite among them, every voxel as its twin says."""
+    u, s, vt = _operator()
+    n = 40 if NOJIT else 300
+    x = _noisy_curves(u, n, seed=6)
+    x[[3, n // 2, n - 1], [7, 0, 79]] = [np.nan, np.inf, -np.inf]
+    k_max = int(np.sum(s >= 0.005 * s[0]))
+    ends = group_ends(s)
+    b, k = _run(x, s, vt, k_max, 0.095, ends)
+    b_ref, k_ref = osvd_search(x, s, vt, k_max, 0.095, ends)
+    assert_array_equal(k, k_ref)
+    assert_array_equal(np.isnan(b), np.isnan(b_ref))
+    assert np.all(k[[3, n // 2, n - 1]] == 0) and np.all(np.isnan(b[[3, n // 2, n - 1]]))
+    ok = ~np.isnan(b_ref[:, 0])
+    assert_allclose(b[ok], b_ref[ok], rtol=KERNEL_RTOL, atol=KERNEL_RTOL * np.abs(b_ref[ok]).max())
+
+
+def test_osvd_search_groups_of_any_size():
+    """Groups of one to four equal singular values (the kernel adds the members before a group's last two
+    one by one), a k_max that ends inside a group, and no group end within k_max (k 0, zero residue)."""
+    u, s, vt = _operator()
+    x = _noisy_curves(u, 30, seed=8)
+    ends = np.zeros(s.size, np.uint8)
+    last = np.cumsum(np.tile([1, 3, 4, 2], 8))  # groups of 1, 3, 4, 2, 1, 3, ... terms: ends at 1, 4, 8, 10, 11, ...
+    ends[last[last <= s.size] - 1] = 1
+    for k_max in (35, 38, 1):  # inside a group, at a group's end, the first group only
+        b, k = _run(x, s, vt, k_max, 0.035, ends)
+        b_ref, k_ref = osvd_search(x, s, vt, k_max, 0.035, ends)
+        assert_array_equal(k, k_ref)
+        assert_allclose(b, b_ref, rtol=KERNEL_RTOL, atol=KERNEL_RTOL * np.abs(b_ref).max())
+    ends[:] = 0
+    ends[-1] = 1
+    b, k = _run(x, s, vt, 30, 0.095, ends)
+    assert np.all(k == 0) and np.all(b == 0.0)
+    b_ref, k_ref = osvd_search(x, s, vt, 30, 0.095, ends)
+    assert np.all(k_ref == 0) and np.all(b_ref == 0.0)
 
 
 def test_osvd_result_does_not_depend_on_the_basis_within_degenerate_pairs():

@@ -12,79 +12,222 @@ import numpy as np
 from perfusion._kernels.jit import kernel
 from perfusion._kernels.rows import row_finite
 
-
-@kernel
-def _oscillation_index(b):
-    """Wu 2003 oscillation index of one residue b (length L >= 2):
-    OI = 1 / (L max b) * sum_{t>=2} |b[t] - 2 b[t-1] + b[t-2]|; +inf where max b <= 0.
-    One pass, four partial sums (independent additions overlap in the CPU; without fastmath the
-    compiler may not reorder one running sum itself), so the sum's rounding differs from a plain loop's
-    in the last bits."""
-    n = b.shape[0]
-    fmax = max(b[0], b[1])
-    a0 = 0.0
-    a1 = 0.0
-    a2 = 0.0
-    a3 = 0.0
-    i = 2
-    while i + 3 < n:
-        a0 += abs(b[i] - 2.0 * b[i - 1] + b[i - 2])
-        a1 += abs(b[i + 1] - 2.0 * b[i] + b[i - 1])
-        a2 += abs(b[i + 2] - 2.0 * b[i + 1] + b[i])
-        a3 += abs(b[i + 3] - 2.0 * b[i + 2] + b[i + 1])
-        m = max(max(b[i], b[i + 1]), max(b[i + 2], b[i + 3]))
-        if m > fmax:
-            fmax = m
-        i += 4
-    while i < n:
-        a0 += abs(b[i] - 2.0 * b[i - 1] + b[i - 2])
-        if b[i] > fmax:
-            fmax = b[i]
-        i += 1
-    if not fmax > 0.0:
-        return np.inf
-    return ((a0 + a1) + (a2 + a3)) / (n * fmax)
+#: The oSVD search's tile: its voxels, one per column of each per-voxel array (row, voxel), so that every
+#: inner loop runs across voxels: numba's loop vectoriser turns it into vector instructions while each
+#: voxel's sums keep the order written (a sum along one voxel's residue would need reordering, which no
+#: kernel allows). A tile holds OSVD_TILE_VALUES residue values per array (128 voxels at L = 160; 160 kB,
+#: so the tile's residues and the kept ones stay in the L2 cache), between 16 and 128 voxels, a multiple
+#: of 16. On the clinical volume 128 voxels ran 10 % faster than 64, 64 twice as fast as 16.
+OSVD_TILE_VALUES = 20480
 
 
 @kernel
-def _osvd_search(x, s, vt, ends, k_max, oi_target, out_b, out_k):
+def _tile_lanes(length, n_vox):
+    """Voxels per tile for residues of ``length`` samples (OSVD_TILE_VALUES), at most n_vox, at least 1."""
+    lanes = min(max(OSVD_TILE_VALUES // length // 16 * 16, 16), 128)
+    return max(min(lanes, n_vox), 1)
+
+
+@kernel
+def _group_bounds(ends, k_max):
+    """[0, k_1, k_2, ...]: the truncations k <= k_max that end a group of equal singular values
+    (``ends[k - 1]``), ascending, after a leading 0; group g holds the terms bounds[g] .. bounds[g + 1] - 1."""
+    bounds = np.empty(k_max + 1, np.int64)
+    bounds[0] = 0
+    n = 0
+    for k in range(k_max):
+        if ends[k]:
+            n += 1
+            bounds[n] = k + 1
+    return bounds[: n + 1]
+
+
+@kernel
+def _tile_coefficients(xt, s, v0, nv, cf, bad):
+    """The coefficients of the tile's voxels v0 .. v0 + nv - 1, cf[i, w] = xt[i, v0 + w] / s[i] for
+    i < cf.shape[0], and bad[w]: 0 where every projection of voxel v0 + w (every row of xt) is finite,
+    NaN where one is inf or NaN (the sum of x * 0: arithmetic, so the check runs across voxels in one loop)."""
+    for w in range(nv):
+        bad[w] = 0.0
+    for i in range(cf.shape[0]):
+        si = s[i]
+        for w in range(nv):
+            x = xt[i, v0 + w]
+            bad[w] += x * 0.0
+            cf[i, w] = x / si
+    for i in range(cf.shape[0], xt.shape[0]):
+        for w in range(nv):
+            bad[w] += xt[i, v0 + w] * 0.0
+
+
+@kernel
+def _add_terms(bb, cf, vt, k0, k1, nv):
+    """bb[:, w] += cf[i, w] * vt[i] for i = k0 .. k1 - 1, one term at a time (each voxel's residue is the
+    running sum of its terms in order, as the numpy twin's prefix sums)."""
+    for i in range(k0, k1):
+        for r in range(bb.shape[0]):
+            v = vt[i, r]
+            for w in range(nv):
+                bb[r, w] += cf[i, w] * v
+
+
+@kernel
+def _group_pass(src, dst, c1, v1, c2, v2, nv, sacc, macc):
+    """The tile's residues with two more terms, dst = src + c1[w] * v1 + c2[w] * v2 added in that order
+    (a group of one passes zeros as c2; src and dst (L, nv), one voxel per column), and per voxel the sum
+    over t >= 2 of |b[t] - 2 b[t-1] + b[t-2]| of the new residue in the order of t (sacc; each second
+    difference taken as a difference of first differences) and its max (macc): the oscillation index's
+    parts, in the same pass over the rows.
+    Long because four rows go per step (the last rows one by one): each voxel's running sum, max and
+    first difference then stay in registers across them, which measured 1.7x faster than one row per step."""
+    n = src.shape[0]
+    for w in range(nv):
+        y0 = (src[0, w] + c1[w] * v1[0]) + c2[w] * v2[0]
+        y1 = (src[1, w] + c1[w] * v1[1]) + c2[w] * v2[1]
+        dst[0, w] = y0
+        dst[1, w] = y1
+        sacc[w] = 0.0
+        macc[w] = y1 if y1 > y0 else y0
+    r = 2
+    while r + 3 < n:
+        a1, a2, b1, b2 = v1[r], v2[r], v1[r + 1], v2[r + 1]
+        e1, e2, f1, f2 = v1[r + 2], v2[r + 2], v1[r + 3], v2[r + 3]
+        for w in range(nv):
+            p1 = dst[r - 1, w]
+            d = p1 - dst[r - 2, w]
+            y0 = (src[r, w] + c1[w] * a1) + c2[w] * a2
+            y1 = (src[r + 1, w] + c1[w] * b1) + c2[w] * b2
+            y2 = (src[r + 2, w] + c1[w] * e1) + c2[w] * e2
+            y3 = (src[r + 3, w] + c1[w] * f1) + c2[w] * f2
+            dst[r, w] = y0
+            dst[r + 1, w] = y1
+            dst[r + 2, w] = y2
+            dst[r + 3, w] = y3
+            d0 = y0 - p1
+            d1 = y1 - y0
+            d2 = y2 - y1
+            d3 = y3 - y2
+            acc = sacc[w] + abs(d0 - d)
+            acc = acc + abs(d1 - d0)
+            acc = acc + abs(d2 - d1)
+            sacc[w] = acc + abs(d3 - d2)
+            m = macc[w]
+            m = y0 if y0 > m else m
+            m = y1 if y1 > m else m
+            m = y2 if y2 > m else m
+            macc[w] = y3 if y3 > m else m
+        r += 4
+    while r < n:
+        a1, a2 = v1[r], v2[r]
+        for w in range(nv):
+            y0 = (src[r, w] + c1[w] * a1) + c2[w] * a2
+            dst[r, w] = y0
+            p1 = dst[r - 1, w]
+            sacc[w] += abs((y0 - p1) - (p1 - dst[r - 2, w]))
+            m = macc[w]
+            macc[w] = y0 if y0 > m else m
+        r += 1
+
+
+@kernel
+def _take(sacc, macc, first, length, oi_target, take, nv):
+    """take[w]: the tile's voxel w takes this group end, the first always (``first``), a later one where
+    its oscillation index sacc / (length macc) <= oi_target with macc > 0 (OI = inf otherwise)."""
+    if first:
+        take[:nv] = True
+        return
+    for w in range(nv):
+        m = macc[w]
+        take[w] = (m > 0.0) & (sacc[w] / (length * m) <= oi_target)
+
+
+@kernel
+def _save(bb, kept, which, nv):
+    """kept[w] = bb[:, w] for the tile's voxels w where which[w] (a few voxels: one column each)."""
+    for w in range(nv):
+        if which[w]:
+            for r in range(bb.shape[0]):
+                kept[w, r] = bb[r, w]
+
+
+@kernel
+def _osvd_tile(cf, zero, vt, bounds, nv, oi_target, work, kept, sacc, macc, take, took, best):
+    """The search for one tile of nv voxels (columns), from their coefficients cf (terms, voxels): for
+    each group end k in ``bounds`` in turn, the residue b_k (the running sum of the terms) and its
+    oscillation index OI = sacc / (L macc); a voxel takes k at the first group end and at every later
+    one with OI <= oi_target, a max that is not > 0 counting as OI = inf. On return best[w] holds the
+    voxel's k and kept[w] its residue (0 and zeros where no group ends within k_max).
+    The residues alternate between work[0] and work[1], so that b_k is still whole after the next group's
+    pass: a voxel's residue is saved only where it took k and not the next group end (a few times per
+    voxel, one column each), not at every k it takes (a vector pass each time: 25 % of the search)."""
+    length = work.shape[1]
+    src = work[0]
+    dst = work[1]
+    src[:, :nv] = 0.0
+    kept[:nv, :] = 0.0
+    best[:nv] = 0
+    took[:nv] = False
+    for g in range(bounds.shape[0] - 1):
+        k0 = bounds[g]
+        k1 = bounds[g + 1]
+        if k1 - k0 > 2:  # a group of more than two (rare): its first members are added in place
+            _save(src, kept, took, nv)
+            took[:nv] = False
+            _add_terms(src, cf, vt, k0, k1 - 2, nv)
+        if k1 - k0 >= 2:
+            _group_pass(src, dst, cf[k1 - 2], vt[k1 - 2], cf[k1 - 1], vt[k1 - 1], nv, sacc, macc)
+        else:
+            _group_pass(src, dst, cf[k0], vt[k0], zero, vt[k0], nv, sacc, macc)
+        _take(sacc, macc, g == 0, length, oi_target, take, nv)
+        for w in range(nv):
+            took[w] = took[w] and not take[w]  # took the last group end, not this one: save b_{k0}
+        _save(src, kept, took, nv)
+        for w in range(nv):
+            best[w] = k1 if take[w] else best[w]
+            took[w] = take[w]
+        src, dst = dst, src
+    _save(src, kept, took, nv)
+
+
+@kernel
+def _osvd_search(xt, s, vt, ends, k_max, oi_target, out_b, out_k):
     """Per-voxel oSVD truncation search.
 
-    x: (n_vox, L) projections U^T c of each tissue curve; s: (L,) singular values, descending;
-    vt: (L, L) right singular vectors as rows; ends: (L,) uint8, 1 where a group of equal singular
-    values ends (only there is the truncated subspace independent of the SVD's arbitrary basis within
-    a degenerate pair). For the truncations k = 1 .. k_max that end a group, the residue is
-    b_k = sum_{i<k} vt[i] x[i] / s[i]; the kernel keeps the largest such k whose oscillation index is
-    at or below ``oi_target`` (that is, the smallest relative threshold P), or the first group's end
-    where none is. Writes b into out_b (n_vox, L) and k into out_k (n_vox,). Rows of x that hold a NaN
-    give NaN b and k = 0. Serial over voxels: the caller runs chunks on threads (nogil).
+    xt: (L, n_vox) projections U^T c of each tissue curve, one voxel per column; s: (L,) singular
+    values, descending; vt: (L, L) right singular vectors as rows; ends: (L,) uint8, 1 where a group of
+    equal singular values ends (only there is the truncated subspace independent of the SVD's arbitrary
+    basis within a degenerate pair). For the truncations k = 1 .. k_max that end a group, the residue is
+    b_k = sum_{i<k} vt[i] x[i] / s[i], summed in the order of i; the kernel keeps the largest such k whose
+    oscillation index OI = sum_{t>=2} |b[t] - 2 b[t-1] + b[t-2]| / (L max b) is at or below
+    ``oi_target`` (that is, the smallest relative threshold P), or the first group's end where none is
+    (OI = inf where max b <= 0). Writes b into out_b (n_vox, L) and k into out_k (n_vox,). Voxels with a
+    projection that is not finite give NaN b and k = 0. Voxels go a tile at a time (_tile_lanes,
+    _osvd_tile). Serial over voxels: the caller runs chunks on threads (nogil).
     """
-    n_vox, length = x.shape
-    b = np.empty(length)
-    for v in range(n_vox):
-        if not row_finite(x[v]):
-            for i in range(length):
-                out_b[v, i] = np.nan
-            out_k[v] = 0
-            continue
-        for i in range(length):
-            b[i] = 0.0
-        best = 0
-        for k in range(k_max):
-            coef = x[v, k] / s[k]
-            for i in range(length):
-                b[i] += coef * vt[k, i]
-            if ends[k] and (best == 0 or _oscillation_index(b) <= oi_target):
-                best = k + 1
-        for i in range(length):
-            b[i] = 0.0
-        for k in range(best):
-            coef = x[v, k] / s[k]
-            for i in range(length):
-                b[i] += coef * vt[k, i]
-        for i in range(length):
-            out_b[v, i] = b[i]
-        out_k[v] = best
+    length, n_vox = xt.shape
+    bounds = _group_bounds(ends, k_max)
+    lanes = _tile_lanes(length, n_vox)
+    cf = np.empty((bounds[-1], lanes))
+    zero = np.zeros(lanes)
+    work = np.empty((2, length, lanes))
+    kept = np.empty((lanes, length))
+    sacc = np.empty(lanes)
+    macc = np.empty(lanes)
+    take = np.empty(lanes, np.bool_)
+    took = np.empty(lanes, np.bool_)
+    best = np.empty(lanes, np.int64)
+    bad = np.empty(lanes)
+    for v0 in range(0, n_vox, lanes):
+        nv = min(lanes, n_vox - v0)
+        _tile_coefficients(xt, s, v0, nv, cf, bad)
+        _osvd_tile(cf, zero, vt, bounds, nv, oi_target, work, kept, sacc, macc, take, took, best)
+        for w in range(nv):
+            if bad[w] == 0.0:
+                out_k[v0 + w] = best[w]
+                out_b[v0 + w] = kept[w]
+            else:
+                out_k[v0 + w] = 0
+                out_b[v0 + w] = np.nan
 
 
 # --- gamma-residue model fit (modelfit.py)

@@ -162,11 +162,11 @@ def deconvolve(op: Deconvolver, curves: np.ndarray) -> Residues:
     out = np.empty((n, op.length))
     k = np.empty(n, dtype=np.int64)
     if op.method == "osvd":
-        u = op.u[: op.n_t]  # the curves are zero-padded to L, so only U's first N rows count
+        ut = np.ascontiguousarray(op.u[: op.n_t].T)  # (L, N): the curves are zero-padded, so U's first N rows
 
         def osvd_chunk(sl):
-            x = c[sl] @ u  # row v holds U^T c_v
-            _kernels._osvd_search(x, op.s, op.vt, op.ends, op.k_max, op.oi_target, out[sl], k[sl])
+            xt = ut @ c[sl].T  # column v holds U^T c_v: the kernel works across voxels
+            _kernels._osvd_search(xt, op.s, op.vt, op.ends, op.k_max, op.oi_target, out[sl], k[sl])
 
         _parallel.run_chunks(osvd_chunk, n, CHUNK)
         return Residues(residue=out, k=k)
@@ -199,11 +199,11 @@ def residual_sse(op: Deconvolver, curves: np.ndarray, residue: np.ndarray) -> np
     data). NaN where the residue is not finite."""
     c = np.asarray(curves, dtype=np.float64)
     out = np.empty(c.shape[0])
-    u = op.u[: op.n_t] * op.s  # (N, L)
+    model_t = ((op.u[: op.n_t] * op.s) @ op.vt).T  # (L, N): (dt A)[:N] from its SVD, transposed; one product
 
     def work(sl):
-        fitted = (residue[sl] @ op.vt.T) @ u.T
-        out[sl] = np.sum((c[sl] - fitted) ** 2, axis=1)
+        r = c[sl] - residue[sl] @ model_t
+        out[sl] = np.einsum("vn,vn->v", r, r)
 
     _parallel.run_chunks(work, c.shape[0], CHUNK)
     return out
