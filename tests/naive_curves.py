@@ -169,3 +169,69 @@ def kmeans(x, init, max_iter=100):
             if members.any():
                 cent[k] = x[members].mean(axis=0)
     return labels, cent
+
+
+# --- leakage: the bidirectional model's profile fit
+
+
+def bidirectional_profile(c, ref, tr, kep_max, n_grid, baseline):
+    """Twin of leakage.bidirectional(method="profile") and its kernel _bidirectional_profile, in the
+    numpy form it had before the kernel (every step one array pass over all rows, with the (V, G) grid
+    and (V, n_t) temporaries): (k1, k2, kep, se, r2, leakage, corrected, valid)."""
+    from perfusion.quantify.leakage import exp_integral
+
+    c = np.asarray(c, dtype=np.float64)
+    n_t = c.shape[1]
+    finite = np.all(np.isfinite(c), axis=1)
+    y = np.where(finite[:, None], c, 0.0)
+    # the kep grid: for each grid kep, K1 and K2 from the 2 x 2 normal equations; SSE = y.y - gain
+    grid = np.linspace(0.0, kep_max, n_grid)
+    lg = exp_integral(ref, tr=tr, kep=grid)  # (G, n_t)
+    rr = ref @ ref
+    rl = lg @ ref
+    ll = np.einsum("gt,gt->g", lg, lg)
+    det = rr * ll - rl * rl
+    yr = y @ ref
+    yl = y @ lg.T  # (V, G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gain = (ll * yr[:, None] ** 2 - 2.0 * rl * yr[:, None] * yl + rr * yl ** 2) / det
+    gain = np.where(np.isfinite(gain), gain, -np.inf)
+    j = np.argmax(gain, axis=1)
+    rows = np.arange(y.shape[0])
+    inner = (j > 0) & (j < n_grid - 1)
+    jm, jp = np.clip(j - 1, 0, n_grid - 1), np.clip(j + 1, 0, n_grid - 1)
+    fm, f0, fp = -gain[rows, jm], -gain[rows, j], -gain[rows, jp]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        denom = fm - 2.0 * f0 + fp
+        step = np.clip(np.nan_to_num(np.where(denom > 0, 0.5 * (fm - fp) / denom, 0.0)), -1.0, 1.0)
+    kep = np.clip(grid[j] + np.where(inner, step, 0.0) * (grid[1] - grid[0]), 0.0, kep_max)
+    # the fit at each row's kep
+    q = exp_integral(np.broadcast_to(ref, y.shape), tr=tr, kep=kep)  # (V, n_t)
+    r = np.broadcast_to(ref, y.shape)
+    rr, qq, rq = (np.einsum("vt,vt->v", a, b) for a, b in ((r, r), (q, q), (r, q)))
+    yr, yq = np.einsum("vt,vt->v", y, r), np.einsum("vt,vt->v", y, q)
+    det = rr * qq - rq * rq
+    ok = det > 1e-12 * rr * qq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        k1 = np.where(ok, (qq * yr - rq * yq) / det, np.nan)
+        k2 = np.where(ok, (rq * yr - rr * yq) / det, np.nan)
+        sse = np.maximum(np.einsum("vt,vt->v", y, y) - k1 * yr + k2 * yq, 0.0)
+        # SE(k2): k2 = h . y; noise of delta R2* with the S0 error shared by all frames (leakage._noise_terms)
+        h = (rq[:, None] * r - rr[:, None] * q) / det[:, None]
+        wb = np.zeros(n_t)
+        inv_nb = 0.0
+        if baseline is not None:
+            idx = np.arange(n_t)[baseline]
+            wb[idx], inv_nb = 1.0 / idx.size, 1.0 / idx.size
+        sr, sq = (np.einsum("vt,t->v", a, np.ones(n_t)) for a in (r, q))
+        p_one = ((qq * sr - rq * sq) / det)[:, None] * r + ((rr * sq - rq * sr) / det)[:, None] * q  # P 1
+        h1 = h.sum(axis=1)
+        var_factor = np.einsum("vt,vt->v", h, h) - 2.0 * h1 * (h @ wb) + inv_nb * h1 * h1
+        trace_pm = 2.0 - 2.0 * (p_one @ wb) + inv_nb * (p_one @ np.ones(n_t))
+        dof = np.maximum(n_t - 2.0 * wb.sum() + n_t * inv_nb - trace_pm - 1.0, 1.0)
+        se = np.sqrt(sse / dof * var_factor)
+    valid = finite & ok & np.isfinite(k2)
+    nan = np.where(valid, 1.0, np.nan)
+    leak = np.where(valid[:, None], k2[:, None] * q, np.nan)
+    return (k1 * nan, k2 * nan, kep * nan, se * nan, _r2(y, sse) * nan, leak, np.where(valid[:, None], y + leak, np.nan),
+            valid)

@@ -15,6 +15,7 @@ from conftest import KERNEL_RTOL
 import naive_curves as naive
 from naive import NOJIT
 from perfusion._kernels import curves as kc
+from perfusion._kernels import parallel as _parallel
 from perfusion.quantify import gammafit
 from perfusion.quantify import leakage
 from perfusion.quantify.deconvolution import aif_matrix
@@ -161,6 +162,40 @@ def test_two_regressor_shared_matches_numpy(gate_k, dtype):
             assert not out[-1].any() and np.all(np.isnan(out[1]))
         elif gate_k < 0:
             assert_array_equal(out[-1], finite)
+
+
+@pytest.mark.parametrize("baseline", [None, slice(0, 8)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bidirectional_profile_matches_numpy(seed, dtype, baseline, monkeypatch):
+    """leakage.bidirectional's profile fit (the products per chunk, then _bidirectional_profile per row)
+    against its numpy form, in chunks of 16 rows on the package's threads. The kernel computes the grid's
+    gains with the numpy form's arithmetic, term by term; the products, per chunk here and over all rows in
+    the twin, may round differently, and kep (a parabola's vertex on a flat profile) magnifies that
+    (measured: up to 9e-11 relative). The rest differs by summation order only; SE(K2), whose SSE is a
+    difference of nearly equal terms where the model fits well, by up to 2e-10 relative, within the atol
+    of the largest SE (see the module docstring)."""
+    monkeypatch.setattr(_parallel, "CHUNK", 16)
+    c = _curves(seed).astype(np.float64)
+    ref = np.nanmean(c[10:20], axis=0)  # not a row: an exact fit's SSE is rounding
+    rng = np.random.default_rng(seed)
+    n = c.shape[0] - 20  # rows 20 on: the model with back flux at kep inside the grid, and noise
+    kep = rng.uniform(0.003, 0.045, n)
+    c[20:] = (rng.uniform(0.5, 2, (n, 1)) * ref - rng.uniform(-0.03, 0.03, (n, 1))
+              * leakage.exp_integral(np.broadcast_to(ref, (n, ref.size)), tr=TR, kep=kep))
+    c[20:] += rng.uniform(0.005, 0.2, (n, 1)) * rng.standard_normal((n, ref.size))
+    c = c.astype(dtype)
+    fit = leakage.bidirectional(c, ref, tr=TR, baseline=baseline)
+    want = naive.bidirectional_profile(c, ref, TR, leakage.KEP_MAX, leakage.KEP_GRID_SIZE, baseline)
+    got = (fit.k1, fit.k2, fit.kep, fit.k2_se, fit.r2, fit.leakage, fit.corrected)
+    for a, b in zip(got, want):
+        assert_array_equal(np.isnan(a), np.isnan(b))
+        _close(a, b)
+    assert_array_equal(fit.valid, want[-1])
+    assert_array_equal(fit.applied, fit.valid)
+    assert not fit.valid[3:6].any() and fit.valid[6:].all() and fit.valid[:3].all()
+    inner = (fit.kep > 0) & (fit.kep < leakage.KEP_MAX)
+    assert inner.sum() > 10  # the parabolic step, not only the grid's ends
 
 
 # --- gamma-variate windows

@@ -93,8 +93,8 @@ def _arrays(x) -> list[np.ndarray]:
 
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 numba threads")
 def test_curve_steps_are_identical_on_one_and_two_threads(curves):
-    """The curve kernels (delta R2*, AIF features and k-means, both leakage fits, gamma-variate windows
-    and fit) run in chunks on threads as well."""
+    """The curve kernels (delta R2*, AIF features and k-means, the three leakage fits, gamma-variate
+    windows and fit) run in chunks on threads as well."""
     aif, tr, c = curves
     base = slice(0, 8)
     sig = 800.0 * np.exp(-0.03 * c)
@@ -106,6 +106,7 @@ def test_curve_steps_are_identical_on_one_and_two_threads(curves):
         d, s0, ratio_min, ratio_sd = signal.to_delta_r2s_with_ratio(sig, te=0.03, baseline=base)
         return (d, s0, ratio_min, ratio_sd, aif_mod.curve_features(d, ratio_min, ratio_sd, baseline=base, tr=tr),
                 aif_mod.kmeans(x, x[:5]), leakage.bsw(c, ref, tr=tr, baseline=base),
+                leakage.bidirectional(c, ref, tr=tr, baseline=base),
                 leakage.residue_domain(c, aif, tr=tr, baseline=base), gammafit.fit_gamma_variate(c, tr=tr))
 
     one = _arrays(_with_threads(1, steps))

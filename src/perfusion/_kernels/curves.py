@@ -346,6 +346,166 @@ def _two_regressor_shared(c, r, q, rr, qq, rq, solvable, dof, var_factor, gate_k
                 out_corrected[v, i] = y[i]
 
 
+#: The bidirectional fit's least determinant of its 2 x 2 normal equations, as a fraction of rr qq
+#: (leakage._two_regressor_fit's test): below it the row is not solvable (NaN).
+DET_MIN = 1e-12
+
+
+@kernel
+def _parabola_vertex(f_minus, f0, f_plus):
+    """Vertex offset in grid steps, within [-1, 1], of the parabola through three equally spaced values
+    (0 where it does not open upwards or the offset is NaN): leakage._parabola_step for one row."""
+    denom = f_minus - 2.0 * f0 + f_plus
+    step = 0.5 * (f_minus - f_plus) / denom if denom > 0.0 else 0.0
+    if np.isnan(step):
+        return 0.0
+    return min(max(step, -1.0), 1.0)
+
+
+@kernel
+def _profile_kep(yr, yl, grid, rl, ll, det, rr, kep_max, gain):
+    """One row's kep (1/s) of least residual in y ~ k1 r - k2 L_kep on the grid (G,), refined by one
+    parabolic step: yr = y . r, yl (G,) = y . L_kep for each grid kep; rl, ll, det (G,) = r . L_kep,
+    L_kep . L_kep and rr ll - rl^2; rr = r . r. The gain b^T G^-1 b (SSE = y . y - gain) of each grid
+    kep is written to gain (G,), -inf where not finite; its first maximum j, then the parabola through
+    the SSE at j - 1, j, j + 1 when j is inside the grid; clipped to [0, kep_max]. The arithmetic is
+    leakage.bidirectional's numpy form, term by term, so the same products give the same kep."""
+    n_grid = grid.shape[0]
+    j = 0
+    for g in range(n_grid):
+        x = (ll[g] * (yr * yr) - 2.0 * rl[g] * yr * yl[g] + rr * (yl[g] * yl[g])) / det[g]
+        gain[g] = x if np.isfinite(x) else -np.inf
+        if gain[g] > gain[j]:
+            j = g
+    step = 0.0
+    if 0 < j < n_grid - 1:
+        step = _parabola_vertex(-gain[j - 1], -gain[j], -gain[j + 1])
+    return min(max(grid[j] + step * (grid[1] - grid[0]), 0.0), kep_max)
+
+
+@kernel
+def _exp_integral_row(x, tr, kep, out):
+    """int_0^t x(u) exp(-kep (t - u)) du at the sample times of one row x (n_t,), piecewise linear
+    between samples, frames every tr s, kep 1/s, into out (n_t,): leakage.exp_integral's recursion
+    with its arithmetic (the series for phi0, phi1 where kep tr < 1e-4)."""
+    z = kep * tr
+    e = np.exp(-z)
+    if z < 1e-4:
+        phi0 = 1.0 - z / 2.0 + z * z / 6.0
+        phi1 = 0.5 - z / 6.0 + z * z / 24.0
+    else:
+        phi0 = -np.expm1(-z) / z
+        phi1 = (z + np.expm1(-z)) / (z * z)
+    y = 0.0
+    out[0] = 0.0
+    for k in range(x.shape[0] - 1):
+        y = e * y + tr * (x[k] * phi0 + (x[k + 1] - x[k]) * phi1)
+        out[k + 1] = y
+
+
+@kernel
+def _k2_noise(r, q, rr, qq, rq, det, wb, inv_nb):
+    """Noise terms of k2 = h . y in y ~ k1 r - k2 q (leakage._two_regressor_noise for one row):
+    h = (rq r - rr q) / det; returns h^T M h and tr(P M), P the projection on r and q, M the
+    covariance of delta R2* noise with the S0 error shared by all frames (wb (n_t,): 1 / n_b on the
+    baseline frames, inv_nb = 1 / n_b; zeros and 0 for white noise). See leakage._noise_terms."""
+    n_t = r.shape[0]
+    sr = 0.0
+    sq = 0.0
+    for i in range(n_t):
+        sr += r[i]
+        sq += q[i]
+    a = (qq * sr - rq * sq) / det  # P 1 = a r + b q
+    b = (rr * sq - rq * sr) / det
+    hh = 0.0
+    h1 = 0.0
+    hw = 0.0
+    p1 = 0.0
+    pw = 0.0
+    for i in range(n_t):
+        h = (rq * r[i] - rr * q[i]) / det
+        hh += h * h
+        h1 += h
+        hw += h * wb[i]
+        p = a * r[i] + b * q[i]
+        p1 += p
+        pw += p * wb[i]
+    return hh - 2.0 * h1 * hw + inv_nb * h1 * h1, 2.0 - 2.0 * pw + inv_nb * p1
+
+
+@kernel
+def _bidirectional_row_nan(v, out_k1, out_k2, out_kep, out_se, out_r2, out_leakage, out_corrected, out_valid):
+    """Row v of _bidirectional_profile's outputs for a row that is not valid: NaN, valid False."""
+    out_k1[v] = np.nan
+    out_k2[v] = np.nan
+    out_kep[v] = np.nan
+    out_se[v] = np.nan
+    out_r2[v] = np.nan
+    out_valid[v] = False
+    for i in range(out_leakage.shape[1]):
+        out_leakage[v, i] = np.nan
+        out_corrected[v, i] = np.nan
+
+
+@kernel
+def _bidirectional_profile(c, yr, yl, ref, grid, rl, ll, det_grid, rr, tr, kep_max, wb, inv_nb, trace_m,
+                           out_k1, out_k2, out_kep, out_se, out_r2, out_leakage, out_corrected, out_valid):
+    """The bidirectional leakage model's profile fit per row (leakage.bidirectional, method "profile"):
+    c ~ k1 ref - k2 L_kep, L_kep = int_0^t ref(u) exp(-kep (t - u)) du.
+
+    c (n_vox, n_t) delta R2* 1/s; yr (n_vox,) = c . ref and yl (n_vox, G) = c . L_kep on the kep grid
+    (G,) 1/s, from the caller's product; rl, ll, det_grid, rr as in _profile_kep; tr s; wb, inv_nb as
+    in _k2_noise; trace_m = tr(M). Per row: kep (_profile_kep), L at that kep (_exp_integral_row), k1,
+    k2 from the 2 x 2 normal equations (solvable where det > DET_MIN rr qq), SSE = max(c.c - k1 c.ref
+    + k2 c.L, 0), SE(k2) = sqrt(SSE / dof * h^T M h) with dof = max(tr(M) - tr(PM) - 1, 1) (one more
+    degree of freedom spent on kep), r2 = 1 - SSE / SST (NaN where SST is 0), leakage k2 L and
+    corrected c + k2 L. A row with a non-finite value, no solution or a non-finite k2 gets NaN
+    everywhere and valid False.
+    """
+    n_vox, n_t = c.shape
+    y = np.empty(n_t)
+    q = np.empty(n_t)
+    work = np.empty(n_t)
+    gain = np.empty(grid.shape[0])
+    for v in range(n_vox):
+        if not row_finite(c[v]):
+            _bidirectional_row_nan(v, out_k1, out_k2, out_kep, out_se, out_r2, out_leakage, out_corrected, out_valid)
+            continue
+        kep = _profile_kep(yr[v], yl[v], grid, rl, ll, det_grid, rr, kep_max, gain)
+        _exp_integral_row(ref, tr, kep, q)
+        qq = 0.0
+        rq = 0.0
+        cr = 0.0
+        cq = 0.0
+        cc = 0.0
+        for i in range(n_t):
+            y[i] = c[v, i]
+            qq += q[i] * q[i]
+            rq += ref[i] * q[i]
+            cr += y[i] * ref[i]
+            cq += y[i] * q[i]
+            cc += y[i] * y[i]
+        det = rr * qq - rq * rq
+        k1 = (qq * cr - rq * cq) / det
+        k2 = (rq * cr - rr * cq) / det
+        if not (det > DET_MIN * rr * qq and np.isfinite(k2)):
+            _bidirectional_row_nan(v, out_k1, out_k2, out_kep, out_se, out_r2, out_leakage, out_corrected, out_valid)
+            continue
+        sse = max(cc - k1 * cr + k2 * cq, 0.0)
+        var_factor, trace_pm = _k2_noise(ref, q, rr, qq, rq, det, wb, inv_nb)
+        _, sst = _mean_ssd(y, n_t, work)
+        out_k1[v] = k1
+        out_k2[v] = k2
+        out_kep[v] = kep
+        out_se[v] = np.sqrt(sse / max(trace_m - trace_pm - 1.0, 1.0) * var_factor)
+        out_r2[v] = 1.0 - sse / sst if sst > 0.0 else np.nan
+        out_valid[v] = True
+        for i in range(n_t):
+            lk = k2 * q[i]
+            out_leakage[v, i] = lk
+            out_corrected[v, i] = y[i] + lk
+
+
 # --- gammafit.py
 
 

@@ -432,6 +432,24 @@ def bsw(delta_r2s: np.ndarray, reference: np.ndarray, *, tr: float, integral: st
 def _bsw(delta_r2s, reference, *, tr: float, integral: str, baseline: slice | None, gate_k: float | None) -> LeakageFit:
     """``bsw`` and, with ``gate_k``, ``gate`` in one pass over the curves (_kernels_curves._two_regressor_shared):
     the reference, and so the normal equations and the noise terms of K2, are shared by all voxels."""
+    c, ref, q, (rr, qq, rq, solvable, dof, var_factor) = _bsw_shared(delta_r2s, reference, tr=tr,
+                                                                     integral=integral, baseline=baseline)
+    n_vox = c.shape[0]
+    k1, k2, k2_se, r2 = (np.empty(n_vox) for _ in range(4))
+    leak, corrected = np.empty(c.shape), np.empty(c.shape)
+    applied = np.empty(n_vox, bool)
+    gate_k = -1.0 if gate_k is None else float(gate_k)
+    _parallel.run_chunks(lambda sl: _kernels_curves._two_regressor_shared(
+        c[sl], ref, q, rr, qq, rq, solvable, dof, var_factor, gate_k, k1[sl], k2[sl], k2_se[sl], r2[sl], leak[sl],
+        corrected[sl], applied[sl]), n_vox)
+    valid = np.isfinite(k2)
+    return LeakageFit(method="bsw", k1=k1, k2=k2, kep=np.where(valid, 0.0, np.nan), k2_se=k2_se, r2=r2,
+                      leakage=leak, corrected=corrected, valid=valid, applied=applied)
+
+
+def _bsw_shared(delta_r2s, reference, *, tr: float, integral: str, baseline: slice | None):
+    """The checked curves and reference, the leakage integral q of the reference, and what the BSW kernel
+    (_kernels_curves._two_regressor_shared) shares over all rows: (rr, qq, rq, solvable, dof, var_factor)."""
     c = _rows(delta_r2s)
     tr = _check_tr(tr)
     ref = _check_curve(reference, c.shape[1], "reference curve")
@@ -441,18 +459,7 @@ def _bsw(delta_r2s, reference, *, tr: float, integral: str, baseline: slice | No
     rq = np.einsum("...t,...t->...", ref, q)
     solvable = bool(rr * qq - rq * rq > 1e-12 * rr * qq)
     var_factor, dof = _two_regressor_noise(ref, q, n_t=c.shape[1], baseline=baseline, extra_params=0)
-    n_vox = c.shape[0]
-    k1, k2, k2_se, r2 = (np.empty(n_vox) for _ in range(4))
-    leak, corrected = np.empty(c.shape), np.empty(c.shape)
-    applied = np.empty(n_vox, bool)
-    rr, qq, rq, dof, var_factor = float(rr), float(qq), float(rq), float(dof), float(var_factor)
-    gate_k = -1.0 if gate_k is None else float(gate_k)
-    _parallel.run_chunks(lambda sl: _kernels_curves._two_regressor_shared(
-        c[sl], ref, q, rr, qq, rq, solvable, dof, var_factor, gate_k, k1[sl], k2[sl], k2_se[sl], r2[sl], leak[sl],
-        corrected[sl], applied[sl]), n_vox)
-    valid = np.isfinite(k2)
-    return LeakageFit(method="bsw", k1=k1, k2=k2, kep=np.where(valid, 0.0, np.nan), k2_se=k2_se, r2=r2,
-                      leakage=leak, corrected=corrected, valid=valid, applied=applied)
+    return c, ref, q, (float(rr), float(qq), float(rq), solvable, float(dof), float(var_factor))
 
 
 # --- bidirectional (Leu 2016)
@@ -477,9 +484,10 @@ def bidirectional(delta_r2s: np.ndarray, reference: np.ndarray, *, tr: float, ke
     ``method="linear"``: Leu's linearisation dR2* = K1 ref - (K2 - K1 kep) int ref - kep int dR2*,
     one 3 x 3 least-squares solve per voxel; kep clipped to [0, kep_max], then K1, K2 re-solved.
     SE(K2) as in ``bsw`` (``baseline`` likewise) at the final kep, one more degree of freedom spent on
-    kep. Corrected curve dR2* + K2 L_kep.
+    kep. Corrected curve dR2* + K2 L_kep. The profile fit runs row by row in chunks on threads
+    (``_bidirectional_profile``); the linearisation stays numpy.
     """
-    c = _curves(delta_r2s)
+    c = _rows(delta_r2s)
     tr = _check_tr(tr)
     n_t = c.shape[1]
     ref = _check_curve(reference, n_t, "reference curve")
@@ -487,44 +495,58 @@ def bidirectional(delta_r2s: np.ndarray, reference: np.ndarray, *, tr: float, ke
         raise ValueError(f"kep_max must be positive (1/s), got {kep_max}")
     if n_grid < 3:
         raise ValueError("the kep grid needs at least 3 values")
-    finite, y = _split_finite(c)
     if method == "profile":
-        grid = np.linspace(0.0, kep_max, n_grid)
-        lg = exp_integral(ref, tr=tr, kep=grid)  # (G, n_t)
-        rr = ref @ ref
-        rl = lg @ ref  # (G,)
-        ll = np.einsum("gt,gt->g", lg, lg)
-        det = rr * ll - rl * rl
-        yr = y @ ref  # (V,)
-        yl = y @ lg.T  # (V, G)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # SSE = y.y - b^T G^-1 b with b = (yr, -yl); smaller is better
-            fit_gain = (ll * yr[:, None] ** 2 - 2.0 * rl * yr[:, None] * yl + rr * yl ** 2) / det
-        fit_gain = np.where(np.isfinite(fit_gain), fit_gain, -np.inf)
-        sse_grid = -fit_gain
-        j = np.argmax(fit_gain, axis=1)
-        rows = np.arange(y.shape[0])
-        inner = (j > 0) & (j < n_grid - 1)
-        jm, jp = np.clip(j - 1, 0, n_grid - 1), np.clip(j + 1, 0, n_grid - 1)
-        step = np.where(inner, _parabola_step(sse_grid[rows, jm], sse_grid[rows, j], sse_grid[rows, jp]), 0.0)
-        kep = np.clip(grid[j] + step * (grid[1] - grid[0]), 0.0, kep_max)
-    elif method == "linear":
-        q = exp_integral(ref, tr=tr)
-        iy = exp_integral(y, tr=tr)
-        x = np.stack([np.broadcast_to(ref, y.shape), -np.broadcast_to(q, y.shape), -iy], axis=2)  # (V, n_t, 3)
-        xtx = np.einsum("vti,vtj->vij", x, x)
-        xty = np.einsum("vti,vt->vi", x, y)
-        ok = np.abs(np.linalg.det(xtx)) > 0
-        beta = np.full((y.shape[0], 3), np.nan)
-        beta[ok] = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
-        kep = np.clip(np.nan_to_num(beta[:, 2]), 0.0, kep_max)
-    else:
+        return _bidirectional_profile(c, ref, tr=tr, kep_max=float(kep_max), n_grid=int(n_grid), baseline=baseline)
+    if method != "linear":
         raise ValueError(f"method must be 'profile' or 'linear', got {method!r}")
+    finite, y = _split_finite(c.astype(np.float64, copy=False))
+    q = exp_integral(ref, tr=tr)
+    iy = exp_integral(y, tr=tr)
+    x = np.stack([np.broadcast_to(ref, y.shape), -np.broadcast_to(q, y.shape), -iy], axis=2)  # (V, n_t, 3)
+    xtx = np.einsum("vti,vtj->vij", x, x)
+    xty = np.einsum("vti,vt->vi", x, y)
+    ok = np.abs(np.linalg.det(xtx)) > 0
+    beta = np.full((y.shape[0], 3), np.nan)
+    beta[ok] = np.linalg.solve(xtx[ok], xty[ok][..., None])[..., 0]
+    kep = np.clip(np.nan_to_num(beta[:, 2]), 0.0, kep_max)
     lk = exp_integral(np.broadcast_to(ref, y.shape), tr=tr, kep=kep)  # (V, n_t)
     k1, k2, sse, c22, ok = _two_regressor_fit(y, np.broadcast_to(ref, y.shape), lk)
     k2_se = _two_regressor_se(np.broadcast_to(ref, y.shape), lk, sse, n_t=n_t, baseline=baseline, extra_params=1)
     return _result("bidirectional", y=y, finite=finite, k1=k1, k2=k2, kep=kep, k2_se=k2_se, r2=_r2(y, sse),
                    leakage=k2[:, None] * lk, ok=ok)
+
+
+def _bidirectional_profile(c: np.ndarray, ref: np.ndarray, *, tr: float, kep_max: float, n_grid: int,
+                           baseline: slice | None) -> LeakageFit:
+    """``bidirectional``'s profile fit of the rows of c (delta R2*, 1/s, (n_vox, n_t), float32 or float64)
+    in chunks on threads (parallel.run_chunks): per chunk, two products give every row's c . ref and
+    c . L_kep for the whole kep grid (BLAS), then _kernels_curves._bidirectional_profile does the rest
+    row by row (the kep of least residual, L at that kep, K1, K2, SSE, SE(K2), r2, the correction).
+    Only the chunks' products and float64 copies are temporaries, (CHUNK, G) and (CHUNK, n_t).
+    The plain numpy form, one array pass per step over all rows, is tests/naive_curves.py
+    bidirectional_profile."""
+    n_vox, n_t = c.shape
+    grid = np.linspace(0.0, kep_max, n_grid)
+    lg = exp_integral(ref, tr=tr, kep=grid)  # (G, n_t)
+    rr = float(ref @ ref)
+    rl = lg @ ref  # (G,)
+    ll = np.einsum("gt,gt->g", lg, lg)
+    det = rr * ll - rl * rl
+    wb, inv_nb = _baseline_weights(n_t, baseline)
+    trace_m = float(n_t - 2.0 * wb.sum() + n_t * inv_nb)
+    k1, k2, kep, k2_se, r2 = (np.empty(n_vox) for _ in range(5))
+    leak, corrected = np.empty(c.shape), np.empty(c.shape)
+    valid = np.empty(n_vox, bool)
+
+    def work(sl: slice) -> None:
+        y = c[sl].astype(np.float64, copy=False)
+        _kernels_curves._bidirectional_profile(
+            y, y @ ref, y @ lg.T, ref, grid, rl, ll, det, rr, tr, kep_max, wb, inv_nb, trace_m, k1[sl], k2[sl],
+            kep[sl], k2_se[sl], r2[sl], leak[sl], corrected[sl], valid[sl])
+
+    _parallel.run_chunks(work, n_vox)
+    return LeakageFit(method="bidirectional", k1=k1, k2=k2, kep=kep, k2_se=k2_se, r2=r2, leakage=leak,
+                      corrected=corrected, valid=valid, applied=valid.copy())
 
 
 # --- residue domain (Bjornerud 2011)
@@ -697,8 +719,22 @@ def bsw_significant(delta_r2s: np.ndarray, reference: np.ndarray, *, tr: float, 
     from a curve of another shape. Its SE comes from the BSW fit's residuals, so a delayed or dispersed
     curve, which BSW fits badly, needs a larger K2 (measured on the realistic phantom: a territory 4 s
     late read as 43 % leakage by ungated BSW is not corrected, at SNR 30-300). The bidirectional model's
-    own SE cannot serve: its kep absorbs the shape difference, and 77 % of that territory passed it."""
-    return _bsw(delta_r2s, reference, tr=tr, integral="trapezoid", baseline=baseline, gate_k=k).applied
+    own SE cannot serve: its kep absorbs the shape difference, and 77 % of that territory passed it.
+    The BSW fit's other outputs go to scratch arrays of one chunk, never to (n_vox, n_t) ones."""
+    c, ref, q, (rr, qq, rq, solvable, dof, var_factor) = _bsw_shared(delta_r2s, reference, tr=tr,
+                                                                     integral="trapezoid", baseline=baseline)
+    applied = np.empty(c.shape[0], bool)
+    gate_k = float(k)
+
+    def work(sl: slice) -> None:
+        n = sl.stop - sl.start
+        k1, k2, se, r2 = (np.empty(n) for _ in range(4))
+        leak, corrected = np.empty((n, c.shape[1])), np.empty((n, c.shape[1]))
+        _kernels_curves._two_regressor_shared(c[sl], ref, q, rr, qq, rq, solvable, dof, var_factor, gate_k, k1, k2,
+                                              se, r2, leak, corrected, applied[sl])
+
+    _parallel.run_chunks(work, c.shape[0])
+    return applied
 
 
 def correct_leakage(delta_r2s: np.ndarray, *, tr: float, method: str = "residue",
