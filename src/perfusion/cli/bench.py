@@ -39,9 +39,10 @@ def bench(
 def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool,
               json_out: Path | None, cache: Path | None) -> dict:
     """``perfusion bench``: measure, print the tables, write the JSON atomically."""
-    from perfusion.cli.console import console
+    from perfusion.cli.console import compile_notice, console
     from perfusion.io import atomic_write, dumps_json
     from perfusion.tools import bench
+    from perfusion.tools.warm import warm_if_needed
 
     vols = [v.strip() for v in volumes.split(",") if v.strip()]
     types = [d.strip() for d in dtypes.split(",") if d.strip()]
@@ -52,6 +53,7 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
         raise UsageError(f"bench: unknown or empty choice {', '.join(bad) or '(none)'}; volumes are "
                          f"{', '.join(bench.VOLUMES)}, dtypes {', '.join(bench.DTYPES)}, --repeats >= 1")
     con = console()
+    warm_if_needed(on_compile=compile_notice)  # the timed runs are warm-cache runs (compilation is measured apart)
     result = bench.run_bench(volumes=vols, dtypes=types, repeats=repeats, kernels=kernels, compile_time=compile_time,
                              cache=Path(cache) if cache else bench.default_cache(),
                              on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
