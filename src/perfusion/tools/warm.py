@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from perfusion.config import LEAKAGE_METHODS, METHODS, Config
+from perfusion.errors import PerfusionError
 from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
 
 if TYPE_CHECKING:
@@ -37,13 +38,15 @@ SPEC = PhantomSpec(matrix=24)
 @dataclass(frozen=True)
 class Warmed:
     """What :func:`warm` did: wall seconds, kernel versions compiled and loaded from numba's cache,
-    the kernels left without a compiled version (none when every kernel was reached), and the cache
-    folder numba used in this process."""
+    the kernels left without a compiled version (none when every kernel was reached), the analyses
+    that stopped with an error (their options and the message; none expected), and the cache folder
+    numba used in this process."""
 
     seconds: float
     compiled: int
     loaded: int
     missing: list[str]
+    failed: list[str]
     cache_folder: str
 
 
@@ -70,14 +73,18 @@ def warm() -> Warmed:
     from perfusion.case import compute_case
 
     t0 = time.perf_counter()
+    failed = []
     with tempfile.TemporaryDirectory(prefix="perfusion-warmup-") as tmp:
         paths = write_phantom(make_phantom(SPEC), Path(tmp))
         rois = [paths[name] for name in SPEC.lesions]
         for config in configurations():
-            compute_case(config, dsc=paths["dsc"], mask=paths["brain"], rois=rois)
+            try:
+                compute_case(config, dsc=paths["dsc"], mask=paths["brain"], rois=rois)
+            except PerfusionError as exc:  # the other analyses still compile their kernels
+                failed.append(f"--method {config.method} --leakage {config.leakage}: {exc}")
     stats = [d.stats for d in all_kernels().values()]
     return Warmed(seconds=time.perf_counter() - t0, compiled=sum(sum(s.cache_misses.values()) for s in stats),
-                  loaded=sum(sum(s.cache_hits.values()) for s in stats), missing=needs_compile(),
+                  loaded=sum(sum(s.cache_hits.values()) for s in stats), missing=needs_compile(), failed=failed,
                   cache_folder=kernels_folder() or "")
 
 
