@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+WARM_STAMP := $(VENV)/.warmup-stamp
 DEMO   := sample_data/sub-demo
 
 .PHONY: install demo test test-fast test-nojit lint bench fuzz browser clean help
@@ -13,11 +14,11 @@ help:
 	@echo "make test-fast  the quick subset: kernels against their numpy twins, units and formats, loaders, the CLI contract"
 	@echo "make lint    ruff and mypy on the package (settings in pyproject.toml)"
 	@echo "make test-nojit  the numba kernels' tests with the JIT off (plain Python, for coverage tools; ~1 min)"
-	@echo "make install create .venv with the package and its test tools"
+	@echo "make install create .venv with the package and its test tools, and compile the numerical kernels"
 	@echo "make bench   issue 20's speed targets in one table: perfusion vs plain numpy and osipy, cold start, memory"
 	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
 
-install: $(STAMP)
+install: $(STAMP) $(WARM_STAMP)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
@@ -25,6 +26,14 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
+
+# Compile the numerical kernels for this machine now, into the numba cache every later run reads
+# (perfusion warmup: the analyses of every method on a small phantom, about 20 s of CPU), so that the first
+# analysis does not wait for them; redone after a reinstall or a change to a kernel's source (its cache entry
+# goes stale with the file). A few seconds when nothing changed.
+$(WARM_STAMP): $(STAMP) $(wildcard src/perfusion/_kernels/*.py)
+	$(BIN)/perfusion warmup
+	@touch $(WARM_STAMP)
 
 demo: install
 	$(BIN)/perfusion analyze $(DEMO)/sub-phantom_dsc.nii.gz --out demo_out --force \

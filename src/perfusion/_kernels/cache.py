@@ -12,6 +12,11 @@ writable it points ``NUMBA_CACHE_DIR`` at a private folder under the temporary f
 runs); when that cannot be written either it turns numba's on-disk cache off, and the kernels are
 compiled in every run (about 19 s; README "Performance"). It returns a one-line note for the user in
 both cases, None otherwise, and decides once per process.
+
+While a command runs, :func:`on_first_compile` holds a callback of the command line that runs when numba
+starts compiling one of the package's kernels, once (jit.py's listener of numba's compile event calls
+:func:`compiling`): the command line says so; this module prints nothing. Whether the kernels are
+compiled yet, without compiling them: jit.needs_compile.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ import os
 import stat
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 _decided = False
+_disk_cache_off = False  # configure turned numba's disk cache off: every run compiles
+_first_compile: Callable[[], Any] | None = None  # on_first_compile's callback, until it has run
 
 
 def _writable(folder: Path) -> bool:
@@ -73,6 +82,8 @@ def _disable_disk_cache() -> None:
     """Make ``@njit(cache=True)`` compile in memory only: numba's dispatcher keeps its NullCache."""
     from numba.core.dispatcher import Dispatcher
 
+    global _disk_cache_off
+    _disk_cache_off = True
     Dispatcher.enable_caching = lambda self: None  # type: ignore[method-assign]  # on purpose: numba's own switch
 
 
@@ -98,3 +109,29 @@ def configure() -> str | None:
     return (f"numba cannot write its cache of compiled kernels ({tried} and the temporary folder "
             f"{tempfile.gettempdir()} are not writable); the kernels are compiled in every run (about 20 s); set "
             "NUMBA_CACHE_DIR to a writable folder to keep them")
+
+
+def keeps_compiled() -> bool:
+    """False when configure turned numba's disk cache off (every run compiles the kernels it calls)."""
+    return not _disk_cache_off
+
+
+def on_first_compile(callback: Callable[[], Any] | None) -> None:
+    """Run ``callback`` (no arguments) when numba next starts compiling one of the package's kernels in
+    this process, and only that once; None forgets a callback that has not run. numba compiles a kernel
+    on its first call when its cache holds no version for the argument types, so the callback runs at
+    most once a command, at the start of the first compilation (a warm cache never runs it)."""
+    global _first_compile
+    _first_compile = callback
+
+
+def compiling() -> None:
+    """numba starts compiling a kernel (jit.py's listener): the callback of on_first_compile, once. A
+    callback that fails (a closed stderr) is dropped: a notice never stops the compilation."""
+    global _first_compile
+    callback, _first_compile = _first_compile, None
+    if callback is not None:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - the notice is lost, the analysis goes on
+            pass

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from perfusion.cli import analyze, batch, bench, compare, convert, dicom_inspect, phantom, report, validate
+from perfusion.cli.options import Quiet
 from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, PerfusionError
 
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
@@ -48,12 +49,7 @@ def guard(fn):
                 # numpy's arithmetic warnings (an empty mean, a division by zero) are never printed raw:
                 # what a user must know reaches report.json "warnings" and the summary as sentences
                 warnings.simplefilter("ignore", RuntimeWarning)
-                from perfusion._kernels.cache import configure
-
-                note = configure()  # before any kernel module is imported (numba-free, a few file checks)
-                if note and not kwargs.get("quiet"):
-                    typer.echo(f"perfusion: warning: {note}", err=True)
-                return fn(*args, **kwargs)
+                return _with_kernel_notes(fn, args, kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except PerfusionError as exc:
@@ -82,16 +78,54 @@ def guard(fn):
     return wrapper
 
 
+def _with_kernel_notes(fn, args, kwargs):
+    """Run a command after deciding where numba keeps the compiled kernels (cache.configure: a note when
+    it is not the usual place), saying once, on stderr, when numba starts compiling a kernel (a cold
+    cache: cache.on_first_compile). Neither is said with --quiet, nor the second when nothing is kept."""
+    from perfusion._kernels import cache
+
+    note = cache.configure()  # before any kernel module is imported (numba-free, a few file checks)
+    quiet = bool(kwargs.get("quiet"))
+    if note and not quiet:
+        typer.echo(f"perfusion: warning: {note}", err=True)
+    if not quiet and cache.keeps_compiled():
+        from perfusion.cli.console import compile_notice
+
+        cache.on_first_compile(compile_notice)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        cache.on_first_compile(None)
+
+
 def _internal(exc: Exception):
     typer.echo(f"perfusion: internal error ({type(exc).__name__}: {exc}); "
                "please report it with the command you ran", err=True)
     raise typer.Exit(code=EXIT_INTERNAL) from None
 
 
+def warmup(quiet: Quiet = False) -> None:
+    """Compile the numerical kernels for this machine now, so that no analysis waits for them (make
+    install runs this; kernels already compiled are loaded, not compiled again)."""
+    from perfusion.tools.warm import warm
+
+    done = warm()
+    for what in done.failed:  # neither is expected (tests/test_cold_start.py): said, never fatal to an install
+        typer.echo(f"perfusion: warning: warm-up analysis {what}", err=True)
+    for name in done.missing:
+        typer.echo(f"perfusion: warning: kernel {name} was not compiled ahead; the first analysis that needs it "
+                   "compiles it", err=True)
+    if not quiet:
+        what = (f"compiled in {done.seconds:.1f} s" if done.compiled else
+                f"were already compiled (loaded in {done.seconds:.1f} s)")
+        typer.echo(f"The numerical kernels {what}; numba keeps them in {done.cache_folder}")
+
+
 #: The commands in the order of ``perfusion --help``: (name, function); each runs inside guard.
 COMMANDS = (("analyze", analyze.analyze), ("phantom", phantom.phantom), ("validate", validate.validate),
             ("report", report.report), ("compare", compare.compare), ("batch", batch.batch),
-            ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect), ("bench", bench.bench))
+            ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect), ("bench", bench.bench),
+            ("warmup", warmup))
 for _name, _command in COMMANDS:
     app.command(_name)(guard(_command))
 

@@ -110,6 +110,8 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
         if not quiet:
             for w in caught:
                 console_err().print(f"perfusion: warning: {names.scrub(str(w.message))}")
+        if jobs > 1 and not (scheduler or scheduler_file):  # local workers: compile once here, not in each of them
+            _warm_workers(jobs, quiet=quiet)
         batch = _run_cases(cases, out, params, quiet=quiet, input_root=input_dir, derivatives=derivatives, jobs=jobs,
                            scheduler=scheduler, scheduler_file=scheduler_file)
         written = write_summary(out, batch, layout=layout_used, params=params)
@@ -167,6 +169,16 @@ def _run_cases(cases, out: Path, params: dict[str, Any], *, quiet: bool, **engin
             progress.update(task, advance=1, ok=counts["ok"], failed=counts["failed"], left=len(cases) - done)
 
         return run_batch(cases, out, params, on_done=on_done, **engine)
+
+
+def _warm_workers(jobs: int, *, quiet: bool) -> None:
+    """Compile the kernels into the numba cache folder the local workers are given (engine.thread_env)
+    when one is missing there, saying so (tools/warm.warm_if_needed)."""
+    from perfusion.batch.engine import thread_env
+    from perfusion.cli.console import compile_notice
+    from perfusion.tools.warm import warm_if_needed
+
+    warm_if_needed(thread_env(jobs).get("NUMBA_CACHE_DIR"), on_compile=None if quiet else compile_notice)
 
 
 def _check_batch_out(input_dir: Path, out: Path, layout: str) -> None:

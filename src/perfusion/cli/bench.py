@@ -96,14 +96,16 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
               fail_above: float | None = None) -> dict:
     """``perfusion bench``: measure, print the tables (and the comparison), write the JSON atomically;
     exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``."""
-    from perfusion.cli.console import console, console_err
+    from perfusion.cli.console import compile_notice, console, console_err
     from perfusion.io import atomic_write, dumps_json
     from perfusion.tools import bench
+    from perfusion.tools.warm import warm_if_needed
 
     plan = plan_of(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
                    quick=quick)
     base = read_baseline(baseline, fail_above)
     con = console()
+    warm_if_needed(on_compile=compile_notice)  # the timed runs are warm-cache runs (compilation is measured apart)
     result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(),
                              on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
     if base is not None:
