@@ -1,7 +1,7 @@
 """The ``perfusion`` command line: the typer app, its commands (one module each, registered here in the
 order ``perfusion --help`` lists them) and the error guard, the one place errors become exit codes.
 
-Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch),
+Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench regression,
 4 bad input, 5 output or disk.
 """
 
@@ -21,7 +21,8 @@ from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, P
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), "
+    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench "
+    "regression (--fail-above), "
     "4 bad input, 5 output or disk, 130 interrupted (Ctrl-C)."
 )
 
