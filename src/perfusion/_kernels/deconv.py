@@ -15,9 +15,10 @@ from perfusion._kernels.rows import row_finite
 #: The oSVD search's tile: its voxels, one per column of each per-voxel array (row, voxel), so that every
 #: inner loop runs across voxels: numba's loop vectoriser turns it into vector instructions while each
 #: voxel's sums keep the order written (a sum along one voxel's residue would need reordering, which no
-#: kernel allows). A tile holds OSVD_TILE_VALUES residue values per array (128 voxels at L = 160; 160 kB,
-#: so the tile's residues and the kept ones stay in the L2 cache), between 16 and 128 voxels, a multiple
-#: of 16. On the clinical volume 128 voxels ran 10 % faster than 64, 64 twice as fast as 16.
+#: kernel allows). A tile's residue arrays hold OSVD_TILE_VALUES values each: 128 voxels at L = 160, 160 kB
+#: an array, the tile's four (two working residues, the kept ones, the coefficients) within a 1 MB L2
+#: cache; between 16 and 128 voxels, a multiple of 16. On the clinical volume (L = 156) 128 voxels ran
+#: 8-14 % faster than 64, and 64 twice as fast as 16.
 OSVD_TILE_VALUES = 20480
 
 
@@ -158,8 +159,9 @@ def _osvd_tile(cf, zero, vt, bounds, nv, oi_target, work, kept, sacc, macc, take
     one with OI <= oi_target, a max that is not > 0 counting as OI = inf. On return best[w] holds the
     voxel's k and kept[w] its residue (0 and zeros where no group ends within k_max).
     The residues alternate between work[0] and work[1], so that b_k is still whole after the next group's
-    pass: a voxel's residue is saved only where it took k and not the next group end (a few times per
-    voxel, one column each), not at every k it takes (a vector pass each time: 25 % of the search)."""
+    pass: a voxel's residue is saved only where it took k and not the next group end (about once per
+    voxel on the clinical volume, one column), not at every k it takes (about 30 times per voxel, as a
+    vector pass over the tile: 5-10 % slower in all)."""
     length = work.shape[1]
     src = work[0]
     dst = work[1]
