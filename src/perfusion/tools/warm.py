@@ -7,7 +7,12 @@ spent about 13 s of its 16 s compiling. The types are the pipeline's own: rather
 signatures beside the kernels, the warmer runs the analysis as ``perfusion analyze`` does (a small
 phantom written as NIfTI and loaded back, a brain mask and two lesion ROIs, which add the ROI leakage
 comparison), with the default options first, then with every other ``--method`` and ``--leakage``
-(config.METHODS, config.LEAKAGE_METHODS). Each kernel compiled by one run is loaded by the next.
+(config.METHODS, config.LEAKAGE_METHODS). Each kernel compiled by one run is reused by the next.
+
+One process, one analysis after the other: numba compiles under one global lock, so threads would not
+compile at the same time, and two processes would both compile the kernels every analysis calls (delta
+R2*, the curve features, k-means, the gamma-variate fits: about two thirds of the time) and write the
+same cache entries at once (numba issue 4807).
 
 Which kernels exist comes from the ``@kernel`` registry (jit.all_kernels); :func:`warm` returns those
 still without a compiled version afterwards (jit.needs_compile): tests/test_cold_start.py fails when
