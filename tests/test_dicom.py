@@ -399,8 +399,9 @@ def test_figures_from_dicom_equal_nifti(case, monkeypatch):
 
     nifti, dcm = pages(case["nifti_out"]), pages(case["dicom_out"])
     assert_same_figures(nifti, dcm, image_check=close)
-    titles = [x for k, x in nifti if k == "title"]
-    assert "I 6.0 mm" in titles and "S 2.0 mm" in titles  # the phantom's slices at z = -6, -2, 2 ... mm
+    # slice positions: the overlay's panel titles and the montages' labels above their tiled panels
+    labels = [x for k, x in nifti if k == "title"] + [x.split(" ", 2)[2] for k, x in nifti if k == "text"]
+    assert "I 6.0 mm" in labels and "S 2.0 mm" in labels  # the phantom's slices at z = -6, -2, 2 ... mm
     assert [x.split()[-1] for k, x in nifti if k == "text"][:4] == ["R", "L", "A", "P"]
 
 

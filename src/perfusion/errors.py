@@ -1,7 +1,8 @@
 """Errors that the command line turns into exit codes.
 
 Exit codes (documented in the README and ``perfusion --help``):
-0 ok, 1 internal error (a bug), 2 usage, 3 partial (batch) or a regression (bench --fail-above), 4 bad input, 5 output or disk.
+0 ok, 1 internal error (a bug), 2 usage, 3 partial (batch) or a regression (bench --fail-above),
+4 bad input, 5 output or disk.
 Library code raises these; only ``cli.py`` exits.
 """
 
