@@ -321,3 +321,15 @@ def test_no_library_module_imports_the_command_line():
                      [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             offenders += [f"{path.name}: {n}" for n in names if n.startswith("perfusion.cli")]
     assert offenders == []
+
+
+def test_version_flag_prints_the_package_version(capsys):
+    """``perfusion --version`` (issue 21) prints what ``perfusion version`` prints, the installed package's
+    version, and exits 0; it is a flag of the top command only."""
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    flag = capsys.readouterr().out
+    assert main(["version"]) == 0
+    assert flag == capsys.readouterr().out == f"perfusion {version('dsc-perfusion')}\n"
+    assert main(["analyze", "--version"]) == 2

@@ -138,6 +138,19 @@ def version() -> None:
     typer.echo(f"perfusion {__version__}")
 
 
+def _version_flag(value: bool) -> None:
+    if value:
+        version()
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
+                                            callback=_version_flag)) -> None:
+    """DSC-MRI perfusion maps and lesion scoring. For research and decision support only; not a medical device
+    and not a diagnosis."""
+
+
 def main(args: list[str] | None = None) -> int:
     """Run the command line with ``args`` (default: sys.argv[1:]) and return the exit code."""
     try:
