@@ -257,9 +257,7 @@ def _brain_mask(inputs: Inputs) -> tuple[np.ndarray, str]:
     s = inputs.series
     if inputs.brain is not None:
         return inputs.brain, str(inputs.paths.get("brain", "given mask"))
-    lesions = np.zeros(s.shape3d, bool)
-    for m in inputs.rois.values():
-        lesions |= m
+    lesions = _any_roi(inputs.rois, s.shape3d)
     try:  # the coarse brain's baseline and bolus peak, then the brain without what does not take up the bolus
         brain = signal.auto_brain_mask_dsc(s.data, tr=s.tr, voxel_mm=s.voxel_mm, keep=lesions)
     except signal.BaselineError as exc:
@@ -715,9 +713,7 @@ def _leakage_plan(inputs: Inputs, config: Config, vox: _Voxels, aif_curve: np.nd
             notes.append("no non-enhancing brain voxel for a BSW reference curve: the leakage gate uses the "
                          "correction's own test, and the leakage sensitivity has no bsw, bsw_gated or bidirectional "
                          "entry")
-    in_lesion = np.zeros(vox.n_vox, bool)
-    for m in inputs.rois.values():
-        in_lesion |= m.ravel()[vox.idx]
+    in_lesion = _any_roi(inputs.rois, vox.shape).ravel()[vox.idx]
     return _LeakagePlan(method=method, gate=config.leakage_gate, reference=ref, bsw_reference=bsw_ref,
                         reference_voxels=n_ref, in_lesion=in_lesion, non_enhancing=ne, baseline_cv=cv), notes
 

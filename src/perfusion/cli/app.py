@@ -147,8 +147,7 @@ def _version_flag(value: bool) -> None:
 @app.callback()
 def _root(show_version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True,
                                             callback=_version_flag)) -> None:
-    """DSC-MRI perfusion maps and lesion scoring. For research and decision support only; not a medical device
-    and not a diagnosis."""
+    """The top command's own option (--version); its help text is the app's (``app``'s help)."""
 
 
 def main(args: list[str] | None = None) -> int:

@@ -344,10 +344,15 @@ def _noise_terms(h: np.ndarray, p_one: np.ndarray, p_wb: np.ndarray, p_trace, n_
     h1 = h.sum(axis=-1)
     hw = h @ wb
     var_factor = np.einsum("...t,...t->...", h, h) - 2.0 * h1 * hw + inv_nb * h1 * h1
-    trace_m = n_t - 2.0 * wb.sum() + n_t * inv_nb
+    trace_m = _trace_m(n_t, wb, inv_nb)
     one = np.ones(n_t)
     trace_pm = p_trace - 2.0 * (p_one @ wb) + inv_nb * (p_one @ one)
     return var_factor, trace_m - trace_pm
+
+
+def _trace_m(n_t: int, wb: np.ndarray, inv_nb: float) -> float:
+    """tr(M) of _noise_terms' noise covariance M = I - 1 w_b^T - w_b 1^T + 1 1^T / n_b (n_t frames)."""
+    return float(n_t - 2.0 * wb.sum() + n_t * inv_nb)
 
 
 def _two_regressor_fit(y: np.ndarray, r: np.ndarray, q: np.ndarray):
@@ -533,7 +538,7 @@ def _bidirectional_profile(c: np.ndarray, ref: np.ndarray, *, tr: float, kep_max
     ll = np.einsum("gt,gt->g", lg, lg)
     det = rr * ll - rl * rl
     wb, inv_nb = _baseline_weights(n_t, baseline)
-    trace_m = float(n_t - 2.0 * wb.sum() + n_t * inv_nb)
+    trace_m = _trace_m(n_t, wb, inv_nb)
     k1, k2, kep, k2_se, r2 = (np.empty(n_vox) for _ in range(5))
     leak, corrected = np.empty(c.shape), np.empty(c.shape)
     valid = np.empty(n_vox, bool)

@@ -424,17 +424,16 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
     an axes each, and laying out and drawing 24 axes took most of report.html's time."""
     grid = display_grid(affine, data.shape)
     data = grid.apply(data)
-    nr, nc = _grid(data.shape[2])
-    tiles, origins = montage_tiles(data, nc, title_band=MONTAGE_TITLE_BAND, gap=MONTAGE_GAP)
     w_px, h_px = data.shape[0], data.shape[1]
+    band = int(round(MONTAGE_TITLE_BAND * h_px))
+    tiles, origins = montage_tiles(data, _grid(data.shape[2])[1], band=band, gap=MONTAGE_GAP)
     scale = MONTAGE_PANEL_PX / DPI / max(w_px, h_px)  # inches per voxel
     img_w, img_h = tiles.shape[1] * scale, tiles.shape[0] * scale
     fig_w = img_w + 1.1  # the colourbar, its ticks and its label on the right
-    fig, _ = figure(figsize=(fig_w, img_h), images=True, axes=False)
+    fig, _ = figure(figsize=(fig_w, img_h), axes=False)
     ax = fig.add_axes((0.0, 0.0, img_w / fig_w, 1.0), xticks=[], yticks=[], frame_on=False)
     im = ax.imshow(np.ma.masked_invalid(tiles), cmap=cmap, vmin=vmin, vmax=vmax, origin="upper",
                    interpolation="nearest")
-    band = MONTAGE_TITLE_BAND * h_px
     for z, (row0, col0) in enumerate(origins):
         ax.text(col0 + w_px / 2, row0 - band / 2, grid.position_label(z), ha="center", va="center", fontsize=7)
         draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1, box=(row0, col0, w_px, h_px))
@@ -443,13 +442,12 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
     return png_bytes(fig, tight=False)
 
 
-def montage_tiles(data: np.ndarray, n_cols: int, *, title_band: float, gap: int) -> tuple[np.ndarray, list]:
+def montage_tiles(data: np.ndarray, n_cols: int, *, band: int, gap: int) -> tuple[np.ndarray, list]:
     """The slices of a display-oriented 3-D array (x, y, z) as one image, ``n_cols`` panels per row in
     slice order, each as ``as_image`` shows it with y up (so flipped for an image drawn from the top),
-    NaN between panels and in a band of ``title_band`` x the panel height above each row. Returns the
-    image (float64) and each panel's top-left corner (row, column) in it."""
+    NaN between panels (``gap`` pixels) and in a band of ``band`` pixels above each row (for the slice
+    positions). Returns the image (float64) and each panel's top-left corner (row, column) in it."""
     w, h, nz = data.shape
-    band = int(round(title_band * h))
     nr = -(-nz // n_cols)
     cell_w, cell_h = w + gap, band + h + gap
     out = np.full((nr * cell_h - gap, n_cols * cell_w - gap), np.nan)
