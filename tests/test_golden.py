@@ -36,6 +36,9 @@ ADDED_KEYS = {
     "parameters.gamma_maps": "issue 20: --gamma-maps (Config.gamma_maps) writes the gv_* maps",
     "aif.gamma_variate.tissue_fitted": "issue 20: which voxels the tissue fit ran on (tissue_valid_fraction's)",
     "aif.gamma_variate.tissue_fitted_voxels": "issue 20: how many (tissue_valid_fraction's denominator)",
+    "case": "issue 21: the case's label and scan date, as the user gave them (save(label=, scan_date=))",
+    "case.label": "issue 21: see case",
+    "case.scan_date": "issue 21: see case",
 }
 
 

@@ -372,3 +372,26 @@ def test_redaction_replaces_whole_paths_only():
     assert r("K2 in 1/s from /s/x.nii.gz.") == "K2 in 1/s from x.nii.gz."
     assert r({"/data/MRN1/DOE/dsc.nii.gz": ["(/data/MRN1/DOE/a.json)"]}) == {"dsc.nii.gz": ["((input folder)/a.json)"]}
     assert r("/data/MRN1/DOEX/y.nii.gz") == "/data/MRN1/DOEX/y.nii.gz"
+
+
+
+def test_case_label_and_scan_date_are_the_callers_only(phantom_case, tmp_path):
+    """report.json "case" holds the label and scan date save() was given, and null without them: none is
+    read from the input (its folder here is named after a patient)."""
+    import json
+    import shutil
+
+    from perfusion import Config, analyze, load_case, save
+
+    named = tmp_path / "Doe_Jane" / "dsc.nii.gz"
+    named.parent.mkdir()
+    shutil.copy(phantom_case["dsc"], named)
+    case = load_case(named, te=0.025, tr=1.5)
+    result = analyze(case, Config(method="osvd"))
+    save(result, case, tmp_path / "a", html=False, label="case 7", scan_date="2026-11-30")
+    save(result, case, tmp_path / "b", html=False)
+    assert json.loads((tmp_path / "a" / "report.json").read_text())["case"] == {"label": "case 7",
+                                                                              "scan_date": "2026-11-30"}
+    b = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert b["case"] == {"label": None, "scan_date": None}
+    assert "Doe" not in json.dumps(b)

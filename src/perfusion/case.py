@@ -251,10 +251,13 @@ def compute_case(config, *, dsc: Path | list[Path], mask: Path | None = None, ai
     return result, case.inputs
 
 
-def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> Path:
+def save(result, case: Case, out, *, force: bool = False, html: bool = True, label: str | None = None,
+         scan_date: str | None = None) -> Path:
     """Write a Result into the folder ``out`` as ``perfusion analyze`` does (maps with JSON sidecars,
     report.json, report.html unless ``html`` is False), atomically and under the folder's lock; ``out``
-    must be empty unless ``force``. Returns ``out``. Raises OutputError (exit 5 on the command line)."""
+    must be empty unless ``force``. ``label`` and ``scan_date`` (YYYY-MM-DD), when given, are shown at the
+    top of report.html and kept in report.json "case": the caller chooses them, so that no identifier
+    is taken from the input. Returns ``out``. Raises OutputError (exit 5 on the command line)."""
     from perfusion.io import check_output_folder, output_lock, staged_output
     from perfusion.report.outputs import write_result
 
@@ -263,7 +266,7 @@ def save(result, case: Case, out, *, force: bool = False, html: bool = True) -> 
     with output_lock(out):
         check_output_folder(out, force=force)
         with staged_output(out, force=force) as stage:
-            write_result(result, case.inputs, stage)
+            write_result(result, case.inputs, stage, label=label, scan_date=scan_date)
             if html:
                 from perfusion.report.html import write_html
 

@@ -27,9 +27,12 @@ if TYPE_CHECKING:
 
 
 def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None = None,
-                 roi_files: dict[str, str] | None = None, prefix: str | None = None) -> dict:
+                 roi_files: dict[str, str] | None = None, prefix: str | None = None,
+                 label: str | None = None, scan_date: str | None = None) -> dict:
     """report.json's content; ``files`` (output key -> file name) and ``roi_files`` (ROI name -> mask
-    copy) come from outputs.write_result."""
+    copy) come from outputs.write_result. ``label`` and ``scan_date`` are the case's label and scan date
+    as the user gave them (never read from the input's metadata: a name or a date there may identify the
+    patient); report.json "case" holds them, null when not given."""
     s = inputs.series
     redact = Redactor(input_paths(inputs).values())
     result = redact(result)
@@ -44,6 +47,7 @@ def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None
         "software": {"name": "perfusion", "version": __version__},
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
+        "case": {"label": label, "scan_date": scan_date},
         "inputs": input_entries(inputs),
         "acquisition": {
             "te": s.te, "te_units": "s", "te_source": s.te_source,

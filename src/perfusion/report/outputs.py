@@ -79,10 +79,12 @@ class _Outputs:
         write_map(self.folder, self.name(key), data, self.affine, **kwargs)
 
 
-def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | None = None) -> dict[str, str]:
+def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | None = None,
+                 label: str | None = None, scan_date: str | None = None) -> dict[str, str]:
     """Write maps with sidecars, masks, aif.tsv, curves, motion.tsv and report.json into ``folder`` (a staging
     folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
-    "files" lists them. Returns that mapping (key -> file name)."""
+    "files" lists them, "case" the user's ``label`` and ``scan_date`` (build.build_report). Returns that
+    mapping (key -> file name)."""
     from perfusion.io import Redactor, public_name, roi_mask_files, write_json
     from perfusion.report import build as report
 
@@ -100,7 +102,8 @@ def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | 
         out.files.update(write_anat(folder, result.anat, public_name(inputs.paths["anat"]), prefix=prefix))
     if result.motion is not None and result.motion.timeseries is not None:
         _write_motion(out, result.motion.timeseries)
-    rep = report.build_report(result, inputs, files=out.files, roi_files=out.roi_files, prefix=prefix)
+    rep = report.build_report(result, inputs, files=out.files, roi_files=out.roi_files, prefix=prefix,
+                              label=label, scan_date=scan_date)
     write_json(folder / out.files["report"], rep)
     return out.files
 
