@@ -74,6 +74,8 @@ def _dataset(root: Path, src: dict) -> Path:
                 shutil.copy(src["dsc"], root / rel / f"{prefix}_dsc.nii.gz")
                 shutil.copy(src["lesion_hyper"], masks / rel / f"{prefix}_label-tumor_mask.nii.gz")
                 shutil.copy(src["brain"], masks / rel / f"{prefix}_label-brain_mask.nii.gz")
+            # a session-level reference mask: applies to both runs (no run- entity)
+            shutil.copy(src["nawm"], masks / rel / f"sub-{sub}_ses-{ses}_label-nawm_mask.nii.gz")
     return root
 
 
@@ -152,6 +154,7 @@ def _check_sidecars(perf: Path, prefix: str, root: Path) -> None:
     to the dataset), no absolute path, no RawSources (deprecated in BIDS 1.9)."""
     rel = f"sub-{prefix[4:6]}/ses-{prefix[11]}/perf"
     want = [f"bids:raw:{rel}/{prefix}_dsc.nii.gz", f"bids:raw:derivatives/masks/{rel}/{prefix}_label-brain_mask.nii.gz",
+            f"bids:raw:derivatives/masks/{rel}/{prefix[:12]}_label-nawm_mask.nii.gz",
             f"bids:raw:derivatives/masks/{rel}/{prefix}_label-tumor_mask.nii.gz"]
     units = {"cbv": "mL/100 g", "cbf": "mL/100 g/min", "mtt": "s", "rcbv": "ratio", "desc-ftb_dseg": "label"}
     maps = sorted(perf.glob(f"{prefix}_*.nii.gz"))

@@ -660,10 +660,10 @@ def write_summary(out_root: Path, batch: BatchResult, *, layout: str, params: di
 
     The summary holds every finished case found in ``out_root`` (finished_rows), this batch's results
     replacing them: processes running disjoint cases into one OUT_DIR (an array job) each rebuild it
-    under a lock (``.perfusion-summary.lock``), so the last one to finish writes every case."""
+    under a lock (``.summary.lock``), so the last one to finish writes every case."""
     import fcntl
 
-    lock = os.open(Path(out_root) / ".perfusion-summary.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    lock = os.open(Path(out_root) / ".summary.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a few ms per writer: wait for it
         by_case = finished_rows(out_root) | {c.case_id: c.rows for c in batch.cases}
