@@ -13,6 +13,12 @@ above the dataset (often a patient's name) leaks; two cases never share an outpu
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
+
+Several processes may write one OUT_DIR at once (``perfusion bids ... participant --participant-label``
+per task of a cluster array job): each case folder is locked while it is written (io.output_lock), a
+case cleans only its own leftovers, and the top files (summary.tsv/.json, index.html,
+dataset_description.json, .bidsignore) are rebuilt, under a short lock, from every finished case found
+in OUT_DIR (:func:`write_summary`), so the last process to finish writes every case.
 """
 
 from __future__ import annotations
