@@ -167,6 +167,11 @@ def _check_sidecars(perf: Path, prefix: str, root: Path) -> None:
         assert str(root) not in text and str(root.parent) not in text
     for key, unit in units.items():
         assert json.loads((perf / f"{prefix}_{key}.json").read_text())["Units"] == unit
+    tables = sorted(perf.glob(f"{prefix}_*_timeseries.json"))  # the TSV tables' sidecars: Sources, then columns
+    assert len(tables) == 3
+    for table in tables:
+        side = json.loads(table.read_text())
+        assert side["Sources"] == want and side["time_s"]["Units"] == "s", table.name
 
 
 def test_dataset_description_and_group_level(array_job):

@@ -147,10 +147,11 @@ def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, 
     return out
 
 
-def write_tsv_sidecar(path: Path, columns: dict[str, tuple[str, str]]) -> None:
+def write_tsv_sidecar(path: Path, columns: dict[str, tuple[str, str]], *, extra: dict[str, Any] | None = None) -> None:
     """The BIDS JSON sidecar of a TSV table: per column name, its "Description" and "Units"
-    (``columns``: name -> (units, description))."""
-    write_json(path, {name: {"Description": desc, "Units": units} for name, (units, desc) in columns.items()})
+    (``columns``: name -> (units, description)), after ``extra``'s fields (such as BIDS ``Sources``)."""
+    write_json(path, {**(extra or {}),
+                      **{name: {"Description": desc, "Units": units} for name, (units, desc) in columns.items()}})
 
 
 def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:

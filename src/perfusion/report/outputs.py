@@ -181,7 +181,8 @@ def _write_tables(out: _Outputs, result: Result) -> None:
     write_tsv(folder / files["aif"], {"time_s": result.time_s, "delta_r2s": result.aif_curve})
     write_tsv_sidecar(folder / files["aif_json"], {
         "time_s": TIME_COLUMN,
-        "delta_r2s": ("1/s", f"Arterial input function: mean delta R2* of the AIF voxels ({result.aif.source})")})
+        "delta_r2s": ("1/s", f"Arterial input function: mean delta R2* of the AIF voxels ({result.aif.source})")},
+        extra=out.extra)
     write_tsv(folder / files["curves"], {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
     curve_cols = {"time_s": TIME_COLUMN, "aif": ("1/s", "Mean delta R2* of the AIF voxels")}
     for name in result.curves:
@@ -189,7 +190,7 @@ def _write_tables(out: _Outputs, result: Result) -> None:
         region = "the reference tissue" if region == "reference" else f"ROI {region}"
         curve_cols[name] = ("1/s", f"Mean delta R2* of {region}"
                             + (", before leakage correction" if name.endswith("_uncorrected") else ""))
-    write_tsv_sidecar(folder / files["curves_json"], curve_cols)
+    write_tsv_sidecar(folder / files["curves_json"], curve_cols, extra=out.extra)
 
 
 def _write_motion(out: _Outputs, timeseries: dict[str, np.ndarray]) -> None:
@@ -199,7 +200,7 @@ def _write_motion(out: _Outputs, timeseries: dict[str, np.ndarray]) -> None:
 
     write_tsv(out.folder / out.name("motion"), timeseries)
     write_tsv_sidecar(out.folder / out.name("motion_json"), {k: v for k, v in TIMESERIES_COLUMNS.items()
-                                                             if k in timeseries})
+                                                             if k in timeseries}, extra=out.extra)
 
 
 def write_anat(folder: Path, anat, source, *, prefix: str | None = None, extra: dict | None = None) -> dict[str, str]:
