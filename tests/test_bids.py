@@ -422,3 +422,30 @@ def test_bids_anat_discovery_prefers_post_contrast(small_ds, tmp_path):
     assert by_id["sub-01_ses-2_run-1"].anat is None and by_id["sub-02_ses-1_run-1"].anat is None
     _, cases = discover(root, anat_glob="sub-{sub}/ses-{ses}/anat/*_T1w.nii.gz")
     assert "2 anatomical images" in {c.case_id: c for c in cases}["sub-01_ses-1_run-1"].problem
+
+
+def test_terminal_progress_bar_shows_an_eta(small_ds, tmp_path):
+    """On a terminal (a pseudo-terminal here) the cases' progress is a bar with the count and an ETA."""
+    import pty
+
+    main_fd, child_fd = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "COLUMNS": "150",
+           "TERM": "xterm"}
+    proc = subprocess.Popen([sys.executable, "-m", "perfusion", "bids", str(small_ds), str(tmp_path / "out"),
+                             "participant", "--participant-label", "01", "--session-label", "2", "--no-html"],
+                            stdout=child_fd, stderr=child_fd, env=env)
+    os.close(child_fd)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main_fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=300) == 0
+    screen = b"".join(chunks).decode(errors="replace")
+    assert "cases" in screen and "2/2" in screen and "ETA" in screen, screen[-2000:]
+    assert "done 2, failed 0, remaining 0" in screen
+    assert "case sub-01_ses-2_run-1: ok" not in screen  # a bar, not the log lines
