@@ -186,6 +186,7 @@ def test_dataset_description_and_group_level(array_job):
         assert str(array_job["root"].parent) not in (out / name).read_text(), name
     page = (out / "index.html").read_text()
     assert "<th>participant</th><th>session</th>" in page and page.count("<td>sub-02</td>") == 4
+    assert "<th>warnings</th>" in page and page.count('<td class="warn">') == 8
     # the group level rebuilds the top files from the finished cases alone
     for name in ("summary.tsv", "summary.json", "index.html"):
         (out / name).unlink()

@@ -66,12 +66,13 @@ def bids(
         metavar="ANALYSIS_LEVEL", help="participant (analyse the chosen participants) or group (rebuild "
                                        "OUTPUT_DIR's summary from its finished cases).")],
     participant_label: Annotated[Optional[list[str]], typer.Option(
-        help="A participant to analyse, with or without sub- (default: all); repeatable.")] = None,
+        metavar="LABEL", help="A participant to analyse, with or without sub- (default: all); repeatable.")] = None,
     session_label: Annotated[Optional[list[str]], typer.Option(
-        help="A session to analyse, with or without ses- (default: all); repeatable.")] = None,
+        metavar="LABEL", help="A session to analyse, with or without ses- (default: all); repeatable.")] = None,
     bids_filter_file: Annotated[Optional[Path], typer.Option(
-        exists=True, dir_okay=False, help="JSON file of entity filters for the DSC series, as fMRIPrep's: "
-                                          '{"dsc": {"session": "1", "run": [1, 2], "acquisition": null}}.')] = None,
+        exists=True, dir_okay=False, metavar="FILE",
+        help="JSON file of entity filters for the DSC series, as fMRIPrep's: "
+             '{"dsc": {"session": "1", "run": [1, 2], "acquisition": null}}.')] = None,
     derivatives: Derivatives = None,
     roi_glob: RoiGlob = None,
     brain_glob: BrainGlob = None,
