@@ -105,6 +105,8 @@ def test_summary_json_and_index(plain_run):
     assert s["units"]["rcbv_median"] == "ratio" and "not a medical device" in s["disclaimer"]
     assert s["units"]["rcbv_ci_low"] == s["units"]["rcbv_ci_high"] == "ratio" and s["units"]["ftb_high"] == "fraction"
     assert len(s["rows"]) == 5 and set(s["rows"][0]) == set(COLUMNS)
+    # plain case folders carry no BIDS entity: participant_id and session_id are BIDS's n/a
+    assert {(r["participant_id"], r["session_id"]) for r in s["rows"]} == {("n/a", "n/a")}
     page = (out / "index.html").read_text()
     assert page.count('href="case1/report.html"') == 2 and "<script" not in page
     assert "http" not in page
@@ -341,3 +343,15 @@ def test_sigkill_then_rerun_completes_without_corrupt_cases(tmp_path, sources):
     assert not [p for p in out.iterdir() if p.name.startswith(".perfusion-")]  # leftovers removed
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert all(r["status"] == "ok" for r in rows)
+
+
+def test_quality_flags_join_the_warnings_and_the_aif_checks():
+    from perfusion.batch.engine import quality_flags
+
+    rep = {"warnings": ["short baseline: 4 frames"], "aif": {"quality_score": 0.31, "absolute_quantification": False}}
+    assert quality_flags(rep) == ["short baseline: 4 frames", "AIF quality score 0.31 < 0.5",
+                                  "AIF not valid for absolute CBV/CBF (relative values and rCBV only)"]
+    said = {"warnings": ["AIF quality score 0.31 is poor", "CBF is not quantitative"],
+            "aif": {"quality_score": 0.31, "absolute_quantification": False}}
+    assert quality_flags(said) == said["warnings"]  # not said twice
+    assert quality_flags({"aif": {"quality_score": 0.8, "absolute_quantification": True}}) == []

@@ -177,18 +177,18 @@ def _wait_for_lock(proc: subprocess.Popen, out: Path, timeout: float = 60.0) -> 
     raise AssertionError("the first run never took the lock")
 
 
-@pytest.mark.parametrize("command", ["batch", "compare", "convert"])
+@pytest.mark.parametrize("command", ["compare", "convert"])
 def test_every_writing_command_takes_the_folder_lock(command, phantom_case, tmp_path, capsys):
-    """batch, compare and convert take the same lock as analyze: while another run holds OUT (here this
+    """compare and convert take the same lock as analyze: while another run holds OUT (here this
     process, through io.output_lock, on its own open file), each exits 5 with one line naming the
-    folder and writes nothing."""
+    folder and writes nothing. (batch and bids lock each case folder instead, so that array-job tasks
+    share one OUT_DIR: tests/test_bids.py::test_a_case_locked_by_another_process_fails_alone.)"""
     from perfusion.io import output_lock
 
     out = tmp_path / "out"
     empty = tmp_path / "empty"
     empty.mkdir()
-    args = {"batch": ["batch", str(phantom_case["dsc"].parent.parent), str(out)],
-            "compare": ["compare", str(empty), str(empty), "--out", str(out)],
+    args = {"compare": ["compare", str(empty), str(empty), "--out", str(out)],
             "convert": ["convert", str(empty), str(out)]}[command]
     with output_lock(out):
         assert main([*args, "-q"]) == 5

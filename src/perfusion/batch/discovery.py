@@ -67,6 +67,14 @@ has no value for (``{ses}`` without sessions) is that case's problem; a pattern 
 nothing is a note (``Case.notes``), and so is a case without a lesion ROI (maps only, no verdict).
 A brain, reference or AIF pattern matching several files is a problem.
 
+Anatomical image (``Case.anat``, what ``analyze --anat`` takes): ``anat_glob`` (a pattern as above, both
+layouts; several matches are a problem), else in BIDS the ``*_T1w.nii[.gz]`` of the case's
+``sub-<label>/[ses-<label>/]anat/`` folder (of several, those with a ``ce-`` entity; still several: a
+note, none used). Plain layout without the pattern: none.
+
+JSON sidecars of BIDS series are inherited as BIDS says (io.series.inherited_sidecars: a top-level
+``dsc.json`` applies to every series, a more specific file overrides); the series reader merges them.
+
 Never walked, in both layouts: names starting with ``.``, ``derivatives/`` and ``sourcedata/`` (and
 ``code/``, ``stimuli/`` in BIDS) as cases, and symlinks (files or folders) whose target lies outside
 the root (or outside the ``derivatives`` folder given, for masks found there); each such link is
@@ -148,6 +156,7 @@ class Case:
     notes: tuple[str, ...] = ()  # things worth knowing that do not stop the case (no ROI, empty pattern)
     echoes: tuple[Path, ...] = ()  # a multi-echo run: every echo's file by echo index (dsc is the first); else ()
     echo_sidecars: tuple[Path, ...] = ()  # the echoes' JSON twins that are present
+    anat: Path | None = None  # anatomical image (post-contrast T1) for registration and figures (analyze --anat)
 
     @property
     def series_paths(self) -> list[Path]:
@@ -157,7 +166,7 @@ class Case:
 
 def discover(root: Path, *, layout: str = "auto", derivatives: Path | None = None,
              roi_globs: tuple[str, ...] = (), brain_glob: str | None = None, reference_glob: str | None = None,
-             aif_glob: str | None = None) -> tuple[str, list[Case]]:
+             aif_glob: str | None = None, anat_glob: str | None = None) -> tuple[str, list[Case]]:
     """Return (layout used: "bids" or "plain", cases sorted by case_id); see the module docstring.
 
     InputError when ``root`` is missing, not a folder or holds no case, or ``derivatives`` is not a
@@ -179,7 +188,7 @@ def discover(root: Path, *, layout: str = "auto", derivatives: Path | None = Non
     try:
         return _discover(given, root_abs, bases, layout=layout, derivatives=derivatives, patterns={
             "roi": tuple(roi_globs), "brain": _opt(brain_glob), "reference": _opt(reference_glob),
-            "aif": _opt(aif_glob)})
+            "aif": _opt(aif_glob), "anat": _opt(anat_glob)})
     finally:  # each skipped link or unreadable folder once, also when no case was found
         for message in bases.messages:
             warnings.warn(message, stacklevel=2)
@@ -339,7 +348,9 @@ def _bids_case(group: list[_Entry], sub_name: str, ses_name: str | None, by_name
                              "not a lesion: not used by batch (lesions: label-<name>; reference: label-nawm)")
     if not found["roi"] and not patterns["roi"]:
         notes.append(f"{prefix}: no lesion mask (derivatives *_label-<name>_mask.nii.gz) found: maps only, no verdict")
-    case = _assemble(prefix, f, sidecars[0], found, problems, notes, out_rel=out_rel, prefix=prefix)
+    anat = _bids_anat(root, sub_name, ses_name, values, bases, patterns["anat"], prefix, problems, notes)
+    case = replace(_assemble(prefix, f, sidecars[0], found, problems, notes, out_rel=out_rel, prefix=prefix),
+                   anat=anat)
     if len(group) == 1:
         return case
     for g in group[1:]:
@@ -417,6 +428,42 @@ def _ent_text(ents: dict[str, str], key: str) -> str:
     return f"{key}-{ents[key]}" if key in ents else f"no {key}-"
 
 
+def _bids_anat(root: Path, sub_name: str, ses_name: str | None, values: Mapping[str, str | None], bases: _Bounds,
+               pats: tuple[str, ...], case_id: str, problems: list[str], notes: list[str]) -> Path | None:
+    """The case's anatomical image: by ``--anat-glob`` when given, else the ``*_T1w.nii[.gz]`` of its
+    session's (or, without sessions, its subject's) ``anat/`` folder; of several, those with a ``ce-``
+    entity (post-contrast: what ``--anat`` wants) are preferred; still several is a note (none used)."""
+    if pats:
+        hits = _match_patterns(pats, root, values, bases, exclude=None, kind="anat", case_id=case_id,
+                               problems=problems, notes=notes)
+        return _one_anat(hits, case_id, problems)
+    folder = root / sub_name / ses_name / "anat" if ses_name else root / sub_name / "anat"
+    if not folder.is_dir():
+        return None
+    t1 = [e for e in _scan_quiet(folder, bases)
+          if (e.is_file or e.broken) and (_nifti_stem(e.name) or "").endswith("_T1w")]
+    post = [e for e in t1 if "ce" in _entities((_nifti_stem(e.name) or "").split("_"))]
+    chosen = post or t1
+    if len(chosen) > 1:
+        notes.append(f"{case_id}: {len(chosen)} T1w images in {folder}; none used as --anat (choose one with "
+                     "--anat-glob)")
+        return None
+    if chosen and chosen[0].broken:
+        problems.append(_broken(chosen[0].path, "anatomical image"))
+    return chosen[0].path if chosen else None
+
+
+def _one_anat(hits: list[_Entry], case_id: str, problems: list[str]) -> Path | None:
+    """The one anatomical image an --anat-glob matched; several are a problem."""
+    if len(hits) > 1:
+        problems.append(f"{len(hits)} anatomical images for {case_id} ({', '.join(str(e.path) for e in hits)}); "
+                        "keep one, or narrow --anat-glob")
+        return None
+    if hits and hits[0].broken:
+        problems.append(_broken(hits[0].path, "anatomical image"))
+    return hits[0].path if hits else None
+
+
 # ----------------------------------------------------------------------------------------- plain
 
 
@@ -451,7 +498,9 @@ def _plain_case(folder: _Entry, files: list[_Entry], niftis: list[_Entry], bases
     globbed = {kind: _match_patterns(patterns[kind], folder.path, values, bases, exclude=None, kind=kind,
                                      case_id=case_id, problems=problems, notes=notes)
                for kind in KINDS if patterns[kind]}
-    claimed = {e.path for matches in globbed.values() for e in matches}
+    anat_hits = _match_patterns(patterns["anat"], folder.path, values, bases, exclude=None, kind="anat",
+                                case_id=case_id, problems=problems, notes=notes) if patterns["anat"] else []
+    claimed = {e.path for matches in [*globbed.values(), anat_hits] for e in matches}
     named: dict[str, list[_Entry]] = {kind: [] for kind in KINDS}
     candidates: list[_Entry] = []
     for f in niftis:
@@ -497,7 +546,9 @@ def _plain_case(folder: _Entry, files: list[_Entry], niftis: list[_Entry], bases
         by_name = {f.name: f for f in files}
         sc = by_name.get(sidecar_path_for(dsc.path).name)
         sidecar = sc.path if sc is not None and sc.is_file else None
-    return _assemble(case_id, dsc, sidecar, found, problems, notes, out_rel=Path(case_id), prefix=None)
+    anat = _one_anat(anat_hits, case_id, problems)
+    case = _assemble(case_id, dsc, sidecar, found, problems, notes, out_rel=Path(case_id), prefix=None)
+    return replace(case, anat=anat, problem="; ".join(problems) or None)
 
 
 # --------------------------------------------------------------------------------------- shared

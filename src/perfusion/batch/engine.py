@@ -13,11 +13,18 @@ above the dataset (often a patient's name) leaks; two cases never share an outpu
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
+
+Several processes may write one OUT_DIR at once (``perfusion bids ... participant --participant-label``
+per task of a cluster array job): each case folder is locked while it is written (io.output_lock), a
+case cleans only its own leftovers, and the top files (summary.tsv/.json, index.html,
+dataset_description.json, .bidsignore) are rebuilt, under a short lock, from every finished case found
+in OUT_DIR (:func:`write_summary`), so the last process to finish writes every case.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
@@ -42,12 +49,19 @@ STAGE_PREFIX = ".perfusion-partial-"
 OLD_PREFIX = ".perfusion-old-"
 
 #: Columns of summary.tsv, in order (summary.json rows hold the same keys).
-COLUMNS = ("case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high", "ftb_low", "ftb_mid", "ftb_high",
-           "mixed", "verdict", "error", "seconds", "report")
+#: ``participant_id`` / ``session_id``: BIDS ``sub-<label>`` / ``ses-<label>`` of the case, ``n/a`` when it has none
+#: (BIDS tabular files' missing value); ``warnings``: the case's report.json warnings and quality flags
+#: (:func:`quality_flags`), joined by "; ".
+COLUMNS = ("participant_id", "session_id", "case", "roi", "status", "rcbv_median", "rcbv_ci_low", "rcbv_ci_high",
+           "ftb_low", "ftb_mid", "ftb_high", "mixed", "verdict", "warnings", "error", "seconds", "report")
 
-#: Keys of a batch's ``params`` that load each case (TE and TR in s, overriding the sidecars) besides
-#: the pipeline Config's fields; ``params`` holds nothing else (analysis_config).
-LOAD_PARAMS = ("te", "tr")
+#: BIDS tabular files' "no value".
+NA = "n/a"
+
+#: Keys of a batch's ``params`` besides the pipeline Config's fields: those that load each case (TE and
+#: TR in s, overriding the sidecars) and ``html`` (write report.html, default True); ``params`` holds
+#: nothing else (analysis_config).
+LOAD_PARAMS = ("te", "tr", "html")
 
 
 def analysis_config(params: dict[str, Any]):
@@ -95,14 +109,19 @@ class BatchResult:
 
 
 def case_inputs(case) -> list[Path]:
-    """Every input file of a case (series, sidecar, masks) in a fixed order; every echo of a multi-echo
-    run and each echo's sidecar."""
+    """Every input file of a case (series, sidecars, masks, anatomical image) in a fixed order; every echo
+    of a multi-echo run and each echo's sidecar; the JSON files a BIDS series inherits (io.series
+    .inherited_sidecars: a top-level ``dsc.json``, ...), whose content TE and TR may come from."""
+    from perfusion.io.series import inherited_sidecars
+
     echoes = tuple(getattr(case, "echoes", ()) or ())
     if echoes:
         series = [*echoes, *getattr(case, "echo_sidecars", ())]
     else:
         series = [case.dsc, getattr(case, "sidecar", None)]
-    paths = [*series, case.brain, case.reference, case.aif, *case.rois]
+    inherited = dict.fromkeys(p for s in (echoes or (case.dsc,)) if s is not None and not Path(s).is_dir()
+                              for p in inherited_sidecars(Path(s)) if p not in series)
+    paths = [*series, *inherited, case.brain, case.reference, case.aif, *case.rois, getattr(case, "anat", None)]
     return [Path(p) for p in paths if p is not None]
 
 
@@ -241,12 +260,41 @@ def read_marker(folder: Path) -> dict | None:
 
 def _failed(case_id: str, error: str, seconds: float, names: Names | None = None) -> CaseResult:
     error = names.scrub(error) if names is not None else error
-    row = {"case": case_id, "roi": "", "status": "failed", "error": error, "seconds": round(seconds, 3)}
+    row = {**case_entities(case_id), "case": case_id, "roi": "", "status": "failed", "warnings": "", "error": error,
+           "seconds": round(seconds, 3)}
     return CaseResult(case_id, "failed", [row], seconds, error=error)
 
 
+def case_entities(case_id: str) -> dict[str, str]:
+    """``participant_id`` and ``session_id`` of a case id (``sub-01_ses-2_run-1`` -> ``sub-01``, ``ses-2``),
+    each ``n/a`` when the id has no such entity (a plain-layout case folder, a session-less subject)."""
+    parts = case_id.split("_")
+    sub = next((p for p in parts if p.startswith("sub-")), NA)
+    ses = next((p for p in parts if p.startswith("ses-")), NA) if sub != NA else NA
+    return {"participant_id": sub, "session_id": ses}
+
+
+def quality_flags(report: dict) -> list[str]:
+    """What a reader of the summary should know about a case, from its report.json: its "warnings"
+    (sentences the analysis wrote), then an AIF quality score below quantify.aif.QUALITY_OK (the report's
+    quality table's bar) and an AIF not valid for absolute quantification (CBV and CBF then relative
+    only; rCBV stays valid)."""
+    from perfusion.quantify.aif import QUALITY_OK
+
+    flags = [str(w) for w in report.get("warnings", []) or []]
+    aif = report.get("aif") or {}
+    score = aif.get("quality_score")
+    said = " ".join(flags)  # a flag the warnings already state is not repeated
+    if isinstance(score, (int, float)) and score < QUALITY_OK and "quality score" not in said:
+        flags.append(f"AIF quality score {score:.2f} < {QUALITY_OK:g}")
+    if aif.get("absolute_quantification") is False and "not quantitative" not in said:
+        flags.append("AIF not valid for absolute CBV/CBF (relative values and rCBV only)")
+    return flags
+
+
 def _rows(case_id: str, report: dict, seconds: float, report_rel: str) -> list[dict[str, Any]]:
-    base = {"case": case_id, "status": "ok", "error": "", "seconds": round(seconds, 3), "report": report_rel}
+    base = {**case_entities(case_id), "case": case_id, "status": "ok", "warnings": "; ".join(quality_flags(report)),
+            "error": "", "seconds": round(seconds, 3), "report": report_rel}
     rois = report.get("rois", [])
     if not rois:
         return [{**base, "roi": ""}]
@@ -270,7 +318,11 @@ def _replace_folder(stage: Path, final: Path) -> None:
 def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> CaseResult:
     """Analyse one case into ``out_root``/case.out_rel unless its marker matches; never raises for a
     problem of the case (it becomes a failed CaseResult). Runs in a Dask worker or in-process.
-    Everything written names files as ``names`` does (relative to the input folder)."""
+    Everything written names files as ``names`` does (relative to the input folder).
+
+    The case folder is locked for the run (io.output_lock: a second process on the same case fails
+    that case at once) and only this case's leftovers of a killed run are removed, so processes on
+    disjoint cases (an array job, one subject per task) share one OUT_DIR."""
     t0 = time.perf_counter()
     case_id = case.case_id
 
@@ -280,40 +332,17 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
     try:
         if getattr(case, "problem", None):
             return failed(case.problem)
-        final = Path(out_root) / case.out_rel
-        fp = fingerprint(case, params, names)
-        marker = read_marker(final)
-        if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
-            return CaseResult(case_id, "ok", marker.get("rows", []), float(marker.get("seconds", 0.0)), resumed=True)
-        from perfusion.case import compute_case
-        from perfusion.io import output_file, write_json
-        from perfusion.report.html import write_html
-        from perfusion.report.outputs import write_result
+        from perfusion.io import output_lock
 
-        config = analysis_config(params)
-        echoes = list(getattr(case, "echoes", ()) or ())
-        result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain,
-                                      reference=case.reference,
-                                      aif=str(case.aif) if case.aif is not None else "auto", rois=list(case.rois),
-                                      te=params.get("te"), tr=params.get("tr"),
-                                      vof=params.get("vof", "guarded"), roi_names=roi_names(case))
-        final.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
-        try:
-            os.chmod(stage, 0o777 & ~current_umask())
-            prefix = getattr(case, "prefix", None)
-            files = write_result(result, inputs, stage, prefix=prefix)  # names inputs by file name only
-            write_html(stage)
-            report = json.loads((stage / files["report"]).read_text(encoding="utf-8"))
-            seconds = time.perf_counter() - t0
-            rel = (Path(case.out_rel) / output_file("report_html", prefix)).as_posix()
-            rows = _rows(case_id, report, seconds, rel)
-            write_json(stage / MARKER, {"case": case_id, "out": Path(case.out_rel).as_posix(), "fingerprint": fp,
-                                        "rows": rows, "seconds": seconds, "finished_utc": _now()})
-            _replace_folder(stage, final)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+        final = Path(out_root) / case.out_rel
+        with output_lock(final):
+            _clean_case_leftovers(final)
+            fp = fingerprint(case, params, names)
+            marker = read_marker(final)
+            if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
+                rows = [{**case_entities(case_id), "warnings": "", **r} for r in marker.get("rows", [])]
+                return CaseResult(case_id, "ok", rows, float(marker.get("seconds", 0.0)), resumed=True)
+            rows, seconds = _compute_and_write(case, final, params, names, fp, t0)
         return CaseResult(case_id, "ok", rows, seconds)
     except PerfusionError as exc:
         return failed(str(exc))
@@ -323,24 +352,72 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
         return failed(f"internal error ({type(exc).__name__}: {exc}); please report it")
 
 
+def _compute_and_write(case, final: Path, params: dict[str, Any], names: Names, fp: dict,
+                       t0: float) -> tuple[list[dict[str, Any]], float]:
+    """Analyse ``case`` and put its outputs in place of ``final`` (staging folder, marker last, renames);
+    return its summary rows and seconds. Raises what the analysis or the writing raises."""
+    from perfusion.case import compute_case
+    from perfusion.io import output_file, write_json
+    from perfusion.report.outputs import write_result
+
+    config = analysis_config(params)
+    echoes = list(getattr(case, "echoes", ()) or ())
+    anat = getattr(case, "anat", None)
+    result, inputs = compute_case(config, dsc=echoes if len(echoes) > 1 else case.dsc, mask=case.brain,
+                                  reference=case.reference, aif=str(case.aif) if case.aif is not None else "auto",
+                                  rois=list(case.rois), te=params.get("te"), tr=params.get("tr"),
+                                  vof=params.get("vof", "guarded"), anat=anat, roi_names=roi_names(case))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
+    try:
+        os.chmod(stage, 0o777 & ~current_umask())
+        prefix = getattr(case, "prefix", None)
+        sources = [source_uri(names, p) for p in case_inputs(case) if not p.name.endswith(".json")] if prefix else None
+        files = write_result(result, inputs, stage, prefix=prefix, label=case.case_id,  # names inputs by file name
+                             sources=sources)
+        html = "report_html" if params.get("html", True) else None
+        if html:
+            from perfusion.report.html import write_html
+
+            write_html(stage)
+        report = json.loads((stage / files["report"]).read_text(encoding="utf-8"))
+        seconds = time.perf_counter() - t0
+        rel = (Path(case.out_rel) / output_file(html or "report", prefix)).as_posix()
+        rows = _rows(case.case_id, report, seconds, rel)
+        write_json(stage / MARKER, {"case": case.case_id, "out": Path(case.out_rel).as_posix(), "fingerprint": fp,
+                                    "rows": rows, "seconds": seconds, "finished_utc": _now()})
+        _replace_folder(stage, final)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return rows, seconds
+
+
+def source_uri(names: Names, path: Path) -> str:
+    """A BIDS URI of an input file for a sidecar's ``Sources``: ``bids:raw:<path in the input dataset>``
+    (``raw``: the input dataset, DatasetLinks of dataset_description.json), ``bids:derivatives:<path>``
+    for a --derivatives folder outside it; never an absolute path."""
+    rel = names.rel(path)
+    if rel.startswith("DERIVATIVES/"):
+        return "bids:derivatives:" + rel.removeprefix("DERIVATIVES/")
+    return "bids:raw:" + rel
+
+
+def _clean_case_leftovers(final: Path) -> None:
+    """Remove the staging / replaced folders a killed run left beside ``final`` (its lock is held)."""
+    parent = final.parent
+    if not parent.is_dir():
+        return
+    for prefix in (STAGE_PREFIX, OLD_PREFIX):
+        for old in parent.glob(f"{prefix}{glob.escape(final.name)}-*"):
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+
+
 def _now() -> str:
     from datetime import UTC, datetime
 
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def clean_leftovers(out_root: Path) -> int:
-    """Remove staging / replaced folders a killed run left under ``out_root``; return how many."""
-    n = 0
-    for dirpath, dirnames, _ in os.walk(out_root):
-        for d in list(dirnames):
-            if d.startswith((STAGE_PREFIX, OLD_PREFIX)):
-                shutil.rmtree(Path(dirpath) / d, ignore_errors=True)
-                dirnames.remove(d)
-                n += 1
-            elif d.startswith("."):
-                dirnames.remove(d)
-    return n
 
 
 # ------------------------------------------------------------------------------------ engines
@@ -455,7 +532,8 @@ def run_batch(cases, out_root: Path, params: dict[str, Any], *, input_root: Path
         out_root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"{out_root}: cannot create the output folder ({exc.strerror}); choose another") from None
-    clean_leftovers(out_root)
+    # no clean_leftovers here: another process may be writing other cases of OUT_DIR (an array job);
+    # each case removes its own leftovers under its lock (run_case)
     if jobs == 1 and not scheduler and not scheduler_file:
         results = _run_local(cases, out_root, params, names, on_done)
     else:
@@ -475,32 +553,154 @@ def _fmt(v: Any) -> str:
     return str(v).replace("\t", " ").replace("\n", " ")
 
 
-def write_summary(out_root: Path, batch: BatchResult, *, layout: str,
-                  params: dict[str, Any]) -> dict[str, Path]:
-    """summary.tsv, summary.json, index.html (and dataset_description.json in BIDS layout) at the top
-    of ``out_root``, each whole or not at all (io.atomic_write; OutputError naming the file)."""
-    rows = [{k: r.get(k) for k in COLUMNS} for r in batch.rows]
+#: BIDS version of the derivatives' dataset_description.json.
+BIDS_VERSION = "1.10.0"
+
+#: The project's code URL for GeneratedBy, used when the installed package's metadata (pyproject
+#: ``[project.urls]``) gives none; None: the project has no public repository address yet, so
+#: GeneratedBy carries no CodeURL rather than a made-up one.
+CODE_URL: str | None = None
+
+#: OUT_DIR's .bidsignore (BIDS layout): what BIDS does not define yet, so that the validator checks the
+#: rest. BIDS 1.11 has no DSC perfusion files (BEP009), in raw data or derivatives: in perf/ it knows
+#: only ASL's asl and m0scan; the batch's summary and pages are not BIDS files either.
+BIDSIGNORE = """# perfusion: files BIDS does not define yet (DSC perfusion derivatives, BEP009) and the batch summary
+**/perf/
+summary.tsv
+summary.json
+index.html
+"""
+
+
+def code_url() -> str | None:
+    """The project's code URL: the package metadata's Source / Repository / Homepage URL, else CODE_URL."""
+    from importlib import metadata
+
+    try:
+        urls = metadata.metadata("dsc-perfusion").get_all("Project-URL") or []
+    except metadata.PackageNotFoundError:
+        urls = []
+    by_name = {u.split(",", 1)[0].strip().lower(): u.split(",", 1)[1].strip() for u in urls if "," in u}
+    return next((by_name[k] for k in ("source", "repository", "homepage") if k in by_name), CODE_URL)
+
+
+def dataset_description(out_root: Path, input_root: Path | None) -> dict[str, Any]:
+    """OUT_DIR's dataset_description.json (BIDS derivatives). SourceDatasets never names a folder: the
+    input's DatasetDOI when its dataset_description.json has one (a DOI identifies the dataset wherever
+    it is copied); else, when OUT_DIR lies in INPUT/derivatives/ (the BIDS-App habit), the relative
+    ``../..``, which stays right when the dataset moves; else only ``bids:raw:``, the name under which
+    every sidecar's Sources cites the input (where the input lies is then not recorded: its path would
+    carry folder names, often a patient's or a site's). DatasetLinks maps ``raw`` to the same DOI or
+    relative path when there is one."""
+    gen = {"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}
+    if code_url():
+        gen["CodeURL"] = code_url()
+    desc: dict[str, Any] = {"Name": "perfusion: DSC perfusion maps and lesion scores", "BIDSVersion": BIDS_VERSION,
+                            "DatasetType": "derivative", "GeneratedBy": [gen]}
+    link = None
+    if input_root is not None:
+        doi = _source_doi(Path(input_root))
+        src, out = Path(input_root).resolve(), Path(out_root).resolve()
+        if doi:
+            link = doi if doi.startswith("doi:") else f"doi:{doi}"
+            desc["SourceDatasets"] = [{"DOI": link}]
+        elif out.parent.parent == src / "derivatives" or out.parent == src / "derivatives":
+            link = Path(os.path.relpath(src, out)).as_posix()
+            desc["SourceDatasets"] = [{"URL": link}]
+        else:
+            desc["SourceDatasets"] = [{"URL": "bids:raw:"}]
+    if link:
+        desc["DatasetLinks"] = {"raw": link}
+    return desc
+
+
+def _source_doi(input_root: Path) -> str | None:
+    """DatasetDOI of the input's dataset_description.json, or None (missing, unreadable, not a string)."""
+    try:
+        doi = json.loads((input_root / "dataset_description.json").read_text(encoding="utf-8-sig")).get("DatasetDOI")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return doi.strip() if isinstance(doi, str) and doi.strip() else None
+
+
+def finished_rows(out_root: Path) -> dict[str, list[dict[str, Any]]]:
+    """case id -> summary rows of every finished case under ``out_root`` (its done-marker), whichever
+    process wrote it; hidden folders (staging, replaced) are not searched. Rows of markers written
+    before the BIDS columns existed get them (case_entities; no warnings)."""
+    found: dict[str, list[dict[str, Any]]] = {}
+    for folder in case_folders(out_root):
+        marker = read_marker(folder)
+        if marker and isinstance(marker.get("case"), str) and isinstance(marker.get("rows"), list):
+            found[marker["case"]] = [{**case_entities(marker["case"]), "warnings": "", **r}
+                                     for r in marker["rows"] if isinstance(r, dict)]
+    return found
+
+
+def case_folders(out_root: Path) -> list[Path]:
+    """Every folder under ``out_root`` holding a done-marker, sorted; hidden folders are not searched."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out_root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if MARKER in filenames:
+            found.append(Path(dirpath))
+    return sorted(found)
+
+
+def bidsignore(out_root: Path) -> str:
+    """OUT_DIR's .bidsignore: BIDSIGNORE, and the folder of each case whose series has entities besides
+    sub- and ses- (``/sub-01/ses-1/run-1``: discovery.bids_out_rel gives each run its own folder, so
+    runs never share a done-marker; BIDS would put all of them in ``sub-01/ses-1/perf/``)."""
+    extra = []
+    for folder in case_folders(out_root):
+        parts = folder.relative_to(out_root).parts
+        inner = [i for i, part in enumerate(parts) if not part.startswith(("sub-", "ses-")) and part != "perf"]
+        if inner:
+            extra.append("/" + "/".join(parts[: inner[0] + 1]))  # no trailing /: the validator then ignores it
+    return BIDSIGNORE + "".join(f"{e}\n" for e in dict.fromkeys(extra))
+
+
+def write_summary(out_root: Path, batch: BatchResult, *, layout: str, params: dict[str, Any],
+                  input_root: Path | None = None) -> dict[str, Path]:
+    """summary.tsv, summary.json, index.html (and dataset_description.json and .bidsignore in BIDS layout)
+    at the top of ``out_root``, each whole or not at all (io.atomic_write; OutputError naming the file).
+
+    The summary holds every finished case found in ``out_root`` (finished_rows), this batch's results
+    replacing them: processes running disjoint cases into one OUT_DIR (an array job) each rebuild it
+    under a lock (``.summary.lock``), so the last one to finish writes every case."""
+    import fcntl
+
+    lock = os.open(Path(out_root) / ".summary.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a few ms per writer: wait for it
+        by_case = finished_rows(out_root) | {c.case_id: c.rows for c in batch.cases}
+        return _write_top_files(out_root, by_case, layout=layout, params=params, input_root=input_root)
+    finally:
+        os.close(lock)
+
+
+def _write_top_files(out_root: Path, by_case: dict[str, list[dict[str, Any]]], *, layout: str,
+                     params: dict[str, Any], input_root: Path | None) -> dict[str, Path]:
+    """The top files of ``out_root`` from every case's rows (case id -> rows)."""
+    rows = [{k: r.get(k) for k in COLUMNS} for case in sorted(by_case) for r in by_case[case]]
     tsv = "\t".join(COLUMNS) + "\n" + "".join("\t".join(_fmt(r[k]) for k in COLUMNS) + "\n" for r in rows)
+    n_failed = sum(1 for rs in by_case.values() if any(r.get("status") != "ok" for r in rs))
     summary = {"software": {"name": "perfusion", "version": __version__}, "created_utc": _now(),
                "disclaimer": DISCLAIMER, "layout": layout, "parameters": params,
                "paths": "relative to the input folder (report links: to this folder); no absolute path is written",
-               "n_cases": len(batch.cases), "n_failed": batch.n_failed,
+               "n_cases": len(by_case), "n_failed": n_failed,
                "units": {"rcbv_median": "ratio", "rcbv_ci_low": "ratio", "rcbv_ci_high": "ratio", "ftb_low": "fraction",
                          "ftb_mid": "fraction", "ftb_high": "fraction", "mixed": "boolean", "seconds": "s"},
                "rows": rows}
-    files = {"summary.tsv": tsv, "summary.json": dumps_json(summary) + "\n", "index.html": index_html(batch, summary)}
+    files = {"summary.tsv": tsv, "summary.json": dumps_json(summary) + "\n", "index.html": index_html(summary)}
     if layout == "bids":
-        files["dataset_description.json"] = dumps_json({
-            "Name": "perfusion: DSC perfusion maps and lesion scores", "BIDSVersion": "1.9.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "perfusion", "Version": __version__, "Description": DISCLAIMER}]}) + "\n"
-        # no SourceDatasets: its URL would be the input's absolute path (folders named after patients);
-        # each case's done-marker and report.json record its inputs by relative name and sha256
+        files["dataset_description.json"] = dumps_json(dataset_description(out_root, input_root)) + "\n"
+        files[".bidsignore"] = bidsignore(out_root)
     return {name: atomic_write(out_root / name, text) for name, text in files.items()}
 
 
-def index_html(batch: BatchResult, summary: dict) -> str:
-    """One page linking every case's report (relative links), with status and verdicts; escaped."""
+def index_html(summary: dict) -> str:
+    """One page linking every case's report (relative links), with participant, session, status,
+    verdicts and warnings; escaped."""
     import html
 
     def e(x: Any) -> str:
@@ -510,17 +710,21 @@ def index_html(batch: BatchResult, summary: dict) -> str:
     for r in summary["rows"]:
         link = f'<a href="{e(r["report"])}">report</a>' if r.get("report") and r["status"] == "ok" else ""
         rc = r.get("rcbv_median")
-        body.append(f'<tr class="{e(r["status"])}"><td>{e(r["case"])}</td><td>{e(r["roi"])}</td>'
+        body.append(f'<tr class="{e(r["status"])}"><td>{e(r.get("participant_id"))}</td><td>{e(r.get("session_id"))}'
+                    f'</td><td>{e(r["case"])}</td><td>{e(r["roi"])}</td>'
                     f'<td>{e(r["status"])}</td><td>{"" if rc is None else f"{rc:.2f}"}</td>'
                     f'<td>{e(VERDICT_WORDS.get(r.get("verdict") or "", r.get("verdict") or ""))}</td>'
-                    f'<td>{link}</td><td>{e(r.get("error") or "")}</td></tr>')
+                    f'<td>{link}</td><td class="warn">{e(r.get("warnings") or "")}</td>'
+                    f'<td>{e(r.get("error") or "")}</td></tr>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>perfusion batch</title><style>"
             "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em}"
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .5em;text-align:left}"
-            ".failed td{background:#fff3f3}.disclaimer{border:3px solid #b71c1c;padding:.5em;font-weight:bold}"
+            ".failed td{background:#fff3f3}td.warn{color:#8a4b00;font-size:90%}"
+            ".disclaimer{border:3px solid #b71c1c;padding:.5em;font-weight:bold}"
             "</style></head><body>\n"
             f"<h1>perfusion batch</h1><div class=\"disclaimer\">{e(DISCLAIMER)}</div>"
             f"<p>{e(summary['layout'])} layout; {summary['n_cases']} cases, "
             f"{summary['n_failed']} failed; perfusion {e(__version__)}, {e(summary['created_utc'])}.</p>"
-            "<table><tr><th>case</th><th>ROI</th><th>status</th><th>median rCBV</th><th>verdict</th><th>report</th>"
-            "<th>error</th></tr>" + "".join(body) + "</table></body></html>\n")
+            "<table><tr><th>participant</th><th>session</th><th>case</th><th>ROI</th><th>status</th>"
+            "<th>median rCBV</th><th>verdict</th><th>report</th><th>warnings</th><th>error</th></tr>"
+            + "".join(body) + "</table></body></html>\n")

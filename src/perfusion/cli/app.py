@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from perfusion.cli import analyze, batch, bench, compare, convert, dicom_inspect, phantom, report, validate
+from perfusion.cli import analyze, batch, bench, bids, compare, convert, dicom_inspect, phantom, report, validate
 from perfusion.cli.options import Quiet
 from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, PerfusionError
 
@@ -124,7 +124,7 @@ def warmup(quiet: Quiet = False) -> None:
 
 #: The commands in the order of ``perfusion --help``: (name, function); each runs inside guard.
 COMMANDS = (("analyze", analyze.analyze), ("phantom", phantom.phantom), ("validate", validate.validate),
-            ("report", report.report), ("compare", compare.compare), ("batch", batch.batch),
+            ("report", report.report), ("compare", compare.compare), ("batch", batch.batch), ("bids", bids.bids),
             ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect), ("bench", bench.bench),
             ("warmup", warmup))
 for _name, _command in COMMANDS:

@@ -3,10 +3,11 @@ range check. ``analyze`` and ``batch`` take the analysis options from here; a co
 one pipeline Config through :func:`build_config` and, for a batch, one mapping (:func:`batch_params`)
 that the batch engine records and analyses every case with.
 
-Where ``batch`` words an option's help for every case of a dataset ("Every case is on bevacizumab"),
-its ``Batch...`` alias stands beside the ``analyze`` one: same flag, same range, the batch's wording.
-Defaults stay in the commands' signatures (typer takes them from there); tests/test_cli.py checks
-that they are the pipeline Config's. Nothing here imports more than typer.
+``batch`` and ``bids`` take every analysis option of ``analyze`` from these same definitions (same flag,
+help and range; tests/test_bids.py checks it); the inputs that differ per case come from the dataset
+instead, by the options of :data:`PER_CASE`. Defaults stay in the commands' signatures (typer takes
+them from there); tests/test_cli.py checks that they are the pipeline Config's. Nothing here imports
+more than typer.
 """
 
 from __future__ import annotations
@@ -91,8 +92,18 @@ def build_config(values: Mapping[str, Any]):
     return make_config(**{k: v for k, v in values.items() if k in fields})
 
 
-#: Options a batch applies to every case besides the Config's: TE and TR (s) overriding sidecars.
-BATCH_LOAD_OPTIONS = ("te", "tr")
+#: Options a batch applies to every case besides the Config's: TE and TR (s) overriding sidecars, and
+#: whether report.html is written (batch.engine.LOAD_PARAMS).
+BATCH_LOAD_OPTIONS = ("te", "tr", "html")
+
+#: analyze's options that a batch takes per case from the dataset instead, and how (the batch option or
+#: argument that replaces each); every other analyze option batch and bids take as analyze does.
+PER_CASE = {"dsc": "INPUT / BIDS_DIR (every series found)", "out": "OUT_DIR (one folder per case)",
+            "mask": "--brain-glob (BIDS: label-brain masks)", "aif": "--aif-glob (BIDS: label-aif masks)",
+            "reference": "--reference-glob (BIDS: label-nawm masks)", "roi": "--roi-glob (BIDS: label-<name> masks)",
+            "anat": "--anat-glob (BIDS: the session's anat/*_T1w)",
+            "force": "none: a batch resumes (done cases are skipped)",
+            "dicom_series": "none: a case's dicom/ folder holds one series"}
 
 
 def batch_params(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -119,10 +130,31 @@ def case_inputs(values: Mapping[str, Any]) -> dict[str, Any]:
 
 Force = Annotated[bool, typer.Option("--force", help="Write into a non-empty output folder.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
-BatchQuiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar: print only failed cases.")]
 
+# --------------------------------------------------------------------------------- dataset options
+# batch and bids: where each case's series, masks and anatomical image are found, and where cases run.
+
+Layout = Annotated[str, typer.Option(help="auto, bids or plain.")]
+Derivatives = Annotated[Optional[Path], typer.Option(
+    help="BIDS: folder searched for *_label-<name>_mask.nii.gz (default INPUT/derivatives).")]
+RoiGlob = Annotated[Optional[list[str]], typer.Option(
+    help="Lesion masks by glob pattern, relative to INPUT (BIDS) or the case folder, with {sub} {ses} {case} "
+         "placeholders; repeatable.")]
+BrainGlob = Annotated[Optional[str], typer.Option(help="Brain mask by glob pattern (as --roi-glob).")]
+ReferenceGlob = Annotated[Optional[str], typer.Option(
+    help="Reference (normal-appearing white matter) mask by glob pattern.")]
+AifGlob = Annotated[Optional[str], typer.Option(help="Arterial mask by glob pattern.")]
+AnatGlob = Annotated[Optional[str], typer.Option(
+    help="Anatomical image (as --anat) by glob pattern; BIDS default: the session's anat/*_T1w.nii[.gz] "
+         "(ce- preferred).")]
+Jobs = Annotated[int, typer.Option(
+    help="Cases run at once (>= 1): 1 (default) runs in this process; N > 1 starts a local Dask cluster of N "
+         "single-threaded worker processes.")]
+Scheduler = Annotated[Optional[str], typer.Option(help="Use a running Dask scheduler, e.g. tcp://HOST:8786.")]
+SchedulerFile = Annotated[Optional[Path], typer.Option(
+    help="Use the Dask scheduler described by this file (dask scheduler --scheduler-file).")]
 # -------------------------------------------------------------------------------- analysis options
-# analyze takes all of them, batch those without a file (a batch finds each case's masks by --*-glob).
+# analyze, batch and bids take all of them; batch and bids find the files per case (PER_CASE).
 
 Mask = Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")]
 Aif = Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")]
@@ -139,7 +171,6 @@ Html = Annotated[bool, typer.Option(
 
 Method = Annotated[str, typer.Option(
     help="Deconvolution: model (default: gamma-residue fit with delay), osvd, csvd, ssvd or tikhonov.")]
-BatchMethod = Annotated[str, typer.Option(help="Deconvolution: model (default), osvd, csvd, ssvd or tikhonov.")]
 Threshold = Annotated[Optional[float], typer.Option(
     help="Fixed SVD threshold P as a fraction of the largest singular value, in (0, 1) (ssvd 0.2, csvd 0.1 by "
          "default).")]
@@ -148,29 +179,20 @@ OiTarget = Annotated[Optional[float], typer.Option(
 Leakage = Annotated[str, typer.Option(
     help="Leakage correction: auto (default: bidirectional, Leu 2016, for one echo; bsw, Boxerman 2006, for "
          "multi-echo), bidirectional, bsw, residue (Bjornerud 2011) or none.")]
-BatchLeakage = Annotated[str, typer.Option(
-    help="Leakage correction: auto (default: bidirectional for one echo, bsw for multi-echo), bidirectional, bsw, "
-         "residue or none.")]
 LeakageGate = Annotated[str, typer.Option(
     help="Where the leakage correction applies: lesion (default: every voxel of the --roi lesions, elsewhere only "
          "where the leak is significant, |K2| > 3 SE), voxel (only where significant, lesions included) or none "
          "(everywhere, as published).")]
 Te = Annotated[Optional[float], typer.Option(help="Echo time in s, in (0, 0.2] (overrides the sidecar).")]
-BatchTe = Annotated[Optional[float], typer.Option(
-    help="Echo time in s for every case, in (0, 0.2] (overrides sidecars).")]
 Tr = Annotated[Optional[float], typer.Option(help="Repetition time in s, in (0, 10] (overrides sidecar and header).")]
-BatchTr = Annotated[Optional[float], typer.Option(
-    help="Repetition time in s for every case, in (0, 10] (overrides sidecars and headers).")]
 RcbvLow = Annotated[float, typer.Option(help="rCBV below this: likely treatment effect (ratio, > 0).")]
 RcbvHigh = Annotated[float, typer.Option(help="rCBV above this: likely recurrence (ratio, > --rcbv-low).")]
 AifVoxels = Annotated[int, typer.Option(help="Number of arterial voxels averaged by --aif-selection rank (>= 1).")]
 AifSelection = Annotated[str, typer.Option(
     help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")]
-BatchAifSelection = Annotated[str, typer.Option(help="Automatic AIF: cluster or rank.")]
 Vof = Annotated[str, typer.Option(
     help="Partial-volume scaling of the AIF by a venous output function: guarded (default: the automatic VOF, "
          "applied only when it shows the AIF is partial-volumed), auto (always), none, or a mask.")]
-BatchVof = Annotated[str, typer.Option(help="Partial-volume scaling of the AIF: guarded (default), auto or none.")]
 Recirculation = Annotated[str, typer.Option(
     help="keep (default) or remove: deconvolve gamma-variate first passes of AIF and tissue.")]
 GammaMaps = Annotated[bool, typer.Option(
@@ -184,14 +206,7 @@ MotionCorrect = Annotated[str, typer.Option(
 WeeksSinceRadiation = Annotated[Optional[float], typer.Option(
     help="Weeks since the end of chemoradiation (weeks, >= 0); below 12 (RANO 2.0) a high rCBV is 'possible "
          "recurrence or pseudoprogression'.")]
-BatchWeeksSinceRadiation = Annotated[Optional[float], typer.Option(
-    help="Weeks since the end of chemoradiation for every case (weeks, >= 0); below 12 a high rCBV is 'possible "
-         "recurrence or pseudoprogression'.")]
 Bevacizumab = Annotated[bool, typer.Option(
     "--bevacizumab", help="The patient is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")]
-BatchBevacizumab = Annotated[bool, typer.Option(
-    "--bevacizumab", help="Every case is on bevacizumab (lowers rCBV): a low rCBV is at most indeterminate.")]
 Steroids = Annotated[bool, typer.Option(
     "--steroids", help="The patient is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")]
-BatchSteroids = Annotated[bool, typer.Option(
-    "--steroids", help="Every case is on corticosteroids (lower rCBV): a low rCBV is at most indeterminate.")]

@@ -15,21 +15,31 @@ from perfusion.errors import InputError
 #: Non-NIfTI outputs: key -> plain file name. Every other key is a NIfTI map "<key>.nii.gz" (+ "<key>.json").
 PLAIN_FILES = {"aif": "aif.tsv", "aif_json": "aif.json", "curves": "curves.tsv", "curves_json": "curves.json",
                "report": "report.json", "report_html": "report.html", "anat_xfm": "anat_to_dsc.tfm",
-               "motion": "motion.tsv", "motion_json": "motion.json"}
+               "motion": "motion.tsv", "motion_json": "motion.json", "ftb_dseg": "ftb_dseg.tsv"}
 
 
-#: BIDS-derivative names (batch over a BIDS dataset): "<prefix>_" + this. Map suffixes follow the BIDS
-#: ASL derivatives' lower-case parameter suffixes (cbf, ...); variants carry a desc- entity; the T1 on
-#: the DSC grid is space-dsc; the transform follows BIDS's from-/to- xfm naming.
+#: BIDS-derivative names (batch over a BIDS dataset): "<prefix>_" + this, by the BIDS derivatives rules
+#: (BIDS 1.11 defines no DSC file yet, BEP009; so the grammar, entity order and suffix conventions of
+#: the common derivatives, as the validator checks them):
+#: - maps on the DSC grid carry no space- entity (BIDS: omitted = the source series' own space, as
+#:   fMRIPrep names its native-space BOLD outputs); suffixes are the lower-case parameter names of the
+#:   ASL derivatives proposal (cbf, cbv, ...); variants carry a desc- entity;
+#: - the FTB classes are a discrete segmentation: ``desc-ftb_dseg.nii.gz`` with its ``desc-ftb_dseg.tsv``
+#:   lookup table (index, name); masks end in ``_mask`` (desc- for what the tool made, label- for ROIs);
+#: - the baseline image is 3-D, the mean of the pre-bolus gradient-echo frames: a T2*-weighted image,
+#:   so BIDS's ``T2starw`` suffix (``desc-baseline_T2starw``), never ``_dsc`` (a 4-D series);
+#: - the T1 resampled on the DSC grid is ``space-dsc`` (a space other than its own); the transform
+#:   follows BIDS's from-/to- xfm naming.
 BIDS_FILES = {
     "cbv": "cbv.nii.gz", "cbf": "cbf.nii.gz", "mtt": "mtt.nii.gz", "ttp": "ttp.nii.gz", "tmax": "tmax.nii.gz",
-    "rcbv": "rcbv.nii.gz", "srcbv": "desc-standardized_rcbv.nii.gz", "ftb": "ftb.nii.gz", "k2": "k2.nii.gz",
+    "rcbv": "rcbv.nii.gz", "srcbv": "desc-standardized_rcbv.nii.gz", "ftb": "desc-ftb_dseg.nii.gz",
+    "ftb_dseg": "desc-ftb_dseg.tsv", "k2": "k2.nii.gz",
     "cbv_uncorrected": "desc-uncorrected_cbv.nii.gz",
     "gv_cbv": "desc-gammavariate_cbv.nii.gz", "gv_peak": "desc-gammavariate_peak.nii.gz",
     "gv_ttp": "desc-gammavariate_ttp.nii.gz", "gv_fwhm": "desc-gammavariate_fwhm.nii.gz",
     "gv_quality": "desc-gammavariate_quality.nii.gz",
     "brain_mask": "desc-brain_mask.nii.gz", "aif_mask": "desc-aif_mask.nii.gz",
-    "reference_mask": "desc-reference_mask.nii.gz", "baseline": "desc-baseline_dsc.nii.gz",
+    "reference_mask": "desc-reference_mask.nii.gz", "baseline": "desc-baseline_T2starw.nii.gz",
     "anat": "space-dsc_T1w.nii.gz", "anat_xfm": "from-T1w_to-dsc_mode-image_xfm.tfm",
     "aif": "desc-aif_timeseries.tsv", "aif_json": "desc-aif_timeseries.json",
     "curves": "desc-curves_timeseries.tsv", "curves_json": "desc-curves_timeseries.json",

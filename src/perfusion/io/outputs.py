@@ -133,24 +133,25 @@ def json_safe(obj: Any) -> Any:
 
 
 def write_map(folder: Path, name: str, data: np.ndarray, affine: np.ndarray, *, units: str, description: str,
-              parameters: dict[str, Any] | None = None, dtype=np.float32) -> Path:
+              parameters: dict[str, Any] | None = None, dtype=np.float32, extra: dict[str, Any] | None = None) -> Path:
     """Write ``name``.nii.gz (or ``name`` itself when it ends in .nii.gz) and its JSON sidecar
-    (``Units``, ``Description``, the parameters)."""
+    (``Units``, ``Description``, ``extra``'s fields such as BIDS ``Sources``, the parameters)."""
     folder = Path(folder)
     file = name if name.endswith(".nii.gz") else f"{name}.nii.gz"
     out = folder / file
     write_nifti(out, data, affine, description=f"{stem(Path(file))} [{units}]", dtype=dtype)
-    sidecar: dict[str, Any] = {"Units": units, "Description": description}
+    sidecar: dict[str, Any] = {"Units": units, "Description": description, **(extra or {})}
     if parameters:
         sidecar["Parameters"] = parameters
     write_json(folder / sidecar_of(file), sidecar)
     return out
 
 
-def write_tsv_sidecar(path: Path, columns: dict[str, tuple[str, str]]) -> None:
+def write_tsv_sidecar(path: Path, columns: dict[str, tuple[str, str]], *, extra: dict[str, Any] | None = None) -> None:
     """The BIDS JSON sidecar of a TSV table: per column name, its "Description" and "Units"
-    (``columns``: name -> (units, description))."""
-    write_json(path, {name: {"Description": desc, "Units": units} for name, (units, desc) in columns.items()})
+    (``columns``: name -> (units, description)), after ``extra``'s fields (such as BIDS ``Sources``)."""
+    write_json(path, {**(extra or {}),
+                      **{name: {"Description": desc, "Units": units} for name, (units, desc) in columns.items()}})
 
 
 def write_tsv(path: Path, columns: dict[str, np.ndarray]) -> None:

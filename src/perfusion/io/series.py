@@ -7,6 +7,7 @@ the value in seconds to give instead. Arrays are ``(x, y, z, t)``, time last, as
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,49 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     return read_json_object(path, what="sidecar", fix="fix or remove it")
 
 
+def _merged_sidecar(chain: list[Path]) -> tuple[dict[str, Any], dict[str, Path]]:
+    """The sidecars of ``chain`` (most general first) merged, a later file's keys overriding, and the file
+    each key came from."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    for file in chain:
+        for key, value in _read_sidecar(file).items():
+            merged[key], origin[key] = value, file
+    return merged, origin
+
+
+def inherited_sidecars(path: Path) -> list[Path]:
+    """The JSON sidecars that apply to the series ``path`` by the BIDS inheritance principle, most general
+    first: inside a BIDS dataset (a ``dataset_description.json`` at most three folders above the file:
+    ``sub-*/[ses-*/]perf/``), every ``[<entities>_]<suffix>.json`` of the dataset's top folder and of each
+    folder down to the file's whose entities the file also carries (``dsc.json`` at the top applies to
+    every ``*_dsc.nii.gz``; ``sub-01/sub-01_dsc.json`` to sub-01's), then by fewer entities first; the
+    file's own twin is the most specific. Outside a BIDS dataset: the twin alone, when present. Only
+    folder listings are read here."""
+    path = Path(path)
+    twin = sidecar_path_for(path)
+    name = twin.name[: -len(".json")]
+    parts = name.split("_")
+    suffix, own = parts[-1], set(parts[:-1])
+    folders = [path.parent, *list(path.parent.parents)[:3]]
+    root = next((f for f in folders if (f / "dataset_description.json").is_file()), None)
+    if root is None:
+        return [twin] if twin.is_file() else []
+    chain: list[Path] = []
+    for folder in reversed(folders[: folders.index(root) + 1]):
+        try:
+            names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+        except OSError:
+            continue
+        level = []
+        for n in names:
+            ents = n[: -len(".json")].split("_")
+            if ents[-1] == suffix and set(ents[:-1]) <= own and (folder / n).is_file():
+                level.append((len(ents), folder / n))
+        chain += [p for _, p in sorted(level)]
+    return chain
+
+
 def check_time(value: Any, *, name: str, flag: str, limit: float, source: str, path: Path) -> float:
     """``value`` (TE or TR from ``source``) as a positive float in s; InputError naming ``flag`` for
     anything else, and for a value above ``limit`` (s), which is taken for milliseconds."""
@@ -113,10 +157,11 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         warnings.warn(scaled, stacklevel=2)
 
     sc_path = sidecar_path_for(path)
-    sidecar = _read_sidecar(sc_path) if sc_path.is_file() else {}
-    te_s, te_source = _echo_time(te, sidecar, sc_path, path)
+    chain = inherited_sidecars(path)  # [the twin] outside a BIDS dataset
+    sidecar, origin = _merged_sidecar(chain)
+    te_s, te_source = _echo_time(te, sidecar, origin.get("EchoTime", sc_path), path)
     header_tr = _header_tr(img)
-    tr_s, tr_source = _repetition_time(tr, sidecar, sc_path, header_tr, path)
+    tr_s, tr_source = _repetition_time(tr, sidecar, origin.get("RepetitionTime", sc_path), header_tr, path)
     if header_tr is not None and tr_source != "NIfTI header pixdim[4]" and abs(header_tr - tr_s) > 0.01 * tr_s:
         warnings.warn(
             f"{path}: header TR {header_tr:g} s differs from the TR used ({tr_s:g} s, {tr_source})",
@@ -130,7 +175,7 @@ def load_series(path: Path, *, te: float | None = None, tr: float | None = None)
         tr=tr_s,
         te_source=te_source,
         tr_source=tr_source,
-        sidecar_path=sc_path if sidecar else None,
+        sidecar_path=chain[-1] if sidecar else None,
         sidecar=sidecar,
     )
 

@@ -61,9 +61,13 @@ class _Outputs:
     """The staging ``folder`` being written and ``files`` (output key -> file name, report.json
     "files"), in the order written; ``roi_files``: ROI name -> its mask copy's file name."""
 
-    def __init__(self, folder: Path, prefix: str | None, affine: np.ndarray, roi_files: dict[str, str]):
+    def __init__(self, folder: Path, prefix: str | None, affine: np.ndarray, roi_files: dict[str, str],
+                 sources: list[str] | None = None):
         self.folder, self.prefix, self.affine, self.roi_files = folder, prefix, affine, roi_files
         self.files: dict[str, str] = {}
+        # BIDS "Sources" of every sidecar (BIDS URIs of the input files); RawSources is deprecated
+        # (BIDS 1.9) in favour of Sources, so it is not written
+        self.extra = {"Sources": list(sources)} if sources is not None else None
 
     def name(self, key: str) -> str:
         """Record and return the file name of output ``key`` (an ROI mask copy: "roi:<name>")."""
@@ -76,30 +80,35 @@ class _Outputs:
         """io.write_map of output ``key`` on the series' grid."""
         from perfusion.io import write_map
 
-        write_map(self.folder, self.name(key), data, self.affine, **kwargs)
+        write_map(self.folder, self.name(key), data, self.affine, extra=self.extra, **kwargs)
 
 
 def write_result(result: Result, inputs: Inputs, folder: Path, *, prefix: str | None = None,
-                 label: str | None = None, scan_date: str | None = None) -> dict[str, str]:
+                 label: str | None = None, scan_date: str | None = None,
+                 sources: list[str] | None = None) -> dict[str, str]:
     """Write maps with sidecars, masks, aif.tsv, curves, motion.tsv and report.json into ``folder`` (a staging
-    folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file); report.json
-    "files" lists them, "case" the user's ``label`` and ``scan_date`` (build.build_report). Returns that
-    mapping (key -> file name)."""
+    folder), named plainly or, with a BIDS ``prefix``, as BIDS derivatives (io.output_file; the FTB
+    classes then also get their ``dseg.tsv`` lookup table); report.json "files" lists them, "case" the
+    user's ``label`` and ``scan_date`` (build.build_report). ``sources``: the BIDS URIs of the input
+    files (batch), written as ``Sources`` into every map's sidecar. Returns that mapping (key -> file name)."""
     from perfusion.io import Redactor, public_name, roi_mask_files, write_json
     from perfusion.report import build as report
 
     # no output carries an input's path or folder (folders are often named after the patient): the
     # sources, warnings and reasons quoting one get its file name; report.json does the same
     result = Redactor(report.input_paths(inputs).values())(result)
-    out = _Outputs(folder, prefix, inputs.series.affine, roi_mask_files(inputs.rois, prefix))
+    out = _Outputs(folder, prefix, inputs.series.affine, roi_mask_files(inputs.rois, prefix), sources)
     _write_maps(out, result, inputs.series)
+    if prefix and "ftb" in result.maps:
+        _write_ftb_lookup(out)
     _write_masks(out, result, inputs)
     _write_tables(out, result)
     if result.baseline_image is not None:
         out.map("baseline", result.baseline_image, units="a.u.",
                 description="Mean signal of the baseline frames (background image for figures)")
     if result.anat is not None:
-        out.files.update(write_anat(folder, result.anat, public_name(inputs.paths["anat"]), prefix=prefix))
+        out.files.update(write_anat(folder, result.anat, public_name(inputs.paths["anat"]), prefix=prefix,
+                                    extra=out.extra))
     if result.motion is not None and result.motion.timeseries is not None:
         _write_motion(out, result.motion.timeseries)
     rep = report.build_report(result, inputs, files=out.files, roi_files=out.roi_files, prefix=prefix,
@@ -131,6 +140,19 @@ def _write_maps(out: _Outputs, result: Result, s: Series) -> None:
                 dtype=np.uint8 if name == "ftb" else np.float32)
 
 
+#: The FTB classes as a BIDS discrete segmentation's lookup table (index, name): the values of the ftb map
+#: (0, outside the ROIs, is the background and not listed, as BIDS allows).
+FTB_CLASSES = ((1, "low"), (2, "mid"), (3, "high"))
+
+
+def _write_ftb_lookup(out: _Outputs) -> None:
+    """``<prefix>_desc-ftb_dseg.tsv`` beside the FTB map: BIDS common derivatives' segmentation lookup table."""
+    from perfusion.io import atomic_write
+
+    text = "index\tname\n" + "".join(f"{i}\t{n}\n" for i, n in FTB_CLASSES)
+    atomic_write(out.folder / out.name("ftb_dseg"), text, fix=None)
+
+
 def _write_masks(out: _Outputs, result: Result, inputs: Inputs) -> None:
     """The brain, AIF and reference masks, and a copy of each ROI (so the folder alone rebuilds its
     report and compares)."""
@@ -159,7 +181,8 @@ def _write_tables(out: _Outputs, result: Result) -> None:
     write_tsv(folder / files["aif"], {"time_s": result.time_s, "delta_r2s": result.aif_curve})
     write_tsv_sidecar(folder / files["aif_json"], {
         "time_s": TIME_COLUMN,
-        "delta_r2s": ("1/s", f"Arterial input function: mean delta R2* of the AIF voxels ({result.aif.source})")})
+        "delta_r2s": ("1/s", f"Arterial input function: mean delta R2* of the AIF voxels ({result.aif.source})")},
+        extra=out.extra)
     write_tsv(folder / files["curves"], {"time_s": result.time_s, "aif": result.aif_curve, **result.curves})
     curve_cols = {"time_s": TIME_COLUMN, "aif": ("1/s", "Mean delta R2* of the AIF voxels")}
     for name in result.curves:
@@ -167,7 +190,7 @@ def _write_tables(out: _Outputs, result: Result) -> None:
         region = "the reference tissue" if region == "reference" else f"ROI {region}"
         curve_cols[name] = ("1/s", f"Mean delta R2* of {region}"
                             + (", before leakage correction" if name.endswith("_uncorrected") else ""))
-    write_tsv_sidecar(folder / files["curves_json"], curve_cols)
+    write_tsv_sidecar(folder / files["curves_json"], curve_cols, extra=out.extra)
 
 
 def _write_motion(out: _Outputs, timeseries: dict[str, np.ndarray]) -> None:
@@ -177,12 +200,12 @@ def _write_motion(out: _Outputs, timeseries: dict[str, np.ndarray]) -> None:
 
     write_tsv(out.folder / out.name("motion"), timeseries)
     write_tsv_sidecar(out.folder / out.name("motion_json"), {k: v for k, v in TIMESERIES_COLUMNS.items()
-                                                             if k in timeseries})
+                                                             if k in timeseries}, extra=out.extra)
 
 
-def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict[str, str]:
-    """The registered T1 (+ sidecar) and its transform, of a register.AnatBackground, into ``folder``;
-    returns the "files" entries written."""
+def write_anat(folder: Path, anat, source, *, prefix: str | None = None, extra: dict | None = None) -> dict[str, str]:
+    """The registered T1 (+ sidecar, with ``extra``'s fields) and its transform, of a
+    register.AnatBackground, into ``folder``; returns the "files" entries written."""
     from perfusion.io import output_file, write_map
     from perfusion.quantify.register import write_transform
     from perfusion.report.build import anat_entry
@@ -191,6 +214,6 @@ def write_anat(folder: Path, anat, source, *, prefix: str | None = None) -> dict
     write_map(folder, files["anat"], anat.data, anat.affine, units="a.u.",
               description=f"Anatomical image (--anat) registered rigidly to the DSC baseline, resampled on the "
                           f"DSC slices at {anat.zoom}x the in-plane resolution (background for figures)",
-              parameters=anat_entry(anat, source, prefix=prefix))
+              parameters=anat_entry(anat, source, prefix=prefix), extra=extra)
     write_transform(folder / files["anat_xfm"], anat.transform)
     return files
