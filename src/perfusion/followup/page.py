@@ -153,6 +153,11 @@ def _points(x: Any) -> str:
     return "n/a" if v is None else f"{100 * v:+.0f} percentage points"
 
 
+def _direction(code: str) -> str:
+    """A direction of compare.json in words ('no_overlap' -> 'no overlap')."""
+    return code.replace("_", " ")
+
+
 def _roi_box(r: dict) -> str:
     """One ROI's box: the pattern sentence in its colour and the table of prior, current and change."""
     colour = PATTERN_COLOUR.get(r["pattern"], VERDICT_COLOUR["indeterminate"])
@@ -168,10 +173,10 @@ def _roi_box(r: dict) -> str:
         "<table><tr><th>measure</th><th>prior</th><th>current</th><th>change</th><th>direction</th></tr>"
         f"<tr><td>Volume (mL)</td><td>{_fmt(vol['prior'])}</td><td>{_fmt(vol['current'])}</td>"
         f"<td>{_fmt(vol['change'], signed=True)} mL ({_fmt(vol['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{esc(vol['direction'])}</td></tr>"
+        f"<td>{esc(_direction(vol['direction']))}</td></tr>"
         f"<tr><td>Median rCBV (ratio)</td><td>{_fmt(med['prior'])}</td><td>{_fmt(med['current'])}</td>"
         f"<td>{_fmt(med['change'], signed=True)} ({_fmt(med['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{esc(med['direction'])}</td></tr>"
+        f"<td>{esc(_direction(med['direction']))}</td></tr>"
         f"{ftb_rows}"
         f"<tr><td>Verdict</td><td>{esc(words['prior'])}</td><td>{esc(words['current'])}</td>"
         f"<td>{'changed' if ver['changed'] else 'unchanged'}</td><td></td></tr></table>"
@@ -183,10 +188,34 @@ def _roi_box(r: dict) -> str:
         "</div>")
 
 
+#: The banners at the top of compare.html: red when the folders may hold two patients, amber when the
+#: two analyses' references differ (inline styles: the page shares report.html's CSS).
+BANNER_STYLE = {"patient": "border:3px solid #b00020;background:#fde7ea;color:#7a0016;padding:0.6em 1em;"
+                           "margin:0.6em 0;font-size:1.15em",
+                "reference": "border:3px solid #b26a00;background:#fff4e0;color:#5c3700;padding:0.6em 1em;"
+                             "margin:0.6em 0"}
+
+
+def check_banners(d: dict) -> list[str]:
+    """The first screen's warnings of compare.json: patient_check's (two patients?) and reference_check's
+    (references differ), each a banner; none when both checks pass."""
+    out = []
+    patient = d["patient_check"]
+    if patient["warning"]:
+        out.append(f'<div class="banner" id="patient-warning" style="{BANNER_STYLE["patient"]}"><b>Warning: different '
+                   f"patients?</b> {esc(patient['warning'])}</div>")
+    refs = d["reference_check"]
+    if not refs["match"]:
+        out.append(f'<div class="banner" id="reference-warning" style="{BANNER_STYLE["reference"]}"><b>Warning: the '
+                   "references differ.</b> " + " ".join(esc(p[0].upper() + p[1:] + ".") for p in refs["problems"])
+                   + "</div>")
+    return out
+
+
 def build_html(comp: Comparison) -> str:
     """compare.html: one self-contained page (figures as base64 PNG, no scripts or links)."""
     d = comp.data
-    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>",
+    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>", *check_banners(d),
                         f'<div class="disclaimer">{esc(DISCLAIMER)}</div>']
     ins = d["inputs"]
     parts.append(
@@ -213,8 +242,10 @@ def build_html(comp: Comparison) -> str:
     um = d["unmatched_rois"]
     if um["prior_only"] or um["current_only"]:
         parts.append("<h3>ROIs without a partner (not compared)</h3><ul>"
-                     + "".join(f"<li>only in the prior analysis: {esc(n)}</li>" for n in um["prior_only"])
-                     + "".join(f"<li>only in the current analysis: {esc(n)}</li>" for n in um["current_only"])
+                     + "".join(f"<li>only in the current analysis: {esc(n)} (a new lesion, or a ROI named "
+                               "differently)</li>" for n in um["current_only"])
+                     + "".join(f"<li>only in the prior analysis: {esc(n)} (gone, not outlined again, or named "
+                               "differently)</li>" for n in um["prior_only"])
                      + "</ul><p class=\"small\">ROIs are matched by name: name the lesion masks the same in both "
                        "analyses.</p>")
     t = d["thresholds"]
