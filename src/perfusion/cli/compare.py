@@ -105,13 +105,16 @@ def print_checks(data: dict, con) -> None:
     from rich.panel import Panel
     from rich.text import Text
 
+    from perfusion.followup.page import banner_text
+
     patient = data["patient_check"]
     panels = []
     if patient["warning"]:
-        panels.append((patient["warning"], "WARNING: DIFFERENT PATIENTS?", "bold red"))
+        panels.append((banner_text(patient["warning"]), "WARNING: DIFFERENT PATIENTS?", "bold red"))
     refs = data["reference_check"]
     if not refs["match"]:
-        panels.append(("\n".join(refs["problems"]), "WARNING: REFERENCES DIFFER", "bold yellow"))
+        panels.append(("\n".join(banner_text(p) for p in refs["problems"]), "WARNING: REFERENCES DIFFER",
+                       "bold yellow"))
     for text, title, style in panels:  # wrapped inside the panel (the console soft-wraps plain lines)
         con.print(Panel(Text(text), title=title, style=style), soft_wrap=False)
 
@@ -123,11 +126,13 @@ def print_comparison(data: dict, out: Path) -> None:
 
     from perfusion import DISCLAIMER
     from perfusion.cli.console import console
+    from perfusion.followup.page import check_summary
 
     con = console()
     if os.environ.get("COLUMNS", "").isdigit():
         con.width = int(os.environ["COLUMNS"])
     print_checks(data, con)
+    con.print(f"Checks: {check_summary(data)}")
     reg = data["registration"]
     if reg["performed"]:
         con.print(f"Registration: prior registered to current "

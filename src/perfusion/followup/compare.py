@@ -12,6 +12,12 @@ two baseline images lie on different grids (shape or affine), the prior baseline
 to the current one (register.rigid, Mattes mutual information) and the prior rCBV (linear) and ROI
 masks (nearest neighbour) are resampled onto the current grid. On the same grid nothing is moved.
 
+Before any number is read, three checks (issue 21), each first on the terminal, at the top of
+compare.html and in compare.json: the same patient (patient_check: the BIDS subject labels, refused
+when they differ unless the caller allows it; the anatomy, the two baselines' correlation after
+registration), the same reference (reference_check: its kind, and its median relative to its brain's),
+and per ROI the overlap of the two masks (Dice 0: "no overlap", never a direction or a pattern).
+
 compare.json, compare.html (one self-contained page, everything from files HTML-escaped: built by
 :mod:`perfusion.followup.page`) and, when registered, prior_to_current.tfm are written by
 :func:`write_comparison` into a staging folder. This module holds the numbers and the patterns, not
@@ -304,8 +310,10 @@ def describe_pattern(volume_dir: str, rcbv_dir: str, *, verdict_prior: str | Non
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    n = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return None if n == 0 else 2.0 * int(np.count_nonzero(a & b)) / n
+    """Dice overlap of two masks; None when either is empty (no overlap to speak of: an empty ROI is
+    not a lesion that moved)."""
+    na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+    return None if na == 0 or nb == 0 else 2.0 * int(np.count_nonzero(a & b)) / (na + nb)
 
 
 def _resample_map(values: np.ndarray, moving_affine: np.ndarray, onto: Volume, tx: Rigid) -> np.ndarray:

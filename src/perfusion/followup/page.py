@@ -196,6 +196,39 @@ BANNER_STYLE = {"patient": "border:3px solid #b00020;background:#fde7ea;color:#7
                              "margin:0.6em 0"}
 
 
+#: The words the patient warning and the reference problems start with, which the banners and the
+#: terminal's panels say in their titles.
+PATIENT_PREFIX = "DIFFERENT PATIENTS? "
+REFERENCE_PREFIX = "references differ: "
+
+
+def banner_text(text: str) -> str:
+    """A warning without the words its banner's or panel's title says, capitalised."""
+    for prefix in (PATIENT_PREFIX, REFERENCE_PREFIX):
+        text = text.removeprefix(prefix)
+    return text[:1].upper() + text[1:]
+
+
+def check_summary(d: dict) -> str:
+    """One sentence of what the patient and reference checks found (shown whether they pass or not)."""
+    patient, refs = d["patient_check"], d["reference_check"]
+    sub = patient["subject"]
+    if sub["match"] is None:
+        subject = "BIDS subject not checked (a label at " + ("neither" if sub["prior"] == sub["current"] else "one") \
+            + " time point)"
+    elif sub["match"]:
+        subject = f"BIDS subject sub-{sub['current']} at both time points"
+    else:
+        subject = f"BIDS subjects differ: sub-{sub['prior']} (prior), sub-{sub['current']} (current)"
+    anat = patient["anatomy"]
+    anatomy = (f"baseline correlation {anat['correlation']:.2f} (one head: {anat['threshold']:g} or more)"
+               if anat["correlation"] is not None else "anatomy not checked (too little contrast)")
+    kinds = refs["prior"]["kind"], refs["current"]["kind"]
+    reference = (f"reference {kinds[0]} at both" if kinds[0] == kinds[1]
+                 else f"reference {kinds[0]} (prior), {kinds[1]} (current)")
+    return f"{subject}; {anatomy}; {reference}."
+
+
 def check_banners(d: dict) -> list[str]:
     """The first screen's warnings of compare.json: patient_check's (two patients?) and reference_check's
     (references differ), each a banner; none when both checks pass."""
@@ -203,11 +236,11 @@ def check_banners(d: dict) -> list[str]:
     patient = d["patient_check"]
     if patient["warning"]:
         out.append(f'<div class="banner" id="patient-warning" style="{BANNER_STYLE["patient"]}"><b>Warning: different '
-                   f"patients?</b> {esc(patient['warning'])}</div>")
+                   f"patients?</b> {esc(banner_text(patient['warning']))}.</div>")
     refs = d["reference_check"]
     if not refs["match"]:
         out.append(f'<div class="banner" id="reference-warning" style="{BANNER_STYLE["reference"]}"><b>Warning: the '
-                   "references differ.</b> " + " ".join(esc(p[0].upper() + p[1:] + ".") for p in refs["problems"])
+                   "references differ.</b> " + " ".join(esc(banner_text(p) + ".") for p in refs["problems"])
                    + "</div>")
     return out
 
@@ -225,6 +258,7 @@ def build_html(comp: Comparison) -> str:
                   f"<td>{esc(ins[label]['analysis_created_utc'])}"
                   f"</td><td>{esc(ins[label]['software_version'])}</td></tr>" for label in ("prior", "current"))
         + "</table>")
+    parts.append(f"<p><b>Checks:</b> {esc(check_summary(d))}</p>")
     reg = d["registration"]
     if reg["performed"]:
         rot = ", ".join(f"{v:.2f}" for v in reg["rotation_deg"])
