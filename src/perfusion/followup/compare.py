@@ -105,15 +105,16 @@ SUBJECT_RE = re.compile(r"(?:^|[_/])sub-([A-Za-z0-9]+)")
 
 #: The two baseline images (mean pre-bolus signal, the prior one on the current grid after compare's
 #: rigid registration) correlating below this (Pearson r over the union of the two brain masks) get
-#: the "different patients?" warning. Measured (2026-12, /tmp measurement with compare's registration;
-#: phantoms only, no patient pairs were available): one head at two time points r 0.995-0.999 (the
-#: tests' textured phantom, seeds 0 and 1, lesions grown, on one grid and moved by 6 deg / 5 mm; the
-#: realistic head, seeds 0 and 1, on one grid and moved), and 0.60 for the realistic head with all seven
-#: lesions against the same head with none (the largest anatomical change of one head we could make);
-#: different heads r -0.36 to 0.26 (the textured phantom with its gain blobs mirrored, 0.16 on one grid
-#: and -0.36 moved; the realistic head against one 12 % and 17 % smaller, 0.26 and 0.24; the realistic
-#: head against the textured phantom, 0.06 and 0.03). 0.5 lies between the two groups, below the most
-#: changed same head by 0.1 and above the most similar different head by 0.24.
+#: the "different patients?" warning. Measured with compare's registration, on phantoms only (no pairs
+#: of patient scans were available; tests/test_compare.py makes these pairs again): one head at two
+#: time points r 0.995-0.999 (the tests' textured phantom, seeds 0 and 1, lesions grown, on one grid and
+#: moved by 6 deg / 5 mm; the realistic head, seeds 0 and 1, on one grid and moved by 8 deg / 7 mm), and
+#: 0.60-0.65 (two noise draws) for the realistic head with all seven lesions against the same head with
+#: none (the largest change of one head we could make); different heads r -0.36 to 0.26 (the textured
+#: phantom with its gain blobs mirrored, 0.16 on one grid and -0.36 moved; the realistic head against
+#: one 12 % and one 17 % smaller, 0.26 and 0.24; the realistic head against the textured phantom, -0.07
+#: to 0.06). 0.5 lies between the groups: 0.1 below the most changed one head, 0.24 above the most
+#: similar two heads.
 ANATOMY_MIN_R = 0.5
 
 #: The anatomy check needs contrast inside the brain: the current baseline's interquartile range over
