@@ -487,7 +487,10 @@ def test_one_patient_passes_the_patient_check(study):
         assert check["subject"] == {"prior": "phantom", "current": "phantom", "match": True}
         assert check["anatomy"]["match"] is True and check["anatomy"]["correlation"] >= 0.99
         assert check["anatomy"]["threshold"] == compare.ANATOMY_MIN_R
-        assert 'id="patient-warning"' not in (study[folder] / "compare.html").read_text()
+        page = (study[folder] / "compare.html").read_text()
+        assert 'id="patient-warning"' not in page and 'id="reference-warning"' not in page
+        assert "BIDS subject sub-phantom at both time points; baseline correlation 1.00 (one head: 0.5 or more); " \
+               "reference mask at both." in page
     assert study["same_json"]["reference_check"]["match"] is True
 
 
