@@ -438,6 +438,8 @@ def test_every_pattern_has_a_sentence():
 #   time point's: both ROIs NAWM of one size (rCBV about 1), so size and rCBV are "stable", yet the two
 #   masks share no voxel.
 # - auto_ref: the current time point analysed with the automatic reference (the others: the NAWM mask).
+# - far_ref: the current time point with a reference mask on the sweep blocks of CBV 4 mL/100 g or more
+#   (delay 0, no dispersion): a reference in the wrong tissue, its median about 2.5 x the brain's.
 
 OTHER_BLOBS = [(1 - x, 1 - y, 4 - z, sx, sy, sz, a) for x, y, z, sx, sy, sz, a in GAIN_BLOBS]
 
@@ -457,6 +459,16 @@ def extra(study):
         _analyze(case, outs[name])
     outs["auto_ref"] = base / "out_auto_ref"
     _analyze(study["cases"]["current"], outs["auto_ref"], reference=False)
+    current = study["cases"]["current"]
+    ph = make_phantom(PhantomSpec(matrix=MATRIX, seed=1, lesions=CURRENT_LESIONS))
+    high = np.zeros(ph.masks["brain"].shape, np.uint8)
+    for b in ph.blocks:
+        if b["cbv"] >= 4.0 and b["delay"] == 0 and b["dispersion"] == 0:
+            high[b["x"][0]: b["x"][1], b["y"][0]: b["y"][1], b["slice"]] = 1
+    far = {**current, "paths": {**current["paths"], "nawm": base / "mask-high_cbv_reference.nii.gz"}}
+    write_nifti(far["paths"]["nawm"], high, current["affine"], dtype=np.uint8)
+    outs["far_ref"] = base / "out_far_ref"
+    _analyze(far, outs["far_ref"])
     return outs
 
 
@@ -594,6 +606,25 @@ def test_reference_mismatch_is_on_the_first_screen(study, extra, tmp_path, capsy
     banner = page.index('id="reference-warning"')
     assert banner < page.index(DISCLAIMER) and banner < page.index("Change per ROI")
     assert "Chosen differently (prior: mask; current: automatic)" in page[banner: page.index(DISCLAIMER)]
+
+
+def test_reference_in_other_tissue_is_on_the_first_screen(study, extra, tmp_path, capsys, monkeypatch):
+    """Both references are masks, but the current one lies on high-CBV tissue: its median is about
+    2.5 x its brain's against 0.93 x at the prior (every current rCBV falls by that factor: lesion_a
+    3.0 -> 0.3), so "reference medians far apart", first on the terminal and the page."""
+    monkeypatch.setenv("COLUMNS", "100")
+    code, out, err, data = _compare_cli(study["outs"]["prior"], extra["far_ref"], tmp_path / "cmp", capsys)
+    assert code == 0, err
+    refs = data["reference_check"]
+    p, c = refs["prior"]["ratio_to_brain_median"], refs["current"]["ratio_to_brain_median"]
+    print(f"reference / brain median CBV: prior {p:.2f}, current {c:.2f}")
+    assert refs["match"] is False and refs["prior"]["kind"] == refs["current"]["kind"] == "mask"
+    assert 0.8 < p < 1.1 and c / p > 2.0
+    assert len(refs["problems"]) == 1 and refs["problems"][0].startswith("reference medians far apart")
+    assert out.index("REFERENCES DIFFER") < out.index("Follow-up per ROI")
+    assert "Reference medians far apart" in _panel_text(out, "REFERENCES DIFFER")
+    page = (tmp_path / "cmp" / "compare.html").read_text()
+    assert page.index('id="reference-warning"') < page.index("Change per ROI")
 
 
 def test_reference_medians_far_apart():
