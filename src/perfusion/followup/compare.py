@@ -100,6 +100,11 @@ TRANSFORM_FILE = "prior_to_current.tfm"
 
 # ----------------------------------------------------------------------- same patient, same reference
 
+#: The first words of patient_check's warning and of a reference_check problem about the kind of
+#: reference (the banners' and panels' titles say them: page.banner_text).
+PATIENT_PREFIX = "DIFFERENT PATIENTS? "
+REFERENCE_PREFIX = "references differ: "
+
 #: BIDS subject entity in a file name or label: ``sub-<label>`` at the start or after ``_`` or ``/``.
 SUBJECT_RE = re.compile(r"(?:^|[_/])sub-([A-Za-z0-9]+)")
 
@@ -406,7 +411,7 @@ def reference_check(prior: dict, current: dict) -> dict[str, Any]:
     p, c = _reference_summary(prior), _reference_summary(current)
     problems = []
     if p["kind"] != c["kind"]:
-        problems.append(f"references differ: chosen differently (prior: {p['kind']}; current: {c['kind']}), so rCBV "
+        problems.append(f"{REFERENCE_PREFIX}chosen differently (prior: {p['kind']}; current: {c['kind']}), so rCBV "
                         "is normalised differently at the two time points; give a reference mask at both or at neither")
     rp, rc = p["ratio_to_brain_median"], c["ratio_to_brain_median"]
     if rp and rc and rp > 0 and rc > 0 and max(rp / rc, rc / rp) > REFERENCE_SHIFT_FACTOR:
@@ -479,7 +484,7 @@ def patient_check(prior: dict, current: dict, anatomy: dict[str, Any], *, differ
     same = False if against else (True if True in checks else None)
     warning = None
     if against:
-        warning = ("DIFFERENT PATIENTS? " + "; ".join(against) + ". Every change below may compare two people: "
+        warning = (PATIENT_PREFIX + "; ".join(against) + ". Every change below may compare two people: "
                    "check that both folders belong to one patient before reading it")
     return {"same_patient": same, "subject": subject, "anatomy": anatomy,
             "different_patients_ok": different_patients_ok, "warning": warning}

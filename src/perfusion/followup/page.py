@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.followup.compare import TRANSFORM_FILE, Comparison
+from perfusion.followup.compare import PATIENT_PREFIX, REFERENCE_PREFIX, TRANSFORM_FILE, Comparison
 from perfusion.io import atomic_write, display_grid, write_json
 from perfusion.quantify.register import write_transform
 from perfusion.report.html import (
@@ -196,14 +196,9 @@ BANNER_STYLE = {"patient": "border:3px solid #b00020;background:#fde7ea;color:#7
                              "margin:0.6em 0"}
 
 
-#: The words the patient warning and the reference problems start with, which the banners and the
-#: terminal's panels say in their titles.
-PATIENT_PREFIX = "DIFFERENT PATIENTS? "
-REFERENCE_PREFIX = "references differ: "
-
-
 def banner_text(text: str) -> str:
-    """A warning without the words its banner's or panel's title says, capitalised."""
+    """A warning without the words its banner's or panel's title says (compare.PATIENT_PREFIX,
+    compare.REFERENCE_PREFIX), capitalised."""
     for prefix in (PATIENT_PREFIX, REFERENCE_PREFIX):
         text = text.removeprefix(prefix)
     return text[:1].upper() + text[1:]
@@ -214,8 +209,8 @@ def check_summary(d: dict) -> str:
     patient, refs = d["patient_check"], d["reference_check"]
     sub = patient["subject"]
     if sub["match"] is None:
-        subject = "BIDS subject not checked (a label at " + ("neither" if sub["prior"] == sub["current"] else "one") \
-            + " time point)"
+        subject = "BIDS subject not checked (" + ("no label at either time point" if sub["prior"] == sub["current"]
+                                                  else "a label at one time point only") + ")"
     elif sub["match"]:
         subject = f"BIDS subject sub-{sub['current']} at both time points"
     else:
