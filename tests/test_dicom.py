@@ -235,6 +235,22 @@ def reorient_to(mask_path: Path, target_affine: np.ndarray, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------- fixtures
 
+#: The shared temporary folder, as tempfile saw it when this module was imported (before a test set a
+#: temporary root of its own): other processes make and remove perfusion-dicom-* folders there.
+SYSTEM_TEMP = Path(tempfile.gettempdir())
+
+
+@pytest.fixture(autouse=True)
+def own_temp_root(tmp_path_factory, monkeypatch):
+    """Each test converts in a temporary root of its own (tempfile.tempdir, which read_dicom_series's
+    mkdtemp takes, as TMPDIR does for a new process), so a test that looks for leftover perfusion-dicom-*
+    folders sees its own only, whatever other processes do in the shared temporary folder at the same
+    time (issue 21). The module's ``case`` fixture, made once for all, sets its own the same way."""
+    root = tmp_path_factory.mktemp("temp-root")
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    return root
+
+
 
 @pytest.fixture(scope="module")
 def case(tmp_path_factory):
@@ -487,6 +503,30 @@ def test_no_identifier_leaves(case, tmp_path):
     raw = [t for p in tmp_path.glob("*.json") for t in planted_in(p)]
     assert "Planted General Hospital" in raw
     assert list(case["temp_dir"].iterdir()) == []  # the conversions' temporary folders are gone
+
+
+def test_a_decoy_in_the_shared_temp_folder_changes_nothing(tmp_path, own_temp_root):
+    """Another process's conversion folder in the shared temporary folder (a perfusion-dicom-* folder
+    holding a planted identifier) while this test converts: the conversion uses this test's own root,
+    leaves it empty and writes no identifier, and leaves the other folder alone. The decoy is what made
+    a check of the shared folder fail before (issue 21): it is there for such a check to see."""
+    decoy = Path(tempfile.mkdtemp(prefix="perfusion-dicom-", dir=SYSTEM_TEMP))
+    try:
+        (decoy / "out").mkdir()
+        (decoy / "out" / "x_dsc.json").write_text(json.dumps({"InstitutionName": PLANTED["InstitutionName"]}))
+        assert decoy in SYSTEM_TEMP.glob("perfusion-dicom-*")  # a scan of the shared folder would find it
+        assert Path(tempfile.gettempdir()) == own_temp_root != SYSTEM_TEMP
+        data, affine = small_series()
+        write_dicom_series(tmp_path / "dcm", data, affine, tr=1.2, te=0.03, series_number=5, seed=5)
+        code, out, err = run(["convert", tmp_path / "dcm", tmp_path / "out", "--name", "sub-01"])
+        assert code == 0, err
+        assert list(own_temp_root.iterdir()) == []  # this test's conversion folder is gone
+        written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+        assert written and [t for p in written for t in planted_in(p)] == []
+        assert planted_in_text(out + err) == []
+        assert planted_in(decoy / "out" / "x_dsc.json") == ["Planted General Hospital", "Planted"]  # untouched
+    finally:
+        shutil.rmtree(decoy, ignore_errors=True)
 
 
 def test_two_dsc_series_need_series_option(tmp_path):

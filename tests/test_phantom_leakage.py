@@ -134,6 +134,7 @@ def test_committed_sample_is_the_leaky_phantom():
     committed = np.asarray(nib.load(demo / "sub-phantom_dsc.nii.gz").dataobj)
     leaky = make_phantom(PhantomSpec(leaky_lesions=True))
     assert_array_equal(committed, leaky.signal)
+    assert_allclose(nib.load(demo / "sub-phantom_dsc.nii.gz").affine, leaky.affine)  # the plain phantom's grid
     assert_array_equal(committed[:, :, :5], make_phantom(PhantomSpec()).signal)
     truth = json.loads((demo / "truth.json").read_text())
     assert truth["spec"] == json.loads(json.dumps(PhantomSpec(leaky_lesions=True).to_json()))
@@ -151,6 +152,48 @@ def test_leaky_phantom_has_six_slices_and_keeps_the_first_five(default, leaky):
     for name in LEAKY:
         assert leaky.masks[name][:, :, 5].sum() > 50
         assert not leaky.masks[name][:, :, :5].any()
+
+
+def test_leaky_phantom_keeps_the_plain_geometry(tmp_path):
+    """Issue 21: `perfusion phantom --leaky-lesions` keeps the plain phantom's geometry, so the two
+    compare voxel by voxel: written by the command line with one seed, the two series have the same
+    affine (before, the leaky one's origin sat one slice, 4 mm, lower, so each plain slice k lay where
+    the leaky slice k + 1 did), and every mask and truth map of the plain phantom (brain, NAWM
+    reference, vessels, lesions) is the leaky one's first five slices, voxel for voxel."""
+    from perfusion.cli.phantom import run_phantom
+
+    plain = run_phantom(out=tmp_path / "plain", seed=3, quiet=True)
+    leaky = run_phantom(out=tmp_path / "leaky", seed=3, leaky_lesions=True, quiet=True)
+    p_img, l_img = nib.load(plain["dsc"]), nib.load(leaky["dsc"])
+    assert_array_equal(l_img.affine, p_img.affine)
+    assert l_img.shape == p_img.shape[:2] + (p_img.shape[2] + 1, p_img.shape[3])
+    assert_array_equal(np.asarray(l_img.dataobj)[:, :, :5], np.asarray(p_img.dataobj))
+    assert {"brain", "nawm", "aif", "vein", "lesion_hyper", "lesion_hypo"} <= set(plain)
+    for key, path in plain.items():
+        if key == "dsc" or path.name.endswith(".json"):
+            continue
+        a, b = nib.load(path), nib.load(leaky[key])
+        assert_array_equal(b.affine, a.affine)
+        assert_array_equal(np.asarray(b.dataobj)[:, :, :5], np.asarray(a.dataobj), err_msg=key)
+    for name in LEAKY:  # the leaky lesions only on the slice the plain phantom lacks
+        data = np.asarray(nib.load(leaky[name]).dataobj)
+        assert not data[:, :, :5].any() and data[:, :, 5].sum() > 50
+
+
+def test_only_the_leaky_lesions_signal_differs_from_no_leakage(leaky):
+    """Against the same phantom with Ktrans = 0 (same seed, so the same noise), the leaky phantom's
+    signal differs in the leaky lesions' voxels only, and in nearly all of them (a voxel whose small
+    leakage rounds away in int16 could match), and its masks are the same."""
+    still = make_phantom(_no_leak())
+    for key, mask in still.masks.items():
+        assert_array_equal(leaky.masks[key], mask, err_msg=key)
+    assert_array_equal(leaky.affine, still.affine)
+    differs = (leaky.signal != still.signal).any(axis=3)
+    lesions = np.zeros(differs.shape, bool)
+    for name in LEAKY:
+        lesions |= leaky.masks[name]
+    assert not differs[~lesions].any()
+    assert differs[lesions].mean() > 0.95
 
 
 def test_leaky_layout_masks_and_truth(leaky):

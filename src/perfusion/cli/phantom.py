@@ -23,8 +23,9 @@ def phantom(
     frames: Annotated[Optional[int], typer.Option(
         help="Number of frames, 30 to 1000 (default 80, --realistic 60).")] = None,
     leaky_lesions: Annotated[bool, typer.Option(
-        "--leaky-lesions", help="Add a slice of four lesions with Tofts-model contrast leakage (T1- and "
-                                "T2*-dominant).")] = False,
+        "--leaky-lesions", help="Add a sixth slice of four lesions with Tofts-model contrast leakage (T1- and "
+                                "T2*-dominant); slices 0-4, their masks and the grid stay the plain phantom's, "
+                                "so the two compare voxel by voxel.")] = False,
     realistic: Annotated[bool, typer.Option(
         "--realistic", help="The realistic head instead (physics unlike the methods' models: quadratic "
                             "blood relaxation, log-normal residues, strong leakage, mixed lesions, scalp "

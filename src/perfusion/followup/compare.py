@@ -12,6 +12,12 @@ two baseline images lie on different grids (shape or affine), the prior baseline
 to the current one (register.rigid, Mattes mutual information) and the prior rCBV (linear) and ROI
 masks (nearest neighbour) are resampled onto the current grid. On the same grid nothing is moved.
 
+Before any number is read, three checks (issue 21), each first on the terminal, at the top of
+compare.html and in compare.json: the same patient (patient_check: the BIDS subject labels, refused
+when they differ unless the caller allows it; the anatomy, the two baselines' correlation after
+registration), the same reference (reference_check: its kind, and its median relative to its brain's),
+and per ROI the overlap of the two masks (Dice 0: "no overlap", never a direction or a pattern).
+
 compare.json, compare.html (one self-contained page, everything from files HTML-escaped: built by
 :mod:`perfusion.followup.page`) and, when registered, prior_to_current.tfm are written by
 :func:`write_comparison` into a staging folder. This module holds the numbers and the patterns, not
@@ -20,6 +26,7 @@ the page. Library code: no printing, errors are PerfusionError subclasses with o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -90,6 +97,42 @@ COMPARED_PARAMETERS = ("method", "leakage", "recirculation", "aif_selection", "v
 ACQ_REL_TOL = 0.05
 
 TRANSFORM_FILE = "prior_to_current.tfm"
+
+# ----------------------------------------------------------------------- same patient, same reference
+
+#: The first words of patient_check's warning and of a reference_check problem about the kind of
+#: reference (the banners' and panels' titles say them: page.banner_text).
+PATIENT_PREFIX = "DIFFERENT PATIENTS? "
+REFERENCE_PREFIX = "references differ: "
+
+#: BIDS subject entity in a file name or label: ``sub-<label>`` at the start or after ``_`` or ``/``.
+SUBJECT_RE = re.compile(r"(?:^|[_/])sub-([A-Za-z0-9]+)")
+
+#: The two baseline images (mean pre-bolus signal, the prior one on the current grid after compare's
+#: rigid registration) correlating below this (Pearson r over the union of the two brain masks) get
+#: the "different patients?" warning. Measured with compare's registration, on phantoms only (no pairs
+#: of patient scans were available; tests/test_compare.py makes these pairs again): one head at two
+#: time points r 0.995-0.999 (the tests' textured phantom, seeds 0 and 1, lesions grown, on one grid and
+#: moved by 6 deg / 5 mm; the realistic head, seeds 0 and 1, on one grid and moved by 8 deg / 7 mm), and
+#: 0.60-0.65 (two noise draws) for the realistic head with all seven lesions against the same head with
+#: none (the largest change of one head we could make); different heads r -0.36 to 0.26 (the textured
+#: phantom with its gain blobs mirrored, 0.16 on one grid and -0.36 moved; the realistic head against
+#: one 12 % and one 17 % smaller, 0.26 and 0.24; the realistic head against the textured phantom, -0.07
+#: to 0.06). 0.5 lies between the groups: 0.1 below the most changed one head, 0.24 above the most
+#: similar two heads.
+ANATOMY_MIN_R = 0.5
+
+#: The anatomy check needs contrast inside the brain: the current baseline's interquartile range over
+#: its median, in the brain, at least this (a uniform disc phantom: 0.01, its noise; the textured phantom
+#: 0.2; a brain's grey / white matter / CSF contrast more). Below it the check is not made (null).
+ANATOMY_MIN_CONTRAST = 0.05
+
+#: The reference tissue's median CBV relative to its brain's median CBV (report.json
+#: reference.plausibility.cbv_ratio_to_brain_median, free of the AIF's scale) differing by more than this
+#: factor between the time points means the references lie in different tissue: every rCBV moves by
+#: that factor on this account alone. sqrt(2) is half the log-distance to the doubling / halving at which
+#: a median rCBV "rises" or "falls" (RCBV_RISE, RCBV_FALL).
+REFERENCE_SHIFT_FACTOR = 2.0 ** 0.5
 
 #: Pattern per (volume direction, rCBV direction): a short code and the sentence shown to the reader.
 PATTERNS: dict[tuple[str, str], tuple[str, str]] = {
@@ -243,9 +286,20 @@ def rcbv_direction(rel: float | None) -> str:
     return "stable"
 
 
+#: Pattern of a ROI whose prior and current masks share no voxel on the current grid (Dice 0): whatever
+#: its numbers, not a change of one lesion, so never "stable" nor any other pattern.
+NO_OVERLAP = ("no_overlap",
+              "no overlap: the prior and current ROI share no voxel on the current grid (Dice 0): not the same "
+              "lesion, or it moved; the numbers are not a change of one lesion. Check both ROIs and the "
+              "registration figure.")
+
+
 def describe_pattern(volume_dir: str, rcbv_dir: str, *, verdict_prior: str | None = None,
-                     verdict_current: str | None = None) -> tuple[str, str]:
-    """(code, sentence) for a pair of directions; the sentence notes a verdict change."""
+                     verdict_current: str | None = None, dice: float | None = None) -> tuple[str, str]:
+    """(code, sentence) for a pair of directions; the sentence notes a verdict change. ``dice``: the
+    overlap of the prior and current ROI masks on the current grid; 0 gives NO_OVERLAP."""
+    if dice == 0.0:
+        return NO_OVERLAP
     if (volume_dir, rcbv_dir) in PATTERNS:
         code, sentence = PATTERNS[(volume_dir, rcbv_dir)]
     else:
@@ -262,8 +316,10 @@ def describe_pattern(volume_dir: str, rcbv_dir: str, *, verdict_prior: str | Non
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float | None:
-    n = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return None if n == 0 else 2.0 * int(np.count_nonzero(a & b)) / n
+    """Dice overlap of two masks; None when either is empty (no overlap to speak of: an empty ROI is
+    not a lesion that moved)."""
+    na, nb = int(np.count_nonzero(a)), int(np.count_nonzero(b))
+    return None if na == 0 or nb == 0 else 2.0 * int(np.count_nonzero(a & b)) / (na + nb)
 
 
 def _resample_map(values: np.ndarray, moving_affine: np.ndarray, onto: Volume, tx: Rigid) -> np.ndarray:
@@ -316,7 +372,7 @@ def _reference_kind(source: Any) -> str:
 
 def _warnings(prior: dict, current: dict) -> list[str]:
     """Differences between the two reports that make the change less comparable: software version,
-    analysis parameters, reference tissue, TE / TR, field strength."""
+    analysis parameters, TE / TR, field strength (the reference tissue: reference_check)."""
     out: list[str] = []
     pv = prior.get("software", {}).get("version")
     cv = current.get("software", {}).get("version")
@@ -329,10 +385,6 @@ def _warnings(prior: dict, current: dict) -> list[str]:
             if pp.get(key) != cp.get(key):
                 out.append(f"analysis parameter {key} differs (prior {pp.get(key)}, current {cp.get(key)}): the change "
                            "may come from the analysis, not the lesion; analyse both time points alike")
-    kinds = [_reference_kind(r.get("reference", {}).get("source")) for r in (prior, current)]
-    if kinds[0] != kinds[1]:
-        out.append(f"reference tissue chosen differently (prior: {kinds[0]}; current: {kinds[1]}): rCBV is "
-                   "normalised differently at the two time points; give a reference mask at both or at neither")
     pa, ca = prior.get("acquisition", {}), current.get("acquisition", {})
     for key, name, unit, scale in (("te", "TE", "ms", 1000.0), ("tr", "TR", "s", 1.0)):
         a, b = num(pa.get(key)), num(ca.get(key))
@@ -345,18 +397,125 @@ def _warnings(prior: dict, current: dict) -> list[str]:
     return out
 
 
-def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
-    """Compare two analyze output folders; see the module docstring. InputError for unusable input."""
+def _reference_summary(report: dict) -> dict[str, Any]:
+    """One time point's reference as reference_check reads it from report.json "reference"."""
+    ref = report.get("reference") or {}
+    return {"kind": _reference_kind(ref.get("source")), "cbv_median": num(ref.get("cbv_median")),
+            "ratio_to_brain_median": num((ref.get("plausibility") or {}).get("cbv_ratio_to_brain_median"))}
+
+
+def reference_check(prior: dict, current: dict) -> dict[str, Any]:
+    """compare.json "reference_check": whether the two analyses normalised rCBV alike: the same kind of
+    reference (automatic or a given mask) and reference medians within REFERENCE_SHIFT_FACTOR of each
+    other, each relative to its own brain's median CBV; ``problems`` the sentences for the first screen."""
+    p, c = _reference_summary(prior), _reference_summary(current)
+    problems = []
+    if p["kind"] != c["kind"]:
+        problems.append(f"{REFERENCE_PREFIX}chosen differently (prior: {p['kind']}; current: {c['kind']}), so rCBV "
+                        "is normalised differently at the two time points; give a reference mask at both or at neither")
+    rp, rc = p["ratio_to_brain_median"], c["ratio_to_brain_median"]
+    if rp and rc and rp > 0 and rc > 0 and max(rp / rc, rc / rp) > REFERENCE_SHIFT_FACTOR:
+        problems.append(f"reference medians far apart: the reference's median CBV is {rp:.2f} x its brain's median at "
+                        f"the prior and {rc:.2f} x at the current time point (a factor {max(rp / rc, rc / rp):.2f}, "
+                        f"limit {REFERENCE_SHIFT_FACTOR:.2f}): every rCBV moves by that factor on this account "
+                        "alone; check that both references lie in normal-appearing white matter")
+    return {"prior": p, "current": c, "match": not problems, "shift_limit_factor": REFERENCE_SHIFT_FACTOR,
+            "problems": problems}
+
+
+def subject_label(report: dict) -> str | None:
+    """The BIDS subject label (without ``sub-``) of an analysis: from its DSC input's file name
+    (report.json "inputs" holds file names only), else another input's, else report.json "case"."label";
+    None when none carries one."""
+    inputs = report.get("inputs") or {}
+    names = [(inputs.get("dsc") or {}).get("file")]
+    names += [v.get("file") for k, v in inputs.items() if k != "dsc" and isinstance(v, dict)]
+    names.append((report.get("case") or {}).get("label"))
+    for name in names:
+        match = SUBJECT_RE.search(name) if isinstance(name, str) else None
+        if match:
+            return match.group(1)
+    return None
+
+
+def anatomy_check(prior_baseline: np.ndarray, current_baseline: np.ndarray,
+                  brains: list[np.ndarray]) -> dict[str, Any]:
+    """Whether the two baselines (a.u.; the prior one on the current grid) show one head: Pearson r
+    over the union of ``brains`` (the two brain masks on the current grid; without any, the voxels above
+    a tenth of the current baseline's 99th percentile), against ANATOMY_MIN_R. ``match`` None (not
+    checked) when a baseline has too little contrast inside the brain (ANATOMY_MIN_CONTRAST)."""
+    cur = np.nan_to_num(current_baseline.astype(np.float64))
+    pri = np.nan_to_num(prior_baseline.astype(np.float64))
+    if brains:
+        mask = np.logical_or.reduce(brains)
+    else:
+        mask = cur > 0.1 * np.percentile(cur, 99)
+    out: dict[str, Any] = {"measure": "Pearson correlation of the baseline images over the union of the brain "
+                                      "masks, prior registered onto the current grid",
+                           "threshold": ANATOMY_MIN_R, "voxels": int(mask.sum()), "correlation": None, "match": None}
+    contrast = []
+    for img in (pri, cur):
+        v = img[mask]
+        q1, med, q3 = np.percentile(v, [25, 50, 75]) if v.size else (0.0, 0.0, 0.0)
+        contrast.append((q3 - q1) / med if med > 0 else 0.0)
+    out["contrast"] = [round(float(x), 4) for x in contrast]
+    if mask.sum() < 64 or min(contrast) < ANATOMY_MIN_CONTRAST:
+        out["note"] = ("not checked: a baseline image has too little contrast inside the brain (interquartile range "
+                       f"below {ANATOMY_MIN_CONTRAST:g} of the median) to recognise a head by")
+        return out
+    r = float(np.corrcoef(pri[mask], cur[mask])[0, 1])
+    out.update(correlation=round(r, 4), match=bool(r >= ANATOMY_MIN_R))
+    return out
+
+
+def patient_check(prior: dict, current: dict, anatomy: dict[str, Any], *, different_patients_ok: bool) -> dict:
+    """compare.json "patient_check": the BIDS subject labels (when both carry one) and the anatomy check;
+    ``same_patient`` False when either says otherwise, True when one says so and none otherwise, None
+    when neither could be made; ``warning`` the loud sentence, None when nothing speaks against."""
+    p, c = subject_label(prior), subject_label(current)
+    subject = {"prior": p, "current": c, "match": None if p is None or c is None else p == c}
+    against = []
+    if subject["match"] is False:
+        against.append(f"the BIDS subjects differ (prior sub-{p}, current sub-{c})")
+    if anatomy["match"] is False:
+        against.append(f"the baseline images do not show one head after registration (correlation "
+                       f"{anatomy['correlation']:.2f}, below {ANATOMY_MIN_R:g}; one head measured 0.60 or more)")
+    checks = (subject["match"], anatomy["match"])
+    same = False if against else (True if True in checks else None)
+    warning = None
+    if against:
+        warning = (PATIENT_PREFIX + "; ".join(against) + ". Every change below may compare two people: "
+                   "check that both folders belong to one patient before reading it")
+    return {"same_patient": same, "subject": subject, "anatomy": anatomy,
+            "different_patients_ok": different_patients_ok, "warning": warning}
+
+
+def _refuse_other_subject(p_rep: dict, c_rep: dict, prior_folder: Path, current_folder: Path) -> None:
+    """InputError (exit 4) when both analyses carry a BIDS subject label and the labels differ."""
+    p, c = subject_label(p_rep), subject_label(c_rep)
+    if p is not None and c is not None and p != c:
+        raise InputError(f"{find_report(prior_folder)} and {find_report(current_folder)}: the BIDS subjects differ "
+                         f"(sub-{p} and sub-{c}), so these look like two patients; give two analyses of one patient, "
+                         "or add --different-patients-ok when both labels name one person")
+
+
+def compare_folders(prior_folder: Path, current_folder: Path, *, different_patients_ok: bool = False) -> Comparison:
+    """Compare two analyze output folders; see the module docstring. InputError for unusable input, and
+    for two analyses whose BIDS subject labels differ unless ``different_patients_ok`` (then the
+    comparison carries the loud warning of patient_check)."""
     prior_folder, current_folder = Path(prior_folder), Path(current_folder)
     for f in (prior_folder, current_folder):
         if not f.is_dir():
             raise InputError(f"{f}: folder not found; give a folder written by 'perfusion analyze'")
     p_rep, c_rep = load_report(prior_folder), load_report(current_folder)
+    if not different_patients_ok:
+        _refuse_other_subject(p_rep, c_rep, prior_folder, current_folder)
     common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=find_report(prior_folder),
                                                   current_path=find_report(current_folder))
     prior = load_time_point(prior_folder, roi_names=common, label="prior", report=p_rep)
     current = load_time_point(current_folder, roi_names=common, label="current", report=c_rep)
-    warns = _warnings(p_rep, c_rep) + prior.notes + current.notes
+    references = reference_check(p_rep, c_rep)
+    warns = references["problems"] + _warnings(p_rep, c_rep) + prior.notes + current.notes
     if same_grid(prior.baseline, current.baseline) and np.array_equal(prior.baseline.data, current.baseline.data):
         warns.append("the two baseline images are identical: both folders analysed the same series, so this compares "
                      "a scan with itself")
@@ -367,11 +526,17 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
         if dice is not None and dice < BRAIN_DICE_WARN:
             warns.append(f"the brain masks of the two time points overlap only {dice:.2f} (Dice) on the current grid: "
                          "the scans may not be aligned; check the figure before trusting the registered numbers")
+    brains = [b for b in (moved.brain, current.brain) if b is not None]
+    patient = patient_check(p_rep, c_rep, anatomy_check(moved.baseline, current.baseline.data, brains),
+                            different_patients_ok=different_patients_ok)
+    if patient["warning"]:
+        warns.insert(0, patient["warning"])
     rows = _roi_rows(common, prior, current, moved)
     thr = c_rep.get("thresholds", {})
     low, high = num(thr.get("rcbv_low")) or 1.0, num(thr.get("rcbv_high")) or 1.75
     data = _comparison_data(prior, current, moved.registration, rows, (low, high), warns,
-                            unmatched={"prior_only": only_prior, "current_only": only_current})
+                            unmatched={"prior_only": only_prior, "current_only": only_current},
+                            checks={"patient_check": patient, "reference_check": references})
     onto = current.baseline
     return Comparison(data=data, transform=moved.transform, background=onto.data, affine=onto.affine,
                       prior_rcbv=moved.rcbv, current_rcbv=current.rcbv, current_masks=current.masks,
@@ -380,9 +545,10 @@ def compare_folders(prior_folder: Path, current_folder: Path) -> Comparison:
 
 @dataclass
 class _Moved:
-    """The prior time point on the current grid: its rCBV, ROI masks and brain mask, the transform
-    (None on a shared grid) and compare.json's "registration"."""
+    """The prior time point on the current grid: its rCBV, baseline (a.u.), ROI masks and brain mask,
+    the transform (None on a shared grid) and compare.json's "registration"."""
 
+    baseline: np.ndarray
     rcbv: np.ndarray
     masks: dict[str, np.ndarray]
     brain: np.ndarray | None
@@ -395,10 +561,11 @@ def _prior_on_current_grid(prior: TimePoint, current: TimePoint) -> _Moved:
     current baseline and resampled onto its grid (module docstring)."""
     onto = current.baseline
     if same_grid(prior.baseline, onto):
-        return _Moved(rcbv=prior.rcbv, masks=dict(prior.masks), brain=prior.brain, transform=None, registration={
-            "performed": False,
-            "reason": "the two baseline.nii.gz share one grid (shape and affine): no registration; the prior maps "
-                      "are used voxel for voxel"})
+        same = {"performed": False,
+                "reason": "the two baseline.nii.gz share one grid (shape and affine): no registration; the prior "
+                          "maps are used voxel for voxel"}
+        return _Moved(baseline=prior.baseline.data, rcbv=prior.rcbv, masks=dict(prior.masks), brain=prior.brain,
+                      transform=None, registration=same)
     p_shape, c_shape = prior.baseline.data.shape, onto.data.shape
     why = f"shapes differ ({p_shape} vs {c_shape})" if p_shape != c_shape else "affines differ"
     transform = rigid(onto, prior.baseline, what="prior baseline image (to the current baseline)",
@@ -415,7 +582,8 @@ def _prior_on_current_grid(prior: TimePoint, current: TimePoint) -> _Moved:
         **transform.as_dict(),
     }
     aff = prior.baseline.affine
-    return _Moved(rcbv=_resample_map(prior.rcbv, aff, onto, transform),
+    return _Moved(baseline=resample(prior.baseline, onto, transform),
+                  rcbv=_resample_map(prior.rcbv, aff, onto, transform),
                   masks={n: _resample_mask(m, aff, onto, transform) for n, m in prior.masks.items()},
                   brain=_resample_mask(prior.brain, aff, onto, transform) if prior.brain is not None else None,
                   transform=transform, registration=registration)
@@ -431,16 +599,17 @@ def _roi_rows(common: list[str], prior: TimePoint, current: TimePoint, moved: _M
         p, c = p_rois[name], c_rois[name]
         vol = _pair(p.get("volume_ml"), c.get("volume_ml"))
         med = _pair(p.get("rcbv_median"), c.get("rcbv_median"))
-        vol["direction"] = volume_direction(vol["relative_change"])
-        med["direction"] = rcbv_direction(med["relative_change"])
+        dice = _dice(moved.masks[name], current.masks[name]) if name in moved.masks and name in current.masks else None
+        # no overlap: no direction either (a word like "stable" would read as one lesion's change)
+        vol["direction"] = "no_overlap" if dice == 0.0 else volume_direction(vol["relative_change"])
+        med["direction"] = "no_overlap" if dice == 0.0 else rcbv_direction(med["relative_change"])
         code, sentence = describe_pattern(vol["direction"], med["direction"], verdict_prior=p.get("verdict"),
-                                          verdict_current=c.get("verdict"))
+                                          verdict_current=c.get("verdict"), dice=dice)
         in_current = None
         if name in current.masks:
             v = moved.rcbv[current.masks[name]]
             v = v[np.isfinite(v)]
             in_current = float(np.median(v)) if v.size else None
-        dice = _dice(moved.masks[name], current.masks[name]) if name in moved.masks and name in current.masks else None
         rows.append({
             "name": name,
             "volume_ml": vol,
@@ -458,9 +627,9 @@ def _roi_rows(common: list[str], prior: TimePoint, current: TimePoint, moved: _M
 
 def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[str, Any], rows: list[dict[str, Any]],
                      verdict_thresholds: tuple[float, float], warns: list[str], *,
-                     unmatched: dict[str, list[str]]) -> dict[str, Any]:
+                     unmatched: dict[str, list[str]], checks: dict[str, dict]) -> dict[str, Any]:
     """What compare.json holds (its keys in order); ``verdict_thresholds``: the current analysis's rCBV
-    thresholds (ratio)."""
+    thresholds (ratio); ``checks``: patient_check and reference_check, first after the inputs."""
     low, high = verdict_thresholds
     return {
         "software": {"name": "perfusion", "version": __version__},
@@ -471,6 +640,7 @@ def _comparison_data(prior: TimePoint, current: TimePoint, registration: dict[st
                     "report_sha256": sha256(tp.report_path), "analysis_created_utc": tp.report.get("created_utc"),
                     "software_version": tp.report.get("software", {}).get("version")}
             for label, tp in (("prior", prior), ("current", current))},
+        **checks,
         "registration": registration,
         "thresholds": {
             "volume_growth_relative": VOLUME_GROWTH, "volume_shrink_relative": VOLUME_SHRINK,

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.followup.compare import TRANSFORM_FILE, Comparison
+from perfusion.followup.compare import PATIENT_PREFIX, REFERENCE_PREFIX, TRANSFORM_FILE, Comparison
 from perfusion.io import atomic_write, display_grid, write_json
 from perfusion.quantify.register import write_transform
 from perfusion.report.html import (
@@ -153,6 +153,11 @@ def _points(x: Any) -> str:
     return "n/a" if v is None else f"{100 * v:+.0f} percentage points"
 
 
+def _direction(code: str) -> str:
+    """A direction of compare.json in words ('no_overlap' -> 'no overlap')."""
+    return code.replace("_", " ")
+
+
 def _roi_box(r: dict) -> str:
     """One ROI's box: the pattern sentence in its colour and the table of prior, current and change."""
     colour = PATTERN_COLOUR.get(r["pattern"], VERDICT_COLOUR["indeterminate"])
@@ -168,10 +173,10 @@ def _roi_box(r: dict) -> str:
         "<table><tr><th>measure</th><th>prior</th><th>current</th><th>change</th><th>direction</th></tr>"
         f"<tr><td>Volume (mL)</td><td>{_fmt(vol['prior'])}</td><td>{_fmt(vol['current'])}</td>"
         f"<td>{_fmt(vol['change'], signed=True)} mL ({_fmt(vol['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{esc(vol['direction'])}</td></tr>"
+        f"<td>{esc(_direction(vol['direction']))}</td></tr>"
         f"<tr><td>Median rCBV (ratio)</td><td>{_fmt(med['prior'])}</td><td>{_fmt(med['current'])}</td>"
         f"<td>{_fmt(med['change'], signed=True)} ({_fmt(med['relative_change'], pct=True, signed=True)})</td>"
-        f"<td>{esc(med['direction'])}</td></tr>"
+        f"<td>{esc(_direction(med['direction']))}</td></tr>"
         f"{ftb_rows}"
         f"<tr><td>Verdict</td><td>{esc(words['prior'])}</td><td>{esc(words['current'])}</td>"
         f"<td>{'changed' if ver['changed'] else 'unchanged'}</td><td></td></tr></table>"
@@ -183,10 +188,62 @@ def _roi_box(r: dict) -> str:
         "</div>")
 
 
+#: The banners at the top of compare.html: red when the folders may hold two patients, amber when the
+#: two analyses' references differ (inline styles: the page shares report.html's CSS).
+BANNER_STYLE = {"patient": "border:3px solid #b00020;background:#fde7ea;color:#7a0016;padding:0.6em 1em;"
+                           "margin:0.6em 0;font-size:1.15em",
+                "reference": "border:3px solid #b26a00;background:#fff4e0;color:#5c3700;padding:0.6em 1em;"
+                             "margin:0.6em 0"}
+
+
+def banner_text(text: str) -> str:
+    """A warning without the words its banner's or panel's title says (compare.PATIENT_PREFIX,
+    compare.REFERENCE_PREFIX), capitalised."""
+    for prefix in (PATIENT_PREFIX, REFERENCE_PREFIX):
+        text = text.removeprefix(prefix)
+    return text[:1].upper() + text[1:]
+
+
+def check_summary(d: dict) -> str:
+    """One sentence of what the patient and reference checks found (shown whether they pass or not)."""
+    patient, refs = d["patient_check"], d["reference_check"]
+    sub = patient["subject"]
+    if sub["match"] is None:
+        subject = "BIDS subject not checked (" + ("no label at either time point" if sub["prior"] == sub["current"]
+                                                  else "a label at one time point only") + ")"
+    elif sub["match"]:
+        subject = f"BIDS subject sub-{sub['current']} at both time points"
+    else:
+        subject = f"BIDS subjects differ: sub-{sub['prior']} (prior), sub-{sub['current']} (current)"
+    anat = patient["anatomy"]
+    anatomy = (f"baseline correlation {anat['correlation']:.2f} (one head: {anat['threshold']:g} or more)"
+               if anat["correlation"] is not None else "anatomy not checked (too little contrast)")
+    kinds = refs["prior"]["kind"], refs["current"]["kind"]
+    reference = (f"reference {kinds[0]} at both" if kinds[0] == kinds[1]
+                 else f"reference {kinds[0]} (prior), {kinds[1]} (current)")
+    return f"{subject}; {anatomy}; {reference}."
+
+
+def check_banners(d: dict) -> list[str]:
+    """The first screen's warnings of compare.json: patient_check's (two patients?) and reference_check's
+    (references differ), each a banner; none when both checks pass."""
+    out = []
+    patient = d["patient_check"]
+    if patient["warning"]:
+        out.append(f'<div class="banner" id="patient-warning" style="{BANNER_STYLE["patient"]}"><b>Warning: different '
+                   f"patients?</b> {esc(banner_text(patient['warning']))}.</div>")
+    refs = d["reference_check"]
+    if not refs["match"]:
+        out.append(f'<div class="banner" id="reference-warning" style="{BANNER_STYLE["reference"]}"><b>Warning: the '
+                   "references differ.</b> " + " ".join(esc(banner_text(p) + ".") for p in refs["problems"])
+                   + "</div>")
+    return out
+
+
 def build_html(comp: Comparison) -> str:
     """compare.html: one self-contained page (figures as base64 PNG, no scripts or links)."""
     d = comp.data
-    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>",
+    parts: list[str] = ["<h1>DSC perfusion follow-up comparison</h1>", *check_banners(d),
                         f'<div class="disclaimer">{esc(DISCLAIMER)}</div>']
     ins = d["inputs"]
     parts.append(
@@ -196,6 +253,7 @@ def build_html(comp: Comparison) -> str:
                   f"<td>{esc(ins[label]['analysis_created_utc'])}"
                   f"</td><td>{esc(ins[label]['software_version'])}</td></tr>" for label in ("prior", "current"))
         + "</table>")
+    parts.append(f"<p><b>Checks:</b> {esc(check_summary(d))}</p>")
     reg = d["registration"]
     if reg["performed"]:
         rot = ", ".join(f"{v:.2f}" for v in reg["rotation_deg"])
@@ -213,8 +271,10 @@ def build_html(comp: Comparison) -> str:
     um = d["unmatched_rois"]
     if um["prior_only"] or um["current_only"]:
         parts.append("<h3>ROIs without a partner (not compared)</h3><ul>"
-                     + "".join(f"<li>only in the prior analysis: {esc(n)}</li>" for n in um["prior_only"])
-                     + "".join(f"<li>only in the current analysis: {esc(n)}</li>" for n in um["current_only"])
+                     + "".join(f"<li>only in the current analysis: {esc(n)} (a new lesion, or a ROI named "
+                               "differently)</li>" for n in um["current_only"])
+                     + "".join(f"<li>only in the prior analysis: {esc(n)} (gone, not outlined again, or named "
+                               "differently)</li>" for n in um["prior_only"])
                      + "</ul><p class=\"small\">ROIs are matched by name: name the lesion masks the same in both "
                        "analyses.</p>")
     t = d["thresholds"]

@@ -25,7 +25,10 @@ bit the one described above). One more slice is appended (the last, z = 5) with 
 background and vessels and four lesion discs (radius ``LEAKY_RADIUS_FRACTION`` * matrix, one per
 quadrant), parameterised by ``PhantomSpec.leaky_lesion_params``: CBF, MTT (their vascular delta R2*
 is the ``tissue_curve`` above), Ktrans (1/min), ve, r2e (1/(mM s)) and T10 (s). Slices 0-4 keep
-their signal, noise included (the extra slice draws its noise after them). The contrast agent leaks
+their signal, noise included (the extra slice draws its noise after them), and the geometry is the plain
+phantom's: the same affine (voxel to world), so slices 0-4 lie at the same positions, with the same
+brain, NAWM reference, vessel and lesion masks; the plain grid is the leaky grid's first five slices, so
+the two compare voxel by voxel (index for index). The contrast agent leaks
 by tracer kinetics, not by the model of any correction:
 
 - Plasma concentration Cp(t) = AIF(t) / ``R2S_BLOOD_PER_MM_S`` / (1 - Hct_large), in mM: the AIF is
@@ -515,8 +518,10 @@ def make_phantom(spec: PhantomSpec = PhantomSpec()) -> Phantom[PhantomSpec]:
                          sigma * np.concatenate([im_base, im_extra], axis=2))
     signal = np.clip(np.round(noisy), 0, np.iinfo(np.int16).max).astype(np.int16)
 
+    # the plain phantom's affine whatever the leaky slice: slices 0-4 lie at the same world positions in
+    # both phantoms, the leaky slice one slice above (issue 21: the two can be compared voxel by voxel)
     affine = np.diag([2.0, 2.0, 4.0, 1.0])
-    affine[:3, 3] = [-m, -m, -2.0 * nz]
+    affine[:3, 3] = [-m, -m, -2.0 * (nz - int(leaky))]
     return Phantom(signal=signal, affine=affine, masks=masks, truth=truth, blocks=blocks,
                    aif=aif_fine[sample], spec=spec)
 
