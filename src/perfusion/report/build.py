@@ -93,8 +93,7 @@ def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None
         "timings_s": dict(result.timings),
     }
     # the quality panel's warnings too (report/quality.py): report.html, the terminal and this list agree
-    report["warnings"] = all_warnings(report)
-    return redact(report)
+    return redact({**report, "warnings": all_warnings(report)})
 
 
 def input_paths(inputs: Inputs) -> dict[str, Path]:

@@ -874,7 +874,7 @@ def _ftb_montage(case: _Case) -> list[str]:
     shown = np.where(ftb > 0, ftb, np.where(case.brain != 0, 0, np.nan) if case.brain is not None else 0)
     ticks = {0.0: "brain", 1.0: f"< {low:g}", 2.0: f"{low:g}-{high:g}", 3.0: f"> {high:g}"}
     img = fig_montage(shown.astype(np.float64), affine=affine, label="FTB class (rCBV)", vmin=-0.5, vmax=3.5,
-                      cmap=ListedColormap(list(FTB_COLOURS)), ticks=ticks)
+                      cmap=ListedColormap(list(FTB_COLOURS), name="ftb_classes"), ticks=ticks)
     return [f'<div class="fig"><h4>FTB (rCBV classes: blue &lt; {low:g}, amber {low:g}-{high:g}, red &gt; '
             f"{high:g}; grey: brain outside the ROIs)</h4>", img_tag(img, "FTB montage"), "</div>"]
 
