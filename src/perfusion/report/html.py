@@ -588,7 +588,8 @@ table.details td,table.details th{font-size:.9em;padding:.2em .45em}
  h2,h3,h4{break-after:avoid;page-break-after:avoid}
  tr,img,.fig,.verdict,.warnbox{break-inside:avoid;page-break-inside:avoid}
  td,th{padding:.1em .35em}
- .overlay img{max-height:70mm}.quality table,.details{font-size:7.5pt}p.small{margin:.2em 0}
+ .overlay img{max-height:62mm}.tail{font-size:7.5pt;padding:.15em .6em;border-width:1px;margin:.2em 0}
+ .about h2{font-size:10pt;margin:.3em 0 0 0}.quality table,.details{font-size:7.5pt}p.small{margin:.2em 0}
 }
 """
 
@@ -743,7 +744,7 @@ def build_html(folder: Path) -> str:
              *_curve_figures(case), *_quality(case), *_provenance(rep)]
     if case.notes:
         parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in case.notes) + "</ul>")
-    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
+    parts.append(f'<div class="disclaimer tail">{esc(DISCLAIMER)}</div>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<title>DSC perfusion report</title>"
@@ -979,10 +980,11 @@ def _provenance(rep: dict) -> list[str]:
     version = rep.get("software", {}).get("version", "unknown")
     date = rep.get("created_utc")
     inputs = ", ".join(esc(input_file_name(k, v)) for k, v in rep.get("inputs", {}).items())
-    return ["<h2>About this page</h2>",
+    return ['<div class="about"><h2>About this page</h2>',
             f'<p class="small">perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on '
             f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Analysis date: "
-            f"{esc(date) if date else 'not recorded in report.json'}. Input files: {inputs or 'not recorded'}.</p>"]
+            f"{esc(date) if date else 'not recorded in report.json'}. Input files: {inputs or 'not recorded'}.</p>"
+            "</div>"]
 
 
 def write_html(folder: Path) -> Path:
