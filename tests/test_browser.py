@@ -227,3 +227,8 @@ def test_prints_to_pdf_in_about_two_a4_pages(rendered):
     assert _colour_pixels(first, RED) > 100 and _colour_pixels(first, GREEN) > 100
     for img in map(_pixels, images):  # no page is empty
         assert (img.min(axis=2) < 235).mean() > 0.02
+
+
+def test_a_missing_browser_skips_naming_make_browser():
+    with pytest.raises(pytest.skip.Exception, match=r"no-such-browser is not installed: run `make browser`"):
+        _browser("no-such-browser")

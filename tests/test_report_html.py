@@ -409,3 +409,21 @@ def test_quality_warnings_said_by_the_analysis_are_not_repeated():
     old = _with(leakage={"method": "none"}, warnings=["an analysis warning"])
     assert all_warnings(old) == ["an analysis warning", quality_warnings(old)[0]]
     assert all_warnings({**old, "warnings": all_warnings(old)}) == all_warnings(old)
+
+
+def test_first_screen_shows_failed_gates_and_the_mixed_flag(folder, tmp_path):
+    """A lesion that is not assessable shows the gates that failed and its own next step; a mixed one
+    says so (report.json as an analysis with those outcomes writes it)."""
+    copy = tmp_path / "out"
+    shutil.copytree(folder, copy)
+    rep = json.loads((copy / "report.json").read_text())
+    gated, mixed = rep["rois"][0], rep["rois"][1]
+    gated.update(verdict="not_assessable", gates_failed=["too few valid voxels (12 < 20)"],
+                 next_step="Redraw the ROI on the enhancing lesion.")
+    mixed.update(verdict="indeterminate", mixed=True)
+    (copy / "report.json").write_text(json.dumps(rep))
+    first = _first_screen(report_html.build_html(copy))
+    assert "Gates failed: too few valid voxels (12 &lt; 20)" in first
+    assert "<b>Next step:</b> Redraw the ROI on the enhancing lesion." in first
+    assert first.count("mixed lesion: <b>yes</b>") == 1
+    assert report_html.VERDICT_COLOUR["not_assessable"] in first and report_html.VERDICT_COLOUR["indeterminate"] in first
