@@ -30,16 +30,13 @@ from perfusion.io import (
     read_json_object,
     stem,
 )
-from perfusion.report.quality import (  # noqa: F401 - check_acquisition, num and the bars: used by tests and compare
-    AIF_SCORE_OK,
-    FIELD_TOL_T,
-    FLIP_TOL_DEG,
-    MIN_BASELINE_FRAMES,
-    UNUSABLE_WARN,
+from perfusion.report.quality import (  # check_acquisition and num: also imported from here (tests, compare)
     all_warnings,
     analysis_rows,
     check_acquisition,
+    fmt,
     num,
+    pct,
 )
 from perfusion.units import MAP_UNITS
 from perfusion.verdicts import VERDICT_HEADING
@@ -553,7 +550,6 @@ body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color
 .verdict{border:2px solid #888;border-radius:6px;padding:.6em 1em;margin:.8em 0}
 .verdict h3{margin:.1em 0 .4em 0}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-.absolute{border:3px solid #e65100;background:#fff8e1;padding:.5em 1em;font-weight:bold;font-size:1.1em}
 .ok{color:#1b5e20;font-weight:bold}.warning{color:#b71c1c;font-weight:bold}
 img{max-width:100%}.small{font-size:.85em;color:#555}
 """
@@ -599,14 +595,8 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _f(x: Any, fmt: str = ".2f") -> str:
-    v = num(x)
-    return "n/a" if v is None else format(v, fmt)
-
-
-def _pct(x: Any, *, signed: bool = False) -> str:
-    v = num(x)
-    return "n/a" if v is None else (f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %")
+_f = fmt  # a number or "n/a" (quality.fmt)
+_pct = pct  # a fraction as a percentage or "n/a" (quality.pct)
 
 
 def _ci(r: dict, key: str = "rcbv", pct: bool = False) -> str:
