@@ -4,6 +4,12 @@ The page reads only what ``analyze`` wrote (report.json, curves.tsv, the maps an
 copies). Figures are PNGs from matplotlib (Agg backend) embedded as
 base64 data URIs: no external links, scripts or fonts. Everything taken from a file (names, paths,
 reasons, header strings) is HTML-escaped. No numerics beyond what a figure needs (slices, histograms).
+
+Layout (issue 21): the first screen holds what a reader needs to act (the case's label and scan date,
+the quality warnings of report/quality.py, and per lesion its rCBV slice, verdict, interval and next
+step); the details, the figures and the quality tables follow. Printed on A4 the first screen is a page
+of its own and figures are never cut (REPORT_CSS); tests/test_browser.py renders the page in Chromium
+and Firefox and prints it.
 """
 
 from __future__ import annotations
