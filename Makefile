@@ -15,6 +15,7 @@ help:
 	@echo "make lint    ruff and mypy on the package (settings in pyproject.toml)"
 	@echo "make test-nojit  the numba kernels' tests with the JIT off (plain Python, for coverage tools; ~1 min)"
 	@echo "make install create .venv with the package and its test tools, and compile the numerical kernels"
+	@echo "make browser  install Chromium, Firefox ESR and pdftoppm (apt-get) for the report's browser tests; optional"
 	@echo "make bench   issue 20's speed targets in one table: perfusion vs plain numpy and osipy, cold start, memory"
 	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
 
@@ -42,7 +43,7 @@ demo: install
 # two workers, each test file on one of them (module fixtures are built once): 5.4 min instead of 7.9 on
 # this 2-core machine; PYTEST_ARGS= runs it serially
 PYTEST_ARGS ?= -n 2 --dist loadfile
-test: install browser lint
+test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The quick subset while working (about 35 s warm on 2 cores, 280 tests): every numba kernel against its
@@ -101,9 +102,12 @@ fuzz: $(FUZZ_STAMP)
 	@$(BIN)/python fuzz/run.py $(FUZZ_FLAGS) fuzz/work/corpus fuzz/corpus fuzz/regressions 2>&1 | tee fuzz/work/last-run.log
 	@$(BIN)/python fuzz/summary.py fuzz/work/last-run.log
 
-# Debian's chromium for the report's browser test; a no-op when present, a message when not installable
+# The report's browser tests (tests/test_browser.py) need Chromium and Firefox (and pdftoppm for the printed
+# pages): Debian's packages, installed here with apt-get; a no-op when present, a message when not
+# installable. Optional and visible: `make test` does not run it (those tests then skip, naming this
+# step); CI runs it first (.ci/run).
 browser:
-	@./tests/ensure-chromium.sh
+	@./tests/ensure-browsers.sh
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,7 @@ from perfusion.quantify.roi import (
     PSEUDOPROGRESSION_WEEKS,
     THRESHOLD_SOURCE,
 )
+from perfusion.report.quality import all_warnings
 from perfusion.verdicts import VERDICT_LABEL  # noqa: F401 - re-exported: the words of each verdict
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None
 
     roi_files = roi_files if roi_files is not None else roi_mask_files(inputs.rois, prefix)
 
-    return redact({
+    report = {
         "software": {"name": "perfusion", "version": __version__},
         "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
@@ -90,7 +91,9 @@ def build_report(result: Result, inputs: Inputs, *, files: dict[str, str] | None
         "seconds": result.seconds,
         "n_voxels_analysed": result.n_voxels,
         "timings_s": dict(result.timings),
-    })
+    }
+    # the quality panel's warnings too (report/quality.py): report.html, the terminal and this list agree
+    return redact({**report, "warnings": all_warnings(report)})
 
 
 def input_paths(inputs: Inputs) -> dict[str, Path]:

@@ -4,6 +4,12 @@ The page reads only what ``analyze`` wrote (report.json, curves.tsv, the maps an
 copies). Figures are PNGs from matplotlib (Agg backend) embedded as
 base64 data URIs: no external links, scripts or fonts. Everything taken from a file (names, paths,
 reasons, header strings) is HTML-escaped. No numerics beyond what a figure needs (slices, histograms).
+
+Layout (issue 21): the first screen holds what a reader needs to act (the case's label and scan date,
+the quality warnings of report/quality.py, and per lesion its rCBV slice, verdict, interval and next
+step); the details, the figures and the quality tables follow. Printed on A4 the first screen is a page
+of its own and figures are never cut (REPORT_CSS); tests/test_browser.py renders the page in Chromium
+and Firefox and prints it.
 """
 
 from __future__ import annotations
@@ -30,7 +36,14 @@ from perfusion.io import (
     read_json_object,
     stem,
 )
-from perfusion.quantify.aif import NOT_QUANTITATIVE, QUALITY_OK, RELATIVE_VALID
+from perfusion.report.quality import (  # check_acquisition and num: also imported from here (tests, compare)
+    all_warnings,
+    analysis_rows,
+    check_acquisition,
+    fmt,
+    num,
+    pct,
+)
 from perfusion.units import MAP_UNITS
 from perfusion.verdicts import VERDICT_HEADING
 
@@ -57,25 +70,6 @@ K2_PERCENTILE = 99.0
 #: the 1.0 / 1.75 thresholds to a bin.
 HIST_RANGE = (0.0, 5.0)
 HIST_BINS = 50
-
-#: AIF quality score (0-1, report.json aif.quality_score) at or above this is ok (aif.QUALITY_OK, the bar
-#: of the verdict's reasons too); a curve whose absolute values cannot be trusted is capped below it.
-AIF_SCORE_OK = QUALITY_OK
-
-#: A field strength counts as 1.5 T or 3 T within this (T): headers write 1.494 or 2.89 for these systems.
-FIELD_TOL_T = 0.2
-
-#: A flip angle counts as the consensus's 60 or 30 degrees within this (deg): vendors round protocols
-#: to a few degrees; further away the T1 / T2* weighting changes noticeably.
-FLIP_TOL_DEG = 5.0
-
-#: Pre-bolus frames at or above this count as "a baseline of tens of frames" (Boxerman 2020).
-MIN_BASELINE_FRAMES = 20
-
-#: Brain voxels with unusable fits (NaN in CBV, CBF or MTT; with the model also fits at a bound, with a
-#: residual far above oSVD's or failed: report.json "fit") above this fraction get a warning: a few
-#: per cent fail at the brain edge and in CSF on good data (0.6 % on sample_data/sub-demo).
-UNUSABLE_WARN = 0.05
 
 #: Figure resolution (dots per inch): sharp on screen, a page of a few MB for 6 slices.
 DPI = 90
@@ -177,90 +171,6 @@ def unusable_fraction(brain: np.ndarray, maps: list[np.ndarray]) -> float:
     return float(np.count_nonzero(bad & b) / np.count_nonzero(b))
 
 
-def check_acquisition(report: dict) -> list[dict[str, str]]:
-    """Acquisition parameters against the Boxerman 2020 consensus (Neuro-Oncology 22:1262) for DSC of
-    high-grade glioma. Rows: name, value, expected, status ('ok' or 'warning'), note."""
-    acq = report.get("acquisition", {})
-    base = report.get("baseline", {})
-    rows: list[dict[str, str]] = []
-
-    def row(name, value, expected, ok, note=""):
-        rows.append({"name": name, "value": value, "expected": expected,
-                     "status": "ok" if ok else "warning", "note": note})
-
-    field = num(acq.get("field_strength_t"))
-    is15 = field is not None and abs(field - 1.5) <= FIELD_TOL_T
-    is3 = field is not None and abs(field - 3.0) <= FIELD_TOL_T
-    row("Field strength", "not recorded" if field is None else f"{field:g} T", "1.5 T or 3 T", is15 or is3,
-        "" if (is15 or is3) else "the consensus TE is defined for 1.5 T and 3 T only")
-
-    rows.extend(_echo_rows(acq, is15=is15, is3=is3))
-
-    tr = num(acq.get("tr"))
-    row("TR (temporal resolution)", "not recorded" if tr is None else f"{tr:g} s", "about 1-1.5 s",
-        tr is not None and 1.0 - 1e-6 <= tr <= 1.5 + 1e-6)
-
-    flip = num(acq.get("flip_angle_deg"))
-    near60 = flip is not None and abs(flip - 60.0) <= FLIP_TOL_DEG
-    near30 = flip is not None and abs(flip - 30.0) <= FLIP_TOL_DEG
-    row("Flip angle", "not recorded" if flip is None else f"{flip:g} deg",
-        "60 deg with preload, 30 deg without", near60 or near30,
-        "60 deg assumes a preload dose, 30 deg none; the preload is not recorded" if (near60 or near30) else "")
-
-    n = num(acq.get("n_frames"))
-    dur = n * tr if (n is not None and tr is not None) else None
-    row("Frames", "not recorded" if n is None else f"{n:.0f}" + (f" ({dur:.0f} s)" if dur is not None else ""),
-        "baseline, first pass and recirculation", n is not None and base.get("bolus_arrival_frame") is not None
-        and n - base["bolus_arrival_frame"] >= MIN_BASELINE_FRAMES,
-        "at least as many frames after the bolus arrival as the baseline minimum, for the tail and leakage fit")
-
-    arrival = base.get("bolus_arrival_frame")
-    used = (base["stop_frame"] - base["start_frame"]) if {"start_frame", "stop_frame"} <= base.keys() else None
-    row("Baseline frames", "not recorded" if arrival is None else
-        f"{arrival} before the bolus" + (f" ({used} used)" if used is not None else ""),
-        f"tens of frames (at least {MIN_BASELINE_FRAMES})", arrival is not None and arrival >= MIN_BASELINE_FRAMES)
-    return rows
-
-
-def _echo_rows(acq: dict, *, is15: bool, is3: bool) -> list[dict[str, str]]:
-    """check_acquisition's rows for the echoes and TE (a multi-echo run: the consensus TE is the long echo's)."""
-    rows: list[dict[str, str]] = []
-
-    def row(name, value, expected, ok, note=""):
-        rows.append({"name": name, "value": value, "expected": expected,
-                     "status": "ok" if ok else "warning", "note": note})
-
-    te = num(acq.get("te"))
-    echoes = acq.get("echoes") or []
-    if echoes:  # multi-echo: te is the effective TE
-        tes = [num(e.get("te_s")) for e in echoes]
-        kind = "dual echo" if len(echoes) == 2 else f"{len(echoes)} echoes"
-        row("Echoes", f"{kind} (TE {', '.join('?' if t is None else f'{t * 1000:.3g}' for t in tes)} ms)",
-            "single or multi echo", True, "delta R2* from the echoes is free of T1 leakage effects "
-            "(Vonken 1999); the leakage correction still runs for T2* effects")
-        te = tes[-1]
-    if te is None:
-        row("TE", "not recorded", "40-50 ms (1.5 T), 20-35 ms (3 T)", False)
-        return rows
-    te_ms = te * 1000.0
-    if is15:
-        row("TE", f"{te_ms:.0f} ms", "40-50 ms at 1.5 T", 40.0 - 1e-6 <= te_ms <= 50.0 + 1e-6)
-    elif is3:
-        row("TE", f"{te_ms:.0f} ms", "20-35 ms at 3 T", 20.0 - 1e-6 <= te_ms <= 35.0 + 1e-6)
-    else:
-        row("TE", f"{te_ms:.0f} ms", "40-50 ms (1.5 T), 20-35 ms (3 T)", False, "field strength unknown")
-    return rows
-
-
-def num(v) -> float | None:
-    """``v`` as a finite float, or None (missing, not a number, NaN or infinite: shown as n/a)."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if np.isfinite(f) else None
-
-
 # -------------------------------------------------------------------------------------- figures
 
 
@@ -340,54 +250,177 @@ def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
     return int(np.ceil(n / cols)), cols
 
 
-def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.ndarray],
-                     reference: np.ndarray | None, slices: list[int], *, affine: np.ndarray,
-                     background_affine: np.ndarray | None = None) -> bytes:
-    """rCBV (0-5, ratio) over ``background`` on ``slices`` (stored slice indices), with ROI and reference
-    contours, in radiological convention (io.display_grid of ``affine``, the maps' voxel-to-world
-    affine) with orientation letters and each slice's position (mm) as its title. The background may
-    have a finer in-plane grid over the same slices (a registered T1, ``anat.nii.gz``, on
-    ``background_affine``): every layer is drawn in the rCBV map's display voxel coordinates."""
-    from matplotlib import colormaps
-    from matplotlib.lines import Line2D
+#: ROI outlines: a light line over a black one of this width (points) so the outline reads on every
+#: colour of the jet scale and on the grey background; the light colours are not in jet (white, magenta,
+#: pale pink, pale green), and every outline carries its ROI's name on the image.
+OUTLINE_HALO_PT = 3.0
+OUTLINE_PT = 1.4
+ROI_OUTLINE_COLOURS = ("white", "#ff3df5", "#ffc0cb", "#b9f6ca")
+#: The reference tissue's outline: black under a dashed light grey line.
+REFERENCE_OUTLINE_COLOUR = "#e0e0e0"
+REFERENCE_HALO_PT = 1.8
+REFERENCE_PT = 0.9
+#: The automatic reference is scattered voxels: closed (this many voxels in-plane) and filled, then
+#: outlined, so it shows as a region, not as specks; parts smaller than REFERENCE_MIN_PART voxels after
+#: closing are left out of the outline (they are inside the mask all the same).
+REFERENCE_CLOSING = 4
+REFERENCE_MIN_PART = 6
+#: The ROI names on the image: font size (pt).
+LABEL_FONTSIZE = 8
 
+
+def reference_outline(ref2d: np.ndarray) -> np.ndarray:
+    """The region a 2-D reference mask (x, y, or as_image's (y, x)) covers, to be outlined: closed by
+    REFERENCE_CLOSING voxels, holes filled, parts below REFERENCE_MIN_PART voxels dropped (bool, same
+    shape). Holds every voxel of the mask that lies in a kept part."""
+    from scipy import ndimage
+
+    m = np.asarray(ref2d) != 0
+    if not m.any():
+        return m
+    pad = REFERENCE_CLOSING + 1  # closing near the edge would otherwise lose the border
+    padded = np.pad(m, pad)
+    closed = ndimage.binary_closing(padded, structure=np.ones((3, 3), bool), iterations=REFERENCE_CLOSING)
+    closed = ndimage.binary_fill_holes(closed | padded)[pad:-pad, pad:-pad]
+    labels, n = ndimage.label(closed)
+    sizes = ndimage.sum(closed, labels, index=np.arange(1, n + 1))
+    return np.isin(labels, 1 + np.flatnonzero(sizes >= REFERENCE_MIN_PART))
+
+
+def largest_slice(mask: np.ndarray) -> int:
+    """The stored slice index (last axis of an (x, y, z) mask) with the most voxels (the first of ties)."""
+    m = np.asarray(mask) != 0
+    return int(np.argmax(m.reshape(-1, m.shape[-1]).sum(axis=0)))
+
+
+def roi_label_position(img: np.ndarray) -> tuple[float, float, str, str]:
+    """Where an ROI's name goes on an image panel (``img``: the ROI as as_image shows it, rows = display
+    y up): above the ROI, or below it when it touches the panel's top; centred on it, or aligned with its
+    inner edge when it lies in the panel's outer third (the name then stays inside the panel).
+    (x, y, horizontal alignment, vertical alignment)."""
+    ys, xs = np.nonzero(img)
+    width = img.shape[1]
+    x, ha = float(xs.min() + xs.max()) / 2.0, "center"
+    if x > 2 * width / 3:
+        x, ha = float(xs.max()), "right"
+    elif x < width / 3:
+        x, ha = float(xs.min()), "left"
+    if ys.max() + 2 + 0.12 * img.shape[0] < img.shape[0]:
+        return x, float(ys.max()) + 1.5, ha, "bottom"
+    return x, float(ys.min()) - 1.5, ha, "top"
+
+
+def _draw_outlines(ax, rois: dict[str, np.ndarray], reference: np.ndarray | None, z: int, *,
+                   labels: bool = True) -> None:
+    """The ROIs of display slice ``z`` as double outlines (ROI_OUTLINE_COLOURS over black) named on the
+    image, and the reference's region (reference_outline) dashed."""
+    from matplotlib import patheffects
+
+    halo = [patheffects.withStroke(linewidth=2.2, foreground="black")]
+    for i, (name, m) in enumerate(rois.items()):
+        img = as_image(m[:, :, z].astype(float))
+        if not img.any():
+            continue
+        colour = ROI_OUTLINE_COLOURS[i % len(ROI_OUTLINE_COLOURS)]
+        ax.contour(img, levels=[0.5], colors=["black"], linewidths=OUTLINE_HALO_PT, origin="lower")
+        ax.contour(img, levels=[0.5], colors=[colour], linewidths=OUTLINE_PT, origin="lower")
+        if labels:
+            x, y, ha, va = roi_label_position(img)
+            ax.text(x, y, name, ha=ha, va=va, color=colour, fontsize=LABEL_FONTSIZE, fontweight="bold",
+                    path_effects=halo, clip_on=True)
+    if reference is not None and reference[:, :, z].any():
+        region = as_image(reference_outline(reference[:, :, z]).astype(float))
+        if region.any():
+            ax.contour(region, levels=[0.5], colors=["black"], linewidths=REFERENCE_HALO_PT, origin="lower")
+            ax.contour(region, levels=[0.5], colors=[REFERENCE_OUTLINE_COLOUR], linewidths=REFERENCE_PT,
+                       linestyles=[(0, (3, 2))], origin="lower")
+
+
+def _overlay_layers(rcbv, background, rois, reference, *, affine, background_affine):
+    """The layers of an rCBV overlay in display orientation: (grid, rcbv, background, rois, reference,
+    the background's display maximum)."""
     grid = display_grid(affine, rcbv.shape)
     bg_affine = affine if background_affine is None else background_affine
     background = display_grid(bg_affine, background.shape).apply(background)
-    rcbv = grid.apply(rcbv)
-    rois = {name: grid.apply(m) for name, m in rois.items()}
-    reference = grid.apply(reference) if reference is not None else None
-    slices = display_slices(grid, slices)
-    lo, hi, unit = SCALES["rcbv"]
-    nr, nc = _grid(len(slices), max_cols=4)
-    fig, axes = figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
-    colours = colormaps["tab10"]
-    im = None
-    bg_hi = float(np.percentile(background[np.isfinite(background)], 99.5)) if np.isfinite(background).any() else 1.0
-    for ax in axes.ravel():
-        ax.axis("off")
+    finite = np.isfinite(background)
+    bg_hi = float(np.percentile(background[finite], 99.5)) if finite.any() else 1.0
+    return (grid, grid.apply(rcbv), background, {name: grid.apply(m) for name, m in rois.items()},
+            grid.apply(reference) if reference is not None else None, bg_hi)
+
+
+def _overlay_panel(ax, grid, rcbv, background, bg_hi, z):
+    """One display slice ``z``: background in grey, rCBV (0-5) in jet at alpha 0.6; the rCBV image."""
+    lo, hi, _ = SCALES["rcbv"]
     extent = (-0.5, rcbv.shape[0] - 0.5, -0.5, rcbv.shape[1] - 0.5)
-    for ax, z in zip(axes.ravel(), slices, strict=False):  # the grid may hold more axes
-        ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
-        im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
-                       origin="lower", extent=extent)
-        for i, m in enumerate(rois.values()):
-            if m[:, :, z].any():
-                ax.contour(as_image(m[:, :, z].astype(float)), levels=[0.5], colors=[colours(i % 10)], linewidths=1.2,
-                           origin="lower")
-        if reference is not None and reference[:, :, z].any():
-            ax.contour(as_image(reference[:, :, z].astype(float)), levels=[0.5], colors=["white"], linewidths=0.6,
-                       linestyles="dashed", origin="lower")
-        ax.set_title(grid.position_label(z), fontsize=9)
-        draw_marks(ax, grid)
-    if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({unit})")
-    handles = [Line2D([], [], color=colours(i % 10), label=name) for i, name in enumerate(rois)]
+    ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
+    im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
+                   origin="lower", extent=extent)
+    ax.set_title(grid.position_label(z), fontsize=9)
+    draw_marks(ax, grid)
+    return im
+
+
+def _outline_legend(fig, rois, reference) -> None:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=ROI_OUTLINE_COLOURS[i % len(ROI_OUTLINE_COLOURS)], linewidth=OUTLINE_PT,
+                      path_effects=_line_halo(), label=name) for i, name in enumerate(rois)]
     if reference is not None:
-        handles.append(Line2D([], [], color="gray", linestyle="dashed", label="reference"))
+        handles.append(Line2D([], [], color=REFERENCE_OUTLINE_COLOUR, linestyle="dashed", path_effects=_line_halo(),
+                              label="reference tissue"))
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False,
                    bbox_to_anchor=(0.5, -0.02 - 0.03 * ((len(handles) - 1) // 4)))
+
+
+def _line_halo():
+    from matplotlib import patheffects
+
+    return [patheffects.Stroke(linewidth=OUTLINE_HALO_PT, foreground="black"), patheffects.Normal()]
+
+
+def fig_rcbv_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.ndarray],
+                     reference: np.ndarray | None, slices: list[int], *, affine: np.ndarray,
+                     background_affine: np.ndarray | None = None) -> bytes:
+    """rCBV (0-5, ratio) over ``background`` on ``slices`` (stored slice indices), with ROI outlines
+    named on the image and the reference's outline, in radiological convention (io.display_grid of
+    ``affine``, the maps' voxel-to-world affine) with orientation letters and each slice's position
+    (mm) as its title. The background may have a finer in-plane grid over the same slices (a registered
+    T1, ``anat.nii.gz``, on ``background_affine``): every layer is drawn in the rCBV map's display voxel
+    coordinates."""
+    grid, rcbv, background, rois, reference, bg_hi = _overlay_layers(
+        rcbv, background, rois, reference, affine=affine, background_affine=background_affine)
+    slices = display_slices(grid, slices)
+    nr, nc = _grid(len(slices), max_cols=4)
+    fig, axes = figure(nr, nc, figsize=(3.2 * nc + 1.0, 3.2 * nr), images=True)
+    im = None
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, z in zip(axes.ravel(), slices, strict=False):  # the grid may hold more axes
+        im = _overlay_panel(ax, grid, rcbv, background, bg_hi, z)
+        _draw_outlines(ax, rois, reference, z)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=f"rCBV ({SCALES['rcbv'][2]})")
+    _outline_legend(fig, rois, reference)
+    return png_bytes(fig)
+
+
+def fig_lesion_slice(rcbv: np.ndarray, background: np.ndarray, name: str, mask: np.ndarray,
+                     reference: np.ndarray | None, *, affine: np.ndarray,
+                     background_affine: np.ndarray | None = None) -> bytes:
+    """The first screen's picture of one lesion: rCBV (0-5, ratio) over ``background`` on the slice
+    through the lesion's largest area (``largest_slice``), the lesion outlined and named on the image,
+    the reference's outline where it crosses the slice, an rCBV colour bar; radiological convention and
+    orientation letters as fig_rcbv_overlay."""
+    z_stored = largest_slice(mask)
+    grid, rcbv, background, rois, reference, bg_hi = _overlay_layers(
+        rcbv, background, {name: mask}, reference, affine=affine, background_affine=background_affine)
+    z = grid.display_slice(z_stored)
+    fig, axes = figure(1, 1, figsize=(3.6, 3.1), images=True)
+    ax = axes[0, 0]
+    im = _overlay_panel(ax, grid, rcbv, background, bg_hi, z)
+    _draw_outlines(ax, rois, reference, z)
+    fig.colorbar(im, ax=ax, shrink=0.85, label=f"rCBV ({SCALES['rcbv'][2]})")
     return png_bytes(fig)
 
 
@@ -415,10 +448,11 @@ MONTAGE_GAP = 2
 
 
 def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float, vmax: float,
-                cmap: str = "viridis") -> bytes:
+                cmap: Any = "viridis", ticks: dict[float, str] | None = None) -> bytes:
     """All slices of a 3-D map on a fixed scale [vmin, vmax] with a colourbar labelled ``label``, in
     radiological convention (io.display_grid of ``affine``, voxel to world), with orientation letters
-    and each slice's position (mm) above it.
+    and each slice's position (mm) above it. ``cmap``: a matplotlib colour map or its name; ``ticks``:
+    the colourbar's tick values and their labels (a discrete map's legend), else matplotlib's.
 
     The slices are tiled into one image (``montage_tiles``) drawn on one axes: a panel per slice cost
     an axes each, and laying out and drawing 24 axes took most of report.html's time."""
@@ -429,7 +463,7 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
     tiles, origins = montage_tiles(data, _grid(data.shape[2])[1], band=band, gap=MONTAGE_GAP)
     scale = MONTAGE_PANEL_PX / DPI / max(w_px, h_px)  # inches per voxel
     img_w, img_h = tiles.shape[1] * scale, tiles.shape[0] * scale
-    fig_w = img_w + 1.1  # the colourbar, its ticks and its label on the right
+    fig_w = img_w + (1.6 if ticks else 1.1)  # the colourbar, its ticks (named: wider) and its label on the right
     fig, _ = figure(figsize=(fig_w, img_h), axes=False)
     ax = fig.add_axes((0.0, 0.0, img_w / fig_w, 1.0), xticks=[], yticks=[], frame_on=False)
     im = ax.imshow(np.ma.masked_invalid(tiles), cmap=cmap, vmin=vmin, vmax=vmax, origin="upper",
@@ -438,7 +472,9 @@ def fig_montage(data: np.ndarray, *, affine: np.ndarray, label: str, vmin: float
         ax.text(col0 + w_px / 2, row0 - band / 2, grid.position_label(z), ha="center", va="center", fontsize=7)
         draw_marks(ax, grid, fontsize=MARK_FONTSIZE - 1, box=(row0, col0, w_px, h_px))
     cax = fig.add_axes((img_w / fig_w + 0.15 / fig_w, 0.1, 0.18 / fig_w, 0.8))
-    fig.colorbar(im, cax=cax, label=label)
+    bar = fig.colorbar(im, cax=cax, label=label)
+    if ticks:
+        bar.set_ticks(list(ticks), labels=list(ticks.values()), fontsize=7)
     return png_bytes(fig, tight=False)
 
 
@@ -520,9 +556,43 @@ body{font-family:sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color
 .verdict{border:2px solid #888;border-radius:6px;padding:.6em 1em;margin:.8em 0}
 .verdict h3{margin:.1em 0 .4em 0}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-.absolute{border:3px solid #e65100;background:#fff8e1;padding:.5em 1em;font-weight:bold;font-size:1.1em}
 .ok{color:#1b5e20;font-weight:bold}.warning{color:#b71c1c;font-weight:bold}
 img{max-width:100%}.small{font-size:.85em;color:#555}
+"""
+
+#: report.html's own layout, after the CSS it shares with compare.html: the first screen (case line,
+#: warnings, one card per lesion) and the figure grids. The print rules (A4) put the first screen on a
+#: page of its own, lay the maps out two and the curves three abreast, and keep figures, cards and table
+#: rows whole; colours print as shown.
+REPORT_CSS = """
+h1{margin:.2em 0 .1em 0;font-size:1.6em}h2{margin:.8em 0 .3em 0}
+.case{font-size:1.15em;margin:.2em 0 .5em 0}.case b{font-size:1.1em}
+.first .disclaimer{font-size:.95em;padding:.35em .8em}
+.warnbox{border:3px solid #e65100;background:#fff8e1;padding:.3em 1em;margin:.6em 0}
+.warnbox ul{margin:.2em 0;padding-left:1.3em}.warnbox li{margin:.15em 0}
+.okbox{border:2px solid #1b5e20;background:#f1f8e9;padding:.3em 1em;margin:.6em 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:.8em}
+.cards .verdict{display:flex;gap:.8em;align-items:flex-start;margin:0}
+.cards .pic{flex:0 0 260px}.cards .pic img{width:260px}.cards .txt{flex:1 1 auto;min-width:0}
+.cards p{margin:.3em 0}.cards ul{margin:.2em 0;padding-left:1.2em}.next{font-size:1.05em}
+.gate{color:#455a64;font-weight:bold}
+.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(340px,1fr));gap:.4em .8em}
+.maps{display:grid;grid-template-columns:1fr;gap:.2em}
+.fig h4{margin:.4em 0 .1em 0}
+table.details td,table.details th{font-size:.9em;padding:.2em .45em}
+@page{size:A4;margin:10mm}
+@media print{
+ *{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+ body{max-width:none;margin:0;padding:0;font-size:8.5pt}
+ .first{break-after:page;page-break-after:always}
+ .cards{grid-template-columns:1fr;gap:.5em}.cards .pic{flex-basis:62mm}.cards .pic img{width:62mm}
+ .maps{grid-template-columns:1fr 1fr;gap:0 4mm}.figs{grid-template-columns:1fr 1fr 1fr 1fr;gap:0 2mm}
+ h2,h3,h4{break-after:avoid;page-break-after:avoid}
+ tr,img,.fig,.verdict,.warnbox{break-inside:avoid;page-break-inside:avoid}
+ td,th{padding:.1em .35em}
+ .overlay img{max-height:62mm}.tail{font-size:7.5pt;padding:.15em .6em;border-width:1px;margin:.2em 0}
+ .about h2{font-size:10pt;margin:.3em 0 0 0}.quality table,.details{font-size:7.5pt}p.small{margin:.2em 0}
+}
 """
 
 
@@ -531,19 +601,8 @@ def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _f(x: Any, fmt: str = ".2f") -> str:
-    v = num(x)
-    return "n/a" if v is None else format(v, fmt)
-
-
-def _pct(x: Any, *, signed: bool = False) -> str:
-    v = num(x)
-    return "n/a" if v is None else (f"{100 * v:+.0f} %" if signed else f"{100 * v:.0f} %")
-
-
-def _n_warnings(r: dict) -> int:
-    """Reasons beyond the rCBV rule's own statement (leakage, timing, AIF, voxels left out)."""
-    return sum(1 for x in r.get("reasons", []) if not str(x).startswith("median rCBV"))
+_f = fmt  # a number or "n/a" (quality.fmt)
+_pct = pct  # a fraction as a percentage or "n/a" (quality.pct)
 
 
 def _ci(r: dict, key: str = "rcbv", pct: bool = False) -> str:
@@ -554,65 +613,69 @@ def _ci(r: dict, key: str = "rcbv", pct: bool = False) -> str:
     return f"[{_pct(lo)}, {_pct(hi)}]" if pct else f"[{_f(lo)}, {_f(hi)}]"
 
 
-def _leakage_table(r: dict) -> str:
-    """rCBV (median) and its verdict band under each leakage correction."""
-    by = r.get("rcbv_by_leakage") or {}
-    if not by:
-        return ""
-    pooled = set(r.get("ci_methods") or [])
-    rows = "".join(f'<tr><td>{esc(m)}{" *" if m in pooled else ""}</td><td>{_f(v.get("rcbv_median"))}</td>'
-                   f'<td>{esc(VERDICT_WORDS.get(v.get("verdict"), v.get("verdict", "?")))}</td></tr>'
-                   for m, v in by.items())
-    return ('<table class="small"><tr><th>leakage correction</th><th>median rCBV</th><th>band</th></tr>' + rows
-            + "</table><p class=\"small\">* pooled into the 95 % interval</p>")
-
-
-def _summary_table(rois: list[dict]) -> str:
-    """One line per ROI above the detailed boxes: what a reader needs at a glance."""
+def _details_table(rois: list[dict], thresholds: dict, standardized: dict | None) -> str:
+    """One line per ROI with every figure behind its verdict (the first screen holds the verdict, its
+    interval and the next step): what a reader checks after the first screen."""
+    low, high = _f(thresholds.get("rcbv_low"), "g"), _f(thresholds.get("rcbv_high"), "g")
+    std = (standardized or {}).get("rois") or {}
     rows = "".join(
-        f'<tr><td>{esc(r.get("name", "?"))}</td>'
-        f'<td style="color:{VERDICT_COLOUR.get(r.get("verdict", ""), "#555")}"><b>'
-        f'{esc(VERDICT_WORDS.get(r.get("verdict", ""), r.get("verdict", "?")))}</b></td>'
-        f'<td>{_f(r.get("rcbv_median"))}</td><td>{_ci(r)}</td>'
-        f'<td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / '
-        f'{_pct(r.get("ftb_high"))}</td><td>{"yes" if r.get("mixed") else "no"}</td><td>{_f(r.get("volume_ml"))}</td>'
-        f'<td>{_n_warnings(r)}</td></tr>'
+        f'<tr><td>{esc(r.get("name", "?"))}</td><td>{_f(r.get("rcbv_median"))} {_ci(r)}</td>'
+        f'<td>{_f(r.get("rcbv_mean"))}</td><td>{_f(r.get("rcbv_p90"))} {_ci(r, "rcbv_p90_ci")}</td>'
+        f'<td>{_pct(r.get("ftb_low"))} / {_pct(r.get("ftb_mid"))} / {_pct(r.get("ftb_high"))}<br>'
+        f'<span class="small">high {_ci(r, "ftb_high_ci", True)}</span></td>'
+        f'<td>{"yes" if r.get("mixed") else "no"}</td>'
+        f'<td>{esc(r.get("n_valid", "?"))} / {esc(r.get("n_voxels", "?"))}, {_f(r.get("volume_ml"))} mL</td>'
+        f'<td>{_f(r.get("psr_percent"), ".0f")} %</td><td>{_f(r.get("relative_peak_height"))}</td>'
+        f'<td>{_pct(r.get("leakage_cbv_change"), signed=True)}</td>'
+        f'<td>{_f(std.get(str(r.get("name"))), ".0f")}</td></tr>'
         for r in rois)
-    return ('<table class="summary"><tr><th>ROI</th><th>verdict</th><th>median rCBV</th><th>95 % interval</th>'
-            "<th>FTB low / mid / high</th><th>mixed</th><th>volume (mL)</th><th>warnings</th></tr>" + rows + "</table>")
+    return ('<table class="details"><tr><th>ROI</th><th>median rCBV [95 %]</th><th>mean</th>'
+            "<th>90th percentile [95 %]</th>"
+            f"<th>FTB &lt; {low} / between / &gt; {high}</th><th>mixed</th><th>valid voxels, volume</th>"
+            "<th>PSR</th><th>relative peak height</th><th>leakage: CBV change</th>"
+            "<th>standardised CBV</th></tr>" + rows + "</table>"
+            '<p class="small">95 % intervals: bootstrap over lesion and reference voxels and the pooled leakage '
+            "corrections. PSR: percentage of signal recovery. Standardised CBV: Bedekar 2010, no reference tissue "
+            "(the brain's median CBV = 1000 units).</p>")
 
 
-def _standardized(r: dict, standardized: dict | None) -> str:
-    """The lesion's median standardised CBV (Bedekar 2010) with its landmarks, or nothing."""
-    value = ((standardized or {}).get("rois") or {}).get(r.get("name"))
-    if value is None:
+def _leakage_matrix(rois: list[dict]) -> str:
+    """Median rCBV of each ROI under each leakage correction (columns), * where pooled into the interval."""
+    methods: list[str] = []
+    for r in rois:
+        methods += [m for m in (r.get("rcbv_by_leakage") or {}) if m not in methods]
+    if not methods:
         return ""
-    return (f"Standardised CBV (Bedekar 2010, no reference tissue; the brain's median CBV = 1000 standardised "
-            f"units): median <b>{_f(value, '.0f')}</b>.<br>")
+    head = "".join(f"<th>{esc(m)}</th>" for m in methods)
+    body = ""
+    for r in rois:
+        by, pooled = r.get("rcbv_by_leakage") or {}, set(r.get("ci_methods") or [])
+        cells = "".join(
+            f'<td>{_f((by.get(m) or {}).get("rcbv_median"))}{" *" if m in pooled else ""}'
+            f'<br><span class="small">{esc(VERDICT_WORDS.get(str((by.get(m) or {}).get("verdict")), ""))}</span></td>'
+            for m in methods)
+        body += f'<tr><td>{esc(r.get("name", "?"))}</td>{cells}</tr>'
+    return ('<h3>Median rCBV under each leakage correction</h3><table class="details"><tr><th>ROI</th>'
+            f"{head}</tr>{body}</table><p class=\"small\">* pooled into the 95 % interval; below each value the "
+            "verdict band it falls in.</p>")
 
 
-def _verdict_box(r: dict, thresholds: dict, standardized: dict | None = None) -> str:
+def _lesion_card(r: dict, thresholds: dict, picture: str) -> str:
+    """The first screen's box of one lesion: its rCBV slice, verdict, interval, FTB, mixed flag, the
+    failed gates (not assessable), the next step and the reasons."""
     v = r.get("verdict", "indeterminate")
     colour = VERDICT_COLOUR.get(v, "#555")
+    gates = r.get("gates_failed") or []
+    gate = (f'<p class="gate">Gates failed: {esc("; ".join(str(g) for g in gates))}</p>' if gates else "")
     reasons = "".join(f"<li>{esc(x)}</li>" for x in r.get("reasons", []))
     return (
-        f'<div class="verdict" style="border-color:{colour}">'
+        f'<div class="verdict" style="border-color:{colour}"><div class="pic">{picture}</div><div class="txt">'
         f'<h3>{esc(r.get("name", "?"))}: <span style="color:{colour}">{esc(VERDICT_WORDS.get(v, v))}</span></h3>'
-        f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b>, 95 % interval <b>{_ci(r)}</b> (bootstrap over lesion and "
-        f"reference voxels and the leakage corrections {esc(', '.join(r.get('ci_methods') or []) or 'n/a')}); mean "
-        f"{_f(r.get('rcbv_mean'))}, 90th percentile {_f(r.get('rcbv_p90'))} {_ci(r, 'rcbv_p90_ci')}; "
-        f"{esc(r.get('n_valid', '?'))} of {esc(r.get('n_voxels', '?'))} voxels valid, {_f(r.get('volume_ml'))} mL.<br>"
-        f"Fractional tumour burden: {_pct(r.get('ftb_low'))} {_ci(r, 'ftb_low_ci', True)} below "
-        f"{_f(thresholds.get('rcbv_low'), 'g')}, {_pct(r.get('ftb_mid'))} {_ci(r, 'ftb_mid_ci', True)} between, "
-        f"{_pct(r.get('ftb_high'))} {_ci(r, 'ftb_high_ci', True)} above {_f(thresholds.get('rcbv_high'), 'g')}"
-        f"{'; <b>mixed lesion</b>' if r.get('mixed') else ''}.<br>{_standardized(r, standardized)}"
-        f"Percentage of signal recovery (PSR) {_f(r.get('psr_percent'), '.0f')} %; relative peak height "
-        f"{_f(r.get('relative_peak_height'))}; leakage correction changed CBV by "
-        f"{_pct(r.get('leakage_cbv_change'), signed=True)}.</p>"
-        f"<p>Reasons and warnings:</p><ul>{reasons}</ul>{_leakage_table(r)}"
-        f"<p><b>Next step:</b> {esc(r.get('next_step', ''))}</p>"
-        f'<p class="small">Rule: {esc(r.get("rule", ""))}</p></div>'
-    )
+        f"<p>Median rCBV <b>{_f(r.get('rcbv_median'))}</b>, 95 % interval <b>{_ci(r)}</b>; FTB above "
+        f"{_f(thresholds.get('rcbv_high'), 'g')}: <b>{_pct(r.get('ftb_high'))}</b> {_ci(r, 'ftb_high_ci', True)}; "
+        f"mixed lesion: <b>{'yes' if r.get('mixed') else 'no'}</b>; {_f(r.get('volume_ml'))} mL.</p>{gate}"
+        f'<p class="next"><b>Next step:</b> {esc(r.get("next_step", ""))}</p>'
+        f'<ul class="small">{reasons}</ul></div></div>')
 
 
 def _load(folder: Path, rep: dict, name: str) -> np.ndarray | None:
@@ -626,25 +689,62 @@ def _load_with_affine(folder: Path, rep: dict, name: str) -> tuple[np.ndarray | 
     return load_array_affine(p, what=name) if p.is_file() else (None, None)
 
 
+class _Case:
+    """What the page's parts read from an ``analyze`` output folder, loaded once: report.json, the
+    rCBV map and its affine, the brain, the drawable ROI masks, the background of the overlays and the
+    reference mask; ``notes`` collects why something could not be shown."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.rep = load_report(self.folder)
+        self.notes: list[str] = []
+        self.rcbv, self.affine = _load_with_affine(self.folder, self.rep, "rcbv")
+        self.brain = _load(self.folder, self.rep, "brain_mask")
+        self.masks = _roi_masks(self.folder, self.rep, self.rcbv, self.notes)
+        reference = _load(self.folder, self.rep, "reference_mask")
+        self.reference = reference != 0 if reference is not None else None
+        self.background, self.bg_name, self.bg_affine = self._background()
+
+    def _background(self):
+        """The overlays' background: the registered T1 when it fits the maps' slices, else the baseline
+        image (else the rCBV map itself); its name and affine."""
+        if self.rcbv is None:
+            return None, "", None
+        anat, anat_affine = _load_with_affine(self.folder, self.rep, "anat")
+        if anat is not None and anat.shape[2] == self.rcbv.shape[2] and anat.shape[0] % self.rcbv.shape[0] == 0:
+            return anat, "the registered anatomical image (--anat)", anat_affine
+        if anat is not None:
+            self.notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {self.rcbv.shape}; baseline used")
+        baseline = _load(self.folder, self.rep, "baseline")
+        return (baseline if baseline is not None else np.nan_to_num(self.rcbv)), "the baseline image", self.affine
+
+    def unusable(self) -> float | None:
+        """The fraction of brain voxels with a NaN in CBV, CBF or MTT, counted from the maps only for a
+        report.json of an older version (without "fit" "unusable_fraction"); else None."""
+        if "unusable_fraction" in (self.rep.get("fit") or {}) or self.brain is None:
+            return None
+        maps = [m for m in (_load(self.folder, self.rep, k) for k in ("cbv", "cbf", "mtt")) if m is not None]
+        return unusable_fraction(self.brain, maps) if maps else None
+
+
 def build_html(folder: Path) -> str:
-    """The report page of an ``analyze`` output folder as one self-contained HTML string: the header,
-    the verdicts, the figures and the quality tables, in that order."""
-    folder = Path(folder)
-    rep = load_report(folder)
-    notes: list[str] = []
-    rcbv, rcbv_affine = _load_with_affine(folder, rep, "rcbv")
-    brain = _load(folder, rep, "brain_mask")
-    masks = _roi_masks(folder, rep, rcbv, notes)
-    parts = [*_header(rep), *_verdicts(rep), "<h2>Figures</h2>",
-             *_rcbv_figure(folder, rep, rcbv, rcbv_affine, masks, notes),
-             *_montages(folder, rep, brain, notes), *_curve_figures(folder, rep, rcbv, masks, notes),
-             *_quality(folder, rep, brain)]
-    if notes:
-        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>")
-    parts.append(f'<div class="disclaimer">{esc(DISCLAIMER)}</div>')
+    """The report page of an ``analyze`` output folder as one self-contained HTML string. The first
+    screen (a page of its own in print) holds what is needed to act: the case's label and scan date, the
+    quality warnings, and per lesion its verdict, interval, next step and rCBV slice. Then the details,
+    the figures, the quality tables and where the page came from."""
+    case = _Case(folder)
+    rep = case.rep
+    warns = all_warnings(rep, unusable=case.unusable())
+    parts = ['<section class="first">', *_header(rep), *_warnings_box(warns), *_verdicts(case), "</section>",
+             *_details(rep), "<h2>Figures</h2>", *_rcbv_figure(case), *_montages(case),
+             *_curve_figures(case), *_quality(case), *_provenance(rep)]
+    if case.notes:
+        parts.append("<h3>Notes on this page</h3><ul>" + "".join(f"<li>{esc(n)}</li>" for n in case.notes) + "</ul>")
+    parts.append(f'<div class="disclaimer tail">{esc(DISCLAIMER)}</div>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<title>DSC perfusion report</title>"
-            f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+            f"<style>{CSS}{REPORT_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
 def _thresholds(rep: dict) -> tuple[float, float]:
@@ -652,39 +752,67 @@ def _thresholds(rep: dict) -> tuple[float, float]:
     return float(thr.get("rcbv_low", 1.0)), float(thr.get("rcbv_high", 1.75))
 
 
+#: What the first screen says when report.json "case" has no label or no scan date (never a name taken
+#: from the input's files: folders and files are often named after the patient).
+NO_LABEL = "unlabelled case"
+NO_SCAN_DATE = "scan date not given"
+
+
 def _header(rep: dict) -> list[str]:
-    """Title, disclaimer, the not-quantitative notice of a partial-volume AIF, versions, dates, inputs."""
-    version = rep.get("software", {}).get("version", "unknown")
-    date = rep.get("created_utc")
-    inputs = "".join(f"<li>{esc(input_file_name(k, v))}</li>" for k, v in rep.get("inputs", {}).items())
-    parts = ["<h1>DSC perfusion report</h1>", f'<div class="disclaimer">{esc(DISCLAIMER)}</div>']
-    aif_rep = rep.get("aif", {})
-    if aif_rep.get("absolute_quantification") is False:
-        reasons = "".join(f"<li>{esc(r)}</li>" for r in aif_rep.get("absolute_quantification_reasons", []))
-        parts.append(f'<div class="absolute"><p>AIF: {esc(NOT_QUANTITATIVE)}.</p><p class="small">'
-                     f"{esc(RELATIVE_VALID)}. Absolute CBV (mL/100 g), CBF (mL/100 g/min) and MTT (s) in the maps "
-                     f"are not.</p><ul class=\"small\">{reasons}</ul></div>")
-    parts.append(
-        f"<p>perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on "
-        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Analysis date: "
-        f"{esc(date) if date else 'not recorded in report.json'}.</p>"
-        f"<p>Input files:</p><ul>{inputs}</ul>"
-    )
-    return parts
+    """Title, the case's label and scan date (report.json "case", as the user gave them), the analysis
+    date, the disclaimer."""
+    case = rep.get("case") or {}
+    label, scan_date = case.get("label"), case.get("scan_date")
+    created = str(rep.get("created_utc") or "")[:10] or "not recorded"
+    return ["<h1>DSC perfusion report</h1>",
+            f'<div class="case"><b>{esc(label) if label else NO_LABEL}</b> &middot; '
+            f"{'scan date ' + esc(scan_date) if scan_date else NO_SCAN_DATE} &middot; analysed {esc(created)}</div>",
+            f'<div class="disclaimer">{esc(DISCLAIMER)}</div>']
 
 
-def _verdicts(rep: dict) -> list[str]:
-    """The verdict table and one box per ROI."""
+def _warnings_box(warns: list[str]) -> list[str]:
+    """The quality warnings (report.json "warnings" and the quality checks': quality.all_warnings), or
+    a line saying there are none."""
+    if not warns:
+        return ['<div class="okbox">No quality warning: the acquisition and the analysis pass every check in '
+                "the quality tables below.</div>"]
+    return [f'<div class="warnbox"><b>Quality warnings ({len(warns)})</b><ul>'
+            + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul></div>"]
+
+
+def _verdicts(case: _Case) -> list[str]:
+    """One card per ROI (``_lesion_card``) with its rCBV slice (``fig_lesion_slice``)."""
+    rep = case.rep
     thr = rep.get("thresholds", {})
     rois = rep.get("rois", [])
     parts = ["<h2>Verdict per ROI</h2>"]
-    if rois:
-        parts.append(_summary_table(rois))
-        parts.extend(_verdict_box(r, thr, rep.get("reference", {}).get("standardized")) for r in rois)
-        parts.append(f'<p class="small">Thresholds: {esc(thr.get("source", ""))}</p>')
-    else:
-        parts.append("<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>")
-    return parts
+    if not rois:
+        return [*parts, "<p>No ROI was given to <code>perfusion analyze</code>: maps only, no verdict.</p>"]
+    cards = []
+    for r in rois:
+        name = r.get("name", "?")
+        picture = ""
+        if case.rcbv is not None and case.affine is not None and name in case.masks and case.masks[name].any():
+            picture = img_tag(fig_lesion_slice(case.rcbv, case.background, name, case.masks[name], case.reference,
+                                               affine=case.affine, background_affine=case.bg_affine),
+                              f"rCBV slice {name}")
+        cards.append(_lesion_card(r, thr, picture))
+    return [*parts, '<div class="cards">', *cards, "</div>",
+            f'<p class="small">Each picture: rCBV (0-5, ratio to the reference median) over {case.bg_name or "-"} '
+            "on the slice through the lesion's largest area, the lesion outlined and named, the reference tissue "
+            "dashed; radiological convention (patient's right on the image's left). Thresholds: "
+            f"{esc(thr.get('source', ''))}</p>"]
+
+
+def _details(rep: dict) -> list[str]:
+    """The figures behind each verdict, the leakage corrections, the rule."""
+    rois = rep.get("rois", [])
+    if not rois:
+        return []
+    rule = rois[0].get("rule", "")
+    return ["<h2>Lesion details</h2>",
+            _details_table(rois, rep.get("thresholds", {}), rep.get("reference", {}).get("standardized")),
+            _leakage_matrix(rois), f'<p class="small">Rule: {esc(rule)}</p>']
 
 
 def _roi_masks(folder: Path, rep: dict, rcbv: np.ndarray | None, notes: list[str]) -> dict[str, np.ndarray]:
@@ -706,85 +834,124 @@ def _roi_masks(folder: Path, rep: dict, rcbv: np.ndarray | None, notes: list[str
     return masks
 
 
-def _rcbv_figure(folder: Path, rep: dict, rcbv: np.ndarray | None, rcbv_affine, masks: dict[str, np.ndarray],
-                 notes: list[str]) -> list[str]:
-    """rCBV over the registered anatomy (or the baseline image), slices holding an ROI, contours drawn."""
-    if rcbv is None:
-        notes.append("rcbv.nii.gz not found: no rCBV figure")
+def _rcbv_figure(case: _Case) -> list[str]:
+    """rCBV over the registered anatomy (or the baseline image), slices holding an ROI, outlines drawn."""
+    rcbv = case.rcbv
+    if rcbv is None or case.affine is None:  # both None together
+        case.notes.append("rcbv.nii.gz not found: no rCBV figure")
         return []
-    anat, anat_affine = _load_with_affine(folder, rep, "anat")
-    background = _load(folder, rep, "baseline")
-    reference = _load(folder, rep, "reference_mask")
-    bg_name, bg_affine = "the baseline image", rcbv_affine
-    if anat is not None and anat.shape[2] == rcbv.shape[2] and anat.shape[0] % rcbv.shape[0] == 0:
-        bg, bg_name, bg_affine = anat, "the registered anatomical image (--anat)", anat_affine
-    else:
-        if anat is not None:
-            notes.append(f"anat.nii.gz shape {anat.shape} does not fit the maps {rcbv.shape}; baseline used")
-        bg = background if background is not None else np.nan_to_num(rcbv)
-    ref = reference != 0 if reference is not None else None
     union = np.zeros(rcbv.shape, bool)
-    for m in masks.values():
+    for m in case.masks.values():
         union |= m
     slices = slices_with_roi(union) or list(range(rcbv.shape[2]))
     what = "slices holding an ROI" if union.any() else "all slices (no ROI contour available)"
-    return [f"<h3>rCBV over {bg_name} ({what})</h3>",
-            img_tag(fig_rcbv_overlay(rcbv, bg, masks, ref, slices, affine=rcbv_affine, background_affine=bg_affine),
-                    "rCBV overlay"),
-            '<p class="small">rCBV scale 0-5 (ratio to the reference median); coloured lines: ROIs; '
-            f"dashed white: reference tissue. {ORIENTATION_NOTE}</p>"]
+    return [f'<div class="fig overlay"><h3>rCBV over {case.bg_name} ({what})</h3>',
+            img_tag(fig_rcbv_overlay(rcbv, case.background, case.masks, case.reference, slices, affine=case.affine,
+                                     background_affine=case.bg_affine), "rCBV overlay"),
+            '<p class="small">rCBV scale 0-5 (ratio to the reference median); outlined and named: the ROIs; '
+            f"dashed: the reference tissue's region. {ORIENTATION_NOTE}</p></div>"]
 
 
-def _montages(folder: Path, rep: dict, brain: np.ndarray | None, notes: list[str]) -> list[str]:
-    """CBV, CBF, MTT and Tmax on fixed scales and K2 on a symmetric one, all slices."""
-    parts = ["<h3>Maps, all slices</h3>"]
-    for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("tmax", "Tmax")):
-        data, affine = _load_with_affine(folder, rep, name)
+#: The FTB map's classes (ftb.nii.gz: 0 outside the ROIs, 1/2/3 below / between / above the thresholds),
+#: in a discrete colour map: light grey brain, blue, amber, red (distinct for the common colour
+#: vision deficiencies by lightness as well as hue).
+FTB_COLOURS = ("#d9d9d9", "#2166ac", "#f6b93b", "#b2182b")
+
+
+def _ftb_montage(case: _Case) -> list[str]:
+    """The FTB classes of the ROI voxels over the brain (light grey), all slices, with the legend."""
+    ftb, affine = _load_with_affine(case.folder, case.rep, "ftb")
+    if ftb is None or affine is None:  # both None together
+        if case.rep.get("rois"):
+            case.notes.append("ftb.nii.gz not found: no FTB montage")
+        return []
+    from matplotlib.colors import ListedColormap
+
+    low, high = _thresholds(case.rep)
+    shown = np.where(ftb > 0, ftb, np.where(case.brain != 0, 0, np.nan) if case.brain is not None else 0)
+    ticks = {0.0: "brain", 1.0: f"< {low:g}", 2.0: f"{low:g}-{high:g}", 3.0: f"> {high:g}"}
+    img = fig_montage(shown.astype(np.float64), affine=affine, label="FTB class (rCBV)", vmin=-0.5, vmax=3.5,
+                      cmap=ListedColormap(list(FTB_COLOURS), name="ftb_classes"), ticks=ticks)
+    return [f'<div class="fig"><h4>FTB (rCBV classes: blue &lt; {low:g}, amber {low:g}-{high:g}, red &gt; '
+            f"{high:g}; grey: brain outside the ROIs)</h4>", img_tag(img, "FTB montage"), "</div>"]
+
+
+#: TTP has no fixed physiological range (it counts from the series' first frame, so it moves with the
+#: injection's timing): its scale is these percentiles of the brain's TTP (s), widened to whole seconds.
+TTP_PERCENTILES = (2.0, 98.0)
+
+
+def ttp_scale(ttp: np.ndarray, brain: np.ndarray | None) -> tuple[float, float]:
+    """TTP's colour scale (s): TTP_PERCENTILES of the finite values in ``brain`` (all finite values
+    without one), floor and ceiling to whole seconds; (0, 1) when nothing is finite."""
+    v = ttp[np.isfinite(ttp) & (brain != 0 if brain is not None else True)]
+    if not v.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, TTP_PERCENTILES)
+    lo, hi = float(np.floor(lo)), float(np.ceil(hi))
+    return lo, hi if hi > lo else lo + 1.0
+
+
+def _montages(case: _Case) -> list[str]:
+    """CBV, CBF, MTT and Tmax on fixed scales, TTP on the brain's range, K2 on a symmetric one and the FTB
+    classes, all slices."""
+    parts = ['<h3>Maps, all slices</h3><div class="maps">']
+    for name, title in (("cbv", "CBV"), ("cbf", "CBF"), ("mtt", "MTT"), ("ttp", "TTP"), ("tmax", "Tmax")):
+        data, affine = _load_with_affine(case.folder, case.rep, name)
         if data is None or affine is None:  # both None together
-            notes.append(f"{name}.nii.gz not found: no {title} montage")
+            case.notes.append(f"{name}.nii.gz not found: no {title} montage")
             continue
-        lo, hi, unit = SCALES[name]
-        parts.append(f"<h4>{title} ({unit}, scale {lo:g}-{hi:g})</h4>")
-        parts.append(img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
-                             f"{title} montage"))
-    k2, k2_affine = _load_with_affine(folder, rep, "k2")
+        if name == "ttp":
+            (lo, hi), unit, why = ttp_scale(data, case.brain), "s", "the brain's 2nd-98th percentile, from frame 0"
+        else:
+            (lo, hi, unit), why = SCALES[name], "fixed"
+        parts.append(f'<div class="fig"><h4>{title} ({unit}, scale {lo:g}-{hi:g}, {why})</h4>'
+                     + img_tag(fig_montage(data, affine=affine, label=f"{title} ({unit})", vmin=lo, vmax=hi),
+                               f"{title} montage") + "</div>")
+    k2, k2_affine = _load_with_affine(case.folder, case.rep, "k2")
     if k2 is not None and k2_affine is not None:  # both None together
-        lim = k2_limit(k2, brain if brain is not None else np.isfinite(k2))
-        parts.append(f"<h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 T2*-dominant)</h4>")
-        parts.append(img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
-                             "K2 montage"))
-    parts.append(f'<p class="small">{ORIENTATION_NOTE}</p>')
+        lim = k2_limit(k2, case.brain if case.brain is not None else np.isfinite(k2))
+        parts.append(f'<div class="fig"><h4>K2 (1/s, symmetric scale +/-{lim:.2g}; &gt; 0 T1-dominant, &lt; 0 '
+                     "T2*-dominant)</h4>"
+                     + img_tag(fig_montage(k2, affine=k2_affine, label="K2 (1/s)", vmin=-lim, vmax=lim, cmap="RdBu_r"),
+                               "K2 montage") + "</div>")
+    parts += [*_ftb_montage(case), "</div>", f'<p class="small">{ORIENTATION_NOTE}</p>']
     return parts
 
 
-def _curve_figures(folder: Path, rep: dict, rcbv: np.ndarray | None, masks: dict[str, np.ndarray],
-                   notes: list[str]) -> list[str]:
-    """The AIF, and per ROI its mean curves and its rCBV histogram."""
+def _curve_figures(case: _Case) -> list[str]:
+    """The AIF, and per ROI its mean curves and its rCBV histogram, in one grid."""
+    rep, rcbv = case.rep, case.rcbv
     low, high = _thresholds(rep)
-    parts: list[str] = []
-    curves = read_curves(output_path(folder, rep, "curves"))
+    figs: list[str] = []
+    curves = read_curves(output_path(case.folder, rep, "curves"))
     if "time_s" in curves and "aif" in curves:
-        parts.append("<h3>Arterial input function</h3>")
-        parts.append(img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
+        figs.append(img_tag(fig_aif(curves["time_s"], curves["aif"], rep.get("aif", {}).get("n_voxels", "?")), "AIF"))
     else:
-        notes.append("curves.tsv not found or without an aif column: no AIF or ROI curves")
+        case.notes.append("curves.tsv not found or without an aif column: no AIF or ROI curves")
+    clipped = []
     for r in rep.get("rois", []):
         name = r.get("name", "?")
-        parts.append(f"<h3>ROI {esc(name)}</h3>")
         if "time_s" in curves and f"roi:{name}" in curves:
-            parts.append(img_tag(fig_roi_curves(curves["time_s"], curves, name), f"curves {name}"))
-        if rcbv is not None and name in masks:
-            h = histogram_data(rcbv[masks[name]], low, high)
-            parts.append(img_tag(fig_histogram(h, name), f"rCBV histogram {name}"))
+            figs.append(img_tag(fig_roi_curves(curves["time_s"], curves, name), f"curves {name}"))
+        if rcbv is not None and name in case.masks:
+            h = histogram_data(rcbv[case.masks[name]], low, high)
+            figs.append(img_tag(fig_histogram(h, name), f"rCBV histogram {name}"))
             if h["n_clipped"]:
-                parts.append(f'<p class="small">{h["n_clipped"]} voxels outside {HIST_RANGE[0]:g}-{HIST_RANGE[1]:g} '
-                             "are counted in the end bins.</p>")
-    return parts
+                clipped.append(f"{esc(name)}: {h['n_clipped']} voxels outside {HIST_RANGE[0]:g}-{HIST_RANGE[1]:g} "
+                               "are counted in the end bins.")
+    if not figs:
+        return []
+    return ["<h3>Arterial input function, ROI curves and rCBV histograms</h3>", '<div class="figs">',
+            *(f'<div class="fig">{f}</div>' for f in figs), "</div>",
+            *(f'<p class="small">{c}</p>' for c in clipped)]
 
 
-def _quality(folder: Path, rep: dict, brain: np.ndarray | None) -> list[str]:
-    """The acquisition against the consensus protocol, the analysis's quality table, its warnings."""
-    parts = ["<h2>Quality</h2>"]
+def _quality(case: _Case) -> list[str]:
+    """The acquisition against the consensus protocol and the analysis's quality table (quality.py: the
+    rows whose status is "warning" are the first screen's warnings too)."""
+    rep = case.rep
+    parts = ['<section class="quality"><h2>Quality</h2>']
     rows = "".join(
         f"<tr><td>{esc(c['name'])}</td><td>{esc(c['value'])}</td><td>{esc(c['expected'])}</td>"
         f"<td class=\"{c['status']}\">{c['status']}</td><td>{esc(c['note'])}</td></tr>"
@@ -795,97 +962,25 @@ def _quality(folder: Path, rep: dict, brain: np.ndarray | None) -> list[str]:
     acq = rep.get("acquisition", {})
     parts.append(f'<p class="small">TE from {esc(acq.get("te_source", "?"))}; '
                  f'TR from {esc(acq.get("tr_source", "?"))}.</p>')
-    qrows = [*_aif_rows(rep), *_fit_rows(folder, rep, brain), *_registration_rows(rep), *_motion_rows(rep),
-             _leakage_row(rep)]
+    qrows = analysis_rows(rep, unusable=case.unusable())
     parts.append("<h3>Analysis</h3><table><tr><th>item</th><th>value</th><th>expected</th><th>status</th><th>note</th></tr>"
                  + "".join(f"<tr><td>{esc(a)}</td><td>{esc(b)}</td><td>{esc(c)}</td><td class=\"{d}\">{d}</td>"
-                           f"<td>{esc(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>")
-    warns = rep.get("warnings", [])
-    if warns:
-        parts.append("<h3>Warnings of the analysis</h3><ul>" + "".join(f"<li>{esc(w)}</li>" for w in warns) + "</ul>")
+                           f"<td>{esc(e)}</td></tr>" for a, b, c, d, e in qrows) + "</table>"
+                 '<p class="small">Every row marked warning is among the quality warnings on the first screen '
+                 '(report.json "warnings", which the terminal prints too).</p></section>')
     return parts
 
 
-QualityRow = tuple[str, str, str, str, str]  # item, value, expected, status ("ok"/"warning"), note
-
-
-def _aif_rows(rep: dict) -> list[QualityRow]:
-    aif = rep.get("aif", {})
-    score = num(aif.get("quality_score"))
-    status = "warning" if score is None or score < AIF_SCORE_OK or aif.get("absolute_quantification") is False else "ok"
-    rows: list[QualityRow] = [("AIF quality score (0-1)", _f(score), f">= {AIF_SCORE_OK:g}", status,
-                               f"{aif.get('n_voxels', '?')} voxels, {aif.get('source', '?')}")]
-    if "absolute_quantification" in aif:
-        ok_abs = bool(aif["absolute_quantification"])
-        m = (aif.get("absolute_checks") or {}).get("measures", {})
-        b = (aif.get("absolute_checks") or {}).get("bounds", {})
-        rows.append(("AIF absolute quantification", "yes" if ok_abs else "no",
-                     f"tail <= {_f(b.get('tail_fraction'), 'g')}, area ratio >= {_f(b.get('area_ratio'), 'g')}, "
-                     f"FWHM <= {_f(b.get('fwhm_s'), 'g')} s", "ok" if ok_abs else "warning",
-                     f"tail {_f(m.get('tail_fraction'))}, area / tissue {_f(m.get('area_ratio'), '.1f')}, FWHM "
-                     f"{_f(m.get('fwhm_s'), '.1f')} s" + ("" if ok_abs else f"; {RELATIVE_VALID}")))
-    return rows
-
-
-def _fit_rows(folder: Path, rep: dict, brain: np.ndarray | None) -> list[QualityRow]:
-    fit = rep.get("fit")
-    # counted by the pipeline (reports of older versions: NaN only)
-    if isinstance(fit, dict) and "unusable_fraction" in fit:
-        frac = float(fit["unusable_fraction"])
-        what = "NaN in CBV, CBF or MTT"
-        if "fallback_osvd" in fit:
-            what += (f", or the model fit at a bound ({fit.get('model_at_bound', 0)} voxels), its residual far above "
-                     f"oSVD's ({fit.get('model_residual_high', 0)}) or failed ({fit.get('model_failed', 0)}): these "
-                     "show oSVD's values")
-        return [("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
-                 "ok" if frac < UNUSABLE_WARN else "warning", f"{what}; warning from {UNUSABLE_WARN:.0%}")]
-    maps_for_fit = [m for m in (_load(folder, rep, "cbv"), _load(folder, rep, "cbf"), _load(folder, rep, "mtt"))
-                    if m is not None]
-    if brain is not None and maps_for_fit:
-        frac = unusable_fraction(brain, maps_for_fit)
-        return [("Brain voxels with unusable fits", f"{100 * frac:.1f} %", "small",
-                 "ok" if frac < UNUSABLE_WARN else "warning",
-                 f"NaN in CBV, CBF or MTT; warning from {UNUSABLE_WARN:.0%}")]
-    return []
-
-
-def _registration_rows(rep: dict) -> list[QualityRow]:
-    reg = rep.get("anat", {}).get("registration")
-    if not reg:
-        return []
-    rot = max(abs(float(a)) for a in reg.get("rotation_deg", [0.0]))
-    return [("Anatomical image registration", f"MI {_f(reg.get('mattes_mi'), '.3f')}",
-             "rigid, to the DSC baseline", "ok",
-             f"largest rotation {rot:.1f} deg, translation {np.linalg.norm(reg.get('translation_mm', [0]*3)):.1f} mm; "
-             f"transform {rep['anat'].get('transform_file', '')}; check the contours sit on the anatomy")]
-
-
-def _motion_rows(rep: dict) -> list[QualityRow]:
-    mot = rep.get("motion")
-    if not isinstance(mot, dict):  # reports of older versions have none
-        return []
-    from perfusion.quantify.motion import FD_THRESHOLD_MM
-
-    fd_thr = _f(mot.get("fd_threshold_mm", FD_THRESHOLD_MM), "g")
-    if not mot.get("assessed"):
-        return [("Head motion", "not assessed", f"framewise displacement <= {fd_thr} mm", "warning",
-                 str(mot.get("reason") or "--motion-correct off: no frame was registered"))]
-    n_above = num(mot.get("n_frames_above_threshold")) or 0
-    done = (f"{mot.get('n_frames_corrected', '?')} frame(s) realigned" if mot.get("applied")
-            else "no frame realigned")
-    return [("Head motion", f"max FD {_f(mot.get('fd_max_mm'))} mm, mean {_f(mot.get('fd_mean_mm'), '.3f')} mm",
-             f"framewise displacement <= {fd_thr} mm", "warning" if n_above else "ok",
-             f"{n_above:g} frame(s) above {fd_thr} mm ({mot.get('fd_threshold_source', '')}); {done} "
-             f"(--motion-correct {mot.get('correction', '?')}); per frame in "
-             f"{(rep.get('files') or {}).get('motion', 'motion.tsv')}")]
-
-
-def _leakage_row(rep: dict) -> QualityRow:
-    leak = rep.get("leakage", {})
-    return ("Leakage correction", str(leak.get("method", "none")), "residue, bsw or bidirectional",
-            "warning" if leak.get("method", "none") == "none" else "ok",
-            f"fraction corrected {_pct(leak.get('fraction_corrected'))}; "
-            f"fit R^2 median {_f(leak.get('fit_r2_median'))}")
+def _provenance(rep: dict) -> list[str]:
+    """Versions, dates and the input files (names only, no folder: report.json "inputs")."""
+    version = rep.get("software", {}).get("version", "unknown")
+    date = rep.get("created_utc")
+    inputs = ", ".join(esc(input_file_name(k, v)) for k, v in rep.get("inputs", {}).items())
+    return ['<div class="about"><h2>About this page</h2>',
+            f'<p class="small">perfusion {esc(version)} (analysis); page written by perfusion {esc(__version__)} on '
+            f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC. Analysis date: "
+            f"{esc(date) if date else 'not recorded in report.json'}. Input files: {inputs or 'not recorded'}.</p>"
+            "</div>"]
 
 
 def write_html(folder: Path) -> Path:
