@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from perfusion.cli.options import check_options
+from perfusion.cli.options import Quiet, check_options
 from perfusion.errors import EXIT_PARTIAL, UsageError
 
 #: Exit status when a row is slower than --fail-above times its baseline (batch uses it for "some
@@ -46,6 +46,7 @@ def bench(
         help="With --baseline: exit 3 when a row's median is more than this ratio times its baseline's (>= 1, "
              "e.g. 1.5). Rows shorter than 20 ms on both sides, or slower by less than 20 ms, are not judged "
              "(at that scale a ratio is noise); rows on one side only are listed, not failed.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Time analyze on standard phantom volumes: end to end, per stage (voxels/s), memory, numba compile.
 
@@ -55,7 +56,7 @@ def bench(
     """
     check_options(dict(locals()))
     run_bench(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
-              quick=quick, json_out=json_out, cache=cache, baseline=baseline, fail_above=fail_above)
+              quick=quick, json_out=json_out, cache=cache, baseline=baseline, fail_above=fail_above, quiet=quiet)
 
 
 def plan_of(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool):
@@ -93,9 +94,10 @@ def read_baseline(baseline: Path | None, fail_above: float | None) -> dict | Non
 
 def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool,
               json_out: Path | None, cache: Path | None, baseline: Path | None = None,
-              fail_above: float | None = None) -> dict:
+              fail_above: float | None = None, quiet: bool = False) -> dict:
     """``perfusion bench``: measure, print the tables (and the comparison), write the JSON atomically;
-    exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``."""
+    exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``. ``quiet``: no steps,
+    tables nor notes (the exit code and errors still say a regression)."""
     from perfusion.cli.console import compile_notice, console, console_err
     from perfusion.io import atomic_write, dumps_json
     from perfusion.tools import bench
@@ -104,14 +106,14 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
     plan = plan_of(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
                    quick=quick)
     base = read_baseline(baseline, fail_above)
-    con = console()
-    warm_if_needed(on_compile=compile_notice)  # the timed runs are warm-cache runs (compilation is measured apart)
+    con = console(quiet=quiet)
+    warm_if_needed(on_compile=None if quiet else compile_notice)  # timed runs are warm-cache runs
     result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(),
                              on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
     if base is not None:
         result["comparison"] = {"baseline": str(baseline), **bench.compare(result, base, fail_above=fail_above)}
     state = result["machine"]
-    if state["busy"]:
+    if state["busy"] and not quiet:
         console_err().print(f"[yellow]perfusion: warning: the machine was busy ({state['why']}): times are noisier "
                             "than usual; compare runs taken side by side[/yellow]")
     print_tables(result, con)
@@ -122,6 +124,9 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
         atomic_write(json_out, dumps_json(result) + "\n", fix="choose another --json")
         con.print(f"JSON written to {json_out}")
     if base is not None and result["comparison"]["failed"]:
+        if quiet:
+            console_err().print(f"perfusion: error: {len(result['comparison']['failed'])} row(s) slower than "
+                                f"{fail_above:g} x the baseline", markup=False)
         raise typer.Exit(code=EXIT_REGRESSION)
     return result
 

@@ -9,13 +9,18 @@ COMPILE_NOTICE = ("perfusion: compiling the numerical kernels for this machine, 
                   "runs; about 15 s, longer on a busy machine)")
 
 
-def console():
-    """stdout, unwrapped in logs: rich wraps at 80 columns when stdout is not a terminal."""
+def console(*, quiet: bool = False):
+    """stdout (nothing with ``quiet``). On a terminal, its width; elsewhere (a log, a pipe) 120
+    columns, which rich would otherwise take as 80, unless COLUMNS says the width (as a terminal's
+    shell or a test does). Text is not wrapped (soft wrap); tables fit the width (wrap_table)."""
+    import os
     import sys
 
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 120)
+    given = os.environ.get("COLUMNS", "").isdigit()
+    return Console(highlight=False, soft_wrap=True, quiet=quiet,
+                   width=None if sys.stdout.isatty() or given else 120)
 
 
 def console_err():
@@ -28,3 +33,44 @@ def console_err():
 def compile_notice() -> None:
     """Print COMPILE_NOTICE on stderr (called from whichever thread numba compiles in)."""
     console_err().print(COMPILE_NOTICE, markup=False)
+
+
+class _Stages:
+    """The stages of one command on a progress bar: ``stage(name)`` completes the previous stage (its
+    share of the bar) and shows ``name``. Without a bar (``progress`` None) it does nothing."""
+
+    def __init__(self, progress, shares: dict[str, float]):
+        self._progress, self._shares = progress, shares
+        self._task = progress.add_task("", total=sum(shares.values())) if progress is not None else None
+        self._current: str | None = None
+
+    def stage(self, name: str) -> None:
+        if self._progress is None:
+            return
+        done = self._shares.get(self._current, 0.0) if self._current is not None else 0.0
+        self._current = name
+        self._progress.update(self._task, advance=done, description=name)
+
+
+def stage_progress(stages, *, quiet: bool = False):
+    """A progress bar on stderr for a command made of ``stages`` ((name, share of the time) pairs, the
+    shares measured on a typical run): the stage's name, the bar, the time elapsed and the time
+    remaining (rich's estimate from the shares done so far). Only on a terminal and without ``quiet``:
+    in a log or a pipe nothing is added to what the command prints. A context manager yielding
+    ``_Stages``; the bar is removed when the command ends (transient)."""
+    import contextlib
+    import sys
+
+    @contextlib.contextmanager
+    def bar():
+        if quiet or not sys.stderr.isatty():
+            yield _Stages(None, {})
+            return
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), TimeElapsedColumn(),
+                   TextColumn("elapsed, about"), TimeRemainingColumn(), TextColumn("left"))
+        with Progress(*columns, console=console_err(), transient=True) as progress:
+            yield _Stages(progress, dict(stages))
+
+    return bar()

@@ -8,15 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from perfusion.cli.options import Quiet
+
 
 def dicom_inspect(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of DICOM files (sub-folders searched).")],
     json_path: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the description as JSON here.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """List the series of a DICOM folder: frames, slices, frame ordering, frame intervals (s) against the TR,
     and the checks an analysis runs (slice counts, per-frame rescaling, timing). Headers only."""
-    run_dicom_inspect(folder=folder, json_path=json_path)
+    run_dicom_inspect(folder=folder, json_path=json_path, quiet=quiet)
 
 
 def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: bool = False) -> dict:
