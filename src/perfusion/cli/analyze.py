@@ -249,6 +249,21 @@ def _print_aif_and_reference(con, result) -> None:
               f"{MAP_UNITS['cbv']} ({ref.source})")
 
 
+def _lesion_widths(width: int, names: list[str], verdicts: list[str]) -> dict[str, int]:
+    """Column widths of the lesion table for a terminal ``width`` columns wide (80 and up): the figures at
+    their natural width where it fits, else the interval on two lines ("3.01 [2.92," / "3.11]"), the
+    FTB figures on one ("100/0/0") and the verdict at its longest word; the ROI name takes the rest
+    (folded, at least 10). The voxels and mL columns (6 and 4) and the borders (19) are fixed."""
+    longest_word = max(len(w) for label in verdicts for w in label.split())
+    wide = {"rcbv": len("median rCBV [95 % CI]"), "ftb": len("FTB % lo/mid/hi"),
+            "verdict": min(max(map(len, verdicts)), 30)}
+    narrow = {"rcbv": len("3.01 [2.92,"), "ftb": len("lo/mid/hi"), "verdict": max(longest_word, 10)}
+    room = width - 19 - 6 - 4
+    chosen = wide if room - sum(wide.values()) >= min(max(map(len, names)), 24) else narrow
+    roi = min(max(map(len, names)), max(10, room - sum(chosen.values())))
+    return {"roi": max(roi, 3), **chosen}
+
+
 def _print_rois(con, result) -> None:
     """The lesions' table, then per lesion its verdict, figures and reasons."""
     from rich.table import Table
@@ -256,19 +271,19 @@ def _print_rois(con, result) -> None:
     from perfusion.verdicts import VERDICT_LABEL
 
     table = Table(title="Lesion ROIs (rCBV = CBV / reference median)")
-    # at 80 columns: the ROI name folds (never cut: it names the mask file), the interval and the verdict
-    # wrap at spaces; only the short numbers never wrap
-    table.add_column("ROI", overflow="fold", min_width=12)
+    widths = _lesion_widths(con.width, [r.name for r in result.rois], [VERDICT_LABEL[r.verdict] for r in result.rois])
+    # the ROI name folds (never cut: it names the mask file), the interval and the verdict wrap at spaces
+    table.add_column("ROI", overflow="fold", width=widths["roi"])
     table.add_column("voxels", no_wrap=True, justify="right")
     table.add_column("mL", no_wrap=True, justify="right")
-    table.add_column("median rCBV [95 % CI]", min_width=6, overflow="fold")
-    table.add_column("FTB low/mid/high", min_width=6, overflow="fold")
-    longest_word = max(len(w) for label in VERDICT_LABEL.values() for w in label.split())
-    table.add_column("verdict", min_width=longest_word, overflow="fold")
+    table.add_column("median rCBV [95 % CI]", overflow="fold", width=widths["rcbv"])
+    table.add_column("FTB % lo/mid/hi", overflow="fold", width=widths["ftb"])
+    table.add_column("verdict", overflow="fold", width=widths["verdict"])
     for r in result.rois:
         table.add_row(r.name, str(r.n_voxels), f"{r.volume_ml:.2f}",
                       f"{r.rcbv_median:.2f} [{r.rcbv_ci_low:.2f}, {r.rcbv_ci_high:.2f}]",
-                      f"{r.ftb_low:.0%} / {r.ftb_mid:.0%} / {r.ftb_high:.0%}" + (" mixed" if r.mixed else ""),
+                      f"{100 * r.ftb_low:.0f}/{100 * r.ftb_mid:.0f}/{100 * r.ftb_high:.0f}"
+                      + (" mixed" if r.mixed else ""),
                       VERDICT_LABEL[r.verdict])
     con.print(table)
     for r in result.rois:

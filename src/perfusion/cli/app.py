@@ -1,8 +1,8 @@
 """The ``perfusion`` command line: the typer app, its commands (one module each, registered here in the
 order ``perfusion --help`` lists them) and the error guard, the one place errors become exit codes.
 
-Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench regression,
-4 bad input, 5 output or disk.
+Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), a bench regression or
+a validate tolerance missed, 4 bad input, 5 output or disk.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, P
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench "
-    "regression (--fail-above), "
+    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), a bench "
+    "regression (--fail-above) or a validate figure outside its tolerance, "
     "4 bad input, 5 output or disk, 130 interrupted (Ctrl-C)."
 )
 
@@ -81,7 +81,9 @@ class Group(TyperGroup):
         except Exception as exc:
             if not is_usage_error(exc):
                 raise
-            typer.echo(usage_error_line(exc), err=True)
+            given = list(sys.argv[1:] if args is None else args)
+            command = next((a for a in given if a in self.commands), None)  # for errors without a context
+            typer.echo(usage_error_line(exc, fallback=f"perfusion {command}" if command else "perfusion"), err=True)
             code = exc.exit_code
         if standalone_mode:
             sys.exit(code)
@@ -168,12 +170,14 @@ def is_usage_error(exc: BaseException) -> bool:
     return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
 
 
-def usage_error_line(exc) -> str:
+def usage_error_line(exc, *, fallback: str = "perfusion") -> str:
     """``perfusion: error: <message> (see '<command> --help')``: click's message on one line (its
-    "Choose from" lists span several), without its closing full stop."""
+    "Choose from" lists span several), without its closing full stop. The command is the error's
+    context's, else ``fallback`` (an option's missing value is raised by the parser without one)."""
     message = " ".join(str(exc.format_message()).split()).rstrip(".")
     ctx = getattr(exc, "ctx", None)
-    where = ctx.command_path if ctx is not None and ctx.command_path else "perfusion"
+    path = ctx.command_path if ctx is not None else ""
+    where = path if path and path != "perfusion" else fallback
     return f"perfusion: error: {message} (see '{where} --help')"
 
 

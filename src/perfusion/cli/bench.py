@@ -142,31 +142,30 @@ def _spread_cells(median: float | None, lo: float | None, hi: float | None, digi
 def print_tables(result: dict, console) -> None:
     """The bench result as tables on ``console``: end to end, stages, the oSVD floor, numba's compile
     cost; every timed row with its median, range and spread over the runs."""
-    from rich.table import Table
+    from perfusion.cli.console import table as new_table
 
     m = result["machine"]
     runs = result["settings"]["repeats"]
     console.print(f"perfusion {m['perfusion']} on {m['cpus']} CPUs ({m['processor']}), Python {m['python']}, "
                   f"numpy {m['numpy']}, numba {m['numba']} ({m['numba_threads']} threads); load average "
                   f"{_num(m.get('load_avg'))} before, CPU steal {_num(m.get('steal_pct'))} % during the run")
-    t = Table(title=f"perfusion analyze, end to end (fresh process, --no-html; {runs} runs: median, min-max, "
-                    "spread = (max - min) / median)")
-    for col in ("volume", "dtype", "config", "wall s", "min-max", "spread %", "analysis s", "peak RSS MB",
-                "x input (float32)"):
-        t.add_column(col, no_wrap=True)
+    # volume and dtype in one cell, the median and its range in one: 80 columns hold the table
+    t = new_table(f"perfusion analyze, end to end (fresh process, --no-html; {runs} runs: median (min-max), "
+                  "spread = (max - min) / median)", "volume", "config", "wall s (min-max)", "spread %",
+                  "analysis s", "peak RSS MB", "x input (float32)",
+                  numbers=("wall s (min-max)", "spread %", "analysis s", "peak RSS MB", "x input (float32)"))
     for r in result["end_to_end"]:
-        t.add_row(r["volume"], r["dtype"], r["config"], *_spread_cells(r["wall_s_median"], r["wall_s_min"],
-                                                                       r["wall_s_max"], 2),
+        median, span, spread = _spread_cells(r["wall_s_median"], r["wall_s_min"], r["wall_s_max"], 2)
+        t.add_row(f"{r['volume']} {r['dtype']}", r["config"], f"{median} ({span.replace('-', ' - ')})", spread,
                   _num(r["analysis_s_median"]), f"{r['peak_rss_mb']:.0f}", f"{r['peak_over_input']:.2f}")
     console.print(t)
-    t = Table(title="stages (report.json timings_s): median, min-max, spread")
-    for col in ("volume", "dtype", "config", "stage", "s", "min-max", "spread %", "Mvoxel/s"):
-        t.add_column(col, no_wrap=True)
+    t = new_table("stages (report.json timings_s): median (min-max), spread", "volume", "config", "stage",
+                  "s (min-max)", "spread %", "Mvoxel/s", numbers=("s (min-max)", "spread %", "Mvoxel/s"))
     for r in result["stages"]:
         vps = r["voxels_per_s"]
-        t.add_row(r["volume"], r["dtype"], r["config"], r["stage"],
-                  *_spread_cells(r["seconds_median"], r["seconds_min"], r["seconds_max"], 3),
-                  f"{vps / 1e6:.2f}" if vps else "-")
+        median, span, spread = _spread_cells(r["seconds_median"], r["seconds_min"], r["seconds_max"], 3)
+        t.add_row(f"{r['volume']} {r['dtype']}", r["config"], r["stage"], f"{median} ({span.replace('-', ' - ')})",
+                  spread, f"{vps / 1e6:.2f}" if vps else "-")
     console.print(t)
     for r in result.get("osvd_floor", []):
         console.print(f"oSVD on {r['voxels']} voxels x {r['frames']} frames ({r['volume']}): {r['osvd_s']:.2f} s "
@@ -185,17 +184,16 @@ def _num(value, digits: int = 2) -> str:
 def print_comparison(comparison: dict, console, *, machine: dict) -> None:
     """The rows against the baseline (medians, ratio now / baseline) and a closing line naming those slower
     than --fail-above; a note when the baseline was measured on another kind of machine."""
-    from rich.table import Table
+    from perfusion.cli.console import table as new_table
 
     fail_above = comparison["fail_above"]
     other = comparison["baseline_machine"]
     if any(other.get(k) != machine.get(k) for k in ("cpus", "processor")):
         console.print(f"[yellow]note: the baseline ran on {other.get('cpus')} CPUs ({other.get('processor')}), this "
                       f"run on {machine.get('cpus')} ({machine.get('processor')}): ratios mix machines[/yellow]")
-    t = Table(title=f"against the baseline {comparison['baseline']} (medians; ratio now / baseline, above 1 slower; "
-                    f"under {comparison['floor_s'] * 1000:.0f} ms not judged)")
-    for col in ("row", "baseline s", "now s", "ratio", "status"):
-        t.add_column(col, no_wrap=True)
+    t = new_table(f"against the baseline {comparison['baseline']} (medians; ratio now / baseline, above 1 slower; "
+                  f"under {comparison['floor_s'] * 1000:.0f} ms not judged)", "row", "baseline s", "now s", "ratio",
+                  "status", numbers=("baseline s", "now s", "ratio"))
     for r in comparison["rows"]:
         status = f"[red]{r['status']}[/red]" if r["status"] == "slower" else r["status"]
         t.add_row(r["key"], _num(r["baseline_s"], 3), _num(r["now_s"], 3), _num(r["ratio"]), status)

@@ -74,3 +74,17 @@ def stage_progress(stages, *, quiet: bool = False):
             yield _Stages(progress, dict(stages))
 
     return bar()
+
+
+def table(title: str, *columns: str, numbers=()):
+    """A rich Table that stays readable from 80 columns up: every column wraps at spaces and folds a word
+    longer than the column rather than cutting it with an ellipsis (rich's no_wrap columns would keep
+    their width and push the others to "…"), so that no name is cut to nothing. The ``numbers`` columns
+    (figures: one word each, never folded unless narrower than the figure) are right-aligned; their
+    headers wrap at spaces ("analysis" / "s")."""
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in columns:
+        t.add_column(col, overflow="fold", justify="right" if col in numbers else "left")
+    return t

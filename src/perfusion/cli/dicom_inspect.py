@@ -44,19 +44,17 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
 
 
 def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> None:
-    from rich.table import Table
-
     from perfusion.cli.console import console
+    from perfusion.cli.console import table as new_table
 
     con = console()
 
     def num(x):
         return "-" if x is None else f"{x:.4g}"
 
-    table = Table(title=f"DICOM series in {folder} (times in s)")
-    for col in ("series", "files", "frames", "slices", "matrix", "TE", "TR", "frame order",
-                "interval (range)", "checks"):
-        table.add_column(col, no_wrap=True)
+    table = new_table(f"DICOM series in {folder} (times in s)", "series", "files", "frames", "slices", "matrix",
+                      "TE", "TR", "frame order", "interval (range)", "checks",
+                      numbers=("series", "files", "frames", "slices", "TR"))
 
     def count(n, what):
         return f"{n} {what}{'s' if n > 1 else ''}"
