@@ -98,7 +98,7 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
     """``perfusion bench``: measure, print the tables (and the comparison), write the JSON atomically;
     exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``. ``quiet``: no steps,
     tables nor notes (the exit code and errors still say a regression)."""
-    from perfusion.cli.console import compile_notice, console, console_err
+    from perfusion.cli.console import compile_notice, console, console_err, stage_progress
     from perfusion.io import atomic_write, dumps_json
     from perfusion.tools import bench
     from perfusion.tools.warm import warm_if_needed
@@ -108,8 +108,13 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
     base = read_baseline(baseline, fail_above)
     con = console(quiet=quiet)
     warm_if_needed(on_compile=None if quiet else compile_notice)  # timed runs are warm-cache runs
-    result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(),
-                             on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
+    with stage_progress(total=bench.count_steps(plan), quiet=quiet) as progress:
+
+        def step(msg: str) -> None:
+            con.print(f"[dim]{msg}[/dim]")
+            progress.stage(msg)
+
+        result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(), on_step=step)
     if base is not None:
         result["comparison"] = {"baseline": str(baseline), **bench.compare(result, base, fail_above=fail_above)}
     state = result["machine"]

@@ -37,27 +37,29 @@ def compile_notice() -> None:
 
 class _Stages:
     """The stages of one command on a progress bar: ``stage(name)`` completes the previous stage (its
-    share of the bar) and shows ``name``. Without a bar (``progress`` None) it does nothing."""
+    share of the bar, 1 for a stage not in ``shares``: counted steps) and shows ``name``. Without a bar
+    (``progress`` None) it does nothing."""
 
-    def __init__(self, progress, shares: dict[str, float]):
+    def __init__(self, progress, shares: dict[str, float], total: float | None = None):
         self._progress, self._shares = progress, shares
-        self._task = progress.add_task("", total=sum(shares.values())) if progress is not None else None
+        total = sum(shares.values()) if total is None else total
+        self._task = progress.add_task("", total=total) if progress is not None else None
         self._current: str | None = None
 
     def stage(self, name: str) -> None:
         if self._progress is None:
             return
-        done = self._shares.get(self._current, 0.0) if self._current is not None else 0.0
+        done = self._shares.get(self._current, 1.0) if self._current is not None else 0.0
         self._current = name
         self._progress.update(self._task, advance=done, description=name)
 
 
-def stage_progress(stages, *, quiet: bool = False):
+def stage_progress(stages=(), *, total: int | None = None, quiet: bool = False):
     """A progress bar on stderr for a command made of ``stages`` ((name, share of the time) pairs, the
-    shares measured on a typical run): the stage's name, the bar, the time elapsed and the time
-    remaining (rich's estimate from the shares done so far). Only on a terminal and without ``quiet``:
-    in a log or a pipe nothing is added to what the command prints. A context manager yielding
-    ``_Stages``; the bar is removed when the command ends (transient)."""
+    shares measured on a typical run) or of ``total`` steps of about equal length: the stage's name, the
+    bar, the time elapsed and the time remaining (rich's estimate from the shares done so far). Only on a
+    terminal and without ``quiet``: in a log or a pipe nothing is added to what the command prints. A
+    context manager yielding ``_Stages``; the bar is removed when the command ends (transient)."""
     import contextlib
     import sys
 
@@ -71,7 +73,7 @@ def stage_progress(stages, *, quiet: bool = False):
         columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), TimeElapsedColumn(),
                    TextColumn("elapsed, about"), TimeRemainingColumn(), TextColumn("left"))
         with Progress(*columns, console=console_err(), transient=True) as progress:
-            yield _Stages(progress, dict(stages))
+            yield _Stages(progress, dict(stages), total)
 
     return bar()
 
