@@ -324,3 +324,21 @@ def _columns(text: str) -> list[str]:
             for i, part in enumerate(line.split("│")[1:-1]):
                 tables[-1][i] = tables[-1].get(i, "") + part.replace(" ", "")
     return [column for table in tables for column in table.values()]
+
+
+def test_make_install_says_what_it_installs():
+    """`make install` / `make demo` announce the quiet pip install (a few silent minutes otherwise) and the
+    kernels' compilation, each before the command it announces (make -n: nothing is run)."""
+    from pathlib import Path
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(["make", "-n", "-B", "-C", str(root), "install", "PYTHON=python3"], capture_output=True,
+                          text=True, check=True)
+    lines = proc.stdout.splitlines()
+    pip = next(i for i, line in enumerate(lines) if "pip install --quiet" in line)
+    said = next(i for i, line in enumerate(lines) if "installing perfusion and its dependencies into .venv" in line)
+    assert said < pip and "(first run: a few minutes)" in lines[said]
+    warm = next(i for i, line in enumerate(lines) if line.endswith("perfusion warmup"))
+    assert any("compiling the numerical kernels" in line for line in lines[pip:warm])
