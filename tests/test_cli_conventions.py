@@ -95,6 +95,12 @@ def test_usage_errors_are_one_line_exit_2(capsys, args, words):
     assert "Usage:" not in err and "Traceback" not in err and "╭" not in err
 
 
+def test_perfusion_alone_shows_the_help(capsys):
+    assert main([]) == 2  # click's convention for a group called without a command
+    err = capsys.readouterr().err
+    assert err.startswith("Usage: perfusion [OPTIONS] COMMAND [ARGS]...") and "perfusion: error" not in err
+
+
 def test_usage_errors_in_a_real_process_and_through_cli_runner():
     from typer.testing import CliRunner
 

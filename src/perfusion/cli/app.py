@@ -81,13 +81,22 @@ class Group(TyperGroup):
         except Exception as exc:
             if not is_usage_error(exc):
                 raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `perfusion` alone: the help, as click shows it
+                exc.show()
+                code = exc.exit_code
+                return _exit(code, standalone_mode)
             given = list(sys.argv[1:] if args is None else args)
             command = next((a for a in given if a in self.commands), None)  # for errors without a context
             typer.echo(usage_error_line(exc, fallback=f"perfusion {command}" if command else "perfusion"), err=True)
             code = exc.exit_code
-        if standalone_mode:
-            sys.exit(code)
-        return code
+        return _exit(code, standalone_mode)
+
+
+def _exit(code: int, standalone_mode: bool) -> int:
+    """End the process with ``code`` (a script, CliRunner) or return it (:func:`main`)."""
+    if standalone_mode:
+        sys.exit(code)
+    return code
 
 
 app = typer.Typer(
