@@ -72,7 +72,9 @@ def stage_progress(stages=(), *, total: int | None = None, quiet: bool = False):
 
         columns = (TextColumn("{task.description}"), BarColumn(bar_width=20), TimeElapsedColumn(),
                    TextColumn("elapsed, about"), TimeRemainingColumn(), TextColumn("left"))
-        with Progress(*columns, console=console_err(), transient=True) as progress:
+        # stdout is left alone (a log of it keeps its lines); what is written to stderr meanwhile (numba's
+        # compile notice) is printed above the bar
+        with Progress(*columns, console=console_err(), transient=True, redirect_stdout=False) as progress:
             yield _Stages(progress, dict(stages), total)
 
     return bar()
