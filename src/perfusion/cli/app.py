@@ -27,6 +27,7 @@ EXIT_CODES_HELP = (
     "4 bad input, 5 output or disk, 130 interrupted (Ctrl-C)."
 )
 
+
 class Command(TyperCommand):
     """A command whose help and usage say values as a user types them, not as Python annotates them
     (typer 0.29 prints ``dsc... <list[Path]>`` and ``--roi <list[Path]>``): every option's value gets a

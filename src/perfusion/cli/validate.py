@@ -53,9 +53,13 @@ def _miss_text(check: dict) -> str:
             f"{'not measured' if measured is None else f'{measured:.1f} %'} > {check['tolerance_percent']:.1f} %")
 
 
-#: The stages of a run for the progress bar: (name, share of a run's time; measured on a --quick run here).
-VALIDATE_STAGES = (("OSIPI DRO", 0.05), ("Bezier DRO", 0.25), ("phantom sweep", 0.2), ("leaky phantom", 0.1),
-                   ("realistic phantom", 0.4))
+#: The stages of a run for the progress bar: (name, rough share of a run's time). Measured here with the
+#: model alone: OSIPI 24 s (numba's first compilations in the process included), Bezier 86 s, the phantom
+#: 1 s, the leaky phantom 5 s, the realistic phantom 9 s per seed; the other methods add mostly to Bezier.
+#: Without Bezier data its stage is left out.
+VALIDATE_STAGES = (("OSIPI DRO", 0.15), ("Bezier DRO", 0.6), ("phantom sweep", 0.03), ("leaky phantom", 0.05),
+                   ("realistic phantom", 0.17))
+
 
 def quick_note(summary: list[dict]) -> str:
     """What --quick prints: its phantom is not the README's, with the default method's CBF error on it
@@ -125,13 +129,15 @@ def _measure(data: Path | None, methods: list[str], *, quick: bool, quiet: bool 
     ref = validate.find_reference_data(data)
     if data is not None and not Path(data).is_dir():
         raise InputError(f"{data}: reference data folder not found; pass --data DIR or leave it out")
-    with stage_progress(VALIDATE_STAGES, quiet=quiet) as progress:
+    bezier = ref / "bezier-dsc-dro" if ref else None
+    has_bezier = bezier is not None and (bezier / "ground_truth.json").is_file()
+    stages = [s for s in VALIDATE_STAGES if has_bezier or s[0] != "Bezier DRO"]
+    with stage_progress(stages, quiet=quiet) as progress:
         progress.stage("OSIPI DRO")
         rows = validate.validate_osipi(methods)
         skipped = []
-        bezier = ref / "bezier-dsc-dro" if ref else None
-        progress.stage("Bezier DRO")
-        if bezier is not None and (bezier / "ground_truth.json").is_file():
+        if bezier is not None and has_bezier:
+            progress.stage("Bezier DRO")
             rows += validate.validate_bezier(bezier, methods)
         else:
             skipped.append("bezier (no bezier-dsc-dro folder; pass --data with the reference-data folder)")
