@@ -24,6 +24,7 @@ install: $(STAMP) $(WARM_STAMP)
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
 	  { echo "perfusion needs Python >= 3.11; run: make PYTHON=python3.11 ..."; exit 1; }
+	@echo "make: installing perfusion and its dependencies into $(VENV) (first run: a few minutes)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@touch $(STAMP)
@@ -33,6 +34,7 @@ $(STAMP): pyproject.toml
 # analysis does not wait for them; redone after a reinstall or a change to a kernel's source (its cache entry
 # goes stale with the file). A few seconds when nothing changed.
 $(WARM_STAMP): $(STAMP) $(wildcard src/perfusion/_kernels/*.py)
+	@echo "make: compiling the numerical kernels for this machine (once; about 20 s)"
 	$(BIN)/perfusion warmup
 	@touch $(WARM_STAMP)
 

@@ -65,6 +65,12 @@ def test_bench_command_writes_stable_json(small_bench, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "end to end" in printed and "osvd-bsw" in printed and str(out) in printed
     assert "min-max" in printed and "spread %" in printed
+    # the progress bar's total (issue 21) is the number of steps the run announces
+    steps = [line for line in printed.splitlines() if line.startswith(("volume ", "clinical", "numba compile"))]
+    plan = bench.Plan(volumes=["clinical"], dtypes=["int16"], repeats=2, compile_time=False)
+    assert len(steps) == bench.count_steps(plan) == 4, steps
+    assert bench.count_steps(bench.quick_plan(3)) == 4 and bench.count_steps(bench.Plan(["clinical", "high"],
+                                                                                       ["int16", "float32"])) == 19
 
 
 def test_bench_refuses_an_unknown_volume(tmp_path, capsys):

@@ -60,6 +60,7 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
 
     names = [roi_names[i] if roi_names is not None else stem(p) for i, p in enumerate(rois)]
     check_roi_names(list(zip(names, map(Path, rois), strict=True)))  # before any file is read
+    _check_masks_first(dsc_list(dsc), mask=mask, aif=aif, reference=reference, rois=rois, vof=vof)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         series, paths = _load_series(dsc_list(dsc), te=te, tr=tr, dicom_series=dicom_series)
@@ -84,6 +85,18 @@ def load_inputs(*, dsc: Path | list[Path], mask: Path | None, aif: str, referenc
         paths["anat"] = Path(anat)
     inputs = Inputs(series=series, brain=brain, aif=aif_mask, reference=ref, vof=vof_mask, rois=roi_masks, paths=paths)
     return inputs, own_warnings(caught)
+
+
+def _check_masks_first(dscs: list[Path], *, mask, aif: str, reference, rois, vof: str) -> None:
+    """Every mask file against the series' grid from the headers alone, before the series is decoded
+    (io.check_masks_before_loading): a wrong-shape ROI is refused in a fraction of a second, not after
+    the 10-30 s a large series takes to read."""
+    from perfusion.config import VOF_WITHOUT_FILE
+    from perfusion.io.masks import check_masks_before_loading
+
+    files = [(mask, "brain mask"), (None if aif == "auto" else aif, "AIF mask"), (reference, "reference mask"),
+             (None if vof in VOF_WITHOUT_FILE else vof, "VOF mask"), *((p, "ROI") for p in rois)]
+    check_masks_before_loading(dscs[0], [(Path(p), what) for p, what in files if p])
 
 
 def _load_series(dscs: list[Path], *, te: float | None, tr: float | None, dicom_series: int | None):
@@ -236,9 +249,10 @@ def analyze_case(case: Case, config=None):
 def compute_case(config, *, dsc: Path | list[Path], mask: Path | None = None, aif: str = "auto",
                  reference: Path | None = None, rois: Sequence[Path] = (), te: float | None = None,
                  tr: float | None = None, vof: str = "guarded", anat: Path | None = None,
-                 roi_names: list[str] | None = None, dicom_series: int | None = None):
+                 roi_names: list[str] | None = None, dicom_series: int | None = None, on_analysis=None):
     """``load_case`` then ``analyze_case`` (the command line's and batch's path); return (Result, Inputs)
-    with the loading time in the Result's timings."""
+    with the loading time in the Result's timings. ``on_analysis``: called with no argument between the
+    two (the command line's progress bar names the stage)."""
     import dataclasses
     import time
 
@@ -246,6 +260,8 @@ def compute_case(config, *, dsc: Path | list[Path], mask: Path | None = None, ai
     case = load_case(dsc, mask=mask, aif=aif, reference=reference, rois=rois, te=te, tr=tr, vof=vof, anat=anat,
                      roi_names=roi_names, dicom_series=dicom_series)
     load_s = round(time.perf_counter() - t0, 4)
+    if on_analysis is not None:
+        on_analysis()
     result = analyze_case(case, config)
     result = dataclasses.replace(result, timings={"load": load_s, **result.timings})
     return result, case.inputs

@@ -1,8 +1,10 @@
 """Errors that the command line turns into exit codes.
 
 Exit codes (documented in the README and ``perfusion --help``):
-0 ok, 1 internal error (a bug), 2 usage, 3 partial (batch) or a regression (bench --fail-above),
-4 bad input, 5 output or disk.
+0 ok, 1 internal error (a bug), 2 usage, 3 partial (batch), a regression (bench --fail-above) or a
+method outside its stated tolerance (validate), 4 bad input, 5 output or disk. Usage errors of the
+command line's parser (an unknown option, a missing argument, a value of the wrong type) are exit 2
+too, in the same one-line format (cli/app.py).
 Library code raises these; only ``cli.py`` exits.
 """
 
@@ -37,6 +39,9 @@ EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
 EXIT_PARTIAL = 3
+#: ``perfusion validate``: a method's median error beyond its stated tolerance (tools/validate.py), as
+#: batch's "some cases failed" and bench's regression: the run completed, part of it did not pass.
+EXIT_TOLERANCE = EXIT_PARTIAL
 EXIT_INPUT = 4
 EXIT_OUTPUT = 5
 

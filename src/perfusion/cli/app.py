@@ -1,8 +1,8 @@
 """The ``perfusion`` command line: the typer app, its commands (one module each, registered here in the
 order ``perfusion --help`` lists them) and the error guard, the one place errors become exit codes.
 
-Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench regression,
-4 bad input, 5 output or disk.
+Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), a bench regression or
+a validate tolerance missed, 4 bad input, 5 output or disk.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from perfusion.cli import analyze, batch, bench, bids, compare, convert, dicom_inspect, phantom, report, validate
 from perfusion.cli.options import Quiet
@@ -21,12 +22,86 @@ from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, P
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch) or a bench "
-    "regression (--fail-above), "
+    "Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 usage, 3 partial (batch), a bench "
+    "regression (--fail-above) or a validate figure outside its tolerance, "
     "4 bad input, 5 output or disk, 130 interrupted (Ctrl-C)."
 )
 
+
+class Command(TyperCommand):
+    """A command whose help and usage say values as a user types them, not as Python annotates them
+    (typer 0.29 prints ``dsc... <list[Path]>`` and ``--roi <list[Path]>``): every option's value gets a
+    metavar from its type (PATH, TEXT, INTEGER, FLOAT, SECONDS for a time option, WEEKS, or the choices
+    of a Literal), a repeatable option says "(repeatable)", and the usage line names the arguments in
+    capitals (``perfusion analyze [OPTIONS] DSC...``). Done once here, for every command, so that the
+    option definitions (options.py and each command's module) need no metavar of their own."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            plain_param(param)
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                label = argument_label(param)
+                pieces.append(label if param.required else f"[{label}]")
+        return pieces
+
+    def format_options(self, ctx, formatter) -> None:
+        """The Arguments and Options sections: typer's records, an argument named by its label alone."""
+        sections: dict[str, list[tuple[str, str]]] = {"Arguments": [], "Options": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                sections["Arguments"].append((argument_label(param), record[1]))
+            else:
+                sections["Options"].append(record)
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+
+class Group(TyperGroup):
+    """The ``perfusion`` group: usage errors (an unknown option or command, a missing argument, a value
+    of the wrong type) are one line in the tool's format, ``perfusion: error: <message> (see 'perfusion
+    <command> --help')``, exit 2, as the commands' own errors (guard), whether run as a script, through
+    :func:`main` or by typer's CliRunner."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = result if isinstance(result, int) and not isinstance(result, bool) else 0
+        except typer.Abort:
+            typer.echo("perfusion: aborted", err=True)
+            code = EXIT_INTERNAL
+        except Exception as exc:
+            if not is_usage_error(exc):
+                raise
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `perfusion` alone: the help, as click shows it
+                exc.show()
+                code = exc.exit_code
+                return _exit(code, standalone_mode)
+            given = list(sys.argv[1:] if args is None else args)
+            command = next((a for a in given if a in self.commands), None)  # for errors without a context
+            typer.echo(usage_error_line(exc, fallback=f"perfusion {command}" if command else "perfusion"), err=True)
+            code = exc.exit_code
+        return _exit(code, standalone_mode)
+
+
+def _exit(code: int, standalone_mode: bool) -> int:
+    """End the process with ``code`` (a script, CliRunner) or return it (:func:`main`)."""
+    if standalone_mode:
+        sys.exit(code)
+    return code
+
+
 app = typer.Typer(
+    cls=Group,
     name="perfusion",
     help="DSC-MRI perfusion maps and lesion scoring. For research and decision support only; "
          "not a medical device and not a diagnosis.\n\n" + EXIT_CODES_HELP,
@@ -99,6 +174,73 @@ def _with_kernel_notes(fn, args, kwargs):
         cache.on_first_compile(None)
 
 
+def is_usage_error(exc: BaseException) -> bool:
+    """A command-line parsing error of typer's click (a ClickException: it formats its own message and
+    carries its exit code), told apart without importing click, whose place inside typer changes."""
+    return callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)
+
+
+def usage_error_line(exc, *, fallback: str = "perfusion") -> str:
+    """``perfusion: error: <message> (see '<command> --help')``: click's message on one line (its
+    "Choose from" lists span several), without its closing full stop. The command is the error's
+    context's, else ``fallback`` (an option's missing value is raised by the parser without one)."""
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    path = ctx.command_path if ctx is not None else ""
+    where = path if path and path != "perfusion" else fallback
+    return f"perfusion: error: {message} (see '{where} --help')"
+
+
+def argument_label(param) -> str:
+    """An argument as the usage line and help name it: its metavar (or name) in capitals, "..." when it
+    takes several values."""
+    return (param.metavar or param.name.upper()) + ("..." if param.nargs != 1 else "")
+
+
+#: Metavars of the value types (the Python annotation under typer >= 0.20, click's type before).
+_TYPE_METAVARS = {"Path": "PATH", "str": "TEXT", "int": "INTEGER", "float": "FLOAT",
+                  "path": "PATH", "text": "TEXT", "integer": "INTEGER"}
+
+#: Metavars of options with a unit (options._RANGES): the unit, not the type.
+_UNIT_METAVARS = {" s": "SECONDS", " weeks": "WEEKS"}
+
+
+def value_metavar(param) -> str | None:
+    """The metavar of an option's value: the choices of a Literal or Enum as [a|b], the unit of a timed
+    option (SECONDS), else its type (PATH, TEXT, INTEGER, FLOAT); None for a flag."""
+    import typing
+
+    from perfusion.cli.options import _RANGES
+
+    if getattr(param, "is_flag", False) or getattr(param, "count", False):
+        return None
+    unit = next((_RANGES[o][4] for o in param.opts if o in _RANGES), None)
+    if unit in _UNIT_METAVARS:
+        return _UNIT_METAVARS[unit]
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # typer before its own parameter types: click's
+        kind = getattr(param.type, "name", "")
+        return _TYPE_METAVARS.get(kind, kind.upper() or None)
+    if desc.choices:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices) + "]"
+    annotation = desc.annotation
+    while typing.get_args(annotation) and typing.get_origin(annotation) is not typing.Literal:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))  # list[X], Optional[X]
+    return _TYPE_METAVARS.get(getattr(annotation, "__name__", ""), "VALUE")
+
+
+def plain_param(param) -> None:
+    """Give an argument its capitalised name as metavar ("Missing argument 'DSC'"), an option the
+    metavar of its value, and a repeatable option's help "(repeatable)"."""
+    if param.param_type_name == "argument":
+        param.metavar = param.metavar or param.name.upper()
+        return
+    if param.metavar is None:
+        param.metavar = value_metavar(param)
+    if getattr(param, "multiple", False) and "repeatable" not in (param.help or ""):
+        param.help = f"{param.help} (repeatable)" if param.help else "Repeatable."
+
+
 def _internal(exc: Exception):
     typer.echo(f"perfusion: internal error ({type(exc).__name__}: {exc}); "
                "please report it with the command you ran", err=True)
@@ -128,10 +270,10 @@ COMMANDS = (("analyze", analyze.analyze), ("phantom", phantom.phantom), ("valida
             ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect), ("bench", bench.bench),
             ("warmup", warmup))
 for _name, _command in COMMANDS:
-    app.command(_name)(guard(_command))
+    app.command(_name, cls=Command)(guard(_command))
 
 
-@app.command()
+@app.command(cls=Command)
 def version() -> None:
     """Print the version."""
     from perfusion import __version__

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from perfusion.cli.options import check_options
+from perfusion.cli.options import Quiet, check_options
 from perfusion.errors import EXIT_PARTIAL, UsageError
 
 #: Exit status when a row is slower than --fail-above times its baseline (batch uses it for "some
@@ -46,6 +46,7 @@ def bench(
         help="With --baseline: exit 3 when a row's median is more than this ratio times its baseline's (>= 1, "
              "e.g. 1.5). Rows shorter than 20 ms on both sides, or slower by less than 20 ms, are not judged "
              "(at that scale a ratio is noise); rows on one side only are listed, not failed.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """Time analyze on standard phantom volumes: end to end, per stage (voxels/s), memory, numba compile.
 
@@ -55,7 +56,7 @@ def bench(
     """
     check_options(dict(locals()))
     run_bench(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
-              quick=quick, json_out=json_out, cache=cache, baseline=baseline, fail_above=fail_above)
+              quick=quick, json_out=json_out, cache=cache, baseline=baseline, fail_above=fail_above, quiet=quiet)
 
 
 def plan_of(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool):
@@ -93,10 +94,11 @@ def read_baseline(baseline: Path | None, fail_above: float | None) -> dict | Non
 
 def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile_time: bool, quick: bool,
               json_out: Path | None, cache: Path | None, baseline: Path | None = None,
-              fail_above: float | None = None) -> dict:
+              fail_above: float | None = None, quiet: bool = False) -> dict:
     """``perfusion bench``: measure, print the tables (and the comparison), write the JSON atomically;
-    exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``."""
-    from perfusion.cli.console import compile_notice, console, console_err
+    exit 3 (typer.Exit) after all that when a row regressed beyond ``fail_above``. ``quiet``: no steps,
+    tables nor notes (the exit code and errors still say a regression)."""
+    from perfusion.cli.console import compile_notice, console, console_err, stage_progress
     from perfusion.io import atomic_write, dumps_json
     from perfusion.tools import bench
     from perfusion.tools.warm import warm_if_needed
@@ -104,14 +106,19 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
     plan = plan_of(volumes=volumes, dtypes=dtypes, repeats=repeats, kernels=kernels, compile_time=compile_time,
                    quick=quick)
     base = read_baseline(baseline, fail_above)
-    con = console()
-    warm_if_needed(on_compile=compile_notice)  # the timed runs are warm-cache runs (compilation is measured apart)
-    result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(),
-                             on_step=lambda msg: con.print(f"[dim]{msg}[/dim]"))
+    con = console(quiet=quiet)
+    warm_if_needed(on_compile=None if quiet else compile_notice)  # timed runs are warm-cache runs
+    with stage_progress(total=bench.count_steps(plan), quiet=quiet) as progress:
+
+        def step(msg: str) -> None:
+            con.print(f"[dim]{msg}[/dim]")
+            progress.stage(msg)
+
+        result = bench.run_bench(plan, cache=Path(cache) if cache else bench.default_cache(), on_step=step)
     if base is not None:
         result["comparison"] = {"baseline": str(baseline), **bench.compare(result, base, fail_above=fail_above)}
     state = result["machine"]
-    if state["busy"]:
+    if state["busy"] and not quiet:
         console_err().print(f"[yellow]perfusion: warning: the machine was busy ({state['why']}): times are noisier "
                             "than usual; compare runs taken side by side[/yellow]")
     print_tables(result, con)
@@ -122,6 +129,9 @@ def run_bench(*, volumes: str, dtypes: str, repeats: int, kernels: bool, compile
         atomic_write(json_out, dumps_json(result) + "\n", fix="choose another --json")
         con.print(f"JSON written to {json_out}")
     if base is not None and result["comparison"]["failed"]:
+        if quiet:
+            console_err().print(f"perfusion: error: {len(result['comparison']['failed'])} row(s) slower than "
+                                f"{fail_above:g} x the baseline", markup=False)
         raise typer.Exit(code=EXIT_REGRESSION)
     return result
 
@@ -137,31 +147,30 @@ def _spread_cells(median: float | None, lo: float | None, hi: float | None, digi
 def print_tables(result: dict, console) -> None:
     """The bench result as tables on ``console``: end to end, stages, the oSVD floor, numba's compile
     cost; every timed row with its median, range and spread over the runs."""
-    from rich.table import Table
+    from perfusion.cli.console import table as new_table
 
     m = result["machine"]
     runs = result["settings"]["repeats"]
     console.print(f"perfusion {m['perfusion']} on {m['cpus']} CPUs ({m['processor']}), Python {m['python']}, "
                   f"numpy {m['numpy']}, numba {m['numba']} ({m['numba_threads']} threads); load average "
                   f"{_num(m.get('load_avg'))} before, CPU steal {_num(m.get('steal_pct'))} % during the run")
-    t = Table(title=f"perfusion analyze, end to end (fresh process, --no-html; {runs} runs: median, min-max, "
-                    "spread = (max - min) / median)")
-    for col in ("volume", "dtype", "config", "wall s", "min-max", "spread %", "analysis s", "peak RSS MB",
-                "x input (float32)"):
-        t.add_column(col, no_wrap=True)
+    # volume and dtype in one cell, the median and its range in one: 80 columns hold the table
+    t = new_table(f"perfusion analyze, end to end (fresh process, --no-html; {runs} runs: median (min-max), "
+                  "spread = (max - min) / median)", "volume", "config", "wall s (min-max)", "spread %",
+                  "analysis s", "peak RSS MB", "x input (float32)",
+                  numbers=("wall s (min-max)", "spread %", "analysis s", "peak RSS MB", "x input (float32)"))
     for r in result["end_to_end"]:
-        t.add_row(r["volume"], r["dtype"], r["config"], *_spread_cells(r["wall_s_median"], r["wall_s_min"],
-                                                                       r["wall_s_max"], 2),
+        median, span, spread = _spread_cells(r["wall_s_median"], r["wall_s_min"], r["wall_s_max"], 2)
+        t.add_row(f"{r['volume']} {r['dtype']}", r["config"], f"{median} ({span.replace('-', ' - ')})", spread,
                   _num(r["analysis_s_median"]), f"{r['peak_rss_mb']:.0f}", f"{r['peak_over_input']:.2f}")
     console.print(t)
-    t = Table(title="stages (report.json timings_s): median, min-max, spread")
-    for col in ("volume", "dtype", "config", "stage", "s", "min-max", "spread %", "Mvoxel/s"):
-        t.add_column(col, no_wrap=True)
+    t = new_table("stages (report.json timings_s): median (min-max), spread", "volume", "config", "stage",
+                  "s (min-max)", "spread %", "Mvoxel/s", numbers=("s (min-max)", "spread %", "Mvoxel/s"))
     for r in result["stages"]:
         vps = r["voxels_per_s"]
-        t.add_row(r["volume"], r["dtype"], r["config"], r["stage"],
-                  *_spread_cells(r["seconds_median"], r["seconds_min"], r["seconds_max"], 3),
-                  f"{vps / 1e6:.2f}" if vps else "-")
+        median, span, spread = _spread_cells(r["seconds_median"], r["seconds_min"], r["seconds_max"], 3)
+        t.add_row(f"{r['volume']} {r['dtype']}", r["config"], r["stage"], f"{median} ({span.replace('-', ' - ')})",
+                  spread, f"{vps / 1e6:.2f}" if vps else "-")
     console.print(t)
     for r in result.get("osvd_floor", []):
         console.print(f"oSVD on {r['voxels']} voxels x {r['frames']} frames ({r['volume']}): {r['osvd_s']:.2f} s "
@@ -180,17 +189,16 @@ def _num(value, digits: int = 2) -> str:
 def print_comparison(comparison: dict, console, *, machine: dict) -> None:
     """The rows against the baseline (medians, ratio now / baseline) and a closing line naming those slower
     than --fail-above; a note when the baseline was measured on another kind of machine."""
-    from rich.table import Table
+    from perfusion.cli.console import table as new_table
 
     fail_above = comparison["fail_above"]
     other = comparison["baseline_machine"]
     if any(other.get(k) != machine.get(k) for k in ("cpus", "processor")):
         console.print(f"[yellow]note: the baseline ran on {other.get('cpus')} CPUs ({other.get('processor')}), this "
                       f"run on {machine.get('cpus')} ({machine.get('processor')}): ratios mix machines[/yellow]")
-    t = Table(title=f"against the baseline {comparison['baseline']} (medians; ratio now / baseline, above 1 slower; "
-                    f"under {comparison['floor_s'] * 1000:.0f} ms not judged)")
-    for col in ("row", "baseline s", "now s", "ratio", "status"):
-        t.add_column(col, no_wrap=True)
+    t = new_table(f"against the baseline {comparison['baseline']} (medians; ratio now / baseline, above 1 slower; "
+                  f"under {comparison['floor_s'] * 1000:.0f} ms not judged)", "row", "baseline s", "now s", "ratio",
+                  "status", numbers=("baseline s", "now s", "ratio"))
     for r in comparison["rows"]:
         status = f"[red]{r['status']}[/red]" if r["status"] == "slower" else r["status"]
         t.add_row(r["key"], _num(r["baseline_s"], 3), _num(r["now_s"], 3), _num(r["ratio"]), status)

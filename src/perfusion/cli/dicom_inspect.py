@@ -8,15 +8,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from perfusion.cli.options import Quiet
+
 
 def dicom_inspect(
     folder: Annotated[Path, typer.Argument(metavar="DIR", help="Folder of DICOM files (sub-folders searched).")],
     json_path: Annotated[Optional[Path], typer.Option(
         "--json", help="Also write the description as JSON here.")] = None,
+    quiet: Quiet = False,
 ) -> None:
     """List the series of a DICOM folder: frames, slices, frame ordering, frame intervals (s) against the TR,
     and the checks an analysis runs (slice counts, per-frame rescaling, timing). Headers only."""
-    run_dicom_inspect(folder=folder, json_path=json_path)
+    run_dicom_inspect(folder=folder, json_path=json_path, quiet=quiet)
 
 
 def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: bool = False) -> dict:
@@ -41,19 +44,17 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
 
 
 def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> None:
-    from rich.table import Table
-
     from perfusion.cli.console import console
+    from perfusion.cli.console import table as new_table
 
     con = console()
 
     def num(x):
         return "-" if x is None else f"{x:.4g}"
 
-    table = Table(title=f"DICOM series in {folder} (times in s)")
-    for col in ("series", "files", "frames", "slices", "matrix", "TE", "TR", "frame order",
-                "interval (range)", "checks"):
-        table.add_column(col, no_wrap=True)
+    table = new_table(f"DICOM series in {folder} (times in s)", "series", "files", "frames", "slices", "matrix",
+                      "TE", "TR", "frame order", "interval (range)", "checks",
+                      numbers=("series", "files", "frames", "slices", "TR"))
 
     def count(n, what):
         return f"{n} {what}{'s' if n > 1 else ''}"

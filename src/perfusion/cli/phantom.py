@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from perfusion.cli.options import Force, check_options
+from perfusion.cli.options import Force, Quiet, check_options
 from perfusion.errors import UsageError
 
 
@@ -39,12 +39,13 @@ def phantom(
         "--te-list", help="--realistic: the echo times in s, comma-separated and increasing, each in "
                           "(0, 0.2] (e.g. 0.008,0.030); one series per echo.")] = None,
     force: Force = False,
+    quiet: Quiet = False,
 ) -> None:
     """Write a synthetic DSC case with known CBV/CBF/MTT, masks and truth maps."""
     check_options(dict(locals()))
     echo_times = echo_times_from_options(echoes=echoes, te_list=te_list, te=te, realistic=realistic)
     run_phantom(out=out, snr=snr, seed=seed, tr=tr, te=te, frames=frames, leaky_lesions=leaky_lesions, force=force,
-                realistic=realistic, protocol=protocol, echo_times=echo_times)
+                quiet=quiet, realistic=realistic, protocol=protocol, echo_times=echo_times)
 
 
 def echo_times_from_options(*, echoes: int | None, te_list: str | None, te: float | None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -163,3 +164,52 @@ def load_mask(path: Path, like: Series, *, what: str, labels: str = "refuse") ->
     listed = ", ".join(str(k) for k in list(regions)[:8]) + (", ..." if len(regions) > 8 else "")
     raise InputError(f"{path}: {what} is a label map with {len(regions)} labels ({listed}); it must be one region: "
                      "save the one label you mean as a 0/1 mask")
+
+
+def header_grid(path: Path) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """The 3-D shape and affine a NIfTI file's header states, without reading its data (nibabel reads
+    the header alone; a .nii.gz is decompressed only that far); None when the header cannot be read
+    (the file's full load then says why)."""
+    import nibabel
+
+    from perfusion.io.nifti import _quiet_nibabel
+
+    try:
+        with _quiet_nibabel():
+            img: Any = nibabel.load(str(path))
+            shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception:  # nibabel raises many types for broken files; the full load words the error
+        return None
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    return shape, affine
+
+
+def check_masks_before_loading(series_path: Path, masks: list[tuple[Path, str]]) -> None:
+    """Refuse a mask on another grid than the series before the series' data is decoded (a large series
+    takes 10-30 s to read): each mask file (path, what) must exist, be NIfTI and state in its header the
+    series' 3-D shape and affine, as :func:`mask_regions` requires after loading, with the same one-line
+    InputError. Headers only; a series or mask whose header cannot be read is left to the full load.
+    ``series_path``: a NIfTI series (a DICOM folder's grid is known only once read)."""
+    series_path = Path(series_path)
+    if series_path.is_dir() or not series_path.is_file():
+        return
+    series = header_grid(series_path)
+    if series is None or len(series[0]) < 3:
+        return
+    shape3d, affine = series[0][:3], series[1]
+    for path, what in masks:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: {what} not found; check the path")
+        if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
+            raise InputError(f"{path}: {what} must be a NIfTI file (.nii or .nii.gz)")
+        grid = header_grid(path)
+        if grid is None:
+            continue
+        if grid[0] != shape3d:
+            raise InputError(f"{path}: {what} shape {grid[0]} differs from the DSC series {series_path.name} "
+                             f"{shape3d}; resample the mask onto the DSC grid")
+        if not np.allclose(grid[1], affine, rtol=1e-5, atol=AFFINE_ATOL_MM):
+            raise InputError(f"{path}: {what} affine differs from the DSC series {series_path.name}; "
+                             "resample the mask onto the DSC grid")

@@ -409,6 +409,14 @@ def machine_state(*, load_avg: float | None, cpus: int | None, steal_pct: float 
             "steal_pct": None if steal_pct is None else round(steal_pct, 2), "why": "; ".join(why) or None}
 
 
+def count_steps(plan: Plan) -> int:
+    """How many times ``run_bench`` calls its ``on_step`` for ``plan`` (a progress bar's total): the
+    compile measurement, then per volume and dtype its build, the oSVD floor (first dtype) and each round
+    of the configurations. Rounds take about the same time, so the count makes a fair time estimate."""
+    per_volume = [1 + (plan.osvd_floor and dtype == plan.dtypes[0]) + plan.repeats for dtype in plan.dtypes]
+    return int(plan.compile_time) + len(plan.volumes) * sum(per_volume)
+
+
 def run_bench(plan: Plan, *, cache: Path, on_step=None) -> dict:
     """Every measurement of ``plan``; returns the JSON-able result, the machine's state included."""
     cache.mkdir(parents=True, exist_ok=True)

@@ -290,6 +290,79 @@ def summarize(rows: list[Row]) -> list[dict]:
     return out
 
 
+# ----------------------------------------------------------------------------------------- tolerances
+
+#: The README's Accuracy table (median |estimate / truth - 1| of CBF and MTT, in %, per data set, subset and
+#: method, measured by ``perfusion validate`` on the full data): (dataset, group) -> method -> (CBF, MTT);
+#: None where the table gives no figure. The bezier residue rows give CBF only.
+PUBLISHED_PERCENT: dict[tuple[str, str], dict[str, tuple[float | None, float | None]]] = {
+    ("phantom", "undispersed"): {"model": (4.9, 6.4), "osvd": (33.6, 48.8), "csvd": (37.2, 58.1),
+                                 "ssvd": (47.5, 84.7), "tikhonov": (47.1, 88.3)},
+    ("phantom", "dispersed"): {"model": (35.4, 56.5), "osvd": (45.1, 81.3), "csvd": (46.1, 82.8),
+                               "ssvd": (53.9, 113.5), "tikhonov": (56.0, 124.4)},
+    ("osipi", "all"): {"model": (14.8, 4.6), "osvd": (11.5, 23.6), "csvd": (21.2, 34.5), "ssvd": (11.2, 23.0),
+                       "tikhonov": (16.6, 35.9)},
+    ("bezier", "no delay, no dispersion"): {"model": (11.7, 19.2), "osvd": (26.3, 29.3), "csvd": (21.4, 24.1),
+                                            "ssvd": (20.7, 23.5), "tikhonov": (38.2, 50.9)},
+    ("bezier", "delay 6 s"): {"model": (7.8, 13.8), "osvd": (23.6, 23.6), "csvd": (20.0, 23.1),
+                              "ssvd": (24.6, 28.4), "tikhonov": (38.1, 54.5)},
+    ("bezier", "dispersion 3 s"): {"model": (49.8, 87.0), "osvd": (45.9, 67.1), "csvd": (35.6, 40.4),
+                                   "ssvd": (44.1, 60.8), "tikhonov": (54.7, 102.7)},
+    ("bezier", "residue lambda 1"): {"model": (2.9, None), "osvd": (7.9, None), "csvd": (50.2, None),
+                                     "ssvd": (1.4, None), "tikhonov": (26.5, None)},
+    ("bezier", "residue lambda 5"): {"model": (0.5, None), "osvd": (13.7, None), "csvd": (83.1, None),
+                                     "ssvd": (20.2, None), "tikhonov": (6.9, None)},
+    ("bezier", "residue lambda 100"): {"model": (2.8, None), "osvd": (24.4, None), "csvd": (100.1, None),
+                                       "ssvd": (31.7, None), "tikhonov": (3.5, None)},
+    ("bezier", "gamma residue (lambda 5)"): {"model": (6.7, 5.8), "osvd": (15.4, 18.9), "csvd": (41.3, 30.6),
+                                             "ssvd": (9.6, 13.5), "tikhonov": (27.2, 35.4)},
+    ("bezier", "boxcar residue"): {"model": (16.7, 8.1), "osvd": (18.2, 19.6), "csvd": (56.7, 34.3),
+                                   "ssvd": (15.8, 13.5), "tikhonov": (18.0, 21.3)},
+}
+
+#: A method misses its stated tolerance when its median |error| exceeds the published figure by more than
+#: TOLERANCE_MARGIN_POINTS percentage points or TOLERANCE_MARGIN_FRACTION of the figure, whichever is
+#: larger. Why this margin: every data set here is fixed (the phantom's noise is seeded, the DROs are
+#: files), so a run on the same code reproduces the table up to floating-point summation order (threads,
+#: BLAS), far below a point; what the gate is for is a code change that moves a median by several points.
+#: 3 points is the smallest change the README's issue-16 note calls a worsening worth reporting (the gamma
+#: rows' +1.7 [0.0, 3.6] points) rounded up past its bootstrap interval; a fifth of the figure keeps the
+#: large errors (the SVD family's 40-100 %) from failing on a relative wobble no user would notice.
+TOLERANCE_MARGIN_POINTS = 3.0
+TOLERANCE_MARGIN_FRACTION = 0.2
+
+#: Data sets whose figures ``--quick`` reproduces as published: the OSIPI curves and the Bezier DRO are the
+#: same data; the quick phantom (48 x 48) is another phantom and is not judged.
+QUICK_JUDGED = ("osipi", "bezier")
+
+
+def tolerance_percent(published: float) -> float:
+    """The largest median |error| (%) a published figure (%) tolerates: the figure plus its margin
+    (TOLERANCE_MARGIN_POINTS or TOLERANCE_MARGIN_FRACTION of it, whichever is larger)."""
+    return published + max(TOLERANCE_MARGIN_POINTS, TOLERANCE_MARGIN_FRACTION * published)
+
+
+def check_tolerances(summary: list[dict], *, datasets=None, scale: float = 1.0) -> list[dict]:
+    """Each summary entry (``summarize``) with a published figure, judged: dataset, group, method,
+    quantity (cbf, mtt), the measured and published median |error| and the tolerance (%), and ``ok``.
+    ``datasets``: only these (None: every one); ``scale`` multiplies every tolerance (1: as stated)."""
+    checks = []
+    for e in summary:
+        if datasets is not None and e["dataset"] not in datasets:
+            continue
+        published = PUBLISHED_PERCENT.get((e["dataset"], e["group"]), {}).get(e["method"])
+        for q, figure in zip(("cbf", "mtt"), published or (), strict=False):
+            if figure is None:
+                continue
+            measured = None if e[q] is None else 100 * e[q]["median_abs"]
+            limit = scale * tolerance_percent(figure)
+            checks.append({"dataset": e["dataset"], "group": e["group"], "method": e["method"], "quantity": q,
+                           "median_abs_percent": measured, "published_percent": figure,
+                           "tolerance_percent": round(limit, 2),
+                           "ok": measured is not None and bool(np.isfinite(measured)) and measured <= limit})
+    return checks
+
+
 def find_reference_data(explicit: Path | None = None) -> Path | None:
     """The peer data folder: ``explicit``, else shared/reference-data or ../shared/reference-data
     from the current folder."""
