@@ -131,7 +131,7 @@ def test_every_case_holds_bids_derivatives(array_job):
         for ses in SESSIONS:
             for run in RUNS:
                 prefix = f"sub-{sub}_ses-{ses}_run-{run}"
-                perf = out / f"sub-{sub}" / f"ses-{ses}" / f"run-{run}" / "perf"
+                perf = out / f"sub-{sub}" / f"ses-{ses}" / "perf"  # every run of the session, as in the raw tree
                 for name in ("cbv.nii.gz", "cbf.nii.gz", "rcbv.nii.gz", "desc-ftb_dseg.nii.gz", "desc-ftb_dseg.tsv",
                              "desc-brain_mask.nii.gz", "label-tumor_mask.nii.gz", "desc-baseline_T2starw.nii.gz",
                              "report.json", "report.html"):
@@ -216,15 +216,71 @@ def test_bids_validator_accepts_the_raw_dataset_and_the_derivatives(array_job, c
 
 @pytest.mark.skipif(_validator() is None, reason=f"the BIDS validator is not installed: {VALIDATOR_INSTALL}")
 def test_bids_validator_sees_a_misnamed_derivative(array_job, tmp_path):
-    """The validator run above can fail: a map in an anat/ folder (which .bidsignore does not hide) with
-    a suffix BIDS does not know is an error."""
+    """The validator run above can fail: OUTPUT_DIR's .bidsignore hides perfusion's suffixes in perf/
+    only, by name, so a map with a suffix perfusion does not write, in perf/ itself, is an error."""
     out = tmp_path / "out"
     shutil.copytree(array_job["out"], out)
-    anat = out / "sub-01" / "anat"
-    anat.mkdir()
-    shutil.copy(next(array_job["out"].rglob("*_cbv.nii.gz")), anat / "sub-01_cbvmap.nii.gz")
+    perf = out / "sub-01" / "ses-1" / "perf"
+    shutil.copy(perf / "sub-01_ses-1_run-1_cbv.nii.gz", perf / "sub-01_ses-1_run-1_cbvmap.nii.gz")
     errors, _ = _validate(out)
-    assert any("sub-01_cbvmap.nii.gz" in (e.get("location") or "") for e in errors), errors
+    assert [e["code"] for e in errors] == ["NOT_INCLUDED"], errors
+    assert errors[0]["location"] == "/sub-01/ses-1/perf/sub-01_ses-1_run-1_cbvmap.nii.gz"
+
+
+@pytest.mark.skipif(_validator() is None, reason=f"the BIDS validator is not installed: {VALIDATOR_INSTALL}")
+def test_bids_validator_checks_the_names_it_knows_in_anat(array_job, tmp_path):
+    """BIDS 1.11 has no derivative in perf/, but anat/ derivatives take _mask, _dseg (+ .tsv) and
+    _T2starw: in a copy with perf/ renamed anat/ and only the other suffixes ignored, the validator
+    itself accepts those names (entities, order, label-/desc-), with the one error BIDS requires of an
+    anat/ image derivative: a SkullStripped key, which perfusion does not write (its sidecars are not
+    anat/'s)."""
+    out = tmp_path / "out"
+    shutil.copytree(array_job["out"], out)
+    for perf in sorted(out.rglob("perf")):
+        perf.rename(perf.with_name("anat"))
+    keep = ("mask", "dseg", "T2starw")
+    (out / ".bidsignore").write_text("".join(ln.replace("**/perf/", "**/anat/") + "\n"
+                                             for ln in (out / ".bidsignore").read_text().splitlines()
+                                             if not any(ln.endswith(f"_{k}.*") for k in keep)))
+    errors, _ = _validate(out)
+    assert {(e["code"], e.get("subCode")) for e in errors} <= {("SIDECAR_KEY_REQUIRED", "SkullStripped")}, errors
+    assert all(e["location"].endswith("_desc-baseline_T2starw.nii.gz") for e in errors)
+    assert len(list(out.rglob("anat/*_mask.nii.gz"))) == 8 * 4 and len(list(out.rglob("anat/*_dseg.tsv"))) == 8
+
+
+def test_every_output_name_follows_the_bids_schema(array_job):
+    """The check the validator cannot make (tests/bids_names.py, the BIDS schema of bidsschematools):
+    every file perfusion wrote into OUTPUT_DIR, maps, sidecars, masks, tables and reports."""
+    from bids_names import check_tree, schema_rules
+
+    problems, checked = check_tree(array_job["out"])
+    assert problems == []
+    n_perf = len([p for p in array_job["out"].rglob("perf/*") if not p.name.startswith(".")])
+    assert checked == n_perf + 4 and n_perf >= 8 * 35  # 8 series of 39 files each; 4 top files
+    assert schema_rules()["bids_version"].startswith("1.")
+
+
+@pytest.mark.parametrize("rel, problem", [
+    ("sub-01/ses-1/perf/sub-01_ses-1_desc-x_run-1_cbv.nii.gz", "entity 'run' out of the schema's order"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_foo-1_cbv.nii.gz", "'foo-1' is not a BIDS entity"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_run-a_cbv.nii.gz", "run-a: the value does not match [0-9]+"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_label-tu_mor_mask.nii.gz", "'mor' is not a BIDS entity"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_cbv.nii.gzip", "extension '.nii.gzip' is not a BIDS extension"),
+    ("sub-01/ses-1/perf/sub-01_ses-2_cbv.nii.gz", "its ses- entity differs from the folder ses-1"),
+    ("sub-01/ses-1/run-1/perf/sub-01_ses-1_run-1_cbv.nii.gz", "not in sub-<label>/[ses-<label>/]<datatype>/"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_cbv.nii.gz", "no JSON sidecar"),
+])
+def test_the_schema_check_catches_a_wrong_name(tmp_path, rel, problem):
+    from bids_names import check_tree
+
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes(b"x")
+    if "sidecar" not in problem:
+        (tmp_path / rel).with_name(rel.rsplit("/", 1)[1].split(".")[0] + ".json").write_text("{}")
+    problems, checked = check_tree(tmp_path)  # the sidecar, named alike, has the same problem
+    mine = [p for p in problems if p.split(":")[0].endswith(Path(rel).name)]
+    assert checked == (1 if "sidecar" in problem else 2) and len(mine) == 1 and problem in mine[0], problems
+    assert all(problem in p for p in problems), problems  # the sidecar's, if any: the same problem
 
 
 # ------------------------------------------------------------------- command line, without analysis
@@ -294,18 +350,19 @@ def test_filter_file_run_analyses_only_the_kept_series(small_ds, tmp_path):
     assert main(["bids", str(small_ds), str(out), "participant", "--bids-filter-file", str(f), "-q", "--no-html"]) == 0
     rows = _summary(out)
     assert [r["case"] for r in rows] == ["sub-01_ses-2_run-2"]
-    perf = out / "sub-01" / "ses-2" / "run-2" / "perf"
+    perf = out / "sub-01" / "ses-2" / "perf"
     assert (perf / "sub-01_ses-2_run-2_report.json").is_file() and not list(perf.glob("*report.html"))
+    assert not (out / "sub-01" / "ses-2" / "run-2").exists() and not list(perf.glob("sub-01_ses-2_run-1_*"))
     assert rows[0]["report"].endswith("_report.json")  # --no-html: the summary links the report.json
 
 
 def test_a_case_locked_by_another_process_fails_alone(small_ds, tmp_path, capsys):
     """Per-case locks: while another run holds sub-01_ses-1_run-1's folder, that case fails (exit 3,
     named) and the other kept case is written."""
-    from perfusion.io import output_lock
+    from perfusion.batch.engine import case_lock
 
     out = tmp_path / "out"
-    with output_lock(out / "sub-01" / "ses-1" / "run-1" / "perf"):
+    with case_lock(out / "sub-01" / "ses-1" / "perf", "sub-01_ses-1_run-1"):
         code = main(["bids", str(small_ds), str(out), "participant", "--participant-label", "01", "--session-label",
                      "1", "-q", "--no-html"])
     assert code == 3
