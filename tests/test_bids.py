@@ -283,6 +283,86 @@ def test_the_schema_check_catches_a_wrong_name(tmp_path, rel, problem):
     assert all(problem in p for p in problems), problems  # the sidecar's, if any: the same problem
 
 
+def test_report_and_compare_take_one_analysis_of_a_shared_folder(array_job, tmp_path, capsys):
+    """A session's perf/ folder holds both runs' analyses: report and compare take one by its
+    *_report.json file; given the folder, they fail in one line listing the reports (exit 4)."""
+    perf1, perf2 = (array_job["out"] / "sub-01" / f"ses-{s}" / "perf" for s in SESSIONS)
+    page = perf1 / "sub-01_ses-1_run-2_report.html"
+    before = page.read_bytes()
+    page.unlink()
+    assert main(["report", str(perf1 / "sub-01_ses-1_run-2_report.json"), "-q"]) == 0
+    assert page.read_bytes() == before  # the same page as the batch wrote, from run-2's files alone
+    assert not list(perf1.glob(".report-view-*"))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(perf1 / "sub-01_ses-1_run-1_report.json"), str(perf2 / "sub-01_ses-2_run-1_report.json"),
+                 "--out", str(out), "-q"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in data["rois"]] == ["tumor"]
+    assert data["inputs"]["prior"]["report_json"] == "sub-01_ses-1_run-1_report.json"
+    assert data["inputs"]["current"]["report_json"] == "sub-01_ses-2_run-1_report.json"
+    capsys.readouterr()
+    for args in (["report", str(perf1)], ["compare", str(perf1), str(perf2), "--out", str(tmp_path / "c2")]):
+        assert main([*args, "-q"]) == 4
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{perf1}: holds 2 analyses (sub-01_ses-1_run-1_report.json, " \
+                                 "sub-01_ses-1_run-2_report.json); give the report file of one" in err[0], err
+
+
+def test_a_failed_or_killed_run_never_touches_another_run_of_its_session(small_ds, tmp_path):
+    """Two runs share sub-01/ses-1/perf/. A killed run of run-1 (its staging folder, its journal naming
+    a file it had moved in, no marker) and then a failing run-1 (its series broken) leave run-2's
+    files byte for byte and its marker untouched (resumed); run-1's leftovers are removed, and a
+    journal entry naming another case's file or a path outside the folder is not followed."""
+    from perfusion.batch.discovery import marker_name
+
+    ds = tmp_path / "ds"
+    shutil.copytree(small_ds, ds)
+    out = tmp_path / "out"
+    args = ["bids", str(ds), str(out), "participant", "--participant-label", "01", "--session-label", "1", "-q",
+            "--no-html"]
+    assert main(args) == 0
+    perf = out / "sub-01" / "ses-1" / "perf"
+    assert sorted(p.name for p in perf.glob(".*")) == [marker_name("sub-01_ses-1_run-1"),
+                                                       marker_name("sub-01_ses-1_run-2")]  # no lock, stage, journal
+    run2 = {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")}
+    assert len(run2) >= 35
+    mark2 = perf / marker_name("sub-01_ses-1_run-2")
+    stamp = mark2.stat().st_mtime_ns
+    (perf / marker_name("sub-01_ses-1_run-1")).unlink()
+    stage = perf / ".perfusion-partial-sub-01_ses-1_run-1-killed"
+    stage.mkdir()
+    (stage / "sub-01_ses-1_run-1_cbv.nii.gz").write_bytes(b"half")
+    stale = perf / "sub-01_ses-1_run-1_desc-stale_cbv.nii.gz"
+    stale.write_bytes(b"moved in by the killed run")
+    (tmp_path / "outside.txt").write_text("keep")
+    (perf / ".sub-01_ses-1_run-1.perfusion-pending.json").write_text(json.dumps(
+        {"files": [stale.name, "sub-01_ses-1_run-2_cbv.nii.gz", "../../../../outside.txt"]}))
+    (ds / "sub-01" / "ses-1" / "perf" / "sub-01_ses-1_run-1_dsc.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    assert main(args) == 3
+    assert {r["case"]: r["status"] for r in _summary(out)} == {"sub-01_ses-1_run-1": "failed",
+                                                                 "sub-01_ses-1_run-2": "ok"}
+    assert {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")} == run2
+    assert mark2.stat().st_mtime_ns == stamp  # resumed, not rewritten
+    assert not stage.exists() and not stale.exists() and (tmp_path / "outside.txt").read_text() == "keep"
+    assert sorted(p.name for p in perf.glob(".*")) == [mark2.name]
+
+
+def test_two_series_writing_one_file_are_refused_before_any_work(tmp_path, source, capsys):
+    """Series of one session share its folder: two whose outputs would take one name (a raw desc-
+    entity equal to one perfusion writes) are refused, naming both (exit 4), before OUT_DIR exists."""
+    root = tmp_path / "ds"
+    (root / "sub-01" / "perf").mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    for name in ("sub-01", "sub-01_desc-standardized"):
+        shutil.copy(source["dsc"], root / "sub-01" / "perf" / f"{name}_dsc.nii.gz")
+    capsys.readouterr()
+    assert main(["bids", str(root), str(tmp_path / "out"), "participant", "-q"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sub-01/perf/sub-01_dsc.nii.gz and sub-01/perf/sub-01_desc-standardized_dsc.nii.gz: " \
+        "both would write sub-01_desc-standardized_rcbv" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------- command line, without analysis
 
 
