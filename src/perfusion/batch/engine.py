@@ -2,20 +2,25 @@
 is marked done with the fingerprint of what made it; a re-run skips done cases and recomputes changed
 ones; ``--jobs N`` or ``--scheduler`` spread the cases over Dask distributed workers.
 
-A case's outputs are written into a hidden staging folder beside its final folder, with the done-marker
-(:data:`MARKER`: input hashes, parameters, software version, the case's summary rows) written last;
-then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
-old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
-removes; a case counts as done only when its marker matches. Files are named relative to the input
+A case's outputs are written into a hidden staging folder, with the done-marker (:data:`MARKER`: input
+hashes, parameters, software version, the case's summary rows, its files) written last. A plain case
+has a folder of its own: the staging folder beside it replaces it by renames, and a batch killed at any
+moment leaves the old folder, no folder or the new complete one. A BIDS series shares its session's
+``perf/`` folder with the other runs (``sub-01/ses-1/perf/sub-01_ses-1_run-2_cbv.nii.gz``, as derivatives
+mirror the raw tree): its marker ``.<prefix>.perfusion-done.json``, lock ``.<prefix>.lock`` and staging
+folder are its own, and its files move in one by one between a journal and the marker
+(:func:`_move_case_in`), touching no other series' file; a killed run leaves the case without a marker,
+recomputed next time. Hidden leftovers are removed by the case's next run; a case counts as done only
+when its marker matches. Files are named relative to the input
 folder in the markers, summaries and log lines (:class:`Names`; each case's own outputs name their inputs
 by file name, as ``analyze`` does: report.outputs.write_result), so a copied dataset resumes and no folder
-above the dataset (often a patient's name) leaks; two cases never share an output folder
+above the dataset (often a patient's name) leaks; two cases never write one file
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
 
 Several processes may write one OUT_DIR at once (``perfusion bids ... participant --participant-label``
-per task of a cluster array job): each case folder is locked while it is written (io.output_lock), a
+per task of a cluster array job): each case is locked while it is written (:func:`case_lock`), a
 case cleans only its own leftovers, and the top files (summary.tsv/.json, index.html,
 dataset_description.json, .bidsignore) are rebuilt, under a short lock, from every finished case found
 in OUT_DIR (:func:`write_summary`), so the last process to finish writes every case.
