@@ -347,6 +347,28 @@ def test_a_failed_or_killed_run_never_touches_another_run_of_its_session(small_d
     assert sorted(p.name for p in perf.glob(".*")) == [mark2.name]
 
 
+def test_a_recomputed_run_removes_its_own_old_files_only(small_ds, tmp_path):
+    """``report --anat`` adds run-1's T1 files to the shared folder (named in its report.json); when
+    run-1 is computed again without them, they go, and run-2's files stay as they were."""
+    out = tmp_path / "out"
+    base = ["bids", str(small_ds), str(out), "participant", "--participant-label", "01", "--session-label", "1", "-q",
+            "--no-html"]
+    assert main(base) == 0
+    perf = out / "sub-01" / "ses-1" / "perf"
+    anat = perf / "sub-01_ses-1_run-2_desc-baseline_T2starw.nii.gz"  # any 3-D image registers
+    assert main(["report", str(perf / "sub-01_ses-1_run-1_report.json"), "--anat", str(anat), "-q"]) == 0
+    t1 = ["sub-01_ses-1_run-1_space-dsc_T1w.nii.gz", "sub-01_ses-1_run-1_space-dsc_T1w.json",
+          "sub-01_ses-1_run-1_from-T1w_to-dsc_mode-image_xfm.tfm", "sub-01_ses-1_run-1_report.html"]
+    assert all((perf / n).is_file() for n in t1)
+    run2 = {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")}
+    f = tmp_path / "f.json"
+    f.write_text('{"dsc": {"run": 1}}')
+    assert main([*base, "--bids-filter-file", str(f), "--rcbv-high", "1.8"]) == 0
+    assert not any((perf / n).exists() for n in t1)
+    assert (perf / "sub-01_ses-1_run-1_rcbv.nii.gz").is_file()
+    assert {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")} == run2
+
+
 def test_two_series_writing_one_file_are_refused_before_any_work(tmp_path, source, capsys):
     """Series of one session share its folder: two whose outputs would take one name (a raw desc-
     entity equal to one perfusion writes) are refused, naming both (exit 4), before OUT_DIR exists."""

@@ -480,15 +480,20 @@ def _move_case_in(stage: Path, final: Path, prefix: str) -> None:
 
 def _recorded_files(final: Path, prefix: str) -> list[str]:
     """The files of BIDS case ``prefix`` in ``final`` that its done-marker or a killed run's journal
-    lists: plain names starting with ``<prefix>_`` only, so a damaged record cannot name another
-    case's file or anything outside the folder."""
-    names: set[str] = set()
+    lists, or its report.json (``perfusion report --anat`` adds the T1 and its transform there): plain
+    names starting with ``<prefix>_`` only, so a damaged record cannot name another case's file or
+    anything outside the folder."""
+    from perfusion.io.names import output_file, sidecar_of
+
+    listed: list = []
     for record in (final / marker_name(prefix), final / f".{prefix}{PENDING}"):
         files = (read_marker(record) or {}).get("files")
-        if isinstance(files, list):
-            names |= {f for f in files if isinstance(f, str) and f.startswith(f"{prefix}_") and "/" not in f
-                      and "\\" not in f and (final / f).is_file() and not (final / f).is_symlink()}
-    return sorted(names)
+        listed += files if isinstance(files, list) else []
+    files = (read_marker(final / output_file("report", prefix)) or {}).get("files")
+    named = [str(v) for v in files.values()] if isinstance(files, dict) else []
+    listed += named + [sidecar_of(v) for v in named if v.endswith((".nii", ".nii.gz"))]
+    return sorted({f for f in listed if isinstance(f, str) and f.startswith(f"{prefix}_") and "/" not in f
+                   and "\\" not in f and (final / f).is_file() and not (final / f).is_symlink()})
 
 
 def source_uri(names: Names, path: Path) -> str:
