@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from conftest import folder_digest
+from perfusion.batch.discovery import marker_name
 from perfusion.batch.engine import MARKER, TOP_FILES
 from perfusion.cli.app import main
 
@@ -55,7 +56,7 @@ def _summary(out: Path) -> list[dict]:
 def _markers(out: Path) -> dict[str, tuple[int, str]]:
     """case id -> (marker mtime, finished time) of every done-marker under ``out``."""
     found = {}
-    for p in out.rglob(MARKER):
+    for p in out.rglob(f"*{MARKER}"):  # a plain case's MARKER, a BIDS series' .<prefix>.perfusion-done.json
         m = json.loads(p.read_text())
         found[m.get("case", str(p.parent.relative_to(out)))] = (p.stat().st_mtime_ns, m["finished_utc"])
     return found
@@ -82,8 +83,8 @@ def _new_bids(root: Path) -> Path:
 # ---------------------------------------------------------------------- 1. one folder per series
 
 #: The series of the BIDS dataset and the output folder each must get.
-SERIES = {"sub-01_run-1": "sub-01/run-1/perf", "sub-01_run-2": "sub-01/run-2/perf",
-          "sub-02_ses-1_acq-gre": "sub-02/ses-1/acq-gre/perf", "sub-02_ses-1_acq-se": "sub-02/ses-1/acq-se/perf"}
+SERIES = {"sub-01_run-1": "sub-01/perf", "sub-01_run-2": "sub-01/perf",  # BIDS: runs share their session's folder
+          "sub-02_ses-1_acq-gre": "sub-02/ses-1/perf", "sub-02_ses-1_acq-se": "sub-02/ses-1/perf"}
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +100,7 @@ def bids_run(tmp_path_factory, sources):
     root = _new_bids(top / "study" / "rawdata")
     masks = top / "study" / "masks"
     for i, (prefix, folder) in enumerate(SERIES.items()):
-        rel = folder.replace("/run-1", "").replace("/run-2", "").replace("/acq-gre", "").replace("/acq-se", "")
+        rel = folder
         _bids_series(root, rel, prefix, sources[i % 2])
         if prefix.startswith("sub-02"):
             _bids_masks(masks, rel, prefix, sources[i % 2])
@@ -132,8 +133,9 @@ def test_bids_runs_and_acquisitions_each_keep_their_outputs(bids_run, capsys):
         rep = json.loads((out / folder / f"{r['case']}_report.json").read_text())
         assert rep["inputs"]["dsc"]["file"] == f"{r['case']}_dsc.nii.gz"  # its own series
         assert all(f.startswith(r["case"] + "_") for f in rep["files"].values())  # every entity in the names
-        marker = json.loads((out / folder / MARKER).read_text())
+        marker = json.loads((out / folder / marker_name(r["case"])).read_text())
         assert marker["case"] == r["case"] and marker["out"] == folder  # ... and in the done-marker
+        assert sorted(marker["files"]) == sorted(p.name for p in (out / folder).glob(f"{r['case']}_*"))
     # the runs' numbers are their own (different phantoms), not one run's shown twice
     med = {r["case"]: float(r["rcbv_median"]) for r in rows}
     assert med["sub-01_run-1"] != med["sub-01_run-2"] and med["sub-02_ses-1_acq-gre"] != med["sub-02_ses-1_acq-se"]
@@ -260,7 +262,8 @@ def _leaks(folder: Path, secret: str) -> list[str]:
 def test_no_output_or_log_line_carries_a_folder_above_the_dataset(bids_run):
     out, tmp = bids_run["out"], bids_run["tmp"]
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert MARKER in {Path(w).name for w in written} and "summary.json" in written and "index.html" in written
+    assert marker_name("sub-01_run-1") in {Path(w).name for w in written}  # the done-markers are checked too
+    assert "summary.json" in written and "index.html" in written
     assert _leaks(out, SECRET) == []
     for text in (bids_run["stdout"], bids_run["stderr"]):
         assert SECRET not in text and str(tmp) not in text, text

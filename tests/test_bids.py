@@ -131,7 +131,7 @@ def test_every_case_holds_bids_derivatives(array_job):
         for ses in SESSIONS:
             for run in RUNS:
                 prefix = f"sub-{sub}_ses-{ses}_run-{run}"
-                perf = out / f"sub-{sub}" / f"ses-{ses}" / f"run-{run}" / "perf"
+                perf = out / f"sub-{sub}" / f"ses-{ses}" / "perf"  # every run of the session, as in the raw tree
                 for name in ("cbv.nii.gz", "cbf.nii.gz", "rcbv.nii.gz", "desc-ftb_dseg.nii.gz", "desc-ftb_dseg.tsv",
                              "desc-brain_mask.nii.gz", "label-tumor_mask.nii.gz", "desc-baseline_T2starw.nii.gz",
                              "report.json", "report.html"):
@@ -216,15 +216,173 @@ def test_bids_validator_accepts_the_raw_dataset_and_the_derivatives(array_job, c
 
 @pytest.mark.skipif(_validator() is None, reason=f"the BIDS validator is not installed: {VALIDATOR_INSTALL}")
 def test_bids_validator_sees_a_misnamed_derivative(array_job, tmp_path):
-    """The validator run above can fail: a map in an anat/ folder (which .bidsignore does not hide) with
-    a suffix BIDS does not know is an error."""
+    """The validator run above can fail: OUTPUT_DIR's .bidsignore hides perfusion's suffixes in perf/
+    only, by name, so a map with a suffix perfusion does not write, in perf/ itself, is an error."""
     out = tmp_path / "out"
     shutil.copytree(array_job["out"], out)
-    anat = out / "sub-01" / "anat"
-    anat.mkdir()
-    shutil.copy(next(array_job["out"].rglob("*_cbv.nii.gz")), anat / "sub-01_cbvmap.nii.gz")
+    perf = out / "sub-01" / "ses-1" / "perf"
+    shutil.copy(perf / "sub-01_ses-1_run-1_cbv.nii.gz", perf / "sub-01_ses-1_run-1_cbvmap.nii.gz")
     errors, _ = _validate(out)
-    assert any("sub-01_cbvmap.nii.gz" in (e.get("location") or "") for e in errors), errors
+    assert [e["code"] for e in errors] == ["NOT_INCLUDED"], errors
+    assert errors[0]["location"] == "/sub-01/ses-1/perf/sub-01_ses-1_run-1_cbvmap.nii.gz"
+
+
+@pytest.mark.skipif(_validator() is None, reason=f"the BIDS validator is not installed: {VALIDATOR_INSTALL}")
+def test_bids_validator_checks_the_names_it_knows_in_anat(array_job, tmp_path):
+    """BIDS 1.11 has no derivative in perf/, but anat/ derivatives take _mask, _dseg (+ .tsv) and
+    _T2starw: in a copy with perf/ renamed anat/ and only the other suffixes ignored, the validator
+    itself accepts those names (entities, order, label-/desc-), with the one error BIDS requires of an
+    anat/ image derivative: a SkullStripped key, which perfusion does not write (its sidecars are not
+    anat/'s)."""
+    out = tmp_path / "out"
+    shutil.copytree(array_job["out"], out)
+    for perf in sorted(out.rglob("perf")):
+        perf.rename(perf.with_name("anat"))
+    keep = ("mask", "dseg", "T2starw")
+    (out / ".bidsignore").write_text("".join(ln.replace("**/perf/", "**/anat/") + "\n"
+                                             for ln in (out / ".bidsignore").read_text().splitlines()
+                                             if not any(ln.endswith(f"_{k}.*") for k in keep)))
+    errors, _ = _validate(out)
+    assert {(e["code"], e.get("subCode")) for e in errors} <= {("SIDECAR_KEY_REQUIRED", "SkullStripped")}, errors
+    assert all(e["location"].endswith("_desc-baseline_T2starw.nii.gz") for e in errors)
+    assert len(list(out.rglob("anat/*_mask.nii.gz"))) == 8 * 4 and len(list(out.rglob("anat/*_dseg.tsv"))) == 8
+
+
+def test_every_output_name_follows_the_bids_schema(array_job):
+    """The check the validator cannot make (tests/bids_names.py, the BIDS schema of bidsschematools):
+    every file perfusion wrote into OUTPUT_DIR, maps, sidecars, masks, tables and reports."""
+    from bids_names import check_tree, schema_rules
+
+    problems, checked = check_tree(array_job["out"])
+    assert problems == []
+    n_perf = len([p for p in array_job["out"].rglob("perf/*") if not p.name.startswith(".")])
+    assert checked == n_perf + 4 and n_perf >= 8 * 35  # 8 series of 39 files each; 4 top files
+    assert schema_rules()["bids_version"].startswith("1.")
+
+
+@pytest.mark.parametrize("rel, problem", [
+    ("sub-01/ses-1/perf/sub-01_ses-1_desc-x_run-1_cbv.nii.gz", "entity 'run' out of the schema's order"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_foo-1_cbv.nii.gz", "'foo-1' is not a BIDS entity"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_run-a_cbv.nii.gz", "run-a: the value does not match [0-9]+"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_label-tu_mor_mask.nii.gz", "'mor' is not a BIDS entity"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_cbv.nii.gzip", "extension '.nii.gzip' is not a BIDS extension"),
+    ("sub-01/ses-1/perf/sub-01_ses-2_cbv.nii.gz", "its ses- entity differs from the folder ses-1"),
+    ("sub-01/ses-1/run-1/perf/sub-01_ses-1_run-1_cbv.nii.gz", "not in sub-<label>/[ses-<label>/]<datatype>/"),
+    ("sub-01/ses-1/perf/sub-01_ses-1_cbv.nii.gz", "no JSON sidecar"),
+])
+def test_the_schema_check_catches_a_wrong_name(tmp_path, rel, problem):
+    from bids_names import check_tree
+
+    (tmp_path / rel).parent.mkdir(parents=True)
+    (tmp_path / rel).write_bytes(b"x")
+    if "sidecar" not in problem:
+        (tmp_path / rel).with_name(rel.rsplit("/", 1)[1].split(".")[0] + ".json").write_text("{}")
+    problems, checked = check_tree(tmp_path)  # the sidecar, named alike, has the same problem
+    mine = [p for p in problems if p.split(":")[0].endswith(Path(rel).name)]
+    assert checked == (1 if "sidecar" in problem else 2) and len(mine) == 1 and problem in mine[0], problems
+    assert all(problem in p for p in problems), problems  # the sidecar's, if any: the same problem
+
+
+def test_report_and_compare_take_one_analysis_of_a_shared_folder(array_job, tmp_path, capsys):
+    """A session's perf/ folder holds both runs' analyses: report and compare take one by its
+    *_report.json file; given the folder, they fail in one line listing the reports (exit 4)."""
+    perf1, perf2 = (array_job["out"] / "sub-01" / f"ses-{s}" / "perf" for s in SESSIONS)
+    page = perf1 / "sub-01_ses-1_run-2_report.html"
+    before = page.read_bytes()
+    page.unlink()
+    assert main(["report", str(perf1 / "sub-01_ses-1_run-2_report.json"), "-q"]) == 0
+    assert page.read_bytes() == before  # the same page as the batch wrote, from run-2's files alone
+    assert not list(perf1.glob(".report-view-*"))
+    out = tmp_path / "cmp"
+    assert main(["compare", str(perf1 / "sub-01_ses-1_run-1_report.json"), str(perf2 / "sub-01_ses-2_run-1_report.json"),
+                 "--out", str(out), "-q"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert [r["name"] for r in data["rois"]] == ["tumor"]
+    assert data["inputs"]["prior"]["report_json"] == "sub-01_ses-1_run-1_report.json"
+    assert data["inputs"]["current"]["report_json"] == "sub-01_ses-2_run-1_report.json"
+    capsys.readouterr()
+    for args in (["report", str(perf1)], ["compare", str(perf1), str(perf2), "--out", str(tmp_path / "c2")]):
+        assert main([*args, "-q"]) == 4
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{perf1}: holds 2 analyses (sub-01_ses-1_run-1_report.json, " \
+                                 "sub-01_ses-1_run-2_report.json); give the report file of one" in err[0], err
+
+
+def test_a_failed_or_killed_run_never_touches_another_run_of_its_session(small_ds, tmp_path):
+    """Two runs share sub-01/ses-1/perf/. A killed run of run-1 (its staging folder, its journal naming
+    a file it had moved in, no marker) and then a failing run-1 (its series broken) leave run-2's
+    files byte for byte and its marker untouched (resumed); run-1's leftovers are removed, and a
+    journal entry naming another case's file or a path outside the folder is not followed."""
+    from perfusion.batch.discovery import marker_name
+
+    ds = tmp_path / "ds"
+    shutil.copytree(small_ds, ds)
+    out = tmp_path / "out"
+    args = ["bids", str(ds), str(out), "participant", "--participant-label", "01", "--session-label", "1", "-q",
+            "--no-html"]
+    assert main(args) == 0
+    perf = out / "sub-01" / "ses-1" / "perf"
+    assert sorted(p.name for p in perf.glob(".*")) == [marker_name("sub-01_ses-1_run-1"),
+                                                       marker_name("sub-01_ses-1_run-2")]  # no lock, stage, journal
+    run2 = {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")}
+    assert len(run2) >= 35
+    mark2 = perf / marker_name("sub-01_ses-1_run-2")
+    stamp = mark2.stat().st_mtime_ns
+    (perf / marker_name("sub-01_ses-1_run-1")).unlink()
+    stage = perf / ".perfusion-partial-sub-01_ses-1_run-1-killed"
+    stage.mkdir()
+    (stage / "sub-01_ses-1_run-1_cbv.nii.gz").write_bytes(b"half")
+    stale = perf / "sub-01_ses-1_run-1_desc-stale_cbv.nii.gz"
+    stale.write_bytes(b"moved in by the killed run")
+    (tmp_path / "outside.txt").write_text("keep")
+    (perf / ".sub-01_ses-1_run-1.perfusion-pending.json").write_text(json.dumps(
+        {"files": [stale.name, "sub-01_ses-1_run-2_cbv.nii.gz", "../../../../outside.txt"]}))
+    (ds / "sub-01" / "ses-1" / "perf" / "sub-01_ses-1_run-1_dsc.nii.gz").write_bytes(b"\x1f\x8b truncated")
+    assert main(args) == 3
+    assert {r["case"]: r["status"] for r in _summary(out)} == {"sub-01_ses-1_run-1": "failed",
+                                                                 "sub-01_ses-1_run-2": "ok"}
+    assert {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")} == run2
+    assert mark2.stat().st_mtime_ns == stamp  # resumed, not rewritten
+    assert not stage.exists() and not stale.exists() and (tmp_path / "outside.txt").read_text() == "keep"
+    assert sorted(p.name for p in perf.glob(".*")) == [mark2.name]
+
+
+def test_a_recomputed_run_removes_its_own_old_files_only(small_ds, tmp_path):
+    """``report --anat`` adds run-1's T1 files to the shared folder (named in its report.json); when
+    run-1 is computed again without them, they go, and run-2's files stay as they were."""
+    out = tmp_path / "out"
+    base = ["bids", str(small_ds), str(out), "participant", "--participant-label", "01", "--session-label", "1", "-q",
+            "--no-html"]
+    assert main(base) == 0
+    perf = out / "sub-01" / "ses-1" / "perf"
+    anat = perf / "sub-01_ses-1_run-2_desc-baseline_T2starw.nii.gz"  # any 3-D image registers
+    assert main(["report", str(perf / "sub-01_ses-1_run-1_report.json"), "--anat", str(anat), "-q"]) == 0
+    t1 = ["sub-01_ses-1_run-1_space-dsc_T1w.nii.gz", "sub-01_ses-1_run-1_space-dsc_T1w.json",
+          "sub-01_ses-1_run-1_from-T1w_to-dsc_mode-image_xfm.tfm", "sub-01_ses-1_run-1_report.html"]
+    assert all((perf / n).is_file() for n in t1)
+    run2 = {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")}
+    f = tmp_path / "f.json"
+    f.write_text('{"dsc": {"run": 1}}')
+    assert main([*base, "--bids-filter-file", str(f), "--rcbv-high", "1.8"]) == 0
+    assert not any((perf / n).exists() for n in t1)
+    assert (perf / "sub-01_ses-1_run-1_rcbv.nii.gz").is_file()
+    assert {p.name: p.read_bytes() for p in perf.glob("sub-01_ses-1_run-2_*")} == run2
+
+
+def test_two_series_writing_one_file_are_refused_before_any_work(tmp_path, source, capsys):
+    """Series of one session share its folder: two whose outputs would take one name (a raw desc-
+    entity equal to one perfusion writes) are refused, naming both (exit 4), before OUT_DIR exists."""
+    root = tmp_path / "ds"
+    (root / "sub-01" / "perf").mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.10.0"}))
+    for name in ("sub-01", "sub-01_desc-standardized"):
+        shutil.copy(source["dsc"], root / "sub-01" / "perf" / f"{name}_dsc.nii.gz")
+    capsys.readouterr()
+    assert main(["bids", str(root), str(tmp_path / "out"), "participant", "-q"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sub-01/perf/sub-01_dsc.nii.gz and sub-01/perf/sub-01_desc-standardized_dsc.nii.gz: " \
+        "both would write sub-01_desc-standardized_rcbv" in err[0], err
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------- command line, without analysis
@@ -294,18 +452,19 @@ def test_filter_file_run_analyses_only_the_kept_series(small_ds, tmp_path):
     assert main(["bids", str(small_ds), str(out), "participant", "--bids-filter-file", str(f), "-q", "--no-html"]) == 0
     rows = _summary(out)
     assert [r["case"] for r in rows] == ["sub-01_ses-2_run-2"]
-    perf = out / "sub-01" / "ses-2" / "run-2" / "perf"
+    perf = out / "sub-01" / "ses-2" / "perf"
     assert (perf / "sub-01_ses-2_run-2_report.json").is_file() and not list(perf.glob("*report.html"))
+    assert not (out / "sub-01" / "ses-2" / "run-2").exists() and not list(perf.glob("sub-01_ses-2_run-1_*"))
     assert rows[0]["report"].endswith("_report.json")  # --no-html: the summary links the report.json
 
 
 def test_a_case_locked_by_another_process_fails_alone(small_ds, tmp_path, capsys):
     """Per-case locks: while another run holds sub-01_ses-1_run-1's folder, that case fails (exit 3,
     named) and the other kept case is written."""
-    from perfusion.io import output_lock
+    from perfusion.batch.engine import case_lock
 
     out = tmp_path / "out"
-    with output_lock(out / "sub-01" / "ses-1" / "run-1" / "perf"):
+    with case_lock(out / "sub-01" / "ses-1" / "perf", "sub-01_ses-1_run-1"):
         code = main(["bids", str(small_ds), str(out), "participant", "--participant-label", "01", "--session-label",
                      "1", "-q", "--no-html"])
     assert code == 3

@@ -113,7 +113,7 @@ def test_bids_cases_and_masks_by_entities(bids):
                                          "sub-01_ses-02_label-tumor_mask.nii.gz"]
 
     r1, r2 = c["sub-02_run-1"], c["sub-02_run-2"]
-    assert (r1.out_rel, r2.out_rel) == (Path("sub-02/run-1/perf"), Path("sub-02/run-2/perf"))  # one folder each
+    assert r1.out_rel == r2.out_rel == Path("sub-02/perf")  # one folder, as in the raw tree; the prefixes differ
     assert (r1.prefix, r2.prefix) == ("sub-02_run-1", "sub-02_run-2")
     assert r1.brain == r2.brain == d / "sub-02/perf/sub-02_label-brain_mask.nii.gz"  # run-less: every run
     assert r1.rois == (d / "sub-02/perf/sub-02_run-1_label-tumor_mask.nii.gz",)

@@ -401,6 +401,20 @@ def test_summary_is_printed(study, capsys):
 # ---------------------------------------------------------------------------- classification only
 
 
+def test_report_files_compare_as_their_folders(study, tmp_path, capsys):
+    """An analysis given by its report file (a BIDS perf/ folder holds one per run) compares as its
+    folder does; a file that is not a report is one line naming it (exit 4)."""
+    out = tmp_path / "cmp"
+    prior, current = study["outs"]["prior"], study["outs"]["current"]
+    assert main(["compare", str(prior / "report.json"), str(current / "report.json"), "--out", str(out), "-q"]) == 0
+    data = json.loads((out / "compare.json").read_text())
+    assert _rois(data) == _rois(study["same_json"]) and data["warnings"] == study["same_json"]["warnings"]
+    capsys.readouterr()
+    assert main(["compare", str(prior / "rcbv.nii.gz"), str(current), "--out", str(tmp_path / "c2"), "-q"]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{prior / 'rcbv.nii.gz'}: not a report" in err[0], err
+
+
 def test_directions_at_the_thresholds():
     assert compare.volume_direction(compare.VOLUME_GROWTH) == "grows"
     assert compare.volume_direction(compare.VOLUME_GROWTH - 1e-9) == "stable"

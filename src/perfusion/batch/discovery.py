@@ -10,17 +10,17 @@ BIDS layout (``layout="bids"``, or ``"auto"`` when the root holds ``dataset_desc
 ``sub-*`` folder)
     One case per ``sub-<label>/[ses-<label>/]perf/*_dsc.nii.gz`` (or ``.nii``). ``case_id`` and the
     output ``prefix`` are the file name without ``_dsc.nii.gz`` (``sub-01_ses-02_run-1``); the outputs
-    go to ``sub-01/ses-02/perf`` (``sub-01/perf`` without sessions) under OUT_DIR when the name has no
-    other entity, else to a folder of their own named by the other entities
-    (``sub-01/ses-02/run-1/perf``, ``bids_out_rel``), so runs, echoes, acquisitions never share one. A
-    name part that is not ``key-value`` (letters and digits) is the case's problem. The sidecar is the
+    go to ``sub-01/ses-02/perf`` (``sub-01/perf`` without sessions) under OUT_DIR, as BIDS derivatives
+    mirror the raw tree: every run, echo or acquisition of a session shares that folder, each file
+    carrying its case's full prefix (``bids_out_rel``; the done-markers are per case). A name part that
+    is not ``key-value`` (letters and digits) is the case's problem. The sidecar is the
     ``.json`` twin of the series (a missing one is not a problem: TE/TR can be given as options). The
     file name's ``sub-`` / ``ses-`` must agree with the folders it lies in.
 
     Multi-echo runs: files of one perf folder whose names differ only in the ``echo-<index>`` entity
     (``sub-01_run-1_echo-1_dsc.nii.gz``, ``sub-01_run-1_echo-2_dsc.nii.gz``) are ONE case
     (``Case.echoes``, ordered by echo index; ``dsc`` is the first); its ``case_id``, ``prefix`` and
-    output folder are the name without the echo entity (``sub-01_run-1``, ``sub-01/run-1/perf``). Echo
+    output prefix are the name without the echo entity (``sub-01_run-1``, in ``sub-01/perf``). Echo
     indices need not be consecutive; runs, sessions or acquisitions never mix. Two files of one echo
     index (``.nii`` and ``.nii.gz``) are the case's problem. A lone ``echo-`` file is a case as any
     other (its name keeps the entity). A mask carrying ``echo-`` applies to a multi-echo case when
@@ -107,9 +107,10 @@ PLAIN_SKIP = frozenset({"derivatives", "sourcedata"})
 #: Entities of raw BIDS file names: a derivatives mask carrying one must have the DSC file's value.
 RAW_ENTITIES = ("sub", "ses", "task", "acq", "ce", "rec", "dir", "run", "echo", "part")
 
-#: A folder holding this file is a case written by ``perfusion batch`` (its done-marker): never searched
-#: for masks, though its copies of the ROI masks carry BIDS mask names (a batch writing into
-#: INPUT/derivatives/ would otherwise find its own outputs on the next run).
+#: A folder holding this file, or a BIDS case's ``.<prefix>.perfusion-done.json`` (marker_name), holds
+#: cases written by ``perfusion batch`` (their done-markers): never searched for masks, though its copies
+#: of the ROI masks carry BIDS mask names (a batch writing into INPUT/derivatives/ would otherwise find
+#: its own outputs on the next run).
 OUTPUT_MARKER = ".perfusion-done.json"
 
 #: BIDS mask labels with a fixed role; every other label is a lesion ROI, except those below.
@@ -367,20 +368,40 @@ _ENTITY_PART = re.compile(r"[A-Za-z0-9]+-[A-Za-z0-9]+")
 def bids_out_rel(prefix: str, sub_name: str, ses_name: str | None) -> tuple[Path, str | None]:
     """Output folder (relative to OUT_DIR) of the BIDS series ``<prefix>_dsc.nii.gz`` and a problem or None.
 
-    ``sub-01/[ses-1/]perf`` when the name carries no entity besides ``sub`` and ``ses``; otherwise the
-    other entities, in the file's order, name a folder between them and ``perf``
-    (``sub-01_ses-1_acq-gre_run-2`` -> ``sub-01/ses-1/acq-gre_run-2/perf``): each series gets its own
-    folder, never inside another series' folder, so two runs, echoes or acquisitions of one session
-    cannot overwrite each other's outputs or done-marker; the file names keep every entity."""
+    ``sub-01/[ses-1/]perf``, as the BIDS derivatives layout mirrors the raw tree: every run, echo or
+    acquisition of a session shares that folder, its files told apart by their full entity prefix
+    (``sub-01_ses-1_run-2_cbv.nii.gz``); each case's done-marker, lock and staging folder are its own
+    (batch.engine: ``.<prefix>.perfusion-done.json``, ...). A name part that is not ``key-value``
+    (letters and digits) is a problem: it could not be told apart from the outputs' own entities."""
     base = Path(sub_name, ses_name) if ses_name else Path(sub_name)
     rest = [p for p in prefix.split("_") if p.partition("-")[0] not in ("sub", "ses")]
-    if not rest:
-        return base / "perf", None
     bad = [p for p in rest if not _ENTITY_PART.fullmatch(p)]
     if bad:
         return base / "perf", (f"{bad[0]!r} in the file name is not a BIDS entity (key-value, letters and digits); "
                                "rename the file (e.g. sub-01_run-1_dsc.nii.gz)")
-    return base / "_".join(rest) / "perf", None
+    return base / "perf", None
+
+
+def marker_name(prefix: str | None) -> str:
+    """File name of a case's done-marker in its output folder: OUTPUT_MARKER for a case with a folder of
+    its own (plain layout), ``.<prefix>.perfusion-done.json`` for a BIDS series, whose folder
+    (``sub-01/ses-1/perf``) holds every run of the session."""
+    return OUTPUT_MARKER if not prefix else f".{prefix}{OUTPUT_MARKER}"
+
+
+def is_marker(name: str) -> bool:
+    """True for a done-marker's file name (marker_name of any case)."""
+    return name == OUTPUT_MARKER or (name.startswith(".") and name.endswith(OUTPUT_MARKER) and len(name) > 1
+                                     + len(OUTPUT_MARKER))
+
+
+def holds_output(folder: str | Path) -> bool:
+    """True when ``folder`` holds a done-marker: a case folder written by ``perfusion batch``."""
+    try:
+        with os.scandir(folder) as it:
+            return any(is_marker(e.name) for e in it)
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -702,7 +723,7 @@ def _walk_files(top: Path, bases: _Bounds) -> list[_Entry]:
     while stack:
         folder = stack.pop()
         real = os.path.realpath(folder)
-        if real in seen or os.path.lexists(os.path.join(folder, OUTPUT_MARKER)):
+        if real in seen or holds_output(folder):
             continue
         seen.add(real)
         for e in _scan_quiet(folder, bases):

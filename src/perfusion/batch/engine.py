@@ -2,20 +2,25 @@
 is marked done with the fingerprint of what made it; a re-run skips done cases and recomputes changed
 ones; ``--jobs N`` or ``--scheduler`` spread the cases over Dask distributed workers.
 
-A case's outputs are written into a hidden staging folder beside its final folder, with the done-marker
-(:data:`MARKER`: input hashes, parameters, software version, the case's summary rows) written last;
-then the staging folder replaces the final one by renames. A batch killed at any moment leaves either the
-old folder, or no folder, or the new complete one, plus perhaps hidden leftovers that the next run
-removes; a case counts as done only when its marker matches. Files are named relative to the input
+A case's outputs are written into a hidden staging folder, with the done-marker (:data:`MARKER`: input
+hashes, parameters, software version, the case's summary rows, its files) written last. A plain case
+has a folder of its own: the staging folder beside it replaces it by renames, and a batch killed at any
+moment leaves the old folder, no folder or the new complete one. A BIDS series shares its session's
+``perf/`` folder with the other runs (``sub-01/ses-1/perf/sub-01_ses-1_run-2_cbv.nii.gz``, as derivatives
+mirror the raw tree): its marker ``.<prefix>.perfusion-done.json``, lock ``.<prefix>.lock`` and staging
+folder are its own, and its files move in one by one between a journal and the marker
+(:func:`_move_case_in`), touching no other series' file; a killed run leaves the case without a marker,
+recomputed next time. Hidden leftovers are removed by the case's next run; a case counts as done only
+when its marker matches. Files are named relative to the input
 folder in the markers, summaries and log lines (:class:`Names`; each case's own outputs name their inputs
 by file name, as ``analyze`` does: report.outputs.write_result), so a copied dataset resumes and no folder
-above the dataset (often a patient's name) leaks; two cases never share an output folder
+above the dataset (often a patient's name) leaks; two cases never write one file
 (:func:`check_collisions`). Library code: no printing (``on_done`` is
 the caller's hook for progress), PerfusionError for problems of the whole batch, each case's own
 problem recorded in its rows.
 
 Several processes may write one OUT_DIR at once (``perfusion bids ... participant --participant-label``
-per task of a cluster array job): each case folder is locked while it is written (io.output_lock), a
+per task of a cluster array job): each case is locked while it is written (:func:`case_lock`), a
 case cleans only its own leftovers, and the top files (summary.tsv/.json, index.html,
 dataset_description.json, .bidsignore) are rebuilt, under a short lock, from every finished case found
 in OUT_DIR (:func:`write_summary`), so the last process to finish writes every case.
@@ -36,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from perfusion import DISCLAIMER, __version__
-from perfusion.batch.discovery import OUTPUT_MARKER
+from perfusion.batch.discovery import OUTPUT_MARKER, is_marker, marker_name
 from perfusion.errors import OutputError, PerfusionError, UsageError
 from perfusion.io import Redactor, atomic_write, current_umask, dumps_json
 from perfusion.verdicts import VERDICT_WORDS  # the index's verdict column
@@ -229,14 +234,19 @@ TOP_FILES = ("summary.tsv", "summary.json", "index.html", "dataset_description.j
 def check_collisions(cases, names: Names) -> None:
     """InputError naming both inputs when two runnable cases would write into one output folder (equal
     up to letter case, as on macOS and Windows), one case's folder lies inside another's, or a case
-    folder takes the name of a summary file. Cases with a ``problem`` write nothing and are not checked."""
+    folder takes the name of a summary file; for BIDS series, which share their session's folder, when
+    two would write one file (_check_shared_folders). Cases with a ``problem`` write nothing and are
+    not checked."""
     from perfusion.errors import InputError
 
     def what(case) -> str:
         return names.rel(case.dsc) if case.dsc is not None else case.case_id
 
+    runnable = [c for c in cases if not getattr(c, "problem", None)]
+    _check_shared_folders([c for c in runnable if getattr(c, "prefix", None)], what)
     seen: dict[tuple[str, ...], Any] = {}
-    for case in sorted((c for c in cases if not getattr(c, "problem", None)), key=lambda c: len(Path(c.out_rel).parts)):
+    plain = sorted((c for c in runnable if not getattr(c, "prefix", None)), key=lambda c: len(Path(c.out_rel).parts))
+    for case in plain:
         key = tuple(p.casefold() for p in Path(case.out_rel).parts)
         if not key or key[0] in TOP_FILES:
             raise InputError(f"{what(case)}: its output folder {Path(case.out_rel).as_posix() or '.'} would replace "
@@ -250,9 +260,37 @@ def check_collisions(cases, names: Names) -> None:
         seen[key] = case
 
 
-def read_marker(folder: Path) -> dict | None:
+def case_file_names(case) -> set[str]:
+    """Every file name a BIDS case may write into its shared folder (io.analyze_output_names with its
+    ROIs), its done-marker included."""
+    from perfusion.io.names import analyze_output_names
+
+    return analyze_output_names(roi_names(case), case.prefix) | {marker_name(case.prefix)}
+
+
+def _check_shared_folders(cases, what) -> None:
+    """InputError naming both inputs when two BIDS series of one output folder carry the same entities
+    (``ses-1_sub-01`` and ``sub-01_ses-1``: one series named twice) or would write a file of the same
+    name (up to letter case; names the outputs' own entities make equal, e.g. a raw ``desc-`` entity)."""
+    from perfusion.errors import InputError
+
+    owner: dict[tuple[str, ...], Any] = {}
+    for case in sorted(cases, key=lambda c: c.case_id):
+        folder = Path(case.out_rel).as_posix().casefold()
+        entities = "_".join(sorted(case.prefix.casefold().split("_")))
+        keys = [(folder, "entities", entities)] + [(folder, n.casefold()) for n in sorted(case_file_names(case))]
+        for key in keys:
+            other = owner.setdefault(key, case)
+            if other is not case:
+                clash = "carry the same entities" if key[1] == "entities" else f"would write {key[1]}"
+                raise InputError(f"{what(other)} and {what(case)}: both {clash} in {Path(case.out_rel).as_posix()}; "
+                                 "rename one so each series has its own entities")
+
+
+def read_marker(path: Path) -> dict | None:
+    """The done-marker file ``path`` as a dict; None when missing or unreadable."""
     try:
-        data = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -315,14 +353,26 @@ def _replace_folder(stage: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def case_lock(final: Path, prefix: str | None):
+    """The lock a case holds while it runs (io.output_lock): on its own folder ``final`` (plain layout),
+    or, for a BIDS series whose folder holds every run of its session, on the hidden file
+    ``final/.<prefix>.lock``, so two processes on two runs of one session both proceed."""
+    from perfusion.io import output_lock
+
+    if not prefix:
+        return output_lock(final)
+    final.mkdir(parents=True, exist_ok=True)  # made here, not by the lock: a failed run never removes it,
+    return output_lock(final / prefix)  # as another run of the session may be writing into it
+
+
 def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> CaseResult:
     """Analyse one case into ``out_root``/case.out_rel unless its marker matches; never raises for a
     problem of the case (it becomes a failed CaseResult). Runs in a Dask worker or in-process.
     Everything written names files as ``names`` does (relative to the input folder).
 
-    The case folder is locked for the run (io.output_lock: a second process on the same case fails
-    that case at once) and only this case's leftovers of a killed run are removed, so processes on
-    disjoint cases (an array job, one subject per task) share one OUT_DIR."""
+    The case is locked for the run (case_lock: a second process on the same case fails that case at
+    once) and only this case's leftovers of a killed run are removed, so processes on disjoint cases
+    (an array job, one subject per task; two runs of one BIDS session) share one OUT_DIR."""
     t0 = time.perf_counter()
     case_id = case.case_id
 
@@ -332,13 +382,12 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
     try:
         if getattr(case, "problem", None):
             return failed(case.problem)
-        from perfusion.io import output_lock
-
         final = Path(out_root) / case.out_rel
-        with output_lock(final):
-            _clean_case_leftovers(final)
+        prefix = getattr(case, "prefix", None)
+        with case_lock(final, prefix):
+            _clean_case_leftovers(final, prefix)
             fp = fingerprint(case, params, names)
-            marker = read_marker(final)
+            marker = read_marker(final / marker_name(prefix))
             if marker is not None and marker.get("case") == case_id and marker.get("fingerprint") == fp:
                 rows = [{**case_entities(case_id), "warnings": "", **r} for r in marker.get("rows", [])]
                 return CaseResult(case_id, "ok", rows, float(marker.get("seconds", 0.0)), resumed=True)
@@ -354,8 +403,9 @@ def run_case(case, out_root: Path, params: dict[str, Any], names: Names) -> Case
 
 def _compute_and_write(case, final: Path, params: dict[str, Any], names: Names, fp: dict,
                        t0: float) -> tuple[list[dict[str, Any]], float]:
-    """Analyse ``case`` and put its outputs in place of ``final`` (staging folder, marker last, renames);
-    return its summary rows and seconds. Raises what the analysis or the writing raises."""
+    """Analyse ``case`` and put its outputs in place (staging folder, marker last): a plain case's
+    folder replaces ``final`` (_replace_folder), a BIDS series' files join their shared folder
+    (_move_case_in). Return its summary rows and seconds. Raises what the analysis or writing raises."""
     from perfusion.case import compute_case
     from perfusion.io import output_file, write_json
     from perfusion.report.outputs import write_result
@@ -367,11 +417,12 @@ def _compute_and_write(case, final: Path, params: dict[str, Any], names: Names, 
                                   reference=case.reference, aif=str(case.aif) if case.aif is not None else "auto",
                                   rois=list(case.rois), te=params.get("te"), tr=params.get("tr"),
                                   vof=params.get("vof", "guarded"), anat=anat, roi_names=roi_names(case))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{final.name}-", dir=final.parent))
+    prefix = getattr(case, "prefix", None)
+    where = final if prefix else final.parent  # a BIDS series' staging folder: hidden, inside the shared folder
+    where.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{STAGE_PREFIX}{prefix or final.name}-", dir=where))
     try:
         os.chmod(stage, 0o777 & ~current_umask())
-        prefix = getattr(case, "prefix", None)
         sources = [source_uri(names, p) for p in case_inputs(case) if not p.name.endswith(".json")] if prefix else None
         files = write_result(result, inputs, stage, prefix=prefix, label=case.case_id,  # names inputs by file name
                              sources=sources)
@@ -384,13 +435,65 @@ def _compute_and_write(case, final: Path, params: dict[str, Any], names: Names, 
         seconds = time.perf_counter() - t0
         rel = (Path(case.out_rel) / output_file(html or "report", prefix)).as_posix()
         rows = _rows(case.case_id, report, seconds, rel)
-        write_json(stage / MARKER, {"case": case.case_id, "out": Path(case.out_rel).as_posix(), "fingerprint": fp,
-                                    "rows": rows, "seconds": seconds, "finished_utc": _now()})
-        _replace_folder(stage, final)
+        written = sorted(p.name for p in stage.iterdir())
+        write_json(stage / marker_name(prefix), {"case": case.case_id, "out": Path(case.out_rel).as_posix(),
+                                                 "fingerprint": fp, "rows": rows, "seconds": seconds,
+                                                 "finished_utc": _now(), "files": written})
+        if prefix:
+            _move_case_in(stage, final, prefix)
+        else:
+            _replace_folder(stage, final)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
     return rows, seconds
+
+
+#: A BIDS case's journal while its files move into the shared folder: ``.<prefix>`` + this; lists every
+#: file of the case, old and new, so a run killed while moving leaves no file the next run cannot find.
+PENDING = ".perfusion-pending.json"
+
+
+def _move_case_in(stage: Path, final: Path, prefix: str) -> None:
+    """Move a BIDS case's staged files into its shared folder ``final``, touching no other case's file:
+    first a journal naming the case's old and new files, then its done-marker removed (the case is
+    not done while its files change), each file renamed into place (atomic, one by one), the case's
+    old files the new run did not write removed, the new marker renamed in last, the journal removed.
+    A run killed at any step leaves the case without a marker (recomputed by the next run, which
+    removes what the journal lists and it does not write) or complete."""
+    from perfusion.io import write_json
+
+    marker = marker_name(prefix)
+    journal = final / f".{prefix}{PENDING}"
+    old = _recorded_files(final, prefix)
+    new = [p.name for p in sorted(stage.iterdir()) if p.name != marker]
+    write_json(journal, {"case": prefix, "files": sorted(set(old) | set(new))})
+    (final / marker).unlink(missing_ok=True)
+    for name in new:
+        os.replace(stage / name, final / name)
+    for name in sorted(set(old) - set(new)):
+        (final / name).unlink(missing_ok=True)
+    os.replace(stage / marker, final / marker)
+    journal.unlink(missing_ok=True)
+    stage.rmdir()
+
+
+def _recorded_files(final: Path, prefix: str) -> list[str]:
+    """The files of BIDS case ``prefix`` in ``final`` that its done-marker or a killed run's journal
+    lists, or its report.json (``perfusion report --anat`` adds the T1 and its transform there): plain
+    names starting with ``<prefix>_`` only, so a damaged record cannot name another case's file or
+    anything outside the folder."""
+    from perfusion.io.names import output_file, sidecar_of
+
+    listed: list = []
+    for record in (final / marker_name(prefix), final / f".{prefix}{PENDING}"):
+        files = (read_marker(record) or {}).get("files")
+        listed += files if isinstance(files, list) else []
+    files = (read_marker(final / output_file("report", prefix)) or {}).get("files")
+    named = [str(v) for v in files.values()] if isinstance(files, dict) else []
+    listed += named + [sidecar_of(v) for v in named if v.endswith((".nii", ".nii.gz"))]
+    return sorted({f for f in listed if isinstance(f, str) and f.startswith(f"{prefix}_") and "/" not in f
+                   and "\\" not in f and (final / f).is_file() and not (final / f).is_symlink()})
 
 
 def source_uri(names: Names, path: Path) -> str:
@@ -403,15 +506,24 @@ def source_uri(names: Names, path: Path) -> str:
     return "bids:raw:" + rel
 
 
-def _clean_case_leftovers(final: Path) -> None:
-    """Remove the staging / replaced folders a killed run left beside ``final`` (its lock is held)."""
-    parent = final.parent
+def _clean_case_leftovers(final: Path, prefix: str | None = None) -> None:
+    """Remove what a killed run of this case left (its lock is held): the staging / replaced folders
+    beside a plain case's folder ``final``; a BIDS series' staging folders inside its shared folder
+    and, when its journal (PENDING) survives, the files it lists (the case has no marker then: it is
+    recomputed)."""
+    parent, key = (final, prefix) if prefix else (final.parent, final.name)
     if not parent.is_dir():
         return
-    for prefix in (STAGE_PREFIX, OLD_PREFIX):
-        for old in parent.glob(f"{prefix}{glob.escape(final.name)}-*"):
+    for start in (STAGE_PREFIX, OLD_PREFIX):
+        for old in parent.glob(f"{start}{glob.escape(key)}-*"):
             if old.is_dir() and not old.is_symlink():
                 shutil.rmtree(old, ignore_errors=True)
+    journal = final / f".{prefix}{PENDING}"
+    if prefix and journal.is_file():
+        if not (final / marker_name(prefix)).is_file():
+            for name in _recorded_files(final, prefix):
+                (final / name).unlink(missing_ok=True)
+        journal.unlink(missing_ok=True)
 
 
 def _now() -> str:
@@ -561,15 +673,24 @@ BIDS_VERSION = "1.10.0"
 #: GeneratedBy carries no CodeURL rather than a made-up one.
 CODE_URL: str | None = None
 
-#: OUT_DIR's .bidsignore (BIDS layout): what BIDS does not define yet, so that the validator checks the
-#: rest. BIDS 1.11 has no DSC perfusion files (BEP009), in raw data or derivatives: in perf/ it knows
-#: only ASL's asl and m0scan; the batch's summary and pages are not BIDS files either.
-BIDSIGNORE = """# perfusion: files BIDS does not define yet (DSC perfusion derivatives, BEP009) and the batch summary
-**/perf/
-summary.tsv
-summary.json
-index.html
-"""
+def _suffixes() -> list[str]:
+    """The BIDS suffixes of every file a case may write (io.names.BIDS_FILES, ROI masks' ``mask``)."""
+    import re
+
+    from perfusion.io.names import BIDS_FILES
+
+    return sorted({re.sub(r"\..*$", "", v).split("_")[-1] for v in BIDS_FILES.values()} | {"mask"})
+
+
+#: OUT_DIR's .bidsignore (BIDS layout): only what BIDS 1.11 does not accept, so that the validator checks
+#: the rest. It has no DSC perfusion derivative (BEP009); its ``perf`` datatype holds ASL files only, and
+#: no derivative rule lists ``perf`` (a ``_mask``, ``_dseg`` or ``_T2starw``, valid in ``anat/``, is an
+#: error in ``perf/``). So each suffix perfusion writes is ignored in ``perf/`` only, by name: any other
+#: file there (a misnamed map, a stray series) is still reported, as is everything outside ``perf/``
+#: (folders, dataset_description.json). The batch's summary and pages are not BIDS files.
+BIDSIGNORE = ("# perfusion: BIDS 1.11 defines no DSC perfusion derivative (BEP009) and no derivative in perf/;\n"
+              "# the names follow the derivatives rules (checked by perfusion's tests against the BIDS schema)\n"
+              "summary.tsv\nsummary.json\nindex.html\n" + "".join(f"**/perf/*_{s}.*\n" for s in _suffixes()))
 
 
 def code_url() -> str | None:
@@ -628,35 +749,28 @@ def finished_rows(out_root: Path) -> dict[str, list[dict[str, Any]]]:
     process wrote it; hidden folders (staging, replaced) are not searched. Rows of markers written
     before the BIDS columns existed get them (case_entities; no warnings)."""
     found: dict[str, list[dict[str, Any]]] = {}
-    for folder in case_folders(out_root):
-        marker = read_marker(folder)
+    for path in case_markers(out_root):
+        marker = read_marker(path)
         if marker and isinstance(marker.get("case"), str) and isinstance(marker.get("rows"), list):
             found[marker["case"]] = [{**case_entities(marker["case"]), "warnings": "", **r}
                                      for r in marker["rows"] if isinstance(r, dict)]
     return found
 
 
-def case_folders(out_root: Path) -> list[Path]:
-    """Every folder under ``out_root`` holding a done-marker, sorted; hidden folders are not searched."""
+def case_markers(out_root: Path) -> list[Path]:
+    """Every done-marker under ``out_root`` (a plain case folder's MARKER, a BIDS series'
+    ``.<prefix>.perfusion-done.json``), sorted; hidden folders are not searched."""
     found = []
     for dirpath, dirnames, filenames in os.walk(out_root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if MARKER in filenames:
-            found.append(Path(dirpath))
+        found += [Path(dirpath, f) for f in filenames if is_marker(f)]
     return sorted(found)
 
 
 def bidsignore(out_root: Path) -> str:
-    """OUT_DIR's .bidsignore: BIDSIGNORE, and the folder of each case whose series has entities besides
-    sub- and ses- (``/sub-01/ses-1/run-1``: discovery.bids_out_rel gives each run its own folder, so
-    runs never share a done-marker; BIDS would put all of them in ``sub-01/ses-1/perf/``)."""
-    extra = []
-    for folder in case_folders(out_root):
-        parts = folder.relative_to(out_root).parts
-        inner = [i for i, part in enumerate(parts) if not part.startswith(("sub-", "ses-")) and part != "perf"]
-        if inner:
-            extra.append("/" + "/".join(parts[: inner[0] + 1]))  # no trailing /: the validator then ignores it
-    return BIDSIGNORE + "".join(f"{e}\n" for e in dict.fromkeys(extra))
+    """OUT_DIR's .bidsignore: BIDSIGNORE (every case's files lie in its session's ``perf/`` folder, as
+    the raw data's series do: no case folder to hide)."""
+    return BIDSIGNORE
 
 
 def write_summary(out_root: Path, batch: BatchResult, *, layout: str, params: dict[str, Any],

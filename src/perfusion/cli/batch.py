@@ -104,8 +104,8 @@ def run_batch_command(*, input_dir: Path, out: Path, layout: str = "auto", deriv
     """Discover the cases of ``input_dir`` (``select``: keep only some, e.g. bids' participant labels),
     run them into ``out`` and write the summary; return the exit code (0 all ok, 3 some failed).
     ``params``: the analysis options every case gets (options.batch_params; engine.analysis_config),
-    checked before any case. Each case folder is locked while it is written (engine.run_case), not the
-    whole OUT_DIR: processes on disjoint cases (an array job) share one OUT_DIR."""
+    checked before any case. Each case is locked while it is written (engine.case_lock), not the whole
+    OUT_DIR: processes on disjoint cases (an array job) share one OUT_DIR."""
     from perfusion.batch.discovery import discover
     from perfusion.batch.engine import Names, analysis_config
     from perfusion.cli.console import console_err

@@ -13,7 +13,9 @@ from perfusion.errors import InputError, OutputError
 
 
 def report(
-    folder: Annotated[Path, typer.Argument(help="Output folder of 'perfusion analyze' (holds report.json).")],
+    folder: Annotated[Path, typer.Argument(
+        metavar="FOLDER", help="Output folder of 'perfusion analyze' (holds report.json), or one analysis' report "
+                               "file (a BIDS folder holds one per run: sub-01_ses-1_run-1_report.json).")],
     anat: Annotated[Optional[Path], typer.Option(
         help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the folder's baseline.nii.gz and "
              "used as the figures' background (writes anat.nii.gz and anat_to_dsc.tfm).")] = None,
@@ -24,16 +26,21 @@ def report(
 
 
 def run_report(*, folder: Path, anat: Path | None = None, quiet: bool = False) -> Path:
-    """Write ``folder``/report.html from an analyze output folder; return its path. With ``anat``, first
-    register it to the folder's baseline image (anat.nii.gz, anat_to_dsc.tfm, report.json "anat")."""
-    from perfusion.report.html import load_report, write_html
+    """Write the report page of one analysis, given as its analyze output folder or as its report file
+    (io.find_report: a folder holding several analyses is a one-line InputError listing them); return
+    its path. With ``anat``, first register it to the analysis' baseline image (the anat image,
+    transform and report.json "anat")."""
+    from perfusion.io import read_json_object
+    from perfusion.io.names import analysis_of
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"{folder}: folder not found; give a folder written by 'perfusion analyze'")
+    given = Path(folder)
+    if not given.exists():
+        raise InputError(f"{given}: not found; give a folder written by 'perfusion analyze' or its report.json")
+    folder, report_path = analysis_of(given)
     if anat is not None:
-        add_anat(folder, Path(anat), load_report(folder))
-    path = write_html(folder)
+        report = read_json_object(report_path, what="report", fix="re-run 'perfusion analyze'")
+        add_anat(folder, Path(anat), report, report_name=report_path.name)
+    path = _write_page(folder, report_path)
     if not quiet:
         from perfusion.cli.console import console
 
@@ -41,7 +48,47 @@ def run_report(*, folder: Path, anat: Path | None = None, quiet: bool = False) -
     return path
 
 
-def add_anat(folder: Path, anat: Path, report: dict) -> None:
+def _write_page(folder: Path, report_path: Path) -> Path:
+    """report.html of the analysis ``report_path`` in ``folder``. report.html renders a folder of one
+    analysis; when ``folder`` holds others too (a BIDS ``perf/`` folder, one analysis per run), it
+    renders a private view: a hidden folder of links to this analysis' files only (those its report
+    names), and the page is then renamed into ``folder``."""
+    import os
+    import shutil
+    import tempfile
+
+    from perfusion.io import read_json_object, sidecar_of
+    from perfusion.report.html import write_html
+
+    others = [p for p in (folder / "report.json", *folder.glob("*_report.json")) if p.is_file() and p != report_path]
+    if not others:
+        return write_html(folder)
+    report = read_json_object(report_path, what="report", fix="re-run 'perfusion analyze'")
+    files: dict = report["files"] if isinstance(report.get("files"), dict) else {}
+    names = {report_path.name, *(Path(str(v)).name for v in files.values())}
+    rois = [r for r in report.get("rois", []) if isinstance(r, dict) and r.get("mask_file")]
+    names |= {Path(str(r["mask_file"])).name for r in rois}
+    names |= {sidecar_of(n) for n in names if n.endswith((".nii", ".nii.gz"))}
+    try:
+        view = Path(tempfile.mkdtemp(prefix=".report-view-", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+    try:
+        for name in sorted(names):
+            if (folder / name).is_file() and name != files.get("report_html"):
+                os.symlink(os.path.join("..", name), view / name)
+        page = write_html(view)
+        target = folder / page.name
+        os.replace(page, target)
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and "
+                          "permissions") from None
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    return target
+
+
+def add_anat(folder: Path, anat: Path, report: dict, *, report_name: str | None = None) -> None:
     """Register ``anat`` to ``folder``/baseline.nii.gz and add anat.nii.gz (+ sidecar), anat_to_dsc.tfm
     and report.json "anat" to the folder, so that a failure leaves the folder as it was: the image files
     are written under their own names into a private folder (nibabel and SimpleITK choose the format by
@@ -56,7 +103,7 @@ def add_anat(folder: Path, anat: Path, report: dict) -> None:
     from perfusion.report.build import anat_entry
     from perfusion.report.outputs import write_anat
 
-    report_name = find_report(folder).name
+    report_name = report_name or find_report(folder).name
     prefix = report_name[: -len("_report.json")] if report_name.endswith("_report.json") else None
     base_path = output_path(folder, report, "baseline")
     if not base_path.is_file():

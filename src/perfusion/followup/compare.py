@@ -1,4 +1,6 @@
-"""Follow-up comparison: two ``perfusion analyze`` output folders of one patient, prior and current.
+"""Follow-up comparison: two ``perfusion analyze`` output folders of one patient, prior and current
+(each the folder or its report file: a BIDS folder ``sub-01/ses-1/perf/`` holds one analysis per run,
+``sub-01_ses-1_run-1_report.json``, ...; :func:`analysis`).
 
 One post-treatment scan alone cannot tell pseudoprogression from progression well; the change between
 two time points can. Per lesion ROI (matched by name) this module reports the change of volume (mL),
@@ -38,7 +40,7 @@ from perfusion import DISCLAIMER, __version__
 from perfusion.errors import InputError
 from perfusion.io import find_report, load_volume, output_path, sha256
 from perfusion.quantify.register import Rigid, Volume, resample, rigid, same_grid
-from perfusion.report.html import VERDICT_WORDS, load_report, num, roi_mask_paths
+from perfusion.report.html import VERDICT_WORDS, num, roi_mask_paths
 
 # ------------------------------------------------------------------------------ pattern thresholds
 # Relative change = current / prior - 1, each time point's value from its own report.json.
@@ -209,11 +211,14 @@ def _load_map(folder: Path, report: dict, name: str, *, required: bool) -> tuple
     return load_volume(path, what=name)
 
 
-def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: dict | None = None) -> TimePoint:
-    """Read what the comparison needs from an analyze output folder ``label`` ('prior' or 'current');
-    ``report`` is its report.json when already read."""
+def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: dict | None = None,
+                    report_path: Path | None = None) -> TimePoint:
+    """Read what the comparison needs from an analyze output folder ``label`` ('prior' or 'current'),
+    or from its report file (``report_path``: a BIDS folder holds one analysis per run); ``report`` is
+    that report when already read."""
     folder = Path(folder)
-    report = load_report(folder) if report is None else report
+    report_path = find_report(folder) if report_path is None else Path(report_path)
+    report = read_report(report_path) if report is None else report
     base, affine = _load_map(folder, report, "baseline", required=True)
     rcbv, rcbv_affine = _load_map(folder, report, "rcbv", required=True)
     if rcbv.shape != base.shape or not np.allclose(rcbv_affine, affine, atol=1e-3):
@@ -234,7 +239,7 @@ def load_time_point(folder: Path, *, roi_names: list[str], label: str, report: d
             notes.append(f"{label} ROI {name}: mask {p.name} is not on the grid of the maps; not used")
             continue
         masks[name] = data != 0
-    return TimePoint(folder=folder, report=report, report_path=find_report(folder),
+    return TimePoint(folder=folder, report=report, report_path=report_path,
                      baseline=Volume(base, affine), rcbv=rcbv.astype(np.float64), brain=brain, masks=masks,
                      notes=notes)
 
@@ -490,30 +495,45 @@ def patient_check(prior: dict, current: dict, anatomy: dict[str, Any], *, differ
             "different_patients_ok": different_patients_ok, "warning": warning}
 
 
-def _refuse_other_subject(p_rep: dict, c_rep: dict, prior_folder: Path, current_folder: Path) -> None:
+def _refuse_other_subject(p_rep: dict, c_rep: dict, prior_path: Path, current_path: Path) -> None:
     """InputError (exit 4) when both analyses carry a BIDS subject label and the labels differ."""
     p, c = subject_label(p_rep), subject_label(c_rep)
     if p is not None and c is not None and p != c:
-        raise InputError(f"{find_report(prior_folder)} and {find_report(current_folder)}: the BIDS subjects differ "
+        raise InputError(f"{prior_path} and {current_path}: the BIDS subjects differ "
                          f"(sub-{p} and sub-{c}), so these look like two patients; give two analyses of one patient, "
                          "or add --different-patients-ok when both labels name one person")
 
 
+def analysis(path: Path) -> tuple[Path, Path]:
+    """(folder, report file) of one analysis given as its output folder or as its report file
+    (``OUT/sub-01/ses-1/perf/sub-01_ses-1_run-1_report.json``: a BIDS folder holds one analysis per
+    run, and a folder with several is a one-line InputError listing them: io.find_report)."""
+    from perfusion.io.names import analysis_of
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: not found; give a folder written by 'perfusion analyze' or its report.json")
+    return analysis_of(path)
+
+
+def read_report(path: Path) -> dict:
+    """The report file ``path`` as a dict; InputError naming it when broken."""
+    from perfusion.io import read_json_object
+
+    return read_json_object(path, what="report", fix="re-run 'perfusion analyze'")
+
+
 def compare_folders(prior_folder: Path, current_folder: Path, *, different_patients_ok: bool = False) -> Comparison:
-    """Compare two analyze output folders; see the module docstring. InputError for unusable input, and
-    for two analyses whose BIDS subject labels differ unless ``different_patients_ok`` (then the
-    comparison carries the loud warning of patient_check)."""
-    prior_folder, current_folder = Path(prior_folder), Path(current_folder)
-    for f in (prior_folder, current_folder):
-        if not f.is_dir():
-            raise InputError(f"{f}: folder not found; give a folder written by 'perfusion analyze'")
-    p_rep, c_rep = load_report(prior_folder), load_report(current_folder)
+    """Compare two analyses, each an analyze output folder or its report file (analysis); see the module
+    docstring. InputError for unusable input, and for two analyses whose BIDS subject labels differ
+    unless ``different_patients_ok`` (then the comparison carries the loud warning of patient_check)."""
+    (prior_folder, p_path), (current_folder, c_path) = analysis(prior_folder), analysis(current_folder)
+    p_rep, c_rep = read_report(p_path), read_report(c_path)
     if not different_patients_ok:
-        _refuse_other_subject(p_rep, c_rep, prior_folder, current_folder)
-    common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=find_report(prior_folder),
-                                                  current_path=find_report(current_folder))
-    prior = load_time_point(prior_folder, roi_names=common, label="prior", report=p_rep)
-    current = load_time_point(current_folder, roi_names=common, label="current", report=c_rep)
+        _refuse_other_subject(p_rep, c_rep, p_path, c_path)
+    common, only_prior, only_current = match_rois(p_rep, c_rep, prior_path=p_path, current_path=c_path)
+    prior = load_time_point(prior_folder, roi_names=common, label="prior", report=p_rep, report_path=p_path)
+    current = load_time_point(current_folder, roi_names=common, label="current", report=c_rep, report_path=c_path)
     references = reference_check(p_rep, c_rep)
     warns = references["problems"] + _warnings(p_rep, c_rep) + prior.notes + current.notes
     if same_grid(prior.baseline, current.baseline) and np.array_equal(prior.baseline.data, current.baseline.data):

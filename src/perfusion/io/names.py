@@ -100,18 +100,34 @@ def roi_mask_files(names, prefix: str | None = None) -> dict[str, str]:
     return out
 
 
-def find_report(folder: Path) -> Path:
-    """report.json of an analyze output folder, or its one BIDS-named ``*_report.json``; InputError otherwise."""
-    folder = Path(folder)
-    plain = folder / "report.json"
+def find_report(path: Path) -> Path:
+    """The report of one analysis: ``path`` itself when it is a report file (``report.json`` or a
+    BIDS-named ``*_report.json``: a BIDS folder ``sub-01/ses-1/perf/`` holds one per run), else the
+    report.json of folder ``path`` or its one ``*_report.json``. InputError otherwise; for a folder
+    holding several analyses, one line listing their reports so the user can give one of them."""
+    path = Path(path)
+    if path.is_file():
+        if path.name == "report.json" or path.name.endswith("_report.json"):
+            return path
+        raise InputError(f"{path}: not a report; give a folder written by 'perfusion analyze' or its "
+                         "report.json (*_report.json)")
+    plain = path / "report.json"
     if plain.is_file():
         return plain
-    named = sorted(p for p in folder.glob("*_report.json") if p.is_file())
+    named = sorted(p for p in path.glob("*_report.json") if p.is_file() and not p.name.startswith("."))
     if len(named) == 1:
         return named[0]
     if len(named) > 1:
-        raise InputError(f"{folder}: holds {len(named)} *_report.json files; give the folder of one analysis")
-    raise InputError(f"{plain}: not found; give a folder written by 'perfusion analyze'")
+        raise InputError(f"{path}: holds {len(named)} analyses ({', '.join(p.name for p in named)}); give the "
+                         f"report file of one, e.g. {path / named[0].name}")
+    raise InputError(f"{plain}: not found; give a folder written by 'perfusion analyze' or its report.json")
+
+
+def analysis_of(path: Path) -> tuple[Path, Path]:
+    """(folder, report file) of one analysis given as its folder or as its report file (find_report):
+    the outputs lie beside the report, named in its "files"."""
+    report = find_report(path)
+    return report.parent, report
 
 
 def output_path(folder: Path, report: dict, key: str) -> Path:
