@@ -106,12 +106,12 @@ def test_bids_echoes_of_one_run_are_one_case(bids_run):
     rows = {r["case"]: r for r in rows_of(out)}
     assert set(rows) == {"sub-01_run-1", "sub-01_run-2", "sub-02"}  # echoes grouped, runs never mixed
     assert rows["sub-01_run-1"]["status"] == rows["sub-02"]["status"] == "ok"
-    folder = out / "sub-01" / "run-1" / "perf"  # the echo entity leaves the folder name, run stays
+    folder = out / "sub-01" / "perf"  # every run of a session in its perf/ folder; the echo entity leaves the name
     report = json.loads((folder / "sub-01_run-1_report.json").read_text())
     acq = report["acquisition"]
     assert acq["te"] == pytest.approx(TE2 - TE1) and acq["te_source"].startswith("multi-echo")
     assert "15" in acq["te_source"] and "40" in acq["te_source"]
-    marker = json.loads((folder / ".perfusion-done.json").read_text())
+    marker = json.loads((folder / ".sub-01_run-1.perfusion-done.json").read_text())  # one marker per run
     hashed = marker["fingerprint"]["inputs"]
     for name in ("sub-01/perf/sub-01_run-1_echo-1_dsc.nii.gz", "sub-01/perf/sub-01_run-1_echo-3_dsc.nii.gz",
                  "sub-01/perf/sub-01_run-1_echo-1_dsc.json", "sub-01/perf/sub-01_run-1_echo-3_dsc.json",
@@ -158,7 +158,7 @@ def test_bids_echo_resume_sees_each_echo(bids_run, tmp_path):
     echo3.write_text(json.dumps({"EchoTime": 0.045, "RepetitionTime": 1.5}))
     code, stdout, err = run(["batch", root, out, "--leakage", "bidirectional"])
     assert code == 3 and re.search(r"sub-01_run-1: ok \(\d", stdout) and "sub-02: ok (already done" in stdout
-    report = json.loads((out / "sub-01" / "run-1" / "perf" / "sub-01_run-1_report.json").read_text())
+    report = json.loads((out / "sub-01" / "perf" / "sub-01_run-1_report.json").read_text())
     assert report["acquisition"]["te"] == pytest.approx(0.045 - TE1)
 
 

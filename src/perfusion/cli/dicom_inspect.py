@@ -43,6 +43,12 @@ def run_dicom_inspect(*, folder: Path, json_path: Path | None = None, quiet: boo
     return data
 
 
+#: The table's columns; below WIDE_TABLE columns of terminal each series is one line instead.
+INSPECT_COLUMNS = ("series", "files", "frames", "slices", "matrix", "TE", "TR", "frame order", "interval (range)",
+                   "checks")
+WIDE_TABLE = 110
+
+
 def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> None:
     from perfusion.cli.console import console
     from perfusion.cli.console import table as new_table
@@ -52,25 +58,33 @@ def print_dicom_inspect(data: dict, json_path: Path | None, folder: Path) -> Non
     def num(x):
         return "-" if x is None else f"{x:.4g}"
 
-    table = new_table(f"DICOM series in {folder} (times in s)", "series", "files", "frames", "slices", "matrix",
-                      "TE", "TR", "frame order", "interval (range)", "checks",
-                      numbers=("series", "files", "frames", "slices", "TR"))
-
     def count(n, what):
         return f"{n} {what}{'s' if n > 1 else ''}"
 
     def te(s):
         return ", ".join(num(e["echo_time_s"]) for e in s["echoes"]) if s.get("echoes") else num(s["echo_time_s"])
 
+    rows = []
     for s in data["series"]:
         checks = (count(len(s["errors"]), "error") if s["errors"] else
                   count(len(s["warnings"]), "warning") if s["warnings"] else "ok")
         interval = ("-" if s["interval_median_s"] is None else
                     f"{num(s['interval_median_s'])} ({num(s['interval_min_s'])}-{num(s['interval_max_s'])})")
-        table.add_row(str(s["series_number"]), str(s["n_files"]), str(s["frames"]), str(s["slices_per_frame"]),
-                      f"{s['matrix'][0]}x{s['matrix'][1]}", te(s), num(s["repetition_time_s"]),
-                      s["ordering_key"], interval, checks)
-    con.print(table)
+        rows.append((str(s["series_number"]), str(s["n_files"]), str(s["frames"]), str(s["slices_per_frame"]),
+                     f"{s['matrix'][0]}x{s['matrix'][1]}", te(s), num(s["repetition_time_s"]),
+                     s["ordering_key"], interval, checks))
+    title = f"DICOM series in {folder} (times in s)"
+    if con.width >= WIDE_TABLE:
+        table = new_table(title, *INSPECT_COLUMNS, numbers=("series", "files", "frames", "slices", "TR"))
+        for row in rows:
+            table.add_row(*row)
+        con.print(table)
+    else:  # ten columns in 80 would fold every header and the frame order mid-word: one line per series
+        con.print(title, markup=False, soft_wrap=False)
+        for row in rows:
+            con.print("  series " + row[0] + ": " + "; ".join(f"{k} {v}" for k, v in zip(INSPECT_COLUMNS[1:], row[1:],
+                                                                                       strict=True)),
+                      markup=False, soft_wrap=False)
     for s in data["series"]:
         if s.get("echoes"):
             con.print(f"series {s['series_number']}: {len(s['echoes'])} echoes, TE "

@@ -103,7 +103,10 @@ PER_CASE = {"dsc": "INPUT / BIDS_DIR (every series found)", "out": "OUT_DIR (one
             "reference": "--reference-glob (BIDS: label-nawm masks)", "roi": "--roi-glob (BIDS: label-<name> masks)",
             "anat": "--anat-glob (BIDS: the session's anat/*_T1w)",
             "force": "none: a batch resumes (done cases are skipped)",
-            "dicom_series": "none: a case's dicom/ folder holds one series"}
+            "dicom_series": "none: a case's dicom/ folder holds one series",
+            "label": "none: each case's report is labelled with its case id (its BIDS entities, or its folder's "
+                     "name relative to INPUT, as summary.tsv names it)",
+            "scan_date": "none: a batch records no scan date (dates are identifiers; a dataset's are per case)"}
 
 
 def batch_params(values: Mapping[str, Any]) -> dict[str, Any]:
