@@ -142,7 +142,7 @@ Derivatives = Annotated[Optional[Path], typer.Option(
     help="BIDS: folder searched for *_label-<name>_mask.nii.gz (default INPUT/derivatives).")]
 RoiGlob = Annotated[Optional[list[str]], typer.Option(
     help="Lesion masks by glob pattern, relative to INPUT (BIDS) or the case folder, with {sub} {ses} {case} "
-         "placeholders; repeatable.")]
+         "placeholders.")]
 BrainGlob = Annotated[Optional[str], typer.Option(help="Brain mask by glob pattern (as --roi-glob).")]
 ReferenceGlob = Annotated[Optional[str], typer.Option(
     help="Reference (normal-appearing white matter) mask by glob pattern.")]
@@ -160,10 +160,10 @@ SchedulerFile = Annotated[Optional[Path], typer.Option(
 # analyze, batch and bids take all of them; batch and bids find the files per case (PER_CASE).
 
 Mask = Annotated[Optional[Path], typer.Option(help="Brain mask on the DSC grid (default: automatic).")]
-Aif = Annotated[str, typer.Option(help="'auto' or a mask of arterial voxels on the DSC grid.")]
+Aif = Annotated[str, typer.Option(metavar="auto|PATH", help="'auto' or a mask of arterial voxels on the DSC grid.")]
 Reference = Annotated[Optional[Path], typer.Option(
     help="Reference tissue mask (normal-appearing white matter) for rCBV (default: automatic).")]
-Roi = Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; repeat for several. Its name is the file name.")]
+Roi = Annotated[Optional[list[Path]], typer.Option(help="Lesion mask; its name is the file name.")]
 Anat = Annotated[Optional[Path], typer.Option(
     help="Post-contrast T1 (NIfTI, any grid): registered rigidly to the DSC baseline and used as the figures' "
          "background.")]
@@ -194,6 +194,7 @@ AifVoxels = Annotated[int, typer.Option(help="Number of arterial voxels averaged
 AifSelection = Annotated[str, typer.Option(
     help="Automatic AIF: cluster (k-means, Mouridsen 2006) or rank (peak / width).")]
 Vof = Annotated[str, typer.Option(
+    metavar="guarded|auto|none|PATH",
     help="Partial-volume scaling of the AIF by a venous output function: guarded (default: the automatic VOF, "
          "applied only when it shows the AIF is partial-volumed), auto (always), none, or a mask.")]
 Recirculation = Annotated[str, typer.Option(
