@@ -300,7 +300,8 @@ def segmentation(rois: list[tuple[str, np.ndarray]], reference: np.ndarray | Non
         masks.append(mask)
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=k, segment_label=name[:64],
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure, segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL))
     if reference is not None:
         masks.append(reference)
         descriptions.append(hd.seg.SegmentDescription(
