@@ -419,12 +419,14 @@ def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> l
 
 
 def _write_extras(out: Path, report: dict, source: SourceSeries, stage: Path) -> None:
-    """CALL POINT of export_extras.py (the overlay and the verdict report), when that module exists."""
+    """CALL POINT of io/dicom/export_extras.py (the colour overlay and the verdict report), when that
+    module exists: its write_overlay(...) and write_verdict_report(...) write into ``stage``. Wired at
+    the merge; until then the export writes the core objects only."""
     try:
-        from perfusion.io.dicom import export_extras  # type: ignore[attr-defined]
+        from perfusion.io.dicom.export_extras import write_overlay, write_verdict_report
     except ImportError:
         return
-    del export_extras  # wired at the merge: write_overlay(...), write_verdict_report(...) into ``stage``
+    del write_overlay, write_verdict_report  # TO WIRE AT THE MERGE: call both here with (out, report, source, stage)
 
 
 @contextlib.contextmanager
