@@ -293,8 +293,9 @@ def segmentation(rois: list[tuple[str, np.ndarray]], reference: np.ndarray | Non
 
     from perfusion import __version__
 
+    # the automatic reference: thresholds on the CBV histogram, distance and symmetry rules, not a trained model
     algorithm = hd.AlgorithmIdentificationSequence(name="perfusion", version=str(__version__),
-                                                   family=codes.cid7162.ArtificialIntelligence)
+                                                   family=codes.cid7162.HistogramAnalysis)
     masks, descriptions = [], []
     for k, (name, mask) in enumerate(rois, 1):
         masks.append(mask)
