@@ -328,3 +328,50 @@ def test_dicom_export_with_a_nifti_input_is_a_usage_error(exported, tmp_path):
     assert code == 2
     assert "--dicom-export" in err and "is a NIfTI series, which has no DICOM study" in err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- the source
+
+
+def test_load_source_takes_the_chosen_series(tmp_path):
+    """Two DSC series in one folder: the series number chooses (as analyze's --series); without it, a
+    usage error listing them."""
+    from perfusion.errors import UsageError
+
+    data, affine = small_series()
+    write_dicom_series(tmp_path / "dcm" / "a", data, affine, tr=1.5, te=0.03, series_number=5, seed=2)
+    write_dicom_series(tmp_path / "dcm" / "b", data[:, :, :2], affine, tr=1.5, te=0.03, series_number=6, seed=3)
+    with pytest.raises(UsageError, match="choose one with --series N"):
+        export.load_source(tmp_path / "dcm")
+    six = export.load_source(tmp_path / "dcm", series=6)
+    assert (six.number, six.n_slices) == (6, 2)
+    uid = pydicom.dcmread(next((tmp_path / "dcm" / "b").iterdir())).SeriesInstanceUID
+    assert {ds.SeriesInstanceUID for ds in six.datasets} == {uid}
+    z = [float(ds.ImagePositionPatient[2]) for ds in six.datasets]
+    assert z == sorted(z) and len(set(z)) == 2  # slice order along the normal (axial: +z)
+    assert {ds.PatientSex for ds in six.datasets} == {""}  # a Type 2 attribute the writer leaves out, empty
+
+
+def test_enhanced_source_is_refused(tmp_path):
+    """An enhanced multi-frame series: one clear InputError (the export references classic images)."""
+    from test_dicom import write_enhanced
+
+    data, affine = small_series()
+    write_enhanced(tmp_path / "dcm" / "enhanced.dcm", data, affine, tr=1.5, te=0.03, series_number=9)
+    with pytest.raises(InputError, match="enhanced multi-frame or mosaic series cannot be exported yet"):
+        export.load_source(tmp_path / "dcm")
+
+
+def test_maps_off_the_source_grid_are_refused(exported, tmp_path):
+    """A map of OUT moved by half a voxel: export-dicom fails with one line naming the fix, writes no
+    dicom/ and leaves no staging folder."""
+    out = tmp_path / "copy"
+    shutil.copytree(exported["out"], out, ignore=shutil.ignore_patterns("dicom"))
+    img = nib.load(out / "cbf.nii.gz")
+    moved = img.affine.copy()
+    moved[:3, 3] += 0.5 * moved[:3, 0]
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), moved, img.header), out / "cbf.nii.gz")
+    code, _, err = run(["export-dicom", out, "--source", exported["folder"]])
+    assert code == 4 and err.count("\n") == 1
+    assert "do not lie on the grid of source series 7 (0.50 voxel off" in err and "give the DICOM folder" in err
+    assert not (out / "dicom").exists() and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
