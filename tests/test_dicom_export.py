@@ -125,6 +125,8 @@ def test_to_source_grid_is_the_dicom_pixel_order(tmp_path, orientation):
         np.testing.assert_allclose(frames[s], pixels, rtol=1e-6, atol=1e-3)
     back = export.from_source_grid(frames, conv.affine, conv.data.shape[:3], source)
     np.testing.assert_array_equal(back, conv.data[..., 0])
+    idx = export.source_indices(conv.data.shape[:3], conv.affine, source)
+    assert [set(idx[s, ..., 2].ravel()) for s in range(3)] == [{0}, {1}, {2}]  # slice s is dcm2niix's k = s
 
 
 def test_to_source_grid_refuses_another_grid(tmp_path):
@@ -212,6 +214,7 @@ def test_parametric_map(exported, key):
     concept = rwvm.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (concept.CodeValue, concept.CodingSchemeDesignator) == (quantity, "DCM")
     assert (rwvm.RealWorldValueSlope, rwvm.RealWorldValueIntercept) == (1.0, 0.0)
+    assert rwvm.LUTExplanation == f"{export.MAP_SPECS[key].explanation}; -9999: no value"
     img = nib.load(out / f"{key}.nii.gz")
     nifti = np.asarray(img.dataobj, dtype=np.float32)
     stored = export.from_source_grid(frames_in_source_order(ds, source), img.affine, nifti.shape, source)

@@ -14,7 +14,8 @@ The objects (:func:`export_dicom`, into ``OUT/dicom/``, written in a staging fol
   (highdicom.pm.ParametricMap): 32-bit float pixels that are the map's values (Real World Value Mapping:
   slope 1, intercept 0, its unit a UCUM code and its quantity a DCM code, :data:`MAP_SPECS`). A voxel
   without a value (NaN: outside the brain, or not fitted) is stored as :data:`NO_VALUE`, below the
-  mapping's value range (the range of the valid values), so it has no real-world value.
+  mapping's value range (the range of the valid values), so it has no real-world value (the mapping's
+  LUT Explanation says so: "...; -9999: no value").
 - ``rois_seg.dcm``: the lesion ROIs and the reference as one binary DICOM Segmentation, a segment per
   ROI (label = the ROI's name; a morphologically abnormal structure / lesion, drawn by the user) and
   one for the reference (tissue / white matter when automatic).
@@ -270,7 +271,8 @@ def parametric_map(key: str, volume: np.ndarray, affine: np.ndarray, source: Sou
     fill = NO_VALUE if lo > NO_VALUE else float(np.floor(lo) - 1.0)
     pixels = np.where(np.isfinite(frames), frames, np.float32(fill)).astype(np.float32)
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label=spec.label, lut_explanation=spec.explanation, unit=CodedConcept(spec.unit[0], "UCUM", spec.unit[1]),
+        lut_label=spec.label, lut_explanation=f"{spec.explanation}; {fill:g}: no value"[:64],
+        unit=CodedConcept(spec.unit[0], "UCUM", spec.unit[1]),
         value_range=(lo, hi), slope=1.0, intercept=0.0,
         quantity_definition=CodedConcept(spec.quantity[0], "DCM", spec.quantity[1]))
     w_lo, w_hi = (float(v) for v in np.percentile(valid, [1.0, 99.0]))
