@@ -195,6 +195,7 @@ def test_parametric_map(exported, key):
     words = "leakage-corrected, research" if corrected and key in ("rcbv", "cbv") else "research"
     assert pm.SeriesDescription == f"perfusion {title} ({words})"
     assert (pm.ContentDescription, pm.ImageComments) == (export.SHORT_DISCLAIMER, DISCLAIMER)
+    assert (pm.Manufacturer, pm.BodyPartExamined) == ("perfusion (open source)", "BRAIN")
     shared = pm.SharedFunctionalGroupsSequence[0]
     frames_fg = pm.PerFrameFunctionalGroupsSequence
     for fg in frames_fg:
