@@ -379,3 +379,17 @@ def test_maps_off_the_source_grid_are_refused(exported, tmp_path):
     assert code == 4 and err.count("\n") == 1
     assert "do not lie on the grid of source series 7 (0.50 voxel off" in err and "give the DICOM folder" in err
     assert not (out / "dicom").exists() and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("command", ["analyze", "export-dicom"])
+def test_a_source_inside_out_dicom_is_never_replaced(exported, tmp_path, command):
+    """The DICOM folder given as OUT/dicom (the folder the export replaces): usage error, the folder kept."""
+    out = tmp_path / "out"
+    shutil.copytree(exported["out"], out, ignore=shutil.ignore_patterns("dicom"))
+    shutil.copytree(exported["folder"], out / "dicom")
+    n_files = len(list((out / "dicom").iterdir()))
+    args = (["analyze", out / "dicom", "--out", out, "--force", "--dicom-export"] if command == "analyze"
+            else ["export-dicom", out, "--source", out / "dicom"])
+    code, _, err = run(args)
+    assert code == 2 and "which the DICOM export replaces; move the DICOM folder out" in err
+    assert len(list((out / "dicom").iterdir())) == n_files == 400

@@ -400,6 +400,15 @@ def build_objects(out: Path, report: dict, source: SourceSeries) -> dict[str, An
     return objects
 
 
+def check_source_outside(out: Path, source_dir: Path) -> None:
+    """UsageError when the DICOM folder ``source_dir`` is ``out/dicom`` or lies inside it: the export
+    replaces that folder and would delete the source with it."""
+    target, source = (Path(out) / "dicom").resolve(), Path(source_dir).resolve()
+    if source == target or target in source.parents:
+        raise UsageError(f"{source_dir}: the DICOM folder lies in {Path(out) / 'dicom'}, which the DICOM export "
+                         "replaces; move the DICOM folder out of the output folder first")
+
+
 def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> list[Path]:
     """Write ``out``'s maps, ROIs and reference as DICOM objects into ``out/dicom/`` (module docstring),
     in the study of ``source_dir``'s DSC series (``series``: its SeriesNumber when the folder holds
@@ -407,6 +416,7 @@ def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> l
     place: a failed export leaves an earlier ``dicom/`` as it was. Errors: read_analysis, load_source,
     to_source_grid; OutputError when ``out`` cannot be written."""
     out, source_dir = Path(out), Path(source_dir)
+    check_source_outside(out, source_dir)
     report = read_analysis(out, source_dir)
     source = load_source(source_dir, series=series)
     with warnings.catch_warnings():
