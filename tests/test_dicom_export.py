@@ -13,6 +13,7 @@ dcm2niix's grid and the automatic reference. Tolerances, each with its reason:
 import json
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import nibabel as nib
@@ -393,3 +394,11 @@ def test_a_source_inside_out_dicom_is_never_replaced(exported, tmp_path, command
     code, _, err = run(args)
     assert code == 2 and "which the DICOM export replaces; move the DICOM folder out" in err
     assert len(list((out / "dicom").iterdir())) == n_files == 400
+
+
+def test_dicom_export_without_highdicom_stops_before_the_analysis(exported, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom now raises ImportError
+    out = tmp_path / "out"
+    code, _, err = run(["analyze", exported["folder"], "--out", out, "--dicom-export"])
+    assert code == 2 and "the DICOM export needs highdicom; pip install highdicom" in err
+    assert not out.exists()

@@ -102,10 +102,14 @@ def analyze(
 
 
 def check_dicom_export(dsc: list[Path], out: Path) -> None:
-    """Refuse (UsageError, exit 2) --dicom-export for a NIfTI input (it has no DICOM study to attach to)
-    and for a DICOM folder inside OUT/dicom (the export replaces that folder)."""
-    from perfusion.io.dicom.export import check_source_outside
+    """Refuse (UsageError, exit 2) --dicom-export for several inputs, without highdicom, for a NIfTI input
+    (it has no DICOM study to attach to) and for a DICOM folder inside OUT/dicom (the export replaces it)."""
+    from perfusion.io.dicom.export import check_source_outside, import_highdicom
 
+    if len(dsc) > 1:
+        raise UsageError("--dicom-export: give the one DICOM folder of the series (its echoes included), not "
+                         f"{len(dsc)} inputs")
+    import_highdicom()  # before the analysis: without highdicom the export would fail at its end
     for p in dsc:
         check_source_outside(out, p)
         if Path(p).exists() and not Path(p).is_dir():

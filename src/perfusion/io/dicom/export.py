@@ -222,7 +222,7 @@ MAP_SPECS = {
 }
 
 
-def _hd():
+def import_highdicom():
     """highdicom, imported on first use; UsageError without it."""
     try:
         import highdicom
@@ -259,7 +259,7 @@ def parametric_map(key: str, volume: np.ndarray, affine: np.ndarray, source: Sou
     """One map (x, y, z on the NIfTI grid of ``affine``; its MAP_SPECS unit) as a highdicom
     ParametricMap on ``source``'s images: float32 pixels equal to the map's values, NaN stored as
     NO_VALUE outside the real-world value range, a display window over the 1st-99th percentile."""
-    hd = _hd()
+    hd = import_highdicom()
     from highdicom.sr.coding import CodedConcept
 
     spec = MAP_SPECS[key]
@@ -290,7 +290,7 @@ def segmentation(rois: list[tuple[str, np.ndarray]], reference: np.ndarray | Non
     highdicom Segmentation on ``source``'s images: segment k = ROI k (a morphologically abnormal
     structure / lesion, drawn by the user), the last one the reference (tissue / white matter when
     perfusion chose it, tissue when the user gave it)."""
-    hd = _hd()
+    hd = import_highdicom()
     from pydicom.sr.codedict import codes
 
     from perfusion import __version__
