@@ -28,7 +28,14 @@ from perfusion.io.dicom.convert import (
     read_dicom_series,
     whitelist_sidecar,
 )
-from perfusion.io.dicom.export import SourceSeries, from_source_grid, load_source, source_indices, to_source_grid
+from perfusion.io.dicom.export import (
+    SourceSeries,
+    export_dicom,
+    from_source_grid,
+    load_source,
+    source_indices,
+    to_source_grid,
+)
 from perfusion.io.dicom.headers import (
     INTERVAL_JITTER,
     INTERVAL_TR_TOLERANCE,
@@ -41,7 +48,7 @@ from perfusion.io.dicom.headers import (
 )
 
 __all__ = ["DCM2NIIX_ENV", "DCM2NIIX_OPTIONS", "INTERVAL_JITTER", "INTERVAL_TR_TOLERANCE", "INTERVAL_UNUSABLE",
-           "SIDECAR_WHITELIST", "DicomSeries", "SeriesInfo", "SourceSeries", "from_source_grid", "load_source",
-           "source_indices", "to_source_grid", "check_series", "find_dcm2niix", "inspect",
-           "load_dicom_echoes", "load_dicom_series", "read_dicom_echoes", "read_dicom_series", "scrub", "select_series",
+           "SIDECAR_WHITELIST", "DicomSeries", "SeriesInfo", "SourceSeries", "check_series", "export_dicom",
+           "find_dcm2niix", "from_source_grid", "inspect", "load_dicom_echoes", "load_dicom_series", "load_source",
+           "read_dicom_echoes", "read_dicom_series", "scrub", "select_series", "source_indices", "to_source_grid",
            "whitelist_sidecar"]
