@@ -402,3 +402,22 @@ def test_dicom_export_without_highdicom_stops_before_the_analysis(exported, tmp_
     code, _, err = run(["analyze", exported["folder"], "--out", out, "--dicom-export"])
     assert code == 2 and "the DICOM export needs highdicom; pip install highdicom" in err
     assert not out.exists()
+
+
+def test_a_multi_echo_source_references_the_first_echo(tmp_path):
+    """A multi-echo series (one folder, EchoNumbers 1 and 2): the first echo's images, one per slice."""
+    from pydicom.uid import generate_uid
+
+    from perfusion.io.dicom import read_dicom_echoes
+
+    data, affine = small_series()
+    uids = (generate_uid(), generate_uid(), generate_uid())
+    for n, te in ((1, 0.02), (2, 0.04)):
+        write_dicom_series(tmp_path / "dcm", data * (1 - 0.1 * n), affine, tr=1.5, te=te, series_number=7, seed=n,
+                           echo_number=n, uids=uids)
+    source = export.load_source(tmp_path / "dcm")
+    assert source.n_slices == 3 and {int(ds.EchoNumbers) for ds in source.datasets} == {1}
+    first = read_dicom_echoes(tmp_path / "dcm")[0]
+    frames = export.to_source_grid(first.data[..., 0], first.affine, source)
+    pixels = pydicom.dcmread(source.datasets[1].filename).pixel_array * SLOPE + INTERCEPT
+    np.testing.assert_allclose(frames[1], pixels, rtol=1e-6, atol=1e-3)
