@@ -376,35 +376,18 @@ def report_content(report: dict) -> Any:
     return root
 
 
-#: Type 2 attributes of the patient and study modules that highdicom's SR reads from its first evidence
-#: dataset; a source may leave them out (they are then written empty, as type 2 allows).
-TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
-                       "StudyDate", "StudyTime", "ReferringPhysicianName")
-
-
-def _evidence(datasets: list[Dataset]) -> list[Dataset]:
-    """The source datasets as the SR's evidence, the first one (whose patient and study the SR copies)
-    a copy (headers only: small) with the type 2 attributes it lacks present and empty."""
-    import copy
-
-    first = copy.deepcopy(datasets[0])
-    for keyword in TYPE2_PATIENT_STUDY:
-        if keyword not in first:
-            setattr(first, keyword, None)
-    return [first, *datasets[1:]]
-
-
 def write_verdict_report(out_dicom: Path, source: SourceSeries, report: dict, *,
                          series_number: int = REPORT_SERIES_NUMBER) -> list[Path]:
     """The verdict table of ``report`` (report.json's content) as a Comprehensive SR, written into
     ``out_dicom`` as report.dcm; returns its path in a list. The source images are its evidence (so its
-    patient, study and the CurrentRequestedProcedureEvidenceSequence come from them); completion
+    patient, study and the CurrentRequestedProcedureEvidenceSequence come from them: load_source gives
+    their headers the type 2 patient and study attributes highdicom reads, empty where absent); completion
     COMPLETE, verification UNVERIFIED (a machine's result nobody has signed)."""
     from highdicom import UID
     from highdicom.sr import ComprehensiveSR
 
     sr = ComprehensiveSR(
-        evidence=_evidence(source.datasets), content=report_content(report), series_instance_uid=UID(),
+        evidence=list(source.datasets), content=report_content(report), series_instance_uid=UID(),
         series_number=series_number, sop_instance_uid=UID(), instance_number=1, manufacturer=MANUFACTURER,
         is_complete=True, is_final=False, is_verified=False, series_description=REPORT_DESCRIPTION,
         software_versions=__version__)
