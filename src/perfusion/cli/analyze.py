@@ -48,6 +48,11 @@ Label = Annotated[Optional[str], typer.Option(
 #: --scan-date: the scan's date as the user gives it (report.json "case"; the DICOM date is never read).
 ScanDate = Annotated[Optional[str], typer.Option(
     metavar="YYYY-MM-DD", help="Date of the scan, shown beside the label (report.html, report.json \"case\").")]
+#: --dicom-export: OUT/dicom/ (io.dicom.export), the one output with the source's identifiers.
+DicomExport = Annotated[bool, typer.Option(
+    "--dicom-export", help="DICOM folder input: also write OUT/dicom/, the rCBV, CBV, CBF, MTT and Tmax maps as "
+                           "DICOM Parametric Maps and the ROIs and reference as a DICOM Segmentation in the source "
+                           "study, for PACS (they carry its patient and study data: the one output that does).")]
 
 
 def analyze(
@@ -84,13 +89,25 @@ def analyze(
     html: Html = True,
     label: Label = None,
     scan_date: ScanDate = None,
+    dicom_export: DicomExport = False,
 ) -> None:
     """Turn a DSC series into CBV, CBF, MTT, TTP, Tmax and rCBV maps and score each lesion ROI."""
     values = dict(locals())  # every option by name, as the signature orders them
     check_options(values)
     check_scan_date(scan_date)
+    if dicom_export:
+        check_dicom_export(dsc)
     run_analyze(dsc=dsc[0] if len(dsc) == 1 else list(dsc), out=out, options=values, force=force, quiet=quiet,
-                html=html, label=label, scan_date=scan_date)
+                html=html, label=label, scan_date=scan_date, dicom_export=dicom_export)
+
+
+def check_dicom_export(dsc: list[Path]) -> None:
+    """Refuse (UsageError, exit 2) --dicom-export for a NIfTI input: it has no DICOM study to attach to."""
+    for p in dsc:
+        if Path(p).exists() and not Path(p).is_dir():
+            raise UsageError(f"--dicom-export: {p} is a NIfTI series, which has no DICOM study (patient, Study "
+                             "Instance UID, frame of reference) to attach the maps to; analyse the DICOM folder "
+                             "itself, or leave out --dicom-export")
 
 
 def check_scan_date(scan_date: str | None) -> None:
@@ -109,13 +126,15 @@ def check_scan_date(scan_date: str | None) -> None:
 
 
 def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = False, quiet: bool = False,
-                html: bool = True, label: str | None = None, scan_date: str | None = None):
+                html: bool = True, label: str | None = None, scan_date: str | None = None,
+                dicom_export: bool = False):
     """Analyse one case and write its outputs into ``out``; return the pipeline Result. ``dsc``: a NIfTI
     series, a DICOM folder or the echoes of one run (a list). ``options``: the analyze command's values
     by name (options.py): what the case loads (options.case_inputs; ``dicom_series``: a DICOM folder's
     SeriesNumber when it holds several) and the analysis Config (options.build_config). ``label`` and
-    ``scan_date`` (YYYY-MM-DD): report.json "case". On a terminal, a progress bar on stderr names the
-    stage (console.stage_progress)."""
+    ``scan_date`` (YYYY-MM-DD): report.json "case". ``dicom_export``: also OUT/dicom/ from the DICOM folder
+    ``dsc`` (io.dicom.export.export_dicom; staged with the other outputs). On a terminal, a progress bar on
+    stderr names the stage (console.stage_progress)."""
     from perfusion.cli.console import stage_progress
     from perfusion.cli.options import build_config
     from perfusion.io import check_output_folder, is_analyze_output, output_lock, staged_output
@@ -138,6 +157,10 @@ def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = Fal
             progress.stage(ANALYZE_STAGES[2][0])
             with staged_output(out, force=force, stale=is_analyze_output, keep=given) as stage:
                 write_result(result, loaded, stage, label=label, scan_date=scan_date)
+                if dicom_export:
+                    from perfusion.io.dicom.export import export_dicom
+
+                    export_dicom(stage, Path(dsc), series=options.get("dicom_series"))
                 if html:
                     progress.stage(ANALYZE_STAGES[3][0])
                     from perfusion.report.html import write_html
@@ -145,6 +168,10 @@ def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = Fal
                     write_html(stage)
     if not quiet:
         print_summary(result, out, html=html, warnings=report_warnings(out))
+        if dicom_export:
+            from perfusion.cli.console import console
+
+            console().print(f"DICOM export (identifiers of the source study) written to {out / 'dicom'}", markup=False)
     return result
 
 

@@ -15,6 +15,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from perfusion.cli import analyze, batch, bench, bids, compare, convert, dicom_inspect, phantom, report, validate
+from perfusion.cli import export_dicom as export_dicom_cli
 from perfusion.cli.options import Quiet
 from perfusion.errors import EXIT_INTERNAL, EXIT_OUTPUT, WRITE_REFUSED_ERRNOS, PerfusionError
 
@@ -267,7 +268,8 @@ def warmup(quiet: Quiet = False) -> None:
 #: The commands in the order of ``perfusion --help``: (name, function); each runs inside guard.
 COMMANDS = (("analyze", analyze.analyze), ("phantom", phantom.phantom), ("validate", validate.validate),
             ("report", report.report), ("compare", compare.compare), ("batch", batch.batch), ("bids", bids.bids),
-            ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect), ("bench", bench.bench),
+            ("convert", convert.convert), ("dicom-inspect", dicom_inspect.dicom_inspect),
+            ("export-dicom", export_dicom_cli.export_dicom), ("bench", bench.bench),
             ("warmup", warmup))
 for _name, _command in COMMANDS:
     app.command(_name, cls=Command)(guard(_command))

@@ -106,7 +106,8 @@ PER_CASE = {"dsc": "INPUT / BIDS_DIR (every series found)", "out": "OUT_DIR (one
             "dicom_series": "none: a case's dicom/ folder holds one series",
             "label": "none: each case's report is labelled with its case id (its BIDS entities, or its folder's "
                      "name relative to INPUT, as summary.tsv names it)",
-            "scan_date": "none: a batch records no scan date (dates are identifiers; a dataset's are per case)"}
+            "scan_date": "none: a batch records no scan date (dates are identifiers; a dataset's are per case)",
+            "dicom_export": "none: a batch writes no identifiers (run perfusion export-dicom on a case's folder)"}
 
 
 def batch_params(values: Mapping[str, Any]) -> dict[str, Any]:

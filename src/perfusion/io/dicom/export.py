@@ -293,8 +293,9 @@ def segmentation(rois: list[tuple[str, np.ndarray]], reference: np.ndarray | Non
 
     from perfusion import __version__
 
+    # the automatic reference: thresholds on the CBV histogram, distance and symmetry rules, not a trained model
     algorithm = hd.AlgorithmIdentificationSequence(name="perfusion", version=str(__version__),
-                                                   family=codes.cid7162.ArtificialIntelligence)
+                                                   family=codes.cid7162.HistogramAnalysis)
     masks, descriptions = [], []
     for k, (name, mask) in enumerate(rois, 1):
         masks.append(mask)
@@ -419,12 +420,14 @@ def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> l
 
 
 def _write_extras(out: Path, report: dict, source: SourceSeries, stage: Path) -> None:
-    """CALL POINT of export_extras.py (the overlay and the verdict report), when that module exists."""
+    """CALL POINT of io/dicom/export_extras.py (the colour overlay and the verdict report), when that
+    module exists: its write_overlay(...) and write_verdict_report(...) write into ``stage``. Wired at
+    the merge; until then the export writes the core objects only."""
     try:
-        from perfusion.io.dicom import export_extras  # type: ignore[attr-defined]
+        from perfusion.io.dicom.export_extras import write_overlay, write_verdict_report
     except ImportError:
         return
-    del export_extras  # wired at the merge: write_overlay(...), write_verdict_report(...) into ``stage``
+    del write_overlay, write_verdict_report  # TO WIRE AT THE MERGE: call both here with (out, report, source, stage)
 
 
 @contextlib.contextmanager
