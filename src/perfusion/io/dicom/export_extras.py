@@ -138,7 +138,7 @@ def _legend_lines(rois: list[str], has_reference: bool, thresholds: tuple[float,
     return [(part, colour) for text, colour in lines for part in textwrap.wrap(text, width_chars)]
 
 
-def _draw_outlines(ax, rois: dict[str, np.ndarray], reference: np.ndarray | None, scale: int) -> None:
+def _draw_outlines(ax, rois: dict[str, np.ndarray], reference: np.ndarray | None) -> None:
     """ROI outlines (light over black, named above the ROI) and the reference's region dashed, on a
     panel drawn with origin 'upper' (contour's x = column, y = row match imshow's)."""
     from matplotlib import patheffects
@@ -199,7 +199,7 @@ def render_overlay(rcbv: np.ndarray, background: np.ndarray, rois: dict[str, np.
     ax.imshow(np.nan_to_num(background), cmap="gray", vmin=0.0, vmax=background_max, interpolation="nearest")
     im = ax.imshow(np.ma.masked_invalid(rcbv), cmap=RCBV_CMAP, vmin=RCBV_RANGE[0], vmax=RCBV_RANGE[1],
                    alpha=RCBV_ALPHA, interpolation="nearest")
-    _draw_outlines(ax, rois, reference, scale)
+    _draw_outlines(ax, rois, reference)
     _draw_marks(ax, letters)
     cax = fig.add_axes(((pw + 12) / width, 1 - (ph - 20) / height, 18 / width, (ph - 40) / height))
     bar = fig.colorbar(im, cax=cax)
