@@ -125,6 +125,8 @@ def test_to_source_grid_is_the_dicom_pixel_order(tmp_path, orientation):
         np.testing.assert_allclose(frames[s], pixels, rtol=1e-6, atol=1e-3)
     back = export.from_source_grid(frames, conv.affine, conv.data.shape[:3], source)
     np.testing.assert_array_equal(back, conv.data[..., 0])
+    idx = export.source_indices(conv.data.shape[:3], conv.affine, source)
+    assert [set(idx[s, ..., 2].ravel()) for s in range(3)] == [{0}, {1}, {2}]  # slice s is dcm2niix's k = s
 
 
 def test_to_source_grid_refuses_another_grid(tmp_path):
@@ -193,6 +195,7 @@ def test_parametric_map(exported, key):
     words = "leakage-corrected, research" if corrected and key in ("rcbv", "cbv") else "research"
     assert pm.SeriesDescription == f"perfusion {title} ({words})"
     assert (pm.ContentDescription, pm.ImageComments) == (export.SHORT_DISCLAIMER, DISCLAIMER)
+    assert (pm.Manufacturer, pm.BodyPartExamined) == ("perfusion (open source)", "BRAIN")
     shared = pm.SharedFunctionalGroupsSequence[0]
     frames_fg = pm.PerFrameFunctionalGroupsSequence
     for fg in frames_fg:
@@ -212,6 +215,7 @@ def test_parametric_map(exported, key):
     concept = rwvm.QuantityDefinitionSequence[0].ConceptCodeSequence[0]
     assert (concept.CodeValue, concept.CodingSchemeDesignator) == (quantity, "DCM")
     assert (rwvm.RealWorldValueSlope, rwvm.RealWorldValueIntercept) == (1.0, 0.0)
+    assert rwvm.LUTExplanation == f"{export.MAP_SPECS[key].explanation}; -9999: no value"
     img = nib.load(out / f"{key}.nii.gz")
     nifti = np.asarray(img.dataobj, dtype=np.float32)
     stored = export.from_source_grid(frames_in_source_order(ds, source), img.affine, nifti.shape, source)
@@ -375,3 +379,17 @@ def test_maps_off_the_source_grid_are_refused(exported, tmp_path):
     assert code == 4 and err.count("\n") == 1
     assert "do not lie on the grid of source series 7 (0.50 voxel off" in err and "give the DICOM folder" in err
     assert not (out / "dicom").exists() and [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("command", ["analyze", "export-dicom"])
+def test_a_source_inside_out_dicom_is_never_replaced(exported, tmp_path, command):
+    """The DICOM folder given as OUT/dicom (the folder the export replaces): usage error, the folder kept."""
+    out = tmp_path / "out"
+    shutil.copytree(exported["out"], out, ignore=shutil.ignore_patterns("dicom"))
+    shutil.copytree(exported["folder"], out / "dicom")
+    n_files = len(list((out / "dicom").iterdir()))
+    args = (["analyze", out / "dicom", "--out", out, "--force", "--dicom-export"] if command == "analyze"
+            else ["export-dicom", out, "--source", out / "dicom"])
+    code, _, err = run(args)
+    assert code == 2 and "which the DICOM export replaces; move the DICOM folder out" in err
+    assert len(list((out / "dicom").iterdir())) == n_files == 400

@@ -96,14 +96,18 @@ def analyze(
     check_options(values)
     check_scan_date(scan_date)
     if dicom_export:
-        check_dicom_export(dsc)
+        check_dicom_export(dsc, out)
     run_analyze(dsc=dsc[0] if len(dsc) == 1 else list(dsc), out=out, options=values, force=force, quiet=quiet,
                 html=html, label=label, scan_date=scan_date, dicom_export=dicom_export)
 
 
-def check_dicom_export(dsc: list[Path]) -> None:
-    """Refuse (UsageError, exit 2) --dicom-export for a NIfTI input: it has no DICOM study to attach to."""
+def check_dicom_export(dsc: list[Path], out: Path) -> None:
+    """Refuse (UsageError, exit 2) --dicom-export for a NIfTI input (it has no DICOM study to attach to)
+    and for a DICOM folder inside OUT/dicom (the export replaces that folder)."""
+    from perfusion.io.dicom.export import check_source_outside
+
     for p in dsc:
+        check_source_outside(out, p)
         if Path(p).exists() and not Path(p).is_dir():
             raise UsageError(f"--dicom-export: {p} is a NIfTI series, which has no DICOM study (patient, Study "
                              "Instance UID, frame of reference) to attach the maps to; analyse the DICOM folder "

@@ -14,7 +14,8 @@ The objects (:func:`export_dicom`, into ``OUT/dicom/``, written in a staging fol
   (highdicom.pm.ParametricMap): 32-bit float pixels that are the map's values (Real World Value Mapping:
   slope 1, intercept 0, its unit a UCUM code and its quantity a DCM code, :data:`MAP_SPECS`). A voxel
   without a value (NaN: outside the brain, or not fitted) is stored as :data:`NO_VALUE`, below the
-  mapping's value range (the range of the valid values), so it has no real-world value.
+  mapping's value range (the range of the valid values), so it has no real-world value (the mapping's
+  LUT Explanation says so: "...; -9999: no value").
 - ``rois_seg.dcm``: the lesion ROIs and the reference as one binary DICOM Segmentation, a segment per
   ROI (label = the ROI's name; a morphologically abnormal structure / lesion, drawn by the user) and
   one for the reference (tissue / white matter when automatic).
@@ -270,7 +271,8 @@ def parametric_map(key: str, volume: np.ndarray, affine: np.ndarray, source: Sou
     fill = NO_VALUE if lo > NO_VALUE else float(np.floor(lo) - 1.0)
     pixels = np.where(np.isfinite(frames), frames, np.float32(fill)).astype(np.float32)
     mapping = hd.pm.RealWorldValueMapping(
-        lut_label=spec.label, lut_explanation=spec.explanation, unit=CodedConcept(spec.unit[0], "UCUM", spec.unit[1]),
+        lut_label=spec.label, lut_explanation=f"{spec.explanation}; {fill:g}: no value"[:64],
+        unit=CodedConcept(spec.unit[0], "UCUM", spec.unit[1]),
         value_range=(lo, hi), slope=1.0, intercept=0.0,
         quantity_definition=CodedConcept(spec.quantity[0], "DCM", spec.quantity[1]))
     w_lo, w_hi = (float(v) for v in np.percentile(valid, [1.0, 99.0]))
@@ -398,6 +400,15 @@ def build_objects(out: Path, report: dict, source: SourceSeries) -> dict[str, An
     return objects
 
 
+def check_source_outside(out: Path, source_dir: Path) -> None:
+    """UsageError when the DICOM folder ``source_dir`` is ``out/dicom`` or lies inside it: the export
+    replaces that folder and would delete the source with it."""
+    target, source = (Path(out) / "dicom").resolve(), Path(source_dir).resolve()
+    if source == target or target in source.parents:
+        raise UsageError(f"{source_dir}: the DICOM folder lies in {Path(out) / 'dicom'}, which the DICOM export "
+                         "replaces; move the DICOM folder out of the output folder first")
+
+
 def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> list[Path]:
     """Write ``out``'s maps, ROIs and reference as DICOM objects into ``out/dicom/`` (module docstring),
     in the study of ``source_dir``'s DSC series (``series``: its SeriesNumber when the folder holds
@@ -405,6 +416,7 @@ def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> l
     place: a failed export leaves an earlier ``dicom/`` as it was. Errors: read_analysis, load_source,
     to_source_grid; OutputError when ``out`` cannot be written."""
     out, source_dir = Path(out), Path(source_dir)
+    check_source_outside(out, source_dir)
     report = read_analysis(out, source_dir)
     source = load_source(source_dir, series=series)
     with warnings.catch_warnings():
