@@ -15,7 +15,7 @@ help:
 	@echo "make lint    ruff and mypy on the package (settings in pyproject.toml)"
 	@echo "make test-nojit  the numba kernels' tests with the JIT off (plain Python, for coverage tools; ~1 min)"
 	@echo "make install create .venv with the package and its test tools, and compile the numerical kernels"
-	@echo "make browser  install Chromium, Firefox ESR and pdftoppm (apt-get) for the report's browser tests; optional"
+	@echo "make browser  install Chromium, Firefox ESR, pdftoppm and dciodvfy (apt-get) for the browser and DICOM tests; optional"
 	@echo "make bench   issue 20's speed targets in one table: perfusion vs plain numpy and osipy, cold start, memory"
 	@echo "make fuzz    fuzz the NIfTI/sidecar loader with atheris for FUZZ_SECONDS (default 600); crashes in fuzz/crashes/"
 
@@ -105,7 +105,8 @@ fuzz: $(FUZZ_STAMP)
 	@$(BIN)/python fuzz/summary.py fuzz/work/last-run.log
 
 # The report's browser tests (tests/test_browser.py) need Chromium and Firefox (and pdftoppm for the printed
-# pages): Debian's packages, installed here with apt-get; a no-op when present, a message when not
+# pages), the DICOM export's validation dciodvfy (dicom3tools, tests/test_dicom_export_extras.py):
+# Debian's packages, installed here with apt-get; a no-op when present, a message when not
 # installable. Optional and visible: `make test` does not run it (those tests then skip, naming this
 # step); CI runs it first (.ci/run).
 browser:
