@@ -40,8 +40,14 @@ from test_dicom import (  # noqa: E402
 
 #: dcm2niix's affine of an exported map against the maps' (both from float32 header fields): mm.
 AFFINE_MM = 1e-3
-#: The files of OUT/dicom/ (the overlay and the report come with export_extras.py).
+#: The Parametric Maps and the Segmentation of OUT/dicom/; beside them export_extras.py's overlay (one
+#: image per source slice) and verdict report (all_files).
 CORE_FILES = {"rcbv.dcm", "cbv.dcm", "cbf.dcm", "mtt.dcm", "tmax.dcm", "rois_seg.dcm"}
+
+
+def all_files(n_slices: int) -> set[str]:
+    """Every file of OUT/dicom/ for a source of ``n_slices`` slices."""
+    return CORE_FILES | {f"overlay-{k:03d}.dcm" for k in range(1, n_slices + 1)} | {"report.dcm"}
 #: Quantity (DCM) and unit (UCUM) codes of each map, as PS3.16 and UCUM write them.
 CODES = {"rcbv": ("126398", "{ratio}"), "cbv": ("113056", "mL/(100.g)"), "cbf": ("113055", "mL/(100.g.min)"),
          "mtt": ("113052", "s"), "tmax": ("113084", "s")}
@@ -159,7 +165,8 @@ def test_analyze_writes_the_dicom_folder(exported):
     other outputs are analyze's usual ones and identifier-free; the objects carry the planted
     identifiers (the patient module is copied from the source)."""
     out = exported["out"]
-    assert {p.name for p in (out / "dicom").iterdir()} == CORE_FILES
+    n_slices = len(export.load_source(exported["folder"]).datasets)
+    assert {p.name for p in (out / "dicom").iterdir()} == all_files(n_slices)
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
     from perfusion.io import is_analyze_output
 
@@ -290,7 +297,7 @@ def test_export_dicom_command_rewrites_the_folder(exported, tmp_path):
     shutil.copytree(exported["out"], out, ignore=shutil.ignore_patterns("dicom"))
     code, printed, err = run(["export-dicom", out, "--source", exported["folder"]])
     assert code == 0, err
-    assert {p.name for p in (out / "dicom").iterdir()} == CORE_FILES
+    assert {p.name for p in (out / "dicom").iterdir()} == {p.name for p in (exported["out"] / "dicom").iterdir()}
     assert "dicom/rcbv.dcm" in printed and DISCLAIMER in printed
     for name in CORE_FILES:
         a, b = pydicom.dcmread(out / "dicom" / name), pydicom.dcmread(exported["out"] / "dicom" / name)

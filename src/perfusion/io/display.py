@@ -10,6 +10,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+#: How rCBV is drawn over its background, in report.html, compare.html and the DICOM overlay (one
+#: definition): the scale (ratio), the colour map and its opacity over the grey background, whose display
+#: maximum is this percentile of the finite background voxels.
+RCBV_RANGE = (0.0, 5.0)
+RCBV_CMAP = "jet"
+RCBV_ALPHA = 0.6
+BACKGROUND_PERCENTILE = 99.5
+#: ROI outlines: a light line over a black one so the outline reads on every colour of the jet scale and
+#: on the grey background; the light colours are not in jet (white, magenta, pale pink, pale green).
+ROI_OUTLINE_COLOURS = ("white", "#ff3df5", "#ffc0cb", "#b9f6ca")
+#: The reference tissue's outline: black under a dashed light grey line.
+REFERENCE_OUTLINE_COLOUR = "#e0e0e0"
+
 
 def _nib():
     import nibabel

@@ -36,6 +36,14 @@ from perfusion.io import (
     read_json_object,
     stem,
 )
+from perfusion.io.display import (
+    BACKGROUND_PERCENTILE,
+    RCBV_ALPHA,
+    RCBV_CMAP,
+    RCBV_RANGE,
+    REFERENCE_OUTLINE_COLOUR,
+    ROI_OUTLINE_COLOURS,
+)
 from perfusion.report.quality import (  # check_acquisition and num: also imported from here (tests, compare)
     all_warnings,
     analysis_rows,
@@ -53,7 +61,7 @@ from perfusion.verdicts import VERDICT_HEADING
 #: CBF 0-100 mL/100 g/min: white matter about 20-25, grey matter about 50-60.
 #: MTT 0-15 s and Tmax 0-6 s: normal tissue about 3-5 s and 0-2 s; the tops flag delayed tissue.
 SCALES = {
-    "rcbv": (0.0, 5.0, MAP_UNITS["rcbv"]),
+    "rcbv": (*RCBV_RANGE, MAP_UNITS["rcbv"]),
     "cbv": (0.0, 10.0, MAP_UNITS["cbv"]),
     "cbf": (0.0, 100.0, MAP_UNITS["cbf"]),
     "mtt": (0.0, 15.0, MAP_UNITS["mtt"]),
@@ -255,9 +263,7 @@ def _grid(n: int, *, max_cols: int = 6) -> tuple[int, int]:
 #: pale pink, pale green), and every outline carries its ROI's name on the image.
 OUTLINE_HALO_PT = 3.0
 OUTLINE_PT = 1.4
-ROI_OUTLINE_COLOURS = ("white", "#ff3df5", "#ffc0cb", "#b9f6ca")
-#: The reference tissue's outline: black under a dashed light grey line.
-REFERENCE_OUTLINE_COLOUR = "#e0e0e0"
+# ROI_OUTLINE_COLOURS and REFERENCE_OUTLINE_COLOUR: io.display (shared with the DICOM overlay)
 REFERENCE_HALO_PT = 1.8
 REFERENCE_PT = 0.9
 #: The automatic reference is scattered voxels: closed (this many voxels in-plane) and filled, then
@@ -343,7 +349,7 @@ def _overlay_layers(rcbv, background, rois, reference, *, affine, background_aff
     bg_affine = affine if background_affine is None else background_affine
     background = display_grid(bg_affine, background.shape).apply(background)
     finite = np.isfinite(background)
-    bg_hi = float(np.percentile(background[finite], 99.5)) if finite.any() else 1.0
+    bg_hi = float(np.percentile(background[finite], BACKGROUND_PERCENTILE)) if finite.any() else 1.0
     return (grid, grid.apply(rcbv), background, {name: grid.apply(m) for name, m in rois.items()},
             grid.apply(reference) if reference is not None else None, bg_hi)
 
@@ -353,7 +359,7 @@ def _overlay_panel(ax, grid, rcbv, background, bg_hi, z):
     lo, hi, _ = SCALES["rcbv"]
     extent = (-0.5, rcbv.shape[0] - 0.5, -0.5, rcbv.shape[1] - 0.5)
     ax.imshow(as_image(background[:, :, z]), cmap="gray", vmin=0, vmax=bg_hi, origin="lower", extent=extent)
-    im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap="jet", vmin=lo, vmax=hi, alpha=0.6,
+    im = ax.imshow(as_image(np.ma.masked_invalid(rcbv[:, :, z])), cmap=RCBV_CMAP, vmin=lo, vmax=hi, alpha=RCBV_ALPHA,
                    origin="lower", extent=extent)
     ax.set_title(grid.position_label(z), fontsize=9)
     draw_marks(ax, grid)

@@ -432,14 +432,24 @@ def export_dicom(out: Path, source_dir: Path, *, series: int | None = None) -> l
 
 
 def _write_extras(out: Path, report: dict, source: SourceSeries, stage: Path) -> None:
-    """CALL POINT of io/dicom/export_extras.py (the colour overlay and the verdict report), when that
-    module exists: its write_overlay(...) and write_verdict_report(...) write into ``stage``. Wired at
-    the merge; until then the export writes the core objects only."""
-    try:
-        from perfusion.io.dicom.export_extras import write_overlay, write_verdict_report
-    except ImportError:
-        return
-    del write_overlay, write_verdict_report  # TO WIRE AT THE MERGE: call both here with (out, report, source, stage)
+    """The colour overlay (Secondary Capture, one image per source slice) and the verdict report
+    (Comprehensive SR) of io/dicom/export_extras.py, written into ``stage``."""
+    from perfusion.io.dicom.export_extras import write_overlay, write_verdict_report
+    from perfusion.io.names import output_path
+
+    rcbv, affine = _load_on_grid(output_path(out, report, "rcbv"), "the rcbv map")
+    baseline, _ = _load_on_grid(output_path(out, report, "baseline"), "the baseline image")
+    rois, reference = analysis_masks(out, report)
+
+    def grid(volume: np.ndarray) -> np.ndarray:
+        return to_source_grid(np.asarray(volume), affine, source)
+
+    thr = report.get("thresholds") or {}
+    write_overlay(stage, source, grid(rcbv), grid(baseline), {name: grid(m) for name, m in rois},
+                  None if reference is None else grid(reference),
+                  thresholds=(float(thr.get("rcbv_low", 1.0)), float(thr.get("rcbv_high", 1.75))),
+                  series_number=series_number(source, "overlay"))
+    write_verdict_report(stage, source, report, series_number=series_number(source, "report"))
 
 
 @contextlib.contextmanager

@@ -36,6 +36,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from perfusion import DISCLAIMER, __version__
+from perfusion.io.display import (  # the rCBV scale and outlines of report.html, defined once
+    BACKGROUND_PERCENTILE,
+    RCBV_ALPHA,
+    RCBV_CMAP,
+    RCBV_RANGE,
+    REFERENCE_OUTLINE_COLOUR,
+    ROI_OUTLINE_COLOURS,
+)
 from perfusion.io.outputs import atomic_write
 from perfusion.verdicts import VERDICT_WORDS
 
@@ -44,19 +52,9 @@ if TYPE_CHECKING:
 
     from perfusion.io.dicom.export import SourceSeries
 
-#: rCBV colour scale (ratio): report/html.py SCALES["rcbv"], its colour map and the map's opacity over
-#: the grey baseline (html._overlay_panel).
-RCBV_RANGE = (0.0, 5.0)
-RCBV_CMAP = "jet"
-RCBV_ALPHA = 0.6
 #: The verdict thresholds (ratio) marked on the colour bar when the caller does not pass the run's own
 #: (quantify.roi.RCBV_LOW / RCBV_HIGH, the defaults of perfusion analyze).
 DEFAULT_THRESHOLDS = (1.0, 1.75)
-#: ROI outlines as in report.html: a light line over a black halo; the reference dashed light grey.
-ROI_OUTLINE_COLOURS = ("white", "#ff3df5", "#ffc0cb", "#b9f6ca")
-REFERENCE_OUTLINE_COLOUR = "#e0e0e0"
-#: The background's display maximum: this percentile of the finite baseline over all slices (as html).
-BACKGROUND_PERCENTILE = 99.5
 
 #: The image panel is the source slice magnified by a whole factor to at least this many pixels on its
 #: long side (a 48 x 48 slice becomes 528 x 528), so the burned-in text is readable beside it.
