@@ -269,16 +269,24 @@ def case(tmp_path_factory):
         tempfile.tempdir = saved_tempdir
 
 
-def _make_case(root, temp_dir):
-    ph = make_phantom(PhantomSpec(matrix=48))
+def write_phantom_dicom(root: Path, matrix: int = 48):
+    """The default phantom (``matrix`` x ``matrix``) as NIfTI under ``root/nifti`` and as the DSC series 7
+    of a DICOM folder ``root/PACS export`` with the planted identifiers, in LPS voxel order (so that its
+    orientation is the usual axial 1 0 0 0 1 0). Returns (phantom, NIfTI paths, folder, LPS data, LPS
+    affine)."""
+    ph = make_phantom(PhantomSpec(matrix=matrix))
     paths = write_phantom(ph, root / "nifti")
-    # write the DICOM in LPS voxel order, so that its orientation is the usual axial 1 0 0 0 1 0
     ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ph.affine),
                                            nib.orientations.axcodes2ornt(("L", "P", "S")))
     lps_data = nib.orientations.apply_orientation(ph.signal.astype(np.float64), ornt)
     lps_affine = ph.affine @ nib.orientations.inv_ornt_aff(ornt, ph.signal.shape[:3])
     folder = root / "PACS export"
     write_dicom_series(folder, lps_data, lps_affine, tr=ph.spec.tr, te=ph.spec.te, series_number=7, seed=3)
+    return ph, paths, folder, lps_data, lps_affine
+
+
+def _make_case(root, temp_dir):
+    ph, paths, folder, lps_data, lps_affine = write_phantom_dicom(root)
     t1 = lps_data[..., 10:20].mean(axis=3, keepdims=True)
     write_dicom_series(folder / "T1", t1, lps_affine, tr=0.5, te=0.01, series_number=3, seed=4, temporal=False,
                        description="t1_se Planted")

@@ -26,7 +26,6 @@ hd = pytest.importorskip("highdicom")
 from perfusion import DISCLAIMER  # noqa: E402
 from perfusion.errors import InputError  # noqa: E402
 from perfusion.io.dicom import export, find_dcm2niix, read_dicom_series  # noqa: E402
-from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom  # noqa: E402
 from test_dicom import (  # noqa: E402
     INTERCEPT,
     PLANTED,
@@ -36,6 +35,7 @@ from test_dicom import (  # noqa: E402
     run,
     small_series,
     write_dicom_series,
+    write_phantom_dicom,
 )
 
 #: dcm2niix's affine of an exported map against the maps' (both from float32 header fields): mm.
@@ -70,14 +70,7 @@ def exported(tmp_path_factory):
     temp_dir.mkdir()
     saved, tempfile.tempdir = tempfile.tempdir, str(temp_dir)
     try:
-        ph = make_phantom(PhantomSpec(matrix=48))
-        paths = write_phantom(ph, root / "nifti")
-        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ph.affine),
-                                               nib.orientations.axcodes2ornt(("L", "P", "S")))
-        lps_data = nib.orientations.apply_orientation(ph.signal.astype(np.float64), ornt)
-        lps_affine = ph.affine @ nib.orientations.inv_ornt_aff(ornt, ph.signal.shape[:3])
-        folder = root / "PACS export"
-        write_dicom_series(folder, lps_data, lps_affine, tr=ph.spec.tr, te=ph.spec.te, series_number=7, seed=3)
+        ph, paths, folder, _, _ = write_phantom_dicom(root)
         grid = read_dicom_series(folder).affine
         rois = root / "rois"
         rois.mkdir()

@@ -341,24 +341,14 @@ def exported(tmp_path_factory):
     """The phantom (PhantomSpec(matrix=48)) as a DICOM series with planted identifiers, analysed with
     `perfusion analyze DICOM_DIR --out OUT --dicom-export` (both lesions and the NAWM reference drawn
     on dcm2niix's grid, as tests/test_dicom.py does); the printed text kept."""
-    import nibabel as nib
-
     from perfusion.io.dicom import read_dicom_series
-    from perfusion.tools.phantom import PhantomSpec, make_phantom, write_phantom
-    from test_dicom import reorient_to, run
+    from test_dicom import reorient_to, run, write_phantom_dicom
 
     root = tmp_path_factory.mktemp("export")
     saved, tempfile.tempdir = tempfile.tempdir, str(root / "tmp")
     (root / "tmp").mkdir()
     try:
-        ph = make_phantom(PhantomSpec(matrix=48))
-        paths = write_phantom(ph, root / "nifti")
-        ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(ph.affine),
-                                               nib.orientations.axcodes2ornt(("L", "P", "S")))
-        lps = nib.orientations.apply_orientation(ph.signal.astype(np.float64), ornt)
-        lps_affine = ph.affine @ nib.orientations.inv_ornt_aff(ornt, ph.signal.shape[:3])
-        folder = root / "PACS export"
-        write_dicom_series(folder, lps, lps_affine, tr=ph.spec.tr, te=ph.spec.te, series_number=7, seed=3)
+        ph, paths, folder, _, _ = write_phantom_dicom(root)
         grid = read_dicom_series(folder).affine
         rois = root / "rois"
         rois.mkdir()
