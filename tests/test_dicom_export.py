@@ -335,6 +335,25 @@ def test_dicom_export_with_a_nifti_input_is_a_usage_error(exported, tmp_path):
     assert not out.exists()
 
 
+def test_force_without_export_removes_an_earlier_export(exported, tmp_path):
+    """analyze --force into a folder with an earlier export, without --dicom-export: the export (whose
+    objects describe the earlier maps and carry the identifiers) is removed, as --force removes the other
+    files of an earlier run; a dicom/ folder holding anything else is the user's and is kept."""
+    out = tmp_path / "again"
+    shutil.copytree(exported["out"], out)
+    assert (out / "dicom" / "rcbv.dcm").is_file()
+    args = ["analyze", exported["folder"], "--out", out, "--force", "--no-html", "--method", "osvd", "-q"]
+    code, _, err = run(args)
+    assert code == 0, err
+    assert not (out / "dicom").exists() and (out / "rcbv.nii.gz").is_file()
+    (out / "dicom").mkdir()
+    (out / "dicom" / "rcbv.dcm").write_bytes(b"not ours alone")
+    (out / "dicom" / "notes.txt").write_text("a reader's notes")
+    code, _, err = run(args)
+    assert code == 0, err
+    assert sorted(p.name for p in (out / "dicom").iterdir()) == ["notes.txt", "rcbv.dcm"]
+
+
 # ------------------------------------------------------------------------------- the source
 
 

@@ -174,6 +174,8 @@ def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = Fal
                     from perfusion.report.html import write_html
 
                     write_html(stage)
+            if force and not dicom_export:
+                _drop_earlier_export(out, dsc)
     if not quiet:
         print_summary(result, out, html=html, warnings=report_warnings(out))
         if dicom_export:
@@ -181,6 +183,21 @@ def run_analyze(*, dsc, out: Path, options: Mapping[str, Any], force: bool = Fal
 
             console().print(f"DICOM export (identifiers of the source study) written to {out / 'dicom'}", markup=False)
     return result
+
+
+def _drop_earlier_export(out: Path, dsc) -> None:
+    """--force without --dicom-export: remove OUT/dicom when an earlier export wrote it (only export file
+    names in it) and no input lies in it, as --force removes the other files an earlier run wrote: its
+    objects describe the earlier maps and carry the patient's identifiers."""
+    import shutil
+
+    from perfusion.io.dicom.export import is_export_folder
+
+    folder = out / "dicom"
+    given = [dsc] if isinstance(dsc, (str, Path)) else list(dsc)  # one series, or one per echo
+    inside = any(Path(p).resolve().is_relative_to(folder.resolve()) for p in given)
+    if not inside and is_export_folder(folder):
+        shutil.rmtree(folder)
 
 
 #: analyze's stages for its progress bar: (name, rough share of a default analysis's time), for the bar

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -190,6 +191,20 @@ EXPORT_MAPS = ("rcbv", "cbv", "cbf", "mtt", "tmax")
 SERIES_OFFSETS = {"rcbv": 1, "cbv": 2, "cbf": 3, "mtt": 4, "tmax": 5, "seg": 6, "overlay": 7, "report": 8}
 #: File names in OUT/dicom/ (none carries an identifier).
 SEG_FILE = "rois_seg.dcm"
+#: Every name an export writes in OUT/dicom/: the maps, the segmentation, the overlay's images
+#: (export_extras: overlay-NNN.dcm) and the verdict report (report.dcm).
+EXPORT_FILE = re.compile(r"(?:(?:" + "|".join(EXPORT_MAPS) + r")|rois_seg|report|overlay-\d{3})\.dcm")
+
+
+def is_export_folder(folder: Path) -> bool:
+    """True for a folder holding only files an export writes (and at least one): an earlier
+    ``--dicom-export`` of the analysis in its parent, which no longer matches new maps."""
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    entries = list(folder.iterdir())
+    return bool(entries) and all(p.is_file() and not p.is_symlink() and EXPORT_FILE.fullmatch(p.name)
+                                 for p in entries)
 
 
 @dataclass(frozen=True)
