@@ -31,7 +31,7 @@ import math
 import textwrap
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -50,7 +50,18 @@ from perfusion.verdicts import VERDICT_WORDS
 if TYPE_CHECKING:
     from pydicom import Dataset
 
-    from perfusion.io.dicom.export import SourceSeries
+
+class SourceSeries(Protocol):
+    """What these writers read of export.SourceSeries (export.load_source): the source's datasets, one per
+    slice in the maps' k order, and its matrix. A protocol, so that this module does not import export.py,
+    which imports it."""
+
+    @property
+    def datasets(self) -> list[Any]: ...
+    @property
+    def rows(self) -> int: ...
+    @property
+    def cols(self) -> int: ...
 
 #: The verdict thresholds (ratio) marked on the colour bar when the caller does not pass the run's own
 #: (quantify.roi.RCBV_LOW / RCBV_HIGH, the defaults of perfusion analyze).
