@@ -40,52 +40,14 @@ def run_report(*, folder: Path, anat: Path | None = None, quiet: bool = False) -
     if anat is not None:
         report = read_json_object(report_path, what="report", fix="re-run 'perfusion analyze'")
         add_anat(folder, Path(anat), report, report_name=report_path.name)
-    path = _write_page(folder, report_path)
+    from perfusion.report.html import write_html
+
+    path = write_html(report_path)  # reads only this analysis' files, by its report's "files"
     if not quiet:
         from perfusion.cli.console import console
 
         console().print(f"Report written to {path}")
     return path
-
-
-def _write_page(folder: Path, report_path: Path) -> Path:
-    """report.html of the analysis ``report_path`` in ``folder``. report.html renders a folder of one
-    analysis; when ``folder`` holds others too (a BIDS ``perf/`` folder, one analysis per run), it
-    renders a private view: a hidden folder of links to this analysis' files only (those its report
-    names), and the page is then renamed into ``folder``."""
-    import os
-    import shutil
-    import tempfile
-
-    from perfusion.io import read_json_object, sidecar_of
-    from perfusion.report.html import write_html
-
-    others = [p for p in (folder / "report.json", *folder.glob("*_report.json")) if p.is_file() and p != report_path]
-    if not others:
-        return write_html(folder)
-    report = read_json_object(report_path, what="report", fix="re-run 'perfusion analyze'")
-    files: dict = report["files"] if isinstance(report.get("files"), dict) else {}
-    names = {report_path.name, *(Path(str(v)).name for v in files.values())}
-    rois = [r for r in report.get("rois", []) if isinstance(r, dict) and r.get("mask_file")]
-    names |= {Path(str(r["mask_file"])).name for r in rois}
-    names |= {sidecar_of(n) for n in names if n.endswith((".nii", ".nii.gz"))}
-    try:
-        view = Path(tempfile.mkdtemp(prefix=".report-view-", dir=folder))
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
-    try:
-        for name in sorted(names):
-            if (folder / name).is_file() and name != files.get("report_html"):
-                os.symlink(os.path.join("..", name), view / name)
-        page = write_html(view)
-        target = folder / page.name
-        os.replace(page, target)
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot write ({exc.strerror or exc}); check free space and "
-                          "permissions") from None
-    finally:
-        shutil.rmtree(view, ignore_errors=True)
-    return target
 
 
 def add_anat(folder: Path, anat: Path, report: dict, *, report_name: str | None = None) -> None:

@@ -37,6 +37,7 @@ from perfusion.io.masks import (
 from perfusion.io.names import (
     BIDS_FILES,
     PLAIN_FILES,
+    analysis_of,
     analyze_output_names,
     find_report,
     is_analyze_output,
@@ -77,7 +78,7 @@ __all__ = [
     "AFFINE_ATOL_MM", "BIDS_FILES", "DICOM_FOLDER_NAME", "DISPLAY_AXCODES", "DisplayGrid", "INPUT_FOLDER_NAME",
     "MASK_LABEL_MODES", "MASK_PROBABILITY_THRESHOLD", "MAX_FOLDER_FILE_BYTES", "MAX_ROI_NAME", "MAX_SIGNAL",
     "MIN_FRAMES", "PLAIN_FILES", "Redactor", "SCALED_PEAK_EXPONENT", "Series", "UNCORRECTED_SUFFIX",
-    "analyze_output_names", "atomic_write",
+    "analysis_of", "analyze_output_names", "atomic_write",
     "current_umask", "check_output_folder", "check_roi_names", "check_time",
     "describe_skipped", "display_grid", "dumps_json", "find_report", "folder_files", "image_affine",
     "input_names", "inputs_replaced_in", "is_analyze_output", "json_safe", "load_array", "load_array_affine",

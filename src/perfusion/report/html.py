@@ -27,9 +27,9 @@ from perfusion import DISCLAIMER, __version__
 from perfusion.errors import InputError
 from perfusion.io import (
     DisplayGrid,
+    analysis_of,
     atomic_write,
     display_grid,
-    find_report,
     load_array,
     load_array_affine,
     output_path,
@@ -98,12 +98,6 @@ ORIENTATION_NOTE = (
 
 
 # ----------------------------------------------------------------------------------------- data
-
-
-def load_report(folder: Path) -> dict:
-    """report.json of an analyze output folder; InputError naming the file if missing or broken."""
-    path = find_report(Path(folder))
-    return read_json_object(path, what="report", fix="re-run 'perfusion analyze'")
 
 
 def read_curves(path: Path) -> dict[str, np.ndarray]:
@@ -700,9 +694,11 @@ class _Case:
     rCBV map and its affine, the brain, the drawable ROI masks, the background of the overlays and the
     reference mask; ``notes`` collects why something could not be shown."""
 
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        self.rep = load_report(self.folder)
+    def __init__(self, where: Path) -> None:
+        # one analysis: its folder, or its report file in a folder of several (a BIDS perf/ folder); every
+        # file is then read by the report's "files" (output_path), so the others are never touched
+        self.folder, path = analysis_of(Path(where))
+        self.rep = read_json_object(path, what="report", fix="re-run 'perfusion analyze'")
         self.notes: list[str] = []
         self.rcbv, self.affine = _load_with_affine(self.folder, self.rep, "rcbv")
         self.brain = _load(self.folder, self.rep, "brain_mask")
@@ -733,12 +729,16 @@ class _Case:
         return unusable_fraction(self.brain, maps) if maps else None
 
 
-def build_html(folder: Path) -> str:
-    """The report page of an ``analyze`` output folder as one self-contained HTML string. The first
-    screen (a page of its own in print) holds what is needed to act: the case's label and scan date, the
-    quality warnings, and per lesion its verdict, interval, next step and rCBV slice. Then the details,
-    the figures, the quality tables and where the page came from."""
-    case = _Case(folder)
+def build_html(where: Path) -> str:
+    """The report page of one analysis (its ``analyze`` output folder, or its report file) as one
+    self-contained HTML string (_page)."""
+    return _page(_Case(where))
+
+
+def _page(case: _Case) -> str:
+    """The page of ``case``. The first screen (a page of its own in print) holds what is needed to act:
+    the case's label and scan date, the quality warnings, and per lesion its verdict, interval, next step
+    and rCBV slice. Then the details, the figures, the quality tables and where the page came from."""
     rep = case.rep
     warns = all_warnings(rep, unusable=case.unusable())
     parts = ['<section class="first">', *_header(rep), *_warnings_box(warns), *_verdicts(case), "</section>",
@@ -989,8 +989,8 @@ def _provenance(rep: dict) -> list[str]:
             "</div>"]
 
 
-def write_html(folder: Path) -> Path:
-    """Write ``folder``/report.html whole or not at all (io.atomic_write); return its path."""
-    folder = Path(folder)
-    page = build_html(folder)
-    return atomic_write(output_path(folder, load_report(folder), "report_html"), page)
+def write_html(where: Path) -> Path:
+    """Write the report page of one analysis (its folder, or its report file) beside its report, under
+    the name report.json "files" gives, whole or not at all (io.atomic_write); return its path."""
+    case = _Case(where)
+    return atomic_write(output_path(case.folder, case.rep, "report_html"), _page(case))
