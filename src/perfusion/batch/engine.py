@@ -343,14 +343,11 @@ def _rows(case_id: str, report: dict, seconds: float, report_rel: str) -> list[d
 
 
 def _replace_folder(stage: Path, final: Path) -> None:
-    """Put ``stage`` in place of ``final`` by renames (an existing ``final`` is moved aside, then removed)."""
-    old = None
-    if final.exists():
-        old = final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}"
-        os.rename(final, old)
-    os.rename(stage, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    """Put ``stage`` in place of ``final`` (io.replace_folder), the old folder moved aside under
+    OLD_PREFIX, which clean_leftovers recognises after a kill."""
+    from perfusion.io.folders import replace_folder
+
+    replace_folder(stage, final, final.parent / f"{OLD_PREFIX}{final.name}-{os.getpid()}-{time.monotonic_ns()}")
 
 
 def case_lock(final: Path, prefix: str | None):

@@ -181,6 +181,18 @@ def staged_output(out: Path, *, force: bool, stale=None, keep=()) -> Iterator[Pa
         raise
 
 
+def replace_folder(stage: Path, final: Path, aside: Path) -> None:
+    """Put the folder ``stage`` in place of ``final`` by renames: an existing ``final`` is renamed to
+    ``aside`` (beside it, a name of the caller's that its clean-up recognises) first and removed after,
+    so ``final`` is at every moment either the old folder or the new one."""
+    moved = final.exists()
+    if moved:
+        os.rename(final, aside)
+    os.rename(stage, final)
+    if moved:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
 def _discard(stage: Path, created: list[Path]) -> None:
     """Remove a staging folder and the (empty) parent folders made for it."""
     shutil.rmtree(stage, ignore_errors=True)

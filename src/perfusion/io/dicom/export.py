@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -471,6 +472,7 @@ def _write_extras(out: Path, report: dict, source: SourceSeries, stage: Path) ->
 def _staged_folder(target: Path):
     """A private folder beside ``target``; on success it replaces ``target`` (a rename; an earlier
     folder is moved aside first and removed after), on failure it is removed."""
+    from perfusion.io.folders import replace_folder
     from perfusion.io.outputs import current_umask
 
     try:
@@ -481,13 +483,7 @@ def _staged_folder(target: Path):
                           "check the folder's permissions and free space") from None
     try:
         yield stage
-        old = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(stage, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(stage, target, target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}")
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         raise OutputError(f"{target}: writing the DICOM export failed ({exc.strerror or exc}); check free space "
